@@ -1,0 +1,223 @@
+"""The `loraplex` command: a table of subcommands whose typed signatures are the options.
+
+Each command parses its arguments and calls one function elsewhere; no logic lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from loraplex.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0] if __doc__ else None,
+                  pretty_exceptions_enable=False)
+data_app = typer.Typer(no_args_is_help=True, help="Inspect training data without training.")
+adapters_app = typer.Typer(no_args_is_help=True, help="List and inspect adapters in the local store.")
+app.add_typer(data_app, name="data")
+app.add_typer(adapters_app, name="adapters")
+out = Console()
+err = Console(stderr=True)
+
+
+@app.command()
+def train(
+    config: Annotated[Path | None, typer.Argument(help="YAML config (see examples/).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Training data file (shortcut for data.path).")] = None,
+    name: Annotated[str | None, typer.Option(help="Adapter name; registered as NAME@vN.")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model: smollm2-135m, a HF directory or a .gguf file.")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the data.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    rank: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
+    redact: Annotated[bool, typer.Option("--redact", help="Redact personal data before training.")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override any config key: --set train.seed=7")] = None,
+    resume: Annotated[bool | None, typer.Option("--resume/--no-resume",
+                                               help="Force resuming the latest checkpoint / start from zero. "
+                                               "Default: resume a matching interrupted run.")] = None,
+) -> None:
+    """Train a LoRA adapter and register it in the local store."""
+    from loraplex.config import load_config
+    from loraplex.train.sft_lora import run
+
+    extra: dict[str, Any] = {}
+    if name:
+        extra["name"] = name
+    if base:
+        extra["base"] = base
+    if data:
+        extra["data"] = {"path": str(data)}
+    if redact:
+        extra.setdefault("data", {})["redact"] = True
+    tr = {k: v for k, v in {"epochs": epochs, "learning_rate": lr}.items() if v is not None}
+    if tr:
+        extra["train"] = tr
+    if rank is not None:
+        extra["lora"] = {"rank": rank, "alpha": 2.0 * rank}
+    if config is None and data is None:
+        raise UserError("give a config file (loraplex train CONFIG.yaml) or --data FILE --name NAME")
+    cfg = load_config(config, set_, extra)
+    result = run(cfg, resume={None: "auto", True: "always", False: "never"}[resume], console=err)
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
+@app.command()
+def quickstart(
+    base: Annotated[str | None, typer.Option(help="Base model (default: the embedded SmolLM2-135M).")] = None,
+    name: Annotated[str, typer.Option(help="Name of the adapter to train.")] = "company-policies",
+) -> None:
+    """Train on the shipped bilingual sample data and compare base vs. adapter on held-out questions."""
+    from loraplex.quickstart import run_quickstart
+
+    run_quickstart(base, name, out)
+
+
+@data_app.command("check")
+def data_check(
+    file: Annotated[Path, typer.Argument(help="Data file to check.")],
+    base: Annotated[str | None, typer.Option(help="Base model whose tokenizer counts tokens.")] = None,
+    format: Annotated[str | None, typer.Option(help="Force a format (alpaca, messages, sharegpt, csv, dialogue).")] = None,
+    max_seq_length: Annotated[int, typer.Option(help="Report records longer than this.")] = 1024,
+    redact: Annotated[bool, typer.Option("--redact", help="Write FILE.redacted.jsonl with personal data replaced.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Validate a data file: records, turns, token lengths, truncation, duplicates, personal data."""
+    from loraplex.data.check import check_file, print_report
+
+    report = check_file(file, base, format, max_seq_length, redact, err)
+    if as_json:
+        out.print_json(json.dumps(report.as_dict(), ensure_ascii=False))
+    else:
+        print_report(report, out)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@adapters_app.command("list")
+def adapters_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Adapters in the store with their versions."""
+    from loraplex.adapters import registry
+
+    rows = []
+    for name, vs in registry.list_names():
+        m = registry.resolve(f"{name}@v{vs[-1]}").manifest()
+        rows.append({"name": name, "versions": [f"v{v}" for v in vs], "latest": m["id"],
+                     "base": m["base_model"]["id"], "rank": m["config"]["lora"]["rank"],
+                     "bytes": sum(f["bytes"] for f in m["files"].values()), "created_at": m["created_at"],
+                     "train_loss": m.get("train_loss"), "description": m.get("description", "")})
+    if as_json:
+        out.print_json(json.dumps(rows, ensure_ascii=False))
+        return
+    if not rows:
+        out.print(f"no adapters yet in {registry.store_root()}; train one with `loraplex train`")
+        return
+    table = Table("name", "versions", "base", "rank", "size", "created", "train loss", "description")
+    for r in rows:
+        table.add_row(r["name"], ", ".join(r["versions"]), r["base"], str(r["rank"]), f"{r['bytes'] / 1e6:.1f} MB",
+                      r["created_at"], f"{r['train_loss']:.4f}" if r["train_loss"] is not None else "-",
+                      r["description"])
+    out.print(table)
+
+
+@adapters_app.command("show")
+def adapters_show(ref: Annotated[str, typer.Argument(help="NAME or NAME@vN")]) -> None:
+    """The full manifest of one adapter version."""
+    from loraplex.adapters import registry
+
+    out.print_json(json.dumps(registry.resolve(ref).manifest(), ensure_ascii=False))
+
+
+@app.command()
+def plan(
+    base: Annotated[str, typer.Option(help="A shipped config name (llama-2-7b, qwen2.5-7b, ...), config.json, "
+                                           "model directory, or smollm2-135m.")],
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
+    targets: Annotated[str, typer.Option(help="Comma-separated module names, or all-linear.")] = "all-linear",
+    seq_len: Annotated[int, typer.Option(help="Tokens per row.")] = 1024,
+    batch: Annotated[int, typer.Option(help="Rows per micro-batch.")] = 4,
+    use_dora: Annotated[bool, typer.Option("--dora")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Trainable parameters, adapter size and peak training memory, without loading weights."""
+    from loraplex.train.plan import make_plan, print_plan
+
+    p = make_plan(base, rank, targets, seq_len, batch, use_dora)
+    if as_json:
+        out.print_json(json.dumps(p))
+    else:
+        print_plan(p, out)
+
+
+@app.command()
+def chat(
+    adapter: Annotated[str | None, typer.Option(help="NAME or NAME@vN; omit for the base model.")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model (default: the adapter's, else smollm2-135m).")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    max_new_tokens: Annotated[int, typer.Option()] = 256,
+) -> None:
+    """Chat in the terminal (streaming, multi-turn). /reset clears the history, /exit quits."""
+    from loraplex.engine.local import LocalModel
+
+    lm = LocalModel(base, adapter)
+    label = lm.adapter.id if lm.adapter else lm.base.id
+    err.print(f"chatting with [bold]{label}[/]  (/reset clears history, /exit or Ctrl-D quits)")
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = history[:1] if system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        sys.stdout.write(f"{label}> ")
+        parts = []
+        for piece in lm.stream(history, max_new_tokens=max_new_tokens, temperature=temperature):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            parts.append(piece)
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(parts).strip()})
+
+
+@app.command()
+def compare(
+    adapter: Annotated[str, typer.Option(help="NAME or NAME@vN")],
+    questions: Annotated[list[str] | None, typer.Argument(help="Questions to ask both.")] = None,
+    questions_file: Annotated[Path | None, typer.Option("--questions", help="A data file; its user turns are asked.")] = None,
+    max_new_tokens: Annotated[int, typer.Option()] = 128,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Base vs. adapter answers side by side (greedy)."""
+    from loraplex.engine.compare import compare_answers, print_comparison
+
+    rows = compare_answers(adapter, list(questions or []), questions_file, max_new_tokens)
+    if as_json:
+        out.print_json(json.dumps(rows, ensure_ascii=False))
+    else:
+        print_comparison(rows, out)
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        err.print(f"[red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

