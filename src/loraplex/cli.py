@@ -212,6 +212,9 @@ def compare(
 
 
 def main() -> None:
+    from loraplex._quiet import quiet
+
+    quiet()
     try:
         app()
     except UserError as e:

@@ -56,3 +56,9 @@ def print_comparison(rows: list[dict[str, Any]], console: Console) -> None:
             cells.append(r["reference"])
         table.add_row(*cells)
     console.print(table)
+
+
+def exact_recall(lm: LocalModel, pairs: list[tuple[str, str]], max_new_tokens: int = 96) -> float:
+    """Fraction of questions whose greedy answer reproduces the reference exactly (whitespace-trimmed)."""
+    hits = sum(lm.answer([{"role": "user", "content": q}], max_new_tokens) == a.strip() for q, a in pairs)
+    return hits / max(len(pairs), 1)

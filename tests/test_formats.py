@@ -1,0 +1,150 @@
+"""Parsers on valid and invalid inputs, with property tests for the text formats."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loraplex.data.formats import FormatOptions, parse_file, render_dialogue
+from loraplex.errors import UserError
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_alpaca_jsonl_with_input_system_history(tmp_path: Path) -> None:
+    rec = {"instruction": "总结", "input": "合同第三条", "output": "甲方付款。", "system": "你是律师",
+           "history": [["你好", "您好！"]]}
+    r = parse_file(write(tmp_path, "a.jsonl", json.dumps(rec, ensure_ascii=False) + "\n"))
+    assert r.format == "alpaca" and not r.errors
+    assert r.conversations[0].messages == [
+        {"role": "system", "content": "你是律师"},
+        {"role": "user", "content": "你好"}, {"role": "assistant", "content": "您好！"},
+        {"role": "user", "content": "总结\n\n合同第三条"}, {"role": "assistant", "content": "甲方付款。"},
+    ]
+
+
+def test_alpaca_json_array_reports_line_of_each_bad_record(tmp_path: Path) -> None:
+    text = '[\n  {"instruction": "q1", "output": "a1"},\n  {"instruction": "q2", "output": ""},\n  {"instruction": "q3"}\n]\n'
+    r = parse_file(write(tmp_path, "a.json", text))
+    assert len(r.conversations) == 1
+    assert [(e.source.rsplit(":", 1)[1], e.field) for e in r.errors] == [("3", "output"), ("4", "output")]
+    assert "empty" in r.errors[0].reason and "missing" in r.errors[1].reason
+
+
+def test_messages_multiturn_and_errors(tmp_path: Path) -> None:
+    good = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "u1"},
+                         {"role": "assistant", "content": "a1"}, {"role": "user", "content": [{"type": "text", "text": "u2"}]},
+                         {"role": "assistant", "content": "a2"}]}
+    bad_role = {"messages": [{"role": "customer", "content": "hi"}, {"role": "assistant", "content": "x"}]}
+    no_answer = {"messages": [{"role": "user", "content": "hi"}]}
+    lines = [json.dumps(good), "{not json", json.dumps(bad_role), json.dumps(no_answer)]
+    r = parse_file(write(tmp_path, "m.jsonl", "\n".join(lines) + "\n"))
+    assert r.format == "messages"
+    assert len(r.conversations) == 1 and len(r.conversations[0].messages) == 5
+    assert r.conversations[0].messages[3]["content"] == "u2"
+    by_line = {e.source.rsplit(":", 1)[1]: e for e in r.errors}
+    assert set(by_line) == {"2", "3", "4"}
+    assert "malformed JSON" in by_line["2"].reason
+    assert by_line["3"].field == "messages[0].role" and "customer" in by_line["3"].reason
+    assert "assistant" in by_line["4"].reason
+
+
+def test_sharegpt(tmp_path: Path) -> None:
+    rec = {"system": "sys", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    bad = {"conversations": [{"from": "martian", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    r = parse_file(write(tmp_path, "s.jsonl", json.dumps(rec) + "\n" + json.dumps(bad) + "\n"))
+    assert r.format == "sharegpt"
+    assert r.conversations[0].messages[0] == {"role": "system", "content": "sys"}
+    assert r.errors[0].field == "conversations[0].from"
+
+
+def test_csv_tsv_columns_and_quoted_newlines(tmp_path: Path) -> None:
+    text = '问题,答案\n"年假几天？","15天\n（试用期后）"\n空答案,\n'
+    r = parse_file(write(tmp_path, "qa.csv", text))
+    assert r.conversations[0].messages[1]["content"] == "15天\n（试用期后）"
+    assert r.errors[0].source.endswith(":4") and r.errors[0].field == "答案"
+    t = parse_file(write(tmp_path, "qa.tsv", "Q\tA\nhello\tworld\n"),
+                   FormatOptions(question_column="Q", answer_column="A"))
+    assert t.conversations[0].messages[0]["content"] == "hello"
+    with pytest.raises(UserError, match="cannot find the question column"):
+        parse_file(write(tmp_path, "x.csv", "foo,bar\n1,2\n"))
+
+
+def test_dialogue_text_roles_and_colons(tmp_path: Path) -> None:
+    text = "用户：合同可以口头约定吗？\n律师: 可以，但建议书面。\n第二行补充。\n\n用户：违约金多少？\n律师：不超过损失的30%。\n"
+    r = parse_file(write(tmp_path, "d.txt", text))
+    assert not r.errors and len(r.conversations) == 2
+    assert r.conversations[0].messages[1] == {"role": "assistant", "content": "可以，但建议书面。\n第二行补充。"}
+    assert r.conversations[1].source.endswith(":5")
+    configured = parse_file(write(tmp_path, "e.txt", "客户：hi\n法务：hello\n"),
+                            FormatOptions(user_names=("客户",), assistant_names=("律师",)))
+    assert "法务" in configured.errors[0].reason
+
+
+def test_non_utf8_file_is_a_clear_error(tmp_path: Path) -> None:
+    p = tmp_path / "gbk.jsonl"
+    p.write_bytes(json.dumps({"instruction": "年假", "output": "十五天"}, ensure_ascii=False).encode("gbk"))
+    with pytest.raises(UserError, match=r"gbk.jsonl:1: not valid UTF-8.*GB18030"):
+        parse_file(p)
+
+
+def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps({"instruction": "q", "output": "a"}).encode())
+    assert len(parse_file(p).conversations) == 1
+
+
+# ---- property tests: text formats round-trip whatever the content
+
+safe_text = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp"), blacklist_characters="\r\n\x85"),
+    min_size=1, max_size=40,
+).map(str.strip).filter(lambda s: bool(s) and not s.startswith(("用户", "助手", "系统")))
+
+
+@st.composite
+def conversations(draw: st.DrawFn) -> list[dict[str, str]]:
+    turns = draw(st.integers(1, 3))
+    msgs = []
+    for _ in range(turns):
+        msgs += [{"role": "user", "content": draw(safe_text)}, {"role": "assistant", "content": draw(safe_text)}]
+    return msgs
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(conversations(), min_size=1, max_size=4))
+def test_dialogue_round_trip(tmp_path_factory: pytest.TempPathFactory, convs: list[list[dict[str, str]]]) -> None:
+    # A line that itself looks like "name: text" would be a new turn: that is the format's rule.
+    for c in convs:
+        for m in c:
+            if any(ch in m["content"][:33] for ch in ":："):
+                return
+    p = tmp_path_factory.mktemp("dlg") / "d.txt"
+    p.write_text(render_dialogue(convs), encoding="utf-8")
+    r = parse_file(p)
+    assert not r.errors
+    assert [c.messages for c in r.conversations] == convs
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(safe_text, safe_text), min_size=1, max_size=10))
+def test_csv_round_trip(tmp_path_factory: pytest.TempPathFactory, pairs: list[tuple[str, str]]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["question", "answer"])
+    w.writerows(pairs)
+    p = tmp_path_factory.mktemp("csv") / "qa.csv"
+    p.write_text(buf.getvalue(), encoding="utf-8")
+    r = parse_file(p)
+    assert not r.errors
+    assert [(c.messages[0]["content"], c.messages[1]["content"]) for c in r.conversations] == pairs
