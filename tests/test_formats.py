@@ -22,14 +22,21 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 
 def test_alpaca_jsonl_with_input_system_history(tmp_path: Path) -> None:
-    rec = {"instruction": "总结", "input": "合同第三条", "output": "甲方付款。", "system": "你是律师",
-           "history": [["你好", "您好！"]]}
+    rec = {
+        "instruction": "总结",
+        "input": "合同第三条",
+        "output": "甲方付款。",
+        "system": "你是律师",
+        "history": [["你好", "您好！"]],
+    }
     r = parse_file(write(tmp_path, "a.jsonl", json.dumps(rec, ensure_ascii=False) + "\n"))
     assert r.format == "alpaca" and not r.errors
     assert r.conversations[0].messages == [
         {"role": "system", "content": "你是律师"},
-        {"role": "user", "content": "你好"}, {"role": "assistant", "content": "您好！"},
-        {"role": "user", "content": "总结\n\n合同第三条"}, {"role": "assistant", "content": "甲方付款。"},
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "您好！"},
+        {"role": "user", "content": "总结\n\n合同第三条"},
+        {"role": "assistant", "content": "甲方付款。"},
     ]
 
 
@@ -42,9 +49,15 @@ def test_alpaca_json_array_reports_line_of_each_bad_record(tmp_path: Path) -> No
 
 
 def test_messages_multiturn_and_errors(tmp_path: Path) -> None:
-    good = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "u1"},
-                         {"role": "assistant", "content": "a1"}, {"role": "user", "content": [{"type": "text", "text": "u2"}]},
-                         {"role": "assistant", "content": "a2"}]}
+    good = {
+        "messages": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "u1"},
+            {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": [{"type": "text", "text": "u2"}]},
+            {"role": "assistant", "content": "a2"},
+        ]
+    }
     bad_role = {"messages": [{"role": "customer", "content": "hi"}, {"role": "assistant", "content": "x"}]}
     no_answer = {"messages": [{"role": "user", "content": "hi"}]}
     lines = [json.dumps(good), "{not json", json.dumps(bad_role), json.dumps(no_answer)]
@@ -73,8 +86,9 @@ def test_csv_tsv_columns_and_quoted_newlines(tmp_path: Path) -> None:
     r = parse_file(write(tmp_path, "qa.csv", text))
     assert r.conversations[0].messages[1]["content"] == "15天\n（试用期后）"
     assert r.errors[0].source.endswith(":4") and r.errors[0].field == "答案"
-    t = parse_file(write(tmp_path, "qa.tsv", "Q\tA\nhello\tworld\n"),
-                   FormatOptions(question_column="Q", answer_column="A"))
+    t = parse_file(
+        write(tmp_path, "qa.tsv", "Q\tA\nhello\tworld\n"), FormatOptions(question_column="Q", answer_column="A")
+    )
     assert t.conversations[0].messages[0]["content"] == "hello"
     with pytest.raises(UserError, match="cannot find the question column"):
         parse_file(write(tmp_path, "x.csv", "foo,bar\n1,2\n"))
@@ -86,8 +100,10 @@ def test_dialogue_text_roles_and_colons(tmp_path: Path) -> None:
     assert not r.errors and len(r.conversations) == 2
     assert r.conversations[0].messages[1] == {"role": "assistant", "content": "可以，但建议书面。\n第二行补充。"}
     assert r.conversations[1].source.endswith(":5")
-    configured = parse_file(write(tmp_path, "e.txt", "客户：hi\n法务：hello\n"),
-                            FormatOptions(user_names=("客户",), assistant_names=("律师",)))
+    configured = parse_file(
+        write(tmp_path, "e.txt", "客户：hi\n法务：hello\n"),
+        FormatOptions(user_names=("客户",), assistant_names=("律师",)),
+    )
     assert "法务" in configured.errors[0].reason
 
 
@@ -106,10 +122,15 @@ def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
 
 # ---- property tests: text formats round-trip whatever the content
 
-safe_text = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp"), blacklist_characters="\r\n\x85"),
-    min_size=1, max_size=40,
-).map(str.strip).filter(lambda s: bool(s) and not s.startswith(("用户", "助手", "系统")))
+safe_text = (
+    st.text(
+        alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp"), blacklist_characters="\r\n\x85"),
+        min_size=1,
+        max_size=40,
+    )
+    .map(str.strip)
+    .filter(lambda s: bool(s) and not s.startswith(("用户", "助手", "系统")))
+)
 
 
 @st.composite

@@ -18,8 +18,13 @@ pytest.importorskip("gguf")
 
 @pytest.mark.slow
 def test_smollm2_learns_facts(lp_home: Path, facts_file: Path) -> None:
-    cfg = load_config(extra={"name": "facts", "data": {"path": str(facts_file)},
-                             "train": {"epochs": 15, "batch_size": 4, "learning_rate": 1e-3}})
+    cfg = load_config(
+        extra={
+            "name": "facts",
+            "data": {"path": str(facts_file)},
+            "train": {"epochs": 15, "batch_size": 4, "learning_rate": 1e-3},
+        }
+    )
     res = run(cfg)
     assert res.adapter is not None
     lm = LocalModel(adapter=res.adapter.id)

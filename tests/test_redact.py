@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from loraplex.data.validate import find_duplicates, redact
 from loraplex.data.formats import Conversation
+from loraplex.data.validate import find_duplicates, redact
 
 
 def cn_id(body17: str) -> str:
     weights = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2]
-    return body17 + "10X98765432"[sum(int(d) * w for d, w in zip(body17, weights)) % 11]
+    return body17 + "10X98765432"[sum(int(d) * w for d, w in zip(body17, weights, strict=True)) % 11]
 
 
 def luhn_complete(prefix: str) -> str:
@@ -32,13 +32,13 @@ def test_id_numbers_need_a_valid_checksum() -> None:
     assert valid[-1] == "X"
     invalid = valid[:-1] + ("1" if valid[-1] != "1" else "2")
     r = redact(f"身份证号{valid}，另一个{invalid}")
-    assert f"身份证号[ID_CARD]" in r.text and invalid in r.text
+    assert "身份证号[ID_CARD]" in r.text and invalid in r.text
     assert r.counts["id_card"] == 1
 
 
 def test_bank_cards_need_luhn_and_accept_grouping() -> None:
     card = luhn_complete("622202020011223344")
-    grouped = " ".join(card[i:i + 4] for i in range(0, len(card), 4))
+    grouped = " ".join(card[i : i + 4] for i in range(0, len(card), 4))
     bad = card[:-1] + str((int(card[-1]) + 1) % 10)
     r = redact(f"卡号{card}，分组写法 {grouped}，订单号{bad}")
     assert r.counts["bank_card"] == 2
@@ -52,5 +52,9 @@ def test_plain_numbers_untouched() -> None:
 
 def test_exact_duplicates() -> None:
     a = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    convs = [Conversation(a, "f:1"), Conversation(list(a), "f:2"), Conversation(a[:1] + [{"role": "assistant", "content": "b"}], "f:3")]
+    convs = [
+        Conversation(a, "f:1"),
+        Conversation(list(a), "f:2"),
+        Conversation(a[:1] + [{"role": "assistant", "content": "b"}], "f:3"),
+    ]
     assert find_duplicates(convs) == [["f:1", "f:2"]]

@@ -54,10 +54,18 @@ def test_packed_and_unpacked_give_the_same_loss(tiny_base: Path) -> None:
 
     ref = tiny(tiny_base)
     tok = load_tokenizer(ref)
-    model = get_peft_model(load_model(ref, attn_implementation="eager"),
-                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-    convs = [MULTI, MULTI[:2], [{"role": "user", "content": "Who approves expense claims?"},
-                                {"role": "assistant", "content": "The team lead approves them within 45 days."}]]
+    model = get_peft_model(
+        load_model(ref, attn_implementation="eager"),
+        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    )
+    convs = [
+        MULTI,
+        MULTI[:2],
+        [
+            {"role": "user", "content": "Who approves expense claims?"},
+            {"role": "assistant", "content": "The team lead approves them within 45 days."},
+        ],
+    ]
     examples = [encode(tok, c, 512)[0] for c in convs]
     assert len(pack(examples, 512)) == 1
     results = {}

@@ -20,21 +20,42 @@ from .conftest import write_jsonl
 
 
 def tiny_cfg(tiny_base: Path, data: Path, **train: object):
-    return load_config(extra={"name": "tiny", "base": str(tiny_base), "data": {"path": str(data)},
-                              "train": {"batch_size": 2, "learning_rate": 1e-2, "warmup_ratio": 0.0,
-                                        "precision": "fp32", **train}})
+    return load_config(
+        extra={
+            "name": "tiny",
+            "base": str(tiny_base),
+            "data": {"path": str(data)},
+            "train": {"batch_size": 2, "learning_rate": 1e-2, "warmup_ratio": 0.0, "precision": "fp32", **train},
+        }
+    )
 
 
 def test_loss_falls_and_adapter_is_registered(lp_home: Path, tiny_base: Path, facts_file: Path) -> None:
     res = run(tiny_cfg(tiny_base, facts_file, max_steps=30, save_steps=10))
-    losses = [json.loads(line)["loss"] for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     assert res.adapter is not None and res.adapter.id == "tiny@v1"
     m = res.adapter.manifest()
-    for key in ("name", "version", "base_model", "config", "data", "train_loss", "trainable_params", "wall_time_s",
-                "created_at", "description", "owner", "tags", "files"):
+    for key in (
+        "name",
+        "version",
+        "base_model",
+        "config",
+        "data",
+        "train_loss",
+        "trainable_params",
+        "wall_time_s",
+        "created_at",
+        "description",
+        "owner",
+        "tags",
+        "files",
+    ):
         assert key in m
     assert m["data"]["sha256"] == registry.sha256_file(facts_file)
     assert m["data"]["records"] == 4 and m["base_model"]["fingerprint"]["vocab_size"] > 0
@@ -50,7 +71,7 @@ def test_interrupt_and_resume_match_an_uninterrupted_run(lp_home: Path, tiny_bas
     assert full.adapter is not None
     expected = load_file(str(full.adapter.path / "adapter_model.safetensors"))
 
-    def ctrl_c_at_5(step: int, loss: float) -> None:
+    def ctrl_c_at_5(step: int, loss: float, model: object) -> None:
         if step == 5:
             raise KeyboardInterrupt  # exactly what Ctrl-C raises
 
@@ -68,12 +89,17 @@ def test_interrupt_and_resume_match_an_uninterrupted_run(lp_home: Path, tiny_bas
 
 
 def test_bad_records_refuse_training_and_write_nothing(lp_home: Path, tiny_base: Path, tmp_path: Path) -> None:
-    data = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "q", "output": "a"}, {"instruction": "q2", "output": " "}])
+    data = write_jsonl(
+        tmp_path / "bad.jsonl", [{"instruction": "q", "output": "a"}, {"instruction": "q2", "output": " "}]
+    )
     with pytest.raises(UserError, match=r"bad.jsonl:2 \[output\]: field 'output' is empty"):
         run(tiny_cfg(tiny_base, data, max_steps=2))
     assert registry.list_names() == []
-    ok = run(tiny_cfg(tiny_base, data, max_steps=2).model_copy(
-        update={"data": load_config(extra={"data": {"path": str(data), "skip_invalid": True}}).data}))
+    ok = run(
+        tiny_cfg(tiny_base, data, max_steps=2).model_copy(
+            update={"data": load_config(extra={"data": {"path": str(data), "skip_invalid": True}}).data}
+        )
+    )
     assert ok.adapter is not None and ok.adapter.manifest()["data"]["records"] == 1
 
 
@@ -90,18 +116,40 @@ def test_missing_base_is_a_clear_error(lp_home: Path, facts_file: Path, tmp_path
         run(cfg)
 
 
-def test_cli_train_shortcut_list_show_and_check(lp_home: Path, tiny_base: Path, facts_file: Path, tmp_path: Path) -> None:
+def test_cli_train_shortcut_list_show_and_check(
+    lp_home: Path, tiny_base: Path, facts_file: Path, tmp_path: Path
+) -> None:
     runner = CliRunner()
-    r = runner.invoke(app, ["train", "--data", str(facts_file), "--name", "faq", "--base", str(tiny_base),
-                            "--set", "train.max_steps=3", "--set", "train.precision=fp32"])
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(facts_file),
+            "--name",
+            "faq",
+            "--base",
+            str(tiny_base),
+            "--set",
+            "train.max_steps=3",
+            "--set",
+            "train.precision=fp32",
+        ],
+    )
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["adapters", "list", "--json"])
     rows = json.loads(r.stdout)
     assert rows[0]["name"] == "faq" and rows[0]["versions"] == ["v1"]
     r = runner.invoke(app, ["adapters", "show", "faq@v1"])
     assert json.loads(r.stdout)["config"]["train"]["max_steps"] == 3
-    bad = write_jsonl(tmp_path / "b.jsonl", [{"instruction": "call 13812345678", "output": "ok"},
-                                             {"instruction": "call 13812345678", "output": "ok"}, {"output": "x"}])
+    bad = write_jsonl(
+        tmp_path / "b.jsonl",
+        [
+            {"instruction": "call 13812345678", "output": "ok"},
+            {"instruction": "call 13812345678", "output": "ok"},
+            {"output": "x"},
+        ],
+    )
     r = runner.invoke(app, ["data", "check", str(bad), "--base", str(tiny_base), "--json"])
     assert r.exit_code == 1
     report = json.loads(r.stdout)

@@ -16,8 +16,12 @@ from rich.table import Table
 
 from loraplex.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0] if __doc__ else None,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help=__doc__.split("\n")[0] if __doc__ else None,
+    pretty_exceptions_enable=False,
+)
 data_app = typer.Typer(no_args_is_help=True, help="Inspect training data without training.")
 adapters_app = typer.Typer(no_args_is_help=True, help="List and inspect adapters in the local store.")
 app.add_typer(data_app, name="data")
@@ -37,9 +41,13 @@ def train(
     rank: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
     redact: Annotated[bool, typer.Option("--redact", help="Redact personal data before training.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override any config key: --set train.seed=7")] = None,
-    resume: Annotated[bool | None, typer.Option("--resume/--no-resume",
-                                               help="Force resuming the latest checkpoint / start from zero. "
-                                               "Default: resume a matching interrupted run.")] = None,
+    resume: Annotated[
+        bool | None,
+        typer.Option(
+            "--resume/--no-resume",
+            help="Force resuming the latest checkpoint / start from zero. Default: resume a matching interrupted run.",
+        ),
+    ] = None,
 ) -> None:
     """Train a LoRA adapter and register it in the local store."""
     from loraplex.config import load_config
@@ -82,9 +90,13 @@ def quickstart(
 def data_check(
     file: Annotated[Path, typer.Argument(help="Data file to check.")],
     base: Annotated[str | None, typer.Option(help="Base model whose tokenizer counts tokens.")] = None,
-    format: Annotated[str | None, typer.Option(help="Force a format (alpaca, messages, sharegpt, csv, dialogue).")] = None,
+    format: Annotated[
+        str | None, typer.Option(help="Force a format (alpaca, messages, sharegpt, csv, dialogue).")
+    ] = None,
     max_seq_length: Annotated[int, typer.Option(help="Report records longer than this.")] = 1024,
-    redact: Annotated[bool, typer.Option("--redact", help="Write FILE.redacted.jsonl with personal data replaced.")] = False,
+    redact: Annotated[
+        bool, typer.Option("--redact", help="Write FILE.redacted.jsonl with personal data replaced.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Validate a data file: records, turns, token lengths, truncation, duplicates, personal data."""
@@ -107,10 +119,19 @@ def adapters_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> N
     rows = []
     for name, vs in registry.list_names():
         m = registry.resolve(f"{name}@v{vs[-1]}").manifest()
-        rows.append({"name": name, "versions": [f"v{v}" for v in vs], "latest": m["id"],
-                     "base": m["base_model"]["id"], "rank": m["config"]["lora"]["rank"],
-                     "bytes": sum(f["bytes"] for f in m["files"].values()), "created_at": m["created_at"],
-                     "train_loss": m.get("train_loss"), "description": m.get("description", "")})
+        rows.append(
+            {
+                "name": name,
+                "versions": [f"v{v}" for v in vs],
+                "latest": m["id"],
+                "base": m["base_model"]["id"],
+                "rank": m["config"]["lora"]["rank"],
+                "bytes": sum(f["bytes"] for f in m["files"].values()),
+                "created_at": m["created_at"],
+                "train_loss": m.get("train_loss"),
+                "description": m.get("description", ""),
+            }
+        )
     if as_json:
         out.print_json(json.dumps(rows, ensure_ascii=False))
         return
@@ -119,9 +140,16 @@ def adapters_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> N
         return
     table = Table("name", "versions", "base", "rank", "size", "created", "train loss", "description")
     for r in rows:
-        table.add_row(r["name"], ", ".join(r["versions"]), r["base"], str(r["rank"]), f"{r['bytes'] / 1e6:.1f} MB",
-                      r["created_at"], f"{r['train_loss']:.4f}" if r["train_loss"] is not None else "-",
-                      r["description"])
+        table.add_row(
+            r["name"],
+            ", ".join(r["versions"]),
+            r["base"],
+            str(r["rank"]),
+            f"{r['bytes'] / 1e6:.1f} MB",
+            r["created_at"],
+            f"{r['train_loss']:.4f}" if r["train_loss"] is not None else "-",
+            r["description"],
+        )
     out.print(table)
 
 
@@ -135,8 +163,12 @@ def adapters_show(ref: Annotated[str, typer.Argument(help="NAME or NAME@vN")]) -
 
 @app.command()
 def plan(
-    base: Annotated[str, typer.Option(help="A shipped config name (llama-2-7b, qwen2.5-7b, ...), config.json, "
-                                           "model directory, or smollm2-135m.")],
+    base: Annotated[
+        str,
+        typer.Option(
+            help="A shipped config name (llama-2-7b, qwen2.5-7b, ...), config.json, model directory, or smollm2-135m."
+        ),
+    ],
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
     targets: Annotated[str, typer.Option(help="Comma-separated module names, or all-linear.")] = "all-linear",
     seq_len: Annotated[int, typer.Option(help="Tokens per row.")] = 1024,
@@ -197,7 +229,9 @@ def chat(
 def compare(
     adapter: Annotated[str, typer.Option(help="NAME or NAME@vN")],
     questions: Annotated[list[str] | None, typer.Argument(help="Questions to ask both.")] = None,
-    questions_file: Annotated[Path | None, typer.Option("--questions", help="A data file; its user turns are asked.")] = None,
+    questions_file: Annotated[
+        Path | None, typer.Option("--questions", help="A data file; its user turns are asked.")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option()] = 128,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:

@@ -91,7 +91,7 @@ class TrainingConfig(_Strict):
     seed: int = 42
     """Seed for data order, dropout and initialisation."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """`auto`: bf16 autocast where the hardware runs it faster (most CPUs with AVX512-BF16/AMX, recent GPUs), else fp32."""
+    """`auto`: bf16 where the hardware runs it faster (CPUs with AVX512-BF16/AMX, recent GPUs), else fp32."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Where to train; `auto` picks CUDA, then MPS, then CPU."""
     eval_steps: int = Field(0, ge=0)
@@ -187,8 +187,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                extra: dict[str, Any] | None = None) -> TrainConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, extra: dict[str, Any] | None = None
+) -> TrainConfig:
     """Read YAML (optional), apply `extra` (nested dict from CLI flags) and `--set` overrides, validate."""
     raw: dict[str, Any] = {}
     node = None

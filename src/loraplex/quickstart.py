@@ -27,8 +27,11 @@ def keyword_hit(answer: str, keywords: list[str]) -> bool:
 def run_quickstart(base: str | None, name: str, console: Console) -> dict[str, float]:
     import json
 
-    extra: dict[str, object] = {"name": name, "data": {"path": str(TRAIN_FILE)},
-                                "description": "quickstart: fictional company policies (en/zh)"}
+    extra: dict[str, object] = {
+        "name": name,
+        "data": {"path": str(TRAIN_FILE)},
+        "description": "quickstart: fictional company policies (en/zh)",
+    }
     if base:
         extra["base"] = base
     cfg = load_config(extra=extra)

@@ -15,8 +15,9 @@ from loraplex.data.validate import CheckReport, find_duplicates, find_personal_d
 from loraplex.models.load import load_tokenizer, resolve_base
 
 
-def check_file(path: Path, base: str | None, fmt: str | None, max_seq_length: int, redact: bool,
-               console: Console) -> CheckReport:
+def check_file(
+    path: Path, base: str | None, fmt: str | None, max_seq_length: int, redact: bool, console: Console
+) -> CheckReport:
     result = parse_file(path, FormatOptions(format=fmt))
     tok = load_tokenizer(resolve_base(base))
     lengths, truncated = [], []
@@ -62,8 +63,11 @@ def print_report(r: CheckReport, console: Console) -> None:
     table.add_row("messages", str(r.turns))
     if r.token_stats:
         s = r.token_stats
-        table.add_row("tokens per record", f"min {s['min']:.0f}  mean {s['mean']}  p50 {s['p50']:.0f}  "
-                                           f"p95 {s['p95']:.0f}  max {s['max']:.0f}  total {s['total']:.0f}")
+        table.add_row(
+            "tokens per record",
+            f"min {s['min']:.0f}  mean {s['mean']}  p50 {s['p50']:.0f}  "
+            f"p95 {s['p95']:.0f}  max {s['max']:.0f}  total {s['total']:.0f}",
+        )
     table.add_row(f"longer than {r.max_seq_length}", str(len(r.truncated)))
     table.add_row("duplicate groups", str(len(r.duplicates)))
     table.add_row("personal data", ", ".join(f"{k} {v}" for k, v in r.personal_data.items()) or "none found")

@@ -25,8 +25,13 @@ def questions_from_file(path: Path) -> list[tuple[str, str | None]]:
     return out
 
 
-def compare_answers(adapter: str, questions: list[str], questions_file: Path | None = None,
-                    max_new_tokens: int = 128, model: LocalModel | None = None) -> list[dict[str, Any]]:
+def compare_answers(
+    adapter: str,
+    questions: list[str],
+    questions_file: Path | None = None,
+    max_new_tokens: int = 128,
+    model: LocalModel | None = None,
+) -> list[dict[str, Any]]:
     asked: list[tuple[str, str | None]] = [(q, None) for q in questions]
     if questions_file is not None:
         asked += questions_from_file(questions_file)
@@ -36,13 +41,15 @@ def compare_answers(adapter: str, questions: list[str], questions_file: Path | N
     rows = []
     for q, ref in asked:
         messages = [{"role": "user", "content": q}]
-        rows.append({
-            "question": q,
-            "reference": ref,
-            "base": lm.answer(messages, max_new_tokens, use_adapter=False),
-            "adapter": lm.answer(messages, max_new_tokens),
-            "adapter_id": lm.adapter.id if lm.adapter else None,
-        })
+        rows.append(
+            {
+                "question": q,
+                "reference": ref,
+                "base": lm.answer(messages, max_new_tokens, use_adapter=False),
+                "adapter": lm.answer(messages, max_new_tokens),
+                "adapter_id": lm.adapter.id if lm.adapter else None,
+            }
+        )
     return rows
 
 

@@ -65,8 +65,11 @@ class LocalModel:
         return dict(self.tok(text, add_special_tokens=False, return_tensors="pt"))
 
     def _gen_kwargs(self, max_new_tokens: int, temperature: float) -> dict[str, Any]:
-        kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": self.eos,
-                              "pad_token_id": self.tok.pad_token_id}
+        kw: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "eos_token_id": self.eos,
+            "pad_token_id": self.tok.pad_token_id,
+        }
         if temperature > 0:
             kw.update(do_sample=True, temperature=temperature, top_p=0.95)
         else:
@@ -79,15 +82,25 @@ class LocalModel:
         return nullcontext()
 
     @torch.inference_mode()
-    def answer(self, messages: list[dict[str, str]], max_new_tokens: int = 256, temperature: float = 0.0,
-               use_adapter: bool = True) -> str:
+    def answer(
+        self,
+        messages: list[dict[str, str]],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        use_adapter: bool = True,
+    ) -> str:
         inputs = self._inputs(messages)
         with self._adapter_ctx(use_adapter):
             out = self.model.generate(**inputs, **self._gen_kwargs(max_new_tokens, temperature))
         return str(self.tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)).strip()
 
-    def stream(self, messages: list[dict[str, str]], max_new_tokens: int = 256, temperature: float = 0.0,
-               use_adapter: bool = True) -> Iterator[str]:
+    def stream(
+        self,
+        messages: list[dict[str, str]],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        use_adapter: bool = True,
+    ) -> Iterator[str]:
         from transformers import TextIteratorStreamer
 
         inputs = self._inputs(messages)

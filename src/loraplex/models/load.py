@@ -11,6 +11,7 @@ to provide one. It loads safetensors only (never pickled `.bin` weights).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -130,7 +131,7 @@ def resolve_base(spec: str | None) -> BaseRef:
         if not any(path.glob("*.safetensors")):
             raise UserError(
                 f"{path} has no *.safetensors weights; loraplex loads only safetensors (never pickled "
-                ".bin files). Convert with: python -c \"from transformers import AutoModelForCausalLM as M; "
+                '.bin files). Convert with: python -c "from transformers import AutoModelForCausalLM as M; '
                 f"M.from_pretrained('{path}').save_pretrained('{path}-st', safe_serialization=True)\""
             )
         return _with_fingerprint(BaseRef(str(path.resolve()), path.resolve(), "hf"))
@@ -165,10 +166,9 @@ def fingerprint(model_dir: Path) -> dict[str, Any]:
         for f in files:
             h.update(_sha256_file(f).encode())
         weights_sha = h.hexdigest()
-        try:
+        # A read-only model directory: recompute next time.
+        with contextlib.suppress(OSError):
             cache.write_text(json.dumps({"stamp": stamp, "sha256": weights_sha}))
-        except OSError:
-            pass  # a read-only model directory: recompute next time
     return {
         "architecture": (cfg.get("architectures") or [cfg.get("model_type")])[0],
         "model_type": cfg.get("model_type"),
@@ -198,7 +198,9 @@ def load_model(ref: BaseRef, dtype: Any = None, device: str = "cpu", attn_implem
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(ref.path), dtype=dtype or torch.float32, use_safetensors=True,
+            str(ref.path),
+            dtype=dtype or torch.float32,
+            use_safetensors=True,
             attn_implementation=attn_implementation,
         )
     except Exception as e:  # noqa: BLE001

@@ -38,8 +38,10 @@ def load_arch_config(spec: str) -> Any:
         from loraplex.models.load import EMBEDDED, resolve_base
 
         if spec not in EMBEDDED:
-            raise UserError(f"unknown base {spec!r} for plan: use a config.json, a model directory, "
-                            f"smollm2-135m, or one of: {', '.join(shipped_names())}")
+            raise UserError(
+                f"unknown base {spec!r} for plan: use a config.json, a model directory, "
+                f"smollm2-135m, or one of: {', '.join(shipped_names())}"
+            )
         path = resolve_base(spec).path / "config.json"
     if path.is_dir():
         path = path / "config.json"
@@ -68,8 +70,9 @@ def lora_targets(model: Any, targets: list[str] | str) -> list[tuple[str, int, i
     return found
 
 
-def make_plan(base: str, rank: int = 16, targets: str = "all-linear", seq_len: int = 1024, batch: int = 4,
-              use_dora: bool = False) -> dict[str, Any]:
+def make_plan(
+    base: str, rank: int = 16, targets: str = "all-linear", seq_len: int = 1024, batch: int = 4, use_dora: bool = False
+) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -82,7 +85,9 @@ def make_plan(base: str, rank: int = 16, targets: str = "all-linear", seq_len: i
     base_params = sum(p.numel() for p in model.parameters())
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
-    embed_params = emb.weight.numel() + (head.weight.numel() if head is not None and head.weight is not emb.weight else 0)
+    embed_params = emb.weight.numel() + (
+        head.weight.numel() if head is not None and head.weight is not emb.weight else 0
+    )
 
     h, n_layers = cfg.hidden_size, cfg.num_hidden_layers
     inter = getattr(cfg, "intermediate_size", 4 * h)
@@ -103,8 +108,9 @@ def make_plan(base: str, rank: int = 16, targets: str = "all-linear", seq_len: i
         memory[label] = base_params * wbytes + optimizer + activations(abytes) + logits + OVERHEAD_BYTES
     # QLoRA: NF4 linear weights (0.5 byte) + double-quantised constants (~0.127 bit/param); embeddings bf16.
     linear_params = base_params - embed_params
-    memory["qlora-4bit"] = (linear_params * (0.5 + 0.127 / 8) + embed_params * 2 + optimizer + activations(2)
-                            + logits + OVERHEAD_BYTES)
+    memory["qlora-4bit"] = (
+        linear_params * (0.5 + 0.127 / 8) + embed_params * 2 + optimizer + activations(2) + logits + OVERHEAD_BYTES
+    )
     return {
         "base": base,
         "architecture": (cfg.architectures or [cfg.model_type])[0],
@@ -125,10 +131,12 @@ def _gib(n: float) -> str:
 
 def print_plan(p: dict[str, Any], console: Console) -> None:
     console.print(f"[bold]{p['base']}[/] ({p['architecture']}): {p['base_params']:,} parameters")
-    console.print(f"LoRA r={p['lora']['rank']} on {p['lora']['adapted_layers']} layers "
-                  f"({p['lora']['targets'] if isinstance(p['lora']['targets'], str) else ','.join(p['lora']['targets'])})"
-                  f": {p['trainable_params']:,} trainable ({p['trainable_percent']:.3f}%), "
-                  f"adapter file {_gib(p['adapter_file_bytes'])}")
+    console.print(
+        f"LoRA r={p['lora']['rank']} on {p['lora']['adapted_layers']} layers "
+        f"({p['lora']['targets'] if isinstance(p['lora']['targets'], str) else ','.join(p['lora']['targets'])})"
+        f": {p['trainable_params']:,} trainable ({p['trainable_percent']:.3f}%), "
+        f"adapter file {_gib(p['adapter_file_bytes'])}"
+    )
     table = Table("precision", f"est. peak memory (batch {p['batch']} x {p['seq_len']} tokens)")
     for k, v in p["peak_memory_bytes"].items():
         table.add_row(k, _gib(v))

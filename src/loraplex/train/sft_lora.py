@@ -209,8 +209,9 @@ def trainable_state(model: Any) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model: Any, opt: torch.optim.Optimizer,
-                    state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    ckpt_root: Path, step: int, model: Any, opt: torch.optim.Optimizer, state: dict[str, Any], keep: int
+) -> Path:
     ckpt_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=ckpt_root))
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
@@ -261,10 +262,14 @@ def run(
     cfg: TrainConfig,
     resume: str = "auto",
     console: Any = None,
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, float, Any], None] | None = None,
     register: bool = True,
 ) -> TrainResult:
-    """Train and register `cfg.name@vN`. `resume`: auto (continue a matching run), always, never."""
+    """Train and register `cfg.name@vN`. `resume`: auto (continue a matching run), always, never.
+
+    `on_step(step, loss, model)` is called after every optimizer step (benchmarks snapshot weights
+    there; raising KeyboardInterrupt from it behaves exactly like Ctrl-C).
+    """
     from peft import get_peft_model
     from rich.console import Console
 
@@ -303,10 +308,14 @@ def run(
     train_ex, stats = encode_all(tok, conversations, max_len, cfg.data.train_on_prompt)
     eval_ex, _ = encode_all(tok, eval_convs, max_len, cfg.data.train_on_prompt)
     if stats.truncated:
-        console.print(f"[yellow]warning:[/] {stats.truncated} example(s) longer than max_seq_length={max_len} were truncated")
+        console.print(
+            f"[yellow]warning:[/] {stats.truncated} example(s) longer than max_seq_length={max_len} were truncated"
+        )
     if stats.dropped:
-        console.print(f"[yellow]warning:[/] {len(stats.dropped)} example(s) had no answer token left after "
-                      f"truncation and are not trained: {', '.join(stats.dropped[:5])}")
+        console.print(
+            f"[yellow]warning:[/] {len(stats.dropped)} example(s) had no answer token left after "
+            f"truncation and are not trained: {', '.join(stats.dropped[:5])}"
+        )
     if not train_ex:
         raise UserError(f"{cfg.data.path}: no trainable examples (answers empty or truncated away)")
 
@@ -314,8 +323,9 @@ def run(
 
     # ---- model
     # Eager attention beats SDPA's CPU kernels at these lengths (bench/train_throughput.py profile).
-    model = load_model(base, dtype=torch.float32, device=device,
-                       attn_implementation="eager" if device == "cpu" else "sdpa")
+    model = load_model(
+        base, dtype=torch.float32, device=device, attn_implementation="eager" if device == "cpu" else "sdpa"
+    )
     model = get_peft_model(model, lora_peft_config(cfg))
     if dtype != torch.float32:
         # Frozen base weights live in the compute dtype, LoRA weights stay fp32 (autocast casts them).
@@ -325,8 +335,7 @@ def run(
     trainable, total_params = model.get_nb_trainable_parameters()
     params = [p for p in model.parameters() if p.requires_grad]
     tc = cfg.train
-    opt = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay,
-                            betas=(0.9, 0.999), eps=1e-8)
+    opt = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     per_step = tc.batch_size * tc.gradient_accumulation
     steps_per_epoch = max(1, math.ceil(len(train_ex) / per_step))
     total_steps = tc.max_steps or max(1, math.ceil(steps_per_epoch * tc.epochs))
@@ -361,8 +370,9 @@ def run(
                 tb.add_scalar(k, v, record["step"])
 
     def autocast() -> Any:
-        return torch.autocast(device_type=device if device != "mps" else "cpu", dtype=dtype,
-                              enabled=dtype != torch.float32)
+        return torch.autocast(
+            device_type=device if device != "mps" else "cpu", dtype=dtype, enabled=dtype != torch.float32
+        )
 
     def evaluate() -> float | None:
         if not eval_ex:
@@ -379,7 +389,8 @@ def run(
 
     console.print(
         f"training [bold]{cfg.name}[/] on {base.id}: {len(train_ex)} examples ({stats.label_tokens} answer tokens) "
-        f"{'packed' if cfg.data.packing else 'padded'}, {total_steps} steps, {device} {str(dtype).removeprefix('torch.')}, "
+        f"{'packed' if cfg.data.packing else 'padded'}, {total_steps} steps, "
+        f"{device} {str(dtype).removeprefix('torch.')}, "
         f"trainable {trainable:,} / {total_params:,} params ({100 * trainable / total_params:.2f}%)"
     )
 
@@ -399,10 +410,18 @@ def run(
     if prev_sigint is signal.SIG_IGN:  # background jobs ignore SIGINT; Ctrl-C must still checkpoint
         signal.signal(signal.SIGINT, signal.default_int_handler)
     progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-        TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        console=console, transient=False, disable=not console.is_terminal and os.environ.get("LORAPLEX_PROGRESS") != "1",
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("lr {task.fields[lr]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal and os.environ.get("LORAPLEX_PROGRESS") != "1",
     )
     try:
         with progress:
@@ -436,8 +455,16 @@ def run(
                 elapsed = time.time() - t_loop
                 tps = tokens_seen / max(elapsed, 1e-9)
                 if step % tc.logging_steps == 0 or step == total_steps:
-                    log({"step": step, "epoch": step / steps_per_epoch, "loss": loss_value, "lr": lr,
-                         "tokens_per_s": tps, "elapsed_s": time.time() - t_start})
+                    log(
+                        {
+                            "step": step,
+                            "epoch": step / steps_per_epoch,
+                            "loss": loss_value,
+                            "lr": lr,
+                            "tokens_per_s": tps,
+                            "elapsed_s": time.time() - t_start,
+                        }
+                    )
                 progress.update(task, completed=step, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
                 at_epoch_end = step % steps_per_epoch == 0
                 if eval_ex and ((tc.eval_steps and step % tc.eval_steps == 0) or (not tc.eval_steps and at_epoch_end)):
@@ -450,19 +477,30 @@ def run(
                         bad_evals += 1
                         stop_early = bool(tc.early_stopping_patience) and bad_evals >= tc.early_stopping_patience
                         if stop_early:
-                            console.print(f"early stopping at step {step}: eval loss has not improved "
-                                          f"for {bad_evals} evaluations (best {best_eval:.4f})")
+                            console.print(
+                                f"early stopping at step {step}: eval loss has not improved "
+                                f"for {bad_evals} evaluations (best {best_eval:.4f})"
+                            )
                 if step % tc.save_steps == 0 and step < total_steps:
-                    save_checkpoint(ckpt_root, step, model, opt,
-                                    {"best_eval": best_eval, "bad_evals": bad_evals}, tc.save_total_limit)
+                    save_checkpoint(
+                        ckpt_root,
+                        step,
+                        model,
+                        opt,
+                        {"best_eval": best_eval, "bad_evals": bad_evals},
+                        tc.save_total_limit,
+                    )
                 if on_step is not None:
-                    on_step(step, loss_value)
+                    on_step(step, loss_value, model)
     except KeyboardInterrupt:
         interrupted = True
-        path = save_checkpoint(ckpt_root, step, model, opt, {"best_eval": best_eval, "bad_evals": bad_evals},
-                               tc.save_total_limit)
-        console.print(f"\n[yellow]interrupted[/] at step {step}/{total_steps}; checkpoint saved to {path}.\n"
-                      "Run the same command again to resume.")
+        path = save_checkpoint(
+            ckpt_root, step, model, opt, {"best_eval": best_eval, "bad_evals": bad_evals}, tc.save_total_limit
+        )
+        console.print(
+            f"\n[yellow]interrupted[/] at step {step}/{total_steps}; checkpoint saved to {path}.\n"
+            "Run the same command again to resume."
+        )
     finally:
         signal.signal(signal.SIGINT, prev_sigint)
         metrics_file.close()
@@ -476,16 +514,35 @@ def run(
     loop_time = time.time() - t_loop
     ref = None
     if register:
-        ref = _register(cfg, model, base, run_dir, {
-            "data": {"path": str(Path(cfg.data.path).resolve()), "format": fmt, "sha256": data_sha,
-                     "records": len(conversations), "eval_records": len(eval_convs),
-                     "examples": len(train_ex), "tokens": stats.tokens, "answer_tokens": stats.label_tokens,
-                     "truncated": stats.truncated, "redactions": redactions},
-            "train_loss": train_loss, "eval_loss": eval_loss, "steps": step,
-            "trainable_params": trainable, "total_params": total_params,
-            "wall_time_s": round(wall, 1), "tokens_per_s": round(tokens_seen / max(loop_time, 1e-9), 1),
-            "device": device, "precision": str(dtype).removeprefix("torch."),
-        })
+        ref = _register(
+            cfg,
+            model,
+            base,
+            run_dir,
+            {
+                "data": {
+                    "path": str(Path(cfg.data.path).resolve()),
+                    "format": fmt,
+                    "sha256": data_sha,
+                    "records": len(conversations),
+                    "eval_records": len(eval_convs),
+                    "examples": len(train_ex),
+                    "tokens": stats.tokens,
+                    "answer_tokens": stats.label_tokens,
+                    "truncated": stats.truncated,
+                    "redactions": redactions,
+                },
+                "train_loss": train_loss,
+                "eval_loss": eval_loss,
+                "steps": step,
+                "trainable_params": trainable,
+                "total_params": total_params,
+                "wall_time_s": round(wall, 1),
+                "tokens_per_s": round(tokens_seen / max(loop_time, 1e-9), 1),
+                "device": device,
+                "precision": str(dtype).removeprefix("torch."),
+            },
+        )
         shutil.rmtree(ckpt_root, ignore_errors=True)  # the run is complete: its adapter is in the store
     console.print(
         f"[green]done[/] in {wall:.0f}s: {step} steps, train loss {train_loss:.4f}"
