@@ -159,7 +159,7 @@ def run_trainer_baseline(examples: list[Any], base: Any, epochs: int, out_dir: P
         num_train_epochs=epochs,
         learning_rate=LR,
         lr_scheduler_type="cosine",
-        warmup_ratio=0.05,
+        warmup_steps=int(math.ceil(len(examples) / BATCH) * epochs * 0.05),
         logging_steps=10,
         save_strategy="no",
         report_to=[],

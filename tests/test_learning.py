@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,12 @@ def test_smollm2_learns_facts(lp_home: Path, facts_file: Path) -> None:
     assert exact_recall(lm, FACTS) == 1.0
     # And it stops at end-of-turn instead of rambling on.
     assert lm.answer([{"role": "user", "content": FACTS[0][0]}], 200) == FACTS[0][1]
+    # The CLI's compare shows both sides for the same question.
+    from typer.testing import CliRunner
+
+    from loraplex.cli import app
+
+    r = CliRunner().invoke(app, ["compare", "--adapter", "facts@v1", FACTS[0][0], "--json"])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.stdout)[0]
+    assert row["adapter"] == FACTS[0][1] and row["base"] != FACTS[0][1] and row["adapter_id"] == "facts@v1"

@@ -70,7 +70,7 @@ class LoraConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
-    epochs: float = Field(8.0, gt=0)
+    epochs: float = Field(16.0, gt=0)
     """Passes over the training data (ignored when max_steps is set)."""
     max_steps: int | None = Field(None, ge=1)
     """Optimizer steps to run; overrides epochs."""
