@@ -109,3 +109,31 @@ FACTS = [
 @pytest.fixture
 def facts_file(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "facts.jsonl", [{"instruction": q, "output": a} for q, a in FACTS])
+
+
+def make_adapter(base_dir: Path, name: str, rank: int = 4, targets: list[str] | str = "all-linear", seed: int = 0,
+                 alpha: int | None = None) -> str:
+    """Register a random (non-zero) PEFT LoRA adapter for `base_dir` in the current store; returns its id."""
+    import tempfile
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from loraplex.adapters import registry
+    from loraplex.models.load import load_model, resolve_base
+
+    base = resolve_base(str(base_dir))
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        load_model(base),
+        LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=targets, init_lora_weights=False),
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        ref = registry.register(
+            name,
+            Path(tmp),
+            {"base_model": {"id": base.id, "source": base.source, "fingerprint": base.fingerprint},
+             "description": f"random test adapter {name}", "owner": "tests"},
+        )
+    return ref.id

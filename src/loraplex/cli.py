@@ -245,6 +245,52 @@ def compare(
         print_comparison(rows, out)
 
 
+@app.command()
+def serve(
+    base: Annotated[str | None, typer.Option(help="Base model: smollm2-135m, a HF directory or a .gguf file.")] = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    adapters: Annotated[
+        str | None, typer.Option(help="Comma-separated adapter names to serve (default: every adapter in the store).")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(min=1, max=256, help="Requests decoded together.")] = 16,
+    max_loaded_adapters: Annotated[int, typer.Option(min=1, max=1024, help="Adapter slots kept in memory.")] = 8,
+    max_model_len: Annotated[int | None, typer.Option(help="Context length (default: the model's).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 where faster), bf16, fp16 or fp32")] = "auto",
+    pin: Annotated[str | None, typer.Option(help="Comma-separated adapters to load now and keep loaded.")] = None,
+) -> None:
+    """Serve the base model and its adapters behind an OpenAI-compatible API."""
+    import uvicorn
+
+    from loraplex.adapters import registry
+    from loraplex.api.server import create_app
+    from loraplex.engine.engine import Engine
+
+    if dtype not in ("auto", "bf16", "fp16", "fp32"):
+        raise UserError(f"--dtype {dtype!r}: use auto, bf16, fp16 or fp32")
+    names = [a.strip() for a in adapters.split(",") if a.strip()] if adapters else None
+    for name in names or []:
+        registry.resolve(name)  # fail now, with the store's message, not at the first request
+    engine = Engine(
+        base,
+        max_batch=max_batch,
+        max_loaded_adapters=max_loaded_adapters,
+        max_model_len=max_model_len,
+        device=device,
+        dtype=dtype,
+        adapters=names,
+    )
+    for name in (p.strip() for p in (pin or "").split(",") if p.strip()):
+        engine.load_adapter(name, pin=True)
+    served = ", ".join(names) if names else "every adapter in the store"
+    err.print(
+        f"serving [bold]{engine.base.id}[/] ({engine.device} {str(engine.dtype).removeprefix('torch.')}) "
+        f"with {served} at http://{host}:{port}/v1"
+    )
+    uvicorn.run(create_app(engine), host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+
+
 def main() -> None:
     from loraplex._quiet import quiet
 

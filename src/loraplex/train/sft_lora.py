@@ -45,6 +45,7 @@ from loraplex.data.formats import Conversation, FormatOptions, parse_file
 from loraplex.data.tokenize import IGNORE, Example, collate, encode_all, pack, unpacked
 from loraplex.data.validate import redact_conversations
 from loraplex.errors import UserError
+from loraplex.models.device import bf16_is_faster, pick_device
 from loraplex.models.load import BaseRef, load_model, load_tokenizer, resolve_base
 from loraplex.paths import home
 
@@ -60,46 +61,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def pick_device(choice: str) -> str:
-    if choice != "auto":
-        if choice == "cuda" and not torch.cuda.is_available():
-            raise UserError("train.device is cuda but no CUDA device is available")
-        if choice == "mps" and not torch.backends.mps.is_available():
-            raise UserError("train.device is mps but MPS is not available")
-        return choice
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def bf16_is_faster(device: str) -> bool:
-    """Measure instead of guessing: CPUs without AVX512-BF16/AMX run bf16 matmuls slower than fp32."""
-    if device == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if device != "cpu":
-        return False
-    try:  # the CPU says so: AVX512-BF16 or AMX-BF16 instructions
-        flags = Path("/proc/cpuinfo").read_text().split()
-        if "avx512_bf16" in flags or "amx_bf16" in flags:
-            return True
-    except OSError:
-        pass
-    # Otherwise measure, interleaved and best-of-5 so a busy machine does not skew the choice.
-    a32, b32 = torch.randn(256, 576), torch.randn(576, 1536)
-    best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
-    for _ in range(5):
-        for dtype in best:
-            a, b = a32.to(dtype), b32.to(dtype)
-            a @ b  # warm up
-            t = time.perf_counter()
-            for _ in range(5):
-                a @ b
-            best[dtype] = min(best[dtype], time.perf_counter() - t)
-    return best[torch.bfloat16] < 0.75 * best[torch.float32]
 
 
 def pick_precision(choice: str, device: str) -> torch.dtype:
@@ -340,10 +301,23 @@ def run(
         for p in model.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(dtype)
+        # PEFT casts each LoRA input up to the fp32 adapter dtype and autocast casts it straight
+        # back down: two copies of every activation per module and step, for nothing.
+        for m in model.modules():
+            if hasattr(m, "cast_input_dtype_enabled"):
+                m.cast_input_dtype_enabled = False
     trainable, total_params = model.get_nb_trainable_parameters()
     params = [p for p in model.parameters() if p.requires_grad]
     tc = cfg.train
-    opt = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    # The fused kernel updates all LoRA tensors in one pass (hundreds of small tensors otherwise).
+    opt = torch.optim.AdamW(
+        params,
+        lr=tc.learning_rate,
+        weight_decay=tc.weight_decay,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        fused=device in ("cpu", "cuda"),
+    )
     per_step = tc.batch_size * tc.gradient_accumulation
     steps_per_epoch = max(1, math.ceil(len(train_ex) / per_step))
     total_steps = tc.max_steps or max(1, math.ceil(steps_per_epoch * tc.epochs))

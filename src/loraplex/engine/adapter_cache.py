@@ -1,0 +1,184 @@
+"""Which adapters are loaded, and where: model names -> store versions -> slots of the LoRA stacks.
+
+* `resolve("legal:0.7+formal@v2:0.3")` turns a request's `model` field into an `AdapterRequest`
+  of exact versions, at admission: a request keeps the version it started with even if a newer one
+  is registered (or the old one unloaded) while it runs.
+* `prepare` reads the adapter files (safetensors, hash-checked against the manifest) into host
+  memory; it runs on the caller's thread, so a cold load never stalls the batch that is decoding.
+* `acquire`/`release` (engine thread only) put prepared weights into a stack slot, count the
+  requests using each slot, and evict the least recently used unpinned slot nobody uses.
+
+This module does not run the model and never joins a name to a path itself (the store does,
+after `check_name`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from loraplex.adapters import registry
+from loraplex.engine.local import check_compatible
+from loraplex.engine.lora import AdapterRequest, AdapterWeights, LoraStacks, SiteShapes
+from loraplex.errors import UserError
+from loraplex.models.load import BaseRef
+from loraplex.paths import NAME_RE
+
+_PART = re.compile(r"^(?P<name>[^@:]+)(?:@(?P<ver>[^:]+))?(?::(?P<w>[-+0-9.eE]+))?$")
+
+
+class ModelNotFound(UserError):
+    """The `model` names nothing this server has (an OpenAI 404 `model_not_found`)."""
+
+
+class InvalidModelName(UserError):
+    """The `model` field is not a well-formed name or composition (a 400)."""
+
+
+class AdapterCache:
+    def __init__(
+        self,
+        base: BaseRef,
+        stacks: LoraStacks,
+        n_layers: int,
+        shapes: SiteShapes,
+        base_names: tuple[str, ...],
+        allowed: set[str] | None = None,
+        host_capacity: int = 32,
+    ):
+        self.base, self.stacks, self.n_layers, self.shapes = base, stacks, n_layers, shapes
+        self.base_names = base_names
+        self.allowed = allowed  # None = every adapter in the store
+        self.capacity = stacks.slots - 1  # slot 0 is the base
+        self.slot_of: OrderedDict[str, int] = OrderedDict()  # key -> slot, least recently used first
+        self.refs: dict[str, int] = {}
+        self.pinned: set[str] = set()
+        self.free = list(range(1, stacks.slots))
+        self._host: OrderedDict[str, AdapterWeights] = OrderedDict()  # one adapter version -> weights
+        self._host_capacity = host_capacity
+        self._lock = threading.Lock()
+        self.loads = 0  # adapters read from disk, for metrics and tests
+
+    # ------------------------------------------------------------------ names (any thread)
+
+    def resolve(self, model: str) -> AdapterRequest:
+        model = model.strip()
+        if model in self.base_names or model == "":
+            return AdapterRequest()
+        parts: list[tuple[str, float]] = []
+        for raw in model.split("+"):
+            m = _PART.match(raw.strip())
+            name = m.group("name") if m else raw
+            if not m or not NAME_RE.match(name) or ".." in name:
+                raise InvalidModelName(
+                    f"invalid model {model!r}: an adapter is NAME, NAME@vN or NAME:WEIGHT (names use a-z, 0-9, "
+                    "'.', '_', '-'), joined with '+' to compose, e.g. 'legal:0.7+formal:0.3'"
+                )
+            weight = 1.0
+            if m.group("w") is not None:
+                try:
+                    weight = float(m.group("w"))
+                except ValueError:
+                    raise InvalidModelName(f"invalid weight {m.group('w')!r} in model {model!r}") from None
+                if not math.isfinite(weight) or abs(weight) > 10:
+                    raise InvalidModelName(f"weight {weight} in model {model!r} must be a number in [-10, 10]")
+            if self.allowed is not None and name not in self.allowed:
+                raise ModelNotFound(f"the model {name!r} does not exist on this server")
+            ref_text = name if m.group("ver") is None else f"{name}@{m.group('ver')}"
+            try:
+                ref = registry.resolve(ref_text)
+            except UserError as e:
+                raise ModelNotFound(f"the model {ref_text!r} does not exist: {e}") from None
+            parts.append((ref.id, weight))
+        return AdapterRequest(tuple(parts))
+
+    # ------------------------------------------------------------------ host weights (any thread)
+
+    def _read(self, adapter_id: str) -> AdapterWeights:
+        with self._lock:
+            if adapter_id in self._host:
+                self._host.move_to_end(adapter_id)
+                return self._host[adapter_id]
+        ref = registry.resolve(adapter_id)
+        try:
+            registry.verify(ref)
+            check_compatible(ref, self.base)
+        except UserError as e:
+            raise UserError(f"adapter {ref.id} cannot be served: {e}") from None
+        weights = AdapterWeights.from_dir(ref.path, self.n_layers, self.shapes, ref.id)
+        with self._lock:
+            self.loads += 1
+            self._host[adapter_id] = weights
+            while len(self._host) > self._host_capacity:
+                self._host.popitem(last=False)
+        return weights
+
+    def prepare(self, req: AdapterRequest) -> AdapterWeights | None:
+        """The request's (composed) weights in host memory; None for the base."""
+        if not req.parts:
+            return None
+        loaded = [(self._read(name), w) for name, w in req.parts]
+        if len(loaded) == 1 and loaded[0][1] == 1.0:
+            return loaded[0][0]
+        return AdapterWeights.combine(loaded)
+
+    def forget(self, name: str) -> int:
+        """Drop host copies of every version of `name` (the next use re-reads the store)."""
+        with self._lock:
+            gone = [k for k in self._host if k.split("@")[0] == name]
+            for k in gone:
+                del self._host[k]
+        return len(gone)
+
+    # ------------------------------------------------------------------ slots (engine thread only)
+
+    def acquire(self, req: AdapterRequest, weights: AdapterWeights | None) -> int | None:
+        """The slot serving `req` (0 = base), loading it if needed; None when every slot is busy."""
+        key = req.key
+        if not key:
+            return 0
+        if key in self.slot_of:
+            self.slot_of.move_to_end(key)
+            self.refs[key] = self.refs.get(key, 0) + 1
+            return self.slot_of[key]
+        if not self.free and not self._evict():
+            return None
+        assert weights is not None
+        slot = self.free.pop()
+        self.stacks.put(slot, weights)
+        self.slot_of[key] = slot
+        self.refs[key] = 1
+        return slot
+
+    def release(self, req: AdapterRequest) -> None:
+        if req.key:
+            self.refs[req.key] -= 1
+
+    def _evict(self) -> bool:
+        for key in self.slot_of:  # least recently used first
+            if self.refs.get(key, 0) == 0 and key not in self.pinned:
+                self.free.append(self.slot_of.pop(key))
+                self.refs.pop(key, None)
+                return True
+        return False
+
+    def unload(self, name: str) -> list[str]:
+        """Free the idle slots of every version/composition involving `name`; busy ones free when done."""
+        gone = []
+        for key in list(self.slot_of):
+            if any(part.split(":")[0].split("@")[0] == name for part in key.split("+")):
+                self.pinned.discard(key)
+                if self.refs.get(key, 0) == 0:
+                    self.free.append(self.slot_of.pop(key))
+                    self.refs.pop(key, None)
+                    gone.append(key)
+        return gone
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [
+            {"key": k, "slot": s, "in_use": self.refs.get(k, 0), "pinned": k in self.pinned}
+            for k, s in self.slot_of.items()
+        ]

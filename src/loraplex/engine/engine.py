@@ -1,0 +1,454 @@
+"""The serving engine: continuous batching of requests for many adapters over one base model.
+
+The one seam the API uses is `Engine.generate(prompt_or_messages, params, adapter)`, an async
+iterator of `Delta`s (text, token ids, logprobs, finish reason, usage).
+
+One thread owns the model and runs the loop; each turn of it:
+  1. takes new requests and cancellations from the inbox (thread-safe), drops cancelled rows;
+  2. admits waiting requests while KV-cache rows and adapter slots are free;
+  3. prefills at most `prefill_tokens` prompt tokens (several short prompts in one padded forward,
+     a long prompt in chunks), so a burst of new prompts never stalls running decodes for long;
+  4. decodes one token for every running row, whatever adapter each row uses (lora.py).
+Rows join and leave between steps. Running rows sit in KV slots 0..n-1 (prefilling rows after
+them), so a decode step reads a view of the cache; a finished row is removed by moving the rows
+after it down (model.KVCache.move).
+
+A request fails alone: an exception in a step fails the requests of that step, and the loop goes
+on. This module does not parse HTTP, check API keys or render OpenAI JSON (see api/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from loraplex.data.tokenize import render
+from loraplex.engine.adapter_cache import AdapterCache
+from loraplex.engine.lora import AdapterRequest, AdapterWeights, LoraBatch, LoraStacks
+from loraplex.engine.model import DecoderModel, Step
+from loraplex.engine.sampling import RowState, SamplingParams, TokenLogprob, sample
+from loraplex.engine.text import TextStream
+from loraplex.errors import UserError
+from loraplex.models.device import bf16_is_faster, pick_device
+from loraplex.models.load import BaseRef, eos_token_ids, load_model, load_tokenizer, resolve_base
+
+
+class PromptTooLong(UserError):
+    """Prompt plus max_tokens exceed the context (an OpenAI 400 `context_length_exceeded`)."""
+
+
+class EngineClosed(Exception):
+    """The engine is shutting down and takes no new requests (a 503)."""
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...]
+    finish_reason: str | None  # None while running; "stop", "length" or "abort" at the end
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt_ids: list[int]
+    adapter: AdapterRequest
+    weights: AdapterWeights | None
+    row: RowState
+    stream: TextStream
+    emit: Callable[[Delta | BaseException], None]
+    max_tokens: int
+    stop_ids: frozenset[int]
+    cached: int = 0
+    lora_slot: int = -1
+    decoding: bool = False
+    cancelled: bool = False
+    pending_ids: list[int] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+
+
+@dataclass
+class EngineStats:
+    requests: int = 0
+    finished: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    prefill_steps: int = 0
+
+
+class Engine:
+    def __init__(
+        self,
+        base: str | BaseRef | None = None,
+        *,
+        max_batch: int = 16,
+        max_loaded_adapters: int = 8,
+        max_model_len: int | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        prefill_tokens: int = 512,
+        adapters: list[str] | None = None,
+    ):
+        self.base = base if isinstance(base, BaseRef) else resolve_base(base)
+        self.device = pick_device(device)
+        if dtype == "auto":
+            self.dtype = torch.bfloat16 if bf16_is_faster(self.device) else torch.float32
+        else:
+            self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        self.tokenizer = load_tokenizer(self.base)
+        hf = load_model(self.base)
+        self.eos_ids = tuple(eos_token_ids(self.tokenizer, hf))
+        self.model = DecoderModel(hf, self.dtype, self.device)
+        del hf
+        cfg = self.model.config
+        limit = int(getattr(cfg, "max_position_embeddings", 4096) or 4096)
+        self.max_model_len = min(max_model_len or limit, limit)
+        self.max_batch = max_batch
+        self.prefill_tokens = max(prefill_tokens, 16)
+        self.cache = self.model.new_cache(max_batch, self.max_model_len)
+        self.stacks = LoraStacks(
+            cfg.num_hidden_layers, max_loaded_adapters + 1, self.model.site_shapes, self.dtype, self.device
+        )
+        self.adapters = AdapterCache(
+            self.base,
+            self.stacks,
+            cfg.num_hidden_layers,
+            self.model.site_shapes,
+            base_names=(self.base.id, "base", "default"),
+            allowed=set(adapters) if adapters else None,
+        )
+        self.stats = EngineStats()
+        self._ids = itertools.count(1)
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._waiting: deque[_Request] = deque()
+        self._rows: list[_Request] = []  # KV slot i holds _rows[i]; decoding rows first
+        self._lora_batch: LoraBatch | None = None
+        self._closing = False
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public (any thread)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._rows) + len(self._waiting)
+
+    def encode(self, prompt: str | list[dict[str, Any]] | list[int]) -> list[int]:
+        """Messages are rendered with the base's chat template, exactly as in training."""
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        if prompt and isinstance(prompt[0], int):
+            return list(prompt)  # type: ignore[arg-type]
+        text = render(self.tokenizer, prompt, add_generation_prompt=True)  # type: ignore[arg-type]
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def check_length(self, prompt_len: int, max_tokens: int | None) -> int:
+        """The max_tokens to use; PromptTooLong when the request cannot fit the context."""
+        room = self.max_model_len - prompt_len
+        if max_tokens is None:
+            if room < 1:
+                raise PromptTooLong(
+                    f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                    f"messages resulted in {prompt_len} tokens. Please reduce the length of the messages."
+                )
+            return room
+        if max_tokens > room:
+            raise PromptTooLong(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the completion). "
+                "Please reduce the length of the messages or completion."
+            )
+        return max_tokens
+
+    async def generate(
+        self,
+        prompt: str | list[dict[str, Any]] | list[int],
+        params: SamplingParams,
+        adapter: AdapterRequest | str | None = None,
+        max_tokens: int | None = None,
+    ) -> AsyncIterator[Delta]:
+        """Stream the answer to one prompt. `max_tokens=None` means: up to the end of the context
+        (`params.max_tokens` is used when this is not given and the params carry one explicitly)."""
+        if self._closing:
+            raise EngineClosed("the server is shutting down")
+        req_adapter = adapter if isinstance(adapter, AdapterRequest) else self.adapters.resolve(adapter or "")
+        prompt_ids = self.encode(prompt)
+        if not prompt_ids:
+            raise UserError("the prompt is empty")
+        limit = self.check_length(len(prompt_ids), max_tokens)
+        weights = await asyncio.to_thread(self.adapters.prepare, req_adapter) if req_adapter.parts else None
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+
+        def emit(item: Delta | BaseException) -> None:
+            loop.call_soon_threadsafe(out.put_nowait, item)
+
+        req = _Request(
+            id=next(self._ids),
+            prompt_ids=prompt_ids,
+            adapter=req_adapter,
+            weights=weights,
+            row=RowState(params, prompt_ids),
+            stream=TextStream(self.tokenizer, params.stop),
+            emit=emit,
+            max_tokens=limit,
+            stop_ids=frozenset(() if params.ignore_eos else self.eos_ids) | frozenset(params.stop_token_ids),
+        )
+        self._inbox.put(("add", req))
+        finished = False
+        try:
+            while True:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:  # the consumer went away (client disconnect): free the row now
+                self._inbox.put(("cancel", req))
+
+    def load_adapter(self, model: str, pin: bool = False) -> str:
+        """Load (and optionally pin) an adapter now instead of on first use; returns what was loaded."""
+        req = self.adapters.resolve(model)
+        weights = self.adapters.prepare(req)
+        done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        self._inbox.put(("load", (req, weights, pin, done)))
+        error = done.get(timeout=60)
+        if error is not None:
+            raise error
+        return req.key
+
+    def unload_adapter(self, name: str) -> list[str]:
+        """Unload every loaded version of `name` (in-flight requests finish on what they started with)."""
+        self.adapters.forget(name)
+        done: queue.SimpleQueue[list[str]] = queue.SimpleQueue()
+        self._inbox.put(("unload", (name, done)))
+        return done.get(timeout=60)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop taking requests, let in-flight ones finish for up to `timeout` s, abort the rest."""
+        self._closing = True
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._inbox.put(("stop", None))
+        self._stopped.wait(timeout=30)
+
+    # ------------------------------------------------------------------ the loop (engine thread)
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            idle = not self._rows and not self._waiting
+            try:
+                kind, item = self._inbox.get(timeout=0.5) if idle else self._inbox.get_nowait()
+            except queue.Empty:
+                kind, item = "", None
+            while kind:
+                if kind == "stop":
+                    self._abort_all()
+                    self._stopped.set()
+                    return
+                self._command(kind, item)
+                try:
+                    kind, item = self._inbox.get_nowait()
+                except queue.Empty:
+                    kind = ""
+            self._admit()
+            if any(not r.decoding for r in self._rows):
+                self._guarded(self._prefill_step, [r for r in self._rows if not r.decoding])
+            if any(r.decoding for r in self._rows):
+                self._guarded(self._decode_step, [r for r in self._rows if r.decoding])
+
+    def _command(self, kind: str, item: Any) -> None:
+        if kind == "add":
+            self.stats.requests += 1
+            self._waiting.append(item)
+        elif kind == "cancel":
+            req: _Request = item
+            if req in self._waiting:
+                self._waiting.remove(req)
+                self.stats.cancelled += 1
+            elif req in self._rows:
+                self._remove(req)
+                self.stats.cancelled += 1
+        elif kind == "load":
+            areq, weights, pin, done = item
+            try:
+                slot = self.adapters.acquire(areq, weights)
+                if slot is None:
+                    raise UserError(f"no free adapter slot for {areq.key}: all are in use or pinned")
+                if pin:
+                    self.adapters.pinned.add(areq.key)
+                self.adapters.release(areq)
+                done.put(None)
+            except BaseException as e:  # noqa: BLE001 - handed back to the caller's thread
+                done.put(e)
+        elif kind == "unload":
+            name, done = item
+            done.put(self.adapters.unload(name))
+
+    def _guarded(self, step: Callable[[], None], involved: list[_Request]) -> None:
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001 - fail these requests, keep serving the others
+            for req in involved:
+                if req in self._rows:
+                    self._remove(req)
+                    self.stats.failed += 1
+                    req.emit(RuntimeError(f"generation failed: {type(e).__name__}: {e}"))
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._rows) < self.max_batch:
+            req = self._waiting[0]
+            slot = self.adapters.acquire(req.adapter, req.weights)
+            if slot is None:
+                return  # every adapter slot is busy: wait for a row to finish
+            self._waiting.popleft()
+            req.lora_slot = slot
+            req.weights = None  # the stack has them now
+            self._rows.append(req)
+            self.stats.prompt_tokens += len(req.prompt_ids)
+
+    def _lora_for(self, rows: list[_Request], cacheable: bool) -> LoraBatch | None:
+        slots = [r.lora_slot for r in rows]
+        if not any(slots):
+            return None
+        if cacheable:
+            if self._lora_batch is None or not self._lora_batch.matches(self.stacks, slots):
+                self._lora_batch = LoraBatch(self.stacks, slots)
+            return self._lora_batch
+        return LoraBatch(self.stacks, slots)
+
+    def _prefill_step(self) -> None:
+        first = next(i for i, r in enumerate(self._rows) if not r.decoding)
+        head = self._rows[first]
+        remaining = len(head.prompt_ids) - head.cached
+        if head.cached or remaining > self.prefill_tokens:
+            group = [head]  # a long prompt goes alone, in chunks
+            L = min(remaining, self.prefill_tokens)
+        else:
+            group, budget = [], self.prefill_tokens
+            for r in self._rows[first:]:
+                if r.decoding or r.cached or len(r.prompt_ids) > budget:
+                    break
+                group.append(r)
+                budget -= len(r.prompt_ids)
+            L = max(len(r.prompt_ids) for r in group)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(group), L), pad, dtype=torch.long)
+        last = []
+        for i, r in enumerate(group):
+            chunk = r.prompt_ids[r.cached : r.cached + L]
+            ids[i, : len(chunk)] = torch.tensor(chunk)
+            last.append(len(chunk) - 1)
+        step = Step(
+            input_ids=ids.to(self.device),
+            starts=torch.tensor([r.cached for r in group], device=self.device),
+            slot0=first,
+            lora=self._lora_for(group, cacheable=False),
+            last=torch.tensor(last, device=self.device),
+        )
+        logits = self.model.forward(step, self.cache)[:, 0]
+        self.stats.prefill_steps += 1
+        done_rows, done_logits = [], []
+        for i, r in enumerate(group):
+            r.cached += last[i] + 1
+            if r.cached == len(r.prompt_ids):
+                r.decoding = True
+                done_rows.append(r)
+                done_logits.append(logits[i])
+        if done_rows:
+            self._after_sample(done_rows, torch.stack(done_logits))
+
+    def _decode_step(self) -> None:
+        rows = [r for r in self._rows if r.decoding]
+        assert rows == self._rows[: len(rows)], "decoding rows must fill the first KV slots"
+        ids = torch.tensor([[r.row.output_ids[-1]] for r in rows], device=self.device)
+        step = Step(
+            input_ids=ids,
+            starts=torch.tensor([r.cached for r in rows], device=self.device),
+            slot0=0,
+            lora=self._lora_for(rows, cacheable=True),
+        )
+        logits = self.model.forward(step, self.cache)[:, 0]
+        self.stats.decode_steps += 1
+        for r in rows:
+            r.cached += 1
+        self._after_sample(rows, logits)
+
+    def _after_sample(self, rows: list[_Request], logits: torch.Tensor) -> None:
+        tokens, infos = sample(logits, [r.row for r in rows])
+        now = time.perf_counter()
+        for r, tok, info in zip(rows, tokens, infos, strict=True):
+            if r.t_first is None:
+                r.t_first = now
+            r.row.output_ids.append(tok)
+            self.stats.generated_tokens += 1
+            r.pending_ids.append(tok)
+            if info is not None:
+                r.pending_logprobs.append(info)
+            finish: str | None = None
+            if tok in r.stop_ids:
+                finish = "stop"
+                text_ids = r.row.output_ids[:-1]
+            else:
+                text_ids = r.row.output_ids
+                if len(r.row.output_ids) >= r.max_tokens or r.cached + 1 >= self.max_model_len:
+                    finish = "length"
+            text, hit = r.stream.push(text_ids, final=finish is not None)
+            if hit:
+                finish = "stop"
+            if finish is None and not text:
+                continue  # nothing printable yet (a split character or a possible stop string)
+            self._emit(r, text, finish)
+            if finish is not None:
+                self.stats.finished += 1
+                self._remove(r)
+
+    def _emit(self, r: _Request, text: str, finish: str | None) -> None:
+        r.emit(
+            Delta(
+                text=text,
+                token_ids=tuple(r.pending_ids),
+                logprobs=tuple(r.pending_logprobs),
+                finish_reason=finish,
+                prompt_tokens=len(r.prompt_ids),
+                completion_tokens=len(r.row.output_ids),
+            )
+        )
+        r.pending_ids, r.pending_logprobs = [], []
+
+    def _remove(self, req: _Request) -> None:
+        i = self._rows.index(req)
+        for j in range(i + 1, len(self._rows)):  # keep rows packed into the first slots
+            self.cache.move(j, j - 1, self._rows[j].cached)
+        del self._rows[i]
+        self.adapters.release(req.adapter)
+
+    def _abort_all(self) -> None:
+        for req in [*self._rows, *self._waiting]:
+            self._emit(req, "", "abort")
+        self._rows.clear()
+        self._waiting.clear()

@@ -1,0 +1,131 @@
+"""Sampling parameters and the per-row choice of the next token.
+
+Each row of a batch carries its own parameters and, when seeded, its own `torch.Generator`, so a
+seeded request draws the same tokens whatever else shares its batch. Greedy rows are one argmax
+over the batch; sampled rows (at most `max_batch` of them) are processed one by one, which costs
+microseconds beside the forward pass.
+
+Order of operations (as in transformers / vLLM): repetition penalty (over prompt and output),
+OpenAI presence and frequency penalties (over output), temperature, top-k, top-p, draw.
+Logprobs are those of the model's distribution before any of these, as vLLM reports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # None = off; k = the chosen token plus the k most likely
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever (benchmarks)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_tokens >= 1, "max_tokens must be at least 1"),
+            (0.0 <= self.temperature <= 2.0, "temperature must be between 0 and 2"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty must be in (0, 10]"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be between -2 and 2"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be between -2 and 2"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs must be between 0 and 20"),
+            (len(self.stop) <= 16 and all(self.stop), "stop takes up to 16 non-empty strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass
+class RowState:
+    """What sampling needs to remember about one request between steps."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.seed is not None and not self.params.greedy:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def _penalise(logits: torch.Tensor, row: RowState) -> torch.Tensor:
+    p = row.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.output_ids)), dtype=torch.long)
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and row.output_ids:
+        ids, counts = torch.tensor(row.output_ids, dtype=torch.long).unique(return_counts=True)
+        logits[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
+    return logits
+
+
+def _draw(logits: torch.Tensor, row: RowState) -> int:
+    p = row.params
+    logits = logits / p.temperature
+    if p.top_k:
+        kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop = sorted_p.cumsum(0) - sorted_p >= p.top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
+def sample(logits: torch.Tensor, rows: list[RowState]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits [n, vocab] (fp32) -> one token per row, plus its logprobs where the row asked for them."""
+    plain = all(
+        r.params.repetition_penalty == 1.0 and not r.params.presence_penalty and not r.params.frequency_penalty
+        for r in rows
+    )
+    greedy_pick = logits.argmax(dim=-1).tolist() if plain else None
+    tokens: list[int] = []
+    infos: list[TokenLogprob | None] = []
+    for i, row in enumerate(rows):
+        raw = logits[i]
+        if row.params.greedy and greedy_pick is not None:
+            tok = greedy_pick[i]
+        else:
+            adjusted = _penalise(raw.clone(), row)
+            tok = int(adjusted.argmax()) if row.params.greedy else _draw(adjusted, row)
+        tokens.append(tok)
+        if row.params.logprobs is None:
+            infos.append(None)
+            continue
+        logp = torch.log_softmax(raw, dim=-1)
+        top: tuple[tuple[int, float], ...] = ()
+        if row.params.logprobs:
+            values, ids = logp.topk(row.params.logprobs)
+            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+        infos.append(TokenLogprob(tok, float(logp[tok]), top))
+    return tokens, infos

@@ -1,0 +1,53 @@
+"""Which device and which precision: CUDA, then MPS, then CPU; bf16 only where it is measurably faster.
+
+Shared by training and serving. It does not move models; callers do.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from loraplex.errors import UserError
+
+
+def pick_device(choice: str) -> str:
+    if choice != "auto":
+        if choice == "cuda" and not torch.cuda.is_available():
+            raise UserError("train.device is cuda but no CUDA device is available")
+        if choice == "mps" and not torch.backends.mps.is_available():
+            raise UserError("train.device is mps but MPS is not available")
+        return choice
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def bf16_is_faster(device: str) -> bool:
+    """Measure instead of guessing: CPUs without AVX512-BF16/AMX run bf16 matmuls slower than fp32."""
+    if device == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device != "cpu":
+        return False
+    try:  # the CPU says so: AVX512-BF16 or AMX-BF16 instructions
+        flags = Path("/proc/cpuinfo").read_text().split()
+        if "avx512_bf16" in flags or "amx_bf16" in flags:
+            return True
+    except OSError:
+        pass
+    # Otherwise measure, interleaved and best-of-5 so a busy machine does not skew the choice.
+    a32, b32 = torch.randn(256, 576), torch.randn(576, 1536)
+    best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
+    for _ in range(5):
+        for dtype in best:
+            a, b = a32.to(dtype), b32.to(dtype)
+            a @ b  # warm up
+            t = time.perf_counter()
+            for _ in range(5):
+                a @ b
+            best[dtype] = min(best[dtype], time.perf_counter() - t)
+    return best[torch.bfloat16] < 0.75 * best[torch.float32]

@@ -1,0 +1,244 @@
+"""The OpenAI-compatible API over real HTTP on loopback, with the official `openai` SDK as the client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from loraplex.adapters import registry
+from loraplex.api.server import create_app
+from loraplex.engine.engine import Engine
+from tests.conftest import make_adapter
+
+USER = [{"role": "user", "content": "How many days of leave do I get?"}]
+
+
+class Server:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        config = uvicorn.Config(create_app(engine), host="127.0.0.1", port=0, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    home = tmp_path_factory.mktemp("api-home")
+    old = os.environ.get("LORAPLEX_HOME")
+    os.environ["LORAPLEX_HOME"] = str(home)
+    make_adapter(tiny_base, "legal", rank=4, seed=1)
+    make_adapter(tiny_base, "formal", rank=8, targets=["q_proj", "v_proj"], seed=2)
+    srv = Server(Engine(str(tiny_base), dtype="fp32", max_batch=4, max_loaded_adapters=3))
+    yield srv
+    srv.stop()
+    if old is None:
+        os.environ.pop("LORAPLEX_HOME", None)
+    else:
+        os.environ["LORAPLEX_HOME"] = old
+
+
+def test_models_lists_base_and_adapters(server: Server) -> None:
+    models = {m.id: m for m in server.client.models.list().data}
+    base = server.engine.base.id
+    assert base in models
+    legal = models["legal"].model_dump()
+    assert legal["parent"] == base and legal["root"] == "legal@v1" and legal["version"] == 1
+    assert legal["description"] == "random test adapter legal"
+
+
+def test_stream_and_non_stream_agree_and_name_the_version(server: Server) -> None:
+    c = server.client
+    full = c.chat.completions.create(model="legal", messages=USER, temperature=0, max_tokens=20)
+    assert full.model == "legal@v1"
+    assert full.choices[0].finish_reason in ("stop", "length")
+    chunks = list(
+        c.chat.completions.create(
+            model="legal", messages=USER, temperature=0, max_tokens=20, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert all(ch.model == "legal@v1" for ch in chunks)
+    base = c.chat.completions.create(model=server.engine.base.id, messages=USER, temperature=0, max_tokens=20)
+    assert base.choices[0].message.content != full.choices[0].message.content
+
+
+def test_usage_counts_match_the_tokenizer(server: Server) -> None:
+    r = server.client.chat.completions.create(
+        model="formal", messages=USER, temperature=0, max_tokens=12, logprobs=True, top_logprobs=3
+    )
+    tok = server.engine.tokenizer
+    rendered = tok.apply_chat_template(USER, tokenize=False, add_generation_prompt=True)
+    assert r.usage.prompt_tokens == len(tok(rendered, add_special_tokens=False)["input_ids"])
+    content = r.choices[0].logprobs.content
+    assert r.usage.completion_tokens == len(content)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+    # greedy: the chosen token is the most likely one
+    assert all(abs(t.logprob - t.top_logprobs[0].logprob) < 1e-5 for t in content)
+
+
+def test_stop_strings_cut_exactly(server: Server) -> None:
+    c = server.client
+    text = c.completions.create(model="legal", prompt="The office opens at", temperature=0, max_tokens=30).choices[0].text
+    assert len(text) > 6
+    stop = text[3:6]
+    cut = c.completions.create(model="legal", prompt="The office opens at", temperature=0, max_tokens=30, stop=[stop])
+    assert cut.choices[0].text == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = c.completions.create(
+        model="legal", prompt="The office opens at", temperature=0, max_tokens=30, stop=stop, stream=True
+    )
+    assert "".join(ch.choices[0].text for ch in streamed) == text[: text.index(stop)]
+
+
+def test_seed_reproduces_and_n(server: Server) -> None:
+    c = server.client
+    kw = dict(model="legal", messages=USER, temperature=1.0, top_p=0.9, max_tokens=16)
+    a = c.chat.completions.create(seed=7, **kw)
+    b = c.chat.completions.create(seed=7, **kw)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    many = c.chat.completions.create(seed=7, n=3, **kw)
+    assert [ch.index for ch in many.choices] == [0, 1, 2]
+    assert many.choices[0].message.content == a.choices[0].message.content  # choice i uses seed + i
+    others = {c.chat.completions.create(seed=s, **kw).choices[0].message.content for s in range(8, 12)}
+    assert len(others) > 1  # different seeds, different samples
+
+
+def test_async_client_concurrent_mixed_adapters(server: Server) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+    async def one(model: str) -> str:
+        r = await client.chat.completions.create(model=model, messages=USER, temperature=0, max_tokens=16)
+        return r.choices[0].message.content or ""
+
+    async def main() -> list[str]:
+        return await asyncio.gather(*[one(m) for m in ["legal", "formal", "legal+formal", "legal:0.5+legal:0.5"]])
+
+    legal, formal, both, halves = asyncio.run(main())
+    alone = server.client.chat.completions.create(model="legal", messages=USER, temperature=0, max_tokens=16)
+    assert legal == alone.choices[0].message.content == halves
+    assert len({legal, formal, both}) == 3
+
+
+def test_client_disconnect_frees_the_row(server: Server) -> None:
+    engine = server.engine
+    cancelled = engine.stats.cancelled
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions",
+        json={"model": "legal", "messages": USER, "max_tokens": 400, "stream": True, "temperature": 0.8,
+              "stop_token_ids": []},
+        timeout=30,
+    ) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+    deadline = time.time() + 10
+    while (engine.stats.cancelled == cancelled or engine.in_flight) and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.stats.cancelled == cancelled + 1
+    assert engine.in_flight == 0
+    ok = server.client.chat.completions.create(model="legal", messages=USER, max_tokens=4)
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_hot_reload_during_traffic_fails_nothing(server: Server, tiny_base: Path) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+    async def one() -> str:
+        stream = await client.chat.completions.create(
+            model="formal", messages=USER, temperature=0, max_tokens=40, stream=True
+        )
+        models = [ch.model async for ch in stream]
+        return models[-1]
+
+    async def main() -> list[str]:
+        tasks = [asyncio.create_task(one()) for _ in range(6)]
+        await asyncio.sleep(0.05)
+        new = await asyncio.to_thread(make_adapter, tiny_base, "formal", 8, ["q_proj", "v_proj"], 3)
+        async with httpx.AsyncClient() as h:
+            r = await h.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": new})
+            assert r.status_code == 200, r.text
+            r = await h.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "formal"})
+            assert r.status_code == 200, r.text
+        tasks += [asyncio.create_task(one()) for _ in range(2)]
+        return await asyncio.gather(*tasks)
+
+    served = asyncio.run(main())
+    assert set(served) <= {"formal@v1", "formal@v2"}
+    assert served[-1] == "formal@v2"
+    assert registry.resolve("formal").id == "formal@v2"
+
+
+def _error(r: httpx.Response) -> dict:
+    body = r.json()
+    assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"]), body
+    return body["error"]
+
+
+def test_errors_use_openai_shape_and_server_keeps_serving(server: Server) -> None:
+    c = server.client
+    with pytest.raises(openai.NotFoundError) as nf:
+        c.chat.completions.create(model="nope", messages=USER)
+    assert nf.value.code == "model_not_found"
+    for bad in ["../../etc/passwd", "legal/../../x", "Legal"]:
+        with pytest.raises(openai.BadRequestError):
+            c.chat.completions.create(model=bad, messages=USER)
+    with pytest.raises(openai.BadRequestError) as tools:
+        c.chat.completions.create(
+            model="legal", messages=USER,
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        )
+    assert "tool" in tools.value.message
+    with pytest.raises(openai.BadRequestError) as long:
+        c.chat.completions.create(model="legal", messages=USER, max_tokens=100_000)
+    assert long.value.code == "context_length_exceeded" and "maximum context length" in long.value.message
+
+    url = f"{server.url}/v1/chat/completions"
+    cases = {
+        "malformed json": dict(content=b'{"model": "legal", "messages": [', headers={"content-type": "application/json"}),
+        "invalid utf-8": dict(content=b'{"model": "legal", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+                              headers={"content-type": "application/json"}),
+        "wrong type": dict(json={"model": "legal", "messages": "hi"}),
+        "negative max_tokens": dict(json={"model": "legal", "messages": USER, "max_tokens": -5}),
+        "absurd n": dict(json={"model": "legal", "messages": USER, "n": 1000}),
+        "empty messages": dict(json={"model": "legal", "messages": []}),
+        "unknown role": dict(json={"model": "legal", "messages": [{"role": "wizard", "content": "x"}]}),
+        "temperature": dict(json={"model": "legal", "messages": USER, "temperature": 5}),
+        "unknown field": dict(json={"model": "legal", "messages": USER, "frobnicate": 1}),
+        "image part": dict(json={"model": "legal", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x"}}]}]}),
+    }
+    for name, kw in cases.items():
+        r = httpx.post(url, timeout=30, **kw)
+        assert r.status_code == 400, (name, r.status_code, r.text)
+        assert _error(r)["message"], name
+    r = httpx.post(url, json={"model": "legal", "messages": USER, "frobnicate": 1}, timeout=30)
+    assert _error(r)["param"] == "frobnicate"
+    assert httpx.get(f"{server.url}/v1/nothing", timeout=30).status_code == 404
+    assert httpx.get(f"{server.url}/health", timeout=30).json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/ready", timeout=30).status_code == 200
+    ok = c.chat.completions.create(model="legal", messages=USER, max_tokens=4)
+    assert ok.choices[0].message.content is not None

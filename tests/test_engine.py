@@ -1,0 +1,166 @@
+"""The serving engine against its references: transformers' forward, PEFT adapters, PEFT generate."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraplex.adapters import registry
+from loraplex.engine.engine import Engine
+from loraplex.engine.lora import AdapterRequest, AdapterWeights, LoraBatch, LoraStacks
+from loraplex.engine.model import DecoderModel, Step
+from loraplex.engine.sampling import SamplingParams
+from loraplex.models.load import load_model, load_tokenizer, resolve_base
+from tests.conftest import make_adapter
+
+PROMPTS = ["The office opens at", "How many days of leave", "明澜科技的年假", "Expense claims are"]
+
+
+def _peft(base_dir: Path, adapter_ids: list[str]):  # noqa: ANN202
+    from peft import PeftModel
+
+    base = resolve_base(str(base_dir))
+    model = PeftModel.from_pretrained(
+        load_model(base), str(registry.resolve(adapter_ids[0]).path), adapter_name=adapter_ids[0]
+    )
+    for a in adapter_ids[1:]:
+        model.load_adapter(str(registry.resolve(a).path), adapter_name=a)
+    return model.eval()
+
+
+def test_forward_matches_transformers_with_cache(tiny_base: Path) -> None:
+    base = resolve_base(str(tiny_base))
+    hf = load_model(base).eval()
+    tok = load_tokenizer(base)
+    model = DecoderModel(hf, torch.float32, "cpu")
+    cache = model.new_cache(4, 256)
+    ids = tok(PROMPTS[1] + " " + PROMPTS[0], return_tensors="pt")["input_ids"]
+    n = ids.shape[1]
+    with torch.no_grad():
+        ref = hf(ids).logits[0]
+    # prefill all but 3 tokens into slot 2, then decode the rest one by one
+    got = model.forward(Step(ids[:, : n - 3], torch.tensor([0]), 2, None), cache, all_logits=True)[0]
+    torch.testing.assert_close(got, ref[: n - 3], atol=1e-4, rtol=1e-4)
+    for t in range(n - 3, n):
+        got_t = model.forward(Step(ids[:, t : t + 1], torch.tensor([t]), 2, None), cache)[0, 0]
+        torch.testing.assert_close(got_t, ref[t], atol=1e-4, rtol=1e-4)
+
+
+def test_mixed_adapter_batch_equals_peft(lp_home: Path, tiny_base: Path) -> None:
+    """Rows with different adapters (different ranks and targets), the base, and compositions in
+    one forward give each row the logits of a PEFT model with just that adapter."""
+    a = make_adapter(tiny_base, "alpha", rank=4, seed=1)
+    b = make_adapter(tiny_base, "beta", rank=8, targets=["q_proj", "v_proj", "down_proj"], seed=2)
+    base = resolve_base(str(tiny_base))
+    tok = load_tokenizer(base)
+    model = DecoderModel(load_model(base).eval(), torch.float32, "cpu")
+    layers = model.n_layers
+    stacks = LoraStacks(layers, 5, model.site_shapes, torch.float32, "cpu")
+    wa = AdapterWeights.from_dir(registry.resolve(a).path, layers, model.site_shapes, a)
+    wb = AdapterWeights.from_dir(registry.resolve(b).path, layers, model.site_shapes, b)
+    stacks.put(1, wa)
+    stacks.put(2, wb)
+    stacks.put(3, AdapterWeights.combine([(wa, 1.0), (wb, 1.0)]))
+    stacks.put(4, AdapterWeights.combine([(wa, 0.5), (wa, 0.5)]))
+    rows = [1, 2, 0, 3, 4]
+    ids = tok(PROMPTS[0], return_tensors="pt")["input_ids"].repeat(len(rows), 1)
+    cache = model.new_cache(len(rows), 64)
+    got = model.forward(Step(ids, torch.zeros(len(rows), dtype=torch.long), 0, LoraBatch(stacks, rows)), cache,
+                        all_logits=True)
+
+    peft = _peft(tiny_base, [a, b])
+    with torch.no_grad():
+        peft.set_adapter(a)
+        ref_a = peft(ids[:1]).logits[0]
+        peft.set_adapter(b)
+        ref_b = peft(ids[:1]).logits[0]
+        peft.base_model.set_adapter([a, b])  # both active: their deltas add, as in "alpha+beta"
+        ref_ab = peft(ids[:1]).logits[0]
+        with peft.disable_adapter():
+            ref_base = peft(ids[:1]).logits[0]
+    for i, ref in enumerate([ref_a, ref_b, ref_base, ref_ab, ref_a]):
+        torch.testing.assert_close(got[i], ref, atol=2e-4, rtol=2e-4, msg=f"row {i} (slot {rows[i]})")
+    assert (got[0] - got[2]).abs().max() > 1e-2  # the adapters really change the output
+
+
+def test_engine_greedy_text_equals_peft_generate(lp_home: Path, tiny_base: Path) -> None:
+    a = make_adapter(tiny_base, "alpha", rank=4, seed=1)
+    b = make_adapter(tiny_base, "beta", rank=8, targets=["q_proj", "v_proj"], seed=2)
+    engine = Engine(str(tiny_base), dtype="fp32", max_batch=8, max_loaded_adapters=2)
+    jobs = [(p, m) for p in PROMPTS[:3] for m in (a, b, None)]
+
+    async def run_all() -> list[str]:
+        async def one(prompt: str, model: str | None) -> str:
+            parts = []
+            async for d in engine.generate([{"role": "user", "content": prompt}], SamplingParams(temperature=0),
+                                           model, max_tokens=24):
+                parts.append(d.text)
+            return "".join(parts)
+
+        return await asyncio.gather(*[one(p, m) for p, m in jobs])
+
+    try:
+        got = asyncio.run(run_all())
+        assert engine.stats.decode_steps < sum(24 for _ in jobs)  # rows really shared decode steps
+    finally:
+        engine.close()
+    peft = _peft(tiny_base, [a, b])
+    tok = engine.tokenizer
+    for (prompt, model), text in zip(jobs, got, strict=True):
+        ids = torch.tensor([engine.encode([{"role": "user", "content": prompt}])])
+        kw = dict(max_new_tokens=24, do_sample=False, eos_token_id=list(engine.eos_ids), pad_token_id=tok.pad_token_id)
+        with torch.no_grad():
+            if model is None:
+                with peft.disable_adapter():
+                    out = peft.generate(input_ids=ids, **kw)
+            else:
+                peft.set_adapter(model)
+                out = peft.generate(input_ids=ids, **kw)
+        assert text == tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True), (prompt, model)
+
+
+def test_adapter_slots_lru_and_pinning(lp_home: Path, tiny_base: Path) -> None:
+    ids = [make_adapter(tiny_base, f"a{i}", rank=2, seed=i) for i in range(3)]
+    engine = Engine(str(tiny_base), dtype="fp32", max_loaded_adapters=2)
+    try:
+        engine.load_adapter("a0", pin=True)
+
+        async def ask(model: str) -> str:
+            out = []
+            async for d in engine.generate("hello", SamplingParams(temperature=0), model, max_tokens=2):
+                out.append(d.text)
+            return "".join(out)
+
+        for name in ("a1", "a2", "a1", "a0"):
+            asyncio.run(ask(name))
+        loaded = {d["key"]: d for d in engine.adapters.describe()}
+        assert ids[0] in loaded and loaded[ids[0]]["pinned"]  # pinned survives two others
+        assert len(loaded) == 2
+        assert engine.unload_adapter("a0") == [ids[0]]
+        assert ids[0] not in {d["key"] for d in engine.adapters.describe()}
+    finally:
+        engine.close()
+
+
+def test_adapter_request_key_is_canonical() -> None:
+    assert AdapterRequest().key == ""
+    assert AdapterRequest((("legal@v2", 1.0),)).key == "legal@v2"
+    assert AdapterRequest((("legal@v2", 0.7), ("formal@v1", 0.3))).key == "legal@v2:0.7+formal@v1:0.3"
+
+
+@pytest.mark.parametrize("bad", ["../etc/passwd", "a/b", "A", "x:abc", "x@v1:1e999", ""])
+def test_bad_model_names_are_refused(lp_home: Path, tiny_base: Path, bad: str) -> None:
+    from loraplex.engine.adapter_cache import InvalidModelName, ModelNotFound
+
+    engine = Engine(str(tiny_base), dtype="fp32")
+    try:
+        if bad == "":
+            assert engine.adapters.resolve(bad) == AdapterRequest()
+        else:
+            with pytest.raises((InvalidModelName, ModelNotFound)):
+                engine.adapters.resolve(bad)
+    finally:
+        engine.close()
