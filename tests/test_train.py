@@ -156,3 +156,58 @@ def test_cli_train_shortcut_list_show_and_check(
     assert report["records"] == 2 and report["personal_data"] == {"phone": 2}
     assert report["errors"] == [f"{bad}:3 [instruction]: missing field 'instruction'"]
     assert len(report["duplicates"]) == 1
+
+
+def test_chat_streams_multi_turn_with_the_adapter(lp_home: Path, tiny_base: Path, facts_file: Path) -> None:
+    """`loraplex chat` in a real subprocess: two turns, /reset, /exit; answers equal LocalModel's."""
+    import os
+    import subprocess
+    import sys
+
+    from loraplex.engine.local import LocalModel
+
+    run(tiny_cfg(tiny_base, facts_file, max_steps=3))
+    env = {**os.environ, "LORAPLEX_HOME": str(lp_home)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "loraplex.cli", "chat", "--adapter", "tiny", "--max-new-tokens", "8"],
+        input="When does the office open?\nAnd on Sunday?\n/reset\n/exit\n",
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "chatting with tiny@v1" in proc.stderr
+    answers = [line.split("tiny@v1> ", 1)[1] for line in proc.stdout.splitlines() if "tiny@v1> " in line]
+    assert len(answers) == 2
+    lm = LocalModel(None, "tiny")
+    first = lm.answer([{"role": "user", "content": "When does the office open?"}], max_new_tokens=8)
+    assert answers[0].strip() == first
+
+
+def test_full_disk_during_registration_leaves_no_partial_version(
+    lp_home: Path, tiny_base: Path, facts_file: Path, tmp_path: Path
+) -> None:
+    """A write that fails half-way (here: a file-size limit, as a full disk fails a write) gives a
+    clear error and leaves the store without a half-written version."""
+    import subprocess
+    import sys
+
+    res = run(tiny_cfg(tiny_base, facts_file, max_steps=2))
+    assert res.adapter is not None
+    script = (
+        "import resource, signal, sys\n"
+        "from pathlib import Path\n"
+        "from loraplex.adapters import registry\n"
+        "from loraplex.errors import UserError\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "try:\n"
+        "    registry.register('tiny', Path(sys.argv[1]), {'note': 'x'})\n"
+        "except UserError as e:\n"
+        "    print(e); sys.exit(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(res.adapter.path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert "cannot write adapter tiny" in proc.stdout
+    assert registry.versions("tiny") == [1]
+    leftovers = [p.name for p in (registry.store_root() / "tiny").iterdir()]
+    assert leftovers == ["v1"]

@@ -106,6 +106,48 @@ class Engine:
         prefill_tokens: int = 512,
         adapters: list[str] | None = None,
     ):
+        self.stats = EngineStats()
+        self._ids = itertools.count(1)
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._waiting: deque[_Request] = deque()
+        self._rows: list[_Request] = []  # KV slot i holds _rows[i]; decoding rows first
+        self._lora_batch: LoraBatch | None = None
+        self._closing = False
+        self._stopped = threading.Event()
+        # The engine thread loads the model itself: torch ops run ~1.5x slower on CPU in a thread
+        # other than the one that first used the OpenMP pool (measured), so load and compute share one.
+        ready = threading.Event()
+        failed: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                self._setup(
+                    base, max_batch, max_loaded_adapters, max_model_len, device, dtype, prefill_tokens, adapters
+                )
+            except BaseException as e:  # noqa: BLE001 - re-raised in the constructor's thread
+                failed.append(e)
+                return
+            finally:
+                ready.set()
+            self._loop()
+
+        self._thread = threading.Thread(target=start, name="loraplex-engine", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failed:
+            raise failed[0]
+
+    def _setup(
+        self,
+        base: str | BaseRef | None,
+        max_batch: int,
+        max_loaded_adapters: int,
+        max_model_len: int | None,
+        device: str,
+        dtype: str,
+        prefill_tokens: int,
+        adapters: list[str] | None,
+    ) -> None:
         self.base = base if isinstance(base, BaseRef) else resolve_base(base)
         self.device = pick_device(device)
         if dtype == "auto":
@@ -134,16 +176,6 @@ class Engine:
             base_names=(self.base.id, "base", "default"),
             allowed=set(adapters) if adapters else None,
         )
-        self.stats = EngineStats()
-        self._ids = itertools.count(1)
-        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._waiting: deque[_Request] = deque()
-        self._rows: list[_Request] = []  # KV slot i holds _rows[i]; decoding rows first
-        self._lora_batch: LoraBatch | None = None
-        self._closing = False
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
-        self._thread.start()
 
     # ------------------------------------------------------------------ public (any thread)
 
@@ -317,7 +349,7 @@ class Engine:
                 if req in self._rows:
                     self._remove(req)
                     self.stats.failed += 1
-                    req.emit(RuntimeError(f"generation failed: {type(e).__name__}: {e}"))
+                    req.emit(RuntimeError(f"generation failed ({type(e).__name__}: {e})"))
 
     def _admit(self) -> None:
         while self._waiting and len(self._rows) < self.max_batch:

@@ -220,11 +220,13 @@ class DecoderModel:
         """
         n, _, L, d = q.shape
         g = self.n_heads // self.n_kv
-        qg = q.reshape(n, self.n_kv, g, L, d)
-        scores = torch.matmul(qg, k[:, :, None].transpose(-1, -2)).float() * d**-0.5 + bias  # [n, kv, g, L, T]
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        out = torch.matmul(probs, v[:, :, None])  # [n, kv, g, L, d]
-        return out.reshape(n, self.n_heads, L, d).transpose(1, 2).reshape(n, L, self.q_size)
+        T = k.shape[2]
+        # [n, kv, g*L, d] @ [n, kv, d, T]: the query heads of a group share one read of their keys
+        scores = torch.matmul(q.reshape(n, self.n_kv, g * L, d), k.transpose(-1, -2))
+        scores = scores.view(n, self.n_kv, g, L, T).float() * d**-0.5 + bias
+        probs = torch.softmax(scores, dim=-1).to(v.dtype).view(n, self.n_kv, g * L, T)
+        out = torch.matmul(probs, v)  # [n, kv, g*L, d]
+        return out.view(n, self.n_heads, L, d).transpose(1, 2).reshape(n, L, self.q_size)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -62,9 +62,11 @@ class RowState:
     output_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
 
-    def __post_init__(self) -> None:
-        if self.params.seed is not None and not self.params.greedy:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
+    def generator_for(self, device: torch.device) -> torch.Generator | None:
+        """The request's own generator (seeded requests only), made on the device that samples."""
+        if self.generator is None and self.params.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(self.params.seed)
+        return self.generator
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ def _draw(logits: torch.Tensor, row: RowState) -> int:
         drop = sorted_p.cumsum(0) - sorted_p >= p.top_p
         sorted_p[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=row.generator))
+    return int(torch.multinomial(probs, 1, generator=row.generator_for(probs.device)))
 
 
 def sample(logits: torch.Tensor, rows: list[RowState]) -> tuple[list[int], list[TokenLogprob | None]]:

@@ -217,7 +217,8 @@ def load_checkpoint(path: Path, model: Any, opt: torch.optim.Optimizer) -> dict[
     for n, p in named.items():
         if not p.requires_grad:
             continue
-        st = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == n}
+        # onto the parameter's device: the fused AdamW kernel wants its moments and step there
+        st = {k.split("::", 1)[1]: v.to(p.device) for k, v in tensors.items() if k.split("::", 1)[0] == n}
         if st:
             opt.state[p] = st
     torch.set_rng_state(tensors["rng.torch"])
