@@ -2,9 +2,10 @@
 
     python bench/serve_throughput.py [--tokens 128] [--clients 8] [--json out.json]
 
-Everything runs in one process, side by side, on the default base (SmolLM2-135M-Instruct):
-eight random rank-16 all-linear adapters are registered in a temporary store, a real loraplex
-server listens on loopback, and clients are the official `openai` SDK (async, streaming). Every
+Everything runs in one run, side by side, on the default base (SmolLM2-135M-Instruct): eight
+random rank-16 all-linear adapters (and eight q,v-only ones) are registered in a temporary store,
+`loraplex serve` runs as its own process on loopback (as a user runs it: the clients' Python does
+not share its interpreter), and clients are the official `openai` SDK (async, streaming). Every
 request is greedy and generates exactly `--tokens` tokens (`ignore_eos`), prompts are the sample
 data's questions. Rows:
 
@@ -14,12 +15,13 @@ data's questions. Rows:
   4. naive: a PEFT model with the 8 adapters, `set_adapter` + `generate` per request, one by one
      (transformers' defaults: fp32), target: 2 >= 5x its throughput;
   5. cold load (an adapter not in memory: store -> first token) vs. warm first token;
-  6. time to first token p50/p99 with 16 clients at once.
+  6. time to first token p50/p99 with 16 clients at once;
+  7. llama.cpp: llama-cpp-python on the same Q4_1 GGUF, the same 8 adapters exported with
+     `loraplex.export.gguf_lora`, switched per request (`llama_set_adapters_lora`); it cannot batch
+     different adapters, so 8 clients are served one after another;
+  8. 8 clients on 8 q,v-only rank-16 adapters (PEFT's default targets) vs. the bare base.
 Plus single-stream decode tokens/s against this machine's memory-bandwidth limit (bytes of weights
 read per token / measured copy bandwidth).
-
-llama.cpp is not measured here: llama-cpp-python needs adapters converted to GGUF LoRA with
-llama.cpp's `convert_lora_to_gguf.py`, which its PyPI package does not ship.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -49,14 +52,14 @@ from loraplex.quickstart import TRAIN_FILE  # noqa: E402
 N_ADAPTERS, RANK = 8, 16
 
 
-def make_adapters(base: Any) -> list[str]:
+def make_adapters(base: Any, prefix: str, targets: str | list[str]) -> list[str]:
     from peft import LoraConfig, get_peft_model
 
     from loraplex.models.load import load_model
 
     model = get_peft_model(
         load_model(base),
-        LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear", init_lora_weights=False),
+        LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=targets, init_lora_weights=False),
     )
     names = []
     for i in range(N_ADAPTERS):
@@ -68,7 +71,7 @@ def make_adapters(base: Any) -> list[str]:
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             ref = registry.register(
-                f"bench{i}",
+                f"{prefix}{i}",
                 Path(tmp),
                 {"base_model": {"id": base.id, "source": base.source, "fingerprint": base.fingerprint}},
             )
@@ -164,6 +167,105 @@ def naive_peft(base: Any, names: list[str], prompts: list[str], tokens: int) -> 
     return {"wall_s": wall, "tokens": total, "tokens_per_s": total / wall}
 
 
+def llama_cpp(base: Any, names: list[str], prompts: list[str], tokens: int) -> dict[str, Any]:
+    """llama-cpp-python on the base's own GGUF, each request with its adapter, one after another."""
+    import ctypes
+
+    import llama_cpp as lc
+    from transformers import AutoConfig
+
+    from loraplex.export.gguf_lora import write_gguf_lora
+    from loraplex.models.load import gguf_file, load_tokenizer
+
+    config = AutoConfig.from_pretrained(base.path)
+    tmp = Path(tempfile.mkdtemp(prefix="lp-gguf-"))
+    paths = []
+    for n in names:
+        paths.append(tmp / f"{n}.gguf")
+        write_gguf_lora(registry.resolve(n).path, config, paths[-1], n)
+    llm = lc.Llama(model_path=str(gguf_file(base)), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
+    loras = {n: lc.llama_adapter_lora_init(llm.model, str(p).encode()) for n, p in zip(names, paths, strict=True)}
+    tok = load_tokenizer(base)
+    one = (ctypes.c_float * 1)(1.0)
+    t = time.perf_counter()
+    total = 0
+    for i, n in enumerate(names):
+        adapter = (lc.llama_adapter_lora_p_ctypes * 1)(loras[n])
+        if lc.llama_set_adapters_lora(llm.ctx, adapter, 1, one):
+            raise RuntimeError(f"llama.cpp refused adapter {n}")
+        llm.reset()  # no prompt-prefix reuse: the cached keys were computed under another adapter
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": prompts[i % len(prompts)]}], tokenize=False, add_generation_prompt=True
+        )
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        for k, _ in enumerate(llm.generate(ids, temp=0.0, top_k=1, reset=True)):
+            if k + 1 >= tokens:
+                break
+        total += tokens
+    wall = time.perf_counter() - t
+    return {"wall_s": wall, "tokens": total, "tokens_per_s": total / wall}
+
+
+class ServerProcess:
+    """`loraplex serve` in its own process on a free loopback port."""
+
+    def __init__(self, home: Path, adapters: list[str]):
+        import socket
+
+        import httpx
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "loraplex.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--max-batch",
+            "16",
+            "--max-loaded-adapters",
+            str(len(adapters)),
+            "--adapters",
+            ",".join(adapters),
+        ]
+        self.proc = subprocess.Popen(cmd, env={**os.environ, "LORAPLEX_HOME": str(home)})
+        deadline = time.time() + 300
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"loraplex serve exited with {self.proc.returncode}")
+            try:
+                r = httpx.get(self.url + "/ready", timeout=2)
+                if r.status_code == 200:
+                    self.base_id = r.json()["model"]
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("loraplex serve did not become ready in 300 s")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def weight_bytes(base: Any, element_size: int) -> int:
+    """Bytes of weights one decode step reads (a tied embedding counts once, as the output layer)."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in base.path.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():  # noqa: SIM118 - safe_open is not a dict
+                shape = st.get_slice(k).get_shape()
+                n += int(torch.tensor(shape).prod()) if shape else 1
+    return n * element_size
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=128)
@@ -171,38 +273,32 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    import uvicorn
-
-    from loraplex.api.server import create_app
-    from loraplex.engine.engine import Engine
+    from loraplex.models.device import bf16_is_faster
 
     base = resolve_base(None)  # converted into the user's cache before anything is timed
     home = Path(tempfile.mkdtemp(prefix="lp-serve-bench-"))
     (home / "models").symlink_to(base.path.parent)
     os.environ["LORAPLEX_HOME"] = str(home)
-    # In a child process: torch work on this thread before the engine starts would slow the
-    # engine's own thread (see Engine.__init__).
+    # In a child process, so this process stays free of torch threads while it only runs clients.
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        names = pool.submit(make_adapters, base).result()
+        names = pool.submit(make_adapters, base, "bench", "all-linear").result()
+        qv_names = pool.submit(make_adapters, base, "qv", ["q_proj", "v_proj"]).result()
     prompts = [
         [m["content"] for m in c.messages if m["role"] == "user"][-1] for c in parse_file(TRAIN_FILE).conversations
     ]
-
-    engine = Engine(None, max_batch=16, max_loaded_adapters=N_ADAPTERS)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=0, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    clients = Clients(url, prompts, args.tokens)
     k = args.clients
     adapters = [names[i % N_ADAPTERS] for i in range(k)]
 
-    async def run_all() -> dict[str, Any]:
+    async def run_all(clients: Clients, base_id: str, qv: bool) -> dict[str, Any]:
         r: dict[str, Any] = {}
+        if qv:
+            await clients.concurrent(qv_names)  # load them, then time
+            r["concurrent_qv"] = await clients.concurrent([qv_names[i % N_ADAPTERS] for i in range(k)])
+            r["concurrent_base_qv"] = await clients.concurrent([base_id] * k)
+            return r
         # cold load: first use of an adapter reads it from the store; then the same adapter warm
         cold = await clients.one(names[0], 0)
         warm = await clients.one(names[0], 0)
@@ -210,33 +306,42 @@ def main() -> None:
         await clients.concurrent(names)  # load every adapter before timing throughput
         r["sequential"] = await clients.sequential(adapters)
         r["concurrent_adapters"] = await clients.concurrent(adapters)
-        r["concurrent_base"] = await clients.concurrent([engine.base.id] * k)
+        r["concurrent_base"] = await clients.concurrent([base_id] * k)
         r["ttft16"] = await clients.concurrent([names[i % N_ADAPTERS] for i in range(16)])
-        r["single_stream"] = await clients.sequential([engine.base.id])
+        r["single_stream"] = await clients.sequential([base_id])
         return r
 
-    r = asyncio.run(run_all())
-    server.should_exit = True
-    engine.close()
+    r: dict[str, Any] = {}
+    print("llama.cpp baseline ...", flush=True)
+    r["llama_cpp"] = llama_cpp(base, adapters, prompts, args.tokens)
     print("naive PEFT baseline ...", flush=True)
     r["naive_peft"] = naive_peft(base, adapters, prompts, args.tokens)
+    for group, qv in ((names, False), (qv_names, True)):
+        server = ServerProcess(home, group)
+        try:
+            r.update(asyncio.run(run_all(Clients(server.url, prompts, args.tokens), server.base_id, qv)))
+        finally:
+            server.stop()
 
-    params = sum(t.numel() for t in [engine.model.lm_head, engine.model.final_norm])  # type: ignore[misc]
-    params += sum(t.numel() for layer in engine.model.layers for t in layer.values() if t is not None)
-    bytes_per_token = params * engine.model.lm_head.element_size()  # type: ignore[union-attr]
+    dtype = "bf16" if bf16_is_faster("cpu") else "fp32"  # what `serve --dtype auto` picks
+    bytes_per_token = weight_bytes(base, 2 if dtype == "bf16" else 4)
     bw = copy_bandwidth()
     limit = (bw / 2) / bytes_per_token  # a copy moves each byte twice (read + write)
     ttft = sorted(r["ttft16"]["ttft"])
     p50, p99 = statistics.median(ttft), ttft[min(len(ttft) - 1, round(0.99 * (len(ttft) - 1)))]
     seq, conc, base_c, naive = r["sequential"], r["concurrent_adapters"], r["concurrent_base"], r["naive_peft"]
+    lcpp, qv_c, qv_base = r["llama_cpp"], r["concurrent_qv"], r["concurrent_base_qv"]
     rows = [
         ("1 client at a time, a different adapter each", seq),
         (f"{k} clients, {k} different adapters", conc),
         (f"{k} clients, bare base model", base_c),
         ("naive PEFT set_adapter + generate, one by one (fp32)", naive),
+        (f"llama.cpp Q4_1 + GGUF LoRA per request, {k} requests one by one", lcpp),
+        (f"{k} clients, {k} different q,v-only adapters", qv_c),
+        (f"{k} clients, bare base model (same server as the row above)", qv_base),
     ]
     print(
-        f"\nSmolLM2-135M-Instruct, {engine.device} {str(engine.dtype).removeprefix('torch.')}, greedy, "
+        f"\nSmolLM2-135M-Instruct, cpu {dtype}, greedy, "
         f"{args.tokens} new tokens per request, rank-{RANK} all-linear adapters\n"
     )
     print("| run | requests | wall | tokens/s |")
@@ -250,6 +355,8 @@ def main() -> None:
         "concurrency_scaling": conc["tokens_per_s"] / seq["tokens_per_s"],
         "multi_lora_overhead": conc["wall_s"] / base_c["wall_s"],
         "vs_naive_peft": conc["tokens_per_s"] / naive["tokens_per_s"],
+        "vs_llama_cpp": conc["tokens_per_s"] / lcpp["tokens_per_s"],
+        "multi_lora_overhead_qv": qv_c["wall_s"] / qv_base["wall_s"],
     }
     print(
         f"\nconcurrency scaling ({k} clients/{k} adapters vs 1 at a time): {ratios['concurrency_scaling']:.2f}x "
@@ -258,7 +365,9 @@ def main() -> None:
     print(
         f"multi-LoRA overhead ({k} adapters vs bare base, time): {ratios['multi_lora_overhead']:.2f}x (target <= 1.15x)"
     )
+    print(f"multi-LoRA overhead, q,v-only adapters: {ratios['multi_lora_overhead_qv']:.2f}x (target <= 1.15x)")
     print(f"vs naive PEFT set_adapter loop: {ratios['vs_naive_peft']:.2f}x (target >= 5x)")
+    print(f"vs llama.cpp, {k} clients / {k} adapters: {ratios['vs_llama_cpp']:.2f}x (aim > 1x)")
     print(
         f"adapter cold load, store -> first token: {r['cold_ttft_s'] * 1000:.0f} ms "
         f"(warm first token {r['warm_ttft_s'] * 1000:.0f} ms)"

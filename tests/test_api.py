@@ -192,6 +192,23 @@ def test_hot_reload_during_traffic_fails_nothing(server: Server, tiny_base: Path
     assert registry.resolve("formal").id == "formal@v2"
 
 
+def test_alias_moves_are_seen_without_a_restart(server: Server, tiny_base: Path) -> None:
+    c = server.client
+    if len(registry.versions("legal")) < 2:
+        make_adapter(tiny_base, "legal", rank=4, seed=5)
+    registry.tag("legal@v1", "prod")
+    ask = {"messages": USER, "temperature": 0, "max_tokens": 8}
+    assert c.chat.completions.create(model="legal@prod", **ask).model == "legal@v1"
+    ids = {m.id: m.model_dump() for m in c.models.list().data}
+    assert ids["legal@prod"]["root"] == "legal@v1" and ids["legal"]["aliases"] == {"prod": "legal@v1"}
+    registry.tag("legal@v2", "prod")
+    assert c.chat.completions.create(model="legal@prod", **ask).model == "legal@v2"
+    registry.rollback("legal", "prod")
+    assert c.chat.completions.create(model="legal@prod", **ask).model == "legal@v1"
+    with pytest.raises(openai.NotFoundError, match="no alias 'staging'"):
+        c.chat.completions.create(model="legal@staging", **ask)
+
+
 def _error(r: httpx.Response) -> dict:
     body = r.json()
     assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"]), body

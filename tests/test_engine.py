@@ -164,3 +164,24 @@ def test_bad_model_names_are_refused(lp_home: Path, tiny_base: Path, bad: str) -
                 engine.adapters.resolve(bad)
     finally:
         engine.close()
+
+
+def test_rows_finish_at_different_steps_after_the_cache_grew(tiny_base: Path) -> None:
+    """Regression: a KV cache grown inside the forward pass (past its first 256 positions) must
+    still accept row moves when an earlier row finishes; this once killed the engine thread."""
+    engine = Engine(str(tiny_base), dtype="fp32", max_batch=4)
+    params = SamplingParams(temperature=0, ignore_eos=True)
+    user = [{"role": "user", "content": PROMPTS[0]}]
+
+    async def one(n: int) -> int:
+        return sum([len(d.token_ids) async for d in engine.generate(user, params, None, max_tokens=n)])
+
+    async def run_all() -> list[int]:
+        return await asyncio.gather(one(300), one(290), one(310))
+
+    try:
+        assert asyncio.run(run_all()) == [300, 290, 310]
+        assert engine.cache.capacity > 256 and engine.stats.failed == 0
+        assert asyncio.run(run_all()) == [300, 290, 310]  # and the engine still serves afterwards
+    finally:
+        engine.close()

@@ -113,52 +113,157 @@ def data_check(
 
 @adapters_app.command("list")
 def adapters_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Adapters in the store with their versions."""
+    """Adapters in the store: versions, aliases, base, rank, size, created, eval score."""
     from loraplex.adapters import registry
 
-    rows = []
-    for name, vs in registry.list_names():
-        m = registry.resolve(f"{name}@v{vs[-1]}").manifest()
-        rows.append(
-            {
-                "name": name,
-                "versions": [f"v{v}" for v in vs],
-                "latest": m["id"],
-                "base": m["base_model"]["id"],
-                "rank": m["config"]["lora"]["rank"],
-                "bytes": sum(f["bytes"] for f in m["files"].values()),
-                "created_at": m["created_at"],
-                "train_loss": m.get("train_loss"),
-                "description": m.get("description", ""),
-            }
-        )
+    rows = registry.catalog()
     if as_json:
         out.print_json(json.dumps(rows, ensure_ascii=False))
         return
     if not rows:
         out.print(f"no adapters yet in {registry.store_root()}; train one with `loraplex train`")
         return
-    table = Table("name", "versions", "base", "rank", "size", "created", "train loss", "description")
+    table = Table("name", "versions", "aliases", "base", "rank", "size", "created", "eval", "description")
     for r in rows:
         table.add_row(
             r["name"],
             ", ".join(r["versions"]),
-            r["base"],
-            str(r["rank"]),
-            f"{r['bytes'] / 1e6:.1f} MB",
-            r["created_at"],
-            f"{r['train_loss']:.4f}" if r["train_loss"] is not None else "-",
+            ", ".join(f"{a}→{v}" for a, v in r["aliases"].items()),
+            r["base"] or "-",
+            str(r["rank"] or "-"),
+            f"{(r['bytes'] or 0) / 1e6:.1f} MB",
+            r["created_at"] or "-",
+            f"{r['eval_score']:.3f}" if r["eval_score"] is not None else "-",
             r["description"],
         )
     out.print(table)
 
 
 @adapters_app.command("show")
-def adapters_show(ref: Annotated[str, typer.Argument(help="NAME or NAME@vN")]) -> None:
-    """The full manifest of one adapter version."""
+def adapters_show(ref: Annotated[str, typer.Argument(help="NAME, NAME@vN or NAME@ALIAS")]) -> None:
+    """The full manifest of one adapter version, its aliases, and whether its files check out."""
     from loraplex.adapters import registry
 
-    out.print_json(json.dumps(registry.resolve(ref).manifest(), ensure_ascii=False))
+    target = registry.resolve(ref)
+    manifest = target.manifest()
+    manifest["aliases"] = [a for a, v in registry.aliases_of(target.name).items() if v == target.version]
+    try:
+        registry.verify(target)
+        manifest["integrity"] = "ok"
+    except UserError as e:
+        manifest["integrity"] = str(e)
+    out.print_json(json.dumps(manifest, ensure_ascii=False))
+
+
+@adapters_app.command("versions")
+def adapters_versions(name: Annotated[str, typer.Argument(help="adapter name")]) -> None:
+    """Every version of one adapter, newest last, with the aliases pointing at each."""
+    from loraplex.adapters import registry
+
+    target = registry.resolve(name)
+    aliases = registry.aliases_of(target.name)
+    table = Table("version", "aliases", "created", "train loss", "description")
+    for v in registry.versions(target.name):
+        m = registry.resolve(f"{target.name}@v{v}").manifest()
+        loss = m.get("train_loss")
+        table.add_row(
+            f"{target.name}@v{v}",
+            ", ".join(a for a, av in aliases.items() if av == v),
+            m.get("created_at", "-"),
+            f"{loss:.4f}" if isinstance(loss, int | float) else "-",
+            m.get("description", ""),
+        )
+    out.print(table)
+
+
+@adapters_app.command("tag")
+def adapters_tag(
+    ref: Annotated[str, typer.Argument(help="NAME@vN (or NAME@ALIAS) to point the alias at")],
+    alias: Annotated[str, typer.Argument(help="e.g. prod, staging")],
+) -> None:
+    """Point NAME@ALIAS at a version (moving it if it pointed elsewhere); servers see it at once."""
+    from loraplex.adapters import registry
+
+    target = registry.tag(ref, alias)
+    out.print(f"{target.name}@{alias} → {target.id}")
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(
+    name: Annotated[str, typer.Argument(help="adapter name")],
+    alias: Annotated[str, typer.Option(help="the alias to move back")] = "prod",
+) -> None:
+    """Move an alias back to the version it pointed to before its last move."""
+    from loraplex.adapters import registry
+
+    old, new = registry.rollback(name, alias)
+    out.print(f"{name}@{alias}: v{old} → v{new}")
+
+
+@adapters_app.command("describe")
+def adapters_describe(
+    ref: Annotated[str, typer.Argument(help="NAME@vN")],
+    description: Annotated[str | None, typer.Option(help="what the adapter is for")] = None,
+    owner: Annotated[str | None, typer.Option(help="who answers for it")] = None,
+) -> None:
+    """Edit a version's description and owner (its weights never change)."""
+    from loraplex.adapters import registry
+
+    if description is None and owner is None:
+        raise UserError("give --description and/or --owner")
+    out.print(f"updated {registry.describe(ref, description, owner).id}")
+
+
+@adapters_app.command("rm")
+def adapters_rm(
+    ref: Annotated[str, typer.Argument(help="NAME@vN")],
+    force: Annotated[bool, typer.Option(help="also delete it when an alias points to it")] = False,
+) -> None:
+    """Delete one version (refused while an alias points to it, unless --force)."""
+    from loraplex.adapters import registry
+
+    out.print(f"deleted {registry.remove(ref, force).id}")
+
+
+@adapters_app.command("export")
+def adapters_export(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@vN or NAME@ALIAS")],
+    out_file: Annotated[Path, typer.Option("--out", help="the .tar file to write")],
+) -> None:
+    """Write one version (manifest + weights, checksummed) to a tar file for another store."""
+    from loraplex.adapters.archive import export_tar
+
+    target = export_tar(ref, out_file)
+    out.print(f"exported {target.id} to {out_file} ({out_file.stat().st_size / 1e6:.1f} MB)")
+
+
+@adapters_app.command("import")
+def adapters_import(path: Annotated[Path, typer.Argument(help="a .tar written by `adapters export`")]) -> None:
+    """Add the version in a tar file to this store (checksums verified; re-importing is a no-op)."""
+    from loraplex.adapters.archive import import_tar
+
+    target, new = import_tar(path)
+    out.print(f"imported {target.id}" if new else f"{target.id} is already in the store (identical)")
+
+
+@app.command("export")
+def export_cmd(
+    refs: Annotated[list[str] | None, typer.Argument(help="NAME, NAME@vN or NAME@ALIAS (vllm: several)")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="peft, merged, gguf, ollama or vllm")] = "peft",
+    out_dir: Annotated[Path, typer.Option("--out", help="a new (or empty) directory")] = Path("export"),
+    alias: Annotated[str | None, typer.Option(help="vllm: every adapter that has this alias, e.g. prod")] = None,
+) -> None:
+    """Export an adapter for another runtime: PEFT, merged HF model, GGUF LoRA, Ollama or vLLM."""
+    from loraplex.adapters import registry
+    from loraplex.export.formats import export
+
+    names = list(refs or [])
+    if alias:
+        registry.check_alias(alias)
+        names += [f"{r['name']}@{alias}" for r in registry.catalog() if alias in r["aliases"]]
+    if not names:
+        raise UserError("name an adapter to export (or --alias for every adapter with that alias)")
+    out.print(export(names, fmt, out_dir))
 
 
 @app.command()
@@ -259,12 +364,13 @@ def serve(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 where faster), bf16, fp16 or fp32")] = "auto",
     pin: Annotated[str | None, typer.Option(help="Comma-separated adapters to load now and keep loaded.")] = None,
+    shutdown_timeout: Annotated[
+        float, typer.Option(min=0, help="On SIGINT/SIGTERM, seconds in-flight requests may still run.")
+    ] = 10.0,
 ) -> None:
     """Serve the base model and its adapters behind an OpenAI-compatible API."""
-    import uvicorn
-
     from loraplex.adapters import registry
-    from loraplex.api.server import create_app
+    from loraplex.api.server import run
     from loraplex.engine.engine import Engine
 
     if dtype not in ("auto", "bf16", "fp16", "fp32"):
@@ -288,7 +394,7 @@ def serve(
         f"serving [bold]{engine.base.id}[/] ({engine.device} {str(engine.dtype).removeprefix('torch.')}) "
         f"with {served} at http://{host}:{port}/v1"
     )
-    uvicorn.run(create_app(engine), host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+    run(engine, host, port, shutdown_timeout)
 
 
 def main() -> None:

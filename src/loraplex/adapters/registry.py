@@ -1,10 +1,17 @@
-"""The local adapter store: `$LORAPLEX_HOME/adapters/NAME/vN/` in PEFT format plus a manifest.
+"""The local adapter store: `$LORAPLEX_HOME/adapters/NAME/vN/` in PEFT format plus a manifest,
+with an SQLite index (`adapters/index.db`) of versions, aliases and alias history.
 
-A version directory is written under a temporary name and renamed into place, so the store only
-ever holds complete adapters; version numbers are allocated under a file lock, so two trainings
-finishing at once never reuse one. Versions are immutable once written.
+The files are the truth for versions: a version directory is written under a temporary name and
+renamed into place, so the store only ever holds complete adapters, and the index is a cache of
+their manifests that `sync()` repairs from the directories (a crash between the rename and the
+index write loses nothing). Aliases (`prod`, `staging`) live only in the index: they are
+deployment state, not part of an adapter. Version numbers and index writes happen under one file
+lock, so two trainings finishing at once never reuse a version or corrupt the index.
 
-This module does not train or load models; aliases, tags and export come with the registry issue.
+Versions are immutable: weights and adapter config never change after registration (their sha256
+is in the manifest and checked on load); only `description` and `owner` can be edited.
+
+This module does not train, load or convert models; export formats live in `loraplex.export`.
 """
 
 from __future__ import annotations
@@ -15,10 +22,12 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +37,22 @@ from loraplex.paths import check_name, home
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 MANIFEST = "manifest.json"
+ADAPTER_FILES = (WEIGHTS, CONFIG)
 _VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
+_ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+DEFAULT_ALIAS = "prod"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    name TEXT NOT NULL, version INTEGER NOT NULL, base TEXT, rank INTEGER, bytes INTEGER,
+    created_at TEXT, description TEXT, owner TEXT, eval_score REAL,
+    PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS aliases (
+    name TEXT NOT NULL, alias TEXT NOT NULL, version INTEGER NOT NULL, PRIMARY KEY (name, alias));
+CREATE TABLE IF NOT EXISTS alias_history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, alias TEXT NOT NULL,
+    version INTEGER NOT NULL, at TEXT NOT NULL);
+"""
 
 
 @dataclass(frozen=True)
@@ -51,8 +75,17 @@ def store_root() -> Path:
     return home() / "adapters"
 
 
+def check_alias(alias: str) -> str:
+    if not _ALIAS_RE.match(alias) or _VERSION_RE.match(alias):
+        raise UserError(
+            f"invalid alias {alias!r}: use lowercase letters, digits, '-' or '_', starting with a letter "
+            "(e.g. prod, staging), and not of the form vN"
+        )
+    return alias
+
+
 @contextmanager
-def _locked() -> Iterator[None]:
+def locked() -> Iterator[None]:
     root = store_root()
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
@@ -63,14 +96,31 @@ def _locked() -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+@contextmanager
+def _db() -> Iterator[sqlite3.Connection]:
+    root = store_root()
+    root.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(root / "index.db", timeout=30)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+        con.executescript(SCHEMA)
+        with con:  # one transaction
+            yield con
+    except sqlite3.DatabaseError as e:
+        raise UserError(f"the adapter index {root / 'index.db'} is damaged ({e}); delete it and it is rebuilt") from e
+    finally:
+        con.close()
+
+
 def versions(name: str) -> list[int]:
+    """Complete versions of `name` on disk (the directories are the truth, not the index)."""
     d = store_root() / check_name(name)
     if not d.is_dir():
         return []
     out = []
-    for child in d.iterdir():
+    for child in os.scandir(d):
         m = _VERSION_RE.match(child.name)
-        if m and (child / MANIFEST).is_file():
+        if m and os.path.isfile(os.path.join(child.path, MANIFEST)):
             out.append(int(m.group(1)))
     return sorted(out)
 
@@ -83,27 +133,69 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+_UPSERT_VERSION = "INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?,?,?)"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _index_row(name: str, version: int, m: dict[str, Any]) -> tuple[Any, ...]:
+    lora = (m.get("config") or {}).get("lora") or {}
+    score = (m.get("eval") or {}).get("score")
+    return (
+        name,
+        version,
+        (m.get("base_model") or {}).get("id"),
+        lora.get("rank"),
+        sum(int(f.get("bytes", 0)) for f in (m.get("files") or {}).values()),
+        m.get("created_at"),
+        m.get("description") or "",
+        m.get("owner") or "",
+        score,
+    )
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def index_version(name: str, version: int, manifest: dict[str, Any]) -> None:
+    """Record a version that was just placed in the store (callers hold `locked()`)."""
+    with _db() as con:
+        con.execute(_UPSERT_VERSION, _index_row(name, version, manifest))
+
+
 def register(name: str, adapter_dir: Path, manifest: dict[str, Any]) -> AdapterRef:
     """Copy a PEFT adapter directory into the store as the next version of `name`."""
     check_name(name)
-    for required in (WEIGHTS, CONFIG):
+    for required in ADAPTER_FILES:
         if not (adapter_dir / required).is_file():
             raise UserError(f"{adapter_dir} is not a PEFT adapter directory (no {required})")
     root = store_root() / name
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
-        for f in (WEIGHTS, CONFIG):
+        for f in ADAPTER_FILES:
             shutil.copy2(adapter_dir / f, tmp / f)
-        files = {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in (WEIGHTS, CONFIG)}
-        with _locked():
+        files = {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in ADAPTER_FILES}
+        with locked():
             version = (versions(name) or [0])[-1] + 1
             full = {**manifest, "name": name, "version": version, "id": f"{name}@v{version}", "files": files}
-            with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-                json.dump(full, f, indent=2, ensure_ascii=False)
-                f.flush()
-                os.fsync(f.fileno())
+            full.setdefault("created_at", _now())
+            _write_json_atomic(tmp / MANIFEST, full)
             os.rename(tmp, root / f"v{version}")
+            with _db() as con:
+                con.execute(_UPSERT_VERSION, _index_row(name, version, full))
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write adapter {name} to {root}: {e.strerror or e}") from e
@@ -114,7 +206,7 @@ def register(name: str, adapter_dir: Path, manifest: dict[str, Any]) -> AdapterR
 
 
 def resolve(ref: str) -> AdapterRef:
-    """`NAME` (latest version) or `NAME@vN` -> AdapterRef; a clear error when it does not exist."""
+    """`NAME` (latest version), `NAME@vN` or `NAME@ALIAS` -> AdapterRef; a clear error when it does not exist."""
     name, _, ver = ref.partition("@")
     check_name(name)
     available = versions(name)
@@ -123,13 +215,23 @@ def resolve(ref: str) -> AdapterRef:
         raise UserError(f"no adapter named {name!r} in {store_root()} (adapters: {known})")
     if not ver:
         version = available[-1]
-    else:
-        m = _VERSION_RE.match(ver)
-        if not m:
-            raise UserError(f"invalid version {ver!r} in {ref!r}; use NAME@vN, e.g. {name}@v{available[-1]}")
+    elif m := _VERSION_RE.match(ver):
         version = int(m.group(1))
         if version not in available:
             raise UserError(f"{name} has no version v{version}; versions: {', '.join(f'v{v}' for v in available)}")
+    else:
+        check_alias(ver)
+        with _db() as con:
+            row = con.execute("SELECT version FROM aliases WHERE name=? AND alias=?", (name, ver)).fetchone()
+            known_aliases = [a for (a,) in con.execute("SELECT alias FROM aliases WHERE name=?", (name,))]
+        if row is None:
+            raise UserError(
+                f"{name} has no alias {ver!r} (aliases: {', '.join(known_aliases) or 'none'}; "
+                f"set one with `loraplex adapters tag {name}@v{available[-1]} {ver}`)"
+            )
+        version = int(row[0])
+        if version not in available:
+            raise UserError(f"alias {name}@{ver} points to v{version}, which is no longer in the store")
     return AdapterRef(name, version, store_root() / name / f"v{version}")
 
 
@@ -138,7 +240,7 @@ def list_names() -> list[tuple[str, list[int]]]:
     if not root.is_dir():
         return []
     out = []
-    for d in sorted(root.iterdir()):
+    for d in sorted(os.scandir(root), key=lambda e: e.name):
         if d.is_dir() and not d.name.startswith("."):
             vs = versions(d.name)
             if vs:
@@ -146,10 +248,142 @@ def list_names() -> list[tuple[str, list[int]]]:
     return out
 
 
+def sync() -> None:
+    """Make the index agree with the directories: add versions it lacks, drop ones that are gone."""
+    on_disk = {(n, v) for n, vs in list_names() for v in vs}
+    with locked(), _db() as con:
+        indexed = {(n, v) for n, v in con.execute("SELECT name, version FROM versions")}
+        for name, version in sorted(on_disk - indexed):
+            try:
+                m = AdapterRef(name, version, store_root() / name / f"v{version}").manifest()
+            except (OSError, ValueError):
+                continue  # a damaged manifest is reported by `show`/`verify`, not hidden by listing
+            con.execute(_UPSERT_VERSION, _index_row(name, version, m))
+        for name, version in indexed - on_disk:
+            con.execute("DELETE FROM versions WHERE name=? AND version=?", (name, version))
+            con.execute("DELETE FROM aliases WHERE name=? AND version=?", (name, version))
+
+
+def catalog() -> list[dict[str, Any]]:
+    """One row per adapter name for `adapters list`: versions, aliases, and the latest version's facts."""
+    sync()
+    with _db() as con:
+        rows = con.execute(
+            "SELECT name, version, base, rank, bytes, created_at, description, owner, eval_score "
+            "FROM versions ORDER BY name, version"
+        ).fetchall()
+        alias_rows = con.execute("SELECT name, alias, version FROM aliases ORDER BY name, alias").fetchall()
+    aliases: dict[str, dict[str, str]] = {}
+    for name, alias, version in alias_rows:
+        aliases.setdefault(name, {})[alias] = f"v{version}"
+    out: dict[str, dict[str, Any]] = {}
+    for name, version, base, rank, size, created, desc, owner, score in rows:
+        out[name] = {
+            "name": name,
+            "versions": [*out.get(name, {}).get("versions", []), f"v{version}"],
+            "latest": f"{name}@v{version}",
+            "aliases": aliases.get(name, {}),
+            "base": base,
+            "rank": rank,
+            "bytes": size,
+            "created_at": created,
+            "description": desc,
+            "owner": owner,
+            "eval_score": score,
+        }
+    return list(out.values())
+
+
+def aliases_of(name: str) -> dict[str, int]:
+    with _db() as con:
+        return {a: int(v) for a, v in con.execute("SELECT alias, version FROM aliases WHERE name=?", (name,))}
+
+
+def tag(ref: str, alias: str) -> AdapterRef:
+    """Point `NAME@ALIAS` at the version `ref` names (moving it if it pointed elsewhere)."""
+    check_alias(alias)
+    target = resolve(ref)
+    with locked(), _db() as con:
+        con.execute("INSERT OR REPLACE INTO aliases VALUES (?,?,?)", (target.name, alias, target.version))
+        con.execute(
+            "INSERT INTO alias_history (name, alias, version, at) VALUES (?,?,?,?)",
+            (target.name, alias, target.version, _now()),
+        )
+    return target
+
+
+def rollback(name: str, alias: str = DEFAULT_ALIAS) -> tuple[int, int]:
+    """Move `NAME@ALIAS` back to the version it pointed to before its last move; (from, to)."""
+    check_name(name)
+    check_alias(alias)
+    with locked(), _db() as con:
+        history = con.execute(
+            "SELECT id, version FROM alias_history WHERE name=? AND alias=? ORDER BY id", (name, alias)
+        ).fetchall()
+        if not history:
+            raise UserError(f"{name} has no alias {alias!r} to roll back")
+        if len(history) < 2:
+            raise UserError(f"{name}@{alias} has pointed only to v{history[-1][1]}: there is no earlier version")
+        (last_id, current), (_, previous) = history[-1], history[-2]
+        if previous not in versions(name):
+            raise UserError(f"{name}@{alias} would go back to v{previous}, which is no longer in the store")
+        con.execute("DELETE FROM alias_history WHERE id=?", (last_id,))  # history is a stack: tag pushes
+        con.execute("INSERT OR REPLACE INTO aliases VALUES (?,?,?)", (name, alias, previous))
+    return current, previous
+
+
+def describe(ref: str, description: str | None = None, owner: str | None = None) -> AdapterRef:
+    """Edit the mutable metadata of one version (its weights and config never change)."""
+    target = resolve(ref)
+    with locked():
+        m = target.manifest()
+        if description is not None:
+            m["description"] = description
+        if owner is not None:
+            m["owner"] = owner
+        _write_json_atomic(target.path / MANIFEST, m)
+        with _db() as con:
+            con.execute(
+                _UPSERT_VERSION,
+                _index_row(target.name, target.version, m),
+            )
+    return target
+
+
+def remove(ref: str, force: bool = False) -> AdapterRef:
+    """Delete one version; refused while an alias points to it unless `force` (which drops the alias)."""
+    name, _, ver = ref.partition("@")
+    if not _VERSION_RE.match(ver):
+        raise UserError(f"name the exact version to delete, e.g. {name}@v1 (versions are never deleted by alias)")
+    target = resolve(ref)
+    with locked():
+        pointing = [a for a, v in aliases_of(target.name).items() if v == target.version]
+        if pointing and not force:
+            raise UserError(
+                f"{target.id} is what {', '.join(f'{target.name}@{a}' for a in pointing)} points to; "
+                "move the alias first (`loraplex adapters tag`/`rollback`) or pass --force"
+            )
+        trash = target.path.with_name(f".trash-v{target.version}")
+        os.rename(target.path, trash)  # gone from the store in one step; the rest is cleanup
+        with _db() as con:
+            con.execute("DELETE FROM versions WHERE name=? AND version=?", (target.name, target.version))
+            con.execute("DELETE FROM aliases WHERE name=? AND version=?", (target.name, target.version))
+        shutil.rmtree(trash, ignore_errors=True)
+    return target
+
+
 def verify(ref: AdapterRef) -> None:
     """Refuse a tampered or truncated adapter: every file must match the manifest's sha256."""
-    manifest = ref.manifest()
-    for fname, info in manifest.get("files", {}).items():
+    try:
+        manifest = ref.manifest()
+    except (OSError, ValueError) as e:
+        raise UserError(f"adapter {ref.id}: cannot read {ref.path / MANIFEST}: {e}") from None
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != set(ADAPTER_FILES):
+        raise UserError(f"adapter {ref.id}: its manifest does not list checksums for {', '.join(ADAPTER_FILES)}")
+    for fname, info in files.items():
         path = ref.path / fname
-        if not path.is_file() or sha256_file(path) != info["sha256"]:
+        if not path.is_file():
+            raise UserError(f"adapter {ref.id}: {fname} is missing from {ref.path}")
+        if path.stat().st_size != info.get("bytes") or sha256_file(path) != info.get("sha256"):
             raise UserError(f"adapter {ref.id}: {fname} does not match its manifest checksum (tampered or truncated)")

@@ -219,19 +219,23 @@ def _model_list(engine: Engine, created: int) -> list[dict[str, Any]]:
         ):
             continue  # trained on another base: not servable here
         created_at = manifest.get("created_at")
-        data.append(
-            {
-                "id": name,
-                "object": "model",
-                "created": int(_ts(created_at)) if created_at else created,
-                "owned_by": manifest.get("owner") or "loraplex",
-                "parent": engine.base.id,
-                "root": ref.id,
-                "version": ref.version,
-                "versions": [f"{name}@v{v}" for v in versions],
-                "description": manifest.get("description") or "",
-            }
-        )
+        aliases = registry.aliases_of(name)
+        entry = {
+            "id": name,
+            "object": "model",
+            "created": int(_ts(created_at)) if created_at else created,
+            "owned_by": manifest.get("owner") or "loraplex",
+            "parent": engine.base.id,
+            "root": ref.id,
+            "version": ref.version,
+            "versions": [f"{name}@v{v}" for v in versions],
+            "aliases": {a: f"{name}@v{v}" for a, v in aliases.items()},
+            "description": manifest.get("description") or "",
+        }
+        data.append(entry)
+        # each alias is a model of its own, so chat UIs can offer `legal@prod` in their model menu
+        for a, v in sorted(aliases.items()):
+            data.append({**entry, "id": f"{name}@{a}", "root": f"{name}@v{v}", "version": v})
     return data
 
 
@@ -388,6 +392,33 @@ async def _complete(
             await asyncio.gather(*tasks, return_exceptions=True)
 
     return EventSourceResponse(events(), sep="\n", ping=15)
+
+
+def run(engine: Engine, host: str, port: int, shutdown_timeout: float) -> None:
+    """Serve until SIGINT/SIGTERM, then shut down gracefully: stop accepting connections and new
+    requests (503 `shutting_down`, /ready 503), let in-flight requests finish for up to
+    `shutdown_timeout` s, end the ones still running with an OpenAI error (a 503, or an error event
+    in a stream), and exit."""
+    import uvicorn
+    from sse_starlette.sse import AppStatus
+
+    # sse-starlette would cut every open stream at the first signal; we drain them instead.
+    AppStatus.disable_automatic_graceful_drain()
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            engine.drain(shutdown_timeout)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        create_app(engine),
+        host=host,
+        port=port,
+        log_level="warning",
+        # uvicorn's own deadline comes after ours, so aborted streams still get their error event out
+        timeout_graceful_shutdown=int(shutdown_timeout) + 5,
+    )
+    DrainingServer(config).run()
 
 
 async def _collect(stream: AsyncIterator[Delta]) -> tuple[str, str | None, list[TokenLogprob], int]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -40,6 +41,8 @@ from loraplex.engine.text import TextStream
 from loraplex.errors import UserError
 from loraplex.models.device import bf16_is_faster, pick_device
 from loraplex.models.load import BaseRef, eos_token_ids, load_model, load_tokenizer, resolve_base
+
+log = logging.getLogger(__name__)
 
 
 class PromptTooLong(UserError):
@@ -174,7 +177,7 @@ class Engine:
             cfg.num_hidden_layers,
             self.model.site_shapes,
             base_names=(self.base.id, "base", "default"),
-            allowed=set(adapters) if adapters else None,
+            allowed={a.partition("@")[0] for a in adapters} if adapters else None,
         )
 
     # ------------------------------------------------------------------ public (any thread)
@@ -278,6 +281,16 @@ class Engine:
         self._inbox.put(("unload", (name, done)))
         return done.get(timeout=60)
 
+    def drain(self, timeout: float) -> None:
+        """Stop taking requests now; the ones in flight may finish for `timeout` s, then fail with
+        EngineClosed (the API turns that into a 503 or a stream error event). Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        timer = threading.Timer(timeout, self._inbox.put, args=(("abort", None),))
+        timer.daemon = True
+        timer.start()
+
     def close(self, timeout: float = 10.0) -> None:
         """Stop taking requests, let in-flight ones finish for up to `timeout` s, abort the rest."""
         self._closing = True
@@ -290,7 +303,13 @@ class Engine:
     # ------------------------------------------------------------------ the loop (engine thread)
 
     def _loop(self) -> None:
-        torch.set_grad_enabled(False)
+        # Everything the engine thread does is inference: tensors it creates (a KV cache grown
+        # inside forward, say) are inference tensors, and in-place updates to them are only
+        # allowed under inference mode, so the whole loop runs in it.
+        with torch.inference_mode():
+            self._run()
+
+    def _run(self) -> None:
         while True:
             idle = not self._rows and not self._waiting
             try:
@@ -314,7 +333,14 @@ class Engine:
                 self._guarded(self._decode_step, [r for r in self._rows if r.decoding])
 
     def _command(self, kind: str, item: Any) -> None:
-        if kind == "add":
+        if kind == "abort":  # the drain deadline passed
+            for req in [*self._rows, *self._waiting]:
+                req.emit(EngineClosed("the server shut down before this request finished"))
+                self.stats.cancelled += 1
+            for req in list(self._rows):
+                self._remove(req)
+            self._waiting.clear()
+        elif kind == "add":
             self.stats.requests += 1
             self._waiting.append(item)
         elif kind == "cancel":
@@ -345,11 +371,20 @@ class Engine:
         try:
             step()
         except Exception as e:  # noqa: BLE001 - fail these requests, keep serving the others
-            for req in involved:
-                if req in self._rows:
-                    self._remove(req)
+            error = RuntimeError(f"generation failed ({type(e).__name__}: {e})")
+            try:
+                for req in involved:
+                    if req in self._rows:
+                        self._remove(req)
+                        self.stats.failed += 1
+                        req.emit(error)
+            except Exception:  # noqa: BLE001 - the batch itself is broken: fail every row, keep the thread
+                log.exception("engine state could not be repaired; failing every running request")
+                for req in self._rows:
+                    self.adapters.release(req.adapter)
+                    req.emit(error)
                     self.stats.failed += 1
-                    req.emit(RuntimeError(f"generation failed ({type(e).__name__}: {e})"))
+                self._rows.clear()
 
     def _admit(self) -> None:
         while self._waiting and len(self._rows) < self.max_batch:

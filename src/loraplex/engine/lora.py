@@ -67,48 +67,20 @@ class AdapterWeights:
     @classmethod
     def from_dir(cls, path: Path, n_layers: int, shapes: SiteShapes, label: str) -> AdapterWeights:
         """Read a PEFT LoRA adapter (safetensors only) and lay it out per site."""
-        cfg_path, weights_path = path / "adapter_config.json", path / "adapter_model.safetensors"
-        if not weights_path.is_file():
-            raise UserError(f"adapter {label}: {weights_path} is missing (only safetensors adapters are served)")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"adapter {label}: cannot read {cfg_path}: {e}") from None
-        if cfg.get("peft_type", "LORA") != "LORA":
-            raise UserError(f"adapter {label}: peft_type {cfg.get('peft_type')!r} is not LoRA")
-        if cfg.get("use_dora"):
-            raise UserError(f"adapter {label}: DoRA adapters cannot be served as a batched delta; merge it instead")
-        if cfg.get("modules_to_save"):
-            raise UserError(f"adapter {label}: modules_to_save ({cfg['modules_to_save']}) is not supported for serving")
-        r0, alpha0 = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
-        rslora = bool(cfg.get("use_rslora"))
-        alpha_pattern: dict[str, float] = cfg.get("alpha_pattern") or {}
-
-        found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-        with safe_open(str(weights_path), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                m = KEY.search(key)
-                if not m:
-                    raise UserError(f"adapter {label}: tensor {key!r} is not a LoRA weight of a decoder layer")
-                layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
-                if layer >= n_layers:
-                    raise UserError(f"adapter {label}: tensor {key!r} is for layer {layer}; the base has {n_layers}")
-                found.setdefault((layer, module), {})[ab] = f.get_tensor(key).float()
-
+        found = read_peft_lora(path, label)
+        for layer, _module in found:
+            if layer >= n_layers:
+                raise UserError(f"adapter {label}: it has LoRA weights for layer {layer}; the base has {n_layers}")
         module_site = {mod: (site, i) for site, (_, mods) in shapes.items() for i, (mod, _) in enumerate(mods)}
         A: dict[str, torch.Tensor] = {}
         B: dict[str, torch.Tensor] = {}
         # rank of each module at each site (0 = not targeted), the max over layers
         site_ranks: dict[str, list[int]] = {s: [0] * len(mods) for s, (_, mods) in shapes.items()}
-        for (layer, module), ab in found.items():
+        for (_layer, module), (a, _) in found.items():
             if module not in module_site:
                 raise UserError(f"adapter {label}: LoRA on module {module!r} is not supported for serving")
-            if set(ab) != {"A", "B"}:
-                raise UserError(
-                    f"adapter {label}: layer {layer} {module} has lora_{'A' if 'A' not in ab else 'B'} missing"
-                )
             site, i = module_site[module]
-            site_ranks[site][i] = max(site_ranks[site][i], ab["A"].shape[0])
+            site_ranks[site][i] = max(site_ranks[site][i], a.shape[0])
         for site, (fan_in, mods) in shapes.items():
             ranks = site_ranks[site]
             R = sum(ranks)
@@ -118,20 +90,18 @@ class AdapterWeights:
             r_off, o_off = 0, 0
             for i, (module, fan_out) in enumerate(mods):
                 for layer in range(n_layers):
-                    ab = found.get((layer, module))
-                    if ab is None:
+                    pair = found.get((layer, module))
+                    if pair is None:
                         continue
-                    a, b = ab["A"], ab["B"]
+                    a, b = pair
                     r = a.shape[0]
                     if a.shape[1] != fan_in or b.shape != (fan_out, r):
                         raise UserError(
                             f"adapter {label}: layer {layer} {module} has A {tuple(a.shape)}, B {tuple(b.shape)}; "
                             f"the base needs A [r, {fan_in}] and B [{fan_out}, r] (was it trained on another base?)"
                         )
-                    alpha = next((float(v) for k, v in alpha_pattern.items() if module.endswith(k)), alpha0)
-                    scale = alpha / math.sqrt(r) if rslora else alpha / (r or r0)
                     A[site][layer, r_off : r_off + r] = a
-                    B[site][layer, o_off : o_off + fan_out, r_off : r_off + r] = b * scale
+                    B[site][layer, o_off : o_off + fan_out, r_off : r_off + r] = b
                 r_off += ranks[i]
                 o_off += fan_out
         return cls(A, B)
@@ -145,6 +115,52 @@ class AdapterWeights:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.A.values(), *self.B.values()))
+
+
+def read_peft_lora(path: Path, label: str) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """A PEFT LoRA adapter directory (safetensors only) as {(layer, module): (A [r, in], B [out, r])}, fp32,
+    with each module's scaling (alpha / r, rslora, alpha_pattern) folded into B, so the module's delta is
+    `x @ A.T @ B.T`. Refuses what a plain low-rank delta cannot express (DoRA, modules_to_save)."""
+    cfg_path, weights_path = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not weights_path.is_file():
+        raise UserError(f"adapter {label}: {weights_path} is missing (only safetensors adapters are read)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"adapter {label}: cannot read {cfg_path}: {e}") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"adapter {label}: peft_type {cfg.get('peft_type')!r} is not LoRA")
+    if cfg.get("use_dora"):
+        raise UserError(f"adapter {label}: DoRA adapters are not a plain low-rank delta; merge it instead")
+    if cfg.get("modules_to_save"):
+        raise UserError(f"adapter {label}: modules_to_save ({cfg['modules_to_save']}) is not supported")
+    r0, alpha0 = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    rslora = bool(cfg.get("use_rslora"))
+    alpha_pattern: dict[str, float] = cfg.get("alpha_pattern") or {}
+
+    found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                m = KEY.search(key)
+                if not m:
+                    raise UserError(f"adapter {label}: tensor {key!r} is not a LoRA weight of a decoder layer")
+                layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+                found.setdefault((layer, module), {})[ab] = f.get_tensor(key).float()
+    except (OSError, ValueError, RuntimeError) as e:  # safetensors raises these for a damaged header
+        raise UserError(f"adapter {label}: {weights_path} is not a readable safetensors file: {e}") from None
+    out: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    for (layer, module), ab in sorted(found.items()):
+        if set(ab) != {"A", "B"}:
+            raise UserError(f"adapter {label}: layer {layer} {module} has lora_{'A' if 'A' not in ab else 'B'} missing")
+        a, b = ab["A"], ab["B"]
+        r = a.shape[0]
+        if b.ndim != 2 or a.ndim != 2 or b.shape[1] != r:
+            raise UserError(f"adapter {label}: layer {layer} {module} has A {tuple(a.shape)} and B {tuple(b.shape)}")
+        alpha = next((float(v) for k, v in alpha_pattern.items() if module.endswith(k)), alpha0)
+        scale = alpha / math.sqrt(r) if rslora else alpha / (r or r0)
+        out[(layer, module)] = (a, b * scale)
+    return out
 
 
 class LoraStacks:

@@ -197,8 +197,8 @@ class DecoderModel:
             # cache[layer, slot, head, pos] <- k[row, head, t]
             cache.k[li, slot_idx, :, positions] = k.transpose(1, 2)
             cache.v[li, slot_idx, :, positions] = v.transpose(1, 2)
-            keys = cache.k[li, rows, :, :total]
-            values = cache.v[li, rows, :, :total]
+            keys = cache.k[li, rows, :, :total].contiguous()
+            values = cache.v[li, rows, :, :total].contiguous()
             att = self._attention(q, keys, values, bias)
             x = x + self._linear(att, p["o"], "o", li, lora)  # type: ignore[arg-type]
             h = _rms_norm(x, p["post_norm"], self.eps)  # type: ignore[arg-type]
@@ -209,7 +209,6 @@ class DecoderModel:
             x = x[:, -1:] if step.last is None else x[torch.arange(n, device=x.device), step.last][:, None]
         x = _rms_norm(x, self.final_norm, self.eps)  # type: ignore[arg-type]
         return F.linear(x, self.lm_head).float()  # type: ignore[arg-type]
-
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """Grouped-query attention as two batched matmuls: q [n, heads, L, d], k/v [n, kv_heads, T, d].

@@ -143,6 +143,18 @@ def resolve_base(spec: str | None) -> BaseRef:
     )
 
 
+def gguf_file(ref: BaseRef) -> Path:
+    """The GGUF file a base was converted from (the embedded default or `--base file.gguf`)."""
+    if ref.source == "embedded":
+        return _embedded_gguf(ref.id)
+    if ref.source == "gguf":
+        return Path(ref.id)
+    raise UserError(
+        f"base {ref.id} is a Hugging Face directory, not a GGUF file; convert it with llama.cpp's "
+        "convert_hf_to_gguf.py and pass the .gguf as --base"
+    )
+
+
 def _with_fingerprint(ref: BaseRef) -> BaseRef:
     return BaseRef(ref.id, ref.path, ref.source, fingerprint(ref.path))
 

@@ -1,0 +1,136 @@
+"""`loraplex serve` as a user runs it: its own process, stopped with SIGTERM while requests run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+USER = [{"role": "user", "content": "How many days of leave do I get?"}]
+
+
+class ServeProcess:
+    def __init__(self, base: Path, home: Path, *args: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "loraplex.cli", "serve", "--base", str(base), "--port", str(port)]
+        cmd += ["--device", "cpu", "--dtype", "fp32", *args]
+        self.proc = subprocess.Popen(
+            cmd, env={**os.environ, "LORAPLEX_HOME": str(home)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        deadline = time.time() + 120
+        while True:
+            assert self.proc.poll() is None, self.proc.stdout.read().decode()  # type: ignore[union-attr]
+            try:
+                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "server did not become ready"
+            time.sleep(0.2)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        self.base_id = httpx.get(self.url + "/ready").json()["model"]
+
+    def stream_in_thread(self, max_tokens: int, started: threading.Event) -> tuple[threading.Thread, dict[str, Any]]:
+        """Stream one greedy answer in a thread; `started` is set at the first content chunk."""
+        result: dict[str, Any] = {"text": "", "finish": None, "usage": None, "error": None}
+
+        def work() -> None:
+            try:
+                for ch in self.client.chat.completions.create(
+                    model=self.base_id, messages=USER, temperature=0, max_tokens=max_tokens, stream=True,
+                    stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+                ):
+                    if ch.choices and ch.choices[0].delta.content:
+                        result["text"] += ch.choices[0].delta.content
+                        started.set()
+                    if ch.choices and ch.choices[0].finish_reason:
+                        result["finish"] = ch.choices[0].finish_reason
+                    if ch.usage is not None:
+                        result["usage"] = ch.usage.completion_tokens
+            except openai.APIError as e:
+                result["error"] = e
+            finally:
+                started.set()
+
+        t = threading.Thread(target=work)
+        t.start()
+        return t, result
+
+    def exits_cleanly(self) -> str:
+        """Wait for the exit; uvicorn re-raises the signal it handled, so a graceful stop reports
+        "terminated by SIGTERM" (what systemd and Kubernetes expect), without a traceback."""
+        assert self.proc.wait(timeout=60) == -signal.SIGTERM
+        output = self.proc.stdout.read().decode()  # type: ignore[union-attr]
+        assert "Traceback" not in output, output
+        return output
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def serve(tiny_base: Path, tmp_path: Path) -> Iterator[Any]:
+    procs: list[ServeProcess] = []
+
+    def start(*args: str) -> ServeProcess:
+        procs.append(ServeProcess(tiny_base, tmp_path, *args))
+        return procs[-1]
+
+    yield start
+    for p in procs:
+        p.kill()
+
+
+def test_sigterm_lets_in_flight_requests_finish(serve: Any) -> None:
+    srv = serve("--shutdown-timeout", "60")
+    started = threading.Event()
+    thread, result = srv.stream_in_thread(300, started)
+    assert started.wait(60)
+    srv.proc.send_signal(signal.SIGTERM)
+    # no new work is taken once the signal is in: the listener is closed or the request is refused
+    time.sleep(0.3)
+    with pytest.raises((openai.APIConnectionError, openai.APIStatusError)):
+        srv.client.chat.completions.create(model=srv.base_id, messages=USER, max_tokens=5)
+    thread.join(60)
+    assert result["error"] is None
+    assert result["finish"] == "length" and result["usage"] == 300
+    srv.exits_cleanly()
+
+
+def test_sigterm_ends_what_outlives_the_timeout_with_an_error(serve: Any) -> None:
+    # one row at a time: the second and third requests queue behind the first, so whatever the
+    # machine's speed, some work is still unfinished 0.5 s after the signal
+    srv = serve("--shutdown-timeout", "0.5", "--max-batch", "1")
+    runs = []
+    for _ in range(3):
+        started = threading.Event()
+        runs.append((*srv.stream_in_thread(460, started), started))
+    assert runs[0][2].wait(60)
+    t0 = time.time()
+    srv.proc.send_signal(signal.SIGTERM)
+    for thread, _, _ in runs:
+        thread.join(60)
+    srv.exits_cleanly()
+    assert time.time() - t0 < 30
+    errors = [r["error"] for _, r, _ in runs if r["error"] is not None]
+    assert errors, "every request finished within 0.5 s; the test did not exercise the timeout"
+    for e in errors:
+        assert "shut down before this request finished" in str(e)
+    for _, r, _ in runs:  # each either finished whole or ended with the error, never silently cut
+        assert (r["finish"] == "length" and r["usage"] == 460) or r["error"] is not None
