@@ -17,7 +17,7 @@ data's questions. Rows:
   5. cold load (an adapter not in memory: store -> first token) vs. warm first token;
   6. time to first token p50/p99 with 16 clients at once;
   7. llama.cpp: llama-cpp-python on the same Q4_1 GGUF, the same 8 adapters exported with
-     `loraplex.export.gguf_lora`, switched per request (`llama_set_adapters_lora`); it cannot batch
+     `loraplex.export.to_gguf`, switched per request (`llama_set_adapters_lora`); it cannot batch
      different adapters, so 8 clients are served one after another;
   8. 8 clients on 8 q,v-only rank-16 adapters (PEFT's default targets) vs. the bare base.
 Plus single-stream decode tokens/s against this machine's memory-bandwidth limit (bytes of weights
@@ -174,7 +174,7 @@ def llama_cpp(base: Any, names: list[str], prompts: list[str], tokens: int) -> d
     import llama_cpp as lc
     from transformers import AutoConfig
 
-    from loraplex.export.gguf_lora import write_gguf_lora
+    from loraplex.export.to_gguf import write_gguf_lora
     from loraplex.models.load import gguf_file, load_tokenizer
 
     config = AutoConfig.from_pretrained(base.path)

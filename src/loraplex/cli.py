@@ -252,6 +252,7 @@ def export_cmd(
     fmt: Annotated[str, typer.Option("--format", help="peft, merged, gguf, ollama or vllm")] = "peft",
     out_dir: Annotated[Path, typer.Option("--out", help="a new (or empty) directory")] = Path("export"),
     alias: Annotated[str | None, typer.Option(help="vllm: every adapter that has this alias, e.g. prod")] = None,
+    merged: Annotated[bool, typer.Option(help="gguf: also write the base with the adapter merged in (f32)")] = False,
 ) -> None:
     """Export an adapter for another runtime: PEFT, merged HF model, GGUF LoRA, Ollama or vLLM."""
     from loraplex.adapters import registry
@@ -263,7 +264,7 @@ def export_cmd(
         names += [f"{r['name']}@{alias}" for r in registry.catalog() if alias in r["aliases"]]
     if not names:
         raise UserError("name an adapter to export (or --alias for every adapter with that alias)")
-    out.print(export(names, fmt, out_dir))
+    out.print(export(names, fmt, out_dir, merged))
 
 
 @app.command()

@@ -3,7 +3,8 @@
 - `peft`: the adapter directory as PEFT writes it (adapter_config.json + safetensors).
 - `merged`: base + adapter merged (`merge_and_unload`) into a standalone Hugging Face model with
   the tokenizer, chat template and end-of-turn token, so plain transformers answers like loraplex.
-- `gguf`: the adapter as a GGUF LoRA for llama.cpp (see gguf_lora.py), next to the base GGUF.
+- `gguf`: the adapter as a GGUF LoRA for llama.cpp (see to_gguf.py), and with `--merged` the base
+  GGUF with the adapter merged in (f32).
 - `ollama`: a Modelfile (FROM the base GGUF, ADAPTER the GGUF LoRA, TEMPLATE, stop parameters and
   SYSTEM taken from the base's chat template) with the files it names.
 - `vllm`: PEFT directories for a set of adapters plus the `vllm serve --enable-lora` command line.
@@ -86,17 +87,18 @@ def export_merged(ref: registry.AdapterRef, out: Path) -> None:
         tok.save_pretrained(tmp)  # the chat template travels with the tokenizer
 
 
-def export_gguf(ref: registry.AdapterRef, out: Path) -> None:
+def export_gguf(ref: registry.AdapterRef, out: Path, merged: bool = False) -> None:
     from transformers import AutoConfig
 
-    from loraplex.export.gguf_lora import write_gguf_lora
+    from loraplex.export.to_gguf import write_gguf_lora, write_gguf_model
 
     base = _adapter_base(ref)
     base_gguf = gguf_file(base)
     with staged(out) as tmp:
-        write_gguf_lora(
-            ref.path, AutoConfig.from_pretrained(base.path), tmp / f"{ref.name}-v{ref.version}.gguf", ref.id
-        )
+        config = AutoConfig.from_pretrained(base.path)
+        write_gguf_lora(ref.path, config, tmp / f"{ref.name}-v{ref.version}.gguf", ref.id)
+        if merged:
+            write_gguf_model(base_gguf, tmp / f"{ref.name}-v{ref.version}-merged-f32.gguf", config, ref.path, ref.id)
         (tmp / "README.txt").write_text(
             f"GGUF LoRA for {ref.id}, trained on {base.id}.\n"
             f"Base model GGUF: {base_gguf}\n"
@@ -150,7 +152,7 @@ def modelfile(base_gguf: str, adapter_gguf: str, tok: Any, system: str | None) -
 def export_ollama(ref: registry.AdapterRef, out: Path) -> None:
     from transformers import AutoConfig
 
-    from loraplex.export.gguf_lora import write_gguf_lora
+    from loraplex.export.to_gguf import write_gguf_lora
 
     base = _adapter_base(ref)
     base_gguf = gguf_file(base)
@@ -206,7 +208,7 @@ def export_vllm(refs: list[registry.AdapterRef], out: Path) -> str:
     return command
 
 
-def export(refs: list[str], fmt: str, out: Path) -> str:
+def export(refs: list[str], fmt: str, out: Path, merged: bool = False) -> str:
     """Run one export; returns a one-line summary for the CLI."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
@@ -215,5 +217,10 @@ def export(refs: list[str], fmt: str, out: Path) -> str:
         return export_vllm(resolved, out)
     if len(resolved) != 1:
         raise UserError(f"--format {fmt} exports one adapter; got {len(resolved)}")
-    {"peft": export_peft, "merged": export_merged, "gguf": export_gguf, "ollama": export_ollama}[fmt](resolved[0], out)
+    if merged and fmt != "gguf":
+        raise UserError("--merged goes with --format gguf (for a merged Hugging Face model use --format merged)")
+    if fmt == "gguf":
+        export_gguf(resolved[0], out, merged)
+    else:
+        {"peft": export_peft, "merged": export_merged, "ollama": export_ollama}[fmt](resolved[0], out)
     return f"exported {resolved[0].id} as {fmt} to {out}"
