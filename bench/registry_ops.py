@@ -111,6 +111,9 @@ def main() -> None:
     out = subprocess.run(cli, capture_output=True, text=True, check=True, env=os.environ)
     cli_s = time.perf_counter() - t
     assert len(json.loads(out.stdout)) == args.adapters + 1
+    t = time.perf_counter()
+    subprocess.run(cli[:-1], capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "200"})
+    table_s = time.perf_counter() - t
 
     print("\nSmolLM2-135M-Instruct on cpu\n")
     print("| figure | loraplex | baseline | ratio |")
@@ -125,6 +128,7 @@ def main() -> None:
         f"{scan_ms:.0f} ms (read every manifest) | {index_ms / scan_ms:.2f}x |"
     )
     print(f"| `loraplex adapters list --json`, {args.adapters} adapters, end to end | {cli_s * 1000:.0f} ms | | |")
+    print(f"| `loraplex adapters list` (table), {args.adapters} adapters, end to end | {table_s * 1000:.0f} ms | | |")
     print(f"\n(registering {args.adapters} adapters took {fill_s:.1f} s, {fill_s / args.adapters * 1000:.1f} ms each)")
     print(
         f"targets: store -> ready < 100 ms: {'met' if lp_ms < 100 else 'NOT met'}; "

@@ -118,7 +118,7 @@ def adapters_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> N
 
     rows = registry.catalog()
     if as_json:
-        out.print_json(json.dumps(rows, ensure_ascii=False))
+        print(json.dumps(rows, ensure_ascii=False, indent=2))  # plain: rich highlighting costs ~0.5 s per 1,000 rows
         return
     if not rows:
         out.print(f"no adapters yet in {registry.store_root()}; train one with `loraplex train`")
