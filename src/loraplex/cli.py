@@ -368,6 +368,9 @@ def serve(
     shutdown_timeout: Annotated[
         float, typer.Option(min=0, help="On SIGINT/SIGTERM, seconds in-flight requests may still run.")
     ] = 10.0,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads for the model (default: all cores but one).")
+    ] = None,
 ) -> None:
     """Serve the base model and its adapters behind an OpenAI-compatible API."""
     from loraplex.adapters import registry
@@ -387,6 +390,7 @@ def serve(
         device=device,
         dtype=dtype,
         adapters=names,
+        threads=threads,
     )
     for name in (p.strip() for p in (pin or "").split(",") if p.strip()):
         engine.load_adapter(name, pin=True)
