@@ -272,10 +272,7 @@ def catalog() -> list[dict[str, Any]]:
             "SELECT name, version, base, rank, bytes, created_at, description, owner, eval_score "
             "FROM versions ORDER BY name, version"
         ).fetchall()
-        alias_rows = con.execute("SELECT name, alias, version FROM aliases ORDER BY name, alias").fetchall()
-    aliases: dict[str, dict[str, str]] = {}
-    for name, alias, version in alias_rows:
-        aliases.setdefault(name, {})[alias] = f"v{version}"
+    aliases = {n: {a: f"v{v}" for a, v in by.items()} for n, by in all_aliases().items()}
     out: dict[str, dict[str, Any]] = {}
     for name, version, base, rank, size, created, desc, owner, score in rows:
         out[name] = {
@@ -292,6 +289,15 @@ def catalog() -> list[dict[str, Any]]:
             "eval_score": score,
         }
     return list(out.values())
+
+
+def all_aliases() -> dict[str, dict[str, int]]:
+    """{name: {alias: version}} for the whole store, in one query (the API lists models with it)."""
+    out: dict[str, dict[str, int]] = {}
+    with _db() as con:
+        for name, alias, version in con.execute("SELECT name, alias, version FROM aliases ORDER BY name, alias"):
+            out.setdefault(name, {})[alias] = int(version)
+    return out
 
 
 def aliases_of(name: str) -> dict[str, int]:

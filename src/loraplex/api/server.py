@@ -205,6 +205,7 @@ def create_app(engine: Engine) -> FastAPI:
 
 def _model_list(engine: Engine, created: int) -> list[dict[str, Any]]:
     data: list[dict[str, Any]] = [{"id": engine.base.id, "object": "model", "created": created, "owned_by": "loraplex"}]
+    all_aliases = registry.all_aliases()
     for name, versions in registry.list_names():
         if engine.adapters.allowed is not None and name not in engine.adapters.allowed:
             continue
@@ -219,7 +220,7 @@ def _model_list(engine: Engine, created: int) -> list[dict[str, Any]]:
         ):
             continue  # trained on another base: not servable here
         created_at = manifest.get("created_at")
-        aliases = registry.aliases_of(name)
+        aliases = all_aliases.get(name, {})
         entry = {
             "id": name,
             "object": "model",
