@@ -65,11 +65,12 @@ def test_mixed_adapter_batch_equals_peft(lp_home: Path, tiny_base: Path) -> None
     stacks.put(2, wb)
     stacks.put(3, AdapterWeights.combine([(wa, 1.0), (wb, 1.0)]))
     stacks.put(4, AdapterWeights.combine([(wa, 0.5), (wa, 0.5)]))
-    rows = [1, 2, 0, 3, 4]
+    rows = [1, 2, 0, 3, 4, 1]  # slot 1 twice: rows are grouped per adapter, padded, and scattered back
     ids = tok(PROMPTS[0], return_tensors="pt")["input_ids"].repeat(len(rows), 1)
     cache = model.new_cache(len(rows), 64)
-    got = model.forward(Step(ids, torch.zeros(len(rows), dtype=torch.long), 0, LoraBatch(stacks, rows)), cache,
-                        all_logits=True)
+    got = model.forward(
+        Step(ids, torch.zeros(len(rows), dtype=torch.long), 0, LoraBatch(stacks, rows)), cache, all_logits=True
+    )
 
     peft = _peft(tiny_base, [a, b])
     with torch.no_grad():
@@ -81,7 +82,7 @@ def test_mixed_adapter_batch_equals_peft(lp_home: Path, tiny_base: Path) -> None
         ref_ab = peft(ids[:1]).logits[0]
         with peft.disable_adapter():
             ref_base = peft(ids[:1]).logits[0]
-    for i, ref in enumerate([ref_a, ref_b, ref_base, ref_ab, ref_a]):
+    for i, ref in enumerate([ref_a, ref_b, ref_base, ref_ab, ref_a, ref_a]):
         torch.testing.assert_close(got[i], ref, atol=2e-4, rtol=2e-4, msg=f"row {i} (slot {rows[i]})")
     assert (got[0] - got[2]).abs().max() > 1e-2  # the adapters really change the output
 
@@ -95,8 +96,9 @@ def test_engine_greedy_text_equals_peft_generate(lp_home: Path, tiny_base: Path)
     async def run_all() -> list[str]:
         async def one(prompt: str, model: str | None) -> str:
             parts = []
-            async for d in engine.generate([{"role": "user", "content": prompt}], SamplingParams(temperature=0),
-                                           model, max_tokens=24):
+            async for d in engine.generate(
+                [{"role": "user", "content": prompt}], SamplingParams(temperature=0), model, max_tokens=24
+            ):
                 parts.append(d.text)
             return "".join(parts)
 

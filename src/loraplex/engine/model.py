@@ -160,9 +160,7 @@ class DecoderModel:
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         y = F.linear(x, weight, bias)
-        if lora is not None:
-            y = y + lora.delta(x, layer, site)
-        return y
+        return y if lora is None else lora.add_to(y, x, layer, site)
 
     @torch.inference_mode()
     def forward(self, step: Step, cache: KVCache, all_logits: bool = False) -> torch.Tensor:

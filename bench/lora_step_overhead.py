@@ -1,0 +1,119 @@
+"""One decode step of the serving model: 8 rows on 8 distinct rank-16 adapters vs. 8 rows on the bare base.
+
+    python bench/lora_step_overhead.py [--shape smollm2|llama-3-8b|...] [--device cpu|cuda] [--rows 8]
+
+The in-process view of `bench/serve_throughput.py`'s multi-LoRA overhead row, without HTTP and
+sampling, so it also runs where the server's dependencies or the real weights are missing (a GPU
+machine): the model is built from a config with random weights (a plan_configs shape, or SmolLM2's
+own when its GGUF is installed), the adapters are random all-linear rank-16 LoRAs (and q,v-only
+ones, PEFT's default targets). Base and adapter steps alternate, medians are compared in the same
+run. Before timing, the batched delta is checked against the naive per-row loop in lora.py's
+docstring. Prints one row per target set and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from loraplex.engine.lora import AdapterWeights, LoraBatch, LoraStacks
+from loraplex.engine.model import DecoderModel, Step
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype) -> DecoderModel:
+    if shape == "smollm2":
+        from loraplex.models.load import load_model, resolve_base
+
+        hf = load_model(resolve_base(None))
+    else:
+        path = Path(shape) if shape.endswith(".json") else resources.files("loraplex.plan_configs") / f"{shape}.json"
+        cfg = AutoConfig.for_model(**json.loads(path.read_text()))
+        torch.set_default_dtype(dtype)  # random init straight in the serving dtype: an 8B model in fp32 is 32 GB
+        with torch.device(device):
+            hf = AutoModelForCausalLM.from_config(cfg)
+        torch.set_default_dtype(torch.float32)
+    return DecoderModel(hf.eval(), dtype, device)
+
+
+def random_adapter(model: DecoderModel, targets: tuple[str, ...], rank: int, seed: int) -> AdapterWeights:
+    g = torch.Generator().manual_seed(seed)
+    mods = {m: (fan_in, fan_out) for fan_in, ms in model.site_shapes.values() for m, fan_out in ms}
+    found = {
+        (layer, m): (torch.randn(rank, fan_in, generator=g) * 0.02, torch.randn(mods[m][1], rank, generator=g) * 0.02)
+        for layer in range(model.n_layers)
+        for m, (fan_in, _) in mods.items()
+        if m in targets
+    }
+    return AdapterWeights.from_found(found, model.n_layers, model.site_shapes, f"random{seed}")
+
+
+def check_against_naive(batch: LoraBatch, weights: list[AdapterWeights], model: DecoderModel) -> None:
+    """The docstring's per-row loop, on one layer's sites, at the bench's dtype."""
+    fan_in, mods = model.site_shapes["gate_up"]
+    x = torch.randn(len(weights), 1, fan_in, device=model.device, dtype=model.dtype)
+    out = sum(o for _, o in mods)
+    got = batch.add_to(torch.zeros(len(weights), 1, out, device=model.device, dtype=model.dtype), x, 0, "gate_up")
+    for i, w in enumerate(weights):
+        ref = torch.cat([x[i].float() @ w.A[m][0].T.to(x.device) @ w.B[m][0].T.to(x.device) for m, _ in mods], -1)
+        torch.testing.assert_close(got[i].float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def time_steps(model: DecoderModel, lora: LoraBatch | None, rows: int, reps: int) -> list[float]:
+    cache = model.new_cache(rows, 512)
+    ids = torch.randint(0, 1000, (rows, 1), device=model.device)
+    starts = torch.full((rows,), 150, device=model.device)
+    out = []
+    for _ in range(reps):
+        if model.device != "cpu":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.forward(Step(ids, starts, 0, lora), cache)
+        if model.device != "cpu":
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="smollm2", help="smollm2, a plan_configs name, or a config.json")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores but one, as serve)")
+    args = ap.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads or max(1, torch.get_num_threads() - 1))
+    dtype = torch.bfloat16
+    model = build_model(args.shape, args.device, dtype)
+    lora_dtype = torch.float32 if args.device == "cpu" else dtype  # as Engine does
+    print(f"{args.shape} on {args.device}: {args.rows} rows, rank {args.rank}, model {dtype}, LoRA {lora_dtype}")
+    for label, targets in (("all-linear", ALL), ("q,v", ("q_proj", "v_proj"))):
+        stacks = LoraStacks(model.n_layers, args.rows + 1, model.site_shapes, lora_dtype, args.device)
+        weights = [random_adapter(model, targets, args.rank, seed) for seed in range(args.rows)]
+        for slot, w in enumerate(weights, start=1):
+            stacks.put(slot, w)
+        batch = LoraBatch(stacks, list(range(1, args.rows + 1)))
+        check_against_naive(batch, weights, model)
+        base, lora = [], []
+        time_steps(model, None, args.rows, 3), time_steps(model, batch, args.rows, 3)  # warm-up
+        for _ in range(args.reps):  # alternate, so drift hits both alike
+            base += time_steps(model, None, args.rows, 1)
+            lora += time_steps(model, batch, args.rows, 1)
+        b, a = statistics.median(base) * 1e3, statistics.median(lora) * 1e3
+        print(f"  {label:10s}  base {b:8.2f} ms/step   8 adapters {a:8.2f} ms/step   overhead {a / b:.3f}x")
+        del stacks, batch, weights
+
+
+if __name__ == "__main__":
+    main()
