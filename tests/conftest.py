@@ -137,3 +137,33 @@ def make_adapter(base_dir: Path, name: str, rank: int = 4, targets: list[str] | 
              "description": f"random test adapter {name}", "owner": "tests"},
         )
     return ref.id
+
+
+class Server:
+    """A real loraplex API (uvicorn) on a free loopback port, in a thread; `client` is the openai SDK."""
+
+    def __init__(self, engine, gateway=None, api_key: str = "unused"):  # noqa: ANN001
+        import threading
+        import time
+
+        import openai
+        import uvicorn
+
+        from loraplex.api.server import create_app
+
+        self.engine = engine
+        self.app = create_app(engine, gateway)
+        self.gateway = self.app.state.gateway
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

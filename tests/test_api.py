@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,32 +11,12 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from loraplex.adapters import registry
-from loraplex.api.server import create_app
 from loraplex.engine.engine import Engine
-from tests.conftest import make_adapter
+from tests.conftest import Server, make_adapter
 
 USER = [{"role": "user", "content": "How many days of leave do I get?"}]
-
-
-class Server:
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        config = uvicorn.Config(create_app(engine), host="127.0.0.1", port=0, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,12 @@ app = typer.Typer(
 )
 data_app = typer.Typer(no_args_is_help=True, help="Inspect training data without training.")
 adapters_app = typer.Typer(no_args_is_help=True, help="List and inspect adapters in the local store.")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys for `loraplex serve`: who may use which models.")
+feedback_app = typer.Typer(no_args_is_help=True, help="Users' ratings of answers, as statistics or training data.")
 app.add_typer(data_app, name="data")
 app.add_typer(adapters_app, name="adapters")
+app.add_typer(keys_app, name="keys")
+app.add_typer(feedback_app, name="feedback")
 out = Console()
 err = Console(stderr=True)
 
@@ -371,11 +375,26 @@ def serve(
     threads: Annotated[
         int | None, typer.Option(min=1, help="CPU threads for the model (default: all cores but one).")
     ] = None,
+    auth: Annotated[
+        bool | None,
+        typer.Option("--auth/--no-auth", help="Require API keys (default: on when any key exists)."),
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML with upstream routes and output filters.")] = None,
+    log_text: Annotated[
+        bool, typer.Option("--log-text", help="Store prompts and responses in the request log.")
+    ] = False,
+    max_queue: Annotated[
+        int, typer.Option(min=0, help="Requests that may wait beyond the running batch; more get 503.")
+    ] = 64,
 ) -> None:
     """Serve the base model and its adapters behind an OpenAI-compatible API."""
     from loraplex.adapters import registry
     from loraplex.api.server import run
     from loraplex.engine.engine import Engine
+    from loraplex.gateway.gate import Gateway
+    from loraplex.gateway.policy import load_serve_config
+
+    serve_config = load_serve_config(config)  # fail on a bad file before loading the model
 
     if dtype not in ("auto", "bf16", "fp16", "fp32"):
         raise UserError(f"--dtype {dtype!r}: use auto, bf16, fp16 or fp32")
@@ -395,11 +414,187 @@ def serve(
     for name in (p.strip() for p in (pin or "").split(",") if p.strip()):
         engine.load_adapter(name, pin=True)
     served = ", ".join(names) if names else "every adapter in the store"
+    gateway = Gateway(
+        auth=auth, config=serve_config, log_text=log_text, max_pending=max_batch + max_queue, engine=engine
+    )
     err.print(
         f"serving [bold]{engine.base.id}[/] ({engine.device} {str(engine.dtype).removeprefix('torch.')}) "
         f"with {served} at http://{host}:{port}/v1"
     )
-    run(engine, host, port, shutdown_timeout)
+    if gateway.auth:
+        err.print("API keys required (loraplex keys list)")
+    elif host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"[yellow]warning:[/] no API keys: anyone who reaches {host}:{port} can use every model")
+    run(engine, host, port, shutdown_timeout, gateway)
+
+
+def _since(value: str | None) -> float | None:
+    """`1h`, `7d`, `2w` ago, or a date / date-time."""
+    import re
+    import time
+    from datetime import datetime
+
+    if value is None:
+        return None
+    m = re.fullmatch(r"(\d+)([mhdw])", value.strip())
+    if m:
+        return time.time() - int(m.group(1)) * {"m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+    try:
+        return datetime.fromisoformat(value.strip()).timestamp()
+    except ValueError:
+        raise UserError(f"--since {value!r}: use a duration (30m, 24h, 7d, 2w) or a date (2026-11-01)") from None
+
+
+def _when(t: float | None) -> str:
+    from datetime import datetime
+
+    return "" if t is None else datetime.fromtimestamp(t).isoformat(sep=" ", timespec="minutes")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option("--name", help="Who the key is for (a-z, 0-9, . _ -).")],
+    adapters: Annotated[
+        str | None, typer.Option(help="Models the key may use: names or globs, 'legal*,hr' (default: all).")
+    ] = None,
+    admin: Annotated[bool, typer.Option("--admin", help="May use the admin routes and /metrics.")] = False,
+    rpm: Annotated[int | None, typer.Option(min=1, help="Requests per minute.")] = None,
+    tpm: Annotated[int | None, typer.Option(min=1, help="Tokens (prompt + completion) per minute.")] = None,
+    expires: Annotated[str | None, typer.Option(help="2026-12-31, a date-time, or 30d / 12h / 2w.")] = None,
+) -> None:
+    """Create an API key. The key is printed once; only a salted hash is stored."""
+    from loraplex.gateway import db, keys
+
+    con = db.connect()
+    key, token = keys.create(
+        con, name, keys.parse_patterns(adapters), admin, rpm, tpm, keys.parse_expiry(expires) if expires else None
+    )
+    err.print(
+        f"created key [bold]{key.name}[/] for {', '.join(key.models)}{' (admin)' if key.admin else ''}; "
+        "it is shown only now:"
+    )
+    print(token)
+
+
+@keys_app.command("list")
+def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Keys with their models, limits, state and use."""
+    import time
+
+    from loraplex.gateway import db, keys
+    from loraplex.gateway.log import summary
+
+    con = db.connect()
+    now = time.time()
+    use = {r["name"]: r for r in summary(con, None, "key")}
+    rows = [
+        {
+            "name": k.name,
+            "models": ",".join(k.models),
+            "admin": k.admin,
+            "rpm": k.rpm,
+            "tpm": k.tpm,
+            "expires": _when(k.expires),
+            "state": "revoked" if k.revoked else ("expired" if k.expires and k.expires < now else "active"),
+            "requests": (use.get(k.name) or {}).get("requests", 0),
+            "last_used": _when((use.get(k.name) or {}).get("last")),
+        }
+        for k in keys.list_keys(con)
+    ]
+    if as_json:
+        print(json.dumps(rows, ensure_ascii=False))
+        return
+    table = Table("name", "models", "admin", "rpm", "tpm", "expires", "state", "requests", "last used")
+    for r in rows:
+        table.add_row(*(str(v) if v not in (None, False) else "" for v in r.values()))
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")]) -> None:
+    """Revoke a key: its next request gets 401 (no server restart)."""
+    from loraplex.gateway import db, keys
+
+    key = keys.revoke(db.connect(), name)
+    err.print(f"revoked key [bold]{key.name}[/]")
+
+
+@app.command()
+def usage(
+    since: Annotated[str | None, typer.Option(help="24h, 7d, 2w, or a date.")] = None,
+    by: Annotated[str, typer.Option(help="adapter or key")] = "adapter",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Requests, errors, tokens and latency from the server's request log."""
+    from loraplex.gateway import db
+    from loraplex.gateway.log import summary
+
+    if by not in ("adapter", "key"):
+        raise UserError(f"--by {by!r}: use adapter or key")
+    rows = summary(db.connect(), _since(since), by)
+    if as_json:
+        print(json.dumps(rows, ensure_ascii=False))
+        return
+    table = Table(
+        by, "requests", "errors", "prompt tokens", "completion tokens", "avg TTFT ms", "avg latency ms", "last"
+    )
+    for r in rows:
+        table.add_row(
+            str(r["name"]),
+            str(r["requests"]),
+            str(r["errors"]),
+            str(r["prompt_tokens"]),
+            str(r["completion_tokens"]),
+            f"{r['avg_ttft_ms']:.0f}" if r["avg_ttft_ms"] is not None else "",
+            f"{r['avg_latency_ms']:.0f}" if r["avg_latency_ms"] is not None else "",
+            _when(r["last"]),
+        )
+    out.print(table)
+
+
+@feedback_app.command("export")
+def feedback_export(
+    adapter: Annotated[str, typer.Option(help="NAME (every version) or NAME@vN.")],
+    out_file: Annotated[Path, typer.Option("--out", help="The data file to write (JSONL).")],
+    rating: Annotated[str | None, typer.Option(help="up or down (default: both).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="messages or sharegpt")] = "messages",
+) -> None:
+    """Write rated conversations (corrections where given) as training data for `loraplex train`."""
+    from loraplex.gateway import db, feedback
+
+    if rating not in (None, "up", "down"):
+        raise UserError(f"--rating {rating!r}: use up or down")
+    counts = feedback.export(db.connect(), adapter, out_file, rating, fmt)
+    err.print(
+        f"wrote {counts['written']} conversations to {out_file}"
+        + (f"; skipped {counts['skipped']} down-rated without a correction" if counts["skipped"] else "")
+    )
+
+
+@feedback_app.command("stats")
+def feedback_stats(
+    adapter: Annotated[str | None, typer.Option(help="NAME or NAME@vN (default: all).")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Ratings per adapter version: up, down, corrected."""
+    from loraplex.gateway import db, feedback
+
+    rows = feedback.stats(db.connect(), adapter)
+    if as_json:
+        print(json.dumps(rows, ensure_ascii=False))
+        return
+    table = Table("adapter", "ratings", "up", "down", "corrected", "up ratio", "last")
+    for r in rows:
+        table.add_row(
+            r["adapter"],
+            str(r["ratings"]),
+            str(r["up"]),
+            str(r["down"]),
+            str(r["corrected"]),
+            f"{r['up_ratio']:.0%}",
+            _when(r["last"]),
+        )
+    out.print(table)
 
 
 def main() -> None:

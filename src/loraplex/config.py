@@ -132,13 +132,21 @@ class TrainConfig(_Strict):
             raise ValueError(str(e)) from None
 
 
-def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    model: type[BaseModel] = TrainConfig
+def _section_model(loc: tuple[Any, ...], root: type[BaseModel] = TrainConfig) -> type[BaseModel] | None:
+    model: type[BaseModel] = root
     for key in loc:
+        if isinstance(key, int):
+            continue  # an item of a list: its model is the list's item type, found at the list's key
         field = model.model_fields.get(str(key))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        if field is None:
             return None
-        model = field.annotation
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        if args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+            ann = args[0]  # list[Item]
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
     return model
 
 
@@ -146,6 +154,10 @@ def _line_of(node: Any, loc: tuple[Any, ...]) -> int | None:
     """1-based YAML line of the key at `loc`, using the composed node tree."""
     line = None
     for key in loc:
+        if isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+            continue
         if not isinstance(node, yaml.MappingNode):
             return line
         for k, v in node.value:
@@ -158,7 +170,7 @@ def _line_of(node: Any, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
-def _explain(err: ValidationError, source: str, node: Any) -> str:
+def _explain(err: ValidationError, source: str, node: Any, root: type[BaseModel] = TrainConfig) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
@@ -166,7 +178,7 @@ def _explain(err: ValidationError, source: str, node: Any) -> str:
         line = _line_of(node, loc) if node is not None else None
         where = f"{source}:{line}" if line else source
         if e["type"] == "extra_forbidden":
-            section = _section_model(loc[:-1])
+            section = _section_model(loc[:-1], root)
             options = list(section.model_fields) if section else []
             close = difflib.get_close_matches(str(loc[-1]), options, n=1)
             hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
@@ -174,6 +186,18 @@ def _explain(err: ValidationError, source: str, node: Any) -> str:
         else:
             lines.append(f"{where}: {dotted}: {e['msg']} (got {e.get('input')!r})")
     return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def load_yaml(path: Path) -> tuple[Any, Any]:
+    """A YAML file's data and its node tree (for line numbers in errors)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    try:
+        return yaml.safe_load(text) or {}, yaml.compose(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML: {e}") from None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -135,3 +135,24 @@ class LoadAdapterRequest(BaseModel):
 class UnloadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lora_name: str = Field(min_length=1, max_length=512)
+
+
+class FeedbackRequest(BaseModel):
+    """POST /v1/feedback: a rating of one response (by the id the completion returned)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=128)
+    rating: Literal["up", "down"]
+    comment: str | None = Field(None, max_length=10_000)
+    correction: str | None = Field(None, max_length=100_000)
+    choice: int = Field(0, ge=0, lt=MAX_N)
+
+
+class AliasRequest(BaseModel):
+    """POST /admin/aliases: point `alias` of adapter `name` at `version` (or roll it back)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64)
+    alias: str = Field(min_length=1, max_length=64)
+    version: int | None = Field(None, ge=1)
+    rollback: bool = False

@@ -1,8 +1,12 @@
 """The OpenAI-compatible HTTP API: thin routes that parse, call `Engine.generate`, and shape JSON.
 
 Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (both stream with SSE,
-ending `data: [DONE]`), POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's names),
-GET /health and /ready. Every error is OpenAI's shape: {"error": {message, type, param, code}}.
+ending `data: [DONE]`), POST /v1/feedback, POST /v1/load_lora_adapter and /v1/unload_lora_adapter
+(vLLM's names), the admin routes under /admin, GET /metrics (Prometheus), GET /health and /ready.
+Every error is OpenAI's shape: {"error": {message, type, param, code}}.
+
+Keys, access, limits, the request log, metrics, upstream routes and output filters live in
+gateway/; a route asks the `Gateway` and records into the request's `Call`.
 
 Streaming uses sse-starlette, which also notices a client that disconnects and cancels the
 response; the engine then frees that row at once (engine.generate's `finally`).
@@ -14,21 +18,22 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplex.adapters import registry
 from loraplex.api.schemas import (
+    AliasRequest,
     ChatCompletionRequest,
     CompletionRequest,
+    FeedbackRequest,
     LoadAdapterRequest,
     UnloadAdapterRequest,
 )
@@ -36,6 +41,11 @@ from loraplex.engine.adapter_cache import InvalidModelName, ModelNotFound
 from loraplex.engine.engine import Delta, Engine, EngineClosed, PromptTooLong
 from loraplex.engine.sampling import SamplingParams, TokenLogprob
 from loraplex.errors import UserError
+from loraplex.gateway import feedback, upstream
+from loraplex.gateway.gate import Call, Gateway, Overloaded
+from loraplex.gateway.keys import AuthError, Key
+from loraplex.gateway.limits import RateLimited
+from loraplex.gateway.log import audit_rows, summary
 
 MAX_BODY = 8 * 1024 * 1024
 UNSUPPORTED = {
@@ -57,16 +67,23 @@ class APIError(Exception):
         type_: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
 
 def error_response(
-    status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _translate(e: BaseException) -> APIError:
@@ -80,6 +97,22 @@ def _translate(e: BaseException) -> APIError:
         return APIError(400, str(e), param="messages", code="context_length_exceeded")
     if isinstance(e, EngineClosed):
         return APIError(503, str(e), type_="server_error", code="shutting_down")
+    if isinstance(e, AuthError):
+        return APIError(401, e.message, code=e.code)
+    if isinstance(e, RateLimited):
+        return APIError(
+            429,
+            e.message,
+            "rate_limit_error",
+            code=f"rate_limit_{e.limit}",
+            headers={"Retry-After": str(e.retry_after)},
+        )
+    if isinstance(e, Overloaded):
+        return APIError(503, e.message, "server_error", code="overloaded", headers={"Retry-After": str(e.retry_after)})
+    if isinstance(e, upstream.UpstreamError):
+        return APIError(
+            e.status, e.message, "server_error" if e.status >= 500 else "invalid_request_error", code=e.code
+        )
     if isinstance(e, UserError | ValueError):
         return APIError(400, str(e))
     return APIError(500, f"internal error: {e}", type_="server_error")
@@ -103,15 +136,51 @@ class BodyLimit:
         await self.app(scope, receive, send)
 
 
-def create_app(engine: Engine) -> FastAPI:
+COMPLETION_PATHS = {"/v1/chat/completions": ("chat", "chatcmpl"), "/v1/completions": ("completions", "cmpl")}
+
+
+def _close_call(request: Request, status: int, code: str | None) -> None:
+    """Every completion request leaves one log row: also those refused before the route ran."""
+    call: Call | None = getattr(request.state, "call", None)
+    gateway: Gateway | None = getattr(request.app.state, "gateway", None)
+    if call is None and gateway is not None and request.url.path in COMPLETION_PATHS:
+        call = request.state.call = gateway.call(*COMPLETION_PATHS[request.url.path])
+    if call is not None:
+        call.close(status, code or str(status))
+
+
+def create_app(engine: Engine, gateway: Gateway | None = None) -> FastAPI:
+    gw = gateway or Gateway(engine=engine)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await asyncio.to_thread(engine.close, 5.0)  # finish in-flight work, abort what is left
+        await gw.aclose()  # after the engine: the last streams' log rows are written too
 
     app = FastAPI(title="loraplex", lifespan=lifespan)
+    app.state.gateway = gw
     app.add_middleware(BodyLimit)
     created = int(time.time())
+    base_names = (engine.base.id, "base", "default")
+
+    def principal(request: Request) -> Key | None:
+        if request.url.path in COMPLETION_PATHS:
+            request.state.call = gw.call(*COMPLETION_PATHS[request.url.path])
+        key = gw.authenticate(request.headers.get("authorization"))
+        if key is not None and getattr(request.state, "call", None) is not None:
+            request.state.call.key = key
+        return key
+
+    def admin(request: Request) -> Key | None:
+        key = principal(request)
+        if key is not None and not key.admin:
+            gw.log.audit(key.name, f"{request.method} {request.url.path}", None, None, 403)
+            raise APIError(403, "this route needs an admin key", "permission_error", code="admin_required")
+        return key
+
+    def allowed(key: Key | None, model: str) -> bool:
+        return key is None or key.allows(model, base_names)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -126,11 +195,13 @@ def create_app(engine: Engine) -> FastAPI:
             param = None
         else:
             message = f"{param or 'body'}: {err.get('msg', 'invalid value')}"
+        _close_call(request, 400, "invalid_request")
         return error_response(400, message, param=param, code="invalid_request")
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+        _close_call(request, exc.status, exc.code)
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -142,14 +213,20 @@ def create_app(engine: Engine) -> FastAPI:
             message = "the request body could not be read: it must be UTF-8 JSON"
         else:
             message = str(exc.detail)
+        _close_call(request, exc.status_code, None)
         return error_response(
             exc.status_code, message, "invalid_request_error" if exc.status_code < 500 else "server_error"
         )
 
-    @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
         e = _translate(exc)
-        return error_response(e.status, e.message, e.type, e.param, e.code)
+        _close_call(request, e.status, e.code)
+        return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
+
+    # the gateway's refusals are answers, not crashes: handled here, never logged as tracebacks
+    for refusal in (AuthError, RateLimited, Overloaded, upstream.UpstreamError, UserError):
+        app.add_exception_handler(refusal, _crash)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _crash)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -161,50 +238,160 @@ def create_app(engine: Engine) -> FastAPI:
             return error_response(503, "shutting down", "server_error")
         return JSONResponse({"status": "ready", "model": engine.base.id})
 
+    @app.get("/metrics")
+    async def metrics(key: Key | None = Depends(admin)) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": await asyncio.to_thread(_model_list, engine, created)}
+    async def models(key: Key | None = Depends(principal)) -> dict[str, Any]:
+        data = await asyncio.to_thread(_model_list, engine, created, gw)
+        return {"object": "list", "data": [m for m in data if allowed(key, m["id"])]}
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest) -> Any:
+    async def chat(request: Request, req: ChatCompletionRequest, key: Key | None = Depends(principal)) -> Any:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         top = req.top_logprobs if req.logprobs else None
         if req.logprobs and top is None:
             top = 0
-        return await _complete(engine, req, messages, req.max_completion_tokens or req.max_tokens, top, chat=True)
+        call = request.state.call
+        call.prompt = messages
+        limit = req.max_completion_tokens or req.max_tokens
+        return await _complete(engine, gw, call, req, messages, limit, top, chat=True, allowed=allowed)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> Any:
+    async def completions(request: Request, req: CompletionRequest, key: Key | None = Depends(principal)) -> Any:
         if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str):
             if len(req.prompt) != 1:
                 raise APIError(400, "this server takes one prompt per request", param="prompt")
             prompt: Any = req.prompt[0]
         else:
             prompt = req.prompt
-        return await _complete(engine, req, prompt, req.max_tokens or 16, req.logprobs, chat=False)
+        call = request.state.call
+        call.prompt = prompt
+        return await _complete(
+            engine, gw, call, req, prompt, req.max_tokens or 16, req.logprobs, chat=False, allowed=allowed
+        )
+
+    @app.post("/v1/feedback")
+    async def give_feedback(req: FeedbackRequest, key: Key | None = Depends(principal)) -> dict[str, Any]:
+        item = gw.recent.get(req.id)
+        if item is None:
+            row = await asyncio.to_thread(gw.log.lookup, req.id)
+            if row is not None and row["response"] and row["status"] < 400:
+                prompt = json.loads(row["prompt"])
+                messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+                item = feedback.Answered(row["key"], row["served"], messages, tuple(json.loads(row["response"])))
+        # another key's response is as unknown as a missing one
+        if item is None or (key is not None and item.key != key.name):
+            raise APIError(404, f"no recent response with id {req.id!r}", param="id", code="response_not_found")
+        if req.choice >= len(item.answers):
+            raise APIError(400, f"choice {req.choice}: the response has {len(item.answers)}", param="choice")
+        fid = await asyncio.to_thread(
+            feedback.record, gw.con, req.id, item, req.choice, req.rating, req.comment, req.correction
+        )
+        return {"id": fid, "object": "feedback", "response_id": req.id, "model": item.served, "rating": req.rating}
+
+    async def audited(key: Key | None, action: str, target: str, detail: Any, work: Any) -> Any:
+        status = 200
+        try:
+            return await asyncio.to_thread(work)
+        except Exception as e:  # noqa: BLE001
+            err = _translate(e)
+            status = err.status
+            raise err from None
+        finally:
+            await asyncio.to_thread(gw.log.audit, key.name if key else None, action, target, detail, status)
 
     @app.post("/v1/load_lora_adapter")
-    async def load_adapter(req: LoadAdapterRequest) -> dict[str, Any]:
-        try:
-            key = await asyncio.to_thread(engine.load_adapter, req.lora_name, req.pin)
-        except Exception as e:  # noqa: BLE001
-            raise _translate(e) from None
-        return {"loaded": key, "pinned": req.pin}
+    @app.post("/admin/adapters/load")
+    async def load_adapter(req: LoadAdapterRequest, key: Key | None = Depends(admin)) -> dict[str, Any]:
+        loaded = await audited(
+            key, "load", req.lora_name, {"pin": req.pin}, lambda: engine.load_adapter(req.lora_name, req.pin)
+        )
+        return {"loaded": loaded, "pinned": req.pin}
 
     @app.post("/v1/unload_lora_adapter")
-    async def unload_adapter(req: UnloadAdapterRequest) -> dict[str, Any]:
+    @app.post("/admin/adapters/unload")
+    async def unload_adapter(req: UnloadAdapterRequest, key: Key | None = Depends(admin)) -> dict[str, Any]:
         name = req.lora_name.split("@")[0]
-        try:
+
+        def work() -> list[str]:
             engine.adapters.resolve(name)
-        except Exception as e:  # noqa: BLE001
-            raise _translate(e) from None
-        return {"unloaded": await asyncio.to_thread(engine.unload_adapter, name)}
+            return engine.unload_adapter(name)
+
+        return {"unloaded": await audited(key, "unload", name, None, work)}
+
+    @app.post("/admin/adapters/reload")
+    async def reload_adapter(req: LoadAdapterRequest, key: Key | None = Depends(admin)) -> dict[str, Any]:
+        """Drop every loaded version of the adapter and load what its name resolves to now."""
+        name = req.lora_name.split("@")[0]
+
+        def work() -> dict[str, Any]:
+            engine.adapters.resolve(req.lora_name)
+            return {"unloaded": engine.unload_adapter(name), "loaded": engine.load_adapter(req.lora_name, req.pin)}
+
+        return await audited(key, "reload", req.lora_name, {"pin": req.pin}, work)
+
+    @app.post("/admin/aliases")
+    async def move_alias(req: AliasRequest, key: Key | None = Depends(admin)) -> dict[str, Any]:
+        def work() -> dict[str, Any]:
+            if req.rollback:
+                old, new = registry.rollback(req.name, req.alias)
+                return {"alias": f"{req.name}@{req.alias}", "from": f"{req.name}@v{old}", "to": f"{req.name}@v{new}"}
+            if req.version is None:
+                raise UserError("give a version to point the alias at, or rollback: true")
+            ref = registry.tag(f"{req.name}@v{req.version}", req.alias)
+            return {"alias": f"{req.name}@{req.alias}", "to": ref.id}
+
+        detail = {"version": req.version, "rollback": req.rollback}
+        return await audited(key, "alias", f"{req.name}@{req.alias}", detail, work)
+
+    @app.get("/admin/usage")
+    async def usage(by: str = "adapter", since: float | None = None, key: Key | None = Depends(admin)) -> Any:
+        if by not in ("adapter", "key"):
+            raise APIError(400, "by: use adapter or key", param="by")
+        await asyncio.to_thread(gw.log.flush)
+        rows = await asyncio.to_thread(summary, gw.con, since, by)
+        await asyncio.to_thread(gw.log.audit, key.name if key else None, "usage", by, {"since": since}, 200)
+        return {"object": "list", "by": by, "data": rows}
+
+    @app.get("/admin/keys")
+    async def key_list(key: Key | None = Depends(admin)) -> Any:
+        from loraplex.gateway import keys as key_store
+
+        await asyncio.to_thread(gw.log.flush)
+        use = {r["name"]: r for r in await asyncio.to_thread(summary, gw.con, None, "key")}
+        data = [
+            {
+                "name": k.name,
+                "models": list(k.models),
+                "admin": k.admin,
+                "rpm": k.rpm,
+                "tpm": k.tpm,
+                "expires": k.expires,
+                "revoked": k.revoked,
+                "usage": use.get(k.name),
+            }
+            for k in await asyncio.to_thread(key_store.list_keys, gw.con)
+        ]
+        await asyncio.to_thread(gw.log.audit, key.name if key else None, "keys", None, None, 200)
+        return {"object": "list", "data": data}
+
+    @app.get("/admin/audit")
+    async def audit(limit: int = 100, key: Key | None = Depends(admin)) -> Any:
+        return {"object": "list", "data": await asyncio.to_thread(audit_rows, gw.con, min(max(limit, 1), 10_000))}
 
     return app
 
 
-def _model_list(engine: Engine, created: int) -> list[dict[str, Any]]:
+def _model_list(engine: Engine, created: int, gw: Gateway) -> list[dict[str, Any]]:
     data: list[dict[str, Any]] = [{"id": engine.base.id, "object": "model", "created": created, "owned_by": "loraplex"}]
+    for up in gw.config.upstreams:  # exact names only: a pattern names no model a client could pick
+        for name in up.models:
+            if not any(c in name for c in "*?["):
+                data.append({"id": name, "object": "model", "created": created, "owned_by": up.base_url})
     all_aliases = registry.all_aliases()
     for name, versions in registry.list_names():
         if engine.adapters.allowed is not None and name not in engine.adapters.allowed:
@@ -270,12 +457,32 @@ def _params(req: ChatCompletionRequest | CompletionRequest, top_logprobs: int | 
 
 async def _complete(
     engine: Engine,
+    gw: Gateway,
+    call: Call,
     req: ChatCompletionRequest | CompletionRequest,
     prompt: Any,
     max_tokens: int | None,
     top_logprobs: int | None,
     chat: bool,
+    allowed: Any,
 ) -> Any:
+    call.model = req.model
+    if not allowed(call.key, req.model):
+        # the same answer whether or not the model exists: a key learns nothing about hidden ones
+        raise APIError(
+            403,
+            f"model {req.model!r} is not available to this API key",
+            "permission_error",
+            param="model",
+            code="model_not_allowed",
+        )
+    filt = gw.output_filter(req.model)
+    if filt and top_logprobs is not None:
+        raise APIError(400, f"logprobs are not available for {req.model!r}: its output is filtered", param="logprobs")
+    up = gw.config.upstream_for(req.model)
+    gw.reserve(call, req.n)
+    if up is not None:
+        return await _proxy(gw, call, req, up, chat, filt)
     try:
         adapter = await asyncio.to_thread(engine.adapters.resolve, req.model)
         served = adapter.key or engine.base.id
@@ -287,19 +494,24 @@ async def _complete(
         engine.check_length(len(prompt_ids), max_tokens)
     except Exception as e:  # noqa: BLE001
         raise _translate(e) from None
+    call.served = served
+    call.prompt_tokens = len(prompt_ids)
+    if call.key is not None:
+        call.usage = gw.limiter.admit(call.key, len(prompt_ids))
 
     kind = "chat.completion" if chat else "text_completion"
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    rid = call.id
     created = int(time.time())
     streams = [engine.generate(prompt_ids, _params(req, top_logprobs, i), adapter, max_tokens) for i in range(req.n)]
 
     if not req.stream:
         try:
-            results = await asyncio.gather(*[_collect(s) for s in streams])
+            results = await asyncio.gather(*[_collect(s, call) for s in streams])
         except Exception as e:  # noqa: BLE001
             raise _translate(e) from None
         choices = []
-        for i, (text, finish, logprobs, _) in enumerate(results):
+        texts = [filt.apply(r[0]) if filt else r[0] for r in results]
+        for i, (text, (_, finish, logprobs, _)) in enumerate(zip(texts, results, strict=True)):
             lp = _logprobs_json(engine, logprobs, chat) if top_logprobs is not None else None
             if chat:
                 choices.append(
@@ -312,19 +524,23 @@ async def _complete(
                 )
             else:
                 choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
-        usage = _usage(len(prompt_ids), sum(r[3] for r in results))
+        call.completion_tokens = sum(r[3] for r in results)
+        call.finish_reason = results[0][1]
+        call.answers = texts
+        call.close(200)
         return {
             "id": rid,
             "object": kind,
             "created": created,
             "model": served,
             "choices": choices,
-            "usage": usage,
+            "usage": _usage(len(prompt_ids), call.completion_tokens),
             "system_fingerprint": f"loraplex-{engine.base.id}",
         }
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+    itl = gw.metrics.itl.labels(served)
 
     def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
         body: dict[str, Any] = {
@@ -350,52 +566,113 @@ async def _complete(
             except Exception as e:  # noqa: BLE001 - reported in-band, the stream is already open
                 await queue.put((i, e))
 
-        if chat:
-            for i in range(req.n):
-                first = {
-                    "index": i,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-                yield {"data": chunk([first])}
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-        completion_tokens, open_streams = 0, req.n
+        status, code = 499, "client_disconnected"  # unless the stream ends otherwise
+        texts: list[list[str]] = [[] for _ in range(req.n)]
+        filters = [filt.stream() for _ in range(req.n)] if filt else None
         try:
-            while open_streams:
-                i, item = await queue.get()
-                if item is None:
-                    open_streams -= 1
-                    continue
-                if isinstance(item, BaseException):
-                    e = _translate(item)
-                    yield {
-                        "data": json.dumps(
-                            {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
-                        )
+            if chat:
+                for i in range(req.n):
+                    first = {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
                     }
-                    return
-                lp = _logprobs_json(engine, item.logprobs, chat) if top_logprobs is not None else None
-                if chat:
-                    delta = {"content": item.text} if item.text else {}
-                    choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": item.finish_reason}
-                else:
-                    choice = {"index": i, "text": item.text, "logprobs": lp, "finish_reason": item.finish_reason}
-                if item.finish_reason is not None:
-                    completion_tokens += item.completion_tokens
-                yield {"data": chunk([choice])}
-            if include_usage:
-                yield {"data": chunk([], _usage(len(prompt_ids), completion_tokens))}
-            yield {"data": "[DONE]"}
+                    yield {"data": chunk([first])}
+            tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+            completion_tokens, open_streams = 0, req.n
+            last = time.perf_counter()
+            try:
+                while open_streams:
+                    i, item = await queue.get()
+                    if item is None:
+                        open_streams -= 1
+                        continue
+                    if isinstance(item, BaseException):
+                        e = _translate(item)
+                        status, code = e.status, e.code or str(e.status)
+                        yield {
+                            "data": json.dumps(
+                                {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
+                            )
+                        }
+                        return
+                    now = time.perf_counter()
+                    if call.t_first is None:
+                        call.first_token()
+                    elif item.token_ids:
+                        itl.observe((now - last) / len(item.token_ids))
+                    last = now
+                    text = item.text
+                    if filters is not None:
+                        text = filters[i].feed(text) + (filters[i].finish() if item.finish_reason else "")
+                    texts[i].append(text)
+                    lp = _logprobs_json(engine, item.logprobs, chat) if top_logprobs is not None else None
+                    if chat:
+                        delta = {"content": text} if text else {}
+                        choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": item.finish_reason}
+                    else:
+                        choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": item.finish_reason}
+                    if item.finish_reason is not None:
+                        completion_tokens += item.completion_tokens
+                        call.finish_reason = call.finish_reason or item.finish_reason
+                    call.completion_tokens = completion_tokens
+                    yield {"data": chunk([choice])}
+                if include_usage:
+                    yield {"data": chunk([], _usage(len(prompt_ids), completion_tokens))}
+                yield {"data": "[DONE]"}
+                status, code = 200, None
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            call.answers = ["".join(t) for t in texts]
+            call.close(status, code)
 
     return EventSourceResponse(events(), sep="\n", ping=15)
 
 
-def run(engine: Engine, host: str, port: int, shutdown_timeout: float) -> None:
+async def _proxy(
+    gw: Gateway, call: Call, req: ChatCompletionRequest | CompletionRequest, up: Any, chat: bool, filt: Any
+) -> Any:
+    """Answer from an upstream endpoint (gateway/upstream.py), metered like the engine's answers."""
+    path = "/chat/completions" if chat else "/completions"
+    body = req.model_dump(exclude_unset=True)
+    out = upstream.Outcome()
+    call.served = f"{req.model}@{up.base_url}"
+    if not req.stream:
+        data = await upstream.complete(gw.http, up, path, body, filt, out, call.id)
+        call.t_first = out.first_token
+        call.prompt_tokens, call.completion_tokens = out.prompt_tokens, out.completion_tokens
+        call.finish_reason = out.finish_reason
+        call.answers = ["".join(out.texts.get(i, [])) for i in range(req.n)]
+        call.close(200)
+        return data
+    chunks = upstream.stream(gw.http, up, path, body, filt, out, call.id)
+    first = await anext(chunks)  # an upstream refusal is still an HTTP error here, not a broken stream
+
+    async def events() -> AsyncIterator[dict[str, str]]:
+        status, code = 499, "client_disconnected"
+        try:
+            yield {"data": first}
+            async for payload in chunks:
+                yield {"data": payload}
+            status, code = 200, None
+        except upstream.UpstreamError as e:
+            status, code = e.status, e.code
+            yield {"data": json.dumps({"error": {"message": e.message, "type": "server_error", "code": e.code}})}
+        finally:
+            call.t_first = out.first_token
+            call.prompt_tokens, call.completion_tokens = out.prompt_tokens, out.completion_tokens
+            call.finish_reason = out.finish_reason
+            call.answers = ["".join(out.texts.get(i, [])) for i in range(req.n)]
+            call.close(status, code)
+
+    return EventSourceResponse(events(), sep="\n", ping=15)
+
+
+def run(engine: Engine, host: str, port: int, shutdown_timeout: float, gateway: Gateway | None = None) -> None:
     """Serve until SIGINT/SIGTERM, then shut down gracefully: stop accepting connections and new
     requests (503 `shutting_down`, /ready 503), let in-flight requests finish for up to
     `shutdown_timeout` s, end the ones still running with an OpenAI error (a 503, or an error event
@@ -412,7 +689,7 @@ def run(engine: Engine, host: str, port: int, shutdown_timeout: float) -> None:
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
-        create_app(engine),
+        create_app(engine, gateway),
         host=host,
         port=port,
         log_level="warning",
@@ -422,12 +699,13 @@ def run(engine: Engine, host: str, port: int, shutdown_timeout: float) -> None:
     DrainingServer(config).run()
 
 
-async def _collect(stream: AsyncIterator[Delta]) -> tuple[str, str | None, list[TokenLogprob], int]:
+async def _collect(stream: AsyncIterator[Delta], call: Call) -> tuple[str, str | None, list[TokenLogprob], int]:
     parts: list[str] = []
     logprobs: list[TokenLogprob] = []
     finish: str | None = None
     n_tokens = 0
     async for d in stream:
+        call.first_token()
         parts.append(d.text)
         logprobs.extend(d.logprobs)
         finish = d.finish_reason

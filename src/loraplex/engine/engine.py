@@ -196,6 +196,13 @@ class Engine:
     def in_flight(self) -> int:
         return len(self._rows) + len(self._waiting)
 
+    def queue_depth(self) -> int:
+        """Requests waiting for a batch row (read from any thread: a length, not a lock)."""
+        return len(self._waiting)
+
+    def running(self) -> int:
+        return len(self._rows)
+
     def encode(self, prompt: str | list[dict[str, Any]] | list[int]) -> list[int]:
         """Messages are rendered with the base's chat template, exactly as in training."""
         if isinstance(prompt, str):

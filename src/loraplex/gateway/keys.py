@@ -1,0 +1,169 @@
+"""API keys: create (shown once), list, revoke, and check a request's `Authorization` header.
+
+A key is `lp-<id>-<secret>`. The id is stored in the clear to find the row; the secret only as
+sha256(salt || secret) with a random per-key salt. Why not bcrypt/argon2 as for passwords: the
+secret is 256 random bits, which no dictionary or brute force reaches, and a slow hash would add
+its whole cost (tens of ms) to every request; fast salted hashes are what token-based APIs use.
+
+A key's `models` are glob patterns over model names (`legal*,hr`); a composition is allowed when
+every part is, and `name@alias` / `name@vN` when `name` is. The base model is a model like any
+other: named by its id (or `base`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from fnmatch import fnmatchcase
+
+from loraplex.errors import UserError
+from loraplex.paths import check_name
+
+_TOKEN = re.compile(r"^lp-([0-9a-f]{12})-([A-Za-z0-9_-]{20,100})$")
+_DURATION = re.compile(r"^(\d+)([hdw])$")
+
+
+class AuthError(Exception):
+    """A request's key is missing or not valid (401)."""
+
+    def __init__(self, message: str, code: str = "invalid_api_key"):
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+@dataclass(frozen=True)
+class Key:
+    id: str
+    name: str
+    models: tuple[str, ...]
+    admin: bool
+    rpm: int | None
+    tpm: int | None
+    expires: float | None
+    created: float
+    revoked: float | None
+
+    def allows(self, model: str, base_names: tuple[str, ...] = ()) -> bool:
+        """Whether this key may use `model` (a name, `name@version`, or a `a:0.7+b` composition)."""
+        parts = [p.split(":")[0].split("@")[0].strip() for p in model.split("+")]
+        return all(self._allows_name(p, base_names) for p in parts)
+
+    def _allows_name(self, name: str, base_names: tuple[str, ...]) -> bool:
+        names = base_names if name in base_names else (name,)
+        return any(fnmatchcase(n, pat) for n in names for pat in self.models)
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Key:
+        return cls(
+            id=row["id"],
+            name=row["name"],
+            models=tuple(p for p in row["models"].split(",") if p),
+            admin=bool(row["admin"]),
+            rpm=row["rpm"],
+            tpm=row["tpm"],
+            expires=row["expires"],
+            created=row["created"],
+            revoked=row["revoked"],
+        )
+
+
+def parse_expiry(value: str, now: float | None = None) -> float:
+    """`2026-12-31` (valid through that day, local time), an ISO date-time, or a duration `30d`/`12h`/`2w`."""
+    now = time.time() if now is None else now
+    m = _DURATION.match(value.strip())
+    if m:
+        n, unit = int(m.group(1)), m.group(2)
+        return now + n * {"h": 3600, "d": 86400, "w": 7 * 86400}[unit]
+    try:
+        if len(value.strip()) == 10:
+            day = datetime.fromisoformat(value.strip())
+            return (day + timedelta(days=1)).timestamp()
+        return datetime.fromisoformat(value.strip()).timestamp()
+    except ValueError:
+        raise UserError(
+            f"--expires {value!r}: use a date (2026-12-31), a date-time, or a duration (30d, 12h, 2w)"
+        ) from None
+
+
+def parse_patterns(value: str | None) -> tuple[str, ...]:
+    if value is None or not value.strip():
+        return ("*",)
+    pats = tuple(p.strip() for p in value.split(",") if p.strip())
+    for p in pats:
+        if not re.fullmatch(r"[a-z0-9*?\[\]._-]{1,64}", p):
+            raise UserError(f"--adapters: {p!r} is not a model name or glob pattern (a-z, 0-9, . _ - * ? [ ])")
+    return pats
+
+
+def _hash(salt: bytes, secret: str) -> bytes:
+    return hashlib.sha256(salt + secret.encode()).digest()
+
+
+def create(
+    con: sqlite3.Connection,
+    name: str,
+    models: tuple[str, ...] = ("*",),
+    admin: bool = False,
+    rpm: int | None = None,
+    tpm: int | None = None,
+    expires: float | None = None,
+) -> tuple[Key, str]:
+    """A new key and its token (the only time the token exists outside the client)."""
+    check_name(name, "key name")
+    key_id, secret, salt = secrets.token_hex(6), secrets.token_urlsafe(32), secrets.token_bytes(16)
+    try:
+        con.execute(
+            "INSERT INTO keys (id, name, salt, hash, models, admin, rpm, tpm, expires, created)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key_id, name, salt, _hash(salt, secret), ",".join(models), int(admin), rpm, tpm, expires, time.time()),
+        )
+    except sqlite3.IntegrityError:
+        raise UserError(f"a key named {name!r} exists already (revoke it or pick another name)") from None
+    return get(con, name), f"lp-{key_id}-{secret}"
+
+
+def get(con: sqlite3.Connection, name: str) -> Key:
+    row = con.execute("SELECT * FROM keys WHERE name = ?", (name,)).fetchone()
+    if row is None:
+        raise UserError(f"no key named {name!r} (see `loraplex keys list`)")
+    return Key.from_row(row)
+
+
+def list_keys(con: sqlite3.Connection) -> list[Key]:
+    return [Key.from_row(r) for r in con.execute("SELECT * FROM keys ORDER BY created")]
+
+
+def any_active(con: sqlite3.Connection) -> bool:
+    return con.execute("SELECT 1 FROM keys WHERE revoked IS NULL LIMIT 1").fetchone() is not None
+
+
+def revoke(con: sqlite3.Connection, name: str) -> Key:
+    key = get(con, name)
+    if key.revoked is None:
+        con.execute("UPDATE keys SET revoked = ? WHERE name = ?", (time.time(), name))
+    return get(con, name)
+
+
+def authenticate(con: sqlite3.Connection, authorization: str | None, now: float | None = None) -> Key:
+    """The key a request's `Authorization: Bearer ...` header names; AuthError if none is valid."""
+    if not authorization:
+        raise AuthError("missing API key: send the header 'Authorization: Bearer KEY'", "missing_api_key")
+    scheme, _, token = authorization.partition(" ")
+    m = _TOKEN.match(token.strip()) if scheme.lower() == "bearer" else None
+    row = con.execute("SELECT * FROM keys WHERE id = ?", (m.group(1),)).fetchone() if m else None
+    if m is None or row is None or not hmac.compare_digest(_hash(row["salt"], m.group(2)), row["hash"]):
+        raise AuthError("invalid API key")
+    key = Key.from_row(row)
+    if key.revoked is not None:
+        raise AuthError(f"API key {key.name!r} was revoked", "revoked_api_key")
+    now = time.time() if now is None else now
+    if key.expires is not None and now >= key.expires:
+        when = datetime.fromtimestamp(key.expires).isoformat(timespec="minutes")
+        raise AuthError(f"API key {key.name!r} expired at {when}", "expired_api_key")
+    return key
