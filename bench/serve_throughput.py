@@ -209,7 +209,7 @@ def llama_cpp(base: Any, names: list[str], prompts: list[str], tokens: int) -> d
 class ServerProcess:
     """`loraplex serve` in its own process on a free loopback port."""
 
-    def __init__(self, home: Path, adapters: list[str]):
+    def __init__(self, home: Path, adapters: list[str], extra: list[str] | None = None):
         import socket
 
         import httpx
@@ -231,6 +231,7 @@ class ServerProcess:
             str(len(adapters)),
             "--adapters",
             ",".join(adapters),
+            *(extra or []),
         ]
         self.proc = subprocess.Popen(cmd, env={**os.environ, "LORAPLEX_HOME": str(home)})
         deadline = time.time() + 300

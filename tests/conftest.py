@@ -111,8 +111,14 @@ def facts_file(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "facts.jsonl", [{"instruction": q, "output": a} for q, a in FACTS])
 
 
-def make_adapter(base_dir: Path, name: str, rank: int = 4, targets: list[str] | str = "all-linear", seed: int = 0,
-                 alpha: int | None = None) -> str:
+def make_adapter(
+    base_dir: Path,
+    name: str,
+    rank: int = 4,
+    targets: list[str] | str = "all-linear",
+    seed: int = 0,
+    alpha: int | None = None,
+) -> str:
     """Register a random (non-zero) PEFT LoRA adapter for `base_dir` in the current store; returns its id."""
     import tempfile
 
@@ -133,8 +139,11 @@ def make_adapter(base_dir: Path, name: str, rank: int = 4, targets: list[str] | 
         ref = registry.register(
             name,
             Path(tmp),
-            {"base_model": {"id": base.id, "source": base.source, "fingerprint": base.fingerprint},
-             "description": f"random test adapter {name}", "owner": "tests"},
+            {
+                "base_model": {"id": base.id, "source": base.source, "fingerprint": base.fingerprint},
+                "description": f"random test adapter {name}",
+                "owner": "tests",
+            },
         )
     return ref.id
 

@@ -51,7 +51,11 @@ def test_stream_and_non_stream_agree_and_name_the_version(server: Server) -> Non
     assert full.choices[0].finish_reason in ("stop", "length")
     chunks = list(
         c.chat.completions.create(
-            model="legal", messages=USER, temperature=0, max_tokens=20, stream=True,
+            model="legal",
+            messages=USER,
+            temperature=0,
+            max_tokens=20,
+            stream=True,
             stream_options={"include_usage": True},
         )
     )
@@ -81,7 +85,9 @@ def test_usage_counts_match_the_tokenizer(server: Server) -> None:
 
 def test_stop_strings_cut_exactly(server: Server) -> None:
     c = server.client
-    text = c.completions.create(model="legal", prompt="The office opens at", temperature=0, max_tokens=30).choices[0].text
+    text = (
+        c.completions.create(model="legal", prompt="The office opens at", temperature=0, max_tokens=30).choices[0].text
+    )
     assert len(text) > 6
     stop = text[3:6]
     cut = c.completions.create(model="legal", prompt="The office opens at", temperature=0, max_tokens=30, stop=[stop])
@@ -126,9 +132,16 @@ def test_client_disconnect_frees_the_row(server: Server) -> None:
     engine = server.engine
     cancelled = engine.stats.cancelled
     with httpx.stream(
-        "POST", f"{server.url}/v1/chat/completions",
-        json={"model": "legal", "messages": USER, "max_tokens": 400, "stream": True, "temperature": 0.8,
-              "stop_token_ids": []},
+        "POST",
+        f"{server.url}/v1/chat/completions",
+        json={
+            "model": "legal",
+            "messages": USER,
+            "max_tokens": 400,
+            "stream": True,
+            "temperature": 0.8,
+            "stop_token_ids": [],
+        },
         timeout=30,
     ) as r:
         lines = r.iter_lines()
@@ -204,7 +217,8 @@ def test_errors_use_openai_shape_and_server_keeps_serving(server: Server) -> Non
             c.chat.completions.create(model=bad, messages=USER)
     with pytest.raises(openai.BadRequestError) as tools:
         c.chat.completions.create(
-            model="legal", messages=USER,
+            model="legal",
+            messages=USER,
             tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
         )
     assert "tool" in tools.value.message
@@ -214,9 +228,13 @@ def test_errors_use_openai_shape_and_server_keeps_serving(server: Server) -> Non
 
     url = f"{server.url}/v1/chat/completions"
     cases = {
-        "malformed json": dict(content=b'{"model": "legal", "messages": [', headers={"content-type": "application/json"}),
-        "invalid utf-8": dict(content=b'{"model": "legal", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
-                              headers={"content-type": "application/json"}),
+        "malformed json": dict(
+            content=b'{"model": "legal", "messages": [', headers={"content-type": "application/json"}
+        ),
+        "invalid utf-8": dict(
+            content=b'{"model": "legal", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+            headers={"content-type": "application/json"},
+        ),
         "wrong type": dict(json={"model": "legal", "messages": "hi"}),
         "negative max_tokens": dict(json={"model": "legal", "messages": USER, "max_tokens": -5}),
         "absurd n": dict(json={"model": "legal", "messages": USER, "n": 1000}),
@@ -224,8 +242,12 @@ def test_errors_use_openai_shape_and_server_keeps_serving(server: Server) -> Non
         "unknown role": dict(json={"model": "legal", "messages": [{"role": "wizard", "content": "x"}]}),
         "temperature": dict(json={"model": "legal", "messages": USER, "temperature": 5}),
         "unknown field": dict(json={"model": "legal", "messages": USER, "frobnicate": 1}),
-        "image part": dict(json={"model": "legal", "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "http://x"}}]}]}),
+        "image part": dict(
+            json={
+                "model": "legal",
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}],
+            }
+        ),
     }
     for name, kw in cases.items():
         r = httpx.post(url, timeout=30, **kw)

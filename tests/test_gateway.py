@@ -380,3 +380,17 @@ def test_overload_answers_503_and_the_server_recovers(env: Env) -> None:
     assert refused and all(r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"] for r in refused)
     assert gw.inflight == 0
     assert env.chat("ops", "legal").status_code == 200
+
+
+def test_serve_config_errors_name_the_file_and_line(tmp_path: Path) -> None:
+    from loraplex.errors import UserError
+    from loraplex.gateway.policy import load_serve_config
+
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("upstreams:\n  - models: [x]\n    base_url: ftp://x\nfilters:\n  - blok: [a]\n  - block: ['(']\n")
+    with pytest.raises(UserError) as e:
+        load_serve_config(bad)
+    msg = str(e.value)
+    assert f"{bad}:3: upstreams.0.base_url" in msg
+    assert f"{bad}:5: unknown key 'filters.0.blok'; did you mean 'filters.0.block'?" in msg
+    assert f"{bad}:6: filters.1.block" in msg and "not a valid regular expression" in msg

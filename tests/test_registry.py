@@ -147,9 +147,12 @@ def test_archive_round_trip_is_bit_identical_and_idempotent(
     v1 = lp_home / "adapters" / "hr" / "v1"
     manifest = json.loads((v1 / registry.MANIFEST).read_text())
     files = {f: (v1 / f).read_bytes() for f in (registry.WEIGHTS, registry.CONFIG)}
-    forged = _tar(tmp_path / "forged.tar", "hr", 2, {
-        **files, registry.MANIFEST: json.dumps({**manifest, "version": 2, "id": "hr@v2"}).encode()
-    })
+    forged = _tar(
+        tmp_path / "forged.tar",
+        "hr",
+        2,
+        {**files, registry.MANIFEST: json.dumps({**manifest, "version": 2, "id": "hr@v2"}).encode()},
+    )
     with pytest.raises(UserError, match="already exists with different weights"):
         import_tar(forged)
     assert (ref.path / registry.WEIGHTS).read_bytes() == (original / registry.WEIGHTS).read_bytes()
@@ -179,9 +182,15 @@ def test_bad_archives_are_refused_and_write_nothing(lp_home: Path, tiny_base: Pa
             tmp_path / "missing.tar", "src", 1, {k: v for k, v in files.items() if k != registry.WEIGHTS}
         ),
         "manifest.json field files.adapter_model.safetensors.sha256": _tar(
-            tmp_path / "schema.tar", "src", 1, {**files, "manifest.json": json.dumps(
-                {**manifest, "files": {**manifest["files"], registry.WEIGHTS: {"sha256": "nope", "bytes": 1}}}
-            ).encode()},
+            tmp_path / "schema.tar",
+            "src",
+            1,
+            {
+                **files,
+                "manifest.json": json.dumps(
+                    {**manifest, "files": {**manifest["files"], registry.WEIGHTS: {"sha256": "nope", "bytes": 1}}}
+                ).encode(),
+            },
         ),
         "tampered or truncated": _tar(
             tmp_path / "tamper.tar", "src", 1, {**files, registry.WEIGHTS: files[registry.WEIGHTS][:-1] + b"\x00"}
@@ -220,7 +229,7 @@ def test_export_formats(lp_home: Path, tiny_base: Path, tmp_path: Path) -> None:
         ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         with torch.no_grad():
             out = merged.generate(**ids, max_new_tokens=24, do_sample=False)
-        text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
         assert text.strip() == lm.answer(msgs, 24)  # LocalModel strips surrounding whitespace
     assert merged.generation_config.eos_token_id  # stops at end of turn on its own
     # vllm: PEFT directories and the command line for every prod adapter

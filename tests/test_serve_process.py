@@ -51,8 +51,13 @@ class ServeProcess:
         def work() -> None:
             try:
                 for ch in self.client.chat.completions.create(
-                    model=self.base_id, messages=USER, temperature=0, max_tokens=max_tokens, stream=True,
-                    stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+                    model=self.base_id,
+                    messages=USER,
+                    temperature=0,
+                    max_tokens=max_tokens,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    extra_body={"ignore_eos": True},
                 ):
                     if ch.choices and ch.choices[0].delta.content:
                         result["text"] += ch.choices[0].delta.content

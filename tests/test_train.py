@@ -171,7 +171,10 @@ def test_chat_streams_multi_turn_with_the_adapter(lp_home: Path, tiny_base: Path
     proc = subprocess.run(
         [sys.executable, "-m", "loraplex.cli", "chat", "--adapter", "tiny", "--max-new-tokens", "8"],
         input="When does the office open?\nAnd on Sunday?\n/reset\n/exit\n",
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "chatting with tiny@v1" in proc.stderr
@@ -204,8 +207,9 @@ def test_full_disk_during_registration_leaves_no_partial_version(
         "except UserError as e:\n"
         "    print(e); sys.exit(3)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script, str(res.adapter.path)], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(res.adapter.path)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 3, proc.stderr
     assert "cannot write adapter tiny" in proc.stdout
     assert registry.versions("tiny") == [1]

@@ -1,0 +1,128 @@
+"""The gateway under load and abuse: many clients for a while, valid, invalid, forbidden and
+disconnecting requests mixed, with API keys on and a small queue so overload is reached.
+
+    python bench/gateway_load.py [--clients 32] [--seconds 60] [--max-queue 8]
+
+`loraplex serve` (the default base, 8 random rank-16 adapters, keys required) runs as its own
+process on loopback; each client loops over: a valid chat completion (streamed or not, 8-32 tokens,
+a random adapter), an invalid body (400), a model outside its key (403), or a stream it abandons
+after the first chunk. Reports, side by side in one run: answers by status, any 5xx other than
+the deliberate 503 `overloaded`, requests sent vs. rows in the request log, and the server's
+resident memory after warm-up vs. after the run (and after a second, identical run: flat means
+no growth between the two).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import random
+import sqlite3
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from loraplex.gateway import db, keys  # noqa: E402
+from loraplex.models.load import resolve_base  # noqa: E402
+from serve_throughput import ServerProcess, make_adapters  # noqa: E402
+
+USER = [{"role": "user", "content": "年假有多少天？How many days of leave do I get?"}]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def client(url: str, token: str, names: list[str], until: float, seed: int, tally: collections.Counter) -> None:
+    rnd = random.Random(seed)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as http:
+        while time.monotonic() < until:
+            kind = rnd.choices(["valid", "invalid", "forbidden", "disconnect"], [60, 15, 10, 15])[0]
+            body = {"model": rnd.choice(names), "messages": USER, "max_tokens": rnd.randint(8, 32)}
+            tally["sent"] += 1
+            if kind == "invalid":
+                body["temperature"] = 9
+            elif kind == "forbidden":
+                body["model"] = "secret-hr"
+            if kind == "disconnect" or (kind == "valid" and rnd.random() < 0.5):
+                body["stream"] = True
+                async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                    tally[f"{kind} {r.status_code}"] += 1
+                    if r.status_code == 200:
+                        async for _ in r.aiter_lines():
+                            if kind == "disconnect":
+                                break  # closes the connection mid-stream
+                continue
+            r = await http.post("/v1/chat/completions", json=body)
+            tally[f"{kind} {r.status_code}"] += 1
+            if r.status_code == 503:
+                await asyncio.sleep(float(r.headers.get("retry-after", "1")) * rnd.random())
+
+
+async def load(url: str, token: str, names: list[str], clients: int, seconds: float) -> collections.Counter:
+    tally: collections.Counter = collections.Counter()
+    until = time.monotonic() + seconds
+    await asyncio.gather(*[client(url, token, names, until, i, tally) for i in range(clients)])
+    return tally
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--max-queue", type=int, default=8)
+    args = ap.parse_args()
+    base = resolve_base(None)
+    home = Path(tempfile.mkdtemp(prefix="lp-gateway-bench-"))
+    (home / "models").symlink_to(base.path.parent)
+    os.environ["LORAPLEX_HOME"] = str(home)
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        names = pool.submit(make_adapters, base, "team", "all-linear").result()
+    con = db.connect()
+    _, token = keys.create(con, "load", models=("team*",))
+    server = ServerProcess(home, names, ["--max-queue", str(args.max_queue)])
+    try:
+        warm = asyncio.run(load(server.url, token, names, 8, 10))["sent"]  # warm-up: adapters loaded, caches grown
+        mem0 = rss_mb(server.proc.pid)
+        tallies = []
+        mems = []
+        for _ in range(2):
+            tallies.append(asyncio.run(load(server.url, token, names, args.clients, args.seconds)))
+            time.sleep(2)
+            mems.append(rss_mb(server.proc.pid))
+    finally:
+        server.stop()  # SIGTERM: drains, then the log writer flushes its last rows
+    rows = collections.Counter(
+        f"{status}" for (status,) in sqlite3.connect(home / "server.db").execute("SELECT status FROM requests")
+    )
+    sent = sum(t["sent"] for t in tallies)
+    total = sum(tallies, collections.Counter())
+    print(f"{args.clients} clients x {args.seconds:.0f} s, twice; max batch 16, max queue {args.max_queue}\n")
+    print("| answer | count |\n|---|---|")
+    for k, v in sorted(total.items()):
+        if k != "sent":
+            print(f"| {k} | {v} |")
+    bad = {k: v for k, v in total.items() if k.split()[-1].startswith("5") and not k.endswith("503")}
+    print(f"\nrequests sent (warm-up included): {sent + warm}; request-log rows: {sum(rows.values())}")
+    print(f"log rows by status: {dict(sorted(rows.items()))}")
+    print(f"5xx other than 503: {sum(bad.values())} {bad or ''}")
+    print(
+        f"server RSS: after warm-up {mem0:.0f} MB, after run 1 {mems[0]:.0f} MB, after run 2 {mems[1]:.0f} MB "
+        f"(run 2 - run 1: {mems[1] - mems[0]:+.0f} MB)"
+    )
+
+
+if __name__ == "__main__":
+    main()
