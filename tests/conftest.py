@@ -3,8 +3,10 @@ a tokenizer trained here, and the real SmolLM2 (converted once per session)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -176,3 +178,17 @@ class Server:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def home_env(path: Path) -> Iterator[Path]:
+    """$LORAPLEX_HOME = path for a module-scoped fixture (monkeypatch is function-scoped)."""
+    old = os.environ.get("LORAPLEX_HOME")
+    os.environ["LORAPLEX_HOME"] = str(path)
+    try:
+        yield path
+    finally:
+        if old is None:
+            os.environ.pop("LORAPLEX_HOME", None)
+        else:
+            os.environ["LORAPLEX_HOME"] = old

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,25 +13,19 @@ import pytest
 
 from loraplex.adapters import registry
 from loraplex.engine.engine import Engine
-from tests.conftest import Server, make_adapter
+from tests.conftest import Server, home_env, make_adapter
 
 USER = [{"role": "user", "content": "How many days of leave do I get?"}]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    home = tmp_path_factory.mktemp("api-home")
-    old = os.environ.get("LORAPLEX_HOME")
-    os.environ["LORAPLEX_HOME"] = str(home)
-    make_adapter(tiny_base, "legal", rank=4, seed=1)
-    make_adapter(tiny_base, "formal", rank=8, targets=["q_proj", "v_proj"], seed=2)
-    srv = Server(Engine(str(tiny_base), dtype="fp32", max_batch=4, max_loaded_adapters=3))
-    yield srv
-    srv.stop()
-    if old is None:
-        os.environ.pop("LORAPLEX_HOME", None)
-    else:
-        os.environ["LORAPLEX_HOME"] = old
+    with home_env(tmp_path_factory.mktemp("api-home")):
+        make_adapter(tiny_base, "legal", rank=4, seed=1)
+        make_adapter(tiny_base, "formal", rank=8, targets=["q_proj", "v_proj"], seed=2)
+        srv = Server(Engine(str(tiny_base), dtype="fp32", max_batch=4, max_loaded_adapters=3))
+        yield srv
+        srv.stop()
 
 
 def test_models_lists_base_and_adapters(server: Server) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import sqlite3
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from loraplex.engine.engine import Engine
 from loraplex.gateway import keys
 from loraplex.gateway.gate import Gateway
 from loraplex.gateway.policy import Filter, OutputFilter, ServeConfig, Upstream
-from tests.conftest import Server, make_adapter
+from tests.conftest import Server, home_env, make_adapter
 
 USER = [{"role": "user", "content": "How many days of leave do I get?"}]
 runner = CliRunner()
@@ -52,36 +51,30 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    home = tmp_path_factory.mktemp("gateway-home")
-    old = os.environ.get("LORAPLEX_HOME")
-    os.environ["LORAPLEX_HOME"] = str(home)
-    make_adapter(tiny_base, "legal", rank=4, seed=1)
-    make_adapter(tiny_base, "legal-cn", rank=4, seed=2)
-    make_adapter(tiny_base, "hr", rank=4, seed=3)
-    make_adapter(tiny_base, "formal", rank=8, targets=["q_proj", "v_proj"], seed=4)
-    tokens = {}
-    for args in (
-        ["--name", "legal-team", "--adapters", "legal*"],
-        ["--name", "ops", "--admin"],
-        ["--name", "hr-team", "--adapters", "hr", "--rpm", "2"],
-        ["--name", "tight", "--adapters", "formal", "--tpm", "120"],
-        ["--name", "old", "--expires", "2020-01-01"],
-        ["--name", "gone"],
-        ["--name", "meter"],
-    ):
-        r = runner.invoke(app, ["keys", "create", *args])
-        assert r.exit_code == 0, r.output
-        tokens[args[1]] = r.stdout.strip()
-    assert runner.invoke(app, ["keys", "revoke", "gone"]).exit_code == 0
-    engine = Engine(str(tiny_base), dtype="fp32", max_batch=4, max_loaded_adapters=4)
-    gateway = Gateway(engine=engine, max_pending=32)  # auth switches on by itself: keys exist
-    srv = Server(engine, gateway, api_key=tokens["ops"])
-    yield Env(srv, tokens, home, tiny_base)
-    srv.stop()
-    if old is None:
-        os.environ.pop("LORAPLEX_HOME", None)
-    else:
-        os.environ["LORAPLEX_HOME"] = old
+    with home_env(tmp_path_factory.mktemp("gateway-home")) as home:
+        make_adapter(tiny_base, "legal", rank=4, seed=1)
+        make_adapter(tiny_base, "legal-cn", rank=4, seed=2)
+        make_adapter(tiny_base, "hr", rank=4, seed=3)
+        make_adapter(tiny_base, "formal", rank=8, targets=["q_proj", "v_proj"], seed=4)
+        tokens = {}
+        for args in (
+            ["--name", "legal-team", "--adapters", "legal*"],
+            ["--name", "ops", "--admin"],
+            ["--name", "hr-team", "--adapters", "hr", "--rpm", "2"],
+            ["--name", "tight", "--adapters", "formal", "--tpm", "120"],
+            ["--name", "old", "--expires", "2020-01-01"],
+            ["--name", "gone"],
+            ["--name", "meter"],
+        ):
+            r = runner.invoke(app, ["keys", "create", *args])
+            assert r.exit_code == 0, r.output
+            tokens[args[1]] = r.stdout.strip()
+        assert runner.invoke(app, ["keys", "revoke", "gone"]).exit_code == 0
+        engine = Engine(str(tiny_base), dtype="fp32", max_batch=4, max_loaded_adapters=4)
+        gateway = Gateway(engine=engine, max_pending=32)  # auth switches on by itself: keys exist
+        srv = Server(engine, gateway, api_key=tokens["ops"])
+        yield Env(srv, tokens, home, tiny_base)
+        srv.stop()
 
 
 def test_key_is_shown_once_and_only_its_hash_is_stored(env: Env) -> None:

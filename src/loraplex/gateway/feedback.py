@@ -78,7 +78,7 @@ def _where(adapter: str, rating: str | None) -> tuple[str, list[Any]]:
     name, _, version = adapter.partition("@")
     escaped = name.replace("_", "\\_").replace("%", "\\%")
     clause, args = ("adapter = ?", [adapter]) if version else ("adapter LIKE ? ESCAPE '\\'", [f"{escaped}@v%"])
-    if not version and name and "@" not in adapter:
+    if not version:
         clause = f"({clause} OR adapter = ?)"
         args.append(name)  # the base model is stored under its id
     if rating:

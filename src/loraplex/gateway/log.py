@@ -42,7 +42,8 @@ class RequestRow:
 class RequestLog:
     def __init__(self, path: Path | None = None):
         self.path = path or db.default_path()
-        self._q: queue.SimpleQueue[RequestRow | None] = queue.SimpleQueue()
+        # rows, a flush marker (set once everything before it is committed), or None to stop
+        self._q: queue.SimpleQueue[RequestRow | threading.Event | None] = queue.SimpleQueue()
         self._con = db.connect(self.path)
         self._lock = threading.Lock()  # audit writes come from request threads
         self.written = 0
@@ -64,21 +65,23 @@ class RequestLog:
                     batch.append(self._q.get(timeout=0.05))
                 except queue.Empty:
                     break
-            rows = [r for r in batch if r is not None]
-            done = len(rows) < len(batch)
+            rows = [r for r in batch if isinstance(r, RequestRow)]
+            done = None in batch
             if rows:
                 con.execute("BEGIN")
                 con.executemany(sql, [tuple(asdict(r).values()) for r in rows])
                 con.execute("COMMIT")
                 self.written += len(rows)
+            for marker in batch:
+                if isinstance(marker, threading.Event):
+                    marker.set()
         con.close()
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every row written so far is in the database."""
-        deadline = time.monotonic() + timeout
-        while not self._q.empty() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.06)  # the writer's last batch window
+        marker = threading.Event()
+        self._q.put(marker)
+        marker.wait(timeout)
 
     def close(self) -> None:
         self._q.put(None)
