@@ -8,8 +8,8 @@ process on loopback; each client loops over: a valid chat completion (streamed o
 a random adapter), an invalid body (400), a model outside its key (403), or a stream it abandons
 after the first chunk. Reports, side by side in one run: answers by status, any 5xx other than
 the deliberate 503 `overloaded`, requests sent vs. rows in the request log, and the server's
-resident memory after warm-up vs. after the run (and after a second, identical run: flat means
-no growth between the two).
+resident memory after warm-up and after each of several identical runs (flat means no growth
+from one run to the next once caches have grown).
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--max-queue", type=int, default=8)
+    ap.add_argument("--runs", type=int, default=3, help="identical runs; memory is read after each")
     args = ap.parse_args()
     base = resolve_base(None)
     home = Path(tempfile.mkdtemp(prefix="lp-gateway-bench-"))
@@ -98,7 +99,7 @@ def main() -> None:
         mem0 = rss_mb(server.proc.pid)
         tallies = []
         mems = []
-        for _ in range(2):
+        for _ in range(args.runs):
             tallies.append(asyncio.run(load(server.url, token, names, args.clients, args.seconds)))
             time.sleep(2)
             mems.append(rss_mb(server.proc.pid))
@@ -109,7 +110,7 @@ def main() -> None:
     )
     sent = sum(t["sent"] for t in tallies)
     total = sum(tallies, collections.Counter())
-    print(f"{args.clients} clients x {args.seconds:.0f} s, twice; max batch 16, max queue {args.max_queue}\n")
+    print(f"{args.clients} clients x {args.seconds:.0f} s, {args.runs} runs; max batch 16, max queue {args.max_queue}\n")
     print("| answer | count |\n|---|---|")
     for k, v in sorted(total.items()):
         if k != "sent":
@@ -118,10 +119,8 @@ def main() -> None:
     print(f"\nrequests sent (warm-up included): {sent + warm}; request-log rows: {sum(rows.values())}")
     print(f"log rows by status: {dict(sorted(rows.items()))}")
     print(f"5xx other than 503: {sum(bad.values())} {bad or ''}")
-    print(
-        f"server RSS: after warm-up {mem0:.0f} MB, after run 1 {mems[0]:.0f} MB, after run 2 {mems[1]:.0f} MB "
-        f"(run 2 - run 1: {mems[1] - mems[0]:+.0f} MB)"
-    )
+    after = ", ".join(f"run {i + 1} {m:.0f} MB" for i, m in enumerate(mems))
+    print(f"server RSS: after warm-up {mem0:.0f} MB, {after} (last - first run: {mems[-1] - mems[0]:+.0f} MB)")
 
 
 if __name__ == "__main__":
