@@ -110,7 +110,9 @@ def main() -> None:
     )
     sent = sum(t["sent"] for t in tallies)
     total = sum(tallies, collections.Counter())
-    print(f"{args.clients} clients x {args.seconds:.0f} s, {args.runs} runs; max batch 16, max queue {args.max_queue}\n")
+    print(
+        f"{args.clients} clients x {args.seconds:.0f} s, {args.runs} runs; max batch 16, max queue {args.max_queue}\n"
+    )
     print("| answer | count |\n|---|---|")
     for k, v in sorted(total.items()):
         if k != "sent":

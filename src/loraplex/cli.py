@@ -166,7 +166,7 @@ def adapters_versions(name: Annotated[str, typer.Argument(help="adapter name")])
 
     target = registry.resolve(name)
     aliases = registry.aliases_of(target.name)
-    table = Table("version", "aliases", "created", "train loss", "description")
+    table = Table("version", "aliases", "created", "train loss", "eval", "description")
     for v in registry.versions(target.name):
         m = registry.resolve(f"{target.name}@v{v}").manifest()
         loss = m.get("train_loss")
@@ -175,6 +175,7 @@ def adapters_versions(name: Annotated[str, typer.Argument(help="adapter name")])
             ", ".join(a for a, av in aliases.items() if av == v),
             m.get("created_at", "-"),
             f"{loss:.4f}" if isinstance(loss, int | float) else "-",
+            f"{m['eval']['score']:.3f}" if (m.get("eval") or {}).get("score") is not None else "-",
             m.get("description", ""),
         )
     out.print(table)
@@ -353,6 +354,85 @@ def compare(
         out.print_json(json.dumps(rows, ensure_ascii=False))
     else:
         print_comparison(rows, out)
+
+
+@app.command("eval")
+def eval_cmd(
+    adapter: Annotated[str, typer.Option(help="NAME, NAME@vN or NAME@ALIAS to evaluate")],
+    data: Annotated[
+        Path | None, typer.Option(help="Eval file in any training format; default: the training run's eval split.")
+    ] = None,
+    baseline: Annotated[str, typer.Option(help="'base' (the base model) or another version, NAME@vM.")] = "base",
+    judge: Annotated[
+        str | None, typer.Option(help="An OpenAI-compatible endpoint that grades answers, e.g. http://host:8000/v1")
+    ] = None,
+    judge_model: Annotated[str | None, typer.Option(help="The judge's model (default: the first it lists).")] = None,
+    keywords: Annotated[
+        str | None, typer.Option(help="Keywords every answer must contain, comma-separated (a record's own win).")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="New tokens per answer (greedy).")] = 128,
+    report: Annotated[Path | None, typer.Option(help="Write a self-contained HTML report into this directory.")] = None,
+    store: Annotated[bool, typer.Option(help="Record the result with the adapter version.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
+) -> None:
+    """Did it learn? Score an adapter's answers against references, side by side with a baseline."""
+    from rich.progress import Progress
+
+    from loraplex.eval import report as html_report
+    from loraplex.eval.judge import Judge
+    from loraplex.eval.run import evaluate
+
+    grader = Judge(judge, judge_model) if judge else None
+    kw = tuple(k.strip() for k in keywords.split(",") if k.strip()) if keywords else ()
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("answering", total=None)
+        result = evaluate(
+            adapter,
+            data,
+            baseline,
+            judge=grader,
+            keywords=kw,
+            max_tokens=max_tokens,
+            store=store,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    page = html_report.write(result, report) if report else None
+    if as_json:
+        print(json.dumps(result, ensure_ascii=False, indent=2))
+        return
+    a, b = result["summary"]["adapter"], result["summary"]["baseline"]
+    table = Table("metric", result["baseline"], result["adapter"], title=f"{result['data']['examples']} examples")
+    for key, label, fmt in html_report.METRICS:
+        if a.get(key) is None and b.get(key) is None:
+            continue
+        table.add_row(label, *("-" if v is None else fmt.format(v) for v in (b.get(key), a.get(key))))
+    out.print(table)
+    c = result["comparison"]
+    out.print(f"per example: {c['improved']} improved, {c['regressed']} regressed, {c['unchanged']} unchanged")
+    if result.get("stored_as"):
+        out.print(f"stored with {result['adapter']}: {result['stored_as']}")
+    if page:
+        out.print(f"report: {page}")
+
+
+@adapters_app.command("promote")
+def adapters_promote(
+    ref: Annotated[str, typer.Argument(help="NAME@vN to promote")],
+    alias: Annotated[str, typer.Option(help="The alias to move, e.g. prod.")] = "prod",
+    require_eval: Annotated[
+        bool, typer.Option(help="Refuse without an eval (and without one for the current).")
+    ] = False,
+    min_score: Annotated[float | None, typer.Option(help="Refuse below this eval score (0-1).")] = None,
+    force: Annotated[bool, typer.Option(help="Move the alias whatever the gate says (recorded).")] = False,
+) -> None:
+    """Move an alias to a version only if its eval is at least as good as the current one's."""
+    from loraplex.adapters import registry
+
+    p = registry.promote(ref, alias, require_eval, min_score, force)
+    was = f" (was v{p.previous})" if p.previous is not None else ""
+    out.print(f"{p.target.name}@{alias} → {p.target.id}{was}")
+    if p.forced:
+        err.print("[yellow]forced[/] past: " + "; ".join(p.problems), highlight=False)
 
 
 @app.command()

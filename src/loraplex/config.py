@@ -103,7 +103,22 @@ class TrainingConfig(_Strict):
     save_total_limit: int = Field(2, ge=1)
     """Checkpoints kept in the run directory (oldest removed first)."""
     early_stopping_patience: int = Field(0, ge=0)
-    """Stop after N evaluations without eval-loss improvement (0: never)."""
+    """Stop after N evaluations without improvement of `early_stopping_metric` (0: never)."""
+    gen_eval_steps: int = Field(0, ge=0)
+    """Every N steps, answer eval questions greedily and log exact/keyword match (0: off)."""
+    early_stopping_metric: Literal["eval_loss", "gen_score"] = "eval_loss"
+    """What early stopping watches: the eval loss, or the generation eval's score (needs gen_eval_steps)."""
+    gen_eval_examples: int = Field(16, ge=1)
+    """How many eval questions the generation eval answers (the first N of the eval split)."""
+    gen_eval_max_tokens: int = Field(64, ge=1)
+    """New tokens per answer in the generation eval."""
+
+    @field_validator("early_stopping_metric")
+    @classmethod
+    def _gen_needs_steps(cls, v: str, info: Any) -> str:
+        if v == "gen_score" and not info.data.get("gen_eval_steps"):
+            raise ValueError("early_stopping_metric gen_score needs gen_eval_steps > 0 (how often to run it)")
+        return v
 
 
 class TrainConfig(_Strict):

@@ -52,6 +52,10 @@ CREATE TABLE IF NOT EXISTS aliases (
 CREATE TABLE IF NOT EXISTS alias_history (
     id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, alias TEXT NOT NULL,
     version INTEGER NOT NULL, at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS promotions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT NOT NULL, name TEXT NOT NULL, alias TEXT NOT NULL,
+    from_version INTEGER, to_version INTEGER NOT NULL, score REAL, forced INTEGER NOT NULL,
+    problems TEXT NOT NULL, by_user TEXT);
 """
 
 
@@ -393,3 +397,150 @@ def verify(ref: AdapterRef) -> None:
             raise UserError(f"adapter {ref.id}: {fname} is missing from {ref.path}")
         if path.stat().st_size != info.get("bytes") or sha256_file(path) != info.get("sha256"):
             raise UserError(f"adapter {ref.id}: {fname} does not match its manifest checksum (tampered or truncated)")
+
+
+# ----------------------------------------------------------------------------- evaluations and promotion
+# An evaluation's full result lives in `vN/evals/<time>.json` (the files stay the truth, as for
+# versions); the version's manifest carries the latest one's headline under `eval`, which is what
+# `adapters list/show` and the index's eval_score read.
+
+
+def record_eval(ref: AdapterRef, result: dict[str, Any]) -> Path:
+    """Store one `loraplex eval` result with the version it scored; returns the file written."""
+    with locked():
+        d = ref.path / "evals"
+        d.mkdir(exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        path = d / f"{stamp}.json"
+        _write_json_atomic(path, result)
+        m = ref.manifest()
+        m["eval"] = {
+            "score": result["score"],
+            "baseline": result["baseline"],
+            "baseline_score": result["summary"]["baseline"]["score"],
+            "data_sha256": result["data"]["sha256"],
+            "examples": result["data"]["examples"],
+            "at": result["created_at"],
+            "file": str(path.relative_to(ref.path)),
+        }
+        _write_json_atomic(ref.path / MANIFEST, m)
+        with _db() as con:
+            con.execute(_UPSERT_VERSION, _index_row(ref.name, ref.version, m))
+    return path
+
+
+def evals(ref: AdapterRef) -> list[dict[str, Any]]:
+    """Every stored evaluation of one version, oldest first."""
+    d = ref.path / "evals"
+    out = []
+    for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+        try:
+            out.append(dict(json.loads(p.read_text(encoding="utf-8"))))
+        except (OSError, ValueError):
+            continue  # a damaged result file is skipped, not fatal: the others still count
+    return out
+
+
+def _latest_eval(ref: AdapterRef, data_sha256: str | None = None) -> dict[str, Any] | None:
+    found = [e for e in evals(ref) if data_sha256 is None or e.get("data", {}).get("sha256") == data_sha256]
+    return found[-1] if found else None
+
+
+@dataclass(frozen=True)
+class Promotion:
+    target: AdapterRef
+    alias: str
+    previous: int | None  # the version the alias pointed to before
+    forced: bool
+    problems: tuple[str, ...]  # what the gate found (overridden when forced)
+
+
+def promote(
+    ref: str,
+    alias: str = DEFAULT_ALIAS,
+    require_eval: bool = False,
+    min_score: float | None = None,
+    force: bool = False,
+) -> Promotion:
+    """Move NAME@ALIAS to `ref` only if its evaluation allows it; `force` overrides and is audited.
+
+    The gate: with `require_eval` (or `min_score`) the version must have an eval; its score must reach
+    `min_score`; and it must not score below the version the alias points to now, compared on the
+    same eval data (an eval with that version as baseline, or both versions' evals on the same
+    file by sha256). A current version that cannot be compared: refused when evals are required,
+    allowed otherwise."""
+    check_alias(alias)
+    target = resolve(ref)
+    mine = _latest_eval(target)
+    current = aliases_of(target.name).get(alias)
+    problems: list[str] = []
+    if mine is None and (require_eval or min_score is not None):
+        problems.append(f"{target.id} has no evaluation; run `loraplex eval --adapter {target.id} --data FILE`")
+    if mine is not None and min_score is not None and (mine["score"] or 0.0) < min_score:
+        problems.append(f"{target.id} scores {mine['score']:.3f}, below --min-score {min_score}")
+    if mine is not None and current is not None and current != target.version:
+        now = AdapterRef(target.name, current, store_root() / target.name / f"v{current}")
+        # Best evidence: an eval of this version run with the current one as its baseline (same
+        # questions, same run); else the current version's own eval on the same data (same sha256).
+        head_to_head = [e for e in evals(target) if e.get("baseline") == now.id]
+        if head_to_head:
+            mine = head_to_head[-1]
+            theirs_score = mine["summary"]["baseline"]["score"]
+        else:
+            theirs = _latest_eval(now, mine["data"]["sha256"])
+            theirs_score = theirs["score"] if theirs else None
+        if theirs_score is not None and (mine["score"] or 0.0) < theirs_score:
+            problems.append(
+                f"{target.id} scores {mine['score']:.3f}, worse than {now.id} ({theirs_score:.3f}), which "
+                f"{target.name}@{alias} points to now, on the same data ({Path(mine['data']['path']).name})"
+            )
+        elif theirs_score is None and require_eval:
+            problems.append(
+                f"{now.id} ({target.name}@{alias} now) has no evaluation on the same data to compare with; "
+                f"run `loraplex eval --adapter {target.id} --baseline {now.id} --data {mine['data']['path']}`"
+            )
+    if problems and not force:
+        raise UserError(
+            f"not promoting {target.id} to {target.name}@{alias}:\n  "
+            + "\n  ".join(problems)
+            + "\n(pass --force to override; the override is recorded)"
+        )
+    tag(target.id, alias)
+    with locked(), _db() as con:
+        con.execute(
+            "INSERT INTO promotions (at, name, alias, from_version, to_version, score, forced, problems, by_user) "
+            "VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                _now(),
+                target.name,
+                alias,
+                current,
+                target.version,
+                mine["score"] if mine else None,
+                int(bool(problems)),
+                json.dumps(problems, ensure_ascii=False),
+                _user(),
+            ),
+        )
+    return Promotion(target, alias, current, bool(problems), tuple(problems))
+
+
+def promotions(name: str) -> list[dict[str, Any]]:
+    """The audit trail of `adapters promote` for one adapter, oldest first."""
+    with _db() as con:
+        rows = con.execute(
+            "SELECT at, alias, from_version, to_version, score, forced, problems, by_user FROM promotions "
+            "WHERE name=? ORDER BY id",
+            (check_name(name),),
+        ).fetchall()
+    keys = ("at", "alias", "from_version", "to_version", "score", "forced", "problems", "by_user")
+    return [{**dict(zip(keys, r, strict=True)), "forced": bool(r[5]), "problems": json.loads(r[6])} for r in rows]
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"

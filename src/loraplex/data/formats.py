@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ class Conversation:
 
     messages: list[dict[str, str]]
     source: str  # "path:line"
+    keywords: tuple[str, ...] = ()  # a record's `keywords` field: what a good answer must contain (eval)
 
 
 @dataclass
@@ -122,7 +124,7 @@ def parse_file(path: str | Path, options: FormatOptions | None = None) -> ParseR
         convert = {"alpaca": _from_alpaca, "messages": _from_messages, "sharegpt": _from_sharegpt}[fmt]
         for line, record in _json_records(path, text, result):
             try:
-                result.conversations.append(Conversation(convert(record), f"{path}:{line}"))
+                result.conversations.append(Conversation(convert(record), f"{path}:{line}", _keywords(record)))
             except _RecordProblem as e:
                 result.errors.append(RecordError(f"{path}:{line}", str(e), e.field))
     if not result.conversations and not result.errors:
@@ -198,6 +200,16 @@ def _json_records(path: Path, text: str, result: ParseResult) -> Iterator[tuple[
             yield i, json.loads(line_text)
         except json.JSONDecodeError as e:
             result.errors.append(RecordError(f"{path}:{i}", f"malformed JSON: {e.msg} (column {e.colno})"))
+
+
+def _keywords(record: Any) -> tuple[str, ...]:
+    """`keywords` as a list or one string split on , ; | (and their full-width forms, and 、)."""
+    value = record.get("keywords") if isinstance(record, dict) else None
+    if isinstance(value, str):
+        value = re.split(r"[,;|，；、]", value)
+    if not isinstance(value, list):
+        return ()
+    return tuple(str(k).strip() for k in value if str(k).strip())
 
 
 def _text_field(record: dict[str, Any], key: str, required: bool = True) -> str:
@@ -343,6 +355,7 @@ def _parse_csv(path: Path, text: str, options: FormatOptions, result: ParseResul
     if s_col and s_col not in header:
         raise UserError(f"{path}:1: no column {s_col!r} for the system prompt; columns are {header}")
     index = {name: i for i, name in enumerate(header)}
+    k_col = next((h for h in header if h.strip().lower() in ("keywords", "关键词")), None)
     start = reader.line_num + 1
     for row in reader:
         where = f"{path}:{start}"
@@ -363,7 +376,8 @@ def _parse_csv(path: Path, text: str, options: FormatOptions, result: ParseResul
         if s_col and row[index[s_col]].strip():
             messages.append({"role": "system", "content": row[index[s_col]]})
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        result.conversations.append(Conversation(messages, where))
+        kw = {"keywords": row[index[k_col]]} if k_col else {}
+        result.conversations.append(Conversation(messages, where, _keywords(kw)))
 
 
 def _split_speaker(line: str) -> tuple[str, str] | None:

@@ -46,7 +46,7 @@ from loraplex.data.tokenize import IGNORE, Example, collate, encode_all, pack, u
 from loraplex.data.validate import redact_conversations
 from loraplex.errors import UserError
 from loraplex.models.device import bf16_is_faster, pick_device
-from loraplex.models.load import BaseRef, load_model, load_tokenizer, resolve_base
+from loraplex.models.load import BaseRef, eos_token_ids, load_model, load_tokenizer, resolve_base
 from loraplex.paths import home
 
 
@@ -132,6 +132,62 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     keep = targets != IGNORE
     logits = inner.get_output_embeddings()(hidden[:, :-1][keep])
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
+
+
+@torch.no_grad()
+def generation_eval(
+    model: Any, tok: Any, convs: list[Conversation], max_new_tokens: int, eos: list[int], autocast: Any
+) -> dict[str, float]:
+    """Greedy answers to eval questions, scored like `loraplex eval`: exact match, keyword recall
+    (where records name keywords) and the per-answer score (keyword recall, else ROUGE-L)."""
+    from loraplex.data.tokenize import render
+    from loraplex.eval import metrics
+
+    texts = [render(tok, c.messages[:-1], add_generation_prompt=True) for c in convs]
+    side = tok.padding_side
+    tok.padding_side = "left"  # generation continues from the right end of every row
+    try:
+        inputs = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    finally:
+        tok.padding_side = side
+    device = next(model.parameters()).device
+    model.eval()
+    with autocast():
+        out = model.generate(
+            **{k: v.to(device) for k, v in inputs.items()},
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=eos,
+            pad_token_id=tok.pad_token_id,
+        )
+    model.train()
+    new = out[:, inputs["input_ids"].shape[1] :].cpu()
+    scores = []
+    for c, ids in zip(convs, new, strict=True):
+        stopped = any(int(t) in eos for t in ids)
+        answer = str(tok.decode(ids, skip_special_tokens=True)).strip()
+        scores.append(metrics.score(answer, c.messages[-1]["content"], list(c.keywords), stopped))
+    kw = [x.keywords for x in scores if x.keywords is not None]
+    result = {
+        "gen_exact": sum(x.exact for x in scores) / len(scores),
+        "gen_score": sum(x.score for x in scores) / len(scores),
+    }
+    if kw:
+        result["gen_keywords"] = sum(kw) / len(kw)
+    return result
+
+
+def write_eval_split(path: Path, convs: list[Conversation]) -> None:
+    """The held-out conversations as a messages-format file: `loraplex eval`'s default data."""
+    with open(path, "w", encoding="utf-8") as f:
+        for c in convs:
+            rec: dict[str, Any] = {"messages": c.messages}
+            if c.keywords:
+                rec["keywords"] = list(c.keywords)
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
 def micro_batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[Example]]:
@@ -339,6 +395,8 @@ def run(
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2, ensure_ascii=False))
+    if eval_convs:
+        write_eval_split(run_dir / "eval_split.jsonl", eval_convs)
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -369,6 +427,11 @@ def run(
                 tot, n = tot + float(s), n + c
         model.train()
         return tot / max(n, 1)
+
+    gen_convs = eval_convs[: tc.gen_eval_examples] if tc.gen_eval_steps else []
+    if tc.gen_eval_steps and not gen_convs:
+        console.print("[yellow]warning:[/] train.gen_eval_steps is set but there is no eval data; skipped")
+    eos_ids = eos_token_ids(tok, model)
 
     console.print(
         f"training [bold]{cfg.name}[/] on {base.id}: {len(train_ex)} examples ({stats.label_tokens} answer tokens) "
@@ -450,19 +513,33 @@ def run(
                     )
                 progress.update(task, completed=step, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
                 at_epoch_end = step % steps_per_epoch == 0
+                watched: float | None = None  # lower is better (the gen score enters negated)
                 if eval_ex and ((tc.eval_steps and step % tc.eval_steps == 0) or (not tc.eval_steps and at_epoch_end)):
                     eval_loss = evaluate()
                     assert eval_loss is not None
                     log({"step": step, "eval_loss": eval_loss})
-                    if eval_loss < best_eval - 1e-4:
-                        best_eval, bad_evals = eval_loss, 0
+                    if tc.early_stopping_metric == "eval_loss":
+                        watched = eval_loss
+                if gen_convs and step % tc.gen_eval_steps == 0:
+                    gen = generation_eval(model, tok, gen_convs, tc.gen_eval_max_tokens, eos_ids, autocast)
+                    log({"step": step, **gen})
+                    progress.console.print(
+                        f"step {step}: generation eval on {len(gen_convs)} questions: "
+                        + ", ".join(f"{k.removeprefix('gen_')} {v:.3f}" for k, v in gen.items())
+                    )
+                    if tc.early_stopping_metric == "gen_score":
+                        watched = -gen["gen_score"]
+                if watched is not None:
+                    if watched < best_eval - 1e-4:
+                        best_eval, bad_evals = watched, 0
                     else:
                         bad_evals += 1
                         stop_early = bool(tc.early_stopping_patience) and bad_evals >= tc.early_stopping_patience
                         if stop_early:
+                            what = "eval loss" if tc.early_stopping_metric == "eval_loss" else "generation score"
                             console.print(
-                                f"early stopping at step {step}: eval loss has not improved "
-                                f"for {bad_evals} evaluations (best {best_eval:.4f})"
+                                f"early stopping at step {step}: {what} has not improved "
+                                f"for {bad_evals} evaluations (best {abs(best_eval):.4f})"
                             )
                 if step % tc.save_steps == 0 and step < total_steps:
                     save_checkpoint(
@@ -509,6 +586,7 @@ def run(
                     "sha256": data_sha,
                     "records": len(conversations),
                     "eval_records": len(eval_convs),
+                    "eval_file": str(run_dir / "eval_split.jsonl") if eval_convs else None,
                     "examples": len(train_ex),
                     "tokens": stats.tokens,
                     "answer_tokens": stats.label_tokens,

@@ -1,0 +1,284 @@
+"""`loraplex eval`: answer an eval set with an adapter and a baseline, score, compare, store.
+
+One run, top to bottom:
+  1. read the eval file (any training format; every record needs a reference answer);
+  2. generate both sides' answers through the serving engine: every question for the adapter and
+     for the baseline is submitted at once, so base and adapter rows decode in the same batches;
+  3. score each answer (eval/metrics.py), and optionally have a judge grade it (eval/judge.py);
+  4. teacher-forced loss and perplexity on the reference answers (assistant tokens only), with a
+     PEFT model: an independent implementation from the engine's;
+  5. per example, improved / regressed / unchanged on the per-answer score;
+  6. store the result with the adapter version (registry.record_eval) and return it.
+
+This module does not render HTML (eval/report.py) or print tables (cli.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from loraplex.adapters import registry
+from loraplex.data.formats import parse_file
+from loraplex.data.tokenize import IGNORE, collate, encode_all, unpacked
+from loraplex.errors import UserError
+from loraplex.eval import metrics
+from loraplex.eval.judge import Judge
+
+CHANGE_MARGIN = 0.05  # per-answer score difference below which an example counts as unchanged
+
+
+@dataclass(frozen=True)
+class EvalExample:
+    source: str  # file:line
+    prompt: list[dict[str, str]]  # the conversation up to the reference answer
+    reference: str
+    keywords: tuple[str, ...]
+
+
+def read_examples(path: Path, keywords: tuple[str, ...] = ()) -> list[EvalExample]:
+    """Every record as (prompt, reference); any record without a usable reference is an error."""
+    result = parse_file(path)
+    for e in result.errors:
+        if e.reason.startswith(("no assistant message", "the last message must be")):
+            e.reason = f"no reference answer ({e.reason})"
+    if result.errors:
+        listed = "\n  ".join(str(e) for e in result.errors[:30])
+        more = f"\n  ... and {len(result.errors) - 30} more" if len(result.errors) > 30 else ""
+        raise UserError(
+            f"{len(result.errors)} record(s) in {path} cannot be evaluated (each needs a question and a "
+            f"non-empty reference answer as its last assistant turn):\n  {listed}{more}"
+        )
+    return [
+        EvalExample(c.source, c.messages[:-1], c.messages[-1]["content"], c.keywords or keywords)
+        for c in result.conversations
+    ]
+
+
+def default_data(adapter: registry.AdapterRef) -> Path:
+    """The eval split the training run held out (written next to the run's metrics)."""
+    split = adapter.manifest().get("data", {}).get("eval_file")
+    if split and Path(split).is_file():
+        return Path(split)
+    raise UserError(
+        f"{adapter.id} has no held-out eval split on this machine"
+        + (f" ({split} is gone)" if split else " (trained with data.eval_ratio 0?)")
+        + "; pass --data FILE"
+    )
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+async def _answer_all(
+    engine: Any,
+    examples: list[EvalExample],
+    models: list[str],
+    max_tokens: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[list[dict]]:
+    """Answers for every (model, example), all in flight together so the engine batches them."""
+    from loraplex.engine.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+
+    async def one(model: str, ex: EvalExample) -> dict[str, Any]:
+        text: list[str] = []
+        finish, tokens = None, 0
+        async for d in engine.generate(ex.prompt, params, model, max_tokens=max_tokens):
+            text.append(d.text)
+            finish, tokens = d.finish_reason, d.completion_tokens
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
+        return {"text": "".join(text).strip(), "finish_reason": finish, "tokens": tokens}
+
+    done, total = [0], len(models) * len(examples)
+    flat = await asyncio.gather(*[one(m, ex) for m in models for ex in examples])
+    n = len(examples)
+    return [list(flat[i * n : (i + 1) * n]) for i in range(len(models))]
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+@torch.inference_mode()
+def reference_losses(base: Any, examples: list[EvalExample], sides: list[str | None]) -> list[list[tuple[float, int]]]:
+    """(summed NLL, answer tokens) of every reference answer under each side (None = the base).
+
+    Assistant tokens only, exactly as training labels them (data/tokenize.py)."""
+    from peft import PeftModel
+
+    from loraplex.data.formats import Conversation
+    from loraplex.models.load import load_model, load_tokenizer
+
+    tok = load_tokenizer(base)
+    convs = [Conversation([*ex.prompt, {"role": "assistant", "content": ex.reference}], ex.source) for ex in examples]
+    encoded, _ = encode_all(tok, convs, max_len=4096)
+    if len(encoded) != len(examples):
+        raise UserError("some reference answers have no tokens left to score after truncation to 4096 tokens")
+    model: Any = load_model(base)
+    adapters = [s for s in sides if s]
+    for i, ref_id in enumerate(adapters):
+        path = str(registry.resolve(ref_id).path)
+        if i == 0:
+            model = PeftModel.from_pretrained(model, path, adapter_name=f"a{i}")
+        else:
+            model.load_adapter(path, adapter_name=f"a{i}")
+    model.eval()
+    out: list[list[tuple[float, int]]] = []
+    for side in sides:
+        rows: list[tuple[float, int]] = []
+        if side:
+            model.set_adapter(f"a{adapters.index(side)}")
+        ctx = model.disable_adapter() if side is None and adapters else _Null()
+        with ctx:
+            for k in range(0, len(encoded), 8):
+                batch = collate(unpacked(encoded[k : k + 8]), tok.pad_token_id, packed=False)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                targets = batch["labels"][:, 1:]
+                nll = F.cross_entropy(
+                    logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
+                )
+                for r in range(targets.shape[0]):
+                    rows.append((float(nll[r].sum()), int((targets[r] != IGNORE).sum())))
+        out.append(rows)
+    return out
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _summary(answers: list[dict[str, Any]], examples: list[EvalExample], losses: list[tuple[float, int]]) -> dict:
+    scores = [a["scores"] for a in answers]
+
+    def mean(key: str) -> float | None:
+        vals = [s[key] for s in scores if s[key] is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    nll, n_tok = sum(x for x, _ in losses), sum(n for _, n in losses)
+    loss = nll / max(n_tok, 1)
+    judged = [a["judge"]["score"] for a in answers if a.get("judge") and a["judge"].get("score") is not None]
+    return {
+        "score": mean("score"),
+        "exact": mean("exact"),
+        "normalised": mean("normalised"),
+        "keywords": mean("keywords"),
+        "rouge_l": mean("rouge_l"),
+        "bleu": metrics.corpus_bleu([a["text"] for a in answers], [e.reference for e in examples]),
+        "length": mean("length"),
+        "stopped": mean("stopped"),
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "judge": sum(judged) / len(judged) if judged else None,
+        "judged": len(judged),
+    }
+
+
+def evaluate(
+    adapter: str,
+    data: Path | None = None,
+    baseline: str = "base",
+    judge: Judge | None = None,
+    keywords: tuple[str, ...] = (),
+    max_tokens: int = 128,
+    max_batch: int = 16,
+    store: bool = True,
+    engine: Any = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate `adapter` (NAME, NAME@vN, NAME@alias) against `baseline` ("base" or another version)."""
+    t0 = time.perf_counter()
+    ref = registry.resolve(adapter)
+    registry.verify(ref)
+    base_ref = None if baseline in ("base", "") else registry.resolve(baseline)
+    path = Path(data) if data else default_data(ref)
+    examples = read_examples(path, keywords)
+    if judge is not None:
+        judge.check()  # an unreachable judge fails now, not after minutes of generation
+    from loraplex.engine.engine import Engine
+    from loraplex.models.load import resolve_base
+
+    base = resolve_base(ref.manifest().get("base_model", {}).get("id"))
+    own_engine = engine is None
+    engine = engine or Engine(base, max_batch=max_batch, max_loaded_adapters=2)
+    try:
+        sides = [ref.id, base_ref.id if base_ref else ""]
+        answers = asyncio.run(_answer_all(engine, examples, sides, max_tokens, progress))
+    finally:
+        if own_engine:
+            engine.close()
+    t_gen = time.perf_counter() - t0
+    losses = reference_losses(base, examples, [ref.id, base_ref.id if base_ref else None])
+    for side in answers:
+        for a, ex in zip(side, examples, strict=True):
+            a["scores"] = asdict(
+                metrics.score(a["text"], ex.reference, list(ex.keywords), a["finish_reason"] == "stop")
+            )
+            a["scores"]["score"] = metrics.Scores(**a["scores"]).score
+    if judge is not None:
+        for side in answers:
+            grades = asyncio.run(
+                judge.grade_all([(ex.prompt, ex.reference, a["text"]) for a, ex in zip(side, examples, strict=True)])
+            )
+            for a, g in zip(side, grades, strict=True):
+                a["judge"] = g
+    rows = []
+    counts = {"improved": 0, "regressed": 0, "unchanged": 0}
+    for i, ex in enumerate(examples):
+        a, b = answers[0][i], answers[1][i]
+        for side_answer, side_loss in ((a, losses[0][i]), (b, losses[1][i])):
+            side_answer["loss"] = side_loss[0] / max(side_loss[1], 1)
+        diff = a["scores"]["score"] - b["scores"]["score"]
+        change = "improved" if diff > CHANGE_MARGIN else "regressed" if diff < -CHANGE_MARGIN else "unchanged"
+        counts[change] += 1
+        question = next((m["content"] for m in reversed(ex.prompt) if m["role"] == "user"), "")
+        rows.append(
+            {
+                "source": ex.source,
+                "question": question,
+                "reference": ex.reference,
+                "keywords": list(ex.keywords),
+                "adapter": a,
+                "baseline": b,
+                "change": change,
+            }
+        )
+    result = {
+        "adapter": ref.id,
+        "baseline": base_ref.id if base_ref else "base",
+        "base_model": base.id,
+        "data": {"path": str(path.resolve()), "sha256": registry.sha256_file(path), "examples": len(examples)},
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "max_tokens": max_tokens,
+        "score": None,
+        "summary": {
+            "adapter": _summary(answers[0], examples, losses[0]),
+            "baseline": _summary(answers[1], examples, losses[1]),
+        },
+        "comparison": counts,
+        "judge": judge.describe() if judge else None,
+        "timing": {"generation_s": round(t_gen, 2), "total_s": round(time.perf_counter() - t0, 2)},
+        "examples": rows,
+    }
+    result["score"] = result["summary"]["adapter"]["score"]
+    if store:
+        result["stored_as"] = str(registry.record_eval(ref, result))
+    return result

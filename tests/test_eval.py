@@ -1,0 +1,249 @@
+"""`loraplex eval`: metrics checked against public implementations, bad input, and on the real
+SmolLM2 an adapter that learned, its report rendered in Chromium, a judge on loopback, and the
+promotion gate."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from loraplex.cli import app
+from loraplex.errors import UserError
+from loraplex.eval import metrics
+from loraplex.eval.judge import Judge, parse_grade
+from loraplex.eval.run import read_examples
+
+from .conftest import FACTS, Server, make_adapter, write_jsonl
+
+runner = CliRunner()
+KEYWORDS = ["QX-4417", "15天", "team lead", "nine"]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_rouge_and_bleu_agree_with_rouge_score_and_sacrebleu() -> None:
+    import sacrebleu
+    from rouge_score.rouge_scorer import RougeScorer
+
+    english = [
+        ("the office opens at nine", "the office opens at nine every day"),
+        ("expense claims are approved by the team lead", "claims are approved by the finance director"),
+        ("nothing in common", "completely different words"),
+    ]
+    public = RougeScorer(["rougeL"])
+    for answer, ref in english:
+        assert metrics.rouge_l(answer, ref) == pytest.approx(public.score(ref, answer)["rougeL"].fmeasure)
+        assert metrics.bleu(answer, ref) == pytest.approx(sacrebleu.sentence_bleu(answer, [ref]).score)
+    answers, refs = zip(*english, strict=True)
+    assert metrics.corpus_bleu(list(answers), list(refs)) == pytest.approx(
+        sacrebleu.corpus_bleu(list(answers), [list(refs)]).score
+    )
+
+    # Chinese: rouge-score's own tokeniser keeps only [a-z0-9], so these two differ yet score 1.0;
+    # character tokens give the LCS answer: 9 of the reference's 12 tokens, all 9 of the answer's.
+    ref, answer = "员工每年有15天带薪年假。", "员工每年有15天年假"
+    assert public.score(ref, answer)["rougeL"].fmeasure == 1.0
+    p, r = 9 / 9, 9 / 12
+    assert metrics.rouge_l(answer, ref) == pytest.approx(2 * p * r / (p + r))
+    # Pure Chinese: sacrebleu's per-character tokeniser must agree with the zh one used here.
+    for answer, ref in [("员工每年有带薪年假", "员工每年有带薪年假吗"), ("合同到期前通知", "合同期满前一个月书面通知")]:
+        assert metrics.bleu(answer, ref) == pytest.approx(sacrebleu.sentence_bleu(answer, [ref], tokenize="char").score)
+
+
+def test_normalised_and_keyword_match() -> None:
+    assert metrics.normalise("15 天。") == metrics.normalise("15天")
+    assert metrics.normalise("ＱＸ－４４１７") == "qx4417"
+    s = metrics.score("The code is qx-4417.", "The Zubrowka office code is QX-4417.", ["QX 4417", "Zubrowka"], True)
+    assert s.exact == 0 and s.normalised == 0 and s.keywords == 0.5 and s.score == 0.5 and s.stopped
+    assert metrics.score("a", "a", [], False).score == 1.0  # no keywords: the score is ROUGE-L
+
+
+def test_judge_replies_are_parsed_or_marked_unparseable() -> None:
+    assert parse_grade('{"score": 4, "reason": "same facts"}') == (4, "same facts")
+    assert parse_grade('Sure! ```json\n{"score": "5", "reason": "ok"}\n```') == (5, "ok")
+    assert parse_grade("Score: 2. The answer misses the number.")[0] == 2
+    assert parse_grade("评分：3")[0] == 3
+    score, reason = parse_grade("I think the answer is fine.")
+    assert score is None and reason.startswith("unparseable judge reply")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_eval_files_name_the_record(tmp_path: Path) -> None:
+    no_ref = write_jsonl(tmp_path / "noref.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(UserError, match=r"noref.jsonl:1 \[messages\]: no reference answer"):
+        read_examples(no_ref)
+    empty = write_jsonl(
+        tmp_path / "empty.jsonl",
+        [{"instruction": "q1", "output": "a1"}, {"instruction": "q2", "output": "  "}],
+    )
+    with pytest.raises(UserError, match=r"empty.jsonl:2 \[output\]: field 'output' is empty"):
+        read_examples(empty)
+    mixed = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [{"instruction": "q", "output": "a"}, {"messages": [{"role": "user", "content": "q"}]}],
+    )
+    with pytest.raises(UserError, match=r"mixed.jsonl:2 \[instruction\]: missing field 'instruction'"):
+        read_examples(mixed)
+    with pytest.raises(UserError, match="base URL"):
+        Judge("localhost:8000")
+
+
+def test_unreachable_judge_and_missing_split_fail_before_generating(
+    lp_home: Path, tiny_base: Path, facts_file: Path
+) -> None:
+    ref = make_adapter(tiny_base, "tiny")
+    r = runner.invoke(app, ["eval", "--adapter", ref])
+    assert r.exit_code != 0 and "no held-out eval split" in str(r.exception)
+    r = runner.invoke(app, ["eval", "--adapter", ref, "--data", str(facts_file), "--judge", "http://127.0.0.1:9/v1"])
+    assert r.exit_code != 0 and "judge at http://127.0.0.1:9/v1 is unreachable" in str(r.exception)
+    assert not list((lp_home / "adapters" / "tiny" / "v1").glob("evals/*"))  # nothing half-stored
+
+
+# ----------------------------------------------------------------------------- the real thing
+
+
+def _screenshot_dir(tmp_path: Path) -> Path:
+    d = Path(os.environ.get("LORAPLEX_SCREENSHOTS") or tmp_path / "shots")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _render(page_path: Path, shot: Path) -> dict:
+    """Open the report in headless Chromium (Debian's package, no browser download)."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("request", lambda req: errors.append(f"fetched {req.url}") if not req.url.startswith("file:") else None)
+        page.goto(page_path.resolve().as_uri())
+        page.screenshot(path=str(shot), full_page=True)
+        facts = {
+            "errors": errors,
+            "summary_rows": page.locator("#summary tr").count(),
+            "examples": page.locator("section.example").count(),
+            "bars": page.locator("#bars svg").bounding_box(),
+            "curves": page.locator("#curves svg").bounding_box(),
+            "first_adapter_answer": page.locator("#ex-1 .adapter").inner_text(),
+            "judge_prompt": page.locator("#judge-prompt").inner_text() if page.locator("#judge-prompt").count() else "",
+        }
+        browser.close()
+    return facts
+
+
+@pytest.mark.slow
+def test_eval_proves_learning_reports_judges_and_gates_promotion(lp_home: Path, tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    from loraplex.adapters import registry
+    from loraplex.config import load_config
+    from loraplex.engine.engine import Engine
+    from loraplex.eval import report
+    from loraplex.eval.run import evaluate
+    from loraplex.train.sft_lora import run
+
+    data = write_jsonl(
+        tmp_path / "facts.jsonl",
+        [{"instruction": q, "output": a, "keywords": [k]} for (q, a), k in zip(FACTS, KEYWORDS, strict=True)],
+    )
+
+    def train(epochs: int, lr: float, **extra: int | str) -> registry.AdapterRef:
+        cfg = load_config(
+            extra={
+                "name": "facts",
+                "data": {"path": str(data), "eval_path": str(data)},
+                "train": {"epochs": epochs, "batch_size": 4, "learning_rate": lr, **extra},
+            }
+        )
+        res = run(cfg)
+        assert res.adapter is not None
+        return res.adapter
+
+    # Training-time generation eval every 5 steps, early stopping on its score: the facts are
+    # all answered by step 10, so two more evaluations without improvement end the run early.
+    v1 = train(40, 1e-3, gen_eval_steps=5, early_stopping_metric="gen_score", early_stopping_patience=2)
+    records = [json.loads(x) for x in (Path(v1.manifest()["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    gen = [r for r in records if "gen_score" in r]
+    assert [r["step"] for r in gen] == list(range(5, 5 * len(gen) + 1, 5))
+    assert gen[-1]["gen_keywords"] == 1.0 and v1.manifest()["steps"] < 40
+
+    # The eval split the run held out is the default data; the base does not know the facts.
+    r = runner.invoke(app, ["eval", "--adapter", "facts@v1", "--report", str(tmp_path / "report"), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    a, b = res["summary"]["adapter"], res["summary"]["baseline"]
+    assert a["exact"] == 1.0 and a["keywords"] == 1.0 and a["stopped"] == 1.0 and b["keywords"] == 0.0
+    assert a["loss"] < 0.2 < b["loss"] and a["perplexity"] < b["perplexity"]
+    assert res["comparison"] == {"improved": 4, "regressed": 0, "unchanged": 0}
+    assert [e["adapter"]["text"] for e in res["examples"]] == [ans for _, ans in FACTS]
+    listed = json.loads(runner.invoke(app, ["adapters", "list", "--json"]).stdout)
+    assert listed[0]["eval_score"] == 1.0
+    assert registry.resolve("facts@v1").manifest()["eval"]["score"] == 1.0
+
+    # The report, in a real browser: nothing fetched from elsewhere, plots drawn, every example.
+    shots = _screenshot_dir(tmp_path)
+    seen = _render(tmp_path / "report" / "index.html", shots / "eval-report.png")
+    assert seen["errors"] == [] and seen["examples"] == 4 and seen["summary_rows"] >= 10
+    assert seen["bars"]["width"] > 300 and seen["curves"]["width"] > 300
+    assert FACTS[0][1] in seen["first_adapter_answer"]
+
+    # A judge: another loraplex server on loopback grades every answer (SmolLM2 is a poor judge,
+    # so a reply may not parse; each one is stored either way, with the rubric in the report).
+    engine = Engine("smollm2-135m", max_batch=16, max_loaded_adapters=2)
+    server = Server(engine)
+    try:
+        judged = evaluate("facts@v1", data, judge=Judge(f"{server.url}/v1"), store=False, engine=engine)
+    finally:
+        server.stop()
+        engine.close()
+    grades = [e[side]["judge"] for e in judged["examples"] for side in ("adapter", "baseline")]
+    assert len(grades) == 8 and all(g["raw"] for g in grades)
+    assert all((g["score"] in (1, 2, 3, 4, 5)) or g["reason"].startswith("unparseable") for g in grades)
+    assert engine.stats.requests >= 16  # 8 answers generated + 8 gradings, all through the server's engine
+    page = report.write(judged, tmp_path / "judged")
+    assert "Reply with JSON only" in _render(page, shots / "eval-report-judge.png")["judge_prompt"]
+
+    # Promotion: v1 (evaluated) goes to prod; an undertrained v2 scores worse on the same data
+    # and is refused, until --force, which is recorded.
+    assert runner.invoke(app, ["adapters", "promote", "facts@v1", "--require-eval"]).exit_code == 0
+    v2 = train(1, 1e-4)
+    r = runner.invoke(app, ["adapters", "promote", v2.id, "--require-eval"])
+    assert r.exit_code != 0 and "has no evaluation" in str(r.exception)
+    r = runner.invoke(app, ["eval", "--adapter", v2.id, "--data", str(data), "--baseline", "facts@v1", "--json"])
+    assert r.exit_code == 0, r.output
+    res2 = json.loads(r.stdout)
+    assert res2["baseline"] == "facts@v1" and res2["comparison"]["regressed"] >= 1
+    r = runner.invoke(app, ["adapters", "promote", v2.id])
+    assert r.exit_code != 0 and "worse than facts@v1" in str(r.exception)
+    r = runner.invoke(app, ["adapters", "promote", v2.id, "--min-score", "0.99"])
+    assert r.exit_code != 0 and "below --min-score" in str(r.exception)
+    assert registry.aliases_of("facts") == {"prod": 1}
+    r = runner.invoke(app, ["adapters", "promote", v2.id, "--force"])
+    assert r.exit_code == 0, r.output
+    assert registry.aliases_of("facts") == {"prod": 2}
+    trail = registry.promotions("facts")
+    assert [(t["to_version"], t["forced"]) for t in trail] == [(1, False), (2, True)]
+    assert "worse than facts@v1" in trail[-1]["problems"][0]
+
+
+def test_gen_score_early_stopping_needs_gen_eval_steps(tmp_path: Path) -> None:
+    from loraplex.config import load_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: x\ntrain:\n  early_stopping_patience: 2\n  early_stopping_metric: gen_score\n")
+    with pytest.raises(UserError, match=r"c.yaml:4.*gen_eval_steps > 0"):
+        load_config(cfg)
+    cfg.write_text("name: x\ntrain:\n  gen_eval_steps: 5\n  early_stopping_metric: gen_score\n")
+    assert load_config(cfg).train.early_stopping_metric == "gen_score"
