@@ -116,15 +116,17 @@ def _screenshot_dir(tmp_path: Path) -> Path:
     return d
 
 
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+
+
 def _render(page_path: Path, shot: Path) -> dict:
     """Open the report in headless Chromium (Debian's package, no browser download)."""
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    assert CHROMIUM is not None
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         errors: list[str] = []
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
@@ -145,6 +147,7 @@ def _render(page_path: Path, shot: Path) -> dict:
 
 
 @pytest.mark.slow
+@needs_chromium
 def test_eval_proves_learning_reports_judges_and_gates_promotion(lp_home: Path, tmp_path: Path) -> None:
     pytest.importorskip("gguf")
     from loraplex.adapters import registry
