@@ -135,7 +135,7 @@ def test_sigterm_ends_what_outlives_the_timeout_with_an_error(serve: Any) -> Non
     assert time.time() - t0 < 30
     errors = [r["error"] for _, r, _ in runs if r["error"] is not None]
     assert errors, "every request finished within 0.3 s; the test did not exercise the timeout"
-    for e in errors:
-        assert "shut down before this request finished" in str(e)
+    for e in errors:  # cut by the timeout, or (a thread whose request had not reached it yet) refused
+        assert "shut down before this request finished" in str(e) or "the server is shutting down" in str(e)
     for _, r, _ in runs:  # each either finished whole or ended with the error, never silently cut
         assert (r["finish"] == "length" and r["usage"] == 460) or r["error"] is not None
