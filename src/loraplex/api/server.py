@@ -46,6 +46,7 @@ from loraplex.gateway.gate import Call, Gateway, Overloaded
 from loraplex.gateway.keys import AuthError, Key
 from loraplex.gateway.limits import RateLimited
 from loraplex.gateway.log import audit_rows, summary
+from loraplex.web.routes import add_routes
 
 MAX_BODY = 8 * 1024 * 1024
 UNSUPPORTED = {
@@ -227,6 +228,8 @@ def create_app(engine: Engine, gateway: Gateway | None = None) -> FastAPI:
     for refusal in (AuthError, RateLimited, Overloaded, upstream.UpstreamError, UserError):
         app.add_exception_handler(refusal, _crash)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _crash)
+
+    add_routes(app, gw, engine, principal, admin)  # the web app at /, conversations, dashboard, training
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -1,5 +1,5 @@
 """The server's embedded state: one SQLite file ($LORAPLEX_HOME/server.db) for keys, the request
-log, feedback and the admin audit trail.
+log, feedback, the admin audit trail, and the web UI's conversations and training jobs.
 
 The schema is versioned with SQLite's `user_version`; `connect` applies every migration newer than
 the file's version, in order, in one transaction each, so an old file upgrades in place and a new
@@ -69,6 +69,35 @@ MIGRATIONS: list[str] = [
         target TEXT,
         detail TEXT,
         status INTEGER NOT NULL
+    );
+    """,
+    # 2: the web UI's conversations, per key
+    """
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,            -- chosen by the browser (a UUID)
+        key TEXT NOT NULL,              -- key name, '' without auth
+        title TEXT NOT NULL,
+        model TEXT NOT NULL,
+        messages TEXT NOT NULL,         -- JSON list of {role, content, id?, rating?}
+        created REAL NOT NULL,
+        updated REAL NOT NULL
+    );
+    CREATE INDEX conversations_key ON conversations(key, updated);
+    """,
+    # 3: training jobs started from the web page
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        key TEXT NOT NULL,              -- key name, '' without auth
+        name TEXT NOT NULL,             -- the adapter being trained
+        status TEXT NOT NULL,           -- queued, training, evaluating, done, failed, interrupted
+        config TEXT NOT NULL,           -- JSON: the resolved training config
+        run_dir TEXT NOT NULL,
+        pid INTEGER,
+        created REAL NOT NULL,
+        finished REAL,
+        adapter TEXT,                   -- name@vN once registered
+        error TEXT
     );
     """,
 ]

@@ -1,0 +1,90 @@
+"""What the admin dashboard shows, read from the store, the request log and the engine.
+
+Plain queries returning JSON-ready dicts; the page draws them. This module changes nothing
+(alias moves go through the audited admin routes in api/server.py).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from typing import Any
+
+from loraplex.adapters import registry
+from loraplex.gateway import feedback
+
+
+def adapters(con: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Every adapter with its versions (size, base, eval score, feedback) and aliases."""
+    ratings = {r["adapter"]: r for r in feedback.stats(con)}
+    usage = {
+        r["served"]: dict(r)
+        for r in con.execute(
+            "SELECT served, COUNT(*) AS requests, SUM(prompt_tokens + completion_tokens) AS tokens "
+            "FROM requests WHERE served IS NOT NULL GROUP BY served"
+        )
+    }
+    out = []
+    for entry in registry.catalog():
+        name = entry["name"]
+        versions = []
+        for v in entry["versions"]:
+            ref = registry.resolve(f"{name}@{v}")
+            m = ref.manifest()
+            fb = ratings.get(ref.id)
+            versions.append(
+                {
+                    "id": ref.id,
+                    "version": ref.version,
+                    "created_at": m.get("created_at"),
+                    "bytes": sum(int(f.get("bytes", 0)) for f in (m.get("files") or {}).values()),
+                    "base": (m.get("base_model") or {}).get("id"),
+                    "eval_score": (m.get("eval") or {}).get("score"),
+                    "train_loss": m.get("train_loss"),
+                    "ratings": fb["ratings"] if fb else 0,
+                    "up_ratio": fb["up_ratio"] if fb else None,
+                    "requests": (usage.get(ref.id) or {}).get("requests", 0),
+                    "tokens": (usage.get(ref.id) or {}).get("tokens", 0) or 0,
+                }
+            )
+        out.append(
+            {"name": name, "description": entry["description"], "aliases": entry["aliases"], "versions": versions}
+        )
+    return out
+
+
+def timeline(con: sqlite3.Connection, hours: float = 24.0, buckets: int = 48) -> dict[str, Any]:
+    """Requests and tokens per adapter in equal time buckets over the last `hours`."""
+    now = time.time()
+    start = now - hours * 3600
+    width = (now - start) / buckets
+    series: dict[str, dict[str, list[int]]] = {}
+    for served, t, tokens in con.execute(
+        "SELECT COALESCE(served, model, '-'), time, prompt_tokens + completion_tokens FROM requests WHERE time >= ?",
+        (start,),
+    ):
+        s = series.setdefault(served, {"requests": [0] * buckets, "tokens": [0] * buckets})
+        i = min(int((t - start) / width), buckets - 1)
+        s["requests"][i] += 1
+        s["tokens"][i] += int(tokens or 0)
+    return {"start": start, "width_s": width, "buckets": buckets, "series": series}
+
+
+def live(con: sqlite3.Connection, engine: Any, minutes: float = 15.0) -> dict[str, Any]:
+    """The engine now (loaded adapters, running rows, queue) and recent TTFT / latency per request."""
+    since = time.time() - minutes * 60
+    recent = [
+        dict(r)
+        for r in con.execute(
+            "SELECT time, COALESCE(served, model) AS model, ttft_ms, latency_ms, status FROM requests "
+            "WHERE time >= ? ORDER BY time LIMIT 5000",
+            (since,),
+        )
+    ]
+    return {
+        "running": engine.running(),
+        "queued": engine.queue_depth(),
+        "max_batch": engine.max_batch,
+        "loaded": engine.adapters.describe(),
+        "requests": recent,
+    }

@@ -1,0 +1,232 @@
+"""Training started from the web page: each job is a `loraplex train` process, then a
+`loraplex eval --report` of what it registered, run in the background and tracked in server.db.
+
+The job's files live in `$LORAPLEX_HOME/jobs/<id>/` (the uploaded data, config.yaml, the log,
+the eval report); progress is read from the training run's own metrics.jsonl, so the page can be
+closed and reopened at any time. A server restart marks jobs whose process is gone as
+`interrupted`; starting the same job again resumes from its last checkpoint (the run directory
+is keyed by config + data, see train/sft_lora.py). This module does not train: it launches the
+CLI, which is exactly what a user would run.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loraplex.data.formats import parse_file
+from loraplex.errors import UserError
+from loraplex.paths import check_name, home
+
+EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".txt")
+
+
+def _job_dir(job_id: str) -> Path:
+    if not re.fullmatch(r"[0-9a-f]{32}", job_id):
+        raise UserError(f"invalid job id {job_id!r}")
+    return home() / "jobs" / job_id
+
+
+def decode_upload(filename: str, content_b64: str) -> tuple[str, bytes]:
+    """A safe file name (only its extension is kept from the user's) and the bytes."""
+    ext = Path(filename).suffix.lower()
+    if ext not in EXTENSIONS:
+        raise UserError(f"{filename!r}: upload a data file ending in {', '.join(EXTENSIONS)}")
+    try:
+        raw = base64.b64decode(content_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise UserError("content_b64 is not valid base64") from None
+    if not raw.strip():
+        raise UserError(f"{filename!r} is empty")
+    return f"data{ext}", raw
+
+
+def validate(path: Path, shown_as: str) -> dict[str, Any]:
+    """Records, detected format and every per-record error (sources shown with the upload's name)."""
+    result = parse_file(path)
+    errors = [
+        {"source": e.source.replace(str(path), shown_as), "reason": e.reason, "field": e.field} for e in result.errors
+    ]
+    return {"records": len(result.conversations), "format": result.format, "errors": errors}
+
+
+class Jobs:
+    def __init__(self, con: sqlite3.Connection, default_base: str):
+        self.con = con
+        self.default_base = default_base  # the served base: what a new version must fit
+        self._lock = threading.Lock()
+        for row in con.execute("SELECT id, pid FROM jobs WHERE status IN ('queued', 'training', 'evaluating')"):
+            if not _alive(row["pid"]):
+                self._set(row["id"], status="interrupted", error="the server stopped while this job ran")
+
+    def _set(self, job_id: str, **fields: Any) -> None:
+        with self._lock:
+            cols = ", ".join(f"{k}=?" for k in fields)
+            self.con.execute(f"UPDATE jobs SET {cols} WHERE id=?", (*fields.values(), job_id))
+
+    def check_upload(self, filename: str, content_b64: str) -> dict[str, Any]:
+        """Validate an upload without starting anything (the page shows the errors per record)."""
+        name, raw = decode_upload(filename, content_b64)
+        scratch = home() / "jobs" / "uploads"
+        scratch.mkdir(parents=True, exist_ok=True)
+        path = scratch / f"{uuid.uuid4().hex}-{name}"
+        try:
+            path.write_bytes(raw)
+            return validate(path, filename)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def start(self, key: str, filename: str, content_b64: str, settings: dict[str, Any]) -> dict[str, Any]:
+        from loraplex.config import load_config
+        from loraplex.models.load import resolve_base
+        from loraplex.train.sft_lora import run_id, sha256_of
+
+        name = check_name(str(settings.get("name") or ""))
+        data_name, raw = decode_upload(filename, content_b64)
+        job_id = uuid.uuid4().hex
+        d = _job_dir(job_id)
+        d.mkdir(parents=True)
+        data = d / data_name
+        data.write_bytes(raw)
+        checked = validate(data, filename)
+        if checked["errors"]:
+            listed = "; ".join(f"{e['source']}: {e['reason']}" for e in checked["errors"][:10])
+            raise UserError(f"{len(checked['errors'])} invalid record(s), nothing started: {listed}")
+        cfg = load_config(
+            extra={
+                "name": name,
+                "base": str(settings.get("base") or self.default_base),
+                "description": str(settings.get("description") or ""),
+                "data": {
+                    "path": str(data),
+                    "eval_ratio": float(settings.get("eval_ratio", 0.1)),
+                    "max_seq_length": int(settings.get("max_seq_length", 1024)),
+                },
+                "lora": {"rank": int(settings.get("rank", 16)), "alpha": 2 * int(settings.get("rank", 16))},
+                "train": {
+                    "epochs": float(settings.get("epochs", 8)),
+                    "learning_rate": float(settings.get("learning_rate", 1e-3)),
+                    "batch_size": int(settings.get("batch_size", 4)),
+                },
+            }
+        )
+        base = resolve_base(cfg.base)
+        run_dir = home() / "runs" / run_id(cfg, sha256_of(str(data)), base)
+        (d / "config.yaml").write_text(
+            f"# loraplex train {d / 'config.yaml'}\n" + yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True)
+        )
+        with self._lock:
+            self.con.execute(
+                "INSERT INTO jobs (id, key, name, status, config, run_dir, created) VALUES (?,?,?,?,?,?,?)",
+                (job_id, key, name, "queued", json.dumps(cfg.model_dump(mode="json")), str(run_dir), time.time()),
+            )
+        threading.Thread(target=self._work, args=(job_id, name), daemon=True, name=f"job-{job_id[:8]}").start()
+        return self.get(job_id)
+
+    def _work(self, job_id: str, name: str) -> None:
+        d = _job_dir(job_id)
+        # Wide lines: rich wraps at 80 columns when not on a terminal, which would split the
+        # "N steps," and "-> name@vN" lines this module reads back.
+        env = {**os.environ, "LORAPLEX_HOME": str(home()), "COLUMNS": "400"}
+        with open(d / "train.log", "w", encoding="utf-8") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "loraplex.cli", "train", str(d / "config.yaml")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # a Ctrl-C to the server does not kill the training
+            )
+            self._set(job_id, status="training", pid=proc.pid)
+            code = proc.wait()
+        text = (d / "train.log").read_text(encoding="utf-8", errors="replace")
+        found = re.findall(r"-> (\S+@v\d+)", text)
+        if code != 0 or not found:
+            error = text.strip().splitlines()[-1] if text.strip() else f"exit code {code}"
+            self._set(job_id, status="failed", error=error[-500:], finished=time.time())
+            return
+        adapter = found[-1]
+        self._set(job_id, status="evaluating", adapter=adapter)
+        with open(d / "eval.log", "w", encoding="utf-8") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "loraplex.cli", "eval", "--adapter", adapter, "--report", str(d / "report")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+            self._set(job_id, pid=proc.pid)
+            code = proc.wait()
+        # A failed eval (no held-out split, say) does not undo a finished training: it is noted.
+        note = None if code == 0 else (d / "eval.log").read_text(encoding="utf-8", errors="replace")[-300:]
+        self._set(job_id, status="done", finished=time.time(), error=note)
+
+    def list(self, key: str | None) -> list[dict[str, Any]]:
+        where, args = ("WHERE key=?", (key,)) if key is not None else ("", ())
+        rows = self.con.execute(f"SELECT id FROM jobs {where} ORDER BY created DESC LIMIT 50", args).fetchall()
+        return [self.get(r["id"]) for r in rows]
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        row = self.con.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            raise KeyError(job_id)
+        job = {k: v for k, v in dict(row).items() if k not in ("config", "pid")}
+        cfg = json.loads(row["config"])
+        job["settings"] = {
+            "epochs": cfg["train"]["epochs"],
+            "learning_rate": cfg["train"]["learning_rate"],
+            "rank": cfg["lora"]["rank"],
+            "base": cfg["base"],
+        }
+        points, evals, total = [], [], None
+        metrics = Path(row["run_dir"]) / "metrics.jsonl"
+        if metrics.is_file():
+            for line in metrics.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # the line being written right now
+                if "loss" in rec:
+                    points.append([rec["step"], rec["loss"]])
+                if "eval_loss" in rec:
+                    evals.append([rec["step"], rec["eval_loss"]])
+        log = _job_dir(job_id) / "train.log"
+        if log.is_file():
+            m = re.search(r"(\d+) steps,", log.read_text(encoding="utf-8", errors="replace"))
+            total = int(m.group(1)) if m else None
+        job.update(
+            loss=points,
+            eval_loss=evals,
+            step=points[-1][0] if points else 0,
+            total_steps=total,
+            report=(_job_dir(job_id) / "report" / "index.html").is_file(),
+        )
+        return job
+
+    def report(self, job_id: str) -> Path:
+        path = _job_dir(job_id) / "report" / "index.html"
+        if not path.is_file():
+            raise KeyError(job_id)
+        return path
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,241 @@
+"""The web app in a real browser (Debian's Chromium driven by Playwright) against a real
+`loraplex serve` process on loopback, keys on: sign in, pick an assistant, a streamed reply,
+a thumbs down with a correction, history kept per key, compare two versions, phone width."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import FACTS, make_adapter, write_jsonl
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+
+
+@pytest.fixture
+def served(lp_home: Path, tiny_base: Path, tmp_path: Path) -> Iterator[dict]:
+    from loraplex.gateway import db, keys
+
+    make_adapter(tiny_base, "helper", seed=0)
+    make_adapter(tiny_base, "helper", seed=1)
+    make_adapter(tiny_base, "secret", seed=2)
+    con = db.connect()
+    _, alice = keys.create(con, "alice", models=("helper*",))
+    _, bob = keys.create(con, "bob", models=("*",))
+    _, root = keys.create(con, "root", admin=True)
+    con.close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
+    cmd = [sys.executable, "-m", "loraplex.cli", "serve", "--base", str(tiny_base), "--port", str(port)]
+    proc = subprocess.Popen(
+        [*cmd, "--device", "cpu", "--dtype", "fp32"],
+        env={**os.environ, "LORAPLEX_HOME": str(lp_home)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline
+        time.sleep(0.2)
+    try:
+        yield {"url": url, "alice": alice, "bob": bob, "root": root, "home": lp_home}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+
+
+def _shots(tmp_path: Path) -> Path:
+    d = Path(os.environ.get("LORAPLEX_SCREENSHOTS") or tmp_path / "shots")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def test_chat_feedback_history_and_compare_in_a_browser(served: dict, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    url, shots = served["url"], _shots(tmp_path)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 800})
+        errors: list[str] = []
+        streamed: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on(
+            "response",
+            lambda r: streamed.append(r.headers.get("content-type", "")) if r.url.endswith("/chat/completions") else None,
+        )
+
+        # Sign in: a wrong key is refused with the server's reason, the right one opens the app.
+        page.goto(url + "/")
+        page.fill("#key-input", "lp-000000000000-wrong")
+        page.click("#signin-form button")
+        page.wait_for_selector("#signin-error:not([hidden])")
+        assert "invalid" in page.inner_text("#signin-error").lower()
+        errors.clear()  # the refused sign-in logs its 401 in the console; nothing else may
+        page.fill("#key-input", served["alice"])
+        page.click("#signin-form button")
+        page.wait_for_selector("#app:not([hidden])")
+
+        # The picker offers what alice's key allows, and nothing else.
+        offered = page.eval_on_selector_all("#model-select option", "os => os.map(o => o.value)")
+        assert "helper" in offered and not any(o.startswith("secret") for o in offered)
+
+        # A streamed reply to a message sent with Enter; Enter while an IME composes sends nothing.
+        page.select_option("#model-select", "helper")
+        page.click("#settings summary")  # sampling settings are tucked away
+        page.fill("#max-tokens", "12")
+        page.fill("#input", "年假有多少天？")
+        page.dispatch_event("#input", "keydown", {"key": "Enter", "isComposing": True})
+        assert page.locator(".msg.user").count() == 0
+        page.press("#input", "Enter")
+        page.wait_for_selector(".msg.assistant .down:not([disabled])", timeout=60000)
+        assert page.inner_text(".msg.user") == "年假有多少天？"
+        assert page.inner_text(".msg.assistant .content").strip()
+        assert streamed and all(c.startswith("text/event-stream") for c in streamed)
+        page.screenshot(path=str(shots / "web-chat.png"))
+
+        # Thumbs down with a correction: stored against the exact version that answered.
+        page.click(".msg.assistant .down")
+        page.fill(".msg.assistant .fb-comment", "wrong number")
+        page.fill(".msg.assistant .fb-correction", "员工每年有15天带薪年假。")
+        page.click(".msg.assistant .feedback button[type=submit]")
+        page.wait_for_selector(".fb-thanks")
+        con = sqlite3.connect(served["home"] / "server.db")
+        rows = con.execute("SELECT key, adapter, rating, comment, correction FROM feedback").fetchall()
+        assert rows == [("alice", "helper@v2", "down", "wrong number", "员工每年有15天带薪年假。")]
+
+        # After a reload the conversation is in the sidebar, with its rating.
+        page.reload()
+        page.wait_for_selector("#conversations li")
+        page.click("#conversations li .open")
+        page.wait_for_selector(".msg.assistant")
+        assert page.get_attribute(".msg.assistant .down", "aria-pressed") == "true"
+        cid = con.execute("SELECT id FROM conversations WHERE key='alice'").fetchone()[0]
+
+        # Compare two versions side by side; the vote is feedback on both answers.
+        page.click("#tab-compare")
+        page.select_option("#cmp-a", "helper@v1")
+        page.select_option("#cmp-b", "helper@v2")
+        page.fill("#input", "Who approves expense claims?")
+        page.press("#input", "Enter")
+        page.wait_for_selector(".col .vote:not([disabled])", timeout=60000)
+        assert page.locator(".compare-cols .col").count() == 2
+        page.locator(".col .vote").first.click()
+        page.wait_for_selector(".col.winner")
+        page.screenshot(path=str(shots / "web-compare.png"))
+        votes = con.execute("SELECT adapter, rating, comment FROM feedback WHERE comment LIKE 'compare:%'").fetchall()
+        assert sorted(votes) == [
+            ("helper@v1", "up", "compare: preferred over helper@v2"),
+            ("helper@v2", "down", "compare: helper@v1 preferred"),
+        ]
+
+        # Chinese UI text, and a phone-width layout that does not scroll sideways.
+        page.click("#lang")
+        assert page.inner_text("#send") == "发送"
+        page.set_viewport_size({"width": 390, "height": 844})
+        page.click("#tab-chat")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        page.screenshot(path=str(shots / "web-phone.png"))
+        assert errors == []
+        browser.close()
+
+    # Nothing of alice's is visible to another key.
+    bob = {"Authorization": f"Bearer {served['bob']}"}
+    assert httpx.get(url + "/ui/api/conversations", headers=bob).json() == {"data": []}
+    r = httpx.get(f"{url}/ui/api/conversations/{cid}", headers=bob)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "conversation_not_found"
+    r = httpx.put(f"{url}/ui/api/conversations/{cid}", headers=bob, json={"title": "x", "model": "m", "messages": []})
+    assert r.status_code == 404
+    assert httpx.get(url + "/ui/api/conversations").status_code == 401
+    alice = {"Authorization": f"Bearer {served['alice']}"}
+    assert json.loads(httpx.get(f"{url}/ui/api/conversations/{cid}", headers=alice).text)["messages"][0]["role"] == "user"
+
+
+def test_admin_trains_from_an_upload_and_moves_an_alias(served: dict, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from loraplex.adapters import registry
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "q1", "output": "a1"}\n{"instruction": "q2"}\nnot json\n', encoding="utf-8")
+    good = write_jsonl(tmp_path / "policies.jsonl", [{"instruction": q, "output": a} for q, a in FACTS])
+    url, shots = served["url"], _shots(tmp_path)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("dialog", lambda d: d.accept())  # the alias move asks for confirmation
+
+        # alice is not an admin: no admin tab, and the server refuses its admin calls anyway
+        page.goto(url + "/")
+        page.fill("#key-input", served["alice"])
+        page.click("#signin-form button")
+        page.wait_for_selector("#app:not([hidden])")
+        assert page.locator("#tab-admin").is_hidden()
+        r = httpx.get(url + "/ui/api/admin/adapters", headers={"Authorization": f"Bearer {served['alice']}"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_required"
+        page.click("#signout")
+
+        page.wait_for_selector("#signin:not([hidden])")
+        page.fill("#key-input", served["root"])
+        page.click("#signin-form button")
+        page.wait_for_selector("#app:not([hidden])")
+        errors.clear()  # the signed-out page's 401s are the sign-in flow; nothing after may fail
+        page.click("#tab-admin")
+        page.wait_for_selector("#admin-adapters tr[data-id='helper@v2']")
+
+        # A bad upload lists every bad record with its line; nothing can be started.
+        page.set_input_files("#train-file", str(bad))
+        page.wait_for_selector("#train-errors li")
+        listed = page.inner_text("#train-errors")
+        assert "bad.jsonl:2 [output]: missing field 'output'" in listed and "bad.jsonl:3: malformed JSON" in listed
+        assert page.is_disabled("#train-start")
+
+        # A good one trains in the background; the page follows it to the end and the eval report.
+        page.set_input_files("#train-file", str(good))
+        page.wait_for_selector("#train-start:not([disabled])")
+        page.fill("#train-name", "policies")
+        page.fill("#train-epochs", "2")
+        page.click("#train-start")
+        page.wait_for_selector(".job[data-status=done] .report", timeout=240000)
+        page.wait_for_selector("#model-select option[value='policies']", state="attached")  # in the picker now
+        assert registry.resolve("policies").id == "policies@v1"
+        page.wait_for_selector("#admin-adapters tr[data-id='policies@v1']")
+        page.screenshot(path=str(shots / "web-admin.png"))
+
+        # Move an alias from the adapters table (confirmed in a dialog, audited by the server).
+        row = page.locator("#admin-adapters tr[data-id='policies@v1']")
+        row.locator("input").fill("prod")
+        row.locator("button.move").click()
+        page.wait_for_function("document.querySelector(\"#admin-adapters tr[data-id='policies@v1']\").innerText.includes('prod')")
+        assert registry.aliases_of("policies") == {"prod": 1}
+        assert errors == []
+        browser.close()
+    con = sqlite3.connect(served["home"] / "server.db")
+    actions = [a for (a,) in con.execute("SELECT action FROM audit WHERE key='root' ORDER BY id")]
+    assert "train" in actions and "alias" in actions
