@@ -35,6 +35,7 @@ def served(lp_home: Path, tiny_base: Path, tmp_path: Path) -> Iterator[dict]:
     _, alice = keys.create(con, "alice", models=("helper*",))
     _, bob = keys.create(con, "bob", models=("*",))
     _, root = keys.create(con, "root", admin=True)
+    _, old = keys.create(con, "old", expires=time.time() - 60)
     con.close()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,7 +60,7 @@ def served(lp_home: Path, tiny_base: Path, tmp_path: Path) -> Iterator[dict]:
         assert time.time() < deadline
         time.sleep(0.2)
     try:
-        yield {"url": url, "alice": alice, "bob": bob, "root": root, "home": lp_home}
+        yield {"url": url, "alice": alice, "bob": bob, "root": root, "old": old, "home": lp_home}
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -88,12 +89,15 @@ def test_chat_feedback_history_and_compare_in_a_browser(served: dict, tmp_path: 
             lambda r: streamed.append(r.headers.get("content-type", "")) if r.url.endswith("/chat/completions") else None,
         )
 
-        # Sign in: a wrong key is refused with the server's reason, the right one opens the app.
+        # Sign in: a wrong or expired key is refused with the server's reason, the right one opens the app.
         page.goto(url + "/")
         page.fill("#key-input", "lp-000000000000-wrong")
         page.click("#signin-form button")
         page.wait_for_selector("#signin-error:not([hidden])")
         assert "invalid" in page.inner_text("#signin-error").lower()
+        page.fill("#key-input", served["old"])
+        page.click("#signin-form button")
+        page.wait_for_function("document.querySelector('#signin-error').innerText.includes('expired')")
         errors.clear()  # the refused sign-in logs its 401 in the console; nothing else may
         page.fill("#key-input", served["alice"])
         page.click("#signin-form button")
@@ -152,6 +156,14 @@ def test_chat_feedback_history_and_compare_in_a_browser(served: dict, tmp_path: 
             ("helper@v2", "down", "compare: helper@v1 preferred"),
         ]
 
+        # A huge paste is refused in the page with its size, and nothing is sent.
+        page.click("#tab-chat")
+        sent = len(streamed)
+        page.fill("#input", "长" * 100_001)
+        page.press("#input", "Enter")
+        page.wait_for_selector("#banner:not([hidden])")
+        assert "100001" in page.inner_text("#banner") and len(streamed) == sent
+
         # Chinese UI text, and a phone-width layout that does not scroll sideways.
         page.click("#lang")
         assert page.inner_text("#send") == "发送"
@@ -159,19 +171,30 @@ def test_chat_feedback_history_and_compare_in_a_browser(served: dict, tmp_path: 
         page.click("#tab-chat")
         assert page.evaluate("document.documentElement.scrollWidth") <= 390
         page.screenshot(path=str(shots / "web-phone.png"))
+
+        # Deleting a conversation (confirmed) removes it from the sidebar and the server.
+        page.set_viewport_size({"width": 1200, "height": 800})
+        page.on("dialog", lambda d: d.accept())
+        page.click("#conversations li .del")
+        page.wait_for_function("document.querySelectorAll('#conversations li').length === 0")
+        assert con.execute("SELECT COUNT(*) FROM conversations").fetchone()[0] == 0
         assert errors == []
         browser.close()
 
     # Nothing of alice's is visible to another key.
     bob = {"Authorization": f"Bearer {served['bob']}"}
     assert httpx.get(url + "/ui/api/conversations", headers=bob).json() == {"data": []}
+    alice = {"Authorization": f"Bearer {served['alice']}"}
+    body = {"title": "mine", "model": "helper", "messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.put(f"{url}/ui/api/conversations/{cid}", headers=alice, json=body).status_code == 200
     r = httpx.get(f"{url}/ui/api/conversations/{cid}", headers=bob)
     assert r.status_code == 404 and r.json()["error"]["code"] == "conversation_not_found"
     r = httpx.put(f"{url}/ui/api/conversations/{cid}", headers=bob, json={"title": "x", "model": "m", "messages": []})
     assert r.status_code == 404
     assert httpx.get(url + "/ui/api/conversations").status_code == 401
-    alice = {"Authorization": f"Bearer {served['alice']}"}
-    assert json.loads(httpx.get(f"{url}/ui/api/conversations/{cid}", headers=alice).text)["messages"][0]["role"] == "user"
+    assert json.loads(httpx.get(f"{url}/ui/api/conversations/{cid}", headers=alice).text)["title"] == "mine"
+    r = httpx.put(f"{url}/ui/api/conversations/../etc", headers=alice, json=body)
+    assert r.status_code in (400, 404)
 
 
 def test_admin_trains_from_an_upload_and_moves_an_alias(served: dict, tmp_path: Path) -> None:
