@@ -40,31 +40,52 @@ def served(lp_home: Path, tiny_base: Path, tmp_path: Path) -> Iterator[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
-    cmd = [sys.executable, "-m", "loraplex.cli", "serve", "--base", str(tiny_base), "--port", str(port)]
-    proc = subprocess.Popen(
-        [*cmd, "--device", "cpu", "--dtype", "fp32"],
-        env={**os.environ, "LORAPLEX_HOME": str(lp_home)},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.time() < deadline
-        time.sleep(0.2)
+    procs: list[subprocess.Popen] = []
+
+    def launch() -> None:
+        log = tmp_path / f"serve-{len(procs)}.log"
+        cmd = [sys.executable, "-m", "loraplex.cli", "serve", "--base", str(tiny_base), "--port", str(port)]
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                [*cmd, "--device", "cpu", "--dtype", "fp32"],
+                env={**os.environ, "LORAPLEX_HOME": str(lp_home)},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        procs.append(proc)
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline
+            time.sleep(0.2)
+
+    def crash_and_restart() -> None:
+        procs[-1].kill()  # no graceful drain: streams just break, as when a machine goes away
+        procs[-1].wait()
+        launch()
+
+    launch()
     try:
-        yield {"url": url, "alice": alice, "bob": bob, "root": root, "old": old, "home": lp_home}
+        yield {
+            "url": url,
+            "alice": alice,
+            "bob": bob,
+            "root": root,
+            "old": old,
+            "home": lp_home,
+            "restart": crash_and_restart,
+        }
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        log.close()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=60)
 
 
 def _shots(tmp_path: Path) -> Path:
@@ -243,6 +264,7 @@ def test_admin_trains_from_an_upload_and_moves_an_alias(served: dict, tmp_path: 
         page.set_input_files("#train-file", str(good))
         page.wait_for_selector("#train-start:not([disabled])")
         page.fill("#train-name", "policies")
+        assert "(served here)" in page.inner_text("#train-base option:checked")  # the served base by default
         page.fill("#train-epochs", "2")
         page.click("#train-start")
         page.wait_for_selector(".job[data-status=done] .report", timeout=240000)
@@ -262,3 +284,54 @@ def test_admin_trains_from_an_upload_and_moves_an_alias(served: dict, tmp_path: 
     con = sqlite3.connect(served["home"] / "server.db")
     actions = [a for (a,) in con.execute("SELECT action FROM audit WHERE key='root' ORDER BY id")]
     assert "train" in actions and "alias" in actions
+
+
+def test_a_server_crash_mid_stream_loses_no_conversation(served: dict, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    url = served["url"]
+    alice = {"Authorization": f"Bearer {served['alice']}"}
+    # A question whose greedy answer runs to the token limit (no early end of turn), so the
+    # stream is still going when the server dies.
+    long = None
+    for q in ("Tell me everything about leave.", "年假有多少天？", "Who approves expense claims?", "Hello"):
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            headers=alice,
+            json={"model": "helper", "messages": [{"role": "user", "content": q}], "max_tokens": 400, "temperature": 0},
+            timeout=120,
+        ).json()
+        if r["choices"][0]["finish_reason"] == "length":
+            long = q
+            break
+    assert long is not None, "no test question runs to the limit on the tiny model"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 800})
+        page.goto(url + "/")
+        page.fill("#key-input", served["alice"])
+        page.click("#signin-form button")
+        page.wait_for_selector("#app:not([hidden])")
+        page.select_option("#model-select", "helper")
+        page.click("#settings summary")
+        page.fill("#max-tokens", "400")
+        page.fill("#input", long)
+        page.press("#input", "Enter")
+        page.wait_for_function("(document.querySelector('.msg.assistant .content')?.innerText || '').length > 0")
+        served["restart"]()
+        page.wait_for_selector("#banner:not([hidden])")
+        assert "Connection lost" in page.inner_text("#banner")
+        assert page.inner_text(".msg.user") == long  # the question is still there ...
+        page.reload()  # ... and on the (restarted) server, not only in this page
+        page.wait_for_selector("#conversations li")
+        page.click("#conversations li .open")
+        page.wait_for_selector(".msg.user")
+        assert page.inner_text(".msg.user") == long
+        page.click("#settings summary")
+        page.fill("#max-tokens", "8")
+        page.click("#messages .retry")
+        page.wait_for_selector(".msg.assistant .down:not([disabled])", timeout=60000)
+        browser.close()
+    cid = httpx.get(url + "/ui/api/conversations", headers=alice).json()["data"][0]["id"]
+    saved = httpx.get(f"{url}/ui/api/conversations/{cid}", headers=alice).json()["messages"]
+    assert [m["role"] for m in saved] == ["user", "assistant"] and saved[1]["id"]

@@ -104,6 +104,13 @@ def add_routes(app: FastAPI, gw: Gateway, engine: Any, principal: Any, admin: An
     async def admin_live(key: Key | None = Depends(admin)) -> dict[str, Any]:
         return dashboard.live(gw.con, engine)
 
+    @app.get("/ui/api/admin/bases")
+    async def admin_bases(key: Key | None = Depends(admin)) -> dict[str, Any]:
+        from loraplex.models.load import EMBEDDED
+
+        others = [b for b in EMBEDDED if b != engine.base.id]
+        return {"served": engine.base.id, "choices": [engine.base.id, *others]}
+
     @app.post("/ui/api/admin/train/check")
     async def train_check(body: Upload, key: Key | None = Depends(admin)) -> dict[str, Any]:
         return await asyncio.to_thread(jobs.check_upload, body.filename, body.content_b64)

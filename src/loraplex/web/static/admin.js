@@ -60,7 +60,9 @@
   async function startTraining(ev) {
     ev.preventDefault();
     if (!upload) return;
+    const base = $("train-base").value === "__other" ? $("train-base-other").value.trim() : $("train-base").value;
     const settings = {
+      base,
       name: $("train-name").value.trim(),
       description: $("train-description").value.trim(),
       epochs: Number($("train-epochs").value),
@@ -186,10 +188,21 @@
     }
   }
 
+  async function loadBases() {
+    const bases = await (await api("/ui/api/admin/bases")).json();
+    const select = $("train-base");
+    if (select.options.length) return;
+    for (const b of bases.choices) {
+      select.append(el("option", { value: b }, `${b} (${t(b === bases.served ? "admin.served" : "admin.not_served")})`));
+    }
+    select.append(el("option", { value: "__other" }, t("admin.other")));
+    select.onchange = () => { $("train-base-other-label").hidden = select.value !== "__other"; };
+  }
+
   window.addEventListener("lp:tab", async (ev) => {
     clearTimeout(timer);
     if (ev.detail !== "admin") return;
-    try { await refreshAdapters(); } catch (e) { showError(e.message); }
+    try { await loadBases(); await refreshAdapters(); } catch (e) { showError(e.message); }
     tick();
   });
   window.addEventListener("DOMContentLoaded", () => {

@@ -27,7 +27,9 @@ const STRINGS = {
     "admin.adapters": "Adapters", "admin.records": "{n} records ({format}), {e} invalid",
     "admin.report": "Eval report", "admin.move": "Move", "admin.rollback": "Roll back",
     "admin.confirm_move": "Point {alias} at {version}?", "admin.confirm_rollback": "Move {alias} back to its previous version?",
-    "admin.running": "running {r} of {max} rows, {q} queued; loaded: {loaded}",
+    "admin.running": "running {r} of {max} rows, {q} queued; loaded: {loaded}", "admin.base": "Base model",
+    "admin.base_other": "HF directory or .gguf path on the server", "admin.served": "served here",
+    "admin.not_served": "not served by this server", "admin.other": "other...",
   },
   zh: {
     "signin.label": "API 密钥", "signin.button": "登录", "signout": "退出", "tab.chat": "对话",
@@ -47,7 +49,9 @@ const STRINGS = {
     "admin.live": "服务器实时状态", "admin.adapters": "适配器", "admin.records": "{n} 条记录（{format}），{e} 条有误",
     "admin.report": "评估报告", "admin.move": "移动", "admin.rollback": "回滚",
     "admin.confirm_move": "把 {alias} 指向 {version}？", "admin.confirm_rollback": "把 {alias} 回滚到上一个版本？",
-    "admin.running": "批中 {r}/{max} 行，排队 {q}；已加载：{loaded}",
+    "admin.running": "批中 {r}/{max} 行，排队 {q}；已加载：{loaded}", "admin.base": "基础模型",
+    "admin.base_other": "服务器上的 HF 目录或 .gguf 路径", "admin.served": "本服务器在用",
+    "admin.not_served": "本服务器不提供", "admin.other": "其他…",
   },
 };
 const MAX_CHARS = 100000;
@@ -113,7 +117,14 @@ async function* sse(response) {
   const decoder = new TextDecoder();
   let buffer = "";
   for (;;) {
-    const { value, done } = await reader.read();
+    let chunk;
+    try {
+      chunk = await reader.read();
+    } catch (e) {
+      if (e.name === "AbortError") throw e;
+      throw new ApiError(0, t("err.network")); // the connection broke mid-answer
+    }
+    const { value, done } = chunk;
     if (done) break;
     buffer += decoder.decode(value, { stream: true });
     let cut;
@@ -170,6 +181,14 @@ function renderMessages() {
     if (m.role === "system") return;
     box.append(m.role === "user" ? userBubble(m) : assistantBubble(m, i, i === msgs.length - 1));
   });
+  if (msgs.length && msgs[msgs.length - 1].role === "user" && !state.busy) {
+    // A question left unanswered (the connection dropped before any reply): offer to ask again.
+    const again = document.createElement("button");
+    again.className = "retry";
+    again.textContent = t("msg.retry");
+    again.onclick = () => answer();
+    box.append(again);
+  }
   box.lastElementChild?.scrollIntoView({ block: "end" });
 }
 
@@ -306,6 +325,7 @@ async function ask(text) {
   if (!state.conv || state.conv.model !== state.model) newConversation();
   state.conv.messages.push({ role: "user", content: text });
   renderMessages();
+  try { await saveConversation(); } catch (_) { /* saved again after the answer */ }
   await answer();
 }
 
