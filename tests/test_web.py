@@ -331,7 +331,15 @@ def test_a_server_crash_mid_stream_loses_no_conversation(served: dict, tmp_path:
         page.fill("#max-tokens", "8")
         page.click("#messages .retry")
         page.wait_for_selector(".msg.assistant .down:not([disabled])", timeout=60000)
+        # Keyboard only: Tab from the message box reaches the answer's Good button; Enter rates it.
+        page.focus("#input")
+        for _ in range(60):
+            page.keyboard.press("Shift+Tab")
+            if page.evaluate("document.activeElement.classList.contains('up')"):
+                break
+        page.keyboard.press("Enter")
+        page.wait_for_selector(".fb-thanks")
         browser.close()
     cid = httpx.get(url + "/ui/api/conversations", headers=alice).json()["data"][0]["id"]
     saved = httpx.get(f"{url}/ui/api/conversations/{cid}", headers=alice).json()["messages"]
-    assert [m["role"] for m in saved] == ["user", "assistant"] and saved[1]["id"]
+    assert [m["role"] for m in saved] == ["user", "assistant"] and saved[1]["id"] and saved[1]["rating"] == "up"
