@@ -227,6 +227,14 @@ def test_admin_trains_from_an_upload_and_moves_an_alias(served: dict, tmp_path: 
     bad.write_text('{"instruction": "q1", "output": "a1"}\n{"instruction": "q2"}\nnot json\n', encoding="utf-8")
     good = write_jsonl(tmp_path / "policies.jsonl", [{"instruction": q, "output": a} for q, a in FACTS])
     url, shots = served["url"], _shots(tmp_path)
+    for model in ("helper@v1", "helper@v2"):  # some traffic for the live and usage charts
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {served['root']}"},
+            json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8},
+            timeout=60,
+        )
+        assert r.status_code == 200
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1200, "height": 900})
@@ -252,6 +260,10 @@ def test_admin_trains_from_an_upload_and_moves_an_alias(served: dict, tmp_path: 
         errors.clear()  # the signed-out page's 401s are the sign-in flow; nothing after may fail
         page.click("#tab-admin")
         page.wait_for_selector("#admin-adapters tr[data-id='helper@v2']")
+        for chart in ("#usage-chart", "#tokens-chart", "#live-chart"):  # drawn from the requests above
+            page.wait_for_selector(f"{chart} .uplot canvas")
+        requests_cell = page.locator("#admin-adapters tr[data-id='helper@v1'] td").nth(6)
+        assert requests_cell.inner_text() == "1"  # its one request is counted
 
         # A bad upload lists every bad record with its line; nothing can be started.
         page.set_input_files("#train-file", str(bad))

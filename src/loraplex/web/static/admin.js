@@ -171,8 +171,9 @@
     const names = Object.keys(usage.series);
     if (names.length) {
       const xs = Array.from({ length: usage.buckets }, (_, i) => usage.start + (i + 0.5) * usage.width_s);
-      chart("usage", $("usage-chart"), "requests per adapter (24 h)",
-        names.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length] })), [xs, ...names.map((n) => usage.series[n].requests)]);
+      const series = names.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length] }));
+      chart("usage", $("usage-chart"), "requests per adapter (24 h)", series, [xs, ...names.map((n) => usage.series[n].requests)]);
+      chart("tokens", $("tokens-chart"), "tokens per adapter (24 h)", series, [xs, ...names.map((n) => usage.series[n].tokens)]);
     }
   }
 
