@@ -19,6 +19,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -140,8 +141,7 @@ def reference_losses(base: Any, examples: list[EvalExample], sides: list[str | N
         rows: list[tuple[float, int]] = []
         if side:
             model.set_adapter(f"a{adapters.index(side)}")
-        ctx = model.disable_adapter() if side is None and adapters else _Null()
-        with ctx:
+        with model.disable_adapter() if side is None and adapters else nullcontext():
             for k in range(0, len(encoded), 8):
                 batch = collate(unpacked(encoded[k : k + 8]), tok.pad_token_id, packed=False)
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -153,14 +153,6 @@ def reference_losses(base: Any, examples: list[EvalExample], sides: list[str | N
                     rows.append((float(nll[r].sum()), int((targets[r] != IGNORE).sum())))
         out.append(rows)
     return out
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # ----------------------------------------------------------------------------- the run
@@ -229,10 +221,8 @@ def evaluate(
     losses = reference_losses(base, examples, [ref.id, base_ref.id if base_ref else None])
     for side in answers:
         for a, ex in zip(side, examples, strict=True):
-            a["scores"] = asdict(
-                metrics.score(a["text"], ex.reference, list(ex.keywords), a["finish_reason"] == "stop")
-            )
-            a["scores"]["score"] = metrics.Scores(**a["scores"]).score
+            sc = metrics.score(a["text"], ex.reference, list(ex.keywords), a["finish_reason"] == "stop")
+            a["scores"] = {**asdict(sc), "score": sc.score}
     if judge is not None:
         for side in answers:
             grades = asyncio.run(
