@@ -7,8 +7,9 @@ sampling, so it also runs where the server's dependencies or the real weights ar
 machine): the model is built from a config with random weights (a plan_configs shape, or SmolLM2's
 own when its GGUF is installed), the adapters are random all-linear rank-16 LoRAs (and q,v-only
 ones, PEFT's default targets). Base and adapter steps alternate, medians are compared in the same
-run. Before timing, the batched delta is checked against the naive per-row loop in lora.py's
-docstring. Prints one row per target set and the ratio.
+run. On CPU the C kernel (bf16 weights) and the PyTorch path (fp32 weights) are timed side by side.
+Before timing, each batched delta is checked against the naive per-row loop in lora.py's docstring.
+Prints one row per target set and path, with the ratio to the base step.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from loraplex.engine import lora_kernel
 from loraplex.engine.lora import AdapterWeights, LoraBatch, LoraStacks
 from loraplex.engine.model import DecoderModel, Step
 
@@ -96,23 +98,36 @@ def main() -> None:
         torch.set_num_threads(args.threads or max(1, torch.get_num_threads() - 1))
     dtype = torch.bfloat16
     model = build_model(args.shape, args.device, dtype)
-    lora_dtype = torch.float32 if args.device == "cpu" else dtype  # as Engine does
-    print(f"{args.shape} on {args.device}: {args.rows} rows, rank {args.rank}, model {dtype}, LoRA {lora_dtype}")
+    # as Engine does: bf16 weights for the C kernel on CPU (fp32 for the PyTorch path without it)
+    paths = [("kernel", torch.bfloat16), ("torch", torch.float32)] if args.device == "cpu" else [("torch", dtype)]
+    if args.device == "cpu" and lora_kernel.load() is None:
+        paths = paths[1:]
+    print(f"{args.shape} on {args.device}: {args.rows} rows, rank {args.rank}, model {dtype}")
     for label, targets in (("all-linear", ALL), ("q,v", ("q_proj", "v_proj"))):
-        stacks = LoraStacks(model.n_layers, args.rows + 1, model.site_shapes, lora_dtype, args.device)
         weights = [random_adapter(model, targets, args.rank, seed) for seed in range(args.rows)]
-        for slot, w in enumerate(weights, start=1):
-            stacks.put(slot, w)
-        batch = LoraBatch(stacks, list(range(1, args.rows + 1)))
-        check_against_naive(batch, weights, model)
-        base, lora = [], []
-        time_steps(model, None, args.rows, 3), time_steps(model, batch, args.rows, 3)  # warm-up
-        for _ in range(args.reps):  # alternate, so drift hits both alike
-            base += time_steps(model, None, args.rows, 1)
-            lora += time_steps(model, batch, args.rows, 1)
-        b, a = statistics.median(base) * 1e3, statistics.median(lora) * 1e3
-        print(f"  {label:10s}  base {b:8.2f} ms/step   8 adapters {a:8.2f} ms/step   overhead {a / b:.3f}x")
-        del stacks, batch, weights
+        batches = {}
+        for path, lora_dtype in paths:
+            stacks = LoraStacks(model.n_layers, args.rows + 1, model.site_shapes, lora_dtype, args.device)
+            for slot, w in enumerate(weights, start=1):
+                stacks.put(slot, w)
+            batches[path] = LoraBatch(stacks, list(range(1, args.rows + 1)))
+            check_against_naive(batches[path], weights, model)
+        times: dict[str, list[float]] = {"base": [], **{p: [] for p in batches}}
+        time_steps(model, None, args.rows, 3)
+        for b in batches.values():
+            time_steps(model, b, args.rows, 3)  # warm-up
+        for _ in range(args.reps):  # alternate, so drift hits all alike
+            times["base"] += time_steps(model, None, args.rows, 1)
+            for path, b in batches.items():
+                times[path] += time_steps(model, b, args.rows, 1)
+        base = statistics.median(times["base"]) * 1e3
+        for path, lora_dtype in paths:
+            a = statistics.median(times[path]) * 1e3
+            print(
+                f"  {label:10s} {path:6s} (LoRA {str(lora_dtype)[6:]})  base {base:8.2f} ms/step   "
+                f"{args.rows} adapters {a:8.2f} ms/step   overhead {a / base:.3f}x"
+            )
+        del batches, weights
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """loraplex serve vs. serving one request at a time, vs. the bare base, vs. PEFT's set_adapter loop.
 
-    python bench/serve_throughput.py [--tokens 128] [--clients 8] [--json out.json]
+    python bench/serve_throughput.py [--tokens 128] [--clients 8] [--reps 3] [--json out.json]
 
 Everything runs in one run, side by side, on the default base (SmolLM2-135M-Instruct): eight
 random rank-16 all-linear adapters (and eight q,v-only ones) are registered in a temporary store,
@@ -11,7 +11,8 @@ data's questions. Rows:
 
   1. sequential: one client at a time, each request a different adapter;
   2. 8 clients / 8 adapters at once (the concurrency ratio is 2 over 1, target >= 4x);
-  3. 8 clients on the bare base at once (multi-LoRA overhead is 2's time over 3's, target <= 1.15x);
+  3. 8 clients on the bare base at once (multi-LoRA overhead is 2's time over 3's, target <= 1.15x;
+     2 and 3 alternate --reps times and each row is its median run, as are 8's pair);
   4. naive: a PEFT model with the 8 adapters, `set_adapter` + `generate` per request, one by one
      (transformers' defaults: fp32), target: 2 >= 5x its throughput;
   5. cold load (an adapter not in memory: store -> first token) vs. warm first token;
@@ -272,6 +273,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--clients", type=int, default=N_ADAPTERS)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--reps", type=int, default=3, help="alternated runs of each overhead pair (median)")
     args = ap.parse_args()
 
     from loraplex.models.device import bf16_is_faster
@@ -293,12 +295,21 @@ def main() -> None:
     k = args.clients
     adapters = [names[i % N_ADAPTERS] for i in range(k)]
 
+    async def paired(clients: Clients, a: list[str], b: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The median-time run of each of two loads, alternated --reps times so drift hits both alike."""
+        runs_a, runs_b = [], []
+        for _ in range(args.reps):
+            runs_a.append(await clients.concurrent(a))
+            runs_b.append(await clients.concurrent(b))
+        return tuple(sorted(x, key=lambda run: run["wall_s"])[len(x) // 2] for x in (runs_a, runs_b))  # type: ignore[return-value]
+
     async def run_all(clients: Clients, base_id: str, qv: bool) -> dict[str, Any]:
         r: dict[str, Any] = {}
         if qv:
             await clients.concurrent(qv_names)  # load them, then time
-            r["concurrent_qv"] = await clients.concurrent([qv_names[i % N_ADAPTERS] for i in range(k)])
-            r["concurrent_base_qv"] = await clients.concurrent([base_id] * k)
+            r["concurrent_qv"], r["concurrent_base_qv"] = await paired(
+                clients, [qv_names[i % N_ADAPTERS] for i in range(k)], [base_id] * k
+            )
             return r
         # cold load: first use of an adapter reads it from the store; then the same adapter warm
         cold = await clients.one(names[0], 0)
@@ -306,8 +317,7 @@ def main() -> None:
         r["cold_ttft_s"], r["warm_ttft_s"] = cold[0], warm[0]
         await clients.concurrent(names)  # load every adapter before timing throughput
         r["sequential"] = await clients.sequential(adapters)
-        r["concurrent_adapters"] = await clients.concurrent(adapters)
-        r["concurrent_base"] = await clients.concurrent([base_id] * k)
+        r["concurrent_adapters"], r["concurrent_base"] = await paired(clients, adapters, [base_id] * k)
         r["ttft16"] = await clients.concurrent([names[i % N_ADAPTERS] for i in range(16)])
         r["single_stream"] = await clients.sequential([base_id])
         return r

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from loraplex.adapters import registry
+from loraplex.engine import lora_kernel
 from loraplex.engine.engine import Engine
 from loraplex.engine.lora import AdapterRequest, AdapterWeights, LoraBatch, LoraStacks
 from loraplex.engine.model import DecoderModel, Step
@@ -85,6 +86,79 @@ def test_mixed_adapter_batch_equals_peft(lp_home: Path, tiny_base: Path) -> None
     for i, ref in enumerate([ref_a, ref_b, ref_base, ref_ab, ref_a, ref_a]):
         torch.testing.assert_close(got[i], ref, atol=2e-4, rtol=2e-4, msg=f"row {i} (slot {rows[i]})")
     assert (got[0] - got[2]).abs().max() > 1e-2  # the adapters really change the output
+
+
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_cpu_kernel_equals_torch_path_and_naive(
+    lp_home: Path, tiny_base: Path, act: torch.dtype, threads: int, request: pytest.FixtureRequest
+) -> None:
+    """lora_cpu.c against the PyTorch grouped path and lora.py's naive per-row loop, on every site of
+    one layer: rows sharing an adapter, base rows, a composition, different ranks and targets, prefill
+    (several tokens per row) and decode, bf16 and fp32 activations; on one thread, on 2 (each thread
+    takes whole adapters) and on 4 (more threads than adapters: they split each adapter's work)."""
+    if lora_kernel._compiler() is None:
+        pytest.skip("no C compiler: the engine uses the PyTorch path")
+    assert lora_kernel.load() is not None, "a compiler is there but the kernel did not build"
+    request.addfinalizer(lambda n=torch.get_num_threads(): torch.set_num_threads(n))
+    torch.set_num_threads(threads)  # the kernel runs on torch's thread count
+    model = DecoderModel(load_model(resolve_base(str(tiny_base))).eval(), torch.float32, "cpu")
+    layers, shapes = model.n_layers, model.site_shapes
+    mods = {m: (fan_in, fan_out) for fan_in, ms in shapes.values() for m, fan_out in ms}
+    g = torch.Generator().manual_seed(0)
+
+    def adapter(rank: int, targets: tuple[str, ...]) -> AdapterWeights:
+        found = {
+            (layer, m): (torch.randn(rank, mods[m][0], generator=g), torch.randn(mods[m][1], rank, generator=g))
+            for layer in range(layers)
+            for m in targets
+        }
+        return AdapterWeights.from_found(found, layers, shapes, f"r{rank}")
+
+    wa = adapter(4, tuple(mods))
+    wb = adapter(8, ("q_proj", "v_proj", "down_proj"))
+    weights = [wa, wb, AdapterWeights.combine([(wa, 0.7), (wb, 0.3)])]
+    k_stacks = LoraStacks(layers, 4, shapes, torch.bfloat16, "cpu")
+    t_stacks = LoraStacks(layers, 4, shapes, torch.float32, "cpu")
+    for slot, w in enumerate(weights, start=1):
+        k_stacks.put(slot, w)
+        t_stacks.put(slot, w)
+    rows = [2, 0, 1, 3, 1, 2]
+    kernel, torch_path = LoraBatch(k_stacks, rows), LoraBatch(t_stacks, rows)
+    assert kernel.kernel is not None and torch_path.kernel is None
+    for L in (1, 5):
+        for site, (fan_in, site_mods) in shapes.items():
+            out = sum(o for _, o in site_mods)
+            x = torch.randn(len(rows), L, fan_in, generator=g).to(act)
+            y0 = torch.randn(len(rows), L, out, generator=g).to(act)
+            got = kernel.add_to(y0.clone(), x, 1, site).float()
+            ref = torch_path.add_to(y0.clone(), x, 1, site).float()
+            naive = y0.float().clone()
+            for i, slot in enumerate(rows):  # the docstring's loop, in fp32 from the bf16-rounded weights
+                if slot:
+                    w = weights[slot - 1]
+                    naive[i] += torch.cat(
+                        [
+                            x[i].float() @ w.A[m][1].bfloat16().float().T @ w.B[m][1].bfloat16().float().T
+                            for m, _ in site_mods
+                        ],
+                        -1,
+                    )
+            scale = naive.abs().max()
+            tol = 2e-2 * scale if act == torch.bfloat16 else 1e-4 * scale
+            assert (got - naive).abs().max() <= tol, (site, L)
+            assert (got - ref).abs().max() <= 2e-2 * scale, (site, L)  # fp32 weights vs bf16: rounding only
+            torch.testing.assert_close(got[1], y0[1].float())  # the base row is untouched
+    with pytest.raises(ValueError, match="do not fit"):  # wrong rows: refused, never read out of bounds
+        kernel.add_to(torch.zeros(2, 1, 4, dtype=act), torch.zeros(2, 1, 4, dtype=act), 0, "o")
+    fan_in, site_mods = shapes["o"]
+    with pytest.raises(ValueError, match="do not fit"):  # fp16 activations: refused, not silently left without LoRA
+        kernel.add_to(
+            torch.zeros(len(rows), 1, site_mods[0][1], dtype=torch.float16),
+            torch.zeros(len(rows), 1, fan_in, dtype=torch.float16),
+            0,
+            "o",
+        )
 
 
 def test_engine_greedy_text_equals_peft_generate(lp_home: Path, tiny_base: Path) -> None:

@@ -107,7 +107,9 @@ def test_chat_feedback_history_and_compare_in_a_browser(served: dict, tmp_path: 
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on(
             "response",
-            lambda r: streamed.append(r.headers.get("content-type", "")) if r.url.endswith("/chat/completions") else None,
+            lambda r: (
+                streamed.append(r.headers.get("content-type", "")) if r.url.endswith("/chat/completions") else None
+            ),
         )
 
         # Sign in: a wrong or expired key is refused with the server's reason, the right one opens the app.
@@ -289,7 +291,9 @@ def test_admin_trains_from_an_upload_and_moves_an_alias(served: dict, tmp_path: 
         row = page.locator("#admin-adapters tr[data-id='policies@v1']")
         row.locator("input").fill("prod")
         row.locator("button.move").click()
-        page.wait_for_function("document.querySelector(\"#admin-adapters tr[data-id='policies@v1']\").innerText.includes('prod')")
+        page.wait_for_function(
+            "document.querySelector(\"#admin-adapters tr[data-id='policies@v1']\").innerText.includes('prod')"
+        )
         assert registry.aliases_of("policies") == {"prod": 1}
         assert errors == []
         browser.close()

@@ -226,7 +226,7 @@ def create_app(engine: Engine, gateway: Gateway | None = None) -> FastAPI:
 
     # the gateway's refusals are answers, not crashes: handled here, never logged as tracebacks
     for refusal in (AuthError, RateLimited, Overloaded, upstream.UpstreamError, UserError):
-        app.add_exception_handler(refusal, _crash)  # type: ignore[arg-type]
+        app.add_exception_handler(refusal, _crash)
     app.add_exception_handler(Exception, _crash)
 
     add_routes(app, gw, engine, principal, admin)  # the web app at /, conversations, dashboard, training
@@ -449,7 +449,7 @@ def _params(req: ChatCompletionRequest | CompletionRequest, top_logprobs: int | 
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             seed=None if req.seed is None else req.seed + index,
-            stop=tuple(req.stop or ()),  # type: ignore[arg-type]
+            stop=tuple(req.stop or ()),
             stop_token_ids=tuple(req.stop_token_ids or ()),
             logprobs=top_logprobs,
             ignore_eos=req.ignore_eos,
@@ -569,7 +569,8 @@ async def _complete(
             except Exception as e:  # noqa: BLE001 - reported in-band, the stream is already open
                 await queue.put((i, e))
 
-        status, code = 499, "client_disconnected"  # unless the stream ends otherwise
+        status: int = 499  # unless the stream ends otherwise
+        code: str | None = "client_disconnected"
         texts: list[list[str]] = [[] for _ in range(req.n)]
         filters = [filt.stream() for _ in range(req.n)] if filt else None
         try:
@@ -656,7 +657,8 @@ async def _proxy(
     first = await anext(chunks)  # an upstream refusal is still an HTTP error here, not a broken stream
 
     async def events() -> AsyncIterator[dict[str, str]]:
-        status, code = 499, "client_disconnected"
+        status: int = 499
+        code: str | None = "client_disconnected"
         try:
             yield {"data": first}
             async for payload in chunks:

@@ -22,7 +22,7 @@ def check_file(
     tok = load_tokenizer(resolve_base(base))
     lengths, truncated = [], []
     pii: Counter[str] = Counter()
-    pii_examples = []
+    pii_examples: list[str] = []
     for conv in result.conversations:
         n = len(tok(render(tok, conv.messages), add_special_tokens=False)["input_ids"])
         lengths.append(n)

@@ -456,7 +456,7 @@ def _dialogue_block(
             role_of = {unknown[0]: "user", unknown[1]: "assistant"}
         else:
             role_of = {unknown[0]: "assistant" if known_user else "user"}
-    messages = []
+    messages: list[dict[str, str]] = []
     for speaker, text, _ in turns:
         if speaker in role_of:
             role = role_of[speaker]

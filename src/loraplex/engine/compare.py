@@ -18,7 +18,7 @@ def questions_from_file(path: Path) -> list[tuple[str, str | None]]:
     result = parse_file(path)
     if result.errors:
         raise UserError("\n".join(str(e) for e in result.errors[:20]))
-    out = []
+    out: list[tuple[str, str | None]] = []
     for conv in result.conversations:
         user = [m["content"] for m in conv.messages if m["role"] == "user"][-1]
         out.append((user, conv.messages[-1]["content"]))

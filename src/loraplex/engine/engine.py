@@ -33,8 +33,9 @@ from typing import Any
 import torch
 
 from loraplex.data.tokenize import render
+from loraplex.engine import lora_kernel
 from loraplex.engine.adapter_cache import AdapterCache
-from loraplex.engine.lora import AdapterRequest, AdapterWeights, LoraBatch, LoraStacks
+from loraplex.engine.lora import KERNEL_ACTIVATIONS, AdapterRequest, AdapterWeights, LoraBatch, LoraStacks
 from loraplex.engine.model import DecoderModel, Step
 from loraplex.engine.sampling import RowState, SamplingParams, TokenLogprob, sample
 from loraplex.engine.text import TextStream
@@ -175,9 +176,14 @@ class Engine:
         self.max_batch = max_batch
         self.prefill_tokens = max(prefill_tokens, 16)
         self.cache = self.model.new_cache(max_batch, self.max_model_len)
-        # LoRA weights stay fp32 on CPU: its small batched matmuls cost ~7 us in fp32 (MKL) and ~35 us
-        # in bf16 (oneDNN's per-call overhead), measured at decode sizes; on CUDA they follow the model.
-        lora_dtype = torch.float32 if self.device == "cpu" else self.dtype
+        # On CPU the LoRA weights are bf16 for the C kernel (half the bytes to stream per step), or fp32
+        # for the PyTorch path without it: its small batched matmuls cost ~7 us in fp32 (MKL) and ~35 us
+        # in bf16 (oneDNN's per-call overhead), measured at decode sizes. On CUDA they follow the model.
+        if self.device == "cpu":
+            kernel = self.dtype in KERNEL_ACTIVATIONS and lora_kernel.load() is not None
+            lora_dtype = torch.bfloat16 if kernel else torch.float32
+        else:
+            lora_dtype = self.dtype
         self.stacks = LoraStacks(
             cfg.num_hidden_layers, max_loaded_adapters + 1, self.model.site_shapes, lora_dtype, self.device
         )
@@ -208,7 +214,7 @@ class Engine:
         if isinstance(prompt, str):
             return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
         if prompt and isinstance(prompt[0], int):
-            return list(prompt)  # type: ignore[arg-type]
+            return list(prompt)
         text = render(self.tokenizer, prompt, add_generation_prompt=True)  # type: ignore[arg-type]
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -361,12 +367,12 @@ class Engine:
             self.stats.requests += 1
             self._waiting.append(item)
         elif kind == "cancel":
-            req: _Request = item
-            if req in self._waiting:
-                self._waiting.remove(req)
+            gone: _Request = item
+            if gone in self._waiting:
+                self._waiting.remove(gone)
                 self.stats.cancelled += 1
-            elif req in self._rows:
-                self._remove(req)
+            elif gone in self._rows:
+                self._remove(gone)
                 self.stats.cancelled += 1
         elif kind == "load":
             areq, weights, pin, done = item

@@ -10,7 +10,8 @@ is the concatenation of both adapters' ranks with each B scaled by its weight.
 A batch (`LoraBatch`) gathers its U distinct adapters once and lays its rows out in U groups
 (padded to the largest group), so each row meets only its own adapter's weights and each adapter
 is read once per step however many rows share it: two batched matmuls per site (the
-S-LoRA/Punica grouped-GEMM idea in plain PyTorch). The naive reference it must equal
+S-LoRA/Punica grouped-GEMM idea in plain PyTorch), or on CPU one call per site into a small C
+kernel that reads bf16 weights in place (lora_cpu.c). The naive reference it must equal
 (`tests/test_engine.py` checks logits and greedy text against PEFT):
 
     for i in range(n):                       # each row on its own
@@ -31,9 +32,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from loraplex.engine import lora_kernel
 from loraplex.errors import UserError
 
 SITES = ("qkv", "o", "gate_up", "down")
+KERNEL_ACTIVATIONS = {torch.bfloat16: 1, torch.float32: 0}  # what lora_cpu.c reads and writes (its act_bf16)
+_threads = torch.get_num_threads  # the kernel runs on as many threads as torch (OpenMP's pool)
 KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
 # site name -> (in_features, [(module, out_features), ...]) for one model; see DecoderModel.site_shapes
 SiteShapes = dict[str, tuple[int, list[tuple[str, int]]]]
@@ -191,6 +195,7 @@ class LoraStacks:
         }
         self.targets: dict[int, set[str]] = {}  # slot -> sites where its adapter is not zero
         self.version = 0  # bumped whenever slot contents change; LoraBatch caches on it
+        self._tables: dict[str, KernelSite] | None = None  # lora_cpu.c's view, until the next regrow
 
     def _regrow(self, site: str, r_new: list[int]) -> None:
         old_r, A = self.r[site], self.A[site]
@@ -206,6 +211,7 @@ class LoraStacks:
             B = self.B[site][i]
             self.B[site][i] = torch.cat([B, B.new_zeros(*B.shape[:3], r_new[i] - old_r[i], B.shape[4])], dim=3)
         self.A[site], self.r[site] = A_new, r_new
+        self._tables = None
 
     def put(self, slot: int, w: AdapterWeights) -> None:
         self.targets[slot] = set()
@@ -227,6 +233,38 @@ class LoraStacks:
                 off += len(run) * width
         self.version += 1
 
+    def kernel_tables(self) -> dict[str, KernelSite]:
+        """lora_cpu.c reads the stacks in place: per site and layer one int64 descriptor with the
+        addresses of A's and each B run's layer slice, their shapes and slot strides (layout in the C
+        file). Addresses change only when a regrow replaces the tensors."""
+        if self._tables is None:
+            self._tables = {}
+            for site in SITES:
+                A = self.A[site]
+                layers, _, R, fan_in = A.shape
+                per_layer = []
+                for layer in range(layers):
+                    runs, lo = [], 0
+                    for B in self.B[site]:
+                        _, _, k, r, out = B.shape
+                        runs += [B[layer].data_ptr(), k, r, out, lo, k * r * out]
+                        lo += k * out
+                    per_layer.append([A[layer].data_ptr(), R, R * fan_in, len(self.B[site]), *runs])
+                desc = torch.tensor([[fan_in, lo, *d] for d in per_layer], dtype=torch.int64)
+                self._tables[site] = KernelSite(fan_in, lo, desc, [row.data_ptr() for row in desc])
+        return self._tables
+
+
+@dataclass(frozen=True)
+class KernelSite:
+    """One site's descriptors for lora_cpu.c, one row per layer (kept alive here), their addresses,
+    and the in and out features the call is checked against."""
+
+    fan_in: int
+    out: int
+    desc: torch.Tensor
+    addr: list[int]
+
 
 class LoraBatch:
     """Per-row adapter weights for one batch, set up once and reused by every layer and every step
@@ -246,6 +284,14 @@ class LoraBatch:
         self.version = stacks.version
         dev = stacks.device
         distinct = list(dict.fromkeys(s for s in slots if s))  # in order of first row
+        targeted = set().union(*(stacks.targets.get(d, set()) for d in distinct))
+        self.A: dict[str, list[torch.Tensor]] = {}
+        self.runs: dict[str, list[tuple[int, int, int, int, list[torch.Tensor]]]] = {}
+        self.kernel = lora_kernel.load() if dev == "cpu" and stacks.dtype == torch.bfloat16 else None
+        if self.kernel is not None:
+            self._kernel_args(stacks, slots, targeted)
+            self.add_to = self._kernel_add_to  # type: ignore[method-assign]  # one Python call fewer per site
+            return
         groups = [[i for i, s in enumerate(slots) if s == d] for d in distinct]
         self.U, self.G = len(distinct), max((len(g) for g in groups), default=0)
         gather = [g[j] if j < len(g) else g[0] for g in groups for j in range(self.G)]
@@ -259,11 +305,8 @@ class LoraBatch:
             device=dev,
         )
         idx = torch.tensor(distinct, device=dev)
-        targeted = set().union(*(stacks.targets.get(d, set()) for d in distinct))
         # Per site and layer, as plain lists so the forward pass indexes Python lists, not tensors:
         # A [U, R, in], and per run (k modules, rank r, columns [lo, hi) of the site's output) B [U*k, r, out].
-        self.A: dict[str, list[torch.Tensor]] = {}
-        self.runs: dict[str, list[tuple[int, int, int, int, list[torch.Tensor]]]] = {}
         for site in SITES:
             if site not in targeted:
                 continue
@@ -275,6 +318,15 @@ class LoraBatch:
                 B = B.index_select(1, idx).reshape(layers, self.U * k, r, out)
                 self.runs[site].append((k, r, lo, lo + k * out, list(B.unbind(0))))
                 lo += k * out
+
+    def _kernel_args(self, stacks: LoraStacks, slots: list[int], targeted: set[str]) -> None:
+        self.n = len(slots)
+        self.row_slot = torch.tensor(slots, dtype=torch.int32)
+        self.row_ptr = self.row_slot.data_ptr()
+        tables = stacks.kernel_tables()
+        self.kargs = {site: tables[site] for site in SITES if site in targeted}
+        # the batch holds the stacks' tensors, so a regrow (new tensors) never leaves it an address of freed memory
+        self.held = [stacks.A[s] for s in targeted] + [B for s in targeted for B in stacks.B[s]]
 
     def matches(self, stacks: LoraStacks, slots: list[int]) -> bool:
         return self.version == stacks.version and self.slots == slots
@@ -309,3 +361,21 @@ class LoraBatch:
         if self.gather is None:
             return y
         return y.index_add_(0, self.rows, out.index_select(0, self.pos).to(y.dtype))
+
+    def _kernel_add_to(self, y: torch.Tensor, x: torch.Tensor, layer: int, site: str) -> torch.Tensor:
+        ks = self.kargs.get(site)
+        if ks is None:
+            return y
+        n, L, fan_in = x.shape
+        act_bf16 = KERNEL_ACTIVATIONS.get(x.dtype)
+        # the kernel trusts its arguments: a wrong shape or dtype would read out of bounds, not raise
+        if act_bf16 is None or y.dtype != x.dtype or n != self.n or fan_in != ks.fan_in or y.shape != (n, L, ks.out):
+            raise ValueError(f"LoRA site {site}: x {tuple(x.shape)} {x.dtype}, y {tuple(y.shape)} do not fit the batch")
+        if not x.is_contiguous():
+            x = x.contiguous()
+        if not y.is_contiguous():
+            raise ValueError(f"LoRA site {site}: y must be contiguous")
+        assert self.kernel is not None
+        if self.kernel.lora_site(n, L, x.data_ptr(), y.data_ptr(), act_bf16, self.row_ptr, ks.addr[layer], _threads()):
+            raise MemoryError("the LoRA kernel could not allocate its scratch memory")
+        return y

@@ -114,7 +114,7 @@ class DecoderModel:
         def w(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.detach().to(device=device, dtype=dtype).contiguous()
 
-        self.embed = w(inner.embed_tokens.weight)
+        self.embed = inner.embed_tokens.weight.detach().to(device=device, dtype=dtype).contiguous()
         self.lm_head = w(hf_model.get_output_embeddings().weight)
         self.final_norm = w(inner.norm.weight)
         self.layers: list[dict[str, torch.Tensor | None]] = []

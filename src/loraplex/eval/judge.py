@@ -55,9 +55,9 @@ def parse_grade(reply: str) -> tuple[int | None, str]:
         s = obj.get("score") if isinstance(obj, dict) else None
         if isinstance(s, int | float | str) and str(s).strip() in {"1", "2", "3", "4", "5"}:
             return int(str(s).strip()), str(obj.get("reason", "")).strip()
-    m = _SCORE.search(reply)
-    if m:
-        return int(m.group(1) or m.group(2)), reply.strip()[:500]
+    bare = _SCORE.search(reply)
+    if bare:
+        return int(bare.group(1) or bare.group(2)), reply.strip()[:500]
     return None, f"unparseable judge reply: {reply.strip()[:300]!r}"
 
 
@@ -87,7 +87,7 @@ class Judge:
             raise UserError(f"the judge at {self.url} refused the key ({r.status_code}); set LORAPLEX_JUDGE_API_KEY")
         if r.status_code != 200:
             raise UserError(f"the judge at {self.url} answered GET /models with {r.status_code}: {r.text[:200]}")
-        models = [m.get("id") for m in r.json().get("data", []) if isinstance(m, dict)]
+        models = [str(m["id"]) for m in r.json().get("data", []) if isinstance(m, dict) and m.get("id")]
         if self.model is None:
             if not models:
                 raise UserError(f"the judge at {self.url} lists no models; name one with --judge-model")

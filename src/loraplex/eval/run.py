@@ -251,6 +251,10 @@ def evaluate(
                 "change": change,
             }
         )
+    summary = {
+        "adapter": _summary(answers[0], examples, losses[0]),
+        "baseline": _summary(answers[1], examples, losses[1]),
+    }
     result = {
         "adapter": ref.id,
         "baseline": base_ref.id if base_ref else "base",
@@ -258,17 +262,13 @@ def evaluate(
         "data": {"path": str(path.resolve()), "sha256": registry.sha256_file(path), "examples": len(examples)},
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "max_tokens": max_tokens,
-        "score": None,
-        "summary": {
-            "adapter": _summary(answers[0], examples, losses[0]),
-            "baseline": _summary(answers[1], examples, losses[1]),
-        },
+        "score": summary["adapter"]["score"],
+        "summary": summary,
         "comparison": counts,
         "judge": judge.describe() if judge else None,
         "timing": {"generation_s": round(t_gen, 2), "total_s": round(time.perf_counter() - t0, 2)},
         "examples": rows,
     }
-    result["score"] = result["summary"]["adapter"]["score"]
     if store:
         result["stored_as"] = str(registry.record_eval(ref, result))
     return result

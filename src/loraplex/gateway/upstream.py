@@ -136,7 +136,7 @@ async def stream(
                         if filt:
                             f = filters.setdefault(i, filt.stream())
                             text = f.feed(text) + (f.finish() if choice.get("finish_reason") else "")
-                        holder["content" if chat else "text"] = text  # type: ignore[index]
+                        holder["content" if chat else "text"] = text
                         out.texts.setdefault(i, []).append(text)
                     if choice.get("finish_reason"):
                         out.finish_reason = choice["finish_reason"]

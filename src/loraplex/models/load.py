@@ -91,8 +91,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     except Exception as e:  # noqa: BLE001 - surface any loader failure as a user-facing message
         raise UserError(f"cannot load GGUF file {gguf}: {e}") from e
     # The GGUF loader leaves the model flagged as quantized; saving refuses that until removed.
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
     if not getattr(tok, "chat_template", None):
         tok.chat_template = FALLBACK_CHAT_TEMPLATE
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +218,7 @@ def load_model(ref: BaseRef, dtype: Any = None, device: str = "cpu", attn_implem
         )
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot load base model from {ref.path}: {e}") from e
-    return model.to(device)
+    return model.to(device)  # type: ignore[arg-type]  # transformers' decorator types the wrapped self only
 
 
 def eos_token_ids(tok: Any, model: Any = None) -> list[int]:

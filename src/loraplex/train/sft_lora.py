@@ -106,7 +106,7 @@ def lora_peft_config(cfg: TrainConfig) -> Any:
     lc = cfg.lora
     return PeftLoraConfig(
         r=lc.rank,
-        lora_alpha=lc.alpha,
+        lora_alpha=lc.alpha,  # type: ignore[arg-type]  # PEFT annotates int; a float alpha works and is allowed
         lora_dropout=lc.dropout,
         target_modules=lc.target_modules,
         bias=lc.bias,
