@@ -26,10 +26,12 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect training data without
 adapters_app = typer.Typer(no_args_is_help=True, help="List and inspect adapters in the local store.")
 keys_app = typer.Typer(no_args_is_help=True, help="API keys for `loraplex serve`: who may use which models.")
 feedback_app = typer.Typer(no_args_is_help=True, help="Users' ratings of answers, as statistics or training data.")
+knowledge_app = typer.Typer(no_args_is_help=True, help="Knowledge bases: documents indexed for retrieval (BM25).")
 app.add_typer(data_app, name="data")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(keys_app, name="keys")
 app.add_typer(feedback_app, name="feedback")
+app.add_typer(knowledge_app, name="knowledge")
 out = Console()
 err = Console(stderr=True)
 
@@ -675,6 +677,115 @@ def feedback_stats(
             _when(r["last"]),
         )
     out.print(table)
+
+
+@knowledge_app.command("add")
+def knowledge_add(
+    name: Annotated[str, typer.Argument(help="knowledge base name (created on first use)")],
+    paths: Annotated[list[Path], typer.Argument(help="files or directories (md, txt, html, pdf, docx)")],
+    chunk_size: Annotated[int, typer.Option(help="characters per chunk, about")] = 500,
+    overlap: Annotated[int, typer.Option(help="characters repeated from the previous chunk")] = 100,
+    max_file_mb: Annotated[float, typer.Option(help="larger files are refused")] = 50,
+) -> None:
+    """Add or update documents: a changed file's chunks are replaced, an unchanged one skipped; a file
+    that cannot be read is reported and the rest are added (exit code 1 if any failed)."""
+    from rich.progress import Progress
+
+    from loraplex.knowledge.store import KnowledgeBase, expand
+
+    if not chunk_size >= 20 or not 0 <= overlap < chunk_size:
+        raise UserError(f"--chunk-size {chunk_size} / --overlap {overlap}: need chunk size >= 20, 0 <= overlap < size")
+    files = expand(paths)
+    kb = KnowledgeBase(name, create=True)
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("indexing", total=len(files))
+        results = kb.add(files, chunk_size, overlap, int(max_file_mb * 1e6), lambda _: bar.advance(task))
+    table = Table("file", "status", "chunks")
+    for r in results:
+        table.add_row(r.path, f"[red]error[/]: {r.message}" if r.status == "error" else r.status, str(r.chunks))
+    out.print(table)
+    st = kb.stats()
+    out.print(f"{name}: {st['documents']} documents, {st['chunks']} chunks")
+    if any(r.status == "error" for r in results):
+        raise typer.Exit(1)
+
+
+@knowledge_app.command("rm")
+def knowledge_rm(
+    name: Annotated[str, typer.Argument(help="knowledge base name")],
+    paths: Annotated[list[Path] | None, typer.Argument(help="documents to remove; none: the whole base")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="no question before removing a whole base")] = False,
+) -> None:
+    """Remove documents (their chunks go from the index at once), or the whole knowledge base."""
+    from loraplex.knowledge.store import KnowledgeBase
+
+    kb = KnowledgeBase(name)
+    if paths:
+        for p in kb.remove(paths):
+            out.print(f"removed {p}")
+        return
+    if not yes and not typer.confirm(f"remove knowledge base {name!r} and its index?"):
+        raise typer.Exit(1)
+    kb.drop()
+    out.print(f"removed knowledge base {name}")
+
+
+@knowledge_app.command("list")
+def knowledge_list(
+    name: Annotated[str | None, typer.Argument(help="a knowledge base: list its documents")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Knowledge bases with their sizes, or the documents of one."""
+    from loraplex.knowledge.store import KnowledgeBase, names
+
+    if name:
+        kb = KnowledgeBase(name)
+        docs = kb.documents()
+        if as_json:
+            print(json.dumps(docs, ensure_ascii=False, indent=2))
+            return
+        table = Table("document", "chunks", "size")
+        for d in docs:
+            table.add_row(d["path"], str(d["chunks"]), f"{d['bytes'] / 1e3:.1f} kB")
+        out.print(table)
+        return
+    rows = []
+    for n in names():
+        kb = KnowledgeBase(n)
+        rows.append(kb.stats())
+        kb.close()
+    if as_json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    table = Table("knowledge base", "documents", "chunks")
+    for r in rows:
+        table.add_row(r["name"], str(r["documents"]), str(r["chunks"]))
+    out.print(table if rows else "no knowledge bases yet; add one with `loraplex knowledge add NAME DIR`")
+
+
+@knowledge_app.command("search")
+def knowledge_search(
+    name: Annotated[str, typer.Argument(help="knowledge base name")],
+    query: Annotated[str, typer.Argument(help="the question or keywords")],
+    k: Annotated[int, typer.Option("-k", help="passages to show")] = 5,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The best passages for a query, ranked by BM25 over jieba-segmented words, with their sources."""
+    from dataclasses import asdict
+
+    from loraplex.knowledge.store import KnowledgeBase
+
+    if not 1 <= k <= 100:
+        raise UserError(f"-k {k}: use 1 to 100")
+    hits = KnowledgeBase(name).search(query, k)
+    if as_json:
+        print(json.dumps([asdict(h) for h in hits], ensure_ascii=False, indent=2))
+        return
+    if not hits:
+        out.print("no passage matches")
+    for i, h in enumerate(hits, 1):
+        out.print(f"[bold]{i}. {h.source}[/] #{h.ord}  (BM25 {h.score:.2f})", highlight=False)
+        out.print(h.text, highlight=False, markup=False)
 
 
 def main() -> None:

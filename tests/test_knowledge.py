@@ -1,0 +1,165 @@
+"""Knowledge bases: reading documents, chunking, BM25 over jieba words, re-ingest, bad files, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from loraplex.errors import UserError
+from loraplex.knowledge.chunking import chunk
+from loraplex.knowledge.store import KnowledgeBase
+
+SAMPLE = Path(str(resources.files("loraplex.samples") / "knowledge"))
+
+
+def cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LORAPLEX_HOME": str(home), "COLUMNS": "300"}
+    return subprocess.run(
+        [sys.executable, "-m", "loraplex.cli", "knowledge", *args], capture_output=True, text=True, env=env
+    )
+
+
+@pytest.fixture
+def kb_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("LORAPLEX_HOME", str(home))
+    return home
+
+
+def test_chinese_and_english_questions_find_their_source_through_the_cli(kb_home: Path, tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    shutil.copytree(SAMPLE, docs)
+    (docs / "notes.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # not a document type: skipped in a directory
+    r = cli("add", "company", str(docs), home=kb_home)
+    assert r.returncode == 0, r.stderr
+    assert "company: 4 documents" in r.stdout
+    cases = {
+        "春节放几天假？": ("holidays-2026.md", "2 月 14 日至 2 月 22 日"),
+        "国庆节哪天补班": ("holidays-2026.md", "9 月 27 日"),
+        "优惠码是什么？": ("campaign-december.txt", "WINTER26"),
+        "客服电话多少": ("campaign-december.txt", "400-820-3721"),
+        "How much does the Pro plan cost per seat?": ("pricing.html", "268 yuan"),
+        "hotel allowance in Shanghai": ("travel-policy.md", "450 yuan"),
+    }
+    for query, (source, fact) in cases.items():
+        r = cli("search", "company", query, "-k", "3", "--json", home=kb_home)
+        assert r.returncode == 0, r.stderr
+        hits = json.loads(r.stdout)
+        assert hits and Path(hits[0]["source"]).name == source, (query, [h["source"] for h in hits])
+        assert fact in hits[0]["text"], (query, hits[0]["text"])
+        assert hits[0]["score"] > 0
+    # HTML script and style are not indexed
+    assert cli("search", "company", "console", "--json", home=kb_home).stdout.strip() == "[]"
+    listing = json.loads(cli("list", "--json", home=kb_home).stdout)
+    assert listing == [{"name": "company", "documents": 4, "chunks": listing[0]["chunks"]}]
+    assert listing[0]["chunks"] >= 4
+
+
+def test_reingest_replaces_only_the_changed_file(kb_home: Path, tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    shutil.copytree(SAMPLE, docs)
+    kb = KnowledgeBase("policies", create=True)
+    assert {r.status for r in kb.add([docs])} == {"added"}
+    before = {d["path"]: d["chunks"] for d in kb.documents()}
+    policy = docs / "travel-policy.md"
+    policy.write_text(policy.read_text().replace("450 yuan", "520 yuan"))
+    results = {Path(r.path).name: r.status for r in kb.add([docs])}
+    assert results == {
+        "campaign-december.txt": "unchanged",
+        "holidays-2026.md": "unchanged",
+        "pricing.html": "unchanged",
+        "travel-policy.md": "replaced",
+    }
+    # FTS5 syntax in a query is only words: no syntax error, "and" matches the word and
+    assert all("and" in h.text.lower() for h in kb.search('" OR NEAR( AND * ^'))
+    assert kb.search("。！？") == []
+    hits = kb.search("hotel allowance Shanghai", 10)
+    texts = " ".join(h.text for h in hits)
+    assert "520 yuan" in texts and "450 yuan" not in texts  # the old chunks are gone, not duplicated
+    assert {d["path"]: d["chunks"] for d in kb.documents()} == before
+    fts_rows = kb.db.execute("SELECT COUNT(*) FROM chunks_fts").fetchone()[0]
+    assert fts_rows == sum(before.values())
+    # removing a document takes its chunks out of the index
+    assert kb.remove([policy]) == [str(policy.resolve())]
+    assert all("travel" not in h.source for h in kb.search("hotel allowance", 10))
+    with pytest.raises(UserError, match="not in knowledge base"):
+        kb.remove([policy])
+
+
+def test_bad_files_are_reported_one_by_one_and_the_rest_is_ingested(kb_home: Path, tmp_path: Path) -> None:
+    import docx
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pypdf import PdfWriter
+
+    d = tmp_path / "mixed"
+    d.mkdir()
+    matplotlib.rcParams["pdf.fonttype"] = 42  # real text in the PDF, as a word processor writes it
+    fig = plt.figure()
+    fig.text(0.1, 0.5, "The Aurora kiosk firmware version is 7.4.2.")
+    fig.savefig(d / "firmware.pdf")
+    plt.close(fig)
+    writer = PdfWriter(clone_from=d / "firmware.pdf")
+    writer.encrypt("secret")
+    writer.write(d / "locked.pdf")
+    document = docx.Document()
+    document.add_paragraph("Warranty claims for the Aurora kiosk are handled by the Suzhou service centre.")
+    document.save(str(d / "warranty.docx"))
+    (d / "broken.docx").write_bytes(b"PK\x03\x04 this is not a zip archive")
+    (d / "broken.pdf").write_bytes(b"%PDF-1.7 garbage")
+    (d / "binary.txt").write_bytes(b"\x00\x01\x02" * 100)
+    (d / "empty.md").write_text("   \n\n")
+    (d / "big.txt").write_text("word " * 40_000)
+    (d / "gbk.txt").write_bytes("售后服务电话是 021-5555-0199。".encode("gb18030"))
+
+    kb = KnowledgeBase("kiosk", create=True)
+    results = {Path(r.path).name: r for r in kb.add([d], max_bytes=100_000)}
+    assert {n for n, r in results.items() if r.status == "added"} == {"firmware.pdf", "warranty.docx", "gbk.txt"}
+    reasons = {n: r.message for n, r in results.items() if r.status == "error"}
+    assert "encrypted" in reasons["locked.pdf"]
+    assert "not a readable DOCX" in reasons["broken.docx"]
+    assert "not a readable PDF" in reasons["broken.pdf"]
+    assert "binary" in reasons["binary.txt"]
+    assert "no text" in reasons["empty.md"]
+    assert "over the" in reasons["big.txt"]
+    assert all(str(d / n) in m for n, m in reasons.items())  # every message names its file
+    assert kb.search("kiosk firmware version")[0].source.endswith("firmware.pdf")
+    assert kb.search("warranty claims")[0].source.endswith("warranty.docx")
+    assert kb.search("售后服务电话")[0].source.endswith("gbk.txt")
+
+    # a document that turns unreadable keeps its indexed chunks, and says why it was not updated
+    (d / "warranty.docx").write_bytes(b"PK\x03\x04 truncated")
+    again = {Path(r.path).name: r.status for r in kb.add([d / "warranty.docx"])}
+    assert again == {"warranty.docx": "error"}
+    assert kb.search("warranty claims")[0].source.endswith("warranty.docx")
+
+    # the CLI says the same, adds what it can, and exits 1
+    r = cli("add", "kiosk2", str(d / "firmware.pdf"), str(d / "locked.pdf"), home=kb_home)
+    assert r.returncode == 1
+    assert "encrypted" in r.stdout and "added" in r.stdout
+    assert cli("add", "Bad/Name", str(d), home=kb_home).returncode == 2
+    missing = cli("search", "nope", "x", home=kb_home)
+    assert missing.returncode == 2 and "no knowledge base 'nope'" in missing.stderr
+
+
+def test_chunks_overlap_and_respect_sentences() -> None:
+    text = "".join(f"第{i}条规定的内容是第{i}号事实。" for i in range(40))
+    chunks = chunk(text, size=100, overlap=30)
+    assert all(len(c) <= 100 for c in chunks)
+    assert all(c.endswith("。") for c in chunks)  # cut at sentence ends
+    for a, b in zip(chunks, chunks[1:], strict=False):
+        assert a[-15:] in b  # the last sentence of one chunk starts the next
+    assert "".join(chunks).count("第39号事实") >= 1 and "第0号事实" in chunks[0]
+    english = chunk("One. Two is here. " * 50, size=60, overlap=0)
+    assert all(len(c) <= 60 for c in english) and " " in english[0]
+    with pytest.raises(ValueError):
+        chunk("x", size=10)
