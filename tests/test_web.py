@@ -359,3 +359,60 @@ def test_a_server_crash_mid_stream_loses_no_conversation(served: dict, tmp_path:
     cid = httpx.get(url + "/ui/api/conversations", headers=alice).json()["data"][0]["id"]
     saved = httpx.get(f"{url}/ui/api/conversations/{cid}", headers=alice).json()["messages"]
     assert [m["role"] for m in saved] == ["user", "assistant"] and saved[1]["id"] and saved[1]["rating"] == "up"
+
+
+def test_assistant_in_the_picker_answers_with_footnotes(served: dict, tmp_path: Path) -> None:
+    from importlib import resources
+
+    from playwright.sync_api import sync_playwright
+    from typer.testing import CliRunner
+
+    from loraplex.cli import app
+
+    # made while the server runs: it reads assistants at each request, no restart
+    docs = Path(str(resources.files("loraplex.samples") / "knowledge"))
+    r = CliRunner().invoke(
+        app,
+        ["assistants", "create", "hr-helper", "--adapter", "helper", "--knowledge", str(docs),
+         "--display-name", "HR 助手", "--description", "holidays and travel", "--max-tokens", "8"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    url, shots = served["url"], _shots(tmp_path)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 800})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto(url + "/")
+        page.fill("#key-input", served["bob"])
+        page.click("#signin-form button")
+        page.wait_for_selector("#app:not([hidden])")
+        errors.clear()  # the page's first look, before signing in, is a logged 401
+        # listed first, by its display name; picking it fills in its own defaults
+        first = page.eval_on_selector("#model-select option", "o => [o.value, o.textContent]")
+        assert first[0] == "hr-helper" and first[1].startswith("HR 助手")
+        page.select_option("#model-select", "hr-helper")
+        assert "知识库" in page.inner_text("#model-info") or "knowledge base" in page.inner_text("#model-info")
+        assert page.input_value("#max-tokens") == "8"
+        page.fill("#input", "国庆节哪天补班？")
+        page.press("#input", "Enter")
+        page.wait_for_selector(".msg.assistant .sources li", timeout=60000)
+        summary = page.inner_text(".msg.assistant .sources li summary")
+        assert summary.startswith("holidays-2026.md")
+        page.click(".msg.assistant .sources li summary")
+        assert "9 月 27 日" in page.inner_text(".msg.assistant .sources li p")
+        page.screenshot(path=str(shots / "web-sources.png"))
+        # a question the knowledge base cannot answer says so under the answer
+        page.fill("#input", "What is the capital of France?")
+        page.press("#input", "Enter")
+        page.wait_for_function("document.querySelectorAll('.msg.assistant .sources').length === 2", timeout=60000)
+        assert page.locator(".msg.assistant .sources.muted").count() == 1
+        # the footnotes are kept with the conversation
+        page.reload()
+        page.wait_for_selector("#conversations li")
+        page.click("#conversations li .open")
+        page.wait_for_selector(".msg.assistant .sources li")
+        assert page.inner_text(".msg.assistant .sources li summary").startswith("holidays-2026.md")
+        assert errors == []
+        browser.close()

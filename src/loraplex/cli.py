@@ -27,11 +27,15 @@ adapters_app = typer.Typer(no_args_is_help=True, help="List and inspect adapters
 keys_app = typer.Typer(no_args_is_help=True, help="API keys for `loraplex serve`: who may use which models.")
 feedback_app = typer.Typer(no_args_is_help=True, help="Users' ratings of answers, as statistics or training data.")
 knowledge_app = typer.Typer(no_args_is_help=True, help="Knowledge bases: documents indexed for retrieval (BM25).")
+assistants_app = typer.Typer(
+    no_args_is_help=True, help="Assistants: adapters + system prompt + knowledge base, served as models."
+)
 app.add_typer(data_app, name="data")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(keys_app, name="keys")
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(knowledge_app, name="knowledge")
+app.add_typer(assistants_app, name="assistants")
 out = Console()
 err = Console(stderr=True)
 
@@ -784,8 +788,264 @@ def knowledge_search(
     if not hits:
         out.print("no passage matches")
     for i, h in enumerate(hits, 1):
-        out.print(f"[bold]{i}. {h.source}[/] #{h.ord}  (BM25 {h.score:.2f})", highlight=False)
+        scores = f"BM25 {h.score:.2f}, relevance {h.relevance:.2f}"
+        out.print(f"[bold]{i}. {h.source}[/] #{h.ord}  ({scores})", highlight=False)
         out.print(h.text, highlight=False, markup=False)
+
+
+# ---------------------------------------------------------------------------- assistants
+# create and edit take the same options; edit changes only those given.
+AdapterOpt = Annotated[
+    list[str] | None,
+    typer.Option("--adapter", help="NAME, NAME@vN or NAME@ALIAS, optionally :WEIGHT; repeat to compose."),
+]
+SystemOpt = Annotated[str | None, typer.Option("--system", help="The system prompt.")]
+SystemFileOpt = Annotated[Path | None, typer.Option("--system-file", help="Read the system prompt from a file.")]
+KnowledgeOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--knowledge", help="Files or directories to index into the assistant's knowledge base."),
+]
+KnowledgeBaseOpt = Annotated[
+    str | None, typer.Option("--knowledge-base", help="Knowledge base to use (default with --knowledge: NAME).")
+]
+DisplayOpt = Annotated[str | None, typer.Option("--display-name", help="Shown in chat UIs' model pickers.")]
+DescriptionOpt = Annotated[str | None, typer.Option("--description")]
+TemperatureOpt = Annotated[float | None, typer.Option(help="Default temperature (a request's own wins).")]
+TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Default top_p.")]
+MaxTokensOpt = Annotated[int | None, typer.Option("--max-tokens", help="Default answer length limit.")]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Passages put into the prompt, at most (default 4).")]
+MinRelevanceOpt = Annotated[
+    float | None,
+    typer.Option("--min-relevance", help="0-1: share of the question a passage must cover to be used (default 0.3)."),
+]
+RefuseOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--refuse/--answer",
+        help="With no relevant passage: say 'I don't know' (refuse) or answer from the model alone (default).",
+    ),
+]
+RefusalOpt = Annotated[str | None, typer.Option("--refusal", help="The 'I don't know' text (default by language).")]
+
+
+def _assistant_fields(
+    adapter: list[str] | None,
+    system: str | None,
+    system_file: Path | None,
+    display_name: str | None,
+    description: str | None,
+    temperature: float | None,
+    top_p: float | None,
+    max_tokens: int | None,
+) -> dict[str, Any]:
+    from loraplex.assistants.store import parse_adapter
+
+    fields: dict[str, Any] = {}
+    if adapter is not None:
+        fields["adapters"] = [parse_adapter(a).model_dump() for a in adapter]
+    if system is not None and system_file is not None:
+        raise UserError("give --system or --system-file, not both")
+    if system_file is not None:
+        try:
+            fields["system_prompt"] = system_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--system-file {system_file}: cannot read it as UTF-8 text: {e}") from None
+    elif system is not None:
+        fields["system_prompt"] = system
+    if display_name is not None:
+        fields["display_name"] = display_name
+    if description is not None:
+        fields["description"] = description
+    sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
+    if any(v is not None for v in sampling.values()):
+        fields["sampling"] = {k: v for k, v in sampling.items() if v is not None}
+    return fields
+
+
+def _knowledge_fields(
+    top_k: int | None, min_relevance: float | None, refuse: bool | None, refusal: str | None
+) -> dict[str, Any]:
+    values = {
+        "top_k": top_k,
+        "min_relevance": min_relevance,
+        "when_nothing_found": None if refuse is None else ("refuse" if refuse else "answer"),
+        "refusal": refusal,
+    }
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _ingest(base: str, paths: list[Path]) -> bool:
+    """Index `paths` into knowledge base `base`, printing each file's outcome; False if any failed."""
+    from rich.progress import Progress
+
+    from loraplex.knowledge.store import KnowledgeBase, expand
+
+    files = expand(paths)
+    kb = KnowledgeBase(base, create=True)
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("indexing", total=len(files))
+        results = kb.add(files, progress=lambda _: bar.advance(task))
+    failed = [r for r in results if r.status == "error"]
+    for r in failed:
+        err.print(f"[red]error[/]: {r.message}", highlight=False)
+    st = kb.stats()
+    kb.close()
+    out.print(f"knowledge base {base}: {st['documents']} documents, {st['chunks']} chunks")
+    return not failed
+
+
+@assistants_app.command("create")
+def assistants_create(
+    name: Annotated[str, typer.Argument(help="the assistant's name, which clients use as `model`")],
+    adapter: AdapterOpt = None,
+    system: SystemOpt = None,
+    system_file: SystemFileOpt = None,
+    knowledge: KnowledgeOpt = None,
+    knowledge_base: KnowledgeBaseOpt = None,
+    display_name: DisplayOpt = None,
+    description: DescriptionOpt = None,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    top_k: TopKOpt = None,
+    min_relevance: MinRelevanceOpt = None,
+    refuse: RefuseOpt = None,
+    refusal: RefusalOpt = None,
+) -> None:
+    """Create an assistant: adapters (composed by weight), a system prompt, defaults and a knowledge base."""
+    from loraplex.assistants import store
+
+    fields = {
+        "name": name,
+        **_assistant_fields(adapter, system, system_file, display_name, description, temperature, top_p, max_tokens),
+    }
+    kn = _knowledge_fields(top_k, min_relevance, refuse, refusal)
+    base = knowledge_base or (name if knowledge else None)
+    if base is None and kn:
+        raise UserError("--top-k, --min-relevance, --refuse and --refusal need --knowledge or --knowledge-base")
+    if base is not None:
+        fields["knowledge"] = {"base": base, **kn}
+    assistant = store.build(fields)
+    if store.path_of(name).exists():
+        raise UserError(f"assistant {name!r} exists; change it with `loraplex assistants edit {name}`")
+    ok = _ingest(base, knowledge) if knowledge and base else True
+    path = store.create(assistant)
+    out.print(f"created assistant {name} ({path}); clients use model {name!r}")
+    if not ok:
+        raise typer.Exit(1)
+
+
+@assistants_app.command("edit")
+def assistants_edit(
+    name: Annotated[str, typer.Argument(help="the assistant to change")],
+    adapter: AdapterOpt = None,
+    no_adapters: Annotated[bool, typer.Option("--no-adapters", help="Use the base model alone.")] = False,
+    system: SystemOpt = None,
+    system_file: SystemFileOpt = None,
+    knowledge: KnowledgeOpt = None,
+    knowledge_base: KnowledgeBaseOpt = None,
+    no_knowledge: Annotated[bool, typer.Option("--no-knowledge", help="Stop using a knowledge base.")] = False,
+    display_name: DisplayOpt = None,
+    description: DescriptionOpt = None,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    top_k: TopKOpt = None,
+    min_relevance: MinRelevanceOpt = None,
+    refuse: RefuseOpt = None,
+    refusal: RefusalOpt = None,
+) -> None:
+    """Change an assistant: the options given replace what it has (--adapter replaces the whole list;
+    --knowledge adds files to its knowledge base). A running server uses the change at the next request."""
+    from loraplex.assistants import store
+
+    current = store.get(name)
+    fields = _assistant_fields(adapter, system, system_file, display_name, description, temperature, top_p, max_tokens)
+    if no_adapters:
+        if adapter:
+            raise UserError("give --adapter or --no-adapters, not both")
+        fields["adapters"] = []
+    kn = _knowledge_fields(top_k, min_relevance, refuse, refusal)
+    base = knowledge_base or (current.knowledge.base if current.knowledge else None) or (name if knowledge else None)
+    if no_knowledge:
+        if knowledge or knowledge_base or kn:
+            raise UserError("--no-knowledge cannot be combined with other knowledge options")
+        fields["knowledge"] = None
+    elif base is not None and (knowledge or knowledge_base or kn):
+        fields["knowledge"] = {"base": base, **kn}
+    elif kn:
+        raise UserError(f"assistant {name!r} has no knowledge base; add one with --knowledge or --knowledge-base")
+    if not fields and not knowledge:
+        raise UserError("nothing to change: give the options to change (see --help)")
+    ok = _ingest(base, knowledge) if knowledge and base else True
+    store.update(name, fields)
+    out.print(f"updated assistant {name}")
+    if not ok:
+        raise typer.Exit(1)
+
+
+@assistants_app.command("list")
+def assistants_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Assistants with what they are made of."""
+    from loraplex.assistants import store
+
+    rows = []
+    for n in store.names():
+        try:
+            rows.append(store.get(n).model_dump())
+        except UserError as e:
+            rows.append({"name": n, "error": str(e)})
+    if as_json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    if not rows:
+        out.print("no assistants yet; create one with `loraplex assistants create NAME --adapter ...`")
+        return
+    table = Table("assistant", "adapters", "knowledge", "description")
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["name"], f"[red]error[/]: {r['error']}", "", "")
+            continue
+        adapters = " + ".join(p["ref"] + ("" if p["weight"] == 1 else f":{p['weight']:g}") for p in r["adapters"])
+        kb = r["knowledge"]["base"] if r["knowledge"] else "-"
+        table.add_row(r["display_name"] or r["name"], adapters or "(base model)", kb, r["description"])
+    out.print(table)
+
+
+@assistants_app.command("show")
+def assistants_show(
+    name: Annotated[str, typer.Argument(help="assistant name")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """An assistant's whole definition (its YAML file)."""
+    from loraplex.assistants import store
+
+    a = store.get(name)
+    if as_json:
+        print(json.dumps(a.model_dump(), ensure_ascii=False, indent=2))
+        return
+    print(a.to_yaml(), end="")
+
+
+@assistants_app.command("rm")
+def assistants_rm(
+    name: Annotated[str, typer.Argument(help="assistant name")],
+    yes: Annotated[bool, typer.Option("--yes", help="no question")] = False,
+) -> None:
+    """Remove an assistant (its adapters and knowledge base stay)."""
+    from loraplex.assistants import store
+
+    try:
+        a = store.get(name)
+    except UserError:
+        if not store.path_of(name).exists():
+            raise
+        a = None  # a broken definition can still be removed
+    if not yes and not typer.confirm(f"remove assistant {name!r}?"):
+        raise typer.Exit(1)
+    store.remove(name)
+    kept = f"; knowledge base {a.knowledge.base!r} kept (loraplex knowledge rm)" if a and a.knowledge else ""
+    out.print(f"removed assistant {name}{kept}")
 
 
 def main() -> None:

@@ -6,7 +6,10 @@ ending `data: [DONE]`), POST /v1/feedback, POST /v1/load_lora_adapter and /v1/un
 Every error is OpenAI's shape: {"error": {message, type, param, code}}.
 
 Keys, access, limits, the request log, metrics, upstream routes and output filters live in
-gateway/; a route asks the `Gateway` and records into the request's `Call`.
+gateway/; a route asks the `Gateway` and records into the request's `Call`. An assistant
+(assistants/) is a model name too: its system prompt, defaults and retrieved passages shape the
+messages before they reach the engine, and its sources come back in the message (`sources`) and in
+the first chunk of a stream.
 
 Streaming uses sse-starlette, which also notices a client that disconnects and cancels the
 response; the engine then frees that row at once (engine.generate's `finally`).
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -37,6 +41,8 @@ from loraplex.api.schemas import (
     LoadAdapterRequest,
     UnloadAdapterRequest,
 )
+from loraplex.assistants import retrieval
+from loraplex.assistants import store as assistants
 from loraplex.engine.adapter_cache import InvalidModelName, ModelNotFound
 from loraplex.engine.engine import Delta, Engine, EngineClosed, PromptTooLong
 from loraplex.engine.sampling import SamplingParams, TokenLogprob
@@ -48,6 +54,7 @@ from loraplex.gateway.limits import RateLimited
 from loraplex.gateway.log import audit_rows, summary
 from loraplex.web.routes import add_routes
 
+log = logging.getLogger(__name__)
 MAX_BODY = 8 * 1024 * 1024
 UNSUPPORTED = {
     "tools": "tool calling is not supported by this server",
@@ -152,12 +159,14 @@ def _close_call(request: Request, status: int, code: str | None) -> None:
 
 def create_app(engine: Engine, gateway: Gateway | None = None) -> FastAPI:
     gw = gateway or Gateway(engine=engine)
+    searcher = retrieval.Searcher()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await asyncio.to_thread(engine.close, 5.0)  # finish in-flight work, abort what is left
         await gw.aclose()  # after the engine: the last streams' log rows are written too
+        searcher.close()
 
     app = FastAPI(title="loraplex", lifespan=lifespan)
     app.state.gateway = gw
@@ -261,7 +270,9 @@ def create_app(engine: Engine, gateway: Gateway | None = None) -> FastAPI:
         call = request.state.call
         call.prompt = messages
         limit = req.max_completion_tokens or req.max_tokens
-        return await _complete(engine, gw, call, req, messages, limit, top, chat=True, allowed=allowed)
+        return await _complete(
+            engine, gw, call, req, messages, limit, top, chat=True, allowed=allowed, searcher=searcher
+        )
 
     @app.post("/v1/completions")
     async def completions(request: Request, req: CompletionRequest, key: Key | None = Depends(principal)) -> Any:
@@ -274,7 +285,7 @@ def create_app(engine: Engine, gateway: Gateway | None = None) -> FastAPI:
         call = request.state.call
         call.prompt = prompt
         return await _complete(
-            engine, gw, call, req, prompt, req.max_tokens or 16, req.logprobs, chat=False, allowed=allowed
+            engine, gw, call, req, prompt, req.max_tokens, req.logprobs, chat=False, allowed=allowed, searcher=searcher
         )
 
     @app.post("/v1/feedback")
@@ -395,8 +406,36 @@ def _model_list(engine: Engine, created: int, gw: Gateway) -> list[dict[str, Any
         for name in up.models:
             if not any(c in name for c in "*?["):
                 data.append({"id": name, "object": "model", "created": created, "owned_by": up.base_url})
+    shadowed = set()
+    for name in assistants.names():
+        try:
+            found = assistants.find(name)
+            if found is None:
+                continue
+            engine.adapters.resolve(found.model)  # its adapters must be servable here
+        except UserError as e:
+            log.warning("assistant %s not listed: %s", name, e)
+            continue
+        shadowed.add(name)
+        data.append(
+            {
+                "id": name,
+                "object": "model",
+                "created": int(_ts(found.created_at)) if found.created_at else created,
+                "owned_by": "loraplex",
+                "parent": engine.base.id,
+                "kind": "assistant",
+                "display_name": found.display_name or name,
+                "description": found.description,
+                "adapters": found.model,
+                "knowledge": found.knowledge.base if found.knowledge else None,
+                "defaults": found.sampling.model_dump(exclude_none=True),
+            }
+        )
     all_aliases = registry.all_aliases()
     for name, versions in registry.list_names():
+        if name in shadowed:
+            continue  # an assistant of the same name answers to it
         if engine.adapters.allowed is not None and name not in engine.adapters.allowed:
             continue
         ref = registry.AdapterRef(name, versions[-1], registry.store_root() / name / f"v{versions[-1]}")
@@ -422,12 +461,42 @@ def _model_list(engine: Engine, created: int, gw: Gateway) -> list[dict[str, Any
             "versions": [f"{name}@v{v}" for v in versions],
             "aliases": {a: f"{name}@v{v}" for a, v in aliases.items()},
             "description": manifest.get("description") or "",
+            "kind": "adapter",
         }
         data.append(entry)
         # each alias is a model of its own, so chat UIs can offer `legal@prod` in their model menu
         for a, v in sorted(aliases.items()):
             data.append({**entry, "id": f"{name}@{a}", "root": f"{name}@v{v}", "version": v})
     return data
+
+
+def _assistant(model: str) -> assistants.Assistant | None:
+    try:
+        return assistants.find(model)
+    except UserError as e:  # a hand-edited file with a mistake: the operator's to fix, not the client's
+        raise _misconfigured(model, e) from None
+
+
+def _misconfigured(model: str, e: Exception) -> APIError:
+    return APIError(500, f"assistant {model!r} cannot answer: {e}", "server_error", code="assistant_misconfigured")
+
+
+def _apply_defaults(
+    req: ChatCompletionRequest | CompletionRequest, assistant: assistants.Assistant, max_tokens: int | None
+) -> int | None:
+    """The assistant's sampling defaults, for what the request left unset."""
+    given = req.model_fields_set
+    s = assistant.sampling
+    if s.temperature is not None and "temperature" not in given:
+        req.temperature = s.temperature
+    if s.top_p is not None and "top_p" not in given:
+        req.top_p = s.top_p
+    return max_tokens if max_tokens is not None else s.max_tokens
+
+
+async def _fixed_answer(engine: Engine, text: str, prompt_tokens: int) -> AsyncIterator[Delta]:
+    ids = tuple(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+    yield Delta(text, ids, (), "stop", prompt_tokens, len(ids))
 
 
 def _ts(iso: str) -> float:
@@ -468,6 +537,7 @@ async def _complete(
     top_logprobs: int | None,
     chat: bool,
     allowed: Any,
+    searcher: retrieval.Searcher,
 ) -> Any:
     call.model = req.model
     if not allowed(call.key, req.model):
@@ -479,16 +549,42 @@ async def _complete(
             param="model",
             code="model_not_allowed",
         )
+    assistant = await asyncio.to_thread(_assistant, req.model)
+    prepared: retrieval.Prepared | None = None
+    if assistant is not None:
+        if not chat:
+            raise APIError(400, f"{req.model!r} is an assistant: use /v1/chat/completions", param="model")
+        max_tokens = _apply_defaults(req, assistant, max_tokens)
+        # room for the answer: what the request asks for, else a quarter of the context (at most 256)
+        reserve = max_tokens or min(256, engine.max_model_len // 4)
+
+        def fits(msgs: list[dict[str, str]]) -> bool:
+            return len(engine.encode(msgs)) + reserve <= engine.max_model_len
+
+        try:
+            prepared = await asyncio.to_thread(retrieval.prepare, assistant, prompt, searcher, True, fits)
+        except UserError as e:
+            raise _misconfigured(req.model, e) from None
+        prompt = prepared.messages
+    elif not chat and max_tokens is None:
+        max_tokens = 16  # OpenAI's default for /v1/completions
     filt = gw.output_filter(req.model)
     if filt and top_logprobs is not None:
         raise APIError(400, f"logprobs are not available for {req.model!r}: its output is filtered", param="logprobs")
-    up = gw.config.upstream_for(req.model)
+    up = gw.config.upstream_for(req.model) if assistant is None else None
     gw.reserve(call, req.n)
     if up is not None:
         return await _proxy(gw, call, req, up, chat, filt)
     try:
-        adapter = await asyncio.to_thread(engine.adapters.resolve, req.model)
-        served = adapter.key or engine.base.id
+        if assistant is None:
+            adapter = await asyncio.to_thread(engine.adapters.resolve, req.model)
+            served = adapter.key or engine.base.id
+        else:
+            try:
+                adapter = await asyncio.to_thread(engine.adapters.resolve, assistant.model)
+            except UserError as e:
+                raise _misconfigured(req.model, e) from None
+            served = assistant.name
         prompt_ids = await asyncio.to_thread(engine.encode, prompt)
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", param="prompt")
@@ -505,7 +601,17 @@ async def _complete(
     kind = "chat.completion" if chat else "text_completion"
     rid = call.id
     created = int(time.time())
-    streams = [engine.generate(prompt_ids, _params(req, top_logprobs, i), adapter, max_tokens) for i in range(req.n)]
+    sources = None
+    if prepared is not None and assistant is not None and assistant.knowledge is not None:
+        sources = [x.json() for x in prepared.sources]
+    if prepared is not None and prepared.refusal is not None:
+        # nothing relevant in the knowledge base and the assistant refuses to guess: no model run
+        refusal = prepared.refusal
+        streams = [_fixed_answer(engine, refusal, len(prompt_ids)) for _ in range(req.n)]
+    else:
+        streams = [
+            engine.generate(prompt_ids, _params(req, top_logprobs, i), adapter, max_tokens) for i in range(req.n)
+        ]
 
     if not req.stream:
         try:
@@ -517,14 +623,10 @@ async def _complete(
         for i, (text, (_, finish, logprobs, _)) in enumerate(zip(texts, results, strict=True)):
             lp = _logprobs_json(engine, logprobs, chat) if top_logprobs is not None else None
             if chat:
-                choices.append(
-                    {
-                        "index": i,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": lp,
-                        "finish_reason": finish,
-                    }
-                )
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                if sources is not None:
+                    message["sources"] = sources
+                choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
             else:
                 choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
         call.completion_tokens = sum(r[3] for r in results)
@@ -576,12 +678,10 @@ async def _complete(
         try:
             if chat:
                 for i in range(req.n):
-                    first = {
-                        "index": i,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
+                    opening: dict[str, Any] = {"role": "assistant", "content": ""}
+                    if sources is not None:
+                        opening["sources"] = sources
+                    first = {"index": i, "delta": opening, "logprobs": None, "finish_reason": None}
                     yield {"data": chunk([first])}
             tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
             completion_tokens, open_streams = 0, req.n

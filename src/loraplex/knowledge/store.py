@@ -7,8 +7,10 @@ Each file is replaced in one transaction (its old chunks go and its new ones com
 interrupted or failed ingest never leaves a file half-indexed; a file whose bytes did not change
 is skipped.
 
-This module does not put passages into prompts and has no dense vectors: it is the keyword half of
-retrieval that assistants are built on.
+Each hit also carries a relevance in [0, 1] (relevance.py), comparable across questions, which
+assistants use to decide whether anything relevant was found at all.
+
+This module does not put passages into prompts (assistants/retrieval.py does).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from loraplex.errors import UserError
 from loraplex.knowledge.chunking import chunk
 from loraplex.knowledge.readers import MAX_BYTES, SUPPORTED, read_document
+from loraplex.knowledge.relevance import relevance
 from loraplex.paths import check_name, home
 
 SCHEMA = """
@@ -68,7 +71,8 @@ class Hit:
     source: str
     ord: int
     text: str
-    score: float  # BM25, higher is better
+    score: float  # BM25, higher is better; comparable only within one query
+    relevance: float  # share of the query's informative words in this chunk, 0-1 (relevance.py)
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,9 @@ class FileResult:
 
 
 class KnowledgeBase:
-    def __init__(self, name: str, create: bool = False):
+    def __init__(self, name: str, create: bool = False, shared: bool = False):
+        """Open (or with `create`, make) a knowledge base; `shared` allows use from several threads,
+        which the caller then serialises."""
         self.name = check_name(name, "knowledge base name")
         self.dir = root() / self.name
         if not (self.dir / "index.db").is_file():
@@ -88,7 +94,7 @@ class KnowledgeBase:
                 have = ", ".join(names()) or "none yet"
                 raise UserError(f"no knowledge base {name!r} (have: {have}); create it with `loraplex knowledge add`")
             self.dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.dir / "index.db", timeout=30)
+        self.db = sqlite3.connect(self.dir / "index.db", timeout=30, check_same_thread=not shared)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(SCHEMA)
 
@@ -179,19 +185,24 @@ class KnowledgeBase:
         docs, chunks = self.db.execute("SELECT COUNT(*), COALESCE(SUM(chunks), 0) FROM docs").fetchone()
         return {"name": self.name, "documents": docs, "chunks": chunks}
 
-    def search(self, query: str, k: int = 5) -> list[Hit]:
-        """The k best chunks for `query` by BM25 over its words (any word may match)."""
+    def search(self, query: str, k: int = 5, min_relevance: float = 0.0) -> list[Hit]:
+        """The k best chunks for `query` by BM25 over its words (any word may match), leaving out
+        those whose relevance is below `min_relevance`."""
         terms = list(dict.fromkeys(words(query)))
         if not terms:
             return []
         match = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
         rows = self.db.execute(
-            "SELECT c.id, d.path, c.ord, c.text, bm25(chunks_fts) AS r FROM chunks_fts "
+            "SELECT c.id, d.path, c.ord, c.text, chunks_fts.words, bm25(chunks_fts) AS r FROM chunks_fts "
             "JOIN chunks c ON c.id = chunks_fts.rowid JOIN docs d ON d.id = c.doc_id "
             "WHERE chunks_fts MATCH ? ORDER BY r LIMIT ?",
             (match, k),
         ).fetchall()
-        return [Hit(cid, path, ord_, text, -r) for cid, path, ord_, text, r in rows]
+        hits = [
+            Hit(cid, path, ord_, text, -r, relevance(terms, text, set(ws.split())))
+            for cid, path, ord_, text, ws, r in rows
+        ]
+        return [h for h in hits if h.relevance >= min_relevance]
 
 
 def expand(paths: Iterable[Path]) -> list[Path]:

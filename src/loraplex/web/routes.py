@@ -25,12 +25,22 @@ from loraplex.web.jobs import Jobs
 STATIC = Path(__file__).parent / "static"
 
 
+class Source(BaseModel):
+    index: int
+    document: str = Field(max_length=500)
+    chunk: int
+    text: str = Field(max_length=20_000)
+    score: float | None = None
+    relevance: float | None = None
+
+
 class Message(BaseModel):
     role: str = Field(pattern="^(system|user|assistant)$")
     content: str = Field(max_length=200_000)
     id: str | None = None  # the response id of an assistant message (for feedback)
     model: str | None = None  # what answered it (compare columns differ)
     rating: str | None = Field(default=None, pattern="^(up|down)$")
+    sources: list[Source] | None = Field(default=None, max_length=50)  # an assistant's passages
 
 
 class Conversation(BaseModel):

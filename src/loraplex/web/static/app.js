@@ -30,6 +30,8 @@ const STRINGS = {
     "admin.running": "running {r} of {max} rows, {q} queued; loaded: {loaded}", "admin.base": "Base model",
     "admin.base_other": "HF directory or .gguf path on the server", "admin.served": "served here",
     "admin.not_served": "not served by this server", "admin.other": "other...",
+    "sources": "Sources", "sources.none": "Nothing in the knowledge base matched; answered without it.",
+    "assistant": "assistant", "knowledge": "knowledge base",
   },
   zh: {
     "signin.label": "API 密钥", "signin.button": "登录", "signout": "退出", "tab.chat": "对话",
@@ -52,6 +54,8 @@ const STRINGS = {
     "admin.running": "批中 {r}/{max} 行，排队 {q}；已加载：{loaded}", "admin.base": "基础模型",
     "admin.base_other": "服务器上的 HF 目录或 .gguf 路径", "admin.served": "本服务器在用",
     "admin.not_served": "本服务器不提供", "admin.other": "其他…",
+    "sources": "来源", "sources.none": "知识库中没有找到相关内容，未使用参考资料。",
+    "assistant": "助手", "knowledge": "知识库",
   },
 };
 const MAX_CHARS = 100000;
@@ -146,18 +150,19 @@ async function streamAnswer(model, messages, signal, onDelta) {
     max_tokens: Number($("max-tokens").value || 256),
   };
   const r = await api("/v1/chat/completions", { method: "POST", body: JSON.stringify(body), signal });
-  let text = "", id = null, finish = null, served = model;
+  let text = "", id = null, finish = null, served = model, sources;
   for await (const event of sse(r)) {
     if (event.error) throw new ApiError(500, event.error.message);
     id = event.id || id;
     served = event.model || served;
     const choice = (event.choices || [])[0];
     if (!choice) continue;
+    if (choice.delta && choice.delta.sources) sources = choice.delta.sources; // an assistant's passages, first chunk
     text += (choice.delta && choice.delta.content) || "";
     finish = choice.finish_reason || finish;
     onDelta(text);
   }
-  return { text, id, finish, model: served };
+  return { text, id, finish, model: served, sources };
 }
 
 // ---------------------------------------------------------------- rendering
@@ -170,7 +175,38 @@ function markdown(text) {
 function modelLabel(id) {
   const m = state.models.find((x) => x.id === id);
   if (!m) return id;
+  if (m.kind === "assistant") return `${m.display_name || id} (${t("assistant")})`;
   return m.parent ? id : `${id} (${t("base")})`;
+}
+
+// An assistant's sources under its answer: numbered like the [n] the answer cites, each opening
+// to the passage itself.
+function sourceList(sources) {
+  const box = document.createElement("div");
+  box.className = "sources";
+  if (!sources.length) {
+    box.classList.add("muted");
+    box.textContent = t("sources.none");
+    return box;
+  }
+  const title = document.createElement("div");
+  title.className = "sources-title";
+  title.textContent = t("sources");
+  const list = document.createElement("ol");
+  for (const s of sources) {
+    const item = document.createElement("li");
+    item.value = s.index;
+    const details = document.createElement("details");
+    const summary = document.createElement("summary");
+    summary.textContent = `${s.document} #${s.chunk + 1}`;
+    const passage = document.createElement("p");
+    passage.textContent = s.text;
+    details.append(summary, passage);
+    item.append(details);
+    list.append(item);
+  }
+  box.append(title, list);
+  return box;
 }
 
 function renderMessages() {
@@ -204,6 +240,7 @@ function assistantBubble(m, index, last) {
   node.querySelectorAll("[data-i18n]").forEach((el) => { el.textContent = t(el.dataset.i18n); });
   node.querySelector(".who").textContent = m.model || "";
   node.querySelector(".content").innerHTML = markdown(m.content);
+  if (Array.isArray(m.sources)) node.querySelector(".content").after(sourceList(m.sources));
   if (m.error) {
     const note = document.createElement("div");
     note.className = "error-note";
@@ -262,7 +299,7 @@ async function saveConversation() {
   if (!c || !c.messages.length) return;
   const first = c.messages.find((m) => m.role === "user");
   if (first && c.title === t("new.title")) c.title = first.content.slice(0, 60);
-  const messages = c.messages.map(({ role, content, id, rating, model }) => ({ role, content, id, rating, model }));
+  const messages = c.messages.map(({ role, content, id, rating, model, sources }) => ({ role, content, id, rating, model, sources }));
   await api(`/ui/api/conversations/${c.id}`, { method: "PUT", body: JSON.stringify({ title: c.title, model: c.model, messages }) });
   await loadList();
 }
@@ -356,6 +393,7 @@ async function answer() {
       bubble.scrollIntoView({ block: "end" });
     });
     Object.assign(reply, { content: out.text, id: out.id, model: out.model });
+    if (out.sources) reply.sources = out.sources;
   } catch (e) {
     if (e.name === "AbortError") reply.content += ` ${t("err.stopped")}`;
     else reply.error = e.message;
@@ -438,7 +476,12 @@ function selectModel(id, reset = true) {
   $("model-select").value = id;
   $("system-prompt").value = systemPrompt();
   const m = state.models.find((x) => x.id === id);
-  $("model-info").textContent = m ? [m.description, m.parent ? `${t("base")}: ${m.parent}` : ""].filter(Boolean).join(" · ") : "";
+  const parts = m ? [m.description, m.knowledge ? `${t("knowledge")}: ${m.knowledge}` : "", m.parent ? `${t("base")}: ${m.parent}` : ""] : [];
+  $("model-info").textContent = parts.filter(Boolean).join(" · ");
+  // an assistant's own defaults fill the settings (still changeable)
+  const defaults = (m && m.defaults) || {};
+  if (defaults.temperature != null) $("temperature").value = defaults.temperature;
+  if (defaults.max_tokens != null) $("max-tokens").value = defaults.max_tokens;
   if (reset) {
     // Each assistant keeps its own conversations: open its latest, or start one.
     const latest = state.list.find((c) => c.model === id);
@@ -450,6 +493,8 @@ async function loadModels() {
   const r = await api("/v1/models");
   state.models = (await r.json()).data;
   const label = (m) => modelLabel(m.id) + (m.version ? ` · v${m.version}` : "") + (m.description ? ` · ${m.description}` : "");
+  // assistants first: they are what most people pick
+  state.models.sort((a, b) => (b.kind === "assistant") - (a.kind === "assistant"));
   // Compare also offers every stored version (NAME@vN), to put v3 next to v4.
   const versions = [];
   for (const m of state.models) {
