@@ -251,3 +251,35 @@ def test_passages_that_crowd_out_the_answer_are_dropped(env: Env) -> None:
     r = env.client().chat.completions.create(model="hr-helper", messages=ask, max_tokens=room - 2)
     assert sources_of(r.choices[0].message) == []  # no passage fits next to so long an answer
     assert r.usage.prompt_tokens == len(env.srv.engine.encode(bare.messages))
+
+
+def test_eval_shows_what_retrieval_adds_on_smollm2(lp_home: Path) -> None:
+    """The real SmolLM2 cannot know these facts; with the sample knowledge base it answers some."""
+    invoke("assistants", "create", "company", "--knowledge", str(SAMPLE), "--system", "You are Mingland's assistant.")
+    result = json.loads(
+        invoke(
+            "eval", "--assistant", "company", "--data", str(SAMPLE / "questions.jsonl"), "--max-tokens", "48", "--json"
+        )
+    )
+    on, off = result["summary"]["with_retrieval"], result["summary"]["without_retrieval"]
+    assert result["data"]["examples"] == 16 and result["retrieval"]["hit_rate"] >= 0.9
+    assert off["score"] <= 0.1, off  # facts no base model can know
+    assert on["score"] >= off["score"] + 0.2, (on, off)
+    row = next(e for e in result["examples"] if "Pro plan" in e["question"])
+    assert row["retrieval"]["rank"] == 1 and row["retrieval"]["used"][0]["document"] == "pricing.html"
+    assert "268" in row["with_retrieval"]["text"]
+    # the table a person reads
+    table = invoke("eval", "--assistant", "company", "--data", str(SAMPLE / "questions.jsonl"), "--max-tokens", "8")
+    assert "retrieval off" in table and "hit rate @4" in table
+    assert "--assistant needs --data" in str(runner.invoke(app, ["eval", "--assistant", "company"]).exception)
+
+
+def test_retrieval_time_is_reported_per_request_and_in_metrics(env: Env) -> None:
+    r = env.post({"model": "hr-helper", "messages": [{"role": "user", "content": "春节放几天假？"}]})
+    assert r.status_code == 200 and 0 < float(r.headers["x-retrieval-ms"]) < 5000
+    assert "x-retrieval-ms" not in env.post({"model": "plain", "messages": [{"role": "user", "content": "hi"}]}).headers
+    metrics = httpx.get(f"{env.srv.url}/metrics", headers={"Authorization": f"Bearer {env.tokens['ops']}"}).text
+    count = next(
+        line for line in metrics.splitlines() if line.startswith('loraplex_retrieval_seconds_count{model="hr-helper"}')
+    )
+    assert float(count.split()[-1]) >= 1

@@ -58,7 +58,9 @@ def test_chinese_and_english_questions_find_their_source_through_the_cli(kb_home
     # HTML script and style are not indexed
     assert cli("search", "company", "console", "--json", home=kb_home).stdout.strip() == "[]"
     listing = json.loads(cli("list", "--json", home=kb_home).stdout)
-    assert listing == [{"name": "company", "documents": 4, "chunks": listing[0]["chunks"]}]
+    assert listing == [
+        {"name": "company", "documents": 4, "chunks": listing[0]["chunks"], "vectors": 0, "embedder": None}
+    ]
     assert listing[0]["chunks"] >= 4
 
 
@@ -163,3 +165,66 @@ def test_chunks_overlap_and_respect_sentences() -> None:
     assert all(len(c) <= 60 for c in english) and " " in english[0]
     with pytest.raises(ValueError):
         chunk("x", size=10)
+
+
+def test_vectors_from_a_local_embedder_and_hybrid_ranking(kb_home: Path, tiny_base: Path, tmp_path: Path) -> None:
+    """Dense vectors (the tiny random Llama stands in for an embedding model: the mechanics, not the
+    semantics) are stored per chunk, kept in step with re-ingest and removal, and fused with BM25."""
+    import numpy as np
+
+    from loraplex.knowledge.embedder import Embedder
+    from loraplex.knowledge.store import RRF_K, words
+
+    docs = tmp_path / "docs"
+    shutil.copytree(SAMPLE, docs)
+    assert cli("add", "dense", str(docs), home=kb_home).returncode == 0
+    r = cli("add", "dense", "--embedder", str(tiny_base), home=kb_home)  # vectors for what is there
+    assert r.returncode == 0, r.stderr
+    listing = json.loads(cli("list", "--json", home=kb_home).stdout)[0]
+    assert listing["vectors"] == listing["chunks"] > 0 and listing["embedder"] == str(tiny_base.resolve())
+
+    kb = KnowledgeBase("dense")
+    emb = Embedder(tiny_base)
+    ids, mat = kb._vectors()
+    texts = [kb._chunk(int(i))[2] for i in ids]
+    np.testing.assert_allclose(mat, emb.embed(texts), atol=1e-5)  # what was stored is the model's vector
+    np.testing.assert_allclose(np.linalg.norm(mat, axis=1), 1.0, atol=1e-5)
+
+    # hybrid ranking = reciprocal rank fusion of BM25's and cosine's rankings, computed naively here
+    query = "hotel allowance in Shanghai"
+    hits = kb.search(query, k=len(ids), min_relevance=0.0, min_similarity=-1.0)
+    qv = emb.embed([query])[0]
+    by_cosine = sorted((int(i) for i in ids), key=lambda c: -float(mat[list(ids).index(c)] @ qv))
+    by_bm25 = [row[0] for row in kb._bm25(list(dict.fromkeys(words(query))), 30)]
+    fused = {
+        c: 1 / (RRF_K + by_cosine.index(c) + 1) + (1 / (RRF_K + by_bm25.index(c) + 1) if c in by_bm25 else 0)
+        for c in by_cosine
+    }
+    assert {h.chunk_id for h in hits} == set(fused)
+    got = [fused[h.chunk_id] for h in hits]
+    assert got == sorted(got, reverse=True) and got[0] == max(fused.values())
+    for h in hits:
+        assert h.similarity is not None and abs(h.similarity - float(mat[list(ids).index(h.chunk_id)] @ qv)) < 1e-5
+    # words found nowhere: BM25 has nothing, the vectors still rank every chunk
+    assert kb.search("zzzz qqqq", k=2, min_relevance=0.3) == []
+    only_dense = kb.search("zzzz qqqq", k=2, min_relevance=0.3, min_similarity=-1.0)
+    assert len(only_dense) == 2 and all(h.score == 0 for h in only_dense)
+
+    # re-ingest and removal keep vectors and chunks in step, also seen by an open connection
+    policy = docs / "travel-policy.md"
+    policy.write_text(policy.read_text() + "\n\nTaxis to the airport are covered.\n" * 3)
+    assert cli("add", "dense", str(docs), home=kb_home).returncode == 0
+    assert cli("rm", "dense", str(docs / "pricing.html"), home=kb_home).returncode == 0
+    st = kb.stats()
+    assert st["vectors"] == st["chunks"] and len(kb._vectors()[0]) == st["chunks"]
+    assert not any("268 yuan" in h.text for h in kb.search("Pro plan price", k=10, min_similarity=-1.0))
+    kb.close()
+
+    bad = tmp_path / "pickled"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    (bad / "pytorch_model.bin").write_bytes(b"not loaded")
+    r = cli("add", "dense", "--embedder", str(bad), home=kb_home)
+    assert r.returncode == 2 and "no .safetensors weights" in r.stderr
+    assert cli("add", "dense", "--no-embedder", home=kb_home).returncode == 0
+    assert json.loads(cli("list", "--json", home=kb_home).stdout)[0]["vectors"] == 0

@@ -364,7 +364,12 @@ def compare(
 
 @app.command("eval")
 def eval_cmd(
-    adapter: Annotated[str, typer.Option(help="NAME, NAME@vN or NAME@ALIAS to evaluate")],
+    adapter: Annotated[str | None, typer.Option(help="NAME, NAME@vN or NAME@ALIAS to evaluate")] = None,
+    assistant: Annotated[
+        str | None,
+        typer.Option(help="An assistant: its answers with vs. without its knowledge base, and retrieval hit rate."),
+    ] = None,
+    k: Annotated[int | None, typer.Option("-k", min=1, max=100, help="Hit rate @k (default: its top_k).")] = None,
     data: Annotated[
         Path | None, typer.Option(help="Eval file in any training format; default: the training run's eval split.")
     ] = None,
@@ -381,8 +386,18 @@ def eval_cmd(
     store: Annotated[bool, typer.Option(help="Record the result with the adapter version.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
 ) -> None:
-    """Did it learn? Score an adapter's answers against references, side by side with a baseline."""
+    """Did it learn? Score an adapter's answers against references, side by side with a baseline
+    (or, with --assistant, an assistant's answers with and without retrieval)."""
     from rich.progress import Progress
+
+    if (adapter is None) == (assistant is None):
+        raise UserError("give --adapter NAME or --assistant NAME (one of them)")
+    if assistant is not None:
+        if data is None:
+            raise UserError("--assistant needs --data: questions whose answers are in its knowledge base")
+        _eval_assistant(assistant, data, k, max_tokens, as_json)
+        return
+    assert adapter is not None
 
     from loraplex.eval import report as html_report
     from loraplex.eval.judge import Judge
@@ -419,6 +434,33 @@ def eval_cmd(
         out.print(f"stored with {result['adapter']}: {result['stored_as']}")
     if page:
         out.print(f"report: {page}")
+
+
+def _eval_assistant(name: str, data: Path, k: int | None, max_tokens: int, as_json: bool) -> None:
+    from rich.progress import Progress
+
+    from loraplex.eval.assistant import evaluate_assistant
+
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("answering", total=None)
+        result = evaluate_assistant(
+            name, data, k, max_tokens, progress=lambda done, total: bar.update(task, completed=done, total=total)
+        )
+    if as_json:
+        print(json.dumps(result, ensure_ascii=False, indent=2))
+        return
+    on, off = result["summary"]["with_retrieval"], result["summary"]["without_retrieval"]
+    table = Table("metric", "retrieval off", "retrieval on", title=f"{name}: {result['data']['examples']} questions")
+    for key, label in (("score", "accuracy (score)"), ("keywords", "keyword recall"), ("rouge_l", "ROUGE-L")):
+        if on[key] is not None or off[key] is not None:
+            table.add_row(label, *("-" if v is None else f"{v:.3f}" for v in (off[key], on[key])))
+    table.add_row("refused (I don't know)", str(off["refused"]), str(on["refused"]))
+    out.print(table)
+    r = result["retrieval"]
+    out.print(
+        f"retrieval: hit rate @{result['k']} {r['hit_rate']:.0%}, MRR {r['mrr']:.3f}, "
+        f"passages used for {r['answered_with_passages']:.0%} of questions (min relevance {result['min_relevance']})"
+    )
 
 
 @adapters_app.command("promote")
@@ -686,10 +728,15 @@ def feedback_stats(
 @knowledge_app.command("add")
 def knowledge_add(
     name: Annotated[str, typer.Argument(help="knowledge base name (created on first use)")],
-    paths: Annotated[list[Path], typer.Argument(help="files or directories (md, txt, html, pdf, docx)")],
+    paths: Annotated[list[Path] | None, typer.Argument(help="files or directories (md, txt, html, pdf, docx)")] = None,
     chunk_size: Annotated[int, typer.Option(help="characters per chunk, about")] = 500,
     overlap: Annotated[int, typer.Option(help="characters repeated from the previous chunk")] = 100,
     max_file_mb: Annotated[float, typer.Option(help="larger files are refused")] = 50,
+    embedder: Annotated[
+        Path | None,
+        typer.Option(help="A local embedding model directory: adds dense vectors (hybrid search) from now on."),
+    ] = None,
+    no_embedder: Annotated[bool, typer.Option("--no-embedder", help="Drop the vectors: keywords only.")] = False,
 ) -> None:
     """Add or update documents: a changed file's chunks are replaced, an unchanged one skipped; a file
     that cannot be read is reported and the rest are added (exit code 1 if any failed)."""
@@ -699,8 +746,18 @@ def knowledge_add(
 
     if not chunk_size >= 20 or not 0 <= overlap < chunk_size:
         raise UserError(f"--chunk-size {chunk_size} / --overlap {overlap}: need chunk size >= 20, 0 <= overlap < size")
-    files = expand(paths)
+    if not paths and embedder is None and not no_embedder:
+        raise UserError("give files or directories to add (or --embedder DIR to add vectors to what is there)")
+    files = expand(paths or [])
     kb = KnowledgeBase(name, create=True)
+    if embedder is not None or no_embedder:
+        if embedder is not None and no_embedder:
+            raise UserError("give --embedder DIR or --no-embedder, not both")
+        with Progress(console=err, transient=True) as bar:
+            task = bar.add_task("embedding existing chunks", total=None)
+            done = kb.set_embedder(embedder, lambda n, total: bar.update(task, completed=n, total=total))
+        if embedder is not None:
+            out.print(f"{name}: vectors from {embedder} ({done} existing chunks embedded)")
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("indexing", total=len(files))
         results = kb.add(files, chunk_size, overlap, int(max_file_mb * 1e6), lambda _: bar.advance(task))
@@ -761,9 +818,10 @@ def knowledge_list(
     if as_json:
         print(json.dumps(rows, ensure_ascii=False, indent=2))
         return
-    table = Table("knowledge base", "documents", "chunks")
+    table = Table("knowledge base", "documents", "chunks", "vectors")
     for r in rows:
-        table.add_row(r["name"], str(r["documents"]), str(r["chunks"]))
+        vectors = f"{r['vectors']} ({Path(r['embedder']).name})" if r["embedder"] else "-"
+        table.add_row(r["name"], str(r["documents"]), str(r["chunks"]), vectors)
     out.print(table if rows else "no knowledge bases yet; add one with `loraplex knowledge add NAME DIR`")
 
 
@@ -789,6 +847,8 @@ def knowledge_search(
         out.print("no passage matches")
     for i, h in enumerate(hits, 1):
         scores = f"BM25 {h.score:.2f}, relevance {h.relevance:.2f}"
+        if h.similarity is not None:
+            scores += f", similarity {h.similarity:.2f}"
         out.print(f"[bold]{i}. {h.source}[/] #{h.ord}  ({scores})", highlight=False)
         out.print(h.text, highlight=False, markup=False)
 
@@ -817,6 +877,10 @@ TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Passages put into 
 MinRelevanceOpt = Annotated[
     float | None,
     typer.Option("--min-relevance", help="0-1: share of the question a passage must cover to be used (default 0.3)."),
+]
+MinSimilarityOpt = Annotated[
+    float | None,
+    typer.Option("--min-similarity", help="With vectors: cosine at which a passage is used anyway (default 0.5)."),
 ]
 RefuseOpt = Annotated[
     bool | None,
@@ -863,11 +927,16 @@ def _assistant_fields(
 
 
 def _knowledge_fields(
-    top_k: int | None, min_relevance: float | None, refuse: bool | None, refusal: str | None
+    top_k: int | None,
+    min_relevance: float | None,
+    min_similarity: float | None,
+    refuse: bool | None,
+    refusal: str | None,
 ) -> dict[str, Any]:
     values = {
         "top_k": top_k,
         "min_relevance": min_relevance,
+        "min_similarity": min_similarity,
         "when_nothing_found": None if refuse is None else ("refuse" if refuse else "answer"),
         "refusal": refusal,
     }
@@ -909,6 +978,7 @@ def assistants_create(
     max_tokens: MaxTokensOpt = None,
     top_k: TopKOpt = None,
     min_relevance: MinRelevanceOpt = None,
+    min_similarity: MinSimilarityOpt = None,
     refuse: RefuseOpt = None,
     refusal: RefusalOpt = None,
 ) -> None:
@@ -919,7 +989,7 @@ def assistants_create(
         "name": name,
         **_assistant_fields(adapter, system, system_file, display_name, description, temperature, top_p, max_tokens),
     }
-    kn = _knowledge_fields(top_k, min_relevance, refuse, refusal)
+    kn = _knowledge_fields(top_k, min_relevance, min_similarity, refuse, refusal)
     base = knowledge_base or (name if knowledge else None)
     if base is None and kn:
         raise UserError("--top-k, --min-relevance, --refuse and --refusal need --knowledge or --knowledge-base")
@@ -952,6 +1022,7 @@ def assistants_edit(
     max_tokens: MaxTokensOpt = None,
     top_k: TopKOpt = None,
     min_relevance: MinRelevanceOpt = None,
+    min_similarity: MinSimilarityOpt = None,
     refuse: RefuseOpt = None,
     refusal: RefusalOpt = None,
 ) -> None:
@@ -965,7 +1036,7 @@ def assistants_edit(
         if adapter:
             raise UserError("give --adapter or --no-adapters, not both")
         fields["adapters"] = []
-    kn = _knowledge_fields(top_k, min_relevance, refuse, refusal)
+    kn = _knowledge_fields(top_k, min_relevance, min_similarity, refuse, refusal)
     base = knowledge_base or (current.knowledge.base if current.knowledge else None) or (name if knowledge else None)
     if no_knowledge:
         if knowledge or knowledge_base or kn:

@@ -163,6 +163,8 @@ def create_app(engine: Engine, gateway: Gateway | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # jieba's dictionary and IDF table take ~2 s to load: before the first question, not during it
+        await asyncio.to_thread(searcher.warm, _knowledge_bases())
         yield
         await asyncio.to_thread(engine.close, 5.0)  # finish in-flight work, abort what is left
         await gw.aclose()  # after the engine: the last streams' log rows are written too
@@ -470,6 +472,18 @@ def _model_list(engine: Engine, created: int, gw: Gateway) -> list[dict[str, Any
     return data
 
 
+def _knowledge_bases() -> list[str]:
+    bases = set()
+    for name in assistants.names():
+        try:
+            found = assistants.find(name)
+        except UserError:
+            continue  # reported when it is used
+        if found is not None and found.knowledge is not None:
+            bases.add(found.knowledge.base)
+    return sorted(bases)
+
+
 def _assistant(model: str) -> assistants.Assistant | None:
     try:
         return assistants.find(model)
@@ -551,6 +565,7 @@ async def _complete(
         )
     assistant = await asyncio.to_thread(_assistant, req.model)
     prepared: retrieval.Prepared | None = None
+    headers: dict[str, str] = {}
     if assistant is not None:
         if not chat:
             raise APIError(400, f"{req.model!r} is an assistant: use /v1/chat/completions", param="model")
@@ -562,7 +577,14 @@ async def _complete(
             return len(engine.encode(msgs)) + reserve <= engine.max_model_len
 
         try:
+            t_retrieval = time.perf_counter()
             prepared = await asyncio.to_thread(retrieval.prepare, assistant, prompt, searcher, True, fits)
+            if assistant.knowledge is not None:
+                took = time.perf_counter() - t_retrieval
+                gw.metrics.retrieval.labels(req.model).observe(took)
+                # for clients and benchmarks: what retrieval added to this request, before any token
+                headers["X-Retrieval-Ms"] = f"{took * 1e3:.2f}"
+
         except UserError as e:
             raise _misconfigured(req.model, e) from None
         prompt = prepared.messages
@@ -633,7 +655,7 @@ async def _complete(
         call.finish_reason = results[0][1]
         call.answers = texts
         call.close(200)
-        return {
+        body = {
             "id": rid,
             "object": kind,
             "created": created,
@@ -642,6 +664,7 @@ async def _complete(
             "usage": _usage(len(prompt_ids), call.completion_tokens),
             "system_fingerprint": f"loraplex-{engine.base.id}",
         }
+        return JSONResponse(body, headers=headers) if headers else body
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     chunk_kind = "chat.completion.chunk" if chat else "text_completion"
@@ -734,7 +757,7 @@ async def _complete(
             call.answers = ["".join(t) for t in texts]
             call.close(status, code)
 
-    return EventSourceResponse(events(), sep="\n", ping=15)
+    return EventSourceResponse(events(), sep="\n", ping=15, headers=headers)
 
 
 async def _proxy(

@@ -18,6 +18,7 @@ WAL mode sees a re-ingest at once). This module does not generate text.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.assistants.store import Assistant
+from loraplex.errors import UserError
 from loraplex.knowledge.relevance import CJK
 from loraplex.knowledge.store import Hit, KnowledgeBase
 
+log = logging.getLogger(__name__)
 REFUSAL = {
     "zh": "抱歉，知识库中没有与这个问题相关的内容，我不知道答案。",
     "en": "I don't know: nothing in my knowledge base answers this question.",
@@ -50,8 +53,9 @@ class Source:
     document: str  # the file's name
     chunk: int  # which chunk of that file
     text: str
-    score: float  # BM25
+    score: float  # BM25 (0: found by vectors alone)
     relevance: float
+    similarity: float | None  # cosine, when the knowledge base has vectors
 
     def json(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,14 +80,27 @@ class Searcher:
         self._open: dict[str, tuple[KnowledgeBase, threading.Lock]] = {}
         self._lock = threading.Lock()
 
-    def search(self, base: str, question: str, k: int, min_relevance: float) -> list[Hit]:
+    def search(
+        self, base: str, question: str, k: int, min_relevance: float, min_similarity: float | None = None
+    ) -> list[Hit]:
         with self._lock:
             entry = self._open.get(base)
             if entry is None:
                 entry = self._open[base] = (KnowledgeBase(base, shared=True), threading.Lock())
         kb, lock = entry
         with lock:
-            return kb.search(question, k, min_relevance)
+            return kb.search(question, k, min_relevance, min_similarity)
+
+    def warm(self, bases: list[str]) -> None:
+        """Open these knowledge bases and load the word segmenter and IDF table now."""
+        from loraplex.knowledge.relevance import weight
+
+        weight("预热")
+        for base in bases:
+            try:
+                self.search(base, "预热 warm up", 1, 1.0)
+            except UserError as e:  # a missing base is reported to the requests that need it
+                log.warning("knowledge base %s: %s", base, e)
 
     def close(self) -> None:
         with self._lock:
@@ -116,14 +133,22 @@ def prepare(
     if kn is None or not retrieval or last is None:
         return Prepared(msgs, [])
     question = msgs[last]["content"]
-    hits = searcher.search(kn.base, question, kn.top_k, kn.min_relevance)
+    hits = searcher.search(kn.base, question, kn.top_k, kn.min_relevance, kn.min_similarity)
     lang = language(question)
     if not hits:
         if kn.when_nothing_found == "refuse":
             return Prepared(msgs, [], kn.refusal or REFUSAL[lang], question)
         return Prepared(msgs, [], None, question)
     sources = [
-        Source(i, Path(h.source).name, h.ord, h.text, round(h.score, 4), round(h.relevance, 4))
+        Source(
+            i,
+            Path(h.source).name,
+            h.ord,
+            h.text,
+            round(h.score, 4),
+            round(h.relevance, 4),
+            None if h.similarity is None else round(h.similarity, 4),
+        )
         for i, h in enumerate(hits, 1)
     ]
     while sources:

@@ -63,6 +63,9 @@ class Knowledge(BaseModel):
     min_relevance: float = Field(
         0.3, ge=0, le=1, description="passages covering less of the question than this are not used"
     )
+    min_similarity: float = Field(
+        0.5, ge=-1, le=1, description="with vectors: a passage this similar (cosine) is used whatever its words"
+    )
     when_nothing_found: Literal["answer", "refuse"] = Field(
         "answer",
         description="answer: without passages, from the model alone; refuse: say 'I don't know' "

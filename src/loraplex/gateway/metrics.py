@@ -11,6 +11,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+RETRIEVAL_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 
 
@@ -34,6 +35,13 @@ class Metrics:
         )
         self.latency = Histogram(
             "loraplex_request_latency_seconds", "Request latency", ["model"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.retrieval = Histogram(
+            "loraplex_retrieval_seconds",
+            "An assistant's knowledge-base search and prompt building, per request",
+            ["model"],
+            buckets=RETRIEVAL_BUCKETS,
+            registry=r,
         )
         self.rejected = Counter(
             "loraplex_rejected", "Requests refused by overload or rate limits", ["reason"], registry=r
