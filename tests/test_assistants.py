@@ -283,3 +283,23 @@ def test_retrieval_time_is_reported_per_request_and_in_metrics(env: Env) -> None
         line for line in metrics.splitlines() if line.startswith('loraplex_retrieval_seconds_count{model="hr-helper"}')
     )
     assert float(count.split()[-1]) >= 1
+
+
+def test_terminal_chat_with_an_assistant(env: Env) -> None:
+    """`loraplex chat --assistant` in a real subprocess: retrieval, sources, and the refusal."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "loraplex.cli", "chat", "--assistant", "strict", "--max-new-tokens", "4"],
+        input="What is the capital of France?\n国庆节哪天补班？\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    answers = [line.split("strict> ", 1)[1] for line in proc.stdout.splitlines() if "strict> " in line]
+    assert answers[0] == retrieval.REFUSAL["en"] and len(answers) == 2
+    assert "[1] holidays-2026.md #1" in proc.stderr
+    composed = runner.invoke(app, ["chat", "--assistant", "hr-helper"])
+    assert composed.exit_code != 0 and "loraplex serve" in str(composed.exception)

@@ -306,16 +306,33 @@ def plan(
 @app.command()
 def chat(
     adapter: Annotated[str | None, typer.Option(help="NAME or NAME@vN; omit for the base model.")] = None,
+    assistant: Annotated[
+        str | None, typer.Option(help="Chat with an assistant: its adapter, prompt, defaults and knowledge base.")
+    ] = None,
     base: Annotated[str | None, typer.Option(help="Base model (default: the adapter's, else smollm2-135m).")] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
-    max_new_tokens: Annotated[int, typer.Option()] = 256,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy (default: the assistant's, else 0).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Default: the assistant's, else 256.")] = None,
 ) -> None:
     """Chat in the terminal (streaming, multi-turn). /reset clears the history, /exit quits."""
+    from loraplex.assistants import retrieval
+    from loraplex.assistants import store as assistants
     from loraplex.engine.local import LocalModel
 
+    a = assistants.get(assistant) if assistant else None
+    if a is not None:
+        if adapter:
+            raise UserError("give --adapter or --assistant, not both")
+        if len(a.adapters) > 1 or (a.adapters and a.adapters[0].weight != 1.0):
+            raise UserError(
+                f"assistant {a.name!r} composes adapters ({a.model}): chat with it through `loraplex serve`"
+            )
+        adapter = a.adapters[0].ref if a.adapters else None
+        temperature = a.sampling.temperature if temperature is None else temperature
+        max_new_tokens = a.sampling.max_tokens if max_new_tokens is None else max_new_tokens
     lm = LocalModel(base, adapter)
-    label = lm.adapter.id if lm.adapter else lm.base.id
+    searcher = retrieval.Searcher()
+    label = a.name if a else lm.adapter.id if lm.adapter else lm.base.id
     err.print(f"chatting with [bold]{label}[/]  (/reset clears history, /exit or Ctrl-D quits)")
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     while True:
@@ -333,12 +350,19 @@ def chat(
             continue
         history.append({"role": "user", "content": line})
         sys.stdout.write(f"{label}> ")
+        prepared = retrieval.prepare(a, history, searcher) if a else retrieval.Prepared(history, [])
+        if prepared.refusal is not None:
+            print(prepared.refusal)
+            history.append({"role": "assistant", "content": prepared.refusal})
+            continue
         parts = []
-        for piece in lm.stream(history, max_new_tokens=max_new_tokens, temperature=temperature):
+        for piece in lm.stream(prepared.messages, max_new_tokens=max_new_tokens or 256, temperature=temperature or 0.0):
             sys.stdout.write(piece)
             sys.stdout.flush()
             parts.append(piece)
         sys.stdout.write("\n")
+        for src in prepared.sources:
+            err.print(f"  [{src.index}] {src.document} #{src.chunk + 1}", style="dim", highlight=False, markup=False)
         history.append({"role": "assistant", "content": "".join(parts).strip()})
 
 
