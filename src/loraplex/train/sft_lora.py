@@ -48,6 +48,7 @@ from loraplex.errors import UserError
 from loraplex.models.device import bf16_is_faster, pick_device
 from loraplex.models.load import BaseRef, eos_token_ids, load_model, load_tokenizer, resolve_base
 from loraplex.paths import home
+from loraplex.train import distributed
 
 
 @dataclass
@@ -308,8 +309,17 @@ def run(
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     device = pick_device(cfg.train.device)
-    dtype = pick_precision(cfg.train.precision, device)
+    world = distributed.init(device)
+    if not world.main:
+        console = Console(stderr=True, quiet=True)  # one process reports
+    if world.size > 1 and device == "cuda":
+        device = f"cuda:{world.local_rank}"
+    dtype = pick_precision(cfg.train.precision, device.split(":")[0])
+    if not world.main:
+        world.barrier()  # rank 0 converts a GGUF base once, the others then read the cache
     base = resolve_base(cfg.base)
+    if world.main:
+        world.barrier()
     tok = load_tokenizer(base)
 
     conversations, fmt = read_data(cfg, cfg.data.path)
@@ -373,7 +383,7 @@ def run(
         weight_decay=tc.weight_decay,
         betas=(0.9, 0.999),
         eps=1e-8,
-        fused=device in ("cpu", "cuda"),
+        fused=device.split(":")[0] in ("cpu", "cuda"),
     )
     per_step = tc.batch_size * tc.gradient_accumulation
     steps_per_epoch = max(1, math.ceil(len(train_ex) / per_step))
@@ -391,19 +401,23 @@ def run(
         state = load_checkpoint(ckpt, model, opt)
         start_step, best_eval, bad_evals = state["step"], state["best_eval"], state["bad_evals"]
         console.print(f"resuming {cfg.name} from {ckpt.name} ({start_step}/{total_steps} steps done)")
-    elif run_dir.exists() and resume == "never":
+    elif run_dir.exists() and resume == "never" and world.main:
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2, ensure_ascii=False))
-    if eval_convs:
-        write_eval_split(run_dir / "eval_split.jsonl", eval_convs)
+    world.barrier()  # every process has read the checkpoint before rank 0 writes anything
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2, ensure_ascii=False))
+        if eval_convs:
+            write_eval_split(run_dir / "eval_split.jsonl", eval_convs)
 
     from torch.utils.tensorboard import SummaryWriter
 
-    tb = SummaryWriter(str(run_dir / "tensorboard"))
-    metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed below
+    tb = SummaryWriter(str(run_dir / "tensorboard")) if world.main else None
+    metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if world.main else None  # noqa: SIM115
 
     def log(record: dict[str, Any]) -> None:
+        if metrics_file is None or tb is None:
+            return
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
         for k, v in record.items():
@@ -412,7 +426,9 @@ def run(
 
     def autocast() -> Any:
         return torch.autocast(
-            device_type=device if device != "mps" else "cpu", dtype=dtype, enabled=dtype != torch.float32
+            device_type=device.split(":")[0] if device != "mps" else "cpu",
+            dtype=dtype,
+            enabled=dtype != torch.float32,
         )
 
     def evaluate() -> float | None:
@@ -436,7 +452,9 @@ def run(
     console.print(
         f"training [bold]{cfg.name}[/] on {base.id}: {len(train_ex)} examples ({stats.label_tokens} answer tokens) "
         f"{'packed' if cfg.data.packing else 'padded'}, {total_steps} steps, "
-        f"{device} {str(dtype).removeprefix('torch.')}, "
+        f"{device} {str(dtype).removeprefix('torch.')}"
+        + (f" x {world.size} processes" if world.size > 1 else "")
+        + ", "
         f"trainable {trainable:,} / {total_params:,} params ({100 * trainable / total_params:.2f}%)"
     )
 
@@ -485,12 +503,14 @@ def run(
                 n_total = sum(int((c["labels"][:, 1:] != IGNORE).sum()) for c in collated)
                 tokens_seen += sum(len(ex.input_ids) for b in group for ex in b)  # real tokens, no padding
                 step_loss = 0.0
-                for c in collated:
+                for c in collated[world.rank :: world.size]:  # this process's share (all of it alone)
                     c = {k: v.to(device) for k, v in c.items()}
                     with autocast():
                         s, _ = loss_sum(model, c)
                     (s / n_total).backward()
                     step_loss += float(s.detach())
+                world.sum_grads(params)
+                step_loss = world.sum(step_loss)
                 torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -541,7 +561,7 @@ def run(
                                 f"early stopping at step {step}: {what} has not improved "
                                 f"for {bad_evals} evaluations (best {abs(best_eval):.4f})"
                             )
-                if step % tc.save_steps == 0 and step < total_steps:
+                if step % tc.save_steps == 0 and step < total_steps and world.main:
                     save_checkpoint(
                         ckpt_root,
                         step,
@@ -554,6 +574,10 @@ def run(
                     on_step(step, loss_value, model)
     except KeyboardInterrupt:
         interrupted = True
+        # every process holds the same state after an optimizer step; rank 0's copy is the one kept
+        if not world.main:
+            world.close()
+            return TrainResult(None, run_dir, step, train_loss, eval_loss, interrupted=True)
         path = save_checkpoint(
             ckpt_root, step, model, opt, {"best_eval": best_eval, "bad_evals": bad_evals}, tc.save_total_limit
         )
@@ -563,9 +587,11 @@ def run(
         )
     finally:
         signal.signal(signal.SIGINT, prev_sigint)
-        metrics_file.close()
-        tb.close()
+        if metrics_file is not None and tb is not None:
+            metrics_file.close()
+            tb.close()
     if interrupted:
+        world.close()
         return TrainResult(None, run_dir, step, train_loss, eval_loss, interrupted=True)
 
     if eval_ex and eval_loss is None:
@@ -573,7 +599,7 @@ def run(
     wall = time.time() - t_start
     loop_time = time.time() - t_loop
     ref = None
-    if register:
+    if register and world.main:
         ref = _register(
             cfg,
             model,
@@ -611,6 +637,7 @@ def run(
         + f", {tokens_seen / max(loop_time, 1e-9):,.0f} tok/s, trainable {trainable:,} "
         f"({100 * trainable / total_params:.2f}%)" + (f" -> [bold]{ref.id}[/]" if ref else "")
     )
+    world.close()
     return TrainResult(ref, run_dir, step, train_loss, eval_loss)
 
 

@@ -1,0 +1,113 @@
+"""Data-parallel training with `torchrun` (2 CPU processes, gloo) on the tiny model: the same
+losses and weights as one process with the same global batch, one writer, and a run interrupted
+on one process resumes on two."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from loraplex.adapters import registry
+from loraplex.config import load_config
+from loraplex.train.sft_lora import run
+
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun (installed with torch) not found")
+
+SETTINGS = {
+    "batch_size": 1,
+    "gradient_accumulation": 4,  # 4 micro-batches per step: 2 on each process
+    "max_steps": 4,
+    "learning_rate": 1e-2,
+    "warmup_ratio": 0.0,
+    "precision": "fp32",
+    "logging_steps": 1,
+    "save_steps": 2,
+}
+
+
+def overrides(name: str, base: Path, data: Path) -> list[str]:
+    sets = [f"train.{k}={v}" for k, v in SETTINGS.items()] + ["data.eval_ratio=0"]
+    return ["--name", name, "--base", str(base), "--data", str(data), *[a for s in sets for a in ("--set", s)]]
+
+
+def torchrun(args: list[str], home: Path) -> subprocess.CompletedProcess[str]:
+    assert TORCHRUN is not None
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "loraplex.cli", "train", *args]
+    env = {**os.environ, "LORAPLEX_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def weights(ref: str) -> dict:
+    return load_file(str(registry.resolve(ref).path / "adapter_model.safetensors"))
+
+
+def close(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(float((a[k] - b[k]).abs().max()) < 1e-5 for k in a)
+
+
+def test_two_processes_match_one_and_only_rank_0_writes(lp_home: Path, tiny_base: Path, facts_file: Path) -> None:
+    one = run(
+        load_config(
+            extra={
+                "name": "one",
+                "base": str(tiny_base),
+                "data": {"path": str(facts_file), "eval_ratio": 0},
+                "train": SETTINGS,
+            }
+        )
+    )
+    assert one.adapter is not None
+    r = torchrun(overrides("two", tiny_base, facts_file), lp_home)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "x 2 processes" in r.stderr and r.stderr.count("training two") == 1  # one process reports
+    two = registry.resolve("two")
+    assert registry.list_names() == [("one", [1]), ("two", [1])]  # registered once
+    run_dir = Path(two.manifest()["run_dir"])
+    assert losses(run_dir) == pytest.approx(losses(one.run_dir), rel=1e-5)  # one metrics line per step
+    assert close(weights("one@v1"), weights("two@v1"))
+
+
+def test_a_run_interrupted_on_one_process_resumes_on_two(lp_home: Path, tiny_base: Path, facts_file: Path) -> None:
+    cfg = load_config(
+        extra={
+            "name": "mixed",
+            "base": str(tiny_base),
+            "data": {"path": str(facts_file), "eval_ratio": 0},
+            "train": SETTINGS,
+        }
+    )
+
+    def stop(step: int, loss: float, model: object) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    first = run(cfg, on_step=stop)
+    assert first.interrupted and first.steps == 2
+    r = torchrun(overrides("mixed", tiny_base, facts_file), lp_home)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming mixed from step-2" in r.stderr or "(2/4 steps done)" in r.stderr, r.stderr[-2000:]
+    straight = run(
+        load_config(
+            extra={
+                "name": "straight",
+                "base": str(tiny_base),
+                "data": {"path": str(facts_file), "eval_ratio": 0},
+                "train": SETTINGS,
+            }
+        )
+    )
+    assert straight.adapter is not None
+    assert close(weights("mixed@v1"), weights("straight@v1"))
