@@ -215,3 +215,33 @@ def test_full_disk_during_registration_leaves_no_partial_version(
     assert registry.versions("tiny") == [1]
     leftovers = [p.name for p in (registry.store_root() / "tiny").iterdir()]
     assert leftovers == ["v1"]
+
+
+def test_gradient_checkpointing_trains_the_same(
+    lp_home: Path, tiny_base: Path, facts_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recomputing activations in backward changes memory, not the maths: same losses, same weights."""
+    import transformers.modeling_utils
+    from safetensors.torch import load_file
+
+    plain = run(tiny_cfg(tiny_base, facts_file, max_steps=3, logging_steps=1))
+    calls = []
+    real = transformers.modeling_utils.checkpoint  # what transformers wraps each layer's forward in
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(kwargs.get("use_reentrant"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counted)
+    cfg = tiny_cfg(tiny_base, facts_file, max_steps=3, logging_steps=1, gradient_checkpointing=True)
+    ckpt = run(cfg.model_copy(update={"name": "tiny-gc"}))
+    assert calls and set(calls) == {False}  # the layers really were checkpointed, non-reentrant
+
+    def losses(run_dir: Path) -> list[float]:
+        return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    assert losses(ckpt.run_dir) == pytest.approx(losses(plain.run_dir), rel=1e-5)
+    assert plain.adapter is not None and ckpt.adapter is not None
+    a = load_file(str(plain.adapter.path / "adapter_model.safetensors"))
+    b = load_file(str(ckpt.adapter.path / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(float((a[k] - b[k]).abs().max()) < 1e-5 for k in a)

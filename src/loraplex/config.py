@@ -88,6 +88,8 @@ class TrainingConfig(_Strict):
     """AdamW weight decay on the LoRA weights."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping norm."""
+    gradient_checkpointing: bool = False
+    """Recompute layer activations in backward: far less activation memory, about a third more compute."""
     seed: int = 42
     """Seed for data order, dropout and initialisation."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

@@ -373,6 +373,14 @@ def run(
         for m in model.modules():
             if hasattr(m, "cast_input_dtype_enabled"):
                 m.cast_input_dtype_enabled = False
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant checkpointing: gradients reach the LoRA weights without the input
+        # embeddings having to require grad (the reentrant kind needs that hack under PEFT).
+        inner = model.get_base_model()
+        if hasattr(inner, "activation_checkpointing_enable"):  # transformers 5's name for it
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total_params = model.get_nb_trainable_parameters()
     params = [p for p in model.parameters() if p.requires_grad]
     tc = cfg.train
