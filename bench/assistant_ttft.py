@@ -40,6 +40,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from knowledge_search import corpus  # noqa: E402
+from serve_throughput import ServerProcess  # noqa: E402
 
 
 def ttft(url: str, model: str, messages: list[dict[str, str]]) -> dict[str, float]:
@@ -121,7 +122,7 @@ def main() -> None:
         prepared.append(retrieval.prepare(kb_assistant, [{"role": "user", "content": q}], searcher))
         t_prepare.append(time.perf_counter() - t)
 
-    server = Serve(home)
+    server = ServerProcess(home, [], ["--max-batch", "4", "--threads", "2"])
     try:
         ask = [{"role": "user", "content": "你好"}]
         for model in ("kb", "plain", "kb", "plain"):  # warm up both paths (jieba, the model, the page cache)
@@ -175,37 +176,6 @@ def main() -> None:
         f"{(statistics.median(b) - statistics.median(c)) * 1e3:.0f} ms of prefill"
     )
     print(f"target: retrieval adds < 20 ms p50 at 10,000 chunks: {'met' if inside < 20 else 'NOT met'}")
-
-
-class Serve:
-    """`loraplex serve` (the default base, no adapters needed) in its own process on loopback."""
-
-    def __init__(self, home: Path):
-        import socket
-        import subprocess
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "loraplex.cli", "serve", "--port", str(port), "--max-batch", "4", "--threads", "2"]
-        self.proc = subprocess.Popen(cmd, env={**os.environ, "LORAPLEX_HOME": str(home)})
-        deadline = time.time() + 300
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"loraplex serve exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("loraplex serve did not become ready in 300 s")
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
 
 
 if __name__ == "__main__":

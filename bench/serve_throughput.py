@@ -228,11 +228,8 @@ class ServerProcess:
             str(port),
             "--max-batch",
             "16",
-            "--max-loaded-adapters",
-            str(len(adapters)),
-            "--adapters",
-            ",".join(adapters),
-            *(extra or []),
+            *(["--max-loaded-adapters", str(len(adapters)), "--adapters", ",".join(adapters)] if adapters else []),
+            *(extra or []),  # later options win: extra may override --max-batch
         ]
         self.proc = subprocess.Popen(cmd, env={**os.environ, "LORAPLEX_HOME": str(home)})
         deadline = time.time() + 300

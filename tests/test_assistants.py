@@ -101,7 +101,7 @@ def test_cli_makes_shows_edits_and_refuses_bad_assistants(env: Env) -> None:
     assert "--adapter 'hr:lots'" in fails("assistants", "create", "x2", "--adapter", "hr:lots")
     assert "not both" in fails("assistants", "create", "x3", "--system", "a", "--system-file", "b")
     assert "no knowledge base" in fails("assistants", "create", "x4", "--knowledge-base", "nope")
-    assert "need --knowledge" in fails("assistants", "create", "x5", "--refuse")
+    assert "need a knowledge base" in fails("assistants", "create", "x5", "--refuse")
     assert "sampling.temperature" in fails("assistants", "create", "x6", "--temperature", "9")
     assert not any((env.home / "assistants").glob("x*.yaml"))  # nothing half-made
 

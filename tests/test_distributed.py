@@ -15,7 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from loraplex.adapters import registry
-from loraplex.config import load_config
+from loraplex.config import TrainConfig, load_config
 from loraplex.train.sft_lora import run
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
@@ -31,6 +31,12 @@ SETTINGS = {
     "logging_steps": 1,
     "save_steps": 2,
 }
+
+
+def config(name: str, base: Path, data: Path) -> TrainConfig:
+    return load_config(
+        extra={"name": name, "base": str(base), "data": {"path": str(data), "eval_ratio": 0}, "train": SETTINGS}
+    )
 
 
 def overrides(name: str, base: Path, data: Path) -> list[str]:
@@ -59,16 +65,7 @@ def close(a: dict, b: dict) -> bool:
 
 
 def test_two_processes_match_one_and_only_rank_0_writes(lp_home: Path, tiny_base: Path, facts_file: Path) -> None:
-    one = run(
-        load_config(
-            extra={
-                "name": "one",
-                "base": str(tiny_base),
-                "data": {"path": str(facts_file), "eval_ratio": 0},
-                "train": SETTINGS,
-            }
-        )
-    )
+    one = run(config("one", tiny_base, facts_file))
     assert one.adapter is not None
     r = torchrun(overrides("two", tiny_base, facts_file), lp_home)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -81,14 +78,7 @@ def test_two_processes_match_one_and_only_rank_0_writes(lp_home: Path, tiny_base
 
 
 def test_a_run_interrupted_on_one_process_resumes_on_two(lp_home: Path, tiny_base: Path, facts_file: Path) -> None:
-    cfg = load_config(
-        extra={
-            "name": "mixed",
-            "base": str(tiny_base),
-            "data": {"path": str(facts_file), "eval_ratio": 0},
-            "train": SETTINGS,
-        }
-    )
+    cfg = config("mixed", tiny_base, facts_file)
 
     def stop(step: int, loss: float, model: object) -> None:
         if step == 2:
@@ -99,15 +89,6 @@ def test_a_run_interrupted_on_one_process_resumes_on_two(lp_home: Path, tiny_bas
     r = torchrun(overrides("mixed", tiny_base, facts_file), lp_home)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming mixed from step-2" in r.stderr or "(2/4 steps done)" in r.stderr, r.stderr[-2000:]
-    straight = run(
-        load_config(
-            extra={
-                "name": "straight",
-                "base": str(tiny_base),
-                "data": {"path": str(facts_file), "eval_ratio": 0},
-                "train": SETTINGS,
-            }
-        )
-    )
+    straight = run(config("straight", tiny_base, facts_file))
     assert straight.adapter is not None
     assert close(weights("mixed@v1"), weights("straight@v1"))

@@ -1016,7 +1016,7 @@ def assistants_create(
     kn = _knowledge_fields(top_k, min_relevance, min_similarity, refuse, refusal)
     base = knowledge_base or (name if knowledge else None)
     if base is None and kn:
-        raise UserError("--top-k, --min-relevance, --refuse and --refusal need --knowledge or --knowledge-base")
+        raise UserError("--top-k, --min-relevance, --min-similarity, --refuse and --refusal need a knowledge base")
     if base is not None:
         fields["knowledge"] = {"base": base, **kn}
     assistant = store.build(fields)

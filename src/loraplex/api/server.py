@@ -573,8 +573,11 @@ async def _complete(
         # room for the answer: what the request asks for, else a quarter of the context (at most 256)
         reserve = max_tokens or min(256, engine.max_model_len // 4)
 
+        fitted: list[Any] = [None, None]  # the last prompt measured and its ids, so it is not encoded twice
+
         def fits(msgs: list[dict[str, str]]) -> bool:
-            return len(engine.encode(msgs)) + reserve <= engine.max_model_len
+            fitted[:] = [msgs, engine.encode(msgs)]
+            return len(fitted[1]) + reserve <= engine.max_model_len
 
         try:
             t_retrieval = time.perf_counter()
@@ -607,7 +610,10 @@ async def _complete(
             except UserError as e:
                 raise _misconfigured(req.model, e) from None
             served = assistant.name
-        prompt_ids = await asyncio.to_thread(engine.encode, prompt)
+        if prepared is not None and prepared.messages is fitted[0]:
+            prompt_ids = fitted[1]
+        else:
+            prompt_ids = await asyncio.to_thread(engine.encode, prompt)
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", param="prompt")
         if any(not 0 <= t < engine.model.config.vocab_size for t in prompt_ids):

@@ -96,8 +96,7 @@ def evaluate_assistant(
     retrieval_rows: list[dict[str, Any]] = []
     ranks: list[int | None] = []
     for ex in examples:
-        question = next((m["content"] for m in reversed(ex.prompt) if m["role"] == "user"), "")
-        ranked = searcher.search(kn.base, question, k, 0.0)  # the ranking alone, before the threshold
+        ranked = searcher.search(kn.base, ex.question, k, 0.0)  # the ranking alone, before the threshold
         rank = next((i for i, h in enumerate(ranked, 1) if is_gold(h.text, ex)), None)
         ranks.append(rank)
         retrieval_rows.append(
@@ -149,11 +148,10 @@ def evaluate_assistant(
         for ans in (x, y):
             sc = metrics.score(ans["text"], ex.reference, list(ex.keywords), ans["finish_reason"] == "stop")
             ans["scores"] = {**asdict(sc), "score": sc.score}
-        question = next((m["content"] for m in reversed(ex.prompt) if m["role"] == "user"), "")
         rows.append(
             {
                 "source": ex.source,
-                "question": question,
+                "question": ex.question,
                 "reference": ex.reference,
                 "keywords": list(ex.keywords),
                 "retrieval": r | {"used": [s.json() for s in p.sources]},

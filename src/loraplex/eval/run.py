@@ -45,6 +45,11 @@ class EvalExample:
     reference: str
     keywords: tuple[str, ...]
 
+    @property
+    def question(self) -> str:
+        """The last user message: what is asked (and, for an assistant, what is searched)."""
+        return next((m["content"] for m in reversed(self.prompt) if m["role"] == "user"), "")
+
 
 def read_examples(path: Path, keywords: tuple[str, ...] = ()) -> list[EvalExample]:
     """Every record as (prompt, reference); any record without a usable reference is an error."""
@@ -239,11 +244,10 @@ def evaluate(
         diff = a["scores"]["score"] - b["scores"]["score"]
         change = "improved" if diff > CHANGE_MARGIN else "regressed" if diff < -CHANGE_MARGIN else "unchanged"
         counts[change] += 1
-        question = next((m["content"] for m in reversed(ex.prompt) if m["role"] == "user"), "")
         rows.append(
             {
                 "source": ex.source,
-                "question": question,
+                "question": ex.question,
                 "reference": ex.reference,
                 "keywords": list(ex.keywords),
                 "adapter": a,
