@@ -538,6 +538,26 @@ def serve(
     max_queue: Annotated[
         int, typer.Option(min=0, help="Requests that may wait beyond the running batch; more get 503.")
     ] = 64,
+    engine_kind: Annotated[
+        str, typer.Option("--engine", help="builtin (this process) or vllm (a vLLM server behind this one).")
+    ] = "builtin",
+    engine_url: Annotated[
+        str | None,
+        typer.Option(help="With --engine vllm: use the vLLM server at this /v1 URL instead of starting one."),
+    ] = None,
+    engine_port: Annotated[
+        int | None, typer.Option(help="With --engine vllm: vLLM's port (default: a free one).")
+    ] = None,
+    tensor_parallel_size: Annotated[int, typer.Option(min=1, help="With --engine vllm: GPUs per model.")] = 1,
+    max_lora_rank: Annotated[
+        int | None, typer.Option(help="With --engine vllm: largest adapter rank (default: fits the store's).")
+    ] = None,
+    vllm_arg: Annotated[
+        list[str] | None, typer.Option(help="With --engine vllm: one more vLLM argument (repeatable).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="With --engine vllm: print the vLLM command and exit.")
+    ] = False,
 ) -> None:
     """Serve the base model and its adapters behind an OpenAI-compatible API."""
     from loraplex.adapters import registry
@@ -553,31 +573,132 @@ def serve(
     names = [a.strip() for a in adapters.split(",") if a.strip()] if adapters else None
     for name in names or []:
         registry.resolve(name)  # fail now, with the store's message, not at the first request
-    engine = Engine(
-        base,
-        max_batch=max_batch,
-        max_loaded_adapters=max_loaded_adapters,
-        max_model_len=max_model_len,
-        device=device,
-        dtype=dtype,
-        adapters=names,
-        threads=threads,
-    )
-    for name in (p.strip() for p in (pin or "").split(",") if p.strip()):
-        engine.load_adapter(name, pin=True)
+    pins = [p.strip() for p in (pin or "").split(",") if p.strip()]
     served = ", ".join(names) if names else "every adapter in the store"
+    if engine_kind not in ("builtin", "vllm"):
+        raise UserError(f"--engine {engine_kind!r}: use builtin or vllm")
+    engine: Any
+    if engine_kind == "vllm" or engine_url:
+        engine = _vllm_engine(
+            base, names, pins, engine_url, engine_port, max_batch, max_loaded_adapters, max_model_len,
+            tensor_parallel_size, max_lora_rank, dtype, vllm_arg or [], dry_run,
+        )  # fmt: skip
+        if engine is None:
+            return
+        where = f"vLLM at {engine.url}"
+    else:
+        engine = Engine(
+            base,
+            max_batch=max_batch,
+            max_loaded_adapters=max_loaded_adapters,
+            max_model_len=max_model_len,
+            device=device,
+            dtype=dtype,
+            adapters=names,
+            threads=threads,
+        )
+        for name in pins:
+            engine.load_adapter(name, pin=True)
+        where = f"{engine.device} {str(engine.dtype).removeprefix('torch.')}"
     gateway = Gateway(
         auth=auth, config=serve_config, log_text=log_text, max_pending=max_batch + max_queue, engine=engine
     )
-    err.print(
-        f"serving [bold]{engine.base.id}[/] ({engine.device} {str(engine.dtype).removeprefix('torch.')}) "
-        f"with {served} at http://{host}:{port}/v1"
-    )
+    err.print(f"serving [bold]{engine.base.id}[/] ({where}) with {served} at http://{host}:{port}/v1")
     if gateway.auth:
         err.print("API keys required (loraplex keys list)")
     elif host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]warning:[/] no API keys: anyone who reaches {host}:{port} can use every model")
-    run(engine, host, port, shutdown_timeout, gateway)
+    try:
+        run(engine, host, port, shutdown_timeout, gateway)
+    finally:
+        if getattr(engine, "process", None) is not None:
+            engine.process.stop()  # also when uvicorn never started (a port in use): no orphaned vLLM
+
+
+def _vllm_engine(
+    base: str | None,
+    names: list[str] | None,
+    pins: list[str],
+    url: str | None,
+    port: int | None,
+    max_batch: int,
+    max_loaded_adapters: int,
+    max_model_len: int | None,
+    tensor_parallel_size: int,
+    max_lora_rank: int | None,
+    dtype: str,
+    extra: list[str],
+    dry_run: bool,
+) -> Any:
+    """The front door's engine for `--engine vllm`: vLLM started here (or found at `url`) behind a RemoteEngine."""
+    import os
+    import socket
+
+    from loraplex.adapters import registry
+    from loraplex.engine import vllm_process
+    from loraplex.engine.remote import RemoteEngine
+    from loraplex.models.load import resolve_base
+    from loraplex.paths import home
+
+    base_ref = resolve_base(base)
+    api_key = os.environ.get("LORAPLEX_ENGINE_API_KEY")
+    if url:
+        if dry_run:
+            raise UserError("--dry-run prints the vLLM command this would start; with --engine-url none is started")
+        return RemoteEngine(
+            url, base_ref, adapters=names, pin=pins, max_model_len=max_model_len, max_batch=max_batch, api_key=api_key
+        )
+    # start with what the registry points at: each served adapter's latest version and alias targets
+    refs, aliases = [], registry.all_aliases()
+    for name, versions in registry.list_names():
+        if names is not None and name not in {n.partition("@")[0] for n in names}:
+            continue
+        for v in sorted({versions[-1], *aliases.get(name, {}).values()} & set(versions)):
+            ref = registry.AdapterRef(name, v, registry.store_root() / name / f"v{v}")
+            problems = vllm_process.check_layout(ref)
+            if problems and names is not None:
+                raise UserError("; ".join(problems))
+            if problems:
+                err.print(f"[yellow]left out:[/] {'; '.join(problems)}", highlight=False)
+                continue
+            refs.append(ref)
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    launch = vllm_process.Launch(
+        base=base_ref,
+        served_name=base_ref.id,
+        adapters=refs,
+        port=port,
+        max_loras=max_loaded_adapters,
+        max_lora_rank=vllm_process.max_lora_rank(refs, max_lora_rank),
+        max_num_seqs=max_batch,
+        max_model_len=max_model_len,
+        tensor_parallel_size=tensor_parallel_size,
+        dtype=dtype,
+        extra=extra,
+    )
+    if dry_run:
+        out.print(launch.shell(), highlight=False, soft_wrap=True, markup=False)
+        return None
+    log_path = home() / "logs" / f"vllm-{port}.log"
+    err.print(f"starting vLLM on port {port} (log: {log_path}); a large model takes minutes")
+    process = vllm_process.VllmProcess(launch, log_path)
+    try:
+        return RemoteEngine(
+            f"{process.url}/v1",
+            base_ref,
+            adapters=names,
+            pin=pins,
+            preloaded=[r.id for r in refs],
+            max_model_len=max_model_len,
+            max_batch=max_batch,
+            process=process,
+        )
+    except BaseException:
+        process.stop()
+        raise
 
 
 def _since(value: str | None) -> float | None:

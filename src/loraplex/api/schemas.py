@@ -2,7 +2,8 @@
 
 Field names, defaults and limits follow the OpenAI API reference (temperature 0..2 default 1,
 top_p default 1, n default 1, stop up to 4 strings, top_logprobs 0..20). `top_k`,
-`repetition_penalty`, `stop_token_ids` and `ignore_eos` are the vLLM extensions clients already send.
+`repetition_penalty`, `stop_token_ids`, `ignore_eos` and `return_tokens_as_token_ids` are the vLLM
+extensions clients already send.
 Fields OpenAI clients send that change nothing here (`user`, `metadata`, `store`, ...) are accepted.
 """
 
@@ -56,6 +57,7 @@ class _Common(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:N" (exact ids)
     logit_bias: dict[str, float] | None = None
     # accepted and ignored: they change nothing about the answer
     user: str | None = None
@@ -130,6 +132,9 @@ class LoadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lora_name: str = Field(min_length=1, max_length=512)
     pin: bool = False
+    lora_path: str | None = None
+    """vLLM's field: accepted only when it is the store's own directory of `lora_name` (this server
+    loads adapters by name from its store, never from a path a client names)."""
 
 
 class UnloadAdapterRequest(BaseModel):

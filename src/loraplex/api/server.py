@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -45,6 +46,7 @@ from loraplex.assistants import retrieval
 from loraplex.assistants import store as assistants
 from loraplex.engine.adapter_cache import InvalidModelName, ModelNotFound
 from loraplex.engine.engine import Delta, Engine, EngineClosed, PromptTooLong
+from loraplex.engine.remote import RemoteEngine
 from loraplex.engine.sampling import SamplingParams, TokenLogprob
 from loraplex.errors import UserError
 from loraplex.gateway import feedback, upstream
@@ -55,6 +57,7 @@ from loraplex.gateway.log import audit_rows, summary
 from loraplex.web.routes import add_routes
 
 log = logging.getLogger(__name__)
+AnyEngine = Engine | RemoteEngine  # the built-in engine, or vLLM over HTTP (serve --engine vllm)
 MAX_BODY = 8 * 1024 * 1024
 UNSUPPORTED = {
     "tools": "tool calling is not supported by this server",
@@ -157,7 +160,7 @@ def _close_call(request: Request, status: int, code: str | None) -> None:
         call.close(status, code or str(status))
 
 
-def create_app(engine: Engine, gateway: Gateway | None = None) -> FastAPI:
+def create_app(engine: AnyEngine, gateway: Gateway | None = None) -> FastAPI:
     gw = gateway or Gateway(engine=engine)
     searcher = retrieval.Searcher()
 
@@ -323,9 +326,19 @@ def create_app(engine: Engine, gateway: Gateway | None = None) -> FastAPI:
     @app.post("/v1/load_lora_adapter")
     @app.post("/admin/adapters/load")
     async def load_adapter(req: LoadAdapterRequest, key: Key | None = Depends(admin)) -> dict[str, Any]:
-        loaded = await audited(
-            key, "load", req.lora_name, {"pin": req.pin}, lambda: engine.load_adapter(req.lora_name, req.pin)
-        )
+        def work() -> str:
+            if req.lora_path is not None:
+                stored = registry.resolve(req.lora_name).path
+                if Path(req.lora_path).resolve() != stored.resolve():
+                    raise APIError(
+                        400,
+                        f"lora_path {req.lora_path!r} is not the store's directory of {req.lora_name!r}: this "
+                        "server loads adapters by name from its store",
+                        param="lora_path",
+                    )
+            return engine.load_adapter(req.lora_name, req.pin)
+
+        loaded = await audited(key, "load", req.lora_name, {"pin": req.pin}, work)
         return {"loaded": loaded, "pinned": req.pin}
 
     @app.post("/v1/unload_lora_adapter")
@@ -402,8 +415,16 @@ def create_app(engine: Engine, gateway: Gateway | None = None) -> FastAPI:
     return app
 
 
-def _model_list(engine: Engine, created: int, gw: Gateway) -> list[dict[str, Any]]:
-    data: list[dict[str, Any]] = [{"id": engine.base.id, "object": "model", "created": created, "owned_by": "loraplex"}]
+def _model_list(engine: AnyEngine, created: int, gw: Gateway) -> list[dict[str, Any]]:
+    data: list[dict[str, Any]] = [
+        {
+            "id": engine.base.id,
+            "object": "model",
+            "created": created,
+            "owned_by": "loraplex",
+            "max_model_len": engine.max_model_len,
+        }
+    ]
     for up in gw.config.upstreams:  # exact names only: a pattern names no model a client could pick
         for name in up.models:
             if not any(c in name for c in "*?["):
@@ -508,7 +529,7 @@ def _apply_defaults(
     return max_tokens if max_tokens is not None else s.max_tokens
 
 
-async def _fixed_answer(engine: Engine, text: str, prompt_tokens: int) -> AsyncIterator[Delta]:
+async def _fixed_answer(engine: AnyEngine, text: str, prompt_tokens: int) -> AsyncIterator[Delta]:
     ids = tuple(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
     yield Delta(text, ids, (), "stop", prompt_tokens, len(ids))
 
@@ -542,7 +563,7 @@ def _params(req: ChatCompletionRequest | CompletionRequest, top_logprobs: int | 
 
 
 async def _complete(
-    engine: Engine,
+    engine: AnyEngine,
     gw: Gateway,
     call: Call,
     req: ChatCompletionRequest | CompletionRequest,
@@ -616,7 +637,7 @@ async def _complete(
             prompt_ids = await asyncio.to_thread(engine.encode, prompt)
         if not prompt_ids:
             raise APIError(400, "the prompt is empty", param="prompt")
-        if any(not 0 <= t < engine.model.config.vocab_size for t in prompt_ids):
+        if any(not 0 <= t < engine.vocab_size for t in prompt_ids):
             raise APIError(400, "prompt token ids must be within the vocabulary", param="prompt")
         engine.check_length(len(prompt_ids), max_tokens)
     except Exception as e:  # noqa: BLE001
@@ -649,7 +670,11 @@ async def _complete(
         choices = []
         texts = [filt.apply(r[0]) if filt else r[0] for r in results]
         for i, (text, (_, finish, logprobs, _)) in enumerate(zip(texts, results, strict=True)):
-            lp = _logprobs_json(engine, logprobs, chat) if top_logprobs is not None else None
+            lp = (
+                _logprobs_json(engine, logprobs, chat, req.return_tokens_as_token_ids)
+                if top_logprobs is not None
+                else None
+            )
             if chat:
                 message: dict[str, Any] = {"role": "assistant", "content": text}
                 if sources is not None:
@@ -740,7 +765,11 @@ async def _complete(
                     if filters is not None:
                         text = filters[i].feed(text) + (filters[i].finish() if item.finish_reason else "")
                     texts[i].append(text)
-                    lp = _logprobs_json(engine, item.logprobs, chat) if top_logprobs is not None else None
+                    lp = (
+                        _logprobs_json(engine, item.logprobs, chat, req.return_tokens_as_token_ids)
+                        if top_logprobs is not None
+                        else None
+                    )
                     if chat:
                         delta = {"content": text} if text else {}
                         choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": item.finish_reason}
@@ -806,7 +835,7 @@ async def _proxy(
     return EventSourceResponse(events(), sep="\n", ping=15)
 
 
-def run(engine: Engine, host: str, port: int, shutdown_timeout: float, gateway: Gateway | None = None) -> None:
+def run(engine: AnyEngine, host: str, port: int, shutdown_timeout: float, gateway: Gateway | None = None) -> None:
     """Serve until SIGINT/SIGTERM, then shut down gracefully: stop accepting connections and new
     requests (503 `shutting_down`, /ready 503), let in-flight requests finish for up to
     `shutdown_timeout` s, end the ones still running with an OpenAI error (a 503, or an error event
@@ -851,12 +880,14 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _logprobs_json(engine: Engine, items: tuple[TokenLogprob, ...] | list[TokenLogprob], chat: bool) -> Any:
+def _logprobs_json(
+    engine: AnyEngine, items: tuple[TokenLogprob, ...] | list[TokenLogprob], chat: bool, as_ids: bool = False
+) -> Any:
     tok = engine.tokenizer
     real = list(items)
 
     def text(t: int) -> str:
-        return str(tok.decode([t]))
+        return f"token_id:{t}" if as_ids else str(tok.decode([t]))
 
     if chat:
         return {

@@ -38,6 +38,40 @@ class InvalidModelName(UserError):
     """The `model` field is not a well-formed name or composition (a 400)."""
 
 
+def resolve_model(model: str, base_names: tuple[str, ...], allowed: set[str] | None) -> AdapterRequest:
+    """A request's `model` field -> exact adapter versions and weights (empty = the base); the
+    engines (built-in and remote) share it so both read names the same way."""
+    model = model.strip()
+    if model in base_names or model == "":
+        return AdapterRequest()
+    parts: list[tuple[str, float]] = []
+    for raw in model.split("+"):
+        m = _PART.match(raw.strip())
+        name = m.group("name") if m else raw
+        if not m or not NAME_RE.match(name) or ".." in name:
+            raise InvalidModelName(
+                f"invalid model {model!r}: an adapter is NAME, NAME@vN or NAME:WEIGHT (names use a-z, 0-9, "
+                "'.', '_', '-'), joined with '+' to compose, e.g. 'legal:0.7+formal:0.3'"
+            )
+        weight = 1.0
+        if m.group("w") is not None:
+            try:
+                weight = float(m.group("w"))
+            except ValueError:
+                raise InvalidModelName(f"invalid weight {m.group('w')!r} in model {model!r}") from None
+            if not math.isfinite(weight) or abs(weight) > 10:
+                raise InvalidModelName(f"weight {weight} in model {model!r} must be a number in [-10, 10]")
+        if allowed is not None and name not in allowed:
+            raise ModelNotFound(f"the model {name!r} does not exist on this server")
+        ref_text = name if m.group("ver") is None else f"{name}@{m.group('ver')}"
+        try:
+            ref = registry.resolve(ref_text)
+        except UserError as e:
+            raise ModelNotFound(f"the model {ref_text!r} does not exist: {e}") from None
+        parts.append((ref.id, weight))
+    return AdapterRequest(tuple(parts))
+
+
 class AdapterCache:
     def __init__(
         self,
@@ -65,35 +99,7 @@ class AdapterCache:
     # ------------------------------------------------------------------ names (any thread)
 
     def resolve(self, model: str) -> AdapterRequest:
-        model = model.strip()
-        if model in self.base_names or model == "":
-            return AdapterRequest()
-        parts: list[tuple[str, float]] = []
-        for raw in model.split("+"):
-            m = _PART.match(raw.strip())
-            name = m.group("name") if m else raw
-            if not m or not NAME_RE.match(name) or ".." in name:
-                raise InvalidModelName(
-                    f"invalid model {model!r}: an adapter is NAME, NAME@vN or NAME:WEIGHT (names use a-z, 0-9, "
-                    "'.', '_', '-'), joined with '+' to compose, e.g. 'legal:0.7+formal:0.3'"
-                )
-            weight = 1.0
-            if m.group("w") is not None:
-                try:
-                    weight = float(m.group("w"))
-                except ValueError:
-                    raise InvalidModelName(f"invalid weight {m.group('w')!r} in model {model!r}") from None
-                if not math.isfinite(weight) or abs(weight) > 10:
-                    raise InvalidModelName(f"weight {weight} in model {model!r} must be a number in [-10, 10]")
-            if self.allowed is not None and name not in self.allowed:
-                raise ModelNotFound(f"the model {name!r} does not exist on this server")
-            ref_text = name if m.group("ver") is None else f"{name}@{m.group('ver')}"
-            try:
-                ref = registry.resolve(ref_text)
-            except UserError as e:
-                raise ModelNotFound(f"the model {ref_text!r} does not exist: {e}") from None
-            parts.append((ref.id, weight))
-        return AdapterRequest(tuple(parts))
+        return resolve_model(model, self.base_names, self.allowed)
 
     # ------------------------------------------------------------------ host weights (any thread)
 

@@ -97,6 +97,35 @@ class EngineStats:
     prefill_steps: int = 0
 
 
+def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, Any]] | list[int]) -> list[int]:
+    """Messages are rendered with the base's chat template, exactly as in training."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if prompt and isinstance(prompt[0], int):
+        return list(prompt)
+    text = render(tokenizer, prompt, add_generation_prompt=True)  # type: ignore[arg-type]
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def check_length(max_model_len: int, prompt_len: int, max_tokens: int | None) -> int:
+    """The max_tokens to use; PromptTooLong when the request cannot fit the context."""
+    room = max_model_len - prompt_len
+    if max_tokens is None:
+        if room < 1:
+            raise PromptTooLong(
+                f"This model's maximum context length is {max_model_len} tokens. However, your "
+                f"messages resulted in {prompt_len} tokens. Please reduce the length of the messages."
+            )
+        return room
+    if max_tokens > room:
+        raise PromptTooLong(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the completion). "
+            "Please reduce the length of the messages or completion."
+        )
+    return max_tokens
+
+
 class Engine:
     def __init__(
         self,
@@ -171,6 +200,7 @@ class Engine:
         self.model = DecoderModel(hf, self.dtype, self.device)
         del hf
         cfg = self.model.config
+        self.vocab_size = int(cfg.vocab_size)
         limit = int(getattr(cfg, "max_position_embeddings", 4096) or 4096)
         self.max_model_len = min(max_model_len or limit, limit)
         self.max_batch = max_batch
@@ -210,31 +240,10 @@ class Engine:
         return len(self._rows)
 
     def encode(self, prompt: str | list[dict[str, Any]] | list[int]) -> list[int]:
-        """Messages are rendered with the base's chat template, exactly as in training."""
-        if isinstance(prompt, str):
-            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        if prompt and isinstance(prompt[0], int):
-            return list(prompt)
-        text = render(self.tokenizer, prompt, add_generation_prompt=True)  # type: ignore[arg-type]
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encode_prompt(self.tokenizer, prompt)
 
     def check_length(self, prompt_len: int, max_tokens: int | None) -> int:
-        """The max_tokens to use; PromptTooLong when the request cannot fit the context."""
-        room = self.max_model_len - prompt_len
-        if max_tokens is None:
-            if room < 1:
-                raise PromptTooLong(
-                    f"This model's maximum context length is {self.max_model_len} tokens. However, your "
-                    f"messages resulted in {prompt_len} tokens. Please reduce the length of the messages."
-                )
-            return room
-        if max_tokens > room:
-            raise PromptTooLong(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the completion). "
-                "Please reduce the length of the messages or completion."
-            )
-        return max_tokens
+        return check_length(self.max_model_len, prompt_len, max_tokens)
 
     async def generate(
         self,

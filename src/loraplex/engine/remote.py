@@ -1,0 +1,431 @@
+"""The engine seam (`generate`, `encode`, adapters) answered by vLLM, or any server with its API, over HTTP.
+
+`serve --engine vllm` puts this in place of the built-in Engine, so keys, per-adapter access,
+assistants and retrieval, output filters, metering, feedback and the web UI run unchanged in the
+front door; only the forward passes move. What goes over the wire:
+
+* `generate` sends the prompt as token ids (rendered here with the base's chat template, exactly
+  as training saw it) to `/v1/completions` with `model` = the exact version `name@vN`, streams the
+  answer back with `return_tokens_as_token_ids` and `logprobs`, and yields the same `Delta`s as the
+  built-in engine (token ids, logprobs, finish reason, usage).
+* Adapters are loaded with vLLM's runtime API (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`;
+  vLLM needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True). A sync thread keeps the engine in step with
+  the registry: the latest version and every alias target of each served adapter are loaded, and a
+  version nothing points at any more is unloaded once idle. A request for a version the engine
+  does not have (a pinned old version, a restarted engine) loads it first, so sync only keeps
+  things warm; correctness never waits for it.
+* A composition (`a:0.7+b:0.3`) has no vLLM equivalent: it is a 400 that names the built-in engine.
+
+This module does not start vLLM (vllm_process.py does) and does not render OpenAI JSON (api/ does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import threading
+import time
+import warnings
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import httpx
+
+from loraplex.adapters import registry
+from loraplex.engine.adapter_cache import InvalidModelName, ModelNotFound, resolve_model
+from loraplex.engine.engine import Delta, EngineClosed, check_length, encode_prompt
+from loraplex.engine.local import check_compatible
+from loraplex.engine.lora import AdapterRequest
+from loraplex.engine.sampling import SamplingParams, TokenLogprob
+from loraplex.engine.vllm_process import VllmProcess, check_layout
+from loraplex.errors import UserError
+from loraplex.gateway.upstream import UpstreamError
+from loraplex.models.load import BaseRef, load_tokenizer, resolve_base
+
+log = logging.getLogger(__name__)
+_TOKEN_ID = re.compile(r"^token_id:(-?\d+)$")
+
+
+class RemoteAdapters:
+    """What the API reads of AdapterCache: `resolve`, `allowed`, `slot_of` (loaded), `describe`."""
+
+    def __init__(self, base_names: tuple[str, ...], allowed: set[str] | None):
+        self.base_names, self.allowed = base_names, allowed
+        self.slot_of: dict[str, int] = {}  # versions the engine has, in load order
+        self.in_use: Counter[str] = Counter()
+        self.last_used: dict[str, float] = {}
+        self.pinned: set[str] = set()
+        self._ids = iter(range(1, 1 << 62))
+
+    def resolve(self, model: str) -> AdapterRequest:
+        req = resolve_model(model, self.base_names, self.allowed)
+        if len(req.parts) > 1 or (req.parts and req.parts[0][1] != 1.0):
+            raise InvalidModelName(
+                f"model {model!r}: vLLM serves one adapter at weight 1 per request; weighted adapters and "
+                "compositions need the built-in engine (loraplex serve --engine builtin)"
+            )
+        return req
+
+    def mark_loaded(self, key: str) -> None:
+        self.slot_of.setdefault(key, next(self._ids))
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [
+            {"key": k, "slot": s, "in_use": self.in_use[k], "pinned": k in self.pinned} for k, s in self.slot_of.items()
+        ]
+
+
+class RemoteEngine:
+    def __init__(
+        self,
+        url: str,
+        base: str | BaseRef | None = None,
+        *,
+        adapters: list[str] | None = None,
+        pin: list[str] | None = None,
+        preloaded: list[str] | None = None,
+        max_model_len: int | None = None,
+        max_batch: int = 16,
+        api_key: str | None = None,
+        sync_interval: float = 10.0,
+        idle_unload: float = 300.0,
+        timeout: float = 600.0,
+        process: VllmProcess | None = None,
+    ):
+        self.url = url.rstrip("/")
+        self.base = base if isinstance(base, BaseRef) else resolve_base(base)
+        self.tokenizer = load_tokenizer(self.base)
+        cfg = json.loads((self.base.path / "config.json").read_text(encoding="utf-8"))
+        self.vocab_size = int(cfg["vocab_size"])
+        self.device, self.dtype = "remote", None
+        self.max_batch = max_batch
+        self.process = process
+        self.idle_unload = idle_unload
+        self.adapters = RemoteAdapters(
+            (self.base.id, "base", "default"), {a.partition("@")[0] for a in adapters} if adapters else None
+        )
+        for key in preloaded or ():
+            self.adapters.mark_loaded(key)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._timeout = httpx.Timeout(timeout, connect=10.0)
+        self._headers = headers
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=self._timeout)
+        self._aclient: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()  # loads and unloads, from requests and the sync thread
+        self._closing = False
+        self._in_flight = 0
+        self._reported: set[str] = set()
+
+        served = self._models()
+        bases = [m for m in served if not m.get("parent")]
+        if not bases:
+            raise UserError(f"the engine at {self.url} lists no base model in /v1/models")
+        self.upstream_base = str(bases[0]["id"])
+        limit = int(bases[0].get("max_model_len") or cfg.get("max_position_embeddings") or 4096)
+        self.max_model_len = min(max_model_len or limit, limit)
+        for model in pin or ():
+            self.load_adapter(model, pin=True)
+        self.sync()
+        self._stop = threading.Event()
+        self._sync_thread = threading.Thread(target=self._sync_loop, args=(sync_interval,), daemon=True)
+        self._sync_thread.start()
+
+    # ------------------------------------------------------------------ what the API calls
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def queue_depth(self) -> int:
+        return 0  # the engine's queue is vLLM's own (its /metrics: vllm:num_requests_waiting)
+
+    def running(self) -> int:
+        return self._in_flight
+
+    def encode(self, prompt: str | list[dict[str, Any]] | list[int]) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt)
+
+    def check_length(self, prompt_len: int, max_tokens: int | None) -> int:
+        return check_length(self.max_model_len, prompt_len, max_tokens)
+
+    async def generate(
+        self,
+        prompt: str | list[dict[str, Any]] | list[int],
+        params: SamplingParams,
+        adapter: AdapterRequest | str | None = None,
+        max_tokens: int | None = None,
+    ) -> AsyncIterator[Delta]:
+        if self._closing:
+            raise EngineClosed("the server is shutting down")
+        req = adapter if isinstance(adapter, AdapterRequest) else self.adapters.resolve(adapter or "")
+        prompt_ids = self.encode(prompt)
+        if not prompt_ids:
+            raise UserError("the prompt is empty")
+        limit = self.check_length(len(prompt_ids), max_tokens)
+        key = req.key
+        if key and key not in self.adapters.slot_of:
+            await asyncio.to_thread(self._load, registry.resolve(key))
+        body = _body(prompt_ids, params, key or self.upstream_base, limit)
+        client = self._async_client()
+        self._in_flight += 1
+        self.adapters.in_use[key] += 1
+        try:
+            for attempt in range(2):
+                async with client.stream("POST", "/completions", json=body) as resp:
+                    if resp.status_code == 404 and key and attempt == 0:
+                        # the engine lost this version (restarted, or unloaded elsewhere): load, retry once
+                        await resp.aread()
+                        self.adapters.slot_of.pop(key, None)
+                        await asyncio.to_thread(self._load, registry.resolve(key))
+                        continue
+                    if resp.status_code != 200:
+                        await resp.aread()
+                        raise _error(resp, self.url)
+                    async for delta in _deltas(resp, len(prompt_ids), self.url):
+                        yield delta
+                    return
+        except httpx.HTTPError as e:
+            raise UpstreamError(502, f"engine {self.url} failed: {e}", "engine_unavailable") from None
+        finally:
+            self._in_flight -= 1
+            self.adapters.in_use[key] -= 1
+            self.adapters.last_used[key] = time.monotonic()
+
+    def load_adapter(self, model: str, pin: bool = False) -> str:
+        req = self.adapters.resolve(model)
+        if not req.parts:
+            return ""
+        key = req.key
+        self._load(registry.resolve(key))
+        if pin:
+            self.adapters.pinned.add(key)
+        return key
+
+    def unload_adapter(self, name: str) -> list[str]:
+        """Unload every idle version of `name` from the engine (busy ones stay until sync finds them idle)."""
+        gone = []
+        for key in [k for k in self.adapters.slot_of if k.split("@")[0] == name]:
+            self.adapters.pinned.discard(key)
+            if self.adapters.in_use[key] == 0:
+                self._unload(key)
+                gone.append(key)
+        return gone
+
+    def drain(self, timeout: float) -> None:
+        self._closing = True  # new requests get 503; the engine finishes what it has
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._closing = True
+        deadline = time.monotonic() + timeout
+        while self._in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if hasattr(self, "_stop"):
+            self._stop.set()
+        if self._aclient is not None and self._loop is not None and self._loop.is_running():
+            with contextlib.suppress(Exception):  # closing a connection pool on the way out
+                asyncio.run_coroutine_threadsafe(self._aclient.aclose(), self._loop).result(5)
+        self._http.close()
+        if self.process is not None:
+            self.process.stop()
+
+    # ------------------------------------------------------------------ registry sync
+
+    def wanted(self) -> dict[str, registry.AdapterRef]:
+        """Versions the engine should have: each served adapter's latest and alias targets, and pins."""
+        aliases = registry.all_aliases()
+        out: dict[str, registry.AdapterRef] = {}
+        for name, versions in registry.list_names():
+            if self.adapters.allowed is not None and name not in self.adapters.allowed:
+                continue
+            for v in sorted({versions[-1], *aliases.get(name, {}).values()} & set(versions)):
+                ref = registry.AdapterRef(name, v, registry.store_root() / name / f"v{v}")
+                if self._servable(ref):
+                    out[ref.id] = ref
+        for key in self.adapters.pinned:
+            out.setdefault(key, registry.resolve(key))
+        return out
+
+    def sync(self) -> None:
+        """Load what the registry points at now; unload idle versions nothing points at."""
+        wanted = self.wanted()
+        for key, ref in wanted.items():
+            if key not in self.adapters.slot_of:
+                try:
+                    self._load(ref)
+                except (UserError, UpstreamError) as e:
+                    self._report(key, f"cannot load {key} into the engine: {e}")
+        now = time.monotonic()
+        for key in list(self.adapters.slot_of):
+            idle = now - self.adapters.last_used.get(key, 0.0) >= self.idle_unload
+            if key not in wanted and self.adapters.in_use[key] == 0 and idle:
+                self._unload(key)
+
+    def _sync_loop(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.sync()
+            except Exception as e:  # noqa: BLE001 - the next round tries again; requests load on demand
+                log.warning("registry sync with %s failed: %s", self.url, e)
+
+    def _servable(self, ref: registry.AdapterRef) -> bool:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # same shapes, other weights: served, as by the built-in engine
+                check_compatible(ref, self.base)
+        except (UserError, OSError, ValueError) as e:
+            self._report(ref.id, str(e))
+            return False
+        problems = check_layout(ref)
+        if problems:
+            self._report(ref.id, "; ".join(problems))
+        return not problems
+
+    def _report(self, key: str, message: str) -> None:
+        if key not in self._reported:  # once per version, not every sync round
+            self._reported.add(key)
+            log.warning("%s", message)
+
+    def _load(self, ref: registry.AdapterRef) -> None:
+        problems = check_layout(ref)
+        if problems:
+            raise UserError("; ".join(problems))
+        with self._lock:
+            if ref.id in self.adapters.slot_of:
+                return
+            resp = self._post("/load_lora_adapter", {"lora_name": ref.id, "lora_path": str(ref.path)})
+            if resp.status_code != 200 and not (resp.status_code == 400 and "already" in resp.text):
+                raise _error(resp, self.url)
+            self.adapters.mark_loaded(ref.id)
+
+    def _unload(self, key: str) -> None:
+        with self._lock:
+            resp = self._post("/unload_lora_adapter", {"lora_name": key})
+            if resp.status_code not in (200, 404):
+                raise _error(resp, self.url)
+            self.adapters.slot_of.pop(key, None)
+
+    def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        try:
+            return self._http.post(path, json=body)
+        except httpx.HTTPError as e:
+            raise UpstreamError(502, f"engine {self.url} is unreachable: {e}", "engine_unavailable") from None
+
+    def _models(self) -> list[dict[str, Any]]:
+        try:
+            resp = self._http.get("/models")
+        except httpx.HTTPError as e:
+            raise UserError(f"cannot reach the engine at {self.url}: {e}") from None
+        if resp.status_code != 200:
+            raise UserError(f"the engine at {self.url} answered /models with {resp.status_code}: {resp.text[:300]}")
+        return list(resp.json().get("data") or [])
+
+    def _async_client(self) -> httpx.AsyncClient:
+        if self._aclient is None:
+            self._loop = asyncio.get_running_loop()
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+            self._aclient = httpx.AsyncClient(
+                base_url=self.url, headers=self._headers, timeout=self._timeout, limits=limits
+            )
+        return self._aclient
+
+
+def _body(prompt_ids: list[int], p: SamplingParams, model: str, max_tokens: int) -> dict[str, Any]:
+    """A vLLM /v1/completions body for one prompt; vLLM's extensions carry what OpenAI's fields lack."""
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": prompt_ids,
+        "max_tokens": max_tokens,
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        # the sampled token's id (and the top-k the client asked for): exact token counts and logprobs
+        "logprobs": p.logprobs or 0,
+        "return_tokens_as_token_ids": True,
+    }
+    optional = {
+        "top_k": p.top_k or None,
+        "repetition_penalty": p.repetition_penalty if p.repetition_penalty != 1.0 else None,
+        "presence_penalty": p.presence_penalty or None,
+        "frequency_penalty": p.frequency_penalty or None,
+        "seed": p.seed,
+        "stop": list(p.stop) or None,
+        "stop_token_ids": list(p.stop_token_ids) or None,
+        "ignore_eos": p.ignore_eos or None,
+    }
+    body.update({k: v for k, v in optional.items() if v is not None})
+    return body
+
+
+def _token_id(text: str, url: str) -> int:
+    m = _TOKEN_ID.match(text)
+    if m is None:
+        raise UpstreamError(502, f"engine {url} did not return token ids (return_tokens_as_token_ids)", "engine_error")
+    return int(m.group(1))
+
+
+def _logprobs(lp: dict[str, Any] | None, url: str) -> tuple[tuple[int, ...], tuple[TokenLogprob, ...]]:
+    if not lp or not lp.get("tokens"):
+        return (), ()
+    ids = tuple(_token_id(t, url) for t in lp["tokens"])
+    tops = lp.get("top_logprobs") or [None] * len(ids)
+    items = []
+    for tid, logprob, top in zip(ids, lp.get("token_logprobs") or [0.0] * len(ids), tops, strict=False):
+        ranked = sorted((top or {}).items(), key=lambda kv: -kv[1])
+        items.append(TokenLogprob(tid, float(logprob or 0.0), tuple((_token_id(t, url), float(v)) for t, v in ranked)))
+    return ids, tuple(items)
+
+
+async def _deltas(resp: httpx.Response, n_prompt: int, url: str) -> AsyncIterator[Delta]:
+    """The engine's SSE stream as Deltas; the last one (with the finish reason) waits for the usage
+    chunk that follows it, so it carries the engine's own token counts."""
+    last: Delta | None = None
+    seen = 0
+    usage: dict[str, Any] = {}
+    async for line in resp.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            break
+        chunk = json.loads(payload)
+        if "error" in chunk:
+            err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+            raise UpstreamError(502, f"engine {url}: {err.get('message')}", str(err.get("code") or "engine_error"))
+        usage = chunk.get("usage") or usage
+        for choice in chunk.get("choices") or []:
+            ids, lps = _logprobs(choice.get("logprobs"), url)
+            seen += len(ids)
+            delta = Delta(choice.get("text") or "", ids, lps, choice.get("finish_reason"), n_prompt, seen)
+            if delta.finish_reason is None:
+                yield delta
+            else:
+                last = delta
+    if last is None:
+        raise UpstreamError(502, f"engine {url} ended the stream without a finish reason", "engine_error")
+    yield replace(
+        last,
+        prompt_tokens=int(usage.get("prompt_tokens", n_prompt)),
+        completion_tokens=int(usage.get("completion_tokens", seen)),
+    )
+
+
+def _error(resp: httpx.Response, url: str) -> Exception:
+    try:
+        err = resp.json().get("error") or {}
+        message = err.get("message") if isinstance(err, dict) else str(err)
+    except (ValueError, AttributeError):
+        message = None
+    message = message or resp.text[:500] or f"HTTP {resp.status_code}"
+    if resp.status_code == 404:
+        return ModelNotFound(message)
+    if resp.status_code in (400, 422):
+        return UserError(message)
+    status = 503 if resp.status_code == 503 else 502
+    return UpstreamError(status, f"engine {url}: {message}", "engine_error")
