@@ -245,3 +245,64 @@ def test_gradient_checkpointing_trains_the_same(
     a = load_file(str(plain.adapter.path / "adapter_model.safetensors"))
     b = load_file(str(ckpt.adapter.path / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(float((a[k] - b[k]).abs().max()) < 1e-5 for k in a)
+
+
+def test_compile_switch_trains_the_same(lp_home: Path, tiny_base: Path, facts_file: Path) -> None:
+    """`train.compile` runs the decoder through torch.compile (inductor) and changes nothing else:
+    the same losses and weights; the run id ignores it, so a run can resume with it switched on."""
+    from loraplex.models.load import resolve_base
+    from loraplex.train.sft_lora import run_id
+
+    plain = run(tiny_cfg(tiny_base, facts_file, max_steps=3, logging_steps=1))
+    cfg = tiny_cfg(tiny_base, facts_file, max_steps=3, logging_steps=1, compile=True)
+    base = resolve_base(str(tiny_base))
+    assert run_id(cfg, "x", base) == run_id(tiny_cfg(tiny_base, facts_file, max_steps=3, logging_steps=1), "x", base)
+    compiled = run(cfg.model_copy(update={"name": "tiny-compiled"}))
+
+    def losses(run_dir: Path) -> list[float]:
+        return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    assert losses(compiled.run_dir) == pytest.approx(losses(plain.run_dir), rel=1e-4)
+    a = load_file(str(plain.adapter.path / "adapter_model.safetensors"))  # type: ignore[union-attr]
+    b = load_file(str(compiled.adapter.path / "adapter_model.safetensors"))  # type: ignore[union-attr]
+    # Adam's normalised step turns the compiled kernels' rounding (~1e-7) in near-zero gradients into
+    # visible weight differences: bound them by a tenth of what 3 steps at lr 1e-2 can move a weight.
+    assert a.keys() == b.keys() and all(float((a[k] - b[k]).abs().max()) < 0.1 * 3 * 1e-2 for k in a)
+
+
+def test_qlora_needs_cuda_and_merges_into_the_full_precision_base(
+    lp_home: Path, tiny_base: Path, facts_file: Path, tmp_path: Path
+) -> None:
+    """QLoRA on a machine without CUDA stops at once with a message that says what to do; an
+    adapter trained with QLoRA merges into the de-quantised full-precision base, never onto 4-bit
+    weights: merged W == fp32 W + scale * B @ A, exactly as for any LoRA."""
+    from transformers import AutoModelForCausalLM
+
+    from loraplex.export.formats import export
+    from loraplex.models.load import load_model, resolve_base
+
+    cfg = tiny_cfg(tiny_base, facts_file, max_steps=2, quantization_bit=4, device="cpu")
+    with pytest.raises(UserError, match="QLoRA's quantised base needs a CUDA GPU") as e:
+        run(cfg)
+    assert "Remove quantization_bit" in str(e.value)
+    assert not (lp_home / "runs").exists() or not any((lp_home / "runs").iterdir())  # nothing half-made
+
+    res = run(tiny_cfg(tiny_base, facts_file, max_steps=2))
+    assert res.adapter is not None
+    # what a QLoRA run records in the manifest: the same adapter files, quantization_bit in the config
+    manifest_path = res.adapter.path / registry.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["config"]["train"]["quantization_bit"] = 4
+    manifest_path.write_text(json.dumps(manifest))
+    export([res.adapter.id], "merged", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    base = load_model(resolve_base(str(tiny_base)))
+    lora = load_file(str(res.adapter.path / "adapter_model.safetensors"))
+    adapter_cfg = json.loads((res.adapter.path / "adapter_config.json").read_text())
+    scale = adapter_cfg["lora_alpha"] / adapter_cfg["r"]
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    delta = scale * lora[f"{prefix}.lora_B.weight"] @ lora[f"{prefix}.lora_A.weight"]
+    want = base.model.layers[0].self_attn.q_proj.weight + delta
+    got = merged.model.layers[0].self_attn.q_proj.weight
+    assert got.dtype == torch.float32 and float((got - want).abs().max()) < 1e-6
+    assert float(delta.abs().max()) > 1e-4  # the adapter really changed the weight

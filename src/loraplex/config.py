@@ -90,6 +90,14 @@ class TrainingConfig(_Strict):
     """Gradient clipping norm."""
     gradient_checkpointing: bool = False
     """Recompute layer activations in backward: far less activation memory, about a third more compute."""
+    quantization_bit: Literal[4, 8] | None = None
+    """QLoRA: hold the frozen base in 4-bit (or 8-bit) with bitsandbytes and train LoRA on top. CUDA only."""
+    quantization_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type: NF4 (the QLoRA paper's) or FP4."""
+    double_quantization: bool = True
+    """Quantise the 4-bit quantisation constants too (~0.4 bit/param saved)."""
+    compile: bool = False
+    """torch.compile the decoder: faster steps after a one-off compile (minutes on CPU; worth it on GPUs)."""
     seed: int = 42
     """Seed for data order, dropout and initialisation."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

@@ -204,20 +204,33 @@ def load_tokenizer(ref: BaseRef) -> Any:
     return tok
 
 
-def load_model(ref: BaseRef, dtype: Any = None, device: str = "cpu", attn_implementation: str | None = None) -> Any:
-    """The base model in `dtype` (fp32 by default) on `device`, from safetensors only."""
+def load_model(
+    ref: BaseRef,
+    dtype: Any = None,
+    device: str = "cpu",
+    attn_implementation: str | None = None,
+    quantization: Any = None,
+) -> Any:
+    """The base model in `dtype` (fp32 by default) on `device`, from safetensors only; with a
+    bitsandbytes `quantization` config its linear weights are quantised as they load (CUDA only)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    kwargs: dict[str, Any] = {}
+    if quantization is not None:  # quantised while loading, straight onto the GPU (it cannot move after)
+        kwargs = {"quantization_config": quantization, "device_map": {"": device}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(ref.path),
             dtype=dtype or torch.float32,
             use_safetensors=True,
             attn_implementation=attn_implementation,
+            **kwargs,
         )
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot load base model from {ref.path}: {e}") from e
+    if quantization is not None:
+        return model
     return model.to(device)  # type: ignore[arg-type]  # transformers' decorator types the wrapped self only
 
 

@@ -21,6 +21,7 @@ store lays out versions (see adapters/registry.py).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -114,6 +115,31 @@ def lora_peft_config(cfg: TrainConfig) -> Any:
         use_dora=lc.use_dora,
         use_rslora=lc.use_rslora,
         task_type="CAUSAL_LM",
+    )
+
+
+def quantization_config(cfg: TrainConfig, device: str, dtype: torch.dtype) -> Any:
+    """bitsandbytes' config for a QLoRA run (None without `train.quantization_bit`)."""
+    tc = cfg.train
+    if tc.quantization_bit is None:
+        return None
+    if device.split(":")[0] != "cuda":
+        raise UserError(
+            f"train.quantization_bit: {tc.quantization_bit}: QLoRA's quantised base needs a CUDA GPU (bitsandbytes); "
+            f"this run is on {device}. Remove quantization_bit to train LoRA on the full-precision base "
+            "(`loraplex plan` shows the memory each needs)."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("train.quantization_bit needs bitsandbytes: pip install 'loraplex[qlora]'")
+    from transformers import BitsAndBytesConfig
+
+    if tc.quantization_bit == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=tc.quantization_type,
+        bnb_4bit_use_double_quant=tc.double_quantization,
+        bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16,
     )
 
 
@@ -220,9 +246,20 @@ def lr_at(step: int, total: int, warmup: int, peak: float, kind: str) -> float:
 
 
 def run_id(cfg: TrainConfig, data_sha: str, base: BaseRef) -> str:
-    """Same name + config + data + base = same run directory, which is what makes re-running resume."""
+    """Same name + config + data + base = same run directory, which is what makes re-running resume.
+
+    Switches that change speed and memory but not the result (checkpointing, compile) are left out,
+    so a run can resume with them turned on; so are the QLoRA fields while QLoRA is off (run ids
+    from before those fields existed stay the same)."""
+    dumped = cfg.model_dump(mode="json")
+    train = dumped["train"]
+    for key in ("gradient_checkpointing", "compile"):
+        train.pop(key, None)
+    if train.get("quantization_bit") is None:
+        for key in ("quantization_bit", "quantization_type", "double_quantization"):
+            train.pop(key, None)
     payload = json.dumps(
-        {"cfg": cfg.model_dump(mode="json"), "data": data_sha, "base": base.fingerprint.get("weights_sha256")},
+        {"cfg": dumped, "data": data_sha, "base": base.fingerprint.get("weights_sha256")},
         sort_keys=True,
     )
     return f"{cfg.name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
@@ -315,6 +352,7 @@ def run(
     if world.size > 1 and device == "cuda":
         device = f"cuda:{world.local_rank}"
     dtype = pick_precision(cfg.train.precision, device.split(":")[0])
+    quantization = quantization_config(cfg, device, dtype)  # before any work: QLoRA's errors come first
     if not world.main:
         world.barrier()  # rank 0 converts a GGUF base once, the others then read the cache
     base = resolve_base(cfg.base)
@@ -360,10 +398,19 @@ def run(
     # ---- model
     # Eager attention beats SDPA's CPU kernels at these lengths (bench/train_throughput.py profile).
     model = load_model(
-        base, dtype=torch.float32, device=device, attn_implementation="eager" if device == "cpu" else "sdpa"
+        base,
+        dtype=torch.float32 if quantization is None else dtype,
+        device=device,
+        attn_implementation="eager" if device == "cpu" else "sdpa",
+        quantization=quantization,
     )
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # norms and the output head to fp32 for stable training; checkpointing is our own switch below
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, lora_peft_config(cfg))
-    if dtype != torch.float32:
+    if dtype != torch.float32 and quantization is None:
         # Frozen base weights live in the compute dtype, LoRA weights stay fp32 (autocast casts them).
         for p in model.parameters():
             if not p.requires_grad:
@@ -381,6 +428,10 @@ def run(
             inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.compile:
+        # In place (nn.Module.compile): parameter names, checkpoints and the saved adapter are unchanged.
+        # dynamic=True: packed and padded batches change length from step to step.
+        model.get_base_model().get_decoder().compile(dynamic=True)
     trainable, total_params = model.get_nb_trainable_parameters()
     params = [p for p in model.parameters() if p.requires_grad]
     tc = cfg.train
