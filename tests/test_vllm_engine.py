@@ -224,6 +224,26 @@ def test_front_door_answers_like_the_engine_and_keeps_it_in_sync(stack: Stack) -
         assert by_model["legal@v1"]["requests"] >= 2 and by_model["counsel"]["requests"] == 1
         assert by_model["legal@v1"]["completion_tokens"] >= 2 * want.usage.completion_tokens
 
+        # a second front door on the same home: the same keys, and usage adds up in one server.db
+        from loraplex.engine.remote import RemoteEngine
+        from loraplex.gateway.gate import Gateway
+
+        engine2 = RemoteEngine(f"{stack.standin.url}/v1", str(stack.tiny_base), sync_interval=60)
+        door2 = Server(engine2, Gateway(engine=engine2, max_pending=16), api_key=stack.tokens["legal-team"])
+        try:
+            again = door2.client.chat.completions.create(model="legal", messages=ASK, **greedy)  # type: ignore[call-overload]
+            assert again.choices[0].message.content == want.choices[0].message.content
+            with pytest.raises(openai.PermissionDeniedError):
+                door2.client.chat.completions.create(model="hr", messages=ASK, **greedy)  # type: ignore[call-overload]
+            door2.gateway.log.flush()
+        finally:
+            door2.stop()
+            engine2.close()
+        usage = httpx.get(
+            f"{stack.door.url}/admin/usage", headers={"Authorization": f"Bearer {stack.tokens['ops']}"}
+        ).json()["data"]
+        assert {row["name"]: row for row in usage}["legal@v1"]["requests"] == by_model["legal@v1"]["requests"] + 1
+
         # registry sync: a new version is loaded into the engine, the one nothing points at unloaded
         engine = stack.door.engine
         assert "legal@v1" in engine.adapters.slot_of
