@@ -96,6 +96,8 @@ class TrainingConfig(_Strict):
     """4-bit data type: NF4 (the QLoRA paper's) or FP4."""
     double_quantization: bool = True
     """Quantise the 4-bit quantisation constants too (~0.4 bit/param saved)."""
+    fsdp: bool = False
+    """Under torchrun / accelerate launch: shard the frozen base over the processes (FSDP2) instead of a copy each."""
     compile: bool = False
     """torch.compile the decoder: faster steps after a one-off compile (minutes on CPU; worth it on GPUs)."""
     seed: int = 42

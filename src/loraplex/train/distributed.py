@@ -11,17 +11,29 @@ Why not `DistributedDataParallel`: it averages gradients (divide by world size) 
 process to run the same number of backward passes with `no_sync` in between; with ~1% of the
 weights trainable, one flattened all-reduce per step is simpler and exact.
 
+With `train.fsdp` (or `accelerate launch` with an FSDP config) the frozen base is sharded too:
+`shard` applies FSDP2's `fully_shard` to each decoder layer, so each process holds 1/N of every
+layer's weights and gathers a layer only while it runs it. FSDP then reduces the
+LoRA gradients itself (an average over processes, hence the loss scaled by N: on gloo the
+pre-scaled sum FSDP would otherwise use does not exist), and every process must run the same
+number of forward passes per step, so a process short of micro-batches runs a zero-weighted one.
+
 Only rank 0 writes (run directory, checkpoints, metrics, TensorBoard, the store). The state that
-is saved is global (step, replicated optimizer state), so a run resumes on any number of
-processes. This module does not shard the frozen base (FSDP / DeepSpeed ZeRO are not built).
+is saved is global (step, optimizer state, full tensors gathered from the shards), so a run
+resumes on any number of processes, sharded or not. DeepSpeed is not supported: FSDP's full
+sharding covers what ZeRO-3 would do for LoRA (the base is all of the memory; LoRA's gradients and
+optimizer state are ~1% of it, which is all ZeRO-1/2 would shard).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from loraplex.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -77,3 +89,54 @@ def init(device: str) -> World:
             torch.cuda.set_device(local)
         torch.distributed.init_process_group(backend)
     return World(rank, size, local)
+
+
+def wants_fsdp(configured: bool) -> bool:
+    """`train.fsdp`, or an `accelerate launch` whose config chose FSDP (it sets ACCELERATE_USE_FSDP)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise UserError(
+            "DeepSpeed is not supported by loraplex train; use examples/accelerate/fsdp.yaml "
+            "(FSDP full sharding: ZeRO-3's memory saving for the base)"
+        )
+    return configured or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
+def shard(model: Any, device: str, size: int) -> None:
+    """FSDP2 over all processes, one unit per decoder layer (gathered while it runs, freed after).
+
+    The embeddings, final norm and output head stay whole on every process: they are often one
+    tied tensor used at both ends of the model (an FSDP unit cannot span both), the recipe calls
+    the decoder and the head separately (the head runs on labelled positions only), and they are
+    a small share of a large model (1 of Llama-3-8B's 8 billion weights)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.split(":")[0], (size,))
+    for layer in model.get_base_model().get_decoder().layers:
+        fully_shard(layer, mesh=mesh)
+
+
+def full(t: Any) -> torch.Tensor:
+    """A whole tensor from a shard (a collective: every process calls it), or `t` as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like(value: torch.Tensor, param: Any) -> torch.Tensor:
+    """`value` (a whole tensor) laid out like `param`: this process's shard of it when sharded."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    value = value.to(param.device)
+    if isinstance(param, DTensor) and value.shape == param.shape:
+        return distribute_tensor(value, param.device_mesh, param.placements)
+    return value
+
+
+def local_share(model: Any) -> float:
+    """The fraction of the model's weights this process holds (1.0 unsharded)."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+    return held / max(1, sum(p.numel() for p in params))

@@ -248,12 +248,12 @@ def lr_at(step: int, total: int, warmup: int, peak: float, kind: str) -> float:
 def run_id(cfg: TrainConfig, data_sha: str, base: BaseRef) -> str:
     """Same name + config + data + base = same run directory, which is what makes re-running resume.
 
-    Switches that change speed and memory but not the result (checkpointing, compile) are left out,
+    Switches that change speed and memory but not the result (checkpointing, compile, FSDP) are left out,
     so a run can resume with them turned on; so are the QLoRA fields while QLoRA is off (run ids
     from before those fields existed stay the same)."""
     dumped = cfg.model_dump(mode="json")
     train = dumped["train"]
-    for key in ("gradient_checkpointing", "compile"):
+    for key in ("gradient_checkpointing", "compile", "fsdp"):
         train.pop(key, None)
     if train.get("quantization_bit") is None:
         for key in ("quantization_bit", "quantization_type", "double_quantization"):
@@ -269,22 +269,35 @@ def run_id(cfg: TrainConfig, data_sha: str, base: BaseRef) -> str:
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """The LoRA weights as whole tensors (gathered from the shards under FSDP: every process calls it)."""
+    return {
+        n: distributed.full(p.detach()).clone().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def save_checkpoint(
-    ckpt_root: Path, step: int, model: Any, opt: torch.optim.Optimizer, state: dict[str, Any], keep: int
-) -> Path:
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=ckpt_root))
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    ckpt_root: Path,
+    step: int,
+    model: Any,
+    opt: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int,
+    write: bool = True,
+) -> Path | None:
+    """Under FSDP every process calls this (the shards are gathered) and only `write` writes."""
+    weights = trainable_state(model)
     opt_tensors: dict[str, torch.Tensor] = {}
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad]
     for name, p in zip(names, params, strict=True):
         for key, value in opt.state.get(p, {}).items():
-            opt_tensors[f"{name}::{key}"] = torch.as_tensor(value).detach().clone().contiguous()
+            opt_tensors[f"{name}::{key}"] = distributed.full(torch.as_tensor(value)).detach().clone().contiguous()
+    if not write:
+        return None
     opt_tensors["rng.torch"] = torch.get_rng_state()
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=ckpt_root))
+    save_file(weights, str(tmp / "trainable.safetensors"))
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "python_rng": random.getstate()[1][:1]}))
     final = ckpt_root / f"step-{step:07d}"
@@ -306,13 +319,13 @@ def load_checkpoint(path: Path, model: Any, opt: torch.optim.Optimizer) -> dict[
     named = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in weights.items():
-            named[n].copy_(t)
+            named[n].copy_(distributed.like(t, named[n]))  # this process's shard of it under FSDP
     tensors = load_file(str(path / "optimizer.safetensors"))
     for n, p in named.items():
         if not p.requires_grad:
             continue
-        # onto the parameter's device: the fused AdamW kernel wants its moments and step there
-        st = {k.split("::", 1)[1]: v.to(p.device) for k, v in tensors.items() if k.split("::", 1)[0] == n}
+        # laid out like the parameter (device, shard): the fused AdamW kernel wants its moments there
+        st = {k.split("::", 1)[1]: distributed.like(v, p) for k, v in tensors.items() if k.split("::", 1)[0] == n}
         if st:
             opt.state[p] = st
     torch.set_rng_state(tensors["rng.torch"])
@@ -347,6 +360,7 @@ def run(
     random.seed(cfg.train.seed)
     device = pick_device(cfg.train.device)
     world = distributed.init(device)
+    sharded = distributed.wants_fsdp(cfg.train.fsdp) and world.size > 1
     if not world.main:
         console = Console(stderr=True, quiet=True)  # one process reports
     if world.size > 1 and device == "cuda":
@@ -428,11 +442,15 @@ def run(
             inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable, total_params = model.get_nb_trainable_parameters()
+    held = 1.0
+    if sharded:
+        distributed.shard(model, device, world.size)  # replaces the parameters: `params` comes after
+        held = distributed.local_share(model)
     if cfg.train.compile:
         # In place (nn.Module.compile): parameter names, checkpoints and the saved adapter are unchanged.
         # dynamic=True: packed and padded batches change length from step to step.
         model.get_base_model().get_decoder().compile(dynamic=True)
-    trainable, total_params = model.get_nb_trainable_parameters()
     params = [p for p in model.parameters() if p.requires_grad]
     tc = cfg.train
     # The fused kernel updates all LoRA tensors in one pass (hundreds of small tensors otherwise).
@@ -442,7 +460,7 @@ def run(
         weight_decay=tc.weight_decay,
         betas=(0.9, 0.999),
         eps=1e-8,
-        fused=device.split(":")[0] in ("cpu", "cuda"),
+        fused=device.split(":")[0] in ("cpu", "cuda") and not sharded,  # the fused kernel takes no shards
     )
     per_step = tc.batch_size * tc.gradient_accumulation
     steps_per_epoch = max(1, math.ceil(len(train_ex) / per_step))
@@ -513,6 +531,7 @@ def run(
         f"{'packed' if cfg.data.packing else 'padded'}, {total_steps} steps, "
         f"{device} {str(dtype).removeprefix('torch.')}"
         + (f" x {world.size} processes" if world.size > 1 else "")
+        + (f" (FSDP: each holds {held:.0%} of the weights)" if sharded else "")
         + ", "
         f"trainable {trainable:,} / {total_params:,} params ({100 * trainable / total_params:.2f}%)"
     )
@@ -562,13 +581,19 @@ def run(
                 n_total = sum(int((c["labels"][:, 1:] != IGNORE).sum()) for c in collated)
                 tokens_seen += sum(len(ex.input_ids) for b in group for ex in b)  # real tokens, no padding
                 step_loss = 0.0
-                for c in collated[world.rank :: world.size]:  # this process's share (all of it alone)
+                share = [(c, 1.0) for c in collated[world.rank :: world.size]]  # this process's (all, alone)
+                if sharded:  # FSDP gathers layers in lockstep: the same number of forwards everywhere
+                    share += [(collated[0], 0.0)] * (-(-len(collated) // world.size) - len(share))
+                # FSDP averages the gradients it reduces; scaled by N, that average is the sum
+                scale = world.size if sharded else 1
+                for c, weight in share:
                     c = {k: v.to(device) for k, v in c.items()}
                     with autocast():
                         s, _ = loss_sum(model, c)
-                    (s / n_total).backward()
-                    step_loss += float(s.detach())
-                world.sum_grads(params)
+                    (s * (weight * scale / n_total)).backward()
+                    step_loss += weight * float(s.detach())
+                if not sharded:
+                    world.sum_grads(params)
                 step_loss = world.sum(step_loss)
                 torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
                 opt.step()
@@ -620,7 +645,7 @@ def run(
                                 f"early stopping at step {step}: {what} has not improved "
                                 f"for {bad_evals} evaluations (best {abs(best_eval):.4f})"
                             )
-                if step % tc.save_steps == 0 and step < total_steps and world.main:
+                if step % tc.save_steps == 0 and step < total_steps and (world.main or sharded):
                     save_checkpoint(
                         ckpt_root,
                         step,
@@ -628,6 +653,7 @@ def run(
                         opt,
                         {"best_eval": best_eval, "bad_evals": bad_evals},
                         tc.save_total_limit,
+                        write=world.main,
                     )
                 if on_step is not None:
                     on_step(step, loss_value, model)
@@ -637,13 +663,22 @@ def run(
         if not world.main:
             world.close()
             return TrainResult(None, run_dir, step, train_loss, eval_loss, interrupted=True)
-        path = save_checkpoint(
-            ckpt_root, step, model, opt, {"best_eval": best_eval, "bad_evals": bad_evals}, tc.save_total_limit
-        )
-        console.print(
-            f"\n[yellow]interrupted[/] at step {step}/{total_steps}; checkpoint saved to {path}.\n"
-            "Run the same command again to resume."
-        )
+        if sharded:
+            # gathering the shards needs every process, and the others may already be gone
+            last = latest_checkpoint(ckpt_root)
+            console.print(
+                f"\n[yellow]interrupted[/] at step {step}/{total_steps}; sharded runs resume from the last "
+                f"periodic checkpoint ({last.name if last else 'none yet: train.save_steps'}).\n"
+                "Run the same command again to resume."
+            )
+        else:
+            path = save_checkpoint(
+                ckpt_root, step, model, opt, {"best_eval": best_eval, "bad_evals": bad_evals}, tc.save_total_limit
+            )
+            console.print(
+                f"\n[yellow]interrupted[/] at step {step}/{total_steps}; checkpoint saved to {path}.\n"
+                "Run the same command again to resume."
+            )
     finally:
         signal.signal(signal.SIGINT, prev_sigint)
         if metrics_file is not None and tb is not None:
@@ -658,10 +693,12 @@ def run(
     wall = time.time() - t_start
     loop_time = time.time() - t_loop
     ref = None
+    gathered = trainable_state(model) if sharded else None  # a collective: before rank 0 goes on alone
     if register and world.main:
         ref = _register(
             cfg,
             model,
+            gathered,
             base,
             run_dir,
             {
@@ -700,12 +737,20 @@ def run(
     return TrainResult(ref, run_dir, step, train_loss, eval_loss)
 
 
-def _register(cfg: TrainConfig, model: Any, base: BaseRef, run_dir: Path, facts: dict[str, Any]) -> registry.AdapterRef:
+def _register(
+    cfg: TrainConfig,
+    model: Any,
+    gathered: dict[str, torch.Tensor] | None,
+    base: BaseRef,
+    run_dir: Path,
+    facts: dict[str, Any],
+) -> registry.AdapterRef:
     out = run_dir / "adapter"
     if out.exists():
         shutil.rmtree(out)
-    # The saved adapter is fp32 whatever the training precision (it is what the LoRA weights are).
-    model.save_pretrained(str(out), safe_serialization=True)
+    # The saved adapter is fp32 whatever the training precision (it is what the LoRA weights are);
+    # under FSDP it is written from the whole tensors gathered from the shards.
+    model.save_pretrained(str(out), safe_serialization=True, **({"state_dict": gathered} if gathered else {}))
     adapter_cfg = json.loads((out / registry.CONFIG).read_text())
     adapter_cfg["base_model_name_or_path"] = base.id  # not the cache path, which differs per machine
     (out / registry.CONFIG).write_text(json.dumps(adapter_cfg, indent=2))
