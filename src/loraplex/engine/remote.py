@@ -35,6 +35,7 @@ from dataclasses import replace
 from typing import Any
 
 import httpx
+from httpx_sse import EventSource, SSEError
 
 from loraplex.adapters import registry
 from loraplex.engine.adapter_cache import InvalidModelName, ModelNotFound, resolve_model
@@ -190,7 +191,7 @@ class RemoteEngine:
                     async for delta in _deltas(resp, len(prompt_ids), self.url):
                         yield delta
                     return
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, SSEError) as e:
             raise UpstreamError(502, f"engine {self.url} failed: {e}", "engine_unavailable") from None
         finally:
             self._in_flight -= 1
@@ -388,13 +389,10 @@ async def _deltas(resp: httpx.Response, n_prompt: int, url: str) -> AsyncIterato
     last: Delta | None = None
     seen = 0
     usage: dict[str, Any] = {}
-    async for line in resp.aiter_lines():
-        if not line.startswith("data:"):
-            continue
-        payload = line[5:].strip()
-        if payload == "[DONE]":
+    async for event in EventSource(resp).aiter_sse():
+        if event.data == "[DONE]":
             break
-        chunk = json.loads(payload)
+        chunk = json.loads(event.data)
         if "error" in chunk:
             err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
             raise UpstreamError(502, f"engine {url}: {err.get('message')}", str(err.get("code") or "engine_error"))

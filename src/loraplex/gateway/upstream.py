@@ -3,8 +3,8 @@
 The gateway's keys, limits, metering, logs and output filters apply exactly as for the built-in
 engine; this module only moves the request and the answer, and reports what it saw (tokens,
 time to first token, finish reason, text) for the log. Streams are re-framed chunk by chunk (SSE
-`data:` lines parsed as JSON, filtered, re-sent); the upstream is asked for usage in the stream so
-it can be metered, and that chunk is passed on only if the client asked for it too.
+events read with httpx-sse, their JSON filtered and re-sent); the upstream is asked for usage in
+the stream so it can be metered, and that chunk is passed on only if the client asked for it too.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from httpx_sse import EventSource, SSEError
 
 from loraplex.gateway.policy import OutputFilter, StreamFilter, Upstream
 
@@ -111,13 +112,10 @@ async def stream(
             if resp.status_code != 200:
                 await resp.aread()
                 raise _error_from(resp, up)
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
+            async for event in EventSource(resp).aiter_sse():
+                if event.data == "[DONE]":
                     break
-                chunk = json.loads(payload)
+                chunk = json.loads(event.data)
                 chunk["id"] = rid
                 if chunk.get("usage"):
                     out.prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
@@ -141,6 +139,6 @@ async def stream(
                     if choice.get("finish_reason"):
                         out.finish_reason = choice["finish_reason"]
                 yield json.dumps(chunk, ensure_ascii=False)
-    except httpx.HTTPError as e:
+    except (httpx.HTTPError, SSEError) as e:
         raise UpstreamError(502, f"upstream {up.base_url} failed: {e}", "upstream_unavailable") from None
     yield "[DONE]"
