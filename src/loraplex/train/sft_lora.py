@@ -118,6 +118,15 @@ def lora_peft_config(cfg: TrainConfig) -> Any:
     )
 
 
+def peak_memory(device: str) -> tuple[int, str]:
+    """The run's peak memory so far: what PyTorch allocated on the GPU, else the process's peak RSS."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated(device)), "GPU"
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "RSS"  # Linux reports KiB
+
+
 def quantization_config(cfg: TrainConfig, device: str, dtype: torch.dtype) -> Any:
     """bitsandbytes' config for a QLoRA run (None without `train.quantization_bit`)."""
     tc = cfg.train
@@ -418,11 +427,9 @@ def run(
         attn_implementation="eager" if device == "cpu" else "sdpa",
         quantization=quantization,
     )
-    if quantization is not None:
-        from peft import prepare_model_for_kbit_training
-
-        # norms and the output head to fp32 for stable training; checkpointing is our own switch below
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # No `prepare_model_for_kbit_training` for QLoRA: it casts every unquantised weight to fp32, and the
+    # embeddings and head of a 128k-vocabulary model are then 4 GB instead of 2; autocast computes in
+    # the compute dtype and the RMSNorms already compute in fp32. Checkpointing is our own switch below.
     model = get_peft_model(model, lora_peft_config(cfg))
     if dtype != torch.float32 and quantization is None:
         # Frozen base weights live in the compute dtype, LoRA weights stay fp32 (autocast casts them).
@@ -692,6 +699,7 @@ def run(
         eval_loss = evaluate()
     wall = time.time() - t_start
     loop_time = time.time() - t_loop
+    peak, peak_kind = peak_memory(device)
     ref = None
     gathered = trainable_state(model) if sharded else None  # a collective: before rank 0 goes on alone
     if register and world.main:
@@ -724,13 +732,15 @@ def run(
                 "tokens_per_s": round(tokens_seen / max(loop_time, 1e-9), 1),
                 "device": device,
                 "precision": str(dtype).removeprefix("torch."),
+                "peak_memory": {"bytes": peak, "kind": peak_kind},
             },
         )
         shutil.rmtree(ckpt_root, ignore_errors=True)  # the run is complete: its adapter is in the store
     console.print(
         f"[green]done[/] in {wall:.0f}s: {step} steps, train loss {train_loss:.4f}"
         + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else "")
-        + f", {tokens_seen / max(loop_time, 1e-9):,.0f} tok/s, trainable {trainable:,} "
+        + f", {tokens_seen / max(loop_time, 1e-9):,.0f} tok/s, peak {peak_kind} {peak / 2**30:.2f} GiB"
+        + f", trainable {trainable:,} "
         f"({100 * trainable / total_params:.2f}%)" + (f" -> [bold]{ref.id}[/]" if ref else "")
     )
     world.close()
