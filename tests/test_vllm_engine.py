@@ -224,6 +224,12 @@ def test_front_door_answers_like_the_engine_and_keeps_it_in_sync(stack: Stack) -
         assert by_model["legal@v1"]["requests"] >= 2 and by_model["counsel"]["requests"] == 1
         assert by_model["legal@v1"]["completion_tokens"] >= 2 * want.usage.completion_tokens
 
+        # the web app and its admin dashboard read the remote engine like the built-in one
+        ops = {"Authorization": f"Bearer {stack.tokens['ops']}"}
+        assert httpx.get(f"{stack.door.url}/").status_code == 200
+        live = httpx.get(f"{stack.door.url}/ui/api/admin/live", headers=ops).json()
+        assert "legal@v1" in {a["key"] for a in live["loaded"]} and live["running"] == 0
+
         # a second front door on the same home: the same keys, and usage adds up in one server.db
         from loraplex.engine.remote import RemoteEngine
         from loraplex.gateway.gate import Gateway
