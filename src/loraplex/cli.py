@@ -634,9 +634,8 @@ def _vllm_engine(
     import os
     import socket
 
-    from loraplex.adapters import registry
     from loraplex.engine import vllm_process
-    from loraplex.engine.remote import RemoteEngine
+    from loraplex.engine.remote import RemoteEngine, pointed_at
     from loraplex.models.load import resolve_base
     from loraplex.paths import home
 
@@ -649,19 +648,15 @@ def _vllm_engine(
             url, base_ref, adapters=names, pin=pins, max_model_len=max_model_len, max_batch=max_batch, api_key=api_key
         )
     # start with what the registry points at: each served adapter's latest version and alias targets
-    refs, aliases = [], registry.all_aliases()
-    for name, versions in registry.list_names():
-        if names is not None and name not in {n.partition("@")[0] for n in names}:
+    refs = []
+    for ref in pointed_at({n.partition("@")[0] for n in names} if names is not None else None):
+        problems = vllm_process.check_layout(ref)
+        if problems and names is not None:
+            raise UserError("; ".join(problems))
+        if problems:
+            err.print(f"[yellow]left out:[/] {'; '.join(problems)}", highlight=False)
             continue
-        for v in sorted({versions[-1], *aliases.get(name, {}).values()} & set(versions)):
-            ref = registry.AdapterRef(name, v, registry.store_root() / name / f"v{v}")
-            problems = vllm_process.check_layout(ref)
-            if problems and names is not None:
-                raise UserError("; ".join(problems))
-            if problems:
-                err.print(f"[yellow]left out:[/] {'; '.join(problems)}", highlight=False)
-                continue
-            refs.append(ref)
+        refs.append(ref)
     if port is None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

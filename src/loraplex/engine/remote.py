@@ -52,6 +52,17 @@ log = logging.getLogger(__name__)
 _TOKEN_ID = re.compile(r"^token_id:(-?\d+)$")
 
 
+def pointed_at(allowed: set[str] | None) -> list[registry.AdapterRef]:
+    """The versions the registry points at now: each adapter's latest and its alias targets."""
+    aliases = registry.all_aliases()
+    out = []
+    for name, versions in registry.list_names():
+        if allowed is None or name in allowed:
+            for v in sorted({versions[-1], *aliases.get(name, {}).values()} & set(versions)):
+                out.append(registry.AdapterRef(name, v, registry.store_root() / name / f"v{v}"))
+    return out
+
+
 class RemoteAdapters:
     """What the API reads of AdapterCache: `resolve`, `allowed`, `slot_of` (loaded), `describe`."""
 
@@ -239,15 +250,7 @@ class RemoteEngine:
 
     def wanted(self) -> dict[str, registry.AdapterRef]:
         """Versions the engine should have: each served adapter's latest and alias targets, and pins."""
-        aliases = registry.all_aliases()
-        out: dict[str, registry.AdapterRef] = {}
-        for name, versions in registry.list_names():
-            if self.adapters.allowed is not None and name not in self.adapters.allowed:
-                continue
-            for v in sorted({versions[-1], *aliases.get(name, {}).values()} & set(versions)):
-                ref = registry.AdapterRef(name, v, registry.store_root() / name / f"v{v}")
-                if self._servable(ref):
-                    out[ref.id] = ref
+        out = {ref.id: ref for ref in pointed_at(self.adapters.allowed) if self._servable(ref)}
         for key in self.adapters.pinned:
             out.setdefault(key, registry.resolve(key))
         return out
