@@ -127,7 +127,7 @@ def test_auth_matrix(env: Env) -> None:
 
 
 def test_revoking_a_key_takes_effect_on_the_next_request(env: Env) -> None:
-    _, token = keys.create(env.srv.gateway.con, "temp")
+    _, token = keys.create(env.srv.gateway.db, "temp")
     env.tokens["temp"] = token
     assert env.chat("temp", "legal").status_code == 200
     assert runner.invoke(app, ["keys", "revoke", "temp"]).exit_code == 0
@@ -285,7 +285,7 @@ def test_stream_filter_equals_whole_text_filter_however_it_is_chunked(cuts: list
 
 def test_upstream_route_proxies_streams_with_the_same_keys_and_log(env: Env, tmp_path: Path) -> None:
     upstream_engine = Engine(str(env.tiny_base), dtype="fp32", max_batch=2, max_loaded_adapters=2)
-    up = Server(upstream_engine, Gateway(auth=False, db_path=tmp_path / "upstream.db", engine=upstream_engine))
+    up = Server(upstream_engine, Gateway(auth=False, database=tmp_path / "upstream.db", engine=upstream_engine))
     try:
         base = upstream_engine.base.id
         env.srv.gateway.set_config(

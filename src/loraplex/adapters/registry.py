@@ -5,8 +5,10 @@ The files are the truth for versions: a version directory is written under a tem
 renamed into place, so the store only ever holds complete adapters, and the index is a cache of
 their manifests that `sync()` repairs from the directories (a crash between the rename and the
 index write loses nothing). Aliases (`prod`, `staging`) live only in the index: they are
-deployment state, not part of an adapter. Version numbers and index writes happen under one file
-lock, so two trainings finishing at once never reuse a version or corrupt the index.
+deployment state, not part of an adapter. With `LORAPLEX_DATABASE_URL` set (front doors on several
+hosts sharing the store's directory), the index lives in that PostgreSQL database instead.
+Version numbers and index writes happen under one file lock, so two trainings finishing at once
+never reuse a version or corrupt the index.
 
 Versions are immutable: weights and adapter config never change after registration (their sha256
 is in the manifest and checked on load); only `description` and `owner` can be edited.
@@ -22,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import sqlite3
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +32,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+from sqlalchemy import exc
+from sqlalchemy.engine import Connection
+
+from loraplex.database import Database, url_for
 from loraplex.errors import UserError
 from loraplex.paths import check_name, home
 
@@ -42,7 +48,9 @@ _VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
 _ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 DEFAULT_ALIAS = "prod"
 
-SCHEMA = """
+# One migration; IF NOT EXISTS because index.db files from before versioned migrations have the tables.
+MIGRATIONS = [
+    """
 CREATE TABLE IF NOT EXISTS versions (
     name TEXT NOT NULL, version INTEGER NOT NULL, base TEXT, rank INTEGER, bytes INTEGER,
     created_at TEXT, description TEXT, owner TEXT, eval_score REAL,
@@ -57,6 +65,7 @@ CREATE TABLE IF NOT EXISTS promotions (
     from_version INTEGER, to_version INTEGER NOT NULL, score REAL, forced INTEGER NOT NULL,
     problems TEXT NOT NULL, by_user TEXT);
 """
+]
 
 
 @dataclass(frozen=True)
@@ -100,20 +109,43 @@ def locked() -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-@contextmanager
-def _db() -> Iterator[sqlite3.Connection]:
+_open: dict[str, Database] = {}  # by URL, a pool each (tests and tools switch $LORAPLEX_HOME)
+
+
+def _database() -> Database:
     root = store_root()
-    root.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(root / "index.db", timeout=30)
+    url = url_for(root / "index.db")
+    if url not in _open:
+        root.mkdir(parents=True, exist_ok=True)
+        while len(_open) >= 4:
+            _open.pop(next(iter(_open))).close()
+        try:
+            _open[url] = Database(url, MIGRATIONS, "adapter index")
+        except exc.DBAPIError as e:
+            raise _damaged(e) from e
+    return _open[url]
+
+
+def _damaged(e: exc.DBAPIError) -> Exception:
+    """A UserError saying what to do when `e` means the SQLite index file is not a database."""
+    if re.search(r"file is not a database|malformed", str(e.orig)):
+        path = store_root() / "index.db"
+        return UserError(f"the adapter index {path} is damaged ({e.orig}); delete it and it is rebuilt")
+    return e
+
+
+@contextmanager
+def _db() -> Iterator[Connection]:
+    """One transaction on the index (on SQLite it takes the write lock at its start)."""
     try:
-        con.execute("PRAGMA journal_mode=WAL")
-        con.executescript(SCHEMA)
-        with con:  # one transaction
+        with _database().transaction() as con:
             yield con
-    except sqlite3.DatabaseError as e:
-        raise UserError(f"the adapter index {root / 'index.db'} is damaged ({e}); delete it and it is rebuilt") from e
-    finally:
-        con.close()
+    except exc.DBAPIError as e:
+        raise _damaged(e) from e
+
+
+def _q(con: Connection, sql: str, **params: Any) -> Any:  # a Result of plain tuples
+    return con.execute(sa.text(sql), params)
 
 
 def versions(name: str) -> list[int]:
@@ -137,27 +169,36 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-_UPSERT_VERSION = "INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?,?,?)"
+_UPSERT_VERSION = (
+    "INSERT INTO versions (name, version, base, rank, bytes, created_at, description, owner, eval_score)"
+    " VALUES (:name, :version, :base, :rank, :bytes, :created_at, :description, :owner, :eval_score)"
+    " ON CONFLICT (name, version) DO UPDATE SET base = excluded.base, rank = excluded.rank,"
+    " bytes = excluded.bytes, created_at = excluded.created_at, description = excluded.description,"
+    " owner = excluded.owner, eval_score = excluded.eval_score"
+)
+_SET_ALIAS = (
+    "INSERT INTO aliases (name, alias, version) VALUES (:name, :alias, :version)"
+    " ON CONFLICT (name, alias) DO UPDATE SET version = excluded.version"
+)
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _index_row(name: str, version: int, m: dict[str, Any]) -> tuple[Any, ...]:
+def _index_row(name: str, version: int, m: dict[str, Any]) -> dict[str, Any]:
     lora = (m.get("config") or {}).get("lora") or {}
-    score = (m.get("eval") or {}).get("score")
-    return (
-        name,
-        version,
-        (m.get("base_model") or {}).get("id"),
-        lora.get("rank"),
-        sum(int(f.get("bytes", 0)) for f in (m.get("files") or {}).values()),
-        m.get("created_at"),
-        m.get("description") or "",
-        m.get("owner") or "",
-        score,
-    )
+    return {
+        "name": name,
+        "version": version,
+        "base": (m.get("base_model") or {}).get("id"),
+        "rank": lora.get("rank"),
+        "bytes": sum(int(f.get("bytes", 0)) for f in (m.get("files") or {}).values()),
+        "created_at": m.get("created_at"),
+        "description": m.get("description") or "",
+        "owner": m.get("owner") or "",
+        "eval_score": (m.get("eval") or {}).get("score"),
+    }
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -176,7 +217,7 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 def index_version(name: str, version: int, manifest: dict[str, Any]) -> None:
     """Record a version that was just placed in the store (callers hold `locked()`)."""
     with _db() as con:
-        con.execute(_UPSERT_VERSION, _index_row(name, version, manifest))
+        con.execute(sa.text(_UPSERT_VERSION), _index_row(name, version, manifest))
 
 
 def register(name: str, adapter_dir: Path, manifest: dict[str, Any]) -> AdapterRef:
@@ -199,7 +240,7 @@ def register(name: str, adapter_dir: Path, manifest: dict[str, Any]) -> AdapterR
             _write_json_atomic(tmp / MANIFEST, full)
             os.rename(tmp, root / f"v{version}")
             with _db() as con:
-                con.execute(_UPSERT_VERSION, _index_row(name, version, full))
+                con.execute(sa.text(_UPSERT_VERSION), _index_row(name, version, full))
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write adapter {name} to {root}: {e.strerror or e}") from e
@@ -225,15 +266,13 @@ def resolve(ref: str) -> AdapterRef:
             raise UserError(f"{name} has no version v{version}; versions: {', '.join(f'v{v}' for v in available)}")
     else:
         check_alias(ver)
-        with _db() as con:
-            row = con.execute("SELECT version FROM aliases WHERE name=? AND alias=?", (name, ver)).fetchone()
-            known_aliases = [a for (a,) in con.execute("SELECT alias FROM aliases WHERE name=?", (name,))]
-        if row is None:
+        pointing = aliases_of(name)
+        if ver not in pointing:
             raise UserError(
-                f"{name} has no alias {ver!r} (aliases: {', '.join(known_aliases) or 'none'}; "
+                f"{name} has no alias {ver!r} (aliases: {', '.join(sorted(pointing)) or 'none'}; "
                 f"set one with `loraplex adapters tag {name}@v{available[-1]} {ver}`)"
             )
-        version = int(row[0])
+        version = pointing[ver]
         if version not in available:
             raise UserError(f"alias {name}@{ver} points to v{version}, which is no longer in the store")
     return AdapterRef(name, version, store_root() / name / f"v{version}")
@@ -256,25 +295,26 @@ def sync() -> None:
     """Make the index agree with the directories: add versions it lacks, drop ones that are gone."""
     on_disk = {(n, v) for n, vs in list_names() for v in vs}
     with locked(), _db() as con:
-        indexed = {(n, v) for n, v in con.execute("SELECT name, version FROM versions")}
+        indexed = {(n, v) for n, v in _q(con, "SELECT name, version FROM versions")}
         for name, version in sorted(on_disk - indexed):
             try:
                 m = AdapterRef(name, version, store_root() / name / f"v{version}").manifest()
             except (OSError, ValueError):
                 continue  # a damaged manifest is reported by `show`/`verify`, not hidden by listing
-            con.execute(_UPSERT_VERSION, _index_row(name, version, m))
+            con.execute(sa.text(_UPSERT_VERSION), _index_row(name, version, m))
         for name, version in indexed - on_disk:
-            con.execute("DELETE FROM versions WHERE name=? AND version=?", (name, version))
-            con.execute("DELETE FROM aliases WHERE name=? AND version=?", (name, version))
+            _q(con, "DELETE FROM versions WHERE name = :name AND version = :version", name=name, version=version)
+            _q(con, "DELETE FROM aliases WHERE name = :name AND version = :version", name=name, version=version)
 
 
 def catalog() -> list[dict[str, Any]]:
     """One row per adapter name for `adapters list`: versions, aliases, and the latest version's facts."""
     sync()
-    with _db() as con:
-        rows = con.execute(
+    with _database().connect() as con:
+        rows = _q(
+            con,
             "SELECT name, version, base, rank, bytes, created_at, description, owner, eval_score "
-            "FROM versions ORDER BY name, version"
+            "FROM versions ORDER BY name, version",
         ).fetchall()
     aliases = {n: {a: f"v{v}" for a, v in by.items()} for n, by in all_aliases().items()}
     out: dict[str, dict[str, Any]] = {}
@@ -298,15 +338,15 @@ def catalog() -> list[dict[str, Any]]:
 def all_aliases() -> dict[str, dict[str, int]]:
     """{name: {alias: version}} for the whole store, in one query (the API lists models with it)."""
     out: dict[str, dict[str, int]] = {}
-    with _db() as con:
-        for name, alias, version in con.execute("SELECT name, alias, version FROM aliases ORDER BY name, alias"):
+    with _database().connect() as con:
+        for name, alias, version in _q(con, "SELECT name, alias, version FROM aliases ORDER BY name, alias"):
             out.setdefault(name, {})[alias] = int(version)
     return out
 
 
 def aliases_of(name: str) -> dict[str, int]:
-    with _db() as con:
-        return {a: int(v) for a, v in con.execute("SELECT alias, version FROM aliases WHERE name=?", (name,))}
+    with _database().connect() as con:
+        return {a: int(v) for a, v in _q(con, "SELECT alias, version FROM aliases WHERE name = :name", name=name)}
 
 
 def tag(ref: str, alias: str) -> AdapterRef:
@@ -314,10 +354,14 @@ def tag(ref: str, alias: str) -> AdapterRef:
     check_alias(alias)
     target = resolve(ref)
     with locked(), _db() as con:
-        con.execute("INSERT OR REPLACE INTO aliases VALUES (?,?,?)", (target.name, alias, target.version))
-        con.execute(
-            "INSERT INTO alias_history (name, alias, version, at) VALUES (?,?,?,?)",
-            (target.name, alias, target.version, _now()),
+        _q(con, _SET_ALIAS, name=target.name, alias=alias, version=target.version)
+        _q(
+            con,
+            "INSERT INTO alias_history (name, alias, version, at) VALUES (:name, :alias, :version, :at)",
+            name=target.name,
+            alias=alias,
+            version=target.version,
+            at=_now(),
         )
     return target
 
@@ -327,8 +371,11 @@ def rollback(name: str, alias: str = DEFAULT_ALIAS) -> tuple[int, int]:
     check_name(name)
     check_alias(alias)
     with locked(), _db() as con:
-        history = con.execute(
-            "SELECT id, version FROM alias_history WHERE name=? AND alias=? ORDER BY id", (name, alias)
+        history = _q(
+            con,
+            "SELECT id, version FROM alias_history WHERE name = :name AND alias = :alias ORDER BY id",
+            name=name,
+            alias=alias,
         ).fetchall()
         if not history:
             raise UserError(f"{name} has no alias {alias!r} to roll back")
@@ -337,8 +384,8 @@ def rollback(name: str, alias: str = DEFAULT_ALIAS) -> tuple[int, int]:
         (last_id, current), (_, previous) = history[-1], history[-2]
         if previous not in versions(name):
             raise UserError(f"{name}@{alias} would go back to v{previous}, which is no longer in the store")
-        con.execute("DELETE FROM alias_history WHERE id=?", (last_id,))  # history is a stack: tag pushes
-        con.execute("INSERT OR REPLACE INTO aliases VALUES (?,?,?)", (name, alias, previous))
+        _q(con, "DELETE FROM alias_history WHERE id = :id", id=last_id)  # history is a stack: tag pushes
+        _q(con, _SET_ALIAS, name=name, alias=alias, version=previous)
     return current, previous
 
 
@@ -353,10 +400,7 @@ def describe(ref: str, description: str | None = None, owner: str | None = None)
             m["owner"] = owner
         _write_json_atomic(target.path / MANIFEST, m)
         with _db() as con:
-            con.execute(
-                _UPSERT_VERSION,
-                _index_row(target.name, target.version, m),
-            )
+            con.execute(sa.text(_UPSERT_VERSION), _index_row(target.name, target.version, m))
     return target
 
 
@@ -376,8 +420,13 @@ def remove(ref: str, force: bool = False) -> AdapterRef:
         trash = target.path.with_name(f".trash-v{target.version}")
         os.rename(target.path, trash)  # gone from the store in one step; the rest is cleanup
         with _db() as con:
-            con.execute("DELETE FROM versions WHERE name=? AND version=?", (target.name, target.version))
-            con.execute("DELETE FROM aliases WHERE name=? AND version=?", (target.name, target.version))
+            for table in ("versions", "aliases"):
+                _q(
+                    con,
+                    f"DELETE FROM {table} WHERE name = :name AND version = :version",
+                    name=target.name,
+                    version=target.version,
+                )
         shutil.rmtree(trash, ignore_errors=True)
     return target
 
@@ -425,7 +474,7 @@ def record_eval(ref: AdapterRef, result: dict[str, Any]) -> Path:
         }
         _write_json_atomic(ref.path / MANIFEST, m)
         with _db() as con:
-            con.execute(_UPSERT_VERSION, _index_row(ref.name, ref.version, m))
+            con.execute(sa.text(_UPSERT_VERSION), _index_row(ref.name, ref.version, m))
     return path
 
 
@@ -507,31 +556,31 @@ def promote(
         )
     tag(target.id, alias)
     with locked(), _db() as con:
-        con.execute(
+        _q(
+            con,
             "INSERT INTO promotions (at, name, alias, from_version, to_version, score, forced, problems, by_user) "
-            "VALUES (?,?,?,?,?,?,?,?,?)",
-            (
-                _now(),
-                target.name,
-                alias,
-                current,
-                target.version,
-                mine["score"] if mine else None,
-                int(bool(problems)),
-                json.dumps(problems, ensure_ascii=False),
-                _user(),
-            ),
+            "VALUES (:at, :name, :alias, :from_version, :to_version, :score, :forced, :problems, :by_user)",
+            at=_now(),
+            name=target.name,
+            alias=alias,
+            from_version=current,
+            to_version=target.version,
+            score=mine["score"] if mine else None,
+            forced=int(bool(problems)),
+            problems=json.dumps(problems, ensure_ascii=False),
+            by_user=_user(),
         )
     return Promotion(target, alias, current, bool(problems), tuple(problems))
 
 
 def promotions(name: str) -> list[dict[str, Any]]:
     """The audit trail of `adapters promote` for one adapter, oldest first."""
-    with _db() as con:
-        rows = con.execute(
+    with _database().connect() as con:
+        rows = _q(
+            con,
             "SELECT at, alias, from_version, to_version, score, forced, problems, by_user FROM promotions "
-            "WHERE name=? ORDER BY id",
-            (check_name(name),),
+            "WHERE name = :name ORDER BY id",
+            name=check_name(name),
         ).fetchall()
     keys = ("at", "alias", "from_version", "to_version", "score", "forced", "problems", "by_user")
     return [{**dict(zip(keys, r, strict=True)), "forced": bool(r[5]), "problems": json.loads(r[6])} for r in rows]

@@ -49,7 +49,7 @@ from loraplex.engine.engine import Delta, Engine, EngineClosed, PromptTooLong
 from loraplex.engine.remote import RemoteEngine
 from loraplex.engine.sampling import SamplingParams, TokenLogprob
 from loraplex.errors import UserError
-from loraplex.gateway import feedback, upstream
+from loraplex.gateway import db, feedback, upstream
 from loraplex.gateway.gate import Call, Gateway, Overloaded
 from loraplex.gateway.keys import AuthError, Key
 from loraplex.gateway.limits import RateLimited
@@ -124,6 +124,8 @@ def _translate(e: BaseException) -> APIError:
         return APIError(
             e.status, e.message, "server_error" if e.status >= 500 else "invalid_request_error", code=e.code
         )
+    if isinstance(e, db.Unavailable):
+        return APIError(503, str(e), "server_error", code="database_unavailable", headers={"Retry-After": "5"})
     if isinstance(e, UserError | ValueError):
         return APIError(400, str(e))
     return APIError(500, f"internal error: {e}", type_="server_error")
@@ -239,7 +241,7 @@ def create_app(engine: AnyEngine, gateway: Gateway | None = None) -> FastAPI:
         return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
 
     # the gateway's refusals are answers, not crashes: handled here, never logged as tracebacks
-    for refusal in (AuthError, RateLimited, Overloaded, upstream.UpstreamError, UserError):
+    for refusal in (AuthError, RateLimited, Overloaded, upstream.UpstreamError, UserError, db.Unavailable):
         app.add_exception_handler(refusal, _crash)
     app.add_exception_handler(Exception, _crash)
 
@@ -308,7 +310,7 @@ def create_app(engine: AnyEngine, gateway: Gateway | None = None) -> FastAPI:
         if req.choice >= len(item.answers):
             raise APIError(400, f"choice {req.choice}: the response has {len(item.answers)}", param="choice")
         fid = await asyncio.to_thread(
-            feedback.record, gw.con, req.id, item, req.choice, req.rating, req.comment, req.correction
+            feedback.record, gw.db, req.id, item, req.choice, req.rating, req.comment, req.correction
         )
         return {"id": fid, "object": "feedback", "response_id": req.id, "model": item.served, "rating": req.rating}
 
@@ -382,7 +384,7 @@ def create_app(engine: AnyEngine, gateway: Gateway | None = None) -> FastAPI:
         if by not in ("adapter", "key"):
             raise APIError(400, "by: use adapter or key", param="by")
         await asyncio.to_thread(gw.log.flush)
-        rows = await asyncio.to_thread(summary, gw.con, since, by)
+        rows = await asyncio.to_thread(summary, gw.db, since, by)
         await asyncio.to_thread(gw.log.audit, key.name if key else None, "usage", by, {"since": since}, 200)
         return {"object": "list", "by": by, "data": rows}
 
@@ -391,7 +393,7 @@ def create_app(engine: AnyEngine, gateway: Gateway | None = None) -> FastAPI:
         from loraplex.gateway import keys as key_store
 
         await asyncio.to_thread(gw.log.flush)
-        use = {r["name"]: r for r in await asyncio.to_thread(summary, gw.con, None, "key")}
+        use = {r["name"]: r for r in await asyncio.to_thread(summary, gw.db, None, "key")}
         data = [
             {
                 "name": k.name,
@@ -403,14 +405,14 @@ def create_app(engine: AnyEngine, gateway: Gateway | None = None) -> FastAPI:
                 "revoked": k.revoked,
                 "usage": use.get(k.name),
             }
-            for k in await asyncio.to_thread(key_store.list_keys, gw.con)
+            for k in await asyncio.to_thread(key_store.list_keys, gw.db)
         ]
         await asyncio.to_thread(gw.log.audit, key.name if key else None, "keys", None, None, 200)
         return {"object": "list", "data": data}
 
     @app.get("/admin/audit")
     async def audit(limit: int = 100, key: Key | None = Depends(admin)) -> Any:
-        return {"object": "list", "data": await asyncio.to_thread(audit_rows, gw.con, min(max(limit, 1), 10_000))}
+        return {"object": "list", "data": await asyncio.to_thread(audit_rows, gw.db, min(max(limit, 1), 10_000))}
 
     return app
 

@@ -1,21 +1,24 @@
-"""The server's embedded state: one SQLite file ($LORAPLEX_HOME/server.db) for keys, the request
-log, feedback, the admin audit trail, and the web UI's conversations and training jobs.
+"""The server's tables: keys, the request log, feedback, the admin audit trail, and the web UI's
+conversations and training jobs.
 
-The schema is versioned with SQLite's `user_version`; `connect` applies every migration newer than
-the file's version, in order, in one transaction each, so an old file upgrades in place and a new
-file is built by the same steps. WAL mode lets the CLI read while the server writes.
-This module knows tables, not policies (see keys.py, log.py, feedback.py).
+They live in $LORAPLEX_HOME/server.db (SQLite), which every process on the host shares (front
+doors, the CLI), or in the PostgreSQL database `LORAPLEX_DATABASE_URL` names, which front doors on
+several hosts share (see loraplex/database.py). This module knows tables, not policies (see
+keys.py, log.py, feedback.py).
 """
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 from loraplex import paths
+from loraplex.database import URL_ENV, Database, Unavailable, url_for
+
+__all__ = ["MIGRATIONS", "URL_ENV", "Database", "Unavailable", "connect", "default_path"]
 
 MIGRATIONS: list[str] = [
-    # 1: keys, request log, feedback, audit (statements split on ";": none inside comments)
+    # 1: keys, request log, feedback, audit (statements split on ";": none inside comments).
+    # Written for SQLite; loraplex.database maps the three type names that differ on PostgreSQL.
     """
     CREATE TABLE keys (
         id TEXT PRIMARY KEY,            -- the public part of the key (lp-<id>-<secret>)
@@ -100,6 +103,9 @@ MIGRATIONS: list[str] = [
         error TEXT
     );
     """,
+    # 4: the host a job runs on (a front door on another host cannot see that job's process);
+    # NULL for jobs started before. No SQL comment here: SQLite keeps it in the table's schema text.
+    "ALTER TABLE jobs ADD COLUMN host TEXT",
 ]
 
 
@@ -107,28 +113,11 @@ def default_path() -> Path:
     return paths.home() / "server.db"
 
 
-def connect(path: Path | None = None) -> sqlite3.Connection:
-    """Open (creating and migrating as needed) the server database."""
-    path = path or default_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-    con.row_factory = sqlite3.Row
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, no fsync per log row
-    con.execute("PRAGMA busy_timeout=30000")
-    version = con.execute("PRAGMA user_version").fetchone()[0]
-    if version > len(MIGRATIONS):
-        raise RuntimeError(f"{path} has schema version {version}; this loraplex knows up to {len(MIGRATIONS)}")
-    for i in range(version, len(MIGRATIONS)):
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            if con.execute("PRAGMA user_version").fetchone()[0] == i:  # another process may have won
-                for statement in MIGRATIONS[i].split(";"):
-                    if statement.strip():
-                        con.execute(statement)
-                con.execute(f"PRAGMA user_version = {i + 1}")
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-    return con
+def connect(target: Path | str | None = None) -> Database:
+    """Open (creating and migrating as needed) the server database: a SQLite file, a URL, or by
+    default `LORAPLEX_DATABASE_URL`, else $LORAPLEX_HOME/server.db."""
+    if target is None:
+        target = url_for(default_path())
+    elif isinstance(target, Path):
+        target = f"sqlite:///{target}"
+    return Database(target, MIGRATIONS, "server")

@@ -11,7 +11,6 @@ correction has nothing to teach and is skipped (and counted).
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.errors import UserError
+from loraplex.gateway.db import Database
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class RecentResponses:
 
 
 def record(
-    con: sqlite3.Connection,
+    db: Database,
     response_id: str,
     item: Answered,
     choice: int,
@@ -56,45 +56,46 @@ def record(
     comment: str | None,
     correction: str | None,
 ) -> int:
-    cur = con.execute(
+    row = db.one(
         "INSERT INTO feedback (response_id, time, key, adapter, rating, comment, correction, messages, response)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            response_id,
-            time.time(),
-            item.key,
-            item.served,
-            rating,
-            comment,
-            correction,
-            json.dumps(item.messages, ensure_ascii=False),
-            item.answers[choice],
-        ),
+        " VALUES (:response_id, :time, :key, :adapter, :rating, :comment, :correction, :messages, :response)"
+        " RETURNING id",
+        {
+            "response_id": response_id,
+            "time": time.time(),
+            "key": item.key,
+            "adapter": item.served,
+            "rating": rating,
+            "comment": comment,
+            "correction": correction,
+            "messages": json.dumps(item.messages, ensure_ascii=False),
+            "response": item.answers[choice],
+        },
     )
-    return int(cur.lastrowid or 0)
+    assert row is not None  # RETURNING gives the inserted row
+    return int(row["id"])
 
 
-def _where(adapter: str, rating: str | None) -> tuple[str, list[Any]]:
+def _where(adapter: str, rating: str | None) -> tuple[str, dict[str, Any]]:
     name, _, version = adapter.partition("@")
     escaped = name.replace("_", "\\_").replace("%", "\\%")
-    clause, args = ("adapter = ?", [adapter]) if version else ("adapter LIKE ? ESCAPE '\\'", [f"{escaped}@v%"])
-    if not version:
-        clause = f"({clause} OR adapter = ?)"
-        args.append(name)  # the base model is stored under its id
+    if version:
+        clause, args = "adapter = :adapter", {"adapter": adapter}
+    else:  # every version, and the base model, which is stored under its id
+        clause = "(adapter LIKE :versions ESCAPE '\\' OR adapter = :name)"
+        args = {"versions": f"{escaped}@v%", "name": name}
     if rating:
-        clause += " AND rating = ?"
-        args.append(rating)
+        clause += " AND rating = :rating"
+        args["rating"] = rating
     return clause, args
 
 
-def export(
-    con: sqlite3.Connection, adapter: str, out: Path, rating: str | None = None, fmt: str = "messages"
-) -> dict[str, int]:
+def export(db: Database, adapter: str, out: Path, rating: str | None = None, fmt: str = "messages") -> dict[str, int]:
     """Write `adapter`'s rated conversations as training data; counts of written and skipped records."""
     if fmt not in ("messages", "sharegpt"):
         raise UserError(f"--format {fmt!r}: use messages or sharegpt")
     clause, args = _where(adapter, rating)
-    rows = con.execute(f"SELECT * FROM feedback WHERE {clause} ORDER BY id", args).fetchall()
+    rows = db.all(f"SELECT * FROM feedback WHERE {clause} ORDER BY id", args)
     written = skipped = 0
     lines = []
     for r in rows:
@@ -119,12 +120,15 @@ def export(
     return {"written": written, "skipped": skipped}
 
 
-def stats(con: sqlite3.Connection, adapter: str | None = None) -> list[dict[str, Any]]:
-    clause, args = _where(adapter, None) if adapter else ("1", [])
-    rows = con.execute(
-        f"""SELECT adapter, COUNT(*) AS ratings, SUM(rating = 'up') AS up, SUM(rating = 'down') AS down,
-                   SUM(correction IS NOT NULL AND correction != '') AS corrected, MAX(time) AS last
+def stats(db: Database, adapter: str | None = None) -> list[dict[str, Any]]:
+    clause, args = _where(adapter, None) if adapter else ("1 = 1", {})
+    rows = db.all(
+        f"""SELECT adapter, COUNT(*) AS ratings,
+                   SUM(CASE WHEN rating = 'up' THEN 1 ELSE 0 END) AS up,
+                   SUM(CASE WHEN rating = 'down' THEN 1 ELSE 0 END) AS down,
+                   SUM(CASE WHEN correction IS NOT NULL AND correction != '' THEN 1 ELSE 0 END) AS corrected,
+                   MAX(time) AS last
             FROM feedback WHERE {clause} GROUP BY adapter ORDER BY adapter""",
         args,
-    ).fetchall()
+    )
     return [{**dict(r), "up_ratio": (r["up"] / r["ratings"]) if r["ratings"] else None} for r in rows]

@@ -11,7 +11,6 @@ This module does not parse OpenAI bodies or run the model (see api/ and engine/)
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -115,16 +114,15 @@ class Gateway:
         *,
         auth: bool | None = None,
         config: ServeConfig | None = None,
-        db_path: Path | None = None,
+        database: Path | str | None = None,
         log_text: bool = False,
         max_pending: int = 64,
         engine: Any = None,
     ):
-        self.db_path = db_path or db.default_path()
-        self.con: sqlite3.Connection = db.connect(self.db_path)
-        self.auth = keys.any_active(self.con) if auth is None else auth
+        self.db = db.connect(database)
+        self.auth = keys.any_active(self.db) if auth is None else auth
         self.config = config or ServeConfig()
-        self.log = RequestLog(self.db_path)
+        self.log = RequestLog(self.db)
         self.log_text = log_text
         self.limiter = RateLimiter()
         self.metrics = Metrics(engine)
@@ -148,7 +146,7 @@ class Gateway:
         """The request's key (None when auth is off); raises keys.AuthError."""
         if not self.auth:
             return None
-        return keys.authenticate(self.con, authorization)
+        return keys.authenticate(self.db, authorization)
 
     def reserve(self, call: Call, n: int) -> None:
         """Hold `n` places against the overload bound, or raise Overloaded."""
@@ -175,3 +173,4 @@ class Gateway:
         if self._http is not None:
             await self._http.aclose()
         self.log.close()
+        self.db.close()

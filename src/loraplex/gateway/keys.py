@@ -16,13 +16,16 @@ import hashlib
 import hmac
 import re
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from fnmatch import fnmatchcase
 
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.exc import IntegrityError
+
 from loraplex.errors import UserError
+from loraplex.gateway.db import Database
 from loraplex.paths import check_name
 
 _TOKEN = re.compile(r"^lp-([0-9a-f]{12})-([A-Za-z0-9_-]{20,100})$")
@@ -59,7 +62,7 @@ class Key:
         return any(fnmatchcase(n, pat) for n in names for pat in self.models)
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Key:
+    def from_row(cls, row: RowMapping) -> Key:
         return cls(
             id=row["id"],
             name=row["name"],
@@ -106,7 +109,7 @@ def _hash(salt: bytes, secret: str) -> bytes:
 
 
 def create(
-    con: sqlite3.Connection,
+    db: Database,
     name: str,
     models: tuple[str, ...] = ("*",),
     admin: bool = False,
@@ -118,46 +121,56 @@ def create(
     check_name(name, "key name")
     key_id, secret, salt = secrets.token_hex(6), secrets.token_urlsafe(32), secrets.token_bytes(16)
     try:
-        con.execute(
+        db.run(
             "INSERT INTO keys (id, name, salt, hash, models, admin, rpm, tpm, expires, created)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (key_id, name, salt, _hash(salt, secret), ",".join(models), int(admin), rpm, tpm, expires, time.time()),
+            " VALUES (:id, :name, :salt, :hash, :models, :admin, :rpm, :tpm, :expires, :created)",
+            {
+                "id": key_id,
+                "name": name,
+                "salt": salt,
+                "hash": _hash(salt, secret),
+                "models": ",".join(models),
+                "admin": int(admin),
+                "rpm": rpm,
+                "tpm": tpm,
+                "expires": expires,
+                "created": time.time(),
+            },
         )
-    except sqlite3.IntegrityError:
+    except IntegrityError:
         raise UserError(f"a key named {name!r} exists already (revoke it or pick another name)") from None
-    return get(con, name), f"lp-{key_id}-{secret}"
+    return get(db, name), f"lp-{key_id}-{secret}"
 
 
-def get(con: sqlite3.Connection, name: str) -> Key:
-    row = con.execute("SELECT * FROM keys WHERE name = ?", (name,)).fetchone()
+def get(db: Database, name: str) -> Key:
+    row = db.one("SELECT * FROM keys WHERE name = :name", {"name": name})
     if row is None:
         raise UserError(f"no key named {name!r} (see `loraplex keys list`)")
     return Key.from_row(row)
 
 
-def list_keys(con: sqlite3.Connection) -> list[Key]:
-    return [Key.from_row(r) for r in con.execute("SELECT * FROM keys ORDER BY created")]
+def list_keys(db: Database) -> list[Key]:
+    return [Key.from_row(r) for r in db.all("SELECT * FROM keys ORDER BY created")]
 
 
-def any_active(con: sqlite3.Connection) -> bool:
-    return con.execute("SELECT 1 FROM keys WHERE revoked IS NULL LIMIT 1").fetchone() is not None
+def any_active(db: Database) -> bool:
+    return db.one("SELECT 1 FROM keys WHERE revoked IS NULL LIMIT 1") is not None
 
 
-def revoke(con: sqlite3.Connection, name: str) -> Key:
-    key = get(con, name)
-    if key.revoked is None:
-        con.execute("UPDATE keys SET revoked = ? WHERE name = ?", (time.time(), name))
-    return get(con, name)
+def revoke(db: Database, name: str) -> Key:
+    get(db, name)  # says so when there is none
+    db.run("UPDATE keys SET revoked = :now WHERE name = :name AND revoked IS NULL", {"now": time.time(), "name": name})
+    return get(db, name)
 
 
-def authenticate(con: sqlite3.Connection, authorization: str | None, now: float | None = None) -> Key:
+def authenticate(db: Database, authorization: str | None, now: float | None = None) -> Key:
     """The key a request's `Authorization: Bearer ...` header names; AuthError if none is valid."""
     if not authorization:
         raise AuthError("missing API key: send the header 'Authorization: Bearer KEY'", "missing_api_key")
     scheme, _, token = authorization.partition(" ")
     m = _TOKEN.match(token.strip()) if scheme.lower() == "bearer" else None
-    row = con.execute("SELECT * FROM keys WHERE id = ?", (m.group(1),)).fetchone() if m else None
-    if m is None or row is None or not hmac.compare_digest(_hash(row["salt"], m.group(2)), row["hash"]):
+    row = db.one("SELECT * FROM keys WHERE id = :id", {"id": m.group(1)}) if m else None
+    if m is None or row is None or not hmac.compare_digest(_hash(bytes(row["salt"]), m.group(2)), bytes(row["hash"])):
         raise AuthError("invalid API key")
     key = Key.from_row(row)
     if key.revoked is not None:

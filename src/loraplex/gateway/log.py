@@ -2,22 +2,26 @@
 
 Every request the API answers (success or error) becomes one row. Rows are written by one
 background thread in small transactions, so the event loop never waits on the disk; `close()`
-drains the queue, so a clean shutdown loses no row. Prompt and response text are stored only when
-the operator asks (`serve --log-text`).
+drains the queue, so a clean shutdown loses no row. While the database is unreachable (a
+PostgreSQL restart) the writer keeps its rows and retries, so an outage delays rows, not loses
+them. Prompt and response text are stored only when the operator asks (`serve --log-text`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import queue
-import sqlite3
 import threading
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from loraplex.gateway import db
+from sqlalchemy.engine import RowMapping
+
+from loraplex.gateway.db import Database, Unavailable
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,12 +44,10 @@ class RequestRow:
 
 
 class RequestLog:
-    def __init__(self, path: Path | None = None):
-        self.path = path or db.default_path()
+    def __init__(self, db: Database):
+        self.db = db
         # rows, a flush marker (set once everything before it is committed), or None to stop
         self._q: queue.SimpleQueue[RequestRow | threading.Event | None] = queue.SimpleQueue()
-        self._con = db.connect(self.path)
-        self._lock = threading.Lock()  # audit writes come from request threads
         self.written = 0
         self._thread = threading.Thread(target=self._writer, name="loraplex-request-log", daemon=True)
         self._thread.start()
@@ -54,9 +56,11 @@ class RequestLog:
         self._q.put(row)
 
     def _writer(self) -> None:
-        con = db.connect(self.path)
         cols = list(RequestRow.__dataclass_fields__)
-        sql = f"INSERT OR REPLACE INTO requests ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+        sql = (
+            f"INSERT INTO requests ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})"
+            f" ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in cols[1:])}"
+        )
         done = False
         while not done:
             batch = [self._q.get()]
@@ -67,15 +71,23 @@ class RequestLog:
                     break
             rows = [r for r in batch if isinstance(r, RequestRow)]
             done = None in batch
-            if rows:
-                con.execute("BEGIN")
-                con.executemany(sql, [tuple(asdict(r).values()) for r in rows])
-                con.execute("COMMIT")
+            delay = 0.5
+            while rows:
+                try:
+                    self.db.run_many(sql, [asdict(r) for r in rows])
+                except Unavailable as e:
+                    _log.warning("request log: %s; retrying %d rows in %.0f s", e, len(rows), delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+                    continue
+                except Exception:  # a bug, not an outage: say so, and keep logging later requests
+                    _log.exception("request log: %d rows could not be written", len(rows))
+                    break
                 self.written += len(rows)
+                rows = []
             for marker in batch:
                 if isinstance(marker, threading.Event):
                     marker.set()
-        con.close()
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every row written so far is in the database."""
@@ -88,36 +100,39 @@ class RequestLog:
         self._thread.join(timeout=30)
 
     def audit(self, key: str | None, action: str, target: str | None, detail: Any, status: int) -> None:
-        with self._lock:
-            self._con.execute(
-                "INSERT INTO audit (time, key, action, target, detail, status) VALUES (?, ?, ?, ?, ?, ?)",
-                (time.time(), key, action, target, json.dumps(detail, ensure_ascii=False), status),
-            )
+        self.db.run(
+            "INSERT INTO audit (time, key, action, target, detail, status)"
+            " VALUES (:time, :key, :action, :target, :detail, :status)",
+            {
+                "time": time.time(),
+                "key": key,
+                "action": action,
+                "target": target,
+                "detail": json.dumps(detail, ensure_ascii=False),
+                "status": status,
+            },
+        )
 
-    def lookup(self, response_id: str) -> sqlite3.Row | None:
-        with self._lock:
-            row: sqlite3.Row | None = self._con.execute(
-                "SELECT * FROM requests WHERE id = ?", (response_id,)
-            ).fetchone()
-            return row
+    def lookup(self, response_id: str) -> RowMapping | None:
+        return self.db.one("SELECT * FROM requests WHERE id = :id", {"id": response_id})
 
 
-def summary(con: sqlite3.Connection, since: float | None = None, by: str = "adapter") -> list[dict[str, Any]]:
+def summary(db: Database, since: float | None = None, by: str = "adapter") -> list[dict[str, Any]]:
     """Requests, errors, tokens and latency per adapter (served name@vN) or per key since `since`."""
     column = {"adapter": "COALESCE(served, model, '-')", "key": "COALESCE(key, '-')"}[by]
-    rows = con.execute(
+    rows = db.all(
         f"""SELECT {column} AS name, COUNT(*) AS requests,
-                   SUM(status >= 400) AS errors,
+                   SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END) AS errors,
                    SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens,
                    AVG(CASE WHEN status < 400 THEN ttft_ms END) AS avg_ttft_ms,
                    AVG(CASE WHEN status < 400 THEN latency_ms END) AS avg_latency_ms,
                    MAX(time) AS last
-            FROM requests WHERE time >= ? GROUP BY name ORDER BY requests DESC""",
-        (since or 0.0,),
-    ).fetchall()
+            FROM requests WHERE time >= :since GROUP BY name ORDER BY requests DESC""",
+        {"since": since or 0.0},
+    )
     return [dict(r) for r in rows]
 
 
-def audit_rows(con: sqlite3.Connection, limit: int = 100) -> list[dict[str, Any]]:
-    rows = con.execute("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+def audit_rows(db: Database, limit: int = 100) -> list[dict[str, Any]]:
+    rows = db.all("SELECT * FROM audit ORDER BY id DESC LIMIT :limit", {"limit": limit})
     return [dict(r) for r in rows]

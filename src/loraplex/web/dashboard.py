@@ -6,20 +6,20 @@ Plain queries returning JSON-ready dicts; the page draws them. This module chang
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from typing import Any
 
 from loraplex.adapters import registry
 from loraplex.gateway import feedback
+from loraplex.gateway.db import Database
 
 
-def adapters(con: sqlite3.Connection) -> list[dict[str, Any]]:
+def adapters(db: Database) -> list[dict[str, Any]]:
     """Every adapter with its versions (size, base, eval score, feedback) and aliases."""
-    ratings = {r["adapter"]: r for r in feedback.stats(con)}
+    ratings = {r["adapter"]: r for r in feedback.stats(db)}
     usage = {
         r["served"]: dict(r)
-        for r in con.execute(
+        for r in db.all(
             "SELECT served, COUNT(*) AS requests, SUM(prompt_tokens + completion_tokens) AS tokens "
             "FROM requests WHERE served IS NOT NULL GROUP BY served"
         )
@@ -53,32 +53,33 @@ def adapters(con: sqlite3.Connection) -> list[dict[str, Any]]:
     return out
 
 
-def timeline(con: sqlite3.Connection, hours: float = 24.0, buckets: int = 48) -> dict[str, Any]:
+def timeline(db: Database, hours: float = 24.0, buckets: int = 48) -> dict[str, Any]:
     """Requests and tokens per adapter in equal time buckets over the last `hours`."""
     now = time.time()
     start = now - hours * 3600
     width = (now - start) / buckets
     series: dict[str, dict[str, list[int]]] = {}
-    for served, t, tokens in con.execute(
-        "SELECT COALESCE(served, model, '-'), time, prompt_tokens + completion_tokens FROM requests WHERE time >= ?",
-        (start,),
+    for r in db.all(
+        "SELECT COALESCE(served, model, '-') AS served, time, prompt_tokens + completion_tokens AS tokens"
+        " FROM requests WHERE time >= :start",
+        {"start": start},
     ):
-        s = series.setdefault(served, {"requests": [0] * buckets, "tokens": [0] * buckets})
-        i = min(int((t - start) / width), buckets - 1)
+        s = series.setdefault(r["served"], {"requests": [0] * buckets, "tokens": [0] * buckets})
+        i = min(int((r["time"] - start) / width), buckets - 1)
         s["requests"][i] += 1
-        s["tokens"][i] += int(tokens or 0)
+        s["tokens"][i] += int(r["tokens"] or 0)
     return {"start": start, "width_s": width, "buckets": buckets, "series": series}
 
 
-def live(con: sqlite3.Connection, engine: Any, minutes: float = 15.0) -> dict[str, Any]:
+def live(db: Database, engine: Any, minutes: float = 15.0) -> dict[str, Any]:
     """The engine now (loaded adapters, running rows, queue) and recent TTFT / latency per request."""
     since = time.time() - minutes * 60
     recent = [
         dict(r)
-        for r in con.execute(
+        for r in db.all(
             "SELECT time, COALESCE(served, model) AS model, ttft_ms, latency_ms, status FROM requests "
-            "WHERE time >= ? ORDER BY time LIMIT 5000",
-            (since,),
+            "WHERE time >= :since ORDER BY time LIMIT 5000",
+            {"since": since},
         )
     ]
     return {

@@ -16,7 +16,7 @@ import binascii
 import json
 import os
 import re
-import sqlite3
+import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +29,7 @@ import yaml
 
 from loraplex.data.formats import parse_file
 from loraplex.errors import UserError
+from loraplex.gateway.db import Database
 from loraplex.paths import check_name, home
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".txt")
@@ -64,18 +65,22 @@ def validate(path: Path, shown_as: str) -> dict[str, Any]:
 
 
 class Jobs:
-    def __init__(self, con: sqlite3.Connection, default_base: str):
-        self.con = con
+    def __init__(self, db: Database, default_base: str):
+        self.db = db
         self.default_base = default_base  # the served base: what a new version must fit
-        self._lock = threading.Lock()
-        for row in con.execute("SELECT id, pid FROM jobs WHERE status IN ('queued', 'training', 'evaluating')"):
+        # Only this host's jobs: with a shared database, another host's pids mean nothing here.
+        running = db.all(
+            "SELECT id, pid FROM jobs WHERE status IN ('queued', 'training', 'evaluating')"
+            " AND (host IS NULL OR host = :host)",
+            {"host": socket.gethostname()},
+        )
+        for row in running:
             if not _alive(row["pid"]):
                 self._set(row["id"], status="interrupted", error="the server stopped while this job ran")
 
     def _set(self, job_id: str, **fields: Any) -> None:
-        with self._lock:
-            cols = ", ".join(f"{k}=?" for k in fields)
-            self.con.execute(f"UPDATE jobs SET {cols} WHERE id=?", (*fields.values(), job_id))
+        cols = ", ".join(f"{k} = :{k}" for k in fields)  # keys are this module's own column names
+        self.db.run(f"UPDATE jobs SET {cols} WHERE id = :job_id", {**fields, "job_id": job_id})
 
     def check_upload(self, filename: str, content_b64: str) -> dict[str, Any]:
         """Validate an upload without starting anything (the page shows the errors per record)."""
@@ -128,11 +133,19 @@ class Jobs:
         (d / "config.yaml").write_text(
             f"# loraplex train {d / 'config.yaml'}\n" + yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True)
         )
-        with self._lock:
-            self.con.execute(
-                "INSERT INTO jobs (id, key, name, status, config, run_dir, created) VALUES (?,?,?,?,?,?,?)",
-                (job_id, key, name, "queued", json.dumps(cfg.model_dump(mode="json")), str(run_dir), time.time()),
-            )
+        self.db.run(
+            "INSERT INTO jobs (id, key, name, status, config, run_dir, created, host)"
+            " VALUES (:id, :key, :name, 'queued', :config, :run_dir, :created, :host)",
+            {
+                "id": job_id,
+                "key": key,
+                "name": name,
+                "config": json.dumps(cfg.model_dump(mode="json")),
+                "run_dir": str(run_dir),
+                "created": time.time(),
+                "host": socket.gethostname(),
+            },
+        )
         threading.Thread(target=self._work, args=(job_id, name), daemon=True, name=f"job-{job_id[:8]}").start()
         return self.get(job_id)
 
@@ -174,15 +187,15 @@ class Jobs:
         self._set(job_id, status="done", finished=time.time(), error=note)
 
     def list(self, key: str | None) -> list[dict[str, Any]]:
-        where, args = ("WHERE key=?", (key,)) if key is not None else ("", ())
-        rows = self.con.execute(f"SELECT id FROM jobs {where} ORDER BY created DESC LIMIT 50", args).fetchall()
+        where, args = ("WHERE key = :key", {"key": key}) if key is not None else ("", {})
+        rows = self.db.all(f"SELECT id FROM jobs {where} ORDER BY created DESC LIMIT 50", args)
         return [self.get(r["id"]) for r in rows]
 
     def get(self, job_id: str) -> dict[str, Any]:
-        row = self.con.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        row = self.db.one("SELECT * FROM jobs WHERE id = :id", {"id": job_id})
         if row is None:
             raise KeyError(job_id)
-        job = {k: v for k, v in dict(row).items() if k not in ("config", "pid")}
+        job = {k: v for k, v in dict(row).items() if k not in ("config", "pid", "host")}
         cfg = json.loads(row["config"])
         job["settings"] = {
             "epochs": cfg["train"]["epochs"],

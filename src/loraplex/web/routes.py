@@ -61,7 +61,7 @@ class TrainRequest(Upload):
 def add_routes(app: FastAPI, gw: Gateway, engine: Any, principal: Any, admin: Any) -> None:
     from loraplex.api.server import APIError
 
-    jobs = Jobs(gw.con, engine.base.id)
+    jobs = Jobs(gw.db, engine.base.id)
 
     def owner(key: Key | None) -> str:
         return key.name if key is not None else ""
@@ -78,11 +78,11 @@ def add_routes(app: FastAPI, gw: Gateway, engine: Any, principal: Any, admin: An
 
     @app.get("/ui/api/conversations")
     async def conversation_list(key: Key | None = Depends(principal)) -> dict[str, Any]:
-        return {"data": conversations.listing(gw.con, owner(key))}
+        return {"data": await asyncio.to_thread(conversations.listing, gw.db, owner(key))}
 
     @app.get("/ui/api/conversations/{cid}")
     async def conversation_get(cid: str, key: Key | None = Depends(principal)) -> dict[str, Any]:
-        conv = conversations.get(gw.con, owner(key), cid)
+        conv = await asyncio.to_thread(conversations.get, gw.db, owner(key), cid)
         if conv is None:  # another key's conversation is as unknown as a missing one
             raise APIError(404, f"no conversation {cid!r}", param="id", code="conversation_not_found")
         return conv
@@ -90,13 +90,13 @@ def add_routes(app: FastAPI, gw: Gateway, engine: Any, principal: Any, admin: An
     @app.put("/ui/api/conversations/{cid}")
     async def conversation_put(cid: str, body: Conversation, key: Key | None = Depends(principal)) -> dict[str, Any]:
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        if not conversations.save(gw.con, owner(key), cid, body.title, body.model, messages):
+        if not await asyncio.to_thread(conversations.save, gw.db, owner(key), cid, body.title, body.model, messages):
             raise APIError(404, f"no conversation {cid!r}", param="id", code="conversation_not_found")
         return {"id": cid, "saved": len(messages)}
 
     @app.delete("/ui/api/conversations/{cid}")
     async def conversation_delete(cid: str, key: Key | None = Depends(principal)) -> dict[str, Any]:
-        if not conversations.delete(gw.con, owner(key), cid):
+        if not await asyncio.to_thread(conversations.delete, gw.db, owner(key), cid):
             raise APIError(404, f"no conversation {cid!r}", param="id", code="conversation_not_found")
         return {"id": cid, "deleted": True}
 
@@ -104,15 +104,15 @@ def add_routes(app: FastAPI, gw: Gateway, engine: Any, principal: Any, admin: An
 
     @app.get("/ui/api/admin/adapters")
     async def admin_adapters(key: Key | None = Depends(admin)) -> dict[str, Any]:
-        return {"data": await asyncio.to_thread(dashboard.adapters, gw.con)}
+        return {"data": await asyncio.to_thread(dashboard.adapters, gw.db)}
 
     @app.get("/ui/api/admin/usage")
     async def admin_usage(hours: float = 24.0, key: Key | None = Depends(admin)) -> dict[str, Any]:
-        return dashboard.timeline(gw.con, min(max(hours, 1.0), 24 * 30))
+        return await asyncio.to_thread(dashboard.timeline, gw.db, min(max(hours, 1.0), 24 * 30))
 
     @app.get("/ui/api/admin/live")
     async def admin_live(key: Key | None = Depends(admin)) -> dict[str, Any]:
-        return dashboard.live(gw.con, engine)
+        return await asyncio.to_thread(dashboard.live, gw.db, engine)
 
     @app.get("/ui/api/admin/bases")
     async def admin_bases(key: Key | None = Depends(admin)) -> dict[str, Any]:
@@ -128,7 +128,7 @@ def add_routes(app: FastAPI, gw: Gateway, engine: Any, principal: Any, admin: An
     @app.post("/ui/api/admin/train/jobs")
     async def train_start(body: TrainRequest, key: Key | None = Depends(admin)) -> dict[str, Any]:
         job = await asyncio.to_thread(jobs.start, owner(key), body.filename, body.content_b64, body.settings)
-        gw.log.audit(owner(key) or None, "train", job["name"], {"job": job["id"]}, 200)
+        await asyncio.to_thread(gw.log.audit, owner(key) or None, "train", job["name"], {"job": job["id"]}, 200)
         return job
 
     @app.get("/ui/api/admin/train/jobs")
