@@ -7,6 +7,8 @@ tests do). For each backend, in one run:
   * key check: `keys.authenticate` (one indexed SELECT), the database work on every API request;
   * request log: rows/s through `RequestLog` (one background writer, batched transactions);
   * usage summary: `loraplex usage` over all those rows;
+  * rate-limit admission for a key with limits: in memory with SQLite (per process), the shared
+    window in the database with PostgreSQL (across front doors);
   * over HTTP: a real server (the default base, keys on) answering authenticated `GET /v1/models`
     from 8 concurrent clients, requests/s: the whole per-request cost a client sees.
 Loopback PostgreSQL is the best case; over a network add the round trip to each key check.
@@ -38,6 +40,26 @@ def key_checks(database: db.Database, token: str, n: int = 2000) -> float:
         for _ in range(n // 5):
             keys.authenticate(database, f"Bearer {token}")
         per.append((time.perf_counter() - t) / (n // 5) * 1e6)
+    return statistics.median(per)
+
+
+def admissions(database: db.Database, n: int = 1000) -> float:
+    """Median microseconds per admit() + completion tokens, for a key whose limits never bind."""
+    from loraplex.gateway.limits import RateLimiter, SharedRateLimiter
+
+    limiter = SharedRateLimiter(database) if database.dialect == "postgresql" else RateLimiter()
+    key = keys.Key(
+        id="x", name="limited", models=("*",), admin=False, rpm=10**9, tpm=10**12, expires=None, created=0, revoked=None
+    )
+    per = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(n // 5):
+            usage = limiter.admit(key, 40)
+            assert usage is not None
+            usage.add(20)
+        per.append((time.perf_counter() - t) / (n // 5) * 1e6)
+    limiter.close()
     return statistics.median(per)
 
 
@@ -143,6 +165,7 @@ def main() -> None:
             _, token = keys.create(database, "bench")
             results[name] = {
                 "key check, µs": key_checks(database, token),
+                "rate-limit admission, µs": admissions(database),
                 "request log, rows/s": log_rows(database, args.rows),
                 f"usage summary over {args.rows:,} rows, ms": summary_ms(database),
                 "authenticated GET /v1/models, req/s (8 clients)": http_rate(url, token, args.seconds),

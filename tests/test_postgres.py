@@ -6,6 +6,8 @@
 * Two `loraplex serve` processes on one store directory and one PostgreSQL (two hosts): a key made
   by the CLI works on both, an alias move and a revoke reach both, usage and feedback add up, and
   a conversation saved through one is read through the other.
+* A key's rate limits hold across front doors; the shared limiter decides exactly as the
+  in-memory one on a random sequence.
 * A PostgreSQL outage answers 503 in OpenAI's shape, keeps the server up, and loses no log row.
 """
 
@@ -71,7 +73,7 @@ def test_schema_is_built_once_even_when_many_processes_start_together(pg: Postgr
             else "SELECT tablename AS name FROM pg_tables WHERE schemaname = 'public'"
         )
         names = {r["name"] for r in d.all(tables)} - {"sqlite_sequence", "loraplex_schema"}
-        assert names == {"keys", "requests", "feedback", "audit", "conversations", "jobs"}
+        assert names == {"keys", "requests", "feedback", "audit", "conversations", "jobs", "rate_events"}
         d.close()
 
 
@@ -84,7 +86,7 @@ def test_an_older_database_upgrades_in_place_and_keeps_its_rows(pg: PostgresServ
         )
         old.close()
         new = db.connect(url)
-        assert new._version() == len(db.MIGRATIONS) == 4
+        assert new._version() == len(db.MIGRATIONS) == 5
         assert [k.name for k in keys.list_keys(new)] == ["alice"]
         assert dict(new.one("SELECT id, status, host FROM jobs") or {}) == {"id": "j", "status": "done", "host": None}
         new.close()
@@ -221,6 +223,77 @@ def test_a_front_door_marks_only_its_own_hosts_dead_jobs_interrupted(database: d
     Jobs(database, "base")
     status = {r["id"][0]: r["status"] for r in database.all("SELECT id, status FROM jobs")}
     assert status == {"a": "interrupted", "b": "training", "c": "interrupted"}
+
+
+def test_shared_rate_limits_decide_exactly_as_the_in_memory_ones(pg: PostgresServer) -> None:
+    """The reference is RateLimiter (one process); SharedRateLimiter must give the same answer,
+    the same limit and the same Retry-After for every request of a random sequence."""
+    import random
+
+    from loraplex.gateway.limits import RateLimited, RateLimiter, SharedRateLimiter
+
+    shared_db = db.connect(pg.new_database())
+    memory, shared = RateLimiter(), SharedRateLimiter(shared_db)
+
+    def key(name: str, rpm: int | None, tpm: int | None) -> keys.Key:
+        return keys.Key(
+            id=name, name=name, models=("*",), admin=False, rpm=rpm, tpm=tpm, expires=None, created=0.0, revoked=None
+        )
+
+    limits = [key("a", 5, None), key("b", None, 300), key("c", 8, 500)]
+    rnd = random.Random(7)
+    now, seen = 1_790_000_000.0, []
+    for _ in range(300):
+        now += rnd.choice([0.5, 1.0, 3.0, 7.0, 20.0])
+        k, prompt, completion = rnd.choice(limits), rnd.randint(1, 120), rnd.randint(0, 80)
+        answers = []
+        for limiter in (memory, shared):
+            try:
+                usage = limiter.admit(k, prompt, now=now)
+                assert usage is not None
+                usage.add(completion)
+                answers.append("ok")
+            except RateLimited as e:
+                answers.append(f"{e.limit} {e.retry_after}")
+        shared.flush()
+        assert answers[0] == answers[1], (k.name, now, answers)
+        seen.append(answers[0])
+    assert 60 < seen.count("ok") < 280  # the sequence exercises both admitting and refusing
+    assert any(s.startswith("requests") for s in seen) and any(s.startswith("tokens") for s in seen)
+    shared.close()
+    shared_db.close()
+
+
+def test_a_keys_rate_limit_holds_across_front_doors(pg: PostgresServer, tiny_base: Path, lp_home: Path) -> None:
+    from loraplex.engine.engine import Engine
+    from loraplex.gateway.gate import Gateway
+
+    url = pg.new_database()
+    _, token = keys.create(db.connect(url), "capped", rpm=3)
+    engine = Engine(str(tiny_base), dtype="fp32", max_batch=2)
+    doors = [Server(engine, Gateway(engine=engine, database=url), api_key=token) for _ in range(2)]
+    try:
+        codes = []
+        for i in range(5):
+            r = httpx.post(
+                f"{doors[i % 2].url}/v1/chat/completions",
+                headers={"Authorization": f"Bearer {token}"},
+                json={"model": engine.base.id, "messages": ASK, "max_tokens": 2},
+                timeout=60,
+            )
+            codes.append((i % 2, r.status_code, r.json().get("error", {}).get("code")))
+        # 3 a minute in all: door B refuses the 4th having admitted only one itself
+        assert codes == [
+            (0, 200, None),
+            (1, 200, None),
+            (0, 200, None),
+            (1, 429, "rate_limit_requests"),
+            (0, 429, "rate_limit_requests"),
+        ]
+    finally:
+        for d in doors:
+            d.stop()
+        engine.close()
 
 
 def _registry_story(tiny_base: Path) -> list[object]:

@@ -647,7 +647,10 @@ async def _complete(
     call.served = served
     call.prompt_tokens = len(prompt_ids)
     if call.key is not None:
-        call.usage = gw.limiter.admit(call.key, len(prompt_ids))
+        if gw.limiter.blocking:  # a database round trip: off the event loop
+            call.usage = await asyncio.to_thread(gw.limiter.admit, call.key, len(prompt_ids))
+        else:
+            call.usage = gw.limiter.admit(call.key, len(prompt_ids))
 
     kind = "chat.completion" if chat else "text_completion"
     rid = call.id

@@ -106,6 +106,16 @@ MIGRATIONS: list[str] = [
     # 4: the host a job runs on (a front door on another host cannot see that job's process);
     # NULL for jobs started before. No SQL comment here: SQLite keeps it in the table's schema text.
     "ALTER TABLE jobs ADD COLUMN host TEXT",
+    # 5: the rate-limit window front doors share on PostgreSQL (gateway/limits.py); unused on SQLite
+    """
+    CREATE TABLE rate_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        key TEXT NOT NULL,
+        time REAL NOT NULL,             -- wall-clock unix time of admission
+        tokens INTEGER NOT NULL         -- prompt tokens, then completion tokens added
+    );
+    CREATE INDEX rate_events_key ON rate_events(key, time);
+    """,
 ]
 
 

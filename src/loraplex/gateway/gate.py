@@ -22,7 +22,7 @@ import httpx
 from loraplex.gateway import db, keys
 from loraplex.gateway.feedback import Answered, RecentResponses
 from loraplex.gateway.keys import Key
-from loraplex.gateway.limits import RateLimiter, Usage
+from loraplex.gateway.limits import RateLimiter, SharedRateLimiter, Usage
 from loraplex.gateway.log import RequestLog, RequestRow
 from loraplex.gateway.metrics import Metrics
 from loraplex.gateway.policy import OutputFilter, ServeConfig
@@ -68,7 +68,7 @@ class Call:
         g = self.gateway
         g.inflight -= self.slots
         if self.usage is not None:
-            self.usage.tokens += self.completion_tokens
+            self.usage.add(self.completion_tokens)
         key = self.key.name if self.key else None
         label_model, label_key = self.served or self.model or "-", key or "-"
         now = time.perf_counter()
@@ -124,7 +124,8 @@ class Gateway:
         self.config = config or ServeConfig()
         self.log = RequestLog(self.db)
         self.log_text = log_text
-        self.limiter = RateLimiter()
+        # one front door per database on SQLite; on PostgreSQL, limits hold across all of them
+        self.limiter = SharedRateLimiter(self.db) if self.db.dialect == "postgresql" else RateLimiter()
         self.metrics = Metrics(engine)
         self.recent = RecentResponses()
         self.max_pending = max_pending
@@ -173,4 +174,5 @@ class Gateway:
         if self._http is not None:
             await self._http.aclose()
         self.log.close()
+        self.limiter.close()
         self.db.close()
