@@ -257,3 +257,18 @@ def test_modelfile_takes_template_stop_and_system_from_the_chat_template(tiny_ba
     assert "{{ .System }}" in text and "<|im_start|>assistant\n" in text
     assert 'SYSTEM """You are a helpful assistant."""' in lines  # the template's default system prompt
     assert 'SYSTEM """只回答人事问题。"""' in modelfile("b", "a", tok, "只回答人事问题。")
+
+
+def test_a_damaged_index_says_delete_it_and_is_rebuilt_after(tiny_base: Path, lp_home: Path) -> None:
+    make_adapter(tiny_base, "legal", seed=1)
+    registry.tag("legal@v1", "prod")
+    index = lp_home / "adapters" / "index.db"
+    registry._open.clear()  # as a new process would: no pool holds the old file open
+    for f in index.parent.glob("index.db*"):
+        f.unlink()
+    index.write_bytes(b"not a database, " * 64)
+    with pytest.raises(UserError, match="index.db is damaged .*delete it and it is rebuilt"):
+        registry.catalog()
+    registry._open.clear()
+    index.unlink()
+    assert [(e["name"], e["versions"]) for e in registry.catalog()] == [("legal", ["v1"])]  # rebuilt from the files

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -110,28 +111,30 @@ def locked() -> Iterator[None]:
 
 
 _open: dict[str, Database] = {}  # by URL, a pool each (tests and tools switch $LORAPLEX_HOME)
+_open_lock = threading.Lock()  # request threads resolve adapters concurrently
 
 
 def _database() -> Database:
     root = store_root()
     url = url_for(root / "index.db")
-    if url not in _open:
-        root.mkdir(parents=True, exist_ok=True)
-        while len(_open) >= 4:
-            _open.pop(next(iter(_open))).close()
-        try:
-            _open[url] = Database(url, MIGRATIONS, "adapter index")
-        except exc.DBAPIError as e:
-            raise _damaged(e) from e
-    return _open[url]
+    with _open_lock:
+        if url not in _open:
+            root.mkdir(parents=True, exist_ok=True)
+            while len(_open) >= 4:
+                _open.pop(next(iter(_open))).close()
+            try:
+                _open[url] = Database(url, MIGRATIONS, "adapter index")
+            except exc.DBAPIError as e:
+                _raise_if_damaged(e)
+                raise
+        return _open[url]
 
 
-def _damaged(e: exc.DBAPIError) -> Exception:
-    """A UserError saying what to do when `e` means the SQLite index file is not a database."""
+def _raise_if_damaged(e: exc.DBAPIError) -> None:
+    """Say what to do when `e` means the SQLite index file is not a database."""
     if re.search(r"file is not a database|malformed", str(e.orig)):
         path = store_root() / "index.db"
-        return UserError(f"the adapter index {path} is damaged ({e.orig}); delete it and it is rebuilt")
-    return e
+        raise UserError(f"the adapter index {path} is damaged ({e.orig}); delete it and it is rebuilt") from e
 
 
 @contextmanager
@@ -141,7 +144,8 @@ def _db() -> Iterator[Connection]:
         with _database().transaction() as con:
             yield con
     except exc.DBAPIError as e:
-        raise _damaged(e) from e
+        _raise_if_damaged(e)
+        raise
 
 
 def _q(con: Connection, sql: str, **params: Any) -> Any:  # a Result of plain tuples

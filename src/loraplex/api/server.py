@@ -241,7 +241,7 @@ def create_app(engine: AnyEngine, gateway: Gateway | None = None) -> FastAPI:
         return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
 
     # the gateway's refusals are answers, not crashes: handled here, never logged as tracebacks
-    for refusal in (AuthError, RateLimited, Overloaded, upstream.UpstreamError, UserError, db.Unavailable):
+    for refusal in (AuthError, RateLimited, Overloaded, upstream.UpstreamError, UserError):  # db.Unavailable too
         app.add_exception_handler(refusal, _crash)
     app.add_exception_handler(Exception, _crash)
 

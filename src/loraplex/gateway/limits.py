@@ -17,6 +17,8 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
+import sqlalchemy as sa
+
 from loraplex.database import Database
 from loraplex.gateway.keys import Key
 
@@ -139,8 +141,6 @@ class SharedRateLimiter:
     def admit(self, key: Key, prompt_tokens: int, now: float | None = None) -> Usage | None:
         if key.rpm is None and key.tpm is None:
             return None
-        import sqlalchemy as sa
-
         now = time.time() if now is None else now
         params = {"key": key.name, "now": now, "cutoff": now - WINDOW, "tokens": prompt_tokens}
         with self.db.transaction() as tx:
