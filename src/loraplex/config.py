@@ -98,6 +98,8 @@ class TrainingConfig(_Strict):
     """Quantise the 4-bit quantisation constants too (~0.4 bit/param saved)."""
     fsdp: bool = False
     """Under torchrun / accelerate launch: shard the frozen base over the processes (FSDP2) instead of a copy each."""
+    deepspeed: str | None = None
+    """Under torchrun / accelerate launch: a DeepSpeed JSON config (ZeRO-2/3, offload; see examples/deepspeed/)."""
     compile: bool = False
     """torch.compile the decoder: faster steps after a one-off compile (minutes on CPU; worth it on GPUs)."""
     seed: int = 42
@@ -267,6 +269,11 @@ def load_config(
                     candidate = path.parent / data[key]
                     if candidate.exists():
                         data[key] = str(candidate)
+        train = raw.get("train")
+        if isinstance(train, dict) and isinstance(train.get("deepspeed"), str):
+            candidate = path.parent / train["deepspeed"]
+            if not Path(train["deepspeed"]).is_absolute() and candidate.exists():
+                train["deepspeed"] = str(candidate)
     for section, values in (extra or {}).items():
         if isinstance(values, dict):
             raw.setdefault(section, {})

@@ -18,11 +18,12 @@ LoRA gradients itself (an average over processes, hence the loss scaled by N: on
 pre-scaled sum FSDP would otherwise use does not exist), and every process must run the same
 number of forward passes per step, so a process short of micro-batches runs a zero-weighted one.
 
+DeepSpeed ZeRO (`train.deepspeed`, or `accelerate launch` with a DeepSpeed config) is the other
+way to shard; it lives in zero.py.
+
 Only rank 0 writes (run directory, checkpoints, metrics, TensorBoard, the store). The state that
 is saved is global (step, optimizer state, full tensors gathered from the shards), so a run
-resumes on any number of processes, sharded or not. DeepSpeed is not supported: FSDP's full
-sharding covers what ZeRO-3 would do for LoRA (the base is all of the memory; LoRA's gradients and
-optimizer state are ~1% of it, which is all ZeRO-1/2 would shard).
+resumes on any number of processes, sharded or not.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-from loraplex.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -93,11 +92,6 @@ def init(device: str) -> World:
 
 def wants_fsdp(configured: bool) -> bool:
     """`train.fsdp`, or an `accelerate launch` whose config chose FSDP (it sets ACCELERATE_USE_FSDP)."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise UserError(
-            "DeepSpeed is not supported by loraplex train; use examples/accelerate/fsdp.yaml "
-            "(FSDP full sharding: ZeRO-3's memory saving for the base)"
-        )
     return configured or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
 
 
@@ -107,12 +101,24 @@ def shard(model: Any, device: str, size: int) -> None:
     The embeddings, final norm and output head stay whole on every process: they are often one
     tied tensor used at both ends of the model (an FSDP unit cannot span both), the recipe calls
     the decoder and the head separately (the head runs on labelled positions only), and they are
-    a small share of a large model (1 of Llama-3-8B's 8 billion weights)."""
+    a small share of a large model (1 of Llama-3-8B's 8 billion weights).
+
+    The model comes from the CPU: those whole parts move to `device` here, and `fully_shard` moves
+    each layer's share, so no process holds the whole base on its GPU."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    layers = model.get_base_model().get_decoder().layers
+    in_layers = {id(t) for layer in layers for t in [*layer.parameters(), *layer.buffers()]}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            if id(p) not in in_layers:
+                p.data = p.data.to(device)  # in place: a tied embedding stays one tensor
+        for k, b in m.named_buffers(recurse=False):
+            if id(b) not in in_layers:
+                m._buffers[k] = b.to(device)
     mesh = init_device_mesh(device.split(":")[0], (size,))
-    for layer in model.get_base_model().get_decoder().layers:
+    for layer in layers:
         fully_shard(layer, mesh=mesh)
 
 

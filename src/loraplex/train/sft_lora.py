@@ -49,7 +49,7 @@ from loraplex.errors import UserError
 from loraplex.models.device import bf16_is_faster, pick_device
 from loraplex.models.load import BaseRef, eos_token_ids, load_model, load_tokenizer, resolve_base
 from loraplex.paths import home
-from loraplex.train import distributed
+from loraplex.train import distributed, zero
 
 
 @dataclass
@@ -257,12 +257,12 @@ def lr_at(step: int, total: int, warmup: int, peak: float, kind: str) -> float:
 def run_id(cfg: TrainConfig, data_sha: str, base: BaseRef) -> str:
     """Same name + config + data + base = same run directory, which is what makes re-running resume.
 
-    Switches that change speed and memory but not the result (checkpointing, compile, FSDP) are left out,
+    Switches that change speed and memory but not the result (checkpointing, compile, FSDP, DeepSpeed) are left out,
     so a run can resume with them turned on; so are the QLoRA fields while QLoRA is off (run ids
     from before those fields existed stay the same)."""
     dumped = cfg.model_dump(mode="json")
     train = dumped["train"]
-    for key in ("gradient_checkpointing", "compile", "fsdp"):
+    for key in ("gradient_checkpointing", "compile", "fsdp", "deepspeed"):
         train.pop(key, None)
     if train.get("quantization_bit") is None:
         for key in ("quantization_bit", "quantization_type", "double_quantization"):
@@ -277,29 +277,33 @@ def run_id(cfg: TrainConfig, data_sha: str, base: BaseRef) -> str:
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def whole(p: Any) -> torch.Tensor:
+    """A trainable parameter as one whole tensor (a collective under FSDP and ZeRO: every process calls it)."""
+    return (zero.full(p) if zero.is_zero(p) else distributed.full(p.detach())).detach().clone().contiguous()
+
+
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
-    """The LoRA weights as whole tensors (gathered from the shards under FSDP: every process calls it)."""
-    return {
-        n: distributed.full(p.detach()).clone().contiguous() for n, p in model.named_parameters() if p.requires_grad
-    }
+    """The LoRA weights as whole tensors (gathered from the shards under FSDP / ZeRO)."""
+    return {n: whole(p) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(
     ckpt_root: Path,
     step: int,
     model: Any,
-    opt: torch.optim.Optimizer,
+    opt: Any,
     state: dict[str, Any],
     keep: int,
     write: bool = True,
 ) -> Path | None:
-    """Under FSDP every process calls this (the shards are gathered) and only `write` writes."""
+    """Under FSDP / ZeRO every process calls this (the shards are gathered) and only `write` writes."""
     weights = trainable_state(model)
     opt_tensors: dict[str, torch.Tensor] = {}
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad]
-    for name, p in zip(names, params, strict=True):
-        for key, value in opt.state.get(p, {}).items():
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        kept = zero.moments(p, step) if zero.is_zero(p) else opt.state.get(p, {})
+        for key, value in kept.items():
             opt_tensors[f"{name}::{key}"] = distributed.full(torch.as_tensor(value)).detach().clone().contiguous()
     if not write:
         return None
@@ -323,7 +327,9 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, model: Any, opt: torch.optim.Optimizer) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: Any, opt: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Weights, RNG and state into the model; AdamW's moments too, unless `opt` is None (DeepSpeed
+    takes them after it has wrapped the model: `zero.restore_moments`)."""
     weights = load_file(str(path / "trainable.safetensors"))
     named = dict(model.named_parameters())
     with torch.no_grad():
@@ -331,7 +337,7 @@ def load_checkpoint(path: Path, model: Any, opt: torch.optim.Optimizer) -> dict[
             named[n].copy_(distributed.like(t, named[n]))  # this process's shard of it under FSDP
     tensors = load_file(str(path / "optimizer.safetensors"))
     for n, p in named.items():
-        if not p.requires_grad:
+        if not p.requires_grad or opt is None:
             continue
         # laid out like the parameter (device, shard): the fused AdamW kernel wants its moments there
         st = {k.split("::", 1)[1]: distributed.like(v, p) for k, v in tensors.items() if k.split("::", 1)[0] == n}
@@ -369,9 +375,26 @@ def run(
     random.seed(cfg.train.seed)
     device = pick_device(cfg.train.device)
     world = distributed.init(device)
-    sharded = distributed.wants_fsdp(cfg.train.fsdp) and world.size > 1
     if not world.main:
         console = Console(stderr=True, quiet=True)  # one process reports
+    fsdp = distributed.wants_fsdp(cfg.train.fsdp) and world.size > 1
+    deepspeed = zero.requested(cfg.train.deepspeed)
+    if deepspeed is not None and world.size == 1:
+        console.print("[yellow]warning:[/] DeepSpeed partitions over several processes; one process trains without it")
+        deepspeed = None
+    ds_config = None
+    if deepspeed is not None:
+        if fsdp:
+            raise UserError("train.fsdp and DeepSpeed both shard the run: choose one")
+        zero.check_installed()
+        ds_config = zero.prepare(
+            *deepspeed,
+            micro_batch=cfg.train.batch_size,
+            micro_per_process=-(-cfg.train.gradient_accumulation // world.size),
+            world_size=world.size,
+            max_grad_norm=cfg.train.max_grad_norm,
+        )
+    sharded = fsdp or ds_config is not None
     if world.size > 1 and device == "cuda":
         device = f"cuda:{world.local_rank}"
     dtype = pick_precision(cfg.train.precision, device.split(":")[0])
@@ -420,10 +443,12 @@ def run(
 
     # ---- model
     # Eager attention beats SDPA's CPU kernels at these lengths (bench/train_throughput.py profile).
+    # Sharded runs load on the CPU: FSDP and ZeRO-3 move each process's share to the GPU, so a base
+    # too big for one GPU never has to fit on one.
     model = load_model(
         base,
         dtype=torch.float32 if quantization is None else dtype,
-        device=device,
+        device="cpu" if sharded and quantization is None else device,
         attn_implementation="eager" if device == "cpu" else "sdpa",
         quantization=quantization,
     )
@@ -451,7 +476,7 @@ def run(
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable, total_params = model.get_nb_trainable_parameters()
     held = 1.0
-    if sharded:
+    if fsdp:
         distributed.shard(model, device, world.size)  # replaces the parameters: `params` comes after
         held = distributed.local_share(model)
     if cfg.train.compile:
@@ -461,7 +486,7 @@ def run(
     params = [p for p in model.parameters() if p.requires_grad]
     tc = cfg.train
     # The fused kernel updates all LoRA tensors in one pass (hundreds of small tensors otherwise).
-    opt = torch.optim.AdamW(
+    opt: Any = torch.optim.AdamW(
         params,
         lr=tc.learning_rate,
         weight_decay=tc.weight_decay,
@@ -482,11 +507,19 @@ def run(
     if resume == "always" and ckpt is None:
         console.print(f"[yellow]--resume:[/] no checkpoint in {run_dir}; starting from step 0")
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, opt)
+        state = load_checkpoint(ckpt, model, None if ds_config else opt)
         start_step, best_eval, bad_evals = state["step"], state["best_eval"], state["bad_evals"]
         console.print(f"resuming {cfg.name} from {ckpt.name} ({start_step}/{total_steps} steps done)")
     elif run_dir.exists() and resume == "never" and world.main:
         shutil.rmtree(run_dir)
+    engine = None  # DeepSpeed's, which then reduces, clips and steps
+    if ds_config is not None:
+        # after the weights: it partitions what they are
+        engine = zero.engine(zero.Forward(model, loss_sum), opt, ds_config, device)
+        opt = engine.optimizer
+        if ckpt is not None:
+            zero.restore_moments(opt, dict(model.named_parameters()), load_file(str(ckpt / "optimizer.safetensors")))
+        held = zero.local_share(model)
     world.barrier()  # every process has read the checkpoint before rank 0 writes anything
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -538,7 +571,8 @@ def run(
         f"{'packed' if cfg.data.packing else 'padded'}, {total_steps} steps, "
         f"{device} {str(dtype).removeprefix('torch.')}"
         + (f" x {world.size} processes" if world.size > 1 else "")
-        + (f" (FSDP: each holds {held:.0%} of the weights)" if sharded else "")
+        + (f" (FSDP: each holds {held:.0%} of the weights)" if fsdp else "")
+        + (f" (DeepSpeed ZeRO-{zero.stage(ds_config)}: each holds {held:.0%} of the weights)" if ds_config else "")
         + ", "
         f"trainable {trainable:,} / {total_params:,} params ({100 * trainable / total_params:.2f}%)"
     )
@@ -589,22 +623,29 @@ def run(
                 tokens_seen += sum(len(ex.input_ids) for b in group for ex in b)  # real tokens, no padding
                 step_loss = 0.0
                 share = [(c, 1.0) for c in collated[world.rank :: world.size]]  # this process's (all, alone)
-                if sharded:  # FSDP gathers layers in lockstep: the same number of forwards everywhere
+                if sharded:  # FSDP and ZeRO gather weights in lockstep: the same number of forwards everywhere
                     share += [(collated[0], 0.0)] * (-(-len(collated) // world.size) - len(share))
-                # FSDP averages the gradients it reduces; scaled by N, that average is the sum
+                # FSDP and DeepSpeed average the gradients they reduce; scaled by N, that average is the sum
                 scale = world.size if sharded else 1
-                for c, weight in share:
+                for i, (c, weight) in enumerate(share):
                     c = {k: v.to(device) for k, v in c.items()}
                     with autocast():
-                        s, _ = loss_sum(model, c)
-                    (s * (weight * scale / n_total)).backward()
+                        s, _ = loss_sum(model, c) if engine is None else engine(c)
+                    loss = s * (weight * scale / n_total)
+                    if engine is None:
+                        loss.backward()
+                    else:  # the step's last micro-batch is DeepSpeed's boundary: reduce, clip, step, zero
+                        engine.set_gradient_accumulation_boundary(i == len(share) - 1)
+                        engine.backward(loss, scale_wrt_gas=False)
+                        engine.step()
                     step_loss += weight * float(s.detach())
-                if not sharded:
-                    world.sum_grads(params)
+                if engine is None:
+                    if not sharded:
+                        world.sum_grads(params)
+                    torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
                 step_loss = world.sum(step_loss)
-                torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
                 step += 1
                 loss_value = step_loss / max(n_total, 1)
                 recent = (recent + [loss_value])[-steps_per_epoch:]
