@@ -29,11 +29,14 @@ def test_wrong_type_and_bad_name(tmp_path: Path) -> None:
 def test_set_overrides_and_relative_data_path(tmp_path: Path) -> None:
     (tmp_path / "d.jsonl").write_text("")
     p = tmp_path / "c.yaml"
-    p.write_text("# loraplex train c.yaml\nname: hr\ndata:\n  path: d.jsonl\n")
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "z3.json").write_text("{}")
+    p.write_text("# loraplex train c.yaml\nname: hr\ndata:\n  path: d.jsonl\ntrain:\n  deepspeed: ds/z3.json\n")
     cfg = load_config(p, ["train.learning_rate=5e-4", "lora.target_modules=[q_proj,v_proj]"])
     assert cfg.train.learning_rate == 5e-4
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.data.path == str(tmp_path / "d.jsonl")
+    assert cfg.train.deepspeed == str(tmp_path / "ds" / "z3.json")  # like data paths: next to the config
     with pytest.raises(UserError, match="did you mean 'train.epochs'"):
         load_config(None, ["train.epoch=3"])
 

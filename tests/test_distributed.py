@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from loraplex.adapters import registry
 from loraplex.config import TrainConfig, load_config
 from loraplex.train import sft_lora as sf
+from loraplex.train.plan import make_plan
 from loraplex.train.sft_lora import run
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
@@ -107,8 +108,11 @@ def test_fsdp_shards_the_base_and_matches_one_process(lp_home: Path, tiny_base: 
     r = torchrun([*overrides("sharded", tiny_base, facts_file), "--set", "train.fsdp=true"], lp_home)
     assert r.returncode == 0, r.stderr[-3000:]
     said = " ".join(r.stderr.split())  # Rich wraps lines
-    held = re.search(r"x 2 processes \(FSDP: each holds (\d+)% of the weights\)", said)
-    assert held and 50 < int(held.group(1)) < 75, r.stderr[-2000:]  # layers halved, embeddings whole
+    held = re.search(r"x 2 processes \(FSDP: each holds (\d+%) of the weights\)", said)
+    assert held, r.stderr[-2000:]
+    # layers halved, embeddings whole: what `loraplex plan --gpus 2 --shard fsdp` says of this model
+    planned = make_plan(str(tiny_base), rank=load_config().lora.rank, gpus=2, shard="fsdp")
+    assert held.group(1) == f"{planned['held_fraction']:.0%}" and 50 < int(held.group(1)[:-1]) < 75
     sharded = registry.resolve("sharded")
     assert losses(Path(sharded.manifest()["run_dir"])) == pytest.approx(losses(one.run_dir), rel=1e-5)
     assert close(weights("one@v1"), weights("sharded@v1"))
@@ -199,9 +203,10 @@ def test_deepspeed_zero_matches_one_process(lp_home: Path, tiny_base: Path, fact
     assert r.returncode == 0, r.stderr[-3000:]
     said = " ".join(r.stderr.split())
     stage = 3 if "z3" in config_file else 2
-    held = re.search(rf"x 2 processes \(DeepSpeed ZeRO-{stage}: each holds (\d+)% of the weights\)", said)
+    held = re.search(rf"x 2 processes \(DeepSpeed ZeRO-{stage}: each holds (\d+%) of the weights\)", said)
     assert held, r.stderr[-2000:]
-    assert (50 <= int(held.group(1)) < 60) if stage == 3 else int(held.group(1)) == 100
+    planned = make_plan(str(tiny_base), rank=load_config().lora.rank, gpus=2, shard=f"zero{stage}")
+    assert held.group(1) == f"{planned['held_fraction']:.0%}" == ("50%" if stage == 3 else "100%")
     assert registry.list_names() == [("one", [1]), ("zero", [1])]  # registered once
     ran = registry.resolve("zero")
     assert losses(Path(ran.manifest()["run_dir"])) == pytest.approx(losses(one.run_dir), rel=1e-5)
@@ -285,24 +290,52 @@ def test_the_shipped_accelerate_deepspeed_config(
 
 @needs_deepspeed
 def test_deepspeed_config_errors_name_the_field(
-    lp_home: Path, tiny_base: Path, facts_file: Path, tmp_path: Path
+    lp_home: Path, tiny_base: Path, facts_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A DeepSpeed config is user input: what loraplex decides itself is refused, naming the field
-    and the file, before any training; nothing is registered."""
+    """A DeepSpeed config is user input: what loraplex decides itself is refused, naming the file and
+    the field. Through torchrun once (every process stops before training, nothing registered, no
+    traceback), then each rule directly."""
+    from loraplex.errors import UserError
+    from loraplex.train import zero
+
+    f = tmp_path / "optimizer.json"
+    f.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}))
+    r = torchrun([*overrides("bad", tiny_base, facts_file), "--set", f"train.deepspeed={f}"], lp_home)
+    said = " ".join(r.stderr.split())
+    assert r.returncode != 0 and not re.search(r"\[rank\d\]: Traceback", r.stderr), r.stderr[-2000:]
+    assert "field 'optimizer': loraplex trains with its own AdamW" in said and "training bad" not in said
+    assert registry.list_names() == []
+
+    sizes = {"micro_batch": 1, "micro_per_process": 2, "world_size": 2, "max_grad_norm": 1.0}
     cases = {
-        "optimizer.json": ({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}, "field 'optimizer'"),
         "bf16.json": ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}, "field 'bf16.enabled'"),
-        "batch.json": ({"train_micro_batch_size_per_gpu": 8}, "field 'train_micro_batch_size_per_gpu' is 8"),
-        "stage.json": ({"zero_optimization": {"stage": 4}}, "'zero_optimization.stage' must be 0, 1, 2 or 3"),
+        "batch.json": (
+            {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}},
+            "field 'train_micro_batch_size_per_gpu' is 8, but the train config makes it 1",
+        ),
+        "stage.json": ({"zero_optimization": {"stage": 0}}, "'zero_optimization.stage' must be 1, 2 or 3, not 0"),
         "broken.json": ('{\n  "zero_optimization": {"stage": 2,}\n}', "broken.json:2: invalid JSON"),
     }
-    for name, (content, said) in cases.items():
+    for name, (content, message) in cases.items():
         f = tmp_path / name
         f.write_text(content if isinstance(content, str) else json.dumps(content))
-        r = torchrun([*overrides("bad", tiny_base, facts_file), "--set", f"train.deepspeed={f}"], lp_home)
-        assert r.returncode != 0 and not re.search(r"\[rank\d\]: Traceback", r.stderr), r.stderr[-2000:]
-        assert said in " ".join(r.stderr.split()) and str(f) in " ".join(r.stderr.split()).replace(" ", ""), (
-            name,
-            r.stderr[-1500:],
-        )
-    assert registry.list_names() == []
+        with pytest.raises(UserError) as e:
+            zero.prepare(*(zero.requested(str(f)) or ({}, "")), **sizes)
+        assert message in str(e.value) and name in str(e.value), (name, str(e.value))
+    with pytest.raises(UserError, match="config file not found"):
+        zero.requested(str(tmp_path / "missing.json"))
+
+    # accelerate's DeepSpeed fields (no config file) and LLaMA-Factory's "auto" values
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "cpu")
+    asked = zero.requested(None)
+    assert asked == (
+        {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}},
+        "accelerate's DeepSpeed config",
+    )
+    shipped = zero.requested(str(EXAMPLES / "deepspeed" / "ds_z3_config.json"))
+    assert shipped is not None
+    ready = zero.prepare(*shipped, **sizes)
+    assert ready["train_batch_size"] == 4 and ready["gradient_clipping"] == 1.0 and "bf16" not in ready
+    assert ready["zero_optimization"]["reduce_bucket_size"] == "auto"  # filled from the model in zero.engine

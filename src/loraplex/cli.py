@@ -291,12 +291,20 @@ def plan(
     seq_len: Annotated[int, typer.Option(help="Tokens per row.")] = 1024,
     batch: Annotated[int, typer.Option(help="Rows per micro-batch.")] = 4,
     use_dora: Annotated[bool, typer.Option("--dora")] = False,
+    gpus: Annotated[int, typer.Option(help="Processes / GPUs the run is spread over (memory is then per GPU).")] = 1,
+    shard: Annotated[
+        str,
+        typer.Option(help="With --gpus: none (data parallel), zero2, fsdp (train.fsdp) or zero3 (DeepSpeed ZeRO-3)."),
+    ] = "none",
+    gradient_checkpointing: Annotated[
+        bool, typer.Option("--gradient-checkpointing", help="As train.gradient_checkpointing: less activation memory.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Trainable parameters, adapter size and peak training memory, without loading weights."""
     from loraplex.train.plan import make_plan, print_plan
 
-    p = make_plan(base, rank, targets, seq_len, batch, use_dora)
+    p = make_plan(base, rank, targets, seq_len, batch, use_dora, gpus, shard, gradient_checkpointing)
     if as_json:
         out.print_json(json.dumps(p))
     else:

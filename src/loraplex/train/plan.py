@@ -6,6 +6,15 @@ layer, plus `out` for DoRA's magnitude vector. tests/test_plan.py checks it equa
 
 Memory is an estimate, not a measurement: weights + LoRA weights/grads/AdamW moments (fp32) +
 activations kept for backward + the fp32 logits of the output head + a fixed framework overhead.
+
+With `gpus` > 1 it is per GPU, for the layout `loraplex train` uses with each `shard` choice:
+  none   data parallel (DDP): every GPU holds the whole base and LoRA state;
+  zero2  DeepSpeed ZeRO-2: the whole base, LoRA's gradients and moments split N ways;
+  fsdp   FSDP2 as train.fsdp shards: decoder layers (LoRA included) split N ways, embeddings, final
+         norm and head whole on every GPU, plus two gathered layers (the running one and the next);
+  zero3  DeepSpeed ZeRO-3: every weight split N ways, plus two gathered layers.
+`held_fraction` is the share of all weights (base + LoRA) one GPU keeps between uses: the trainer
+prints the same figure ("each holds N% of the weights"; tests/test_distributed.py compares them).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from rich.table import Table
 from loraplex.errors import UserError
 
 SHIPPED = Path(str(files("loraplex") / "plan_configs"))
+SHARDS = ("none", "zero2", "fsdp", "zero3")
 OVERHEAD_BYTES = 400 * 2**20  # allocator slack, kernels' workspaces, framework state
 
 
@@ -71,10 +81,25 @@ def lora_targets(model: Any, targets: list[str] | str) -> list[tuple[str, int, i
 
 
 def make_plan(
-    base: str, rank: int = 16, targets: str = "all-linear", seq_len: int = 1024, batch: int = 4, use_dora: bool = False
+    base: str,
+    rank: int = 16,
+    targets: str = "all-linear",
+    seq_len: int = 1024,
+    batch: int = 4,
+    use_dora: bool = False,
+    gpus: int = 1,
+    shard: str = "none",
+    gradient_checkpointing: bool = False,
 ) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
+
+    if gpus < 1:
+        raise UserError(f"--gpus must be 1 or more, not {gpus}")
+    if shard not in SHARDS:
+        raise UserError(f"--shard must be one of {', '.join(SHARDS)}, not {shard!r}")
+    if shard != "none" and gpus == 1:
+        raise UserError(f"--shard {shard} splits the model over several GPUs: give --gpus N (N > 1)")
 
     cfg = load_arch_config(base)
     with torch.device("meta"):
@@ -97,20 +122,41 @@ def make_plan(
     def activations(act_bytes: int) -> int:
         # Per layer and token, saved for backward: the inputs of the attention and MLP blocks and of
         # each projection (~10 h), the MLP's gate/up/act products (~4 i), with flash/SDPA attention
-        # (no s^2 score matrix kept).
+        # (no s^2 score matrix kept). With gradient checkpointing only each layer's input is kept, and
+        # one layer's worth is rebuilt at a time in the backward pass.
+        if gradient_checkpointing:
+            return n_layers * tokens * act_bytes * h + tokens * act_bytes * (10 * h + 4 * inter)
         return n_layers * tokens * act_bytes * (10 * h + 4 * inter)
 
     logits = tokens * vocab * 4 * 2  # fp32 logits and their gradient
-    optimizer = trainable * (4 + 4 + 8)  # fp32 weights, grads, AdamW moments
+    n = gpus
+    # LoRA's fp32 weights, gradients and AdamW moments (4 + 4 + 8 bytes each), as each layout splits them
+    optimizer = trainable * {"none": 16, "zero2": 4 + 12 / n, "fsdp": 16 / n, "zero3": 16 / n}[shard]
+    layer_params = (base_params - embed_params) / n_layers  # decoder layers (and the final norm, ~nothing)
+
+    def weights(wbytes: float) -> float:
+        if shard == "fsdp":
+            return embed_params * wbytes + (base_params - embed_params) * wbytes / n + 2 * layer_params * wbytes
+        if shard == "zero3":
+            return base_params * wbytes / n + 2 * layer_params * wbytes
+        return base_params * wbytes
 
     memory = {}
     for label, wbytes, abytes in (("fp32", 4.0, 4), ("bf16", 2.0, 2), ("fp16", 2.0, 2)):
-        memory[label] = base_params * wbytes + optimizer + activations(abytes) + logits + OVERHEAD_BYTES
-    # QLoRA: NF4 linear weights (0.5 byte) + double-quantised constants (~0.127 bit/param); embeddings bf16.
-    linear_params = base_params - embed_params
-    memory["qlora-4bit"] = (
-        linear_params * (0.5 + 0.127 / 8) + embed_params * 2 + optimizer + activations(2) + logits + OVERHEAD_BYTES
-    )
+        memory[label] = weights(wbytes) + optimizer + activations(abytes) + logits + OVERHEAD_BYTES
+    if shard in ("none", "zero2"):  # loraplex shards no 4-bit base (FSDP / ZeRO-3 would need quant storage)
+        # QLoRA: NF4 linear weights (0.5 byte) + double-quantised constants (~0.127 bit/param); embeddings bf16.
+        linear_params = base_params - embed_params
+        memory["qlora-4bit"] = (
+            linear_params * (0.5 + 0.127 / 8) + embed_params * 2 + optimizer + activations(2) + logits + OVERHEAD_BYTES
+        )
+    everything = base_params + trainable
+    held = {
+        "none": everything,
+        "zero2": everything,
+        "fsdp": embed_params + (everything - embed_params) / n,  # LoRA lives in the layers
+        "zero3": everything / n,
+    }[shard]
     return {
         "base": base,
         "architecture": (cfg.architectures or [cfg.model_type])[0],
@@ -121,6 +167,10 @@ def make_plan(
         "adapter_file_bytes": trainable * 4,
         "seq_len": seq_len,
         "batch": batch,
+        "gpus": gpus,
+        "shard": shard,
+        "gradient_checkpointing": gradient_checkpointing,
+        "held_fraction": round(held / everything, 4),
         "peak_memory_bytes": {k: int(v) for k, v in memory.items()},
     }
 
@@ -137,7 +187,11 @@ def print_plan(p: dict[str, Any], console: Console) -> None:
         f": {p['trainable_params']:,} trainable ({p['trainable_percent']:.3f}%), "
         f"adapter file {_gib(p['adapter_file_bytes'])}"
     )
-    table = Table("precision", f"est. peak memory (batch {p['batch']} x {p['seq_len']} tokens)")
+    per = f" per GPU, {p['gpus']} GPUs, {p['shard']}" if p["gpus"] > 1 else ""
+    per += ", checkpointing" if p["gradient_checkpointing"] else ""
+    if p["gpus"] > 1:
+        console.print(f"each GPU holds {p['held_fraction']:.0%} of the weights between uses")
+    table = Table("precision", f"est. peak memory{per} (batch {p['batch']} x {p['seq_len']} tokens)")
     for k, v in p["peak_memory_bytes"].items():
         table.add_row(k, _gib(v))
     console.print(table)

@@ -95,8 +95,11 @@ def prepare(
     if not isinstance(zero, dict):
         raise UserError(f"{where}: field 'zero_optimization' must be an object")
     stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise UserError(f"{where}: field 'zero_optimization.stage' must be 0, 1, 2 or 3, not {stage!r}")
+    if stage not in (1, 2, 3):
+        raise UserError(
+            f"{where}: field 'zero_optimization.stage' must be 1, 2 or 3, not {stage!r} "
+            "(stage 0 is plain data parallel: leave DeepSpeed out and loraplex's own runs it)"
+        )
     fixed = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": micro_per_process,
