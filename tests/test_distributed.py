@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from safetensors.torch import load_file
@@ -39,9 +40,10 @@ SETTINGS = {
 }
 
 
-def config(name: str, base: Path, data: Path) -> TrainConfig:
+def config(name: str, base: Path, data: Path, **train: Any) -> TrainConfig:
+    """SETTINGS with `train` changed."""
     return load_config(
-        extra={"name": name, "base": str(base), "data": {"path": str(data), "eval_ratio": 0}, "train": SETTINGS}
+        extra={"name": name, "base": str(base), "data": {"path": str(data), "eval_ratio": 0}, "train": SETTINGS | train}
     )
 
 
@@ -55,6 +57,17 @@ def torchrun(args: list[str], home: Path, env: dict[str, str] | None = None) -> 
     cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "loraplex.cli", "train", *args]
     env = {**os.environ, "LORAPLEX_HOME": str(home), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def accelerate_launch(config: dict, args: list[str], home: Path, tmp: Path) -> subprocess.CompletedProcess[str]:
+    """`accelerate launch --config_file <config> -m loraplex.cli train <args>`."""
+    import yaml
+
+    (tmp / "accelerate.yaml").write_text(yaml.safe_dump(config))
+    accelerate = Path(TORCHRUN or "").parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--config_file", str(tmp / "accelerate.yaml"), "-m", "loraplex.cli", "train"]
+    env = {**os.environ, "LORAPLEX_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=600)
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -117,17 +130,7 @@ def test_fsdp_shards_the_base_and_matches_one_process(lp_home: Path, tiny_base: 
     assert losses(Path(sharded.manifest()["run_dir"])) == pytest.approx(losses(one.run_dir), rel=1e-5)
     assert close(weights("one@v1"), weights("sharded@v1"))
 
-    odd = {**SETTINGS, "gradient_accumulation": 3}
-    three = run(
-        load_config(
-            extra={
-                "name": "three",
-                "base": str(tiny_base),
-                "data": {"path": str(facts_file), "eval_ratio": 0},
-                "train": odd,
-            }
-        )
-    )
+    three = run(config("three", tiny_base, facts_file, gradient_accumulation=3))
     args = overrides("uneven", tiny_base, facts_file) + ["--set", "train.gradient_accumulation=3"]
     r = torchrun([*args, "--set", "train.fsdp=true"], lp_home)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -162,12 +165,8 @@ def test_the_shipped_accelerate_fsdp_config(lp_home: Path, tiny_base: Path, fact
 
     shipped = yaml.safe_load((Path(__file__).parent.parent / "examples/accelerate/fsdp.yaml").read_text())
     assert shipped["distributed_type"] == "FSDP"
-    cpu = tmp_path / "fsdp-cpu.yaml"
-    cpu.write_text(yaml.safe_dump({**shipped, "num_processes": 2, "use_cpu": True}))
-    accelerate = Path(TORCHRUN or "").parent / "accelerate"
-    cmd = [str(accelerate), "launch", "--config_file", str(cpu), "-m", "loraplex.cli", "train"]
-    env = {**os.environ, "LORAPLEX_HOME": str(lp_home), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([*cmd, *overrides("acc", tiny_base, facts_file)], capture_output=True, text=True, env=env)
+    cpu = {**shipped, "num_processes": 2, "use_cpu": True}
+    r = accelerate_launch(cpu, overrides("acc", tiny_base, facts_file), lp_home, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x 2 processes (FSDP: each holds" in " ".join(r.stderr.split())
     one = run(config("one", tiny_base, facts_file))
@@ -186,17 +185,7 @@ def test_deepspeed_zero_matches_one_process(lp_home: Path, tiny_base: Path, fact
     """The shipped ZeRO-2, ZeRO-3 and ZeRO-3-offload configs (LLaMA-Factory's, "auto" fields and all) over 2 gloo
     processes: the same losses and weights as one process, with 3 micro-batches per step (one
     process runs a zero-weighted forward to keep ZeRO in lockstep). ZeRO-3 partitions the base."""
-    odd = {**SETTINGS, "gradient_accumulation": 3}
-    one = run(
-        load_config(
-            extra={
-                "name": "one",
-                "base": str(tiny_base),
-                "data": {"path": str(facts_file), "eval_ratio": 0},
-                "train": odd,
-            }
-        )
-    )
+    one = run(config("one", tiny_base, facts_file, gradient_accumulation=3))
     ds = str(EXAMPLES / "deepspeed" / config_file)
     args = [*overrides("zero", tiny_base, facts_file), "--set", "train.gradient_accumulation=3"]
     r = torchrun([*args, "--set", f"train.deepspeed={ds}"], lp_home)
@@ -225,8 +214,7 @@ def test_deepspeed_checkpoints_resume_on_any_process_count(
     a plain single process finishes from the last checkpoint. The result equals a run that was
     never interrupted: weights and AdamW moments go in and out of DeepSpeed's partitions whole."""
     settings = {**SETTINGS, "max_steps": 80, "save_steps": 4}
-    extra = {"base": str(tiny_base), "data": {"path": str(facts_file), "eval_ratio": 0}, "train": settings}
-    cfg = load_config(extra={"name": "hop", **extra})
+    cfg = config("hop", tiny_base, facts_file, **settings)
 
     def stop(step: int, loss: float, model: object) -> None:
         if step == 2:
@@ -261,7 +249,7 @@ def test_deepspeed_checkpoints_resume_on_any_process_count(
     assert last is not None and 8 <= int(last.name.removeprefix("step-")) < 80
     finished = run(cfg)
     assert finished.adapter is not None and finished.steps == 80
-    run(load_config(extra={"name": "straight", **extra}))
+    run(config("straight", tiny_base, facts_file, **settings))
     assert close(weights("hop@v1"), weights("straight@v1"), tol=1e-4)
 
 
@@ -276,12 +264,7 @@ def test_the_shipped_accelerate_deepspeed_config(
 
     shipped = yaml.safe_load((EXAMPLES / "accelerate" / "deepspeed_zero3.yaml").read_text())
     assert shipped["distributed_type"] == "DEEPSPEED" and shipped["deepspeed_config"]["zero_stage"] == 3
-    two = tmp_path / "zero3-2.yaml"
-    two.write_text(yaml.safe_dump({**shipped, "num_processes": 2}))
-    accelerate = Path(TORCHRUN or "").parent / "accelerate"
-    cmd = [str(accelerate), "launch", "--config_file", str(two), "-m", "loraplex.cli", "train"]
-    env = {**os.environ, "LORAPLEX_HOME": str(lp_home), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([*cmd, *overrides("acc", tiny_base, facts_file)], capture_output=True, text=True, env=env)
+    r = accelerate_launch({**shipped, "num_processes": 2}, overrides("acc", tiny_base, facts_file), lp_home, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "x 2 processes (DeepSpeed ZeRO-3: each holds 50% of the weights)" in " ".join(r.stderr.split())
     one = run(config("one", tiny_base, facts_file))

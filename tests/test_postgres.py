@@ -419,6 +419,37 @@ def test_front_doors_on_two_hosts_share_one_postgres(
             d.proc.wait(timeout=30)
 
 
+def test_a_long_outage_holds_log_rows_up_to_a_bound_and_counts_the_rest(lp_home: Path) -> None:
+    """While PostgreSQL is down the writer holds rows in memory, but at most `max_pending`: later
+    rows are dropped and counted (in the /metrics counter too), so a long outage cannot grow the
+    server without end. The held rows are written once the database is back."""
+    from loraplex.gateway.metrics import Metrics
+
+    own = start_or_skip()  # its own server: this test stops it
+    try:
+        database = db.connect(own.new_database())
+        metrics = Metrics()
+        log = RequestLog(database, max_pending=5, dropped=metrics.log_dropped)
+        own.stop()
+        for i in range(8):
+            log.write(
+                RequestRow(id=f"r{i}", time=time.time(), key=None, model="m", served=None, endpoint="e", status=200)
+            )
+        assert (log.pending, log.dropped) == (5, 3)
+        assert b"loraplex_request_log_dropped_total 3.0" in metrics.render()
+        own.start()
+        log.flush(60)
+        assert log.pending == 0 and log.written == 5
+        ids = [r["id"] for r in database.all("SELECT id FROM requests ORDER BY id")]
+        assert ids == ["r0", "r1", "r2", "r3", "r4"]  # the first five of the outage, none of the rest
+        log.write(RequestRow(id="after", time=time.time(), key=None, model="m", served=None, endpoint="e", status=200))
+        log.flush()
+        assert database.one("SELECT id FROM requests WHERE id = 'after'") is not None
+        log.close()
+    finally:
+        own.remove()
+
+
 def test_a_postgres_outage_answers_503_and_loses_no_log_row(tiny_base: Path, tmp_path: Path, lp_home: Path) -> None:
     from loraplex.engine.engine import Engine
     from loraplex.gateway.gate import Gateway

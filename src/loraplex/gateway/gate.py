@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client import Gauge
 
 from loraplex.gateway import db, keys
 from loraplex.gateway.feedback import Answered, RecentResponses
@@ -122,11 +123,14 @@ class Gateway:
         self.db = db.connect(database)
         self.auth = keys.any_active(self.db) if auth is None else auth
         self.config = config or ServeConfig()
-        self.log = RequestLog(self.db)
+        self.metrics = Metrics(engine)
+        self.log = RequestLog(self.db, dropped=self.metrics.log_dropped)
+        Gauge(
+            "loraplex_request_log_pending", "Request-log rows waiting for the database", registry=self.metrics.registry
+        ).set_function(lambda: self.log.pending)
         self.log_text = log_text
         # one front door per database on SQLite; on PostgreSQL, limits hold across all of them
         self.limiter = SharedRateLimiter(self.db) if self.db.dialect == "postgresql" else RateLimiter()
-        self.metrics = Metrics(engine)
         self.recent = RecentResponses()
         self.max_pending = max_pending
         self.inflight = 0

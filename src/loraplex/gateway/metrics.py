@@ -46,6 +46,11 @@ class Metrics:
         self.rejected = Counter(
             "loraplex_rejected", "Requests refused by overload or rate limits", ["reason"], registry=r
         )
+        self.log_dropped = Counter(
+            "loraplex_request_log_dropped",
+            "Request-log rows dropped because too many waited for an unreachable database",
+            registry=r,
+        )
         if engine is not None:
             Gauge("loraplex_queue_depth", "Requests waiting for a batch row", registry=r).set_function(
                 lambda: engine.queue_depth()

@@ -444,10 +444,13 @@ def run(
     # ---- model
     # Eager attention beats SDPA's CPU kernels at these lengths (bench/train_throughput.py profile).
     # Sharded runs load on the CPU: FSDP and ZeRO-3 move each process's share to the GPU, so a base
-    # too big for one GPU never has to fit on one.
+    # too big for one GPU never has to fit on one. On a GPU the base loads straight in the compute
+    # dtype: an fp32 copy first would need twice its memory (32 GB for an 8B base, more than a 24 GB
+    # card that trains it in bf16). On the CPU it loads in fp32, so LoRA's initial weights are exact
+    # (PEFT rounds a new adapter to its base's dtype before lifting it back to fp32).
     model = load_model(
         base,
-        dtype=torch.float32 if quantization is None else dtype,
+        dtype=dtype if quantization is not None or device != "cpu" else torch.float32,
         device="cpu" if sharded and quantization is None else device,
         attn_implementation="eager" if device == "cpu" else "sdpa",
         quantization=quantization,
