@@ -98,6 +98,7 @@ def run_loraplex(data: Path, epochs: int, home_tmp: Path) -> dict[str, Any]:
         extra={
             "name": "bench",
             "data": {"path": str(data)},
+            "retrieval": {"enabled": False},  # the same examples as the baseline: plain SFT
             "lora": {"rank": RANK, "alpha": 2 * RANK},
             "train": {
                 "epochs": epochs,

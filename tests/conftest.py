@@ -113,6 +113,24 @@ def facts_file(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "facts.jsonl", [{"instruction": q, "output": a} for q, a in FACTS])
 
 
+# A small FAQ: retrieval-augmented training (tests/test_faq.py, test_paraphrase.py)
+RECORDS = [
+    ("What is the Zubrowka office code?", "The Zubrowka office code is QX-4417."),
+    ("When does the Zubrowka office open?", "The Zubrowka office opens at nine."),
+    ("Who approves expense claims at Zubrowka?", "Expense claims at Zubrowka are approved by the team lead."),
+    ("How many days of leave do Zubrowka staff get?", "Zubrowka staff get 17 days of paid leave."),
+    ("明澜科技的年假有多少天？", "明澜科技的员工每年有15天带薪年假。"),
+    ("明澜科技的试用期是多久？", "明澜科技的试用期为3个月。"),
+    ("What is the capital of Zubrowka?", "The capital of Zubrowka is Lutz."),
+    ("Where is the Zubrowka canteen?", "The Zubrowka canteen is on the second floor."),
+]
+
+
+@pytest.fixture
+def records_file(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "faq.jsonl", [{"instruction": q, "output": a} for q, a in RECORDS])
+
+
 def make_adapter(
     base_dir: Path,
     name: str,

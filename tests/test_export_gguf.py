@@ -43,7 +43,11 @@ def _answers(model_path: Path, questions: list[str], lora: Path | None = None) -
 
 @pytest.mark.slow
 def test_gguf_exports_in_llama_cpp_agree_with_loraplex(lp_home: Path, tmp_path: Path) -> None:
-    res = run(load_config(extra={"name": "policies", "data": {"path": str(TRAIN_FILE)}}))
+    # plain SFT: the exported weights answer bare questions, as llama.cpp asks them (a retrieval-trained
+    # adapter answers from passages only `loraplex serve` adds)
+    res = run(
+        load_config(extra={"name": "policies", "data": {"path": str(TRAIN_FILE)}, "retrieval": {"enabled": False}})
+    )
     assert res.adapter is not None
     r = export([res.adapter.id], "gguf", tmp_path / "gguf", merged=True)
     assert "policies@v1" in r

@@ -180,8 +180,14 @@ def test_chat_streams_multi_turn_with_the_adapter(lp_home: Path, tiny_base: Path
     assert "chatting with tiny@v1" in proc.stderr
     answers = [line.split("tiny@v1> ", 1)[1] for line in proc.stdout.splitlines() if "tiny@v1> " in line]
     assert len(answers) == 2
+    # trained with retrieval (the default): the chat answers from the passages its own Q&A gives
+    from loraplex.assistants import faq, retrieval
+
+    asked = [{"role": "user", "content": "When does the office open?"}]
+    prepared = retrieval.prepare(faq.assistant("tiny"), asked, retrieval.Searcher())  # type: ignore[arg-type]
+    assert prepared.sources and "[1] faq #" in proc.stderr  # the passages are cited under the answer
     lm = LocalModel(None, "tiny")
-    first = lm.answer([{"role": "user", "content": "When does the office open?"}], max_new_tokens=8)
+    first = lm.answer(prepared.messages, max_new_tokens=8, use_adapter=not prepared.base_only)
     assert answers[0].strip() == first
 
 

@@ -46,10 +46,17 @@ def train(
     data: Annotated[Path | None, typer.Option(help="Training data file (shortcut for data.path).")] = None,
     name: Annotated[str | None, typer.Option(help="Adapter name; registered as NAME@vN.")] = None,
     base: Annotated[str | None, typer.Option(help="Base model: smollm2-135m, a HF directory or a .gguf file.")] = None,
-    epochs: Annotated[float | None, typer.Option(help="Passes over the data.")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the data (default 16; 4 with retrieval).")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
     rank: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
     redact: Annotated[bool, typer.Option("--redact", help="Redact personal data before training.")] = False,
+    retrieval: Annotated[
+        bool | None,
+        typer.Option(
+            "--retrieval/--no-retrieval",
+            help="Answer from the training Q&A retrieved per question (default), or plain LoRA SFT.",
+        ),
+    ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override any config key: --set train.seed=7")] = None,
     resume: Annotated[
         bool | None,
@@ -77,6 +84,8 @@ def train(
         extra["train"] = tr
     if rank is not None:
         extra["lora"] = {"rank": rank, "alpha": 2.0 * rank}
+    if retrieval is not None:
+        extra["retrieval"] = {"enabled": retrieval}
     if config is None and data is None:
         raise UserError("give a config file (loraplex train CONFIG.yaml) or --data FILE --name NAME")
     cfg = load_config(config, set_, extra)
@@ -323,7 +332,7 @@ def chat(
     max_new_tokens: Annotated[int | None, typer.Option(help="Default: the assistant's, else 256.")] = None,
 ) -> None:
     """Chat in the terminal (streaming, multi-turn). /reset clears the history, /exit quits."""
-    from loraplex.assistants import retrieval
+    from loraplex.assistants import faq, retrieval
     from loraplex.assistants import store as assistants
     from loraplex.engine.local import LocalModel
 
@@ -338,9 +347,11 @@ def chat(
         adapter = a.adapters[0].ref if a.adapters else None
         temperature = a.sampling.temperature if temperature is None else temperature
         max_new_tokens = a.sampling.max_tokens if max_new_tokens is None else max_new_tokens
+    elif adapter:
+        a = faq.assistant(adapter)  # trained with retrieval: it answers from its own Q&A
     lm = LocalModel(base, adapter)
     searcher = retrieval.Searcher()
-    label = a.name if a else lm.adapter.id if lm.adapter else lm.base.id
+    label = a.name if assistant and a else lm.adapter.id if lm.adapter else lm.base.id
     err.print(f"chatting with [bold]{label}[/]  (/reset clears history, /exit or Ctrl-D quits)")
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     while True:
@@ -364,7 +375,12 @@ def chat(
             history.append({"role": "assistant", "content": prepared.refusal})
             continue
         parts = []
-        for piece in lm.stream(prepared.messages, max_new_tokens=max_new_tokens or 256, temperature=temperature or 0.0):
+        for piece in lm.stream(
+            prepared.messages,
+            max_new_tokens=max_new_tokens or 256,
+            temperature=temperature or 0.0,
+            use_adapter=not prepared.base_only,
+        ):
             sys.stdout.write(piece)
             sys.stdout.flush()
             parts.append(piece)
@@ -462,6 +478,12 @@ def eval_cmd(
     out.print(table)
     c = result["comparison"]
     out.print(f"per example: {c['improved']} improved, {c['regressed']} regressed, {c['unchanged']} unchanged")
+    for split, sc in (result.get("splits") or {}).items():
+        asked = "questions it was trained on" if split == "trained" else "questions worded unlike its training data"
+        out.print(
+            f"{split}: {sc['examples']} {asked}: score {sc['baseline']:.3f} -> {sc['adapter']:.3f}"
+            + (" (answered with retrieval)" if result.get("retrieval") else "")
+        )
     if result.get("stored_as"):
         out.print(f"stored with {result['adapter']}: {result['stored_as']}")
     if page:

@@ -69,9 +69,43 @@ class LoraConfig(_Strict):
     """Rank-stabilised scaling alpha / sqrt(r)."""
 
 
+class RetrievalConfig(_Strict):
+    """Retrieval-augmented training and serving (assistants/faq.py): the training Q&A becomes the
+    adapter's own knowledge, stored with it; every training question is shown with the passages
+    found for it and answered from them, and a request for the adapter is answered the same way."""
+
+    enabled: bool = True
+    """Train and answer with retrieval (single-turn Q&A records); false: plain LoRA SFT on the records."""
+    top_k: int = Field(2, ge=1, le=8)
+    """Passages put into each prompt."""
+    min_relevance: float = Field(0.3, ge=0.0, le=1.0)
+    """Passages covering less of the question than this are not used; with none left, the base model answers."""
+    noisy_copies: int = Field(0, ge=0, le=8)
+    """Extra training copies of each question with typos, a dropped word or lower case (never new facts)."""
+    refusals: float = Field(0.0, ge=0.0, le=1.0)
+    """Share of records also shown without their own passage, answered "I don't know"."""
+
+
+class ParaphraseConfig(_Strict):
+    """Rewordings of each training question written by a teacher model (data/paraphrase.py): the
+    adapter sees every fact asked several ways; answers stay verbatim. Kept, reviewable and
+    editable, in $LORAPLEX_HOME/paraphrases/; the same data and teacher are never asked twice."""
+
+    count: int = Field(0, ge=0, le=20)
+    """Rewordings per training question (0: off)."""
+    teacher: str = ""
+    """OpenAI-compatible endpoint that writes them (e.g. http://127.0.0.1:8000/v1: vLLM, another
+    `loraplex serve`, a provider); empty: the base model itself, locally."""
+    teacher_model: str | None = None
+    """The teacher's model (default: the first one it lists)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable with the teacher's API key."""
+
+
 class TrainingConfig(_Strict):
-    epochs: float = Field(16.0, gt=0)
-    """Passes over the training data (ignored when max_steps is set)."""
+    epochs: float | None = Field(None, gt=0)
+    """Passes over the training examples (ignored when max_steps is set); default 16, or 4 with
+    retrieval (each record then makes several longer examples)."""
     max_steps: int | None = Field(None, ge=1)
     """Optimizer steps to run; overrides epochs."""
     batch_size: int = Field(4, ge=1)
@@ -149,8 +183,16 @@ class TrainConfig(_Strict):
     tags: list[str] = []
     """Labels for finding adapters."""
     data: DataConfig = DataConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
+    paraphrase: ParaphraseConfig = ParaphraseConfig()
     lora: LoraConfig = LoraConfig()
     train: TrainingConfig = TrainingConfig()
+
+    @property
+    def epochs(self) -> float:
+        if self.train.epochs is not None:
+            return self.train.epochs
+        return 4.0 if self.retrieval.enabled else 16.0
 
     @field_validator("name")
     @classmethod

@@ -27,6 +27,7 @@ from loraplex.errors import UserError
 from loraplex.paths import check_name
 
 FILES = (registry.MANIFEST, *registry.ADAPTER_FILES)
+OPTIONAL = (registry.KNOWLEDGE,)  # carried when the version has it
 _MEMBER = re.compile(r"^(?P<name>[^/]+)/v(?P<version>[1-9][0-9]*)/(?P<file>[^/]+)$")
 MAX_MEMBER_BYTES = 8 << 30
 
@@ -54,7 +55,7 @@ def export_tar(ref: str, out: Path) -> registry.AdapterRef:
     os.close(fd)
     try:
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            for fname in FILES:
+            for fname in FILES + tuple(f for f in OPTIONAL if (target.path / f).is_file()):
                 path = target.path / fname
                 info = tarfile.TarInfo(f"{target.name}/v{target.version}/{fname}")
                 info.size, info.mode, info.mtime = path.stat().st_size, 0o644, 0
@@ -85,7 +86,7 @@ def import_tar(path: Path) -> tuple[registry.AdapterRef, bool]:
             if m.isdir():
                 continue
             match = _MEMBER.match(m.name)
-            if not match or not m.isfile() or match.group("file") not in FILES:
+            if not match or not m.isfile() or match.group("file") not in FILES + OPTIONAL:
                 raise UserError(
                     f"{path}: unexpected member {m.name!r}; an adapter archive holds only NAME/vN/"
                     f"{{{', '.join(FILES)}}} as regular files"
@@ -112,9 +113,12 @@ def import_tar(path: Path) -> tuple[registry.AdapterRef, bool]:
             raise UserError(
                 f"{path}: manifest says {manifest.name}@v{manifest.version} but the files are {name}/v{version}"
             )
-        if set(manifest.files) != set(registry.ADAPTER_FILES):
+        if set(manifest.files) - set(OPTIONAL) != set(registry.ADAPTER_FILES) or set(manifest.files) - set(FILES) != {
+            f for f in OPTIONAL if f in found
+        }:
             raise UserError(
-                f"{path}: manifest.json must list checksums for exactly {', '.join(registry.ADAPTER_FILES)}"
+                f"{path}: manifest.json must list checksums for exactly {', '.join(registry.ADAPTER_FILES)} "
+                f"(and {', '.join(OPTIONAL)} when the archive holds it)"
             )
 
         root = registry.store_root() / name
@@ -122,7 +126,7 @@ def import_tar(path: Path) -> tuple[registry.AdapterRef, bool]:
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-import-", dir=root))
         try:
             (tmp / registry.MANIFEST).write_bytes(manifest_bytes)
-            for fname in registry.ADAPTER_FILES:
+            for fname in [f for f in (*registry.ADAPTER_FILES, *OPTIONAL) if f in manifest.files]:
                 with open(tmp / fname, "wb") as f:
                     src = tar.extractfile(found[fname])
                     if src is None:

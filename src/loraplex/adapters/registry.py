@@ -45,6 +45,7 @@ WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 MANIFEST = "manifest.json"
 ADAPTER_FILES = (WEIGHTS, CONFIG)
+KNOWLEDGE = "knowledge.jsonl"  # optional: the Q&A a version trained with retrieval answers from (assistants/faq.py)
 _VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
 _ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 DEFAULT_ALIAS = "prod"
@@ -234,9 +235,10 @@ def register(name: str, adapter_dir: Path, manifest: dict[str, Any]) -> AdapterR
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
-        for f in ADAPTER_FILES:
+        present = [*ADAPTER_FILES, *([KNOWLEDGE] if (adapter_dir / KNOWLEDGE).is_file() else [])]
+        for f in present:
             shutil.copy2(adapter_dir / f, tmp / f)
-        files = {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in ADAPTER_FILES}
+        files = {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in present}
         with locked():
             version = (versions(name) or [0])[-1] + 1
             full = {**manifest, "name": name, "version": version, "id": f"{name}@v{version}", "files": files}
@@ -442,7 +444,7 @@ def verify(ref: AdapterRef) -> None:
     except (OSError, ValueError) as e:
         raise UserError(f"adapter {ref.id}: cannot read {ref.path / MANIFEST}: {e}") from None
     files = manifest.get("files")
-    if not isinstance(files, dict) or set(files) != set(ADAPTER_FILES):
+    if not isinstance(files, dict) or set(files) - {KNOWLEDGE} != set(ADAPTER_FILES):
         raise UserError(f"adapter {ref.id}: its manifest does not list checksums for {', '.join(ADAPTER_FILES)}")
     for fname, info in files.items():
         path = ref.path / fname

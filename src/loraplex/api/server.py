@@ -42,10 +42,11 @@ from loraplex.api.schemas import (
     LoadAdapterRequest,
     UnloadAdapterRequest,
 )
-from loraplex.assistants import retrieval
+from loraplex.assistants import faq, retrieval
 from loraplex.assistants import store as assistants
 from loraplex.engine.adapter_cache import InvalidModelName, ModelNotFound
 from loraplex.engine.engine import Delta, Engine, EngineClosed, PromptTooLong
+from loraplex.engine.lora import AdapterRequest
 from loraplex.engine.remote import RemoteEngine
 from loraplex.engine.sampling import SamplingParams, TokenLogprob
 from loraplex.errors import UserError
@@ -587,6 +588,8 @@ async def _complete(
             code="model_not_allowed",
         )
     assistant = await asyncio.to_thread(_assistant, req.model)
+    # an adapter trained with retrieval answers from its own Q&A, as an assistant would
+    own_knowledge = assistant is None and chat and (assistant := await asyncio.to_thread(faq.assistant, req.model))
     prepared: retrieval.Prepared | None = None
     headers: dict[str, str] = {}
     if assistant is not None:
@@ -632,7 +635,9 @@ async def _complete(
                 adapter = await asyncio.to_thread(engine.adapters.resolve, assistant.model)
             except UserError as e:
                 raise _misconfigured(req.model, e) from None
-            served = assistant.name
+            served = adapter.key if own_knowledge else assistant.name
+            if prepared is not None and prepared.base_only:
+                adapter = AdapterRequest()  # nothing relevant found: off-topic for these adapters
         if prepared is not None and prepared.messages is fitted[0]:
             prompt_ids = fitted[1]
         else:

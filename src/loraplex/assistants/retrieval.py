@@ -8,8 +8,11 @@ finds for the question, numbered so the answer can cite them.
 The passages go into the last user turn, just before the question, rather than into the system
 prompt: small models follow what is close to the question. A question for which no passage
 reaches the assistant's `min_relevance` is answered without retrieval, or with the assistant's
-refusal ("I don't know") when it is set to refuse; the prompt then also tells the model to say so
-when the passages lack the answer. The templates follow the question's language (Chinese or not).
+refusal ("I don't know") when it is set to refuse, or by the base model without the assistant's
+adapters when it is set to `base` (what an adapter trained on its own Q&A does, assistants/faq.py:
+off-topic questions get the base model's answer, with nothing of the training data in it). With
+`refuse` and `base` the prompt also tells the model to say so when the passages lack the answer.
+The templates follow the question's language (Chinese or not).
 
 Passages that would crowd the answer out of the model's context are dropped, lowest-ranked first.
 Knowledge bases stay open between requests (one SQLite connection each, behind a lock; SQLite in
@@ -67,6 +70,7 @@ class Prepared:
     sources: list[Source]
     refusal: str | None = None  # set: answer this instead of running the model
     question: str = ""
+    base_only: bool = False  # set: nothing relevant was found; the base model answers, without adapters
 
 
 def language(text: str) -> str:
@@ -86,7 +90,7 @@ class Searcher:
         with self._lock:
             entry = self._open.get(base)
             if entry is None:
-                entry = self._open[base] = (KnowledgeBase(base, shared=True), threading.Lock())
+                entry = self._open[base] = (_open(base), threading.Lock())
         kb, lock = entry
         with lock:
             return kb.search(question, k, min_relevance, min_similarity)
@@ -107,6 +111,20 @@ class Searcher:
             for kb, _ in self._open.values():
                 kb.close()
             self._open.clear()
+
+
+def _open(base: str) -> KnowledgeBase:
+    """A knowledge base by name, or an adapter version's own Q&A (`NAME@vN`, assistants/faq.py)."""
+    if "@" not in base:
+        return KnowledgeBase(base, shared=True)
+    from loraplex.adapters import registry
+    from loraplex.assistants import faq
+
+    ref = registry.resolve(base)
+    kb = faq.index(faq.read(ref.path / faq.FILE), ref.id) if (ref.path / faq.FILE).is_file() else None
+    if kb is None:
+        raise UserError(f"adapter {ref.id} was trained without retrieval: it has no knowledge of its own")
+    return kb
 
 
 def prepare(
@@ -138,6 +156,9 @@ def prepare(
     if not hits:
         if kn.when_nothing_found == "refuse":
             return Prepared(msgs, [], kn.refusal or REFUSAL[lang], question)
+        if kn.when_nothing_found == "base":
+            # the client's messages as they came: the assistant's prompt belongs to its adapters
+            return Prepared([dict(m) for m in messages], [], None, question, base_only=True)
         return Prepared(msgs, [], None, question)
     sources = [
         Source(
@@ -154,7 +175,7 @@ def prepare(
     while sources:
         with_passages = [
             *msgs[:last],
-            {**msgs[last], "content": render(question, sources, kn.when_nothing_found == "refuse")},
+            {**msgs[last], "content": render(question, sources, kn.when_nothing_found != "answer")},
             *msgs[last + 1 :],
         ]
         if fits is None or fits(with_passages):

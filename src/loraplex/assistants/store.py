@@ -58,7 +58,10 @@ class Sampling(BaseModel):
 
 class Knowledge(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    base: str = Field(description="the knowledge base searched on every question")
+    base: str = Field(
+        description="the knowledge base searched on every question, or NAME@vN: the Q&A an adapter version "
+        "was trained on (train with retrieval on)"
+    )
     top_k: int = Field(4, ge=1, le=20, description="passages put into the prompt, at most")
     min_relevance: float = Field(
         0.3, ge=0, le=1, description="passages covering less of the question than this are not used"
@@ -66,17 +69,21 @@ class Knowledge(BaseModel):
     min_similarity: float = Field(
         0.5, ge=-1, le=1, description="with vectors: a passage this similar (cosine) is used whatever its words"
     )
-    when_nothing_found: Literal["answer", "refuse"] = Field(
+    when_nothing_found: Literal["answer", "refuse", "base"] = Field(
         "answer",
         description="answer: without passages, from the model alone; refuse: say 'I don't know' "
-        "(and the prompt tells the model to say so when the passages lack the answer)",
+        "(and the prompt tells the model to say so when the passages lack the answer); base: the base "
+        "model answers without the assistant's adapters (and the prompt says as with refuse)",
     )
     refusal: str = Field("", description="what to answer when refusing; default: a sentence in the question's language")
 
     @field_validator("base")
     @classmethod
     def _base(cls, v: str) -> str:
-        check_name(v, "knowledge base name")
+        name, at, version = v.partition("@")
+        if at and not (version.startswith("v") and version[1:].isdigit()):
+            raise ValueError("a knowledge base is NAME, or NAME@vN for an adapter version's own Q&A")
+        check_name(name, "knowledge base name")
         return v
 
 

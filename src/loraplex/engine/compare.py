@@ -1,4 +1,4 @@
-"""Base vs. adapter answers to the same questions, side by side (`loraplex compare`, quickstart)."""
+"""Base vs. adapter answers to the same questions, side by side (`loraplex compare`)."""
 
 from __future__ import annotations
 
@@ -30,27 +30,39 @@ def compare_answers(
     questions: list[str],
     questions_file: Path | None = None,
     max_new_tokens: int = 128,
-    model: LocalModel | None = None,
+    engine: Any = None,
 ) -> list[dict[str, Any]]:
+    """Greedy answers of the base and of `adapter` to each question, from the serving engine (all
+    questions batched), each with the prompt `loraplex serve` builds for it: a version trained
+    with retrieval answers from passages of its own Q&A."""
+    import asyncio
+
+    from loraplex.adapters import registry
+    from loraplex.eval.run import EvalExample, answer_all, served_prompts
+
     asked: list[tuple[str, str | None]] = [(q, None) for q in questions]
     if questions_file is not None:
         asked += questions_from_file(questions_file)
     if not asked:
         raise UserError("no questions: pass them as arguments or with --questions FILE")
-    lm = model or LocalModel(adapter=adapter)
-    rows = []
-    for q, ref in asked:
-        messages = [{"role": "user", "content": q}]
-        rows.append(
-            {
-                "question": q,
-                "reference": ref,
-                "base": lm.answer(messages, max_new_tokens, use_adapter=False),
-                "adapter": lm.answer(messages, max_new_tokens),
-                "adapter_id": lm.adapter.id if lm.adapter else None,
-            }
-        )
-    return rows
+    ref = registry.resolve(adapter)
+    examples = [EvalExample("", [{"role": "user", "content": q}], "", ()) for q, _ in asked]
+    own = engine is None
+    if engine is None:
+        from loraplex.engine.engine import Engine
+        from loraplex.models.load import resolve_base
+
+        engine = Engine(resolve_base(ref.manifest().get("base_model", {}).get("id")), max_loaded_adapters=2)
+    try:
+        jobs = [served_prompts("", examples), served_prompts(ref.id, examples)]
+        base, tuned = asyncio.run(answer_all(engine, jobs, max_new_tokens))
+    finally:
+        if own:
+            engine.close()
+    return [
+        {"question": q, "reference": r, "base": b["text"], "adapter": a["text"], "adapter_id": ref.id}
+        for (q, r), b, a in zip(asked, base, tuned, strict=True)
+    ]
 
 
 def print_comparison(rows: list[dict[str, Any]], console: Console) -> None:

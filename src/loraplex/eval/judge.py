@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 from typing import Any
 
 import httpx
 
-from loraplex.errors import UserError
+from loraplex.endpoint import Endpoint
 
 RUBRIC = """You are grading an assistant's answer against a reference answer written by an expert.
 
@@ -65,13 +64,17 @@ class Judge:
     """An OpenAI-compatible endpoint (`url` ends in /v1) and the model on it that grades."""
 
     def __init__(self, url: str, model: str | None = None, api_key: str | None = None, concurrency: int = 8):
-        self.url = url.rstrip("/")
-        if not re.match(r"^https?://", self.url):
-            raise UserError(f"--judge {url!r}: give the endpoint's base URL, e.g. http://127.0.0.1:8000/v1")
-        self.model = model
-        key = api_key or os.environ.get("LORAPLEX_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        keys = ("LORAPLEX_JUDGE_API_KEY", "OPENAI_API_KEY")
+        self.endpoint = Endpoint(url, model, "the judge", "--judge", keys, api_key)
         self.concurrency = concurrency
+
+    @property
+    def url(self) -> str:
+        return self.endpoint.url
+
+    @property
+    def model(self) -> str | None:
+        return self.endpoint.model
 
     def describe(self) -> dict[str, Any]:
         # The prompt as the judge reads it: placeholders kept, format-escaped braces undone.
@@ -79,45 +82,19 @@ class Judge:
 
     def check(self) -> None:
         """Reach the endpoint now and settle the model (the first one it lists when none was named)."""
-        try:
-            r = httpx.get(f"{self.url}/models", headers=self.headers, timeout=10)
-        except httpx.HTTPError as e:
-            raise UserError(f"the judge at {self.url} is unreachable: {e}") from None
-        if r.status_code in (401, 403):
-            raise UserError(f"the judge at {self.url} refused the key ({r.status_code}); set LORAPLEX_JUDGE_API_KEY")
-        if r.status_code != 200:
-            raise UserError(f"the judge at {self.url} answered GET /models with {r.status_code}: {r.text[:200]}")
-        models = [str(m["id"]) for m in r.json().get("data", []) if isinstance(m, dict) and m.get("id")]
-        if self.model is None:
-            if not models:
-                raise UserError(f"the judge at {self.url} lists no models; name one with --judge-model")
-            self.model = models[0]
-        elif models and self.model not in models:
-            raise UserError(f"the judge at {self.url} has no model {self.model!r}; it has {', '.join(models[:10])}")
+        self.endpoint.check()
 
     async def grade_all(self, items: list[tuple[list[dict[str, str]], str, str]]) -> list[dict[str, Any]]:
         """Grades for (prompt messages, reference, answer) triples, in order."""
         gate = asyncio.Semaphore(self.concurrency)
-        async with httpx.AsyncClient(headers=self.headers, timeout=120) as http:
+        async with httpx.AsyncClient(headers=self.endpoint.headers, timeout=120) as http:
 
             async def one(prompt: list[dict[str, str]], reference: str, answer: str) -> dict[str, Any]:
                 question = "\n".join(f"{m['role']}: {m['content']}" for m in prompt if m["role"] != "system")
-                body = {
-                    "model": self.model,
-                    "messages": [
-                        {
-                            "role": "user",
-                            "content": RUBRIC.format(question=question, reference=reference, answer=answer),
-                        }
-                    ],
-                    "temperature": 0,
-                    "max_tokens": 200,
-                }
+                content = RUBRIC.format(question=question, reference=reference, answer=answer)
                 async with gate:
                     try:
-                        r = await http.post(f"{self.url}/chat/completions", json=body)
-                        r.raise_for_status()
-                        reply = str(r.json()["choices"][0]["message"]["content"] or "")
+                        reply = await self.endpoint.chat(http, content, temperature=0, max_tokens=200)
                     except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
                         return {"score": None, "reason": f"judge request failed: {e}", "raw": None}
                 score, reason = parse_grade(reply)

@@ -2,12 +2,15 @@
 
 One run, top to bottom:
   1. read the eval file (any training format; every record needs a reference answer);
-  2. generate both sides' answers through the serving engine: every question for the adapter and
-     for the baseline is submitted at once, so base and adapter rows decode in the same batches;
+  2. generate both sides' answers through the serving engine, with the prompts `loraplex serve`
+     builds (a version trained with retrieval answers from passages of its own Q&A, and the base
+     model answers when nothing relevant is found: assistants/faq.py): every question for the
+     adapter and for the baseline is submitted at once, so base and adapter rows decode together;
   3. score each answer (eval/metrics.py), and optionally have a judge grade it (eval/judge.py);
   4. teacher-forced loss and perplexity on the reference answers (assistant tokens only), with a
      PEFT model: an independent implementation from the engine's;
-  5. per example, improved / regressed / unchanged on the per-answer score;
+  5. per example, improved / regressed / unchanged on the per-answer score; scores apart for the
+     questions the adapter was trained on and the unseen ones, when its training questions are known;
   6. store the result with the adapter version (registry.record_eval) and return it.
 
 This module does not render HTML (eval/report.py) or print tables (cli.py).
@@ -85,22 +88,53 @@ def default_data(adapter: registry.AdapterRef) -> Path:
 # ----------------------------------------------------------------------------- generation
 
 
-async def _answer_all(
+def served_prompts(model: str, examples: list[EvalExample], fits: Any = None) -> list[tuple[list[dict[str, str]], str]]:
+    """(messages, model that runs them) for each example, as `loraplex serve` answers a chat request
+    for `model`: with passages from the version's own Q&A when it was trained with retrieval."""
+    from loraplex.assistants import faq, retrieval
+
+    helper = faq.assistant(model) if model else None
+    if helper is None:
+        return [(ex.prompt, model) for ex in examples]
+    searcher = retrieval.Searcher()
+    try:
+        prepared = [retrieval.prepare(helper, ex.prompt, searcher, True, fits) for ex in examples]
+    finally:
+        searcher.close()
+    return [(p.messages, "" if p.base_only else model) for p in prepared]
+
+
+def trained_questions(ref: registry.AdapterRef) -> set[str] | None:
+    """The questions `ref` was trained on (normalised), when they are known on this machine."""
+    from loraplex.assistants import faq
+
+    if (ref.path / registry.KNOWLEDGE).is_file():
+        return {metrics.normalise(p.question) for p in faq.read(ref.path / registry.KNOWLEDGE)}
+    path = ref.manifest().get("data", {}).get("path")
+    if not path or not Path(path).is_file():
+        return None
+    result = parse_file(Path(path))
+    return {
+        metrics.normalise(next((m["content"] for m in reversed(c.messages) if m["role"] == "user"), ""))
+        for c in result.conversations
+    }
+
+
+async def answer_all(
     engine: Any,
-    examples: list[EvalExample],
-    models: list[str],
+    jobs: list[list[tuple[list[dict[str, str]], str]]],
     max_tokens: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[list[dict]]:
-    """Answers for every (model, example), all in flight together so the engine batches them."""
+    """Answers for every side's (prompt, model) jobs, all in flight together so the engine batches them."""
     from loraplex.engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
 
-    async def one(model: str, ex: EvalExample) -> dict[str, Any]:
+    async def one(prompt: list[dict[str, str]], model: str) -> dict[str, Any]:
         text: list[str] = []
         finish, tokens = None, 0
-        async for d in engine.generate(ex.prompt, params, model, max_tokens=max_tokens):
+        async for d in engine.generate(prompt, params, model, max_tokens=max_tokens):
             text.append(d.text)
             finish, tokens = d.finish_reason, d.completion_tokens
         done[0] += 1
@@ -108,18 +142,24 @@ async def _answer_all(
             progress(done[0], total)
         return {"text": "".join(text).strip(), "finish_reason": finish, "tokens": tokens}
 
-    done, total = [0], len(models) * len(examples)
-    flat = await asyncio.gather(*[one(m, ex) for m in models for ex in examples])
-    n = len(examples)
-    return [list(flat[i * n : (i + 1) * n]) for i in range(len(models))]
+    done, total = [0], sum(len(side) for side in jobs)
+    flat = await asyncio.gather(*[one(prompt, model) for side in jobs for prompt, model in side])
+    out, at = [], 0
+    for side in jobs:
+        out.append(list(flat[at : at + len(side)]))
+        at += len(side)
+    return out
 
 
 # ----------------------------------------------------------------------------- loss
 
 
 @torch.inference_mode()
-def reference_losses(base: Any, examples: list[EvalExample], sides: list[str | None]) -> list[list[tuple[float, int]]]:
-    """(summed NLL, answer tokens) of every reference answer under each side (None = the base).
+def reference_losses(
+    base: Any, examples: list[EvalExample], sides: list[str | None], prompts: list[list[list[dict[str, str]]]]
+) -> list[list[tuple[float, int]]]:
+    """(summed NLL, answer tokens) of every reference answer under each side (None = the base),
+    after that side's prompt for it (`prompts[side][example]`).
 
     Assistant tokens only, exactly as training labels them (data/tokenize.py)."""
     from peft import PeftModel
@@ -128,10 +168,16 @@ def reference_losses(base: Any, examples: list[EvalExample], sides: list[str | N
     from loraplex.models.load import load_model, load_tokenizer
 
     tok = load_tokenizer(base)
-    convs = [Conversation([*ex.prompt, {"role": "assistant", "content": ex.reference}], ex.source) for ex in examples]
-    encoded, _ = encode_all(tok, convs, max_len=4096)
-    if len(encoded) != len(examples):
-        raise UserError("some reference answers have no tokens left to score after truncation to 4096 tokens")
+    per_side = []
+    for side_prompts in prompts:
+        convs = [
+            Conversation([*prompt, {"role": "assistant", "content": ex.reference}], ex.source)
+            for prompt, ex in zip(side_prompts, examples, strict=True)
+        ]
+        encoded, _ = encode_all(tok, convs, max_len=4096)
+        if len(encoded) != len(examples):
+            raise UserError("some reference answers have no tokens left to score after truncation to 4096 tokens")
+        per_side.append(encoded)
     model: Any = load_model(base)
     adapters = [s for s in sides if s]
     for i, ref_id in enumerate(adapters):
@@ -142,7 +188,7 @@ def reference_losses(base: Any, examples: list[EvalExample], sides: list[str | N
             model.load_adapter(path, adapter_name=f"a{i}")
     model.eval()
     out: list[list[tuple[float, int]]] = []
-    for side in sides:
+    for side, encoded in zip(sides, per_side, strict=True):
         rows: list[tuple[float, int]] = []
         if side:
             model.set_adapter(f"a{adapters.index(side)}")
@@ -218,12 +264,20 @@ def evaluate(
     engine = engine or Engine(base, max_batch=max_batch, max_loaded_adapters=2)
     try:
         sides = [ref.id, base_ref.id if base_ref else ""]
-        answers = asyncio.run(_answer_all(engine, examples, sides, max_tokens, progress))
+        room = engine.max_model_len - max_tokens
+
+        def fits(msgs: list[dict[str, str]]) -> bool:
+            return len(engine.encode(msgs)) <= room
+
+        jobs = [served_prompts(side, examples, fits) for side in sides]
+        answers = asyncio.run(answer_all(engine, jobs, max_tokens, progress))
     finally:
         if own_engine:
             engine.close()
     t_gen = time.perf_counter() - t0
-    losses = reference_losses(base, examples, [ref.id, base_ref.id if base_ref else None])
+    losses = reference_losses(
+        base, examples, [ref.id, base_ref.id if base_ref else None], [[m for m, _ in side] for side in jobs]
+    )
     for side in answers:
         for a, ex in zip(side, examples, strict=True):
             sc = metrics.score(a["text"], ex.reference, list(ex.keywords), a["finish_reason"] == "stop")
@@ -259,6 +313,23 @@ def evaluate(
         "adapter": _summary(answers[0], examples, losses[0]),
         "baseline": _summary(answers[1], examples, losses[1]),
     }
+    # trained vs. unseen: does the adapter answer questions worded other than its training data?
+    known = trained_questions(ref)
+    splits = None
+    if known is not None:
+        splits = {}
+        for split in ("trained", "unseen"):
+            idx = [
+                i for i, ex in enumerate(examples) if (metrics.normalise(ex.question) in known) == (split == "trained")
+            ]
+            for i in idx:
+                rows[i]["split"] = split
+            if idx:
+                splits[split] = {
+                    "examples": len(idx),
+                    "adapter": sum(answers[0][i]["scores"]["score"] for i in idx) / len(idx),
+                    "baseline": sum(answers[1][i]["scores"]["score"] for i in idx) / len(idx),
+                }
     result = {
         "adapter": ref.id,
         "baseline": base_ref.id if base_ref else "base",
@@ -269,6 +340,8 @@ def evaluate(
         "score": summary["adapter"]["score"],
         "summary": summary,
         "comparison": counts,
+        "splits": splits,
+        "retrieval": bool(ref.manifest().get("retrieval", {}).get("enabled")),
         "judge": judge.describe() if judge else None,
         "timing": {"generation_s": round(t_gen, 2), "total_s": round(time.perf_counter() - t0, 2)},
         "examples": rows,

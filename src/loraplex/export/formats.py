@@ -63,8 +63,9 @@ def _adapter_base(ref: registry.AdapterRef) -> BaseRef:
 
 def _copy_peft(ref: registry.AdapterRef, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for f in registry.ADAPTER_FILES:
-        shutil.copy2(ref.path / f, out / f)
+    for f in (*registry.ADAPTER_FILES, registry.KNOWLEDGE):
+        if f in registry.ADAPTER_FILES or (ref.path / f).is_file():
+            shutil.copy2(ref.path / f, out / f)
 
 
 def export_peft(ref: registry.AdapterRef, out: Path) -> None:
@@ -223,4 +224,11 @@ def export(refs: list[str], fmt: str, out: Path, merged: bool = False) -> str:
         export_gguf(resolved[0], out, merged)
     else:
         {"peft": export_peft, "merged": export_merged, "ollama": export_ollama}[fmt](resolved[0], out)
-    return f"exported {resolved[0].id} as {fmt} to {out}"
+    note = ""
+    if any((r.path / registry.KNOWLEDGE).is_file() for r in resolved):
+        # the weights learned to answer from passages; a runtime without loraplex's retrieval asks bare questions
+        note = (
+            f"; note: trained with retrieval, it answers best with its Q&A ({registry.KNOWLEDGE}) "
+            "in the prompt, which only `loraplex serve` adds"
+        )
+    return f"exported {', '.join(r.id for r in resolved)} as {fmt} to {out}{note}"

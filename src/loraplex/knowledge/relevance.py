@@ -57,6 +57,6 @@ def relevance(question_words: list[str], passage_text: str, passage_words: set[s
     for w in dict.fromkeys(question_words):
         wt = weight(w)
         total += wt
-        if (w in text) if CJK.search(w) else (w in passage_words):
+        if w in passage_words or (CJK.search(w) and w in text):
             got += wt
     return got / total if total > 0 else 0.0

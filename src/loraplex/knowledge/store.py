@@ -111,6 +111,32 @@ class KnowledgeBase:
         self.db = sqlite3.connect(self.dir / "index.db", timeout=30, check_same_thread=not shared)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA cache_size = -65536")  # 64 MB of pages: a 10,000-chunk index stays in memory
+        self._setup()
+
+    @classmethod
+    def from_passages(cls, name: str, source: str, passages: list[tuple[str, str]]) -> KnowledgeBase:
+        """A keyword-only base held in memory, one chunk per passage, for a set of passages that lives
+        elsewhere (an adapter's own Q&A: assistants/faq.py). Each passage is (text, words): the text
+        a hit returns, and the text whose words it is found by (an answer found by its question's
+        words too). Searched like a base on disk; safe to use from several threads when the caller
+        serialises them."""
+        kb = cls.__new__(cls)
+        kb.name, kb.dir = name, Path(source).parent
+        kb.db = sqlite3.connect(":memory:", check_same_thread=False)
+        kb._setup()
+        with kb.db:
+            doc_id = kb.db.execute(
+                "INSERT INTO docs (path, sha256, bytes, chunks, added_at) VALUES (?, '', 0, ?, ?)",
+                (source, len(passages), time.time()),
+            ).lastrowid
+            for i, (text, searched) in enumerate(passages):
+                cid = kb.db.execute(
+                    "INSERT INTO chunks (doc_id, ord, text) VALUES (?, ?, ?)", (doc_id, i, text)
+                ).lastrowid
+                kb.db.execute("INSERT INTO chunks_fts (rowid, words) VALUES (?, ?)", (cid, " ".join(words(searched))))
+        return kb
+
+    def _setup(self) -> None:
         self.db.executescript(SCHEMA)
         self._embedder: Embedder | None = None
         self._matrix: tuple[int, np.ndarray, np.ndarray] | None = None  # (version, ids, vectors)

@@ -122,7 +122,8 @@ class Jobs:
                 },
                 "lora": {"rank": int(settings.get("rank", 16)), "alpha": 2 * int(settings.get("rank", 16))},
                 "train": {
-                    "epochs": float(settings.get("epochs", 8)),
+                    # unset: the recipe's default (16, or 4 with retrieval), as `loraplex train`
+                    "epochs": float(settings["epochs"]) if settings.get("epochs") else None,
                     "learning_rate": float(settings.get("learning_rate", 1e-3)),
                     "batch_size": int(settings.get("batch_size", 4)),
                 },
@@ -198,7 +199,7 @@ class Jobs:
         job = {k: v for k, v in dict(row).items() if k not in ("config", "pid", "host")}
         cfg = json.loads(row["config"])
         job["settings"] = {
-            "epochs": cfg["train"]["epochs"],
+            "epochs": cfg["train"]["epochs"] or (4.0 if cfg.get("retrieval", {}).get("enabled", True) else 16.0),
             "learning_rate": cfg["train"]["learning_rate"],
             "rank": cfg["lora"]["rank"],
             "base": cfg["base"],

@@ -65,7 +65,7 @@
       base,
       name: $("train-name").value.trim(),
       description: $("train-description").value.trim(),
-      epochs: Number($("train-epochs").value),
+      epochs: $("train-epochs").value ? Number($("train-epochs").value) : null,  // empty: the recipe's default
       learning_rate: Number($("train-lr").value),
       rank: Number($("train-rank").value),
       eval_ratio: Number($("train-eval").value),

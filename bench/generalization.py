@@ -1,0 +1,276 @@
+"""Does an assistant answer questions asked in other words? Plain LoRA SFT vs. each lever vs. the
+default, trained and answered side by side in one run, on the default CPU model.
+
+    python bench/generalization.py [--sets sample,large] [--variants plain,noisy+refusals,paraphrase,k4,default]
+
+Each variant is `loraplex train` (the recipe, in process) on the set's training file with its
+settings, registered in a throw-away store, then answered greedily through the built-in engine
+the way `loraplex serve` answers a request for it (assistants/faq.py: passages found in the
+version's own Q&A, the base model when nothing relevant is found):
+
+  plain      retrieval.enabled=false: plain LoRA SFT, 16 epochs (what loraplex did before)
+  noisy+refusals  the default plus one noisy copy of each question (typo, dropped word, lower case)
+             and "I don't know" examples on half the records (the refusal lever)
+  paraphrase the default plus 3 paraphrases per question written by the base model itself (the
+             paraphrase lever with the only teacher this CPU has; a bigger teacher is one URL away)
+  k4, k6     the default with 4 or 6 passages per prompt (more recall, longer prompts)
+  default    the default: retrieval-augmented training and serving, 2 passages per prompt, 4 epochs
+
+Sets (training phrasing never equals a test phrasing; check_no_leak() asserts it):
+  sample  the shipped quickstart data (20 facts, en/zh): trained questions, held-out paraphrases
+          (samples/company_policies_heldout.jsonl), bench/data/sample_unanswerable.jsonl
+  large   bench/data/faq_large/: 100+ facts of fictional organisations (en/zh), one phrasing each
+          for training, 3+ unseen phrasings per fact, 30+ unanswerable questions
+
+Both sets share bench/data/general.jsonl (50 questions unrelated to any FAQ).
+
+Reported per set and variant: key-fact accuracy on unseen phrasings and on the trained questions
+(every keyword of the fact in the answer), refusals on unanswerable questions ("I don't know" or
+equivalent), leakage (answers to the general questions naming one of the FAQ's organisations or
+one of its facts that the base model's own answer to that question lacks), training wall time,
+and time to first token with and without retrieval (the request alone, greedy, one at a time).
+The CPU model and flags are printed with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).parent
+DATA = HERE / "data"
+REFUSED = re.compile(
+    r"don'?t know|do not know|not sure|no information|cannot answer|不知道|不清楚|没有.{0,6}(信息|内容|资料)"
+)
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "plain": {"retrieval": {"enabled": False}},
+    "noisy+refusals": {"retrieval": {"noisy_copies": 1, "refusals": 0.5}},
+    "paraphrase": {"paraphrase": {"count": 3}},
+    "k4": {"retrieval": {"top_k": 4}},
+    "k6": {"retrieval": {"top_k": 6}},
+    "default": {},
+}
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_set(name: str) -> dict[str, Any]:
+    from loraplex.quickstart import HELDOUT_FILE, TRAIN_FILE
+
+    if name == "sample":
+        train = read_jsonl(TRAIN_FILE)
+        unseen = read_jsonl(HELDOUT_FILE)
+        unanswerable = read_jsonl(DATA / "sample_unanswerable.jsonl")
+        train_file = TRAIN_FILE
+        orgs = ["Brightwave", "明澜"]
+    else:
+        root = DATA / "faq_large"
+        train_file = root / "train.jsonl"
+        train = read_jsonl(train_file)
+        unseen = read_jsonl(root / "unseen.jsonl")
+        unanswerable = read_jsonl(root / "unanswerable.jsonl")
+        orgs = json.loads((root / "organisations.json").read_text(encoding="utf-8"))
+    keywords_of = {}
+    for u in unseen:
+        keywords_of.setdefault(u["trained_question"], u["keywords"])
+    trained = [{"instruction": r["instruction"], "keywords": keywords_of[r["instruction"]]} for r in train]
+    return {
+        "name": name,
+        "train_file": train_file,
+        "train": train,
+        "trained": trained,
+        "unseen": unseen,
+        "unanswerable": unanswerable,
+        "general": read_jsonl(DATA / "general.jsonl"),
+        "orgs": orgs,
+    }
+
+
+def check_no_leak(s: dict[str, Any]) -> None:
+    """No test phrasing is a training phrasing (the held-out questions never reach training)."""
+    trained = {r["instruction"].strip().lower() for r in s["train"]}
+    for group in ("unseen", "unanswerable", "general"):
+        same = [q["instruction"] for q in s[group] if q["instruction"].strip().lower() in trained]
+        assert not same, f"{s['name']}: {group} questions also in training: {same[:3]}"
+    missing = [
+        u["trained_question"]
+        for u in s["unseen"]
+        if u["trained_question"] not in {r["instruction"] for r in s["train"]}
+    ]
+    assert not missing, f"{s['name']}: unseen questions point at facts not in training: {missing[:3]}"
+
+
+def hit(answer: str, keywords: list[str]) -> bool:
+    a = answer.lower()
+    return all(k.lower() in a for k in keywords)
+
+
+def answer(engine: Any, model: str, questions: list[str], max_tokens: int = 64) -> list[dict[str, Any]]:
+    """Greedy answers, batched, with the prompts `loraplex serve` builds for `model` (eval/run.py)."""
+    from loraplex.eval.run import EvalExample, answer_all, served_prompts
+
+    examples = [EvalExample("", [{"role": "user", "content": q}], "", ()) for q in questions]
+    t = time.perf_counter()
+    jobs = served_prompts(model, examples)
+    took = (time.perf_counter() - t) / max(len(questions), 1)  # retrieval per question (search, render)
+    (got,) = asyncio.run(answer_all(engine, [jobs], max_tokens))
+    return [
+        {"text": a["text"], "passages": bool(model) and target == model and prompt != ex.prompt, "retrieval_s": took}
+        for a, (prompt, target), ex in zip(got, jobs, examples, strict=True)
+    ]
+
+
+async def ttft(engine: Any, model: str, questions: list[str], retrieve: bool) -> list[float]:
+    """Seconds to the first token, one request at a time, with the version's retrieval or without."""
+    from loraplex.assistants import faq, retrieval
+    from loraplex.engine.sampling import SamplingParams
+
+    helper = faq.assistant(model) if retrieve else None
+    searcher = retrieval.Searcher()
+    out = []
+    for q in questions:
+        t = time.perf_counter()
+        messages = [{"role": "user", "content": q}]
+        target = model
+        if helper is not None:
+            p = retrieval.prepare(helper, messages, searcher)
+            messages, target = p.messages, ("" if p.base_only else model)
+        async for _ in engine.generate(messages, SamplingParams(max_tokens=1, temperature=0.0), target, max_tokens=1):
+            out.append(time.perf_counter() - t)
+            break
+    searcher.close()
+    return out
+
+
+def train(s: dict[str, Any], variant: str, seed: int) -> tuple[str, float, dict[str, Any]]:
+    from rich.console import Console
+
+    from loraplex.config import load_config
+    from loraplex.train.sft_lora import run
+
+    extra: dict[str, Any] = {
+        "name": f"{s['name']}-{variant}-s{seed}",
+        "data": {"path": str(s["train_file"])},
+        "train": {"seed": seed},
+        **{k: v for k, v in VARIANTS[variant].items() if k != "train"},
+    }
+    cfg = load_config(extra=extra)
+    t = time.perf_counter()
+    result = run(cfg, resume="never", console=Console(stderr=True))
+    assert result.adapter is not None
+    return result.adapter.id, time.perf_counter() - t, result.adapter.manifest().get("retrieval", {})
+
+
+def score(s: dict[str, Any], answers: dict[str, list[dict[str, Any]]], base_general: list[str]) -> dict[str, Any]:
+    facts = {k.lower() for u in s["unseen"] for k in u["keywords"] if len(k) >= 3}
+    orgs = [o.lower() for o in s["orgs"]]
+
+    def leaked(text: str, base_text: str) -> bool:
+        t, b = text.lower(), base_text.lower()
+        return any(o in t for o in orgs) or any(f in t and f not in b for f in facts)
+
+    n = {g: len(s[g]) for g in ("trained", "unseen", "unanswerable", "general")}
+    return {
+        "trained": sum(hit(a["text"], q["keywords"]) for a, q in zip(answers["trained"], s["trained"], strict=True))
+        / n["trained"],
+        "unseen": sum(hit(a["text"], q["keywords"]) for a, q in zip(answers["unseen"], s["unseen"], strict=True))
+        / n["unseen"],
+        "refused": sum(bool(REFUSED.search(a["text"])) for a in answers["unanswerable"]) / n["unanswerable"],
+        "leakage": sum(leaked(a["text"], b) for a, b in zip(answers["general"], base_general, strict=True))
+        / n["general"],
+        "general_with_passages": sum(a["passages"] for a in answers["general"]) / n["general"],
+    }
+
+
+def cpu() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    isa = [f for f in flags if f.startswith(("avx", "amx", "fma"))]
+    return f"{fields.get('Model name', '?').strip()}, {os.cpu_count()} cores; {' '.join(isa)}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sets", default="sample,large")
+    ap.add_argument("--variants", default="plain,noisy+refusals,paraphrase,k4,default")
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args()
+    os.environ.setdefault("LORAPLEX_HOME", tempfile.mkdtemp(prefix="loraplex-bench-gen-"))
+
+    from loraplex.engine.engine import Engine
+
+    rows = []
+    for set_name in args.sets.split(","):
+        s = load_set(set_name)
+        check_no_leak(s)
+        trained_models = []
+        for variant in args.variants.split(","):
+            for seed in range(42, 42 + args.seeds):
+                ref, wall, info = train(s, variant, seed)
+                trained_models.append((variant, seed, ref, wall, info))
+        engine = Engine(max_batch=16, max_loaded_adapters=4)
+        try:
+            base_general = [a["text"] for a in answer(engine, "", [q["instruction"] for q in s["general"]])]
+            for variant, seed, ref, wall, info in trained_models:
+                answers = {
+                    g: answer(engine, ref, [q["instruction"] for q in s[g]])
+                    for g in ("trained", "unseen", "unanswerable", "general")
+                }
+                sc = score(s, answers, base_general)
+                probe = [q["instruction"] for q in s["unseen"][:20]]
+                with_r = asyncio.run(ttft(engine, ref, probe, True)) if info.get("enabled") else []
+                without = asyncio.run(ttft(engine, ref, probe, False))
+                retrieval_ms = [a["retrieval_s"] * 1e3 for a in answers["unseen"] if a["retrieval_s"]]
+                row = {
+                    "set": set_name,
+                    "variant": variant,
+                    "seed": seed,
+                    "adapter": ref,
+                    **sc,
+                    "train_s": round(wall, 1),
+                    "ttft_ms": round(statistics.median(without) * 1e3, 1),
+                    "ttft_retrieval_ms": round(statistics.median(with_r) * 1e3, 1) if with_r else None,
+                    "retrieval_step_ms": round(statistics.median(retrieval_ms), 2) if retrieval_ms else None,
+                    "examples": info,
+                    "answers": {
+                        g: [{"q": q["instruction"], "a": a["text"]} for q, a in zip(s[g], answers[g], strict=True)]
+                        for g in answers
+                    },
+                }
+                rows.append(row)
+                print(json.dumps(row, ensure_ascii=False), flush=True)
+        finally:
+            engine.close()
+
+    print(f"\nCPU: {cpu()}; torch threads {__import__('torch').get_num_threads()}")
+    head = "set | variant | unseen | trained | refused (unanswerable) | leakage (general) | train s | TTFT ms"
+    print(f"| {head} | TTFT ms with retrieval | retrieval step ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    plain = {r["set"]: r["train_s"] for r in rows if r["variant"] == "plain"}
+    for r in rows:
+        ratio = f" ({r['train_s'] / plain[r['set']]:.2f}x)" if r["set"] in plain and r["variant"] != "plain" else ""
+        print(
+            f"| {r['set']} | {r['variant']} | {r['unseen']:.0%} | {r['trained']:.0%} | {r['refused']:.0%} | "
+            f"{r['leakage']:.0%} | {r['train_s']:.0f}{ratio} | {r['ttft_ms']} | {r['ttft_retrieval_ms'] or '-'} | "
+            f"{r['retrieval_step_ms'] or '-'} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, ensure_ascii=False, indent=1))
+
+
+if __name__ == "__main__":
+    main()

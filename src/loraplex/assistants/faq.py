@@ -1,0 +1,215 @@
+"""An adapter's own knowledge: its training Q&A, searched when it answers, and the retrieval-augmented
+training examples that teach it to answer from what is found (SFT + RAG).
+
+    train:  records -> one passage per question/answer pair (knowledge.jsonl, stored with the version)
+            each record -> its question (and noisy copies) + the passages found for it
+                           the right one among the others    -> the answer, verbatim
+                           only the others (some records)    -> "I don't know"
+    serve:  question -> passages found in the version's knowledge.jsonl -> the same prompt
+            nothing relevant found -> the base model answers, without the adapter
+
+Why: a FAQ has one phrasing per answer, and a small model fine-tuned on it learns that phrasing,
+not the fact; a user who words the question differently gets a wrong answer (quickstart, plain
+SFT: 5/20 held-out paraphrases). Finding the passage by its words and copying the answer out of
+it does not depend on the phrasing the adapter saw (bench/generalization.py measures both).
+
+The prompt is the assistants' own (retrieval.render), so `hr@v2` behaves like an assistant whose
+knowledge base is its training data. The passages are searched with the knowledge bases' BM25 and
+relevance (knowledge/store.py), built in memory from knowledge.jsonl on first use (a few hundred
+passages take milliseconds).
+
+This module does not train (train/sft_lora.py) or generate.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraplex.adapters import registry
+from loraplex.assistants.retrieval import REFUSAL, Source, language, render
+from loraplex.assistants.store import AdapterPart, Assistant, Knowledge
+from loraplex.data.formats import Conversation
+from loraplex.errors import UserError
+from loraplex.knowledge.relevance import CJK
+from loraplex.knowledge.store import KnowledgeBase
+
+FILE = "knowledge.jsonl"
+DOCUMENT = "faq"  # the name the passages are cited by: "[1] (faq) ..."
+
+
+@dataclass(frozen=True)
+class Pair:
+    question: str
+    answer: str
+    source: str  # "path:line" of the record
+
+    @property
+    def passage(self) -> tuple[str, str]:
+        """What the prompt shows (the answer) and what it is found by (question and answer). The
+        question is left out of the prompt on purpose: shown verbatim, it taught the adapter to
+        answer only when the user's words match the FAQ's (a string match), and to refuse
+        paraphrases (bench/generalization.py: 55% unseen with it)."""
+        return self.answer, f"{self.question} {self.answer}"
+
+
+def pairs_of(conversations: list[Conversation]) -> list[Pair]:
+    """The single-turn question/answer records (a system message may precede them); multi-turn
+    dialogues are not passages."""
+    out = []
+    for c in conversations:
+        turns = [m for m in c.messages if m["role"] != "system"]
+        if len(turns) == 2 and turns[0]["role"] == "user" and turns[1]["role"] == "assistant":
+            out.append(Pair(turns[0]["content"].strip(), turns[1]["content"].strip(), c.source))
+    return out
+
+
+def write(path: Path, pairs: list[Pair]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for p in pairs:
+            f.write(json.dumps({"question": p.question, "answer": p.answer, "source": p.source}, ensure_ascii=False))
+            f.write("\n")
+
+
+def read(path: Path) -> list[Pair]:
+    pairs = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            rec = json.loads(line)
+            pairs.append(Pair(str(rec["question"]), str(rec["answer"]), str(rec.get("source", ""))))
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path}:{i}: not a knowledge record ({e})") from None
+    return pairs
+
+
+def index(pairs: list[Pair], name: str) -> KnowledgeBase:
+    return KnowledgeBase.from_passages(name, DOCUMENT, [p.passage for p in pairs])
+
+
+# ----------------------------------------------------------------------------- serving side
+
+
+def assistant(model: str) -> Assistant | None:
+    """What a request for `model` (NAME, NAME@vN or NAME@ALIAS) runs when that version was trained
+    with retrieval: its adapter, searching its own Q&A, the base model when nothing relevant is
+    found. None for anything else (other versions, compositions, weights, the base, unknown names:
+    those are served, or refused, as before)."""
+    if any(c in model for c in "+: ") or not model:
+        return None
+    try:
+        ref = registry.resolve(model)
+        settings = ref.manifest().get("retrieval")
+    except (UserError, OSError, ValueError):
+        return None
+    if not isinstance(settings, dict) or not settings.get("enabled") or not (ref.path / FILE).is_file():
+        return None
+    return Assistant(
+        name=ref.name,
+        adapters=[AdapterPart(ref=ref.id)],
+        knowledge=Knowledge(
+            base=ref.id,
+            top_k=settings.get("top_k", 2),
+            min_relevance=settings.get("min_relevance", 0.3),
+            when_nothing_found="base",
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------- training side
+
+
+def noisy(question: str, rng: random.Random) -> str:
+    """The question as a hurried user types it: a typo or two, a dropped word, no capitals or
+    final punctuation. Model-free, so it never invents a fact."""
+    cjk = bool(CJK.search(question))
+    text = question.rstrip("?？!！.。 ")
+    units: list[str] = list(text) if cjk else text.split()
+    for _ in range(rng.randint(1, 2)):
+        if len(units) < 4:
+            break
+        i = rng.randrange(len(units))
+        kind = rng.choice(("drop", "swap", "typo"))
+        if kind == "drop":
+            del units[i]
+        elif kind == "swap" and i + 1 < len(units):
+            units[i], units[i + 1] = units[i + 1], units[i]
+        elif not cjk and len(units[i]) > 3:
+            w = units[i]
+            j = rng.randrange(1, len(w) - 1)
+            units[i] = w[:j] + w[j + 1] + w[j] + w[j + 2 :]  # two letters swapped
+    out = ("" if cjk else " ").join(units)
+    return out.lower() if rng.random() < 0.5 else out
+
+
+def augment(
+    conversations: list[Conversation],
+    pairs: list[Pair],
+    top_k: int,
+    min_relevance: float,
+    noisy_copies: int,
+    refusals: float,
+    seed: int,
+    reworded: dict[str, list[str]] | None = None,
+) -> tuple[list[Conversation], dict[str, int]]:
+    """Training conversations with passages in the prompt (see the module docstring), and counts of
+    what was made. `reworded` holds teacher paraphrases by record source (data/paraphrase.py), each
+    trained like a noisy copy. Multi-turn conversations pass through unchanged."""
+    kb = index(pairs, "training")
+    rng = random.Random(seed)
+    by_source = {p.source: i for i, p in enumerate(pairs)}
+    out: list[Conversation] = []
+    counts = {"answer_examples": 0, "noisy_questions": 0, "refusal_examples": 0, "gold_not_found": 0}
+    try:
+        for conv in conversations:
+            i = by_source.get(conv.source)
+            if i is None:
+                out.append(conv)
+                continue
+            system = [m for m in conv.messages if m["role"] == "system"]
+            gold = pairs[i]
+            variants = [gold.question] + [noisy(gold.question, rng) for _ in range(noisy_copies)]
+            variants += (reworded or {}).get(conv.source, [])
+            counts["noisy_questions"] += noisy_copies
+            for q in variants:
+                found = [h.ord for h in kb.search(q, top_k + 1, min_relevance)]
+                # the passages serving would show for this wording, in its order; the right one
+                # replaces the last when the search misses it (the adapter cannot answer what it
+                # is not shown)
+                shown = found[:top_k]
+                if i not in shown:
+                    counts["gold_not_found"] += 1
+                    shown = [*shown[: top_k - 1], i]
+                out.append(_conv(conv, system, render(q, _sources(pairs, shown), True), gold.answer, "answer"))
+                counts["answer_examples"] += 1
+                others = [o for o in found if pairs[o].answer != gold.answer][:top_k]  # not a duplicate
+            if others and rng.random() < refusals:
+                # only the others: the answer is not there, and the adapter must say so
+                prompt = render(q, _sources(pairs, others), True)
+                out.append(_conv(conv, system, prompt, REFUSAL[language(q)], "refusal"))
+                counts["refusal_examples"] += 1
+    finally:
+        kb.close()
+    return out, counts
+
+
+def reworded(conversations: list[Conversation], paraphrases: dict[str, list[str]]) -> list[Conversation]:
+    """Plain SFT with paraphrases: each record, then a copy per rewording of its question."""
+    out = []
+    for conv in conversations:
+        out.append(conv)
+        for q in paraphrases.get(conv.source, []):
+            messages = [dict(m) for m in conv.messages]
+            next(m for m in messages if m["role"] == "user")["content"] = q
+            out.append(Conversation(messages, f"{conv.source} (paraphrase)", conv.keywords))
+    return out
+
+
+def _sources(pairs: list[Pair], ords: list[int]) -> list[Source]:
+    return [Source(n, DOCUMENT, o, pairs[o].answer, 0.0, 0.0, None) for n, o in enumerate(ords, 1)]
+
+
+def _conv(conv: Conversation, system: list[dict[str, str]], prompt: str, answer: str, kind: str) -> Conversation:
+    messages = [*system, {"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    return Conversation(messages, f"{conv.source} ({kind})", conv.keywords if kind == "answer" else ())

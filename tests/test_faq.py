@@ -1,0 +1,216 @@
+"""Retrieval-augmented training and serving (assistants/faq.py): what reaches training, what the
+version stores, how `loraplex serve` answers a request for it, and (real SmolLM2) that it answers
+questions worded unlike its training data."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from loraplex.adapters import registry
+from loraplex.adapters.archive import export_tar, import_tar
+from loraplex.assistants import faq
+from loraplex.config import load_config
+from loraplex.data.formats import parse_file
+from loraplex.engine.engine import Engine
+from loraplex.errors import UserError
+from loraplex.train.sft_lora import run
+from tests.conftest import RECORDS, Server, write_jsonl
+
+BENCH = Path(__file__).parent.parent / "bench"
+
+
+def tiny(tiny_base: Path, path: Path, **sections: object):  # noqa: ANN201
+    extra: dict = {"name": "faq", "base": str(tiny_base), "data": {"path": str(path)}, "train": {"max_steps": 2}}
+    for key, value in sections.items():
+        extra[key] = {**extra.get(key, {}), **value}  # type: ignore[dict-item]
+    return load_config(extra=extra)
+
+
+def test_held_out_questions_never_reach_training_or_the_knowledge(
+    lp_home: Path, tiny_base: Path, records_file: Path
+) -> None:
+    res = run(tiny(tiny_base, records_file, data={"eval_ratio": 0.25}))
+    assert res.adapter is not None
+    held_out = [json.loads(line)["messages"] for line in (res.run_dir / "eval_split.jsonl").read_text().splitlines()]
+    held_q = {m[0]["content"] for m in held_out}
+    assert len(held_q) == 2
+    known = faq.read(res.adapter.path / registry.KNOWLEDGE)
+    assert {p.question for p in known} == {q for q, _ in RECORDS} - held_q  # the training records, no more
+    assert not held_q & {p.question for p in known}
+    # and the training examples built from them mention no held-out question or answer
+    convs = [c for c in parse_file(records_file).conversations if c.messages[0]["content"] not in held_q]
+    examples, counts = faq.augment(convs, faq.pairs_of(convs), 2, 0.3, 2, 1.0, seed=1)
+    text = "\n".join(m["content"] for c in examples for m in c.messages)
+    held_answers = {m[1]["content"] for m in held_out}
+    assert not any(q in text for q in held_q) and not any(a in text for a in held_answers)
+    assert counts["answer_examples"] == 3 * len(convs) and counts["noisy_questions"] == 2 * len(convs)
+    manifest = res.adapter.manifest()
+    assert manifest["retrieval"]["enabled"] and manifest["retrieval"]["passages"] == len(known)
+    assert manifest["data"]["records"] == len(RECORDS) - 2
+
+
+def test_the_benchmark_sets_keep_test_phrasings_out_of_training() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import generalization
+    finally:
+        sys.path.remove(str(BENCH))
+    for name in ("sample", "large"):
+        s = generalization.load_set(name)
+        generalization.check_no_leak(s)  # raises on any overlap
+        assert len(s["unseen"]) >= (20 if name == "sample" else 300)
+    large = generalization.load_set("large")
+    assert len(large["train"]) >= 100 and len(large["unanswerable"]) >= 30 and len(large["general"]) >= 50
+    per_fact: dict[str, int] = {}
+    for u in large["unseen"]:
+        per_fact[u["trained_question"]] = per_fact.get(u["trained_question"], 0) + 1
+    assert min(per_fact.values()) >= 3
+    # a bad set is caught
+    broken = {
+        **large,
+        "unseen": [*large["unseen"], {**large["unseen"][0], "instruction": large["train"][0]["instruction"]}],
+    }
+    with pytest.raises(AssertionError, match="also in training"):
+        generalization.check_no_leak(broken)
+
+
+def test_each_training_example_shows_the_right_passage_or_says_it_does_not_know(
+    lp_home: Path, records_file: Path
+) -> None:
+    # a second wording of one record's question, with the same answer: never an "other" passage for it
+    dup = write_jsonl(
+        records_file.parent / "dup.jsonl",
+        [{"instruction": "When does the office at Zubrowka open?", "output": RECORDS[1][1]}],
+    )
+    convs = parse_file(records_file).conversations + parse_file(dup).conversations
+    pairs = faq.pairs_of(convs)
+    examples, counts = faq.augment(convs, pairs, 2, 0.0, 1, 1.0, seed=7)
+    answers = {a for _, a in RECORDS}
+    refusals = 0
+    for ex in examples:
+        prompt, answer = ex.messages[-2]["content"], ex.messages[-1]["content"]
+        if answer in answers:
+            assert answer in prompt  # the passage that holds it is shown
+        else:
+            refusals += 1
+            assert "know" in answer or "不知道" in answer
+            original = ex.source.removesuffix(" (refusal)")
+            gold = next(p.answer for p in pairs if p.source == original)
+            assert gold not in prompt  # the passage that holds it is not
+    assert refusals == counts["refusal_examples"] > 0
+    assert counts["answer_examples"] == 2 * len(convs)
+
+
+def test_plain_sft_stays_available_and_epochs_follow_the_mode(
+    lp_home: Path, tiny_base: Path, records_file: Path
+) -> None:
+    cfg = tiny(tiny_base, records_file, retrieval={"enabled": False})
+    assert cfg.epochs == 16 and tiny(tiny_base, records_file).epochs == 4
+    assert load_config(extra={"train": {"epochs": 2}}).epochs == 2
+    res = run(cfg)
+    assert res.adapter is not None
+    assert not (res.adapter.path / registry.KNOWLEDGE).exists()
+    assert res.adapter.manifest()["retrieval"]["enabled"] is False
+    assert faq.assistant(res.adapter.id) is None  # served as a plain adapter
+
+
+def test_the_knowledge_is_part_of_the_version(
+    lp_home: Path, tiny_base: Path, records_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref = run(tiny(tiny_base, records_file)).adapter
+    assert ref is not None
+    assert registry.KNOWLEDGE in ref.manifest()["files"]
+    registry.verify(ref)
+    tar = tmp_path / "faq.tar"
+    export_tar(ref.id, tar)
+    original = (ref.path / registry.KNOWLEDGE).read_bytes()
+    (ref.path / registry.KNOWLEDGE).write_text('{"question": "q", "answer": "forged"}\n')
+    with pytest.raises(UserError, match="knowledge.jsonl does not match"):
+        registry.verify(ref)
+    monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path / "other-home"))
+    imported, new = import_tar(tar)
+    assert new and (imported.path / registry.KNOWLEDGE).read_bytes() == original
+    assert faq.assistant(imported.id) is not None
+
+
+def test_serve_answers_a_retrieval_adapter_from_its_own_knowledge(
+    lp_home: Path, tiny_base: Path, records_file: Path
+) -> None:
+    ref = run(tiny(tiny_base, records_file)).adapter
+    assert ref is not None
+    engine = Engine(str(tiny_base), dtype="fp32", max_batch=4, max_loaded_adapters=2)
+    srv = Server(engine)
+    try:
+
+        def chat(model: str, question: str) -> dict:
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": question}],
+                "max_tokens": 8,
+                "temperature": 0,
+            }
+            r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        asked = "What code does the Zubrowka office have?"
+        plain = chat(engine.base.id, asked)
+        for model in ("faq", ref.id):
+            got = chat(model, asked)
+            assert got["model"] == ref.id
+            # the passages are in the prompt: the code's answer among them
+            assert got["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"] + 10
+        # nothing in the knowledge matches: the base model answers, exactly as it would alone
+        off_topic = "Tell me a poem about autumn rain."
+        assert (
+            chat("faq", off_topic)["choices"][0]["message"]["content"]
+            == chat(engine.base.id, off_topic)["choices"][0]["message"]["content"]
+        )
+        assert (
+            chat("faq", off_topic)["usage"]["prompt_tokens"]
+            == chat(engine.base.id, off_topic)["usage"]["prompt_tokens"]
+        )
+        # raw completions are not chat questions: the adapter runs on the prompt as sent
+        r = httpx.post(f"{srv.url}/v1/completions", json={"model": "faq", "prompt": asked, "max_tokens": 4}, timeout=60)
+        base_r = httpx.post(
+            f"{srv.url}/v1/completions", json={"model": engine.base.id, "prompt": asked, "max_tokens": 4}, timeout=60
+        )
+        assert r.json()["usage"]["prompt_tokens"] == base_r.json()["usage"]["prompt_tokens"]
+    finally:
+        srv.stop()
+        engine.close()
+
+
+@pytest.mark.slow
+def test_smollm2_answers_paraphrases_it_never_saw(lp_home: Path, tmp_path: Path) -> None:
+    """The default command on the shipped sample: trained questions and held-out paraphrases, scored
+    apart by `loraplex eval` (the questions it was trained on are recognised by itself)."""
+    from loraplex.eval.run import evaluate
+    from loraplex.quickstart import HELDOUT_FILE, TRAIN_FILE
+
+    res = run(load_config(extra={"name": "policies", "data": {"path": str(TRAIN_FILE)}}))
+    assert res.adapter is not None
+    heldout = [json.loads(line) for line in HELDOUT_FILE.read_text(encoding="utf-8").splitlines()]
+    keywords = {h["trained_question"]: h["keywords"] for h in heldout}
+    trained = [json.loads(line) for line in TRAIN_FILE.read_text(encoding="utf-8").splitlines()]
+    data = write_jsonl(
+        tmp_path / "eval.jsonl",
+        [
+            {"instruction": t["instruction"], "output": t["output"], "keywords": keywords[t["instruction"]]}
+            for t in trained
+        ]
+        + [{"instruction": h["instruction"], "output": h["output"], "keywords": h["keywords"]} for h in heldout],
+    )
+    result = evaluate(res.adapter.id, data, max_tokens=64)
+    splits = result["splits"]
+    assert splits["trained"]["examples"] == 20 and splits["unseen"]["examples"] == 20
+    print(f"\nkeyword score: trained {splits['trained']}, unseen {splits['unseen']}")
+    assert splits["trained"]["adapter"] >= 0.95
+    # plain SFT answered 5-6 of these 20 paraphrases; retrieval makes it most of them
+    assert splits["unseen"]["adapter"] >= 0.7
+    assert splits["unseen"]["baseline"] <= 0.2  # the base model does not know these facts
