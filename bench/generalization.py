@@ -1,7 +1,7 @@
 """Does an assistant answer questions asked in other words? Plain LoRA SFT vs. each lever vs. the
 default, trained and answered side by side in one run, on the default CPU model.
 
-    python bench/generalization.py [--sets sample,large] [--variants plain,noisy+refusals,paraphrase,k4,default]
+    python bench/generalization.py [--sets sample,large] [--variants plain,noisy-refusals,paraphrase,k4,default]
 
 Each variant is `loraplex train` (the recipe, in process) on the set's training file with its
 settings, registered in a throw-away store, then answered greedily through the built-in engine
@@ -9,7 +9,7 @@ the way `loraplex serve` answers a request for it (assistants/faq.py: passages f
 version's own Q&A, the base model when nothing relevant is found):
 
   plain      retrieval.enabled=false: plain LoRA SFT, 16 epochs (what loraplex did before)
-  noisy+refusals  the default plus one noisy copy of each question (typo, dropped word, lower case)
+  noisy-refusals  the default plus one noisy copy of each question (typo, dropped word, lower case)
              and "I don't know" examples on half the records (the refusal lever)
   paraphrase the default plus 3 paraphrases per question written by the base model itself (the
              paraphrase lever with the only teacher this CPU has; a bigger teacher is one URL away)
@@ -54,7 +54,7 @@ REFUSED = re.compile(
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {"retrieval": {"enabled": False}},
-    "noisy+refusals": {"retrieval": {"noisy_copies": 1, "refusals": 0.5}},
+    "noisy-refusals": {"retrieval": {"noisy_copies": 1, "refusals": 0.5}},
     "paraphrase": {"paraphrase": {"count": 3}},
     "k4": {"retrieval": {"top_k": 4}},
     "k6": {"retrieval": {"top_k": 6}},
@@ -205,7 +205,7 @@ def cpu() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="sample,large")
-    ap.add_argument("--variants", default="plain,noisy+refusals,paraphrase,k4,default")
+    ap.add_argument("--variants", default="plain,noisy-refusals,paraphrase,k4,default")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()

@@ -19,19 +19,21 @@ from tests.conftest import RECORDS, Server
 def test_replies_are_cleaned_into_one_rewording_per_line() -> None:
     reply = """Here are 4 rewrites:
 1. How many leave days do Zubrowka staff have?
-2) how many days off at zubrowka
+2) how many days off at zubrowka?
 - "Zubrowka 员工有几天假？"
 * How many days of leave do Zubrowka staff get?
 3. How many leave days do Zubrowka staff have?
 Zubrowka staff get 17 days of paid leave.
+The question asks for the number of days of leave
 
 4. Leave days, Zubrowka?"""
-    got = clean(reply, "How many days of leave do Zubrowka staff get?", "Zubrowka staff get 17 days of paid leave.", 3)
-    assert got == [
+    got = clean(reply, "How many days of leave do Zubrowka staff get?", 3)
+    assert got == [  # the original, a repeat, the answer and a comment are not rewordings
         "How many leave days do Zubrowka staff have?",
-        "how many days off at zubrowka",
+        "how many days off at zubrowka?",
         "Zubrowka 员工有几天假？",
     ]
+    assert clean(reply, "How many days of leave do Zubrowka staff get?", 10)[-1] == "Leave days, Zubrowka?"
 
 
 def _cfg(tiny_base: Path, data: Path, teacher: str, name: str = "para", retrieval: bool = True):  # noqa: ANN202

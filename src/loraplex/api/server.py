@@ -634,6 +634,8 @@ async def _complete(
             try:
                 adapter = await asyncio.to_thread(engine.adapters.resolve, assistant.model)
             except UserError as e:
+                if own_knowledge:
+                    raise  # the client's model name, answered like any adapter's (below)
                 raise _misconfigured(req.model, e) from None
             served = adapter.key if own_knowledge else assistant.name
             if prepared is not None and prepared.base_only:

@@ -2,16 +2,18 @@
 training examples that teach it to answer from what is found (SFT + RAG).
 
     train:  records -> one passage per question/answer pair (knowledge.jsonl, stored with the version)
-            each record -> its question (and noisy copies) + the passages found for it
-                           the right one among the others    -> the answer, verbatim
-                           only the others (some records)    -> "I don't know"
+            each record -> its question (+ noisy copies, teacher paraphrases when asked for)
+                           + the passages the search finds for it, its own among them -> the answer
+                           + only the others (retrieval.refusals, off by default) -> "I don't know"
     serve:  question -> passages found in the version's knowledge.jsonl -> the same prompt
             nothing relevant found -> the base model answers, without the adapter
 
 Why: a FAQ has one phrasing per answer, and a small model fine-tuned on it learns that phrasing,
 not the fact; a user who words the question differently gets a wrong answer (quickstart, plain
 SFT: 5/20 held-out paraphrases). Finding the passage by its words and copying the answer out of
-it does not depend on the phrasing the adapter saw (bench/generalization.py measures both).
+it does not depend on the phrasing the adapter saw (bench/generalization.py measures both). What it
+does not do: tell a passage that answers from one that only shares words with the question (an
+unanswerable question is answered from the closest passage; docs/generalization.md).
 
 The prompt is the assistants' own (retrieval.render), so `hr@v2` behaves like an assistant whose
 knowledge base is its training data. The passages are searched with the knowledge bases' BM25 and

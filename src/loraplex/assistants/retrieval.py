@@ -121,10 +121,9 @@ def _open(base: str) -> KnowledgeBase:
     from loraplex.assistants import faq
 
     ref = registry.resolve(base)
-    kb = faq.index(faq.read(ref.path / faq.FILE), ref.id) if (ref.path / faq.FILE).is_file() else None
-    if kb is None:
+    if not (ref.path / faq.FILE).is_file():
         raise UserError(f"adapter {ref.id} was trained without retrieval: it has no knowledge of its own")
-    return kb
+    return faq.index(faq.read(ref.path / faq.FILE), ref.id)
 
 
 def prepare(

@@ -32,7 +32,7 @@ from loraplex.paths import home
 PROMPT = """Rewrite the question below in {n} different ways that real users might ask it: formal, \
 casual, very short, with a small typo, mixing Chinese and English, or with the words in another order. \
 Keep the exact meaning and the language of the original. Do not answer it. \
-Write one rewrite per line and nothing else.
+Write one rewrite per line, each ending with a question mark, and nothing else.
 
 Question: {question}
 (What it asks about, for meaning only: {answer})"""
@@ -49,14 +49,16 @@ class Teacher:
         return f"{self.model or 'its first model'} at {self.url}" if self.url else "the base model (local)"
 
 
-def clean(reply: str, question: str, answer: str, n: int) -> list[str]:
+def clean(reply: str, question: str, n: int) -> list[str]:
     """The rewordings in a reply: one per line, bullets and quotes stripped; the original, repeats,
-    the answer itself and runaway lines dropped."""
+    lines that are not questions (a weak teacher answers or comments instead: SmolLM2-135M wrote
+    "The probation period is 4 years." for "How long is the probation period?") and runaway lines
+    dropped."""
     out: list[str] = []
     seen = {question.strip().lower()}
     for line in reply.splitlines():
         text = _BULLET.sub("", line).strip().strip("\"'“”‘’「」").strip()
-        if not text or text.lower() in seen or len(text) > 3 * len(question) + 20 or answer.strip() in text:
+        if not text.endswith(("?", "？")) or text.lower() in seen or len(text) > 3 * len(question) + 20:
             continue
         if text.lower().startswith(("question:", "rewrite", "here are", "以下", "问题：")):
             continue
@@ -95,7 +97,7 @@ def paraphrases(
         return _read(path, pairs), path, True
     prompts = [PROMPT.format(n=n, question=q, answer=a) for q, a in pairs]
     replies = _ask_remote(teacher, prompts, progress) if teacher.url else _ask_local(base, prompts, progress)
-    found = [clean(r, q, a, n) for r, (q, a) in zip(replies, pairs, strict=True)]
+    found = [clean(r, q, n) for r, (q, _) in zip(replies, pairs, strict=True)]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".jsonl")
     with os.fdopen(fd, "w", encoding="utf-8") as f:

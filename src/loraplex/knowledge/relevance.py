@@ -24,12 +24,14 @@ from functools import cache
 
 CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 # English function and question words (jieba's own list has 31 of them), and Chinese ones: words
-# that say nothing about what is being asked.
+# that say nothing about what is being asked ("how many", "get", 多久: a general question that
+# shares only these with a FAQ passage is not about it).
 _ENGLISH = """a about all am an and any are as at be been but by can could did do does for from had has have he
 her him his how i if in into is it its me my no not of on one or our please she should so tell than that the their
-them then there these they this those to us was we were what when where which who whom why will with would you your"""
+them then there these they this those to us was we were what when where which who whom why will with would you your
+many much often get gets got give gives"""
 _CHINESE = """的 了 是 吗 呢 吧 啊 么 在 和 与 及 或 有 我 你 他 她 它 们 我们 你们 请 请问 一下 什么 怎么 怎样 如何
-哪 哪里 多少 几 为什么 能 可以 要 会 这 那 这个 那个 是不是 有没有"""
+哪 哪里 多少 几 为什么 能 可以 要 会 这 那 这个 那个 是不是 有没有 多长 多久 几个 需要"""
 STOP = frozenset(_ENGLISH.split()) | frozenset(_CHINESE.split())
 
 
