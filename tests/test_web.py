@@ -390,6 +390,7 @@ def test_assistant_in_the_picker_answers_with_footnotes(served: dict, tmp_path: 
         page.wait_for_selector("#app:not([hidden])")
         errors.clear()  # the page's first look, before signing in, is a logged 401
         # listed first, by its display name; picking it fills in its own defaults
+        page.wait_for_selector("#model-select option", state="attached")  # the list arrives after sign-in
         first = page.eval_on_selector("#model-select option", "o => [o.value, o.textContent]")
         assert first[0] == "hr-helper" and first[1].startswith("HR 助手")
         page.select_option("#model-select", "hr-helper")

@@ -196,6 +196,31 @@ def augment(
     return out, counts
 
 
+def as_served(
+    conversations: list[Conversation], pairs: list[Pair], top_k: int, min_relevance: float
+) -> list[Conversation]:
+    """Eval conversations with the prompt serving would give their question: the passages found in
+    `pairs` (the training Q&A), or the question as it is when none is found. No pairs: unchanged."""
+    if not pairs:
+        return conversations
+    kb = index(pairs, "eval")
+    out = []
+    try:
+        for conv in conversations:
+            turns = [m for m in conv.messages if m["role"] != "system"]
+            hits = kb.search(turns[0]["content"], top_k, min_relevance) if len(turns) == 2 else []
+            if not hits:
+                out.append(conv)
+                continue
+            messages = [dict(m) for m in conv.messages]
+            user = next(m for m in messages if m["role"] == "user")
+            user["content"] = render(user["content"], _sources(pairs, [h.ord for h in hits]), True)
+            out.append(Conversation(messages, conv.source, conv.keywords))
+    finally:
+        kb.close()
+    return out
+
+
 def reworded(conversations: list[Conversation], paraphrases: dict[str, list[str]]) -> list[Conversation]:
     """Plain SFT with paraphrases: each record, then a copy per rewording of its question."""
     out = []

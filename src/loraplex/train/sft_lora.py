@@ -486,7 +486,9 @@ def run(
 
     max_len = cfg.data.max_seq_length
     train_ex, stats = encode_all(tok, conversations, max_len, cfg.data.train_on_prompt)
-    eval_ex, _ = encode_all(tok, eval_convs, max_len, cfg.data.train_on_prompt)
+    # evaluated as served: with retrieval, eval questions carry the passages found in the training Q&A
+    served_eval = faq.as_served(eval_convs, pairs, cfg.retrieval.top_k, cfg.retrieval.min_relevance)
+    eval_ex, _ = encode_all(tok, served_eval, max_len, cfg.data.train_on_prompt)
     if stats.truncated:
         console.print(
             f"[yellow]warning:[/] {stats.truncated} example(s) longer than max_seq_length={max_len} were truncated"
@@ -624,7 +626,7 @@ def run(
         model.train()
         return tot / max(n, 1)
 
-    gen_convs = eval_convs[: tc.gen_eval_examples] if tc.gen_eval_steps else []
+    gen_convs = served_eval[: tc.gen_eval_examples] if tc.gen_eval_steps else []
     if tc.gen_eval_steps and not gen_convs:
         console.print("[yellow]warning:[/] train.gen_eval_steps is set but there is no eval data; skipped")
     eos_ids = eos_token_ids(tok, model)
