@@ -214,3 +214,23 @@ def test_smollm2_answers_paraphrases_it_never_saw(lp_home: Path, tmp_path: Path)
     # plain SFT answered 5-6 of these 20 paraphrases; retrieval makes it most of them
     assert splits["unseen"]["adapter"] >= 0.7
     assert splits["unseen"]["baseline"] <= 0.2  # the base model does not know these facts
+
+
+def test_an_assistant_can_search_a_versions_own_knowledge(lp_home: Path, tiny_base: Path, records_file: Path) -> None:
+    from loraplex.assistants import retrieval
+    from loraplex.assistants import store as assistants
+
+    ref = run(tiny(tiny_base, records_file)).adapter
+    plain = run(tiny(tiny_base, records_file, retrieval={"enabled": False})).adapter
+    assert ref is not None and plain is not None and ref.id != plain.id
+    helper = assistants.build({"name": "helper", "adapters": [{"ref": plain.id}], "knowledge": {"base": ref.id}})
+    assistants.create(helper)
+    prepared = retrieval.prepare(
+        assistants.get("helper"), [{"role": "user", "content": "Zubrowka office code?"}], retrieval.Searcher()
+    )
+    assert prepared.sources and "QX-4417" in prepared.messages[-1]["content"]
+    bad = assistants.build({"name": "bad", "adapters": [{"ref": ref.id}], "knowledge": {"base": plain.id}})
+    with pytest.raises(UserError, match="trained without retrieval"):
+        assistants.create(bad)
+    with pytest.raises(UserError, match="NAME@vN"):
+        assistants.build({"name": "worse", "knowledge": {"base": "hr@prod"}})

@@ -232,7 +232,11 @@ def check(a: Assistant) -> None:
             registry.resolve(part.ref)
         except UserError as e:
             raise UserError(f"assistant {a.name!r}: adapter {part.ref!r}: {e}") from None
-    if a.knowledge is not None:
+    if a.knowledge is not None and "@" in a.knowledge.base:  # an adapter version's own Q&A
+        ref = registry.resolve(a.knowledge.base)
+        if not (ref.path / registry.KNOWLEDGE).is_file():
+            raise UserError(f"assistant {a.name!r}: knowledge {ref.id!r}: that version was trained without retrieval")
+    elif a.knowledge is not None:
         KnowledgeBase(a.knowledge.base).close()
 
 
