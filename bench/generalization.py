@@ -13,7 +13,8 @@ version's own Q&A, the base model when nothing relevant is found):
              and "I don't know" examples on half the records (the refusal lever)
   paraphrase the default plus 3 paraphrases per question written by the base model itself (the
              paraphrase lever with the only teacher this CPU has; a bigger teacher is one URL away)
-  k4, k6     the default with 4 or 6 passages per prompt (more recall, longer prompts)
+  noisy      the default plus one noisy copy of each question
+  k1, k4, k6 the default with 1, 4 or 6 passages per prompt (shorter prompts; more recall)
   default    the default: retrieval-augmented training and serving, 2 passages per prompt, 4 epochs
 
 Sets (training phrasing never equals a test phrasing; check_no_leak() asserts it):
@@ -56,8 +57,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {"retrieval": {"enabled": False}},
     "noisy-refusals": {"retrieval": {"noisy_copies": 1, "refusals": 0.5}},
     "paraphrase": {"paraphrase": {"count": 3}},
+    "k1": {"retrieval": {"top_k": 1}},
     "k4": {"retrieval": {"top_k": 4}},
     "k6": {"retrieval": {"top_k": 6}},
+    "noisy": {"retrieval": {"noisy_copies": 1}},
     "default": {},
 }
 

@@ -79,6 +79,39 @@ def test_the_benchmark_sets_keep_test_phrasings_out_of_training() -> None:
         generalization.check_no_leak(broken)
 
 
+def test_a_versions_knowledge_is_found_by_meaning_across_languages() -> None:
+    """The index ranks by the larger cosine of the query with each question and question + answer
+    (checked against the encoder's vectors directly), finds rewordings that share few words, in
+    the other language too, and keeps nothing for an off-topic question."""
+    import numpy as np
+
+    from loraplex.knowledge.embedder import Multilingual
+
+    pairs = [faq.Pair(q, a, f"faq.jsonl:{i}") for i, (q, a) in enumerate(RECORDS, 1)]
+    index = faq.index(pairs)
+    query = "how much vacation do you get at zubrowka"
+    hits = index.search(query, k=len(pairs), min_relevance=1.0, min_similarity=-1.0)
+    enc = Multilingual()
+    q = enc.embed([query])[0]
+    naive = [
+        max(float(enc.embed([p.question])[0] @ q), float(enc.embed([f"{p.question} {p.answer}"])[0] @ q)) for p in pairs
+    ]
+    assert [h.ord for h in hits] == sorted(range(len(pairs)), key=lambda i: -naive[i])
+    np.testing.assert_allclose([h.similarity for h in hits], sorted(naive, reverse=True), atol=1e-5)
+    assert hits[0].text == RECORDS[3][1]
+
+    def first(question: str) -> str | None:
+        found = index.search(question, 1, 1.0, faq.MIN_SIMILARITY)
+        return found[0].text if found else None
+
+    assert first("Zubrowka 员工一年有几天假？") == RECORDS[3][1]  # Chinese question, English answer
+    assert first("How long is the probation period at 明澜科技?") == RECORDS[5][1]  # and the other way
+    assert first("who signs off on my expenses at zubrowka") == RECORDS[2][1]
+    assert first("Tell me a poem about autumn rain.") is None
+    # a question all of whose informative words a passage holds is kept, however low its cosine
+    assert [h.ord for h in index.search("Zubrowka canteen", 1, 1.0, 1.01)] == [7]
+
+
 def test_each_training_example_shows_the_right_passage_or_says_it_does_not_know(
     lp_home: Path, records_file: Path
 ) -> None:

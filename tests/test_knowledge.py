@@ -167,6 +167,20 @@ def test_chunks_overlap_and_respect_sentences() -> None:
         chunk("x", size=10)
 
 
+def test_the_built_in_multilingual_embedder(kb_home: Path, tmp_path: Path) -> None:
+    """`--embedder multilingual` needs no model on disk; its vectors carry a Chinese question to an
+    English passage that shares none of its words."""
+    assert cli("add", "multi", str(SAMPLE), "--embedder", "multilingual", home=kb_home).returncode == 0
+    listing = json.loads(cli("list", "--json", home=kb_home).stdout)[0]
+    assert listing["embedder"] == "multilingual" and listing["vectors"] == listing["chunks"] > 0
+    kb = KnowledgeBase("multi")
+    # a sentence encoder scores a whole-page chunk lower than a sentence (0.27 here), but first
+    hits = kb.search("在上海出差，住酒店每晚能报多少钱？", k=3, min_relevance=1.0, min_similarity=0.0)
+    assert hits and "hotel allowance" in hits[0].text
+    assert hits[0].similarity is not None and hits[0].similarity > max(h.similarity or 0 for h in hits[1:])
+    kb.close()
+
+
 def test_vectors_from_a_local_embedder_and_hybrid_ranking(kb_home: Path, tiny_base: Path, tmp_path: Path) -> None:
     """Dense vectors (the tiny random Llama stands in for an embedding model: the mechanics, not the
     semantics) are stored per chunk, kept in step with re-ingest and removal, and fused with BM25."""

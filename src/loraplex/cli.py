@@ -903,8 +903,11 @@ def knowledge_add(
     overlap: Annotated[int, typer.Option(help="characters repeated from the previous chunk")] = 100,
     max_file_mb: Annotated[float, typer.Option(help="larger files are refused")] = 50,
     embedder: Annotated[
-        Path | None,
-        typer.Option(help="A local embedding model directory: adds dense vectors (hybrid search) from now on."),
+        str | None,
+        typer.Option(
+            help="'multilingual' (built in: Chinese, English and 14 more languages) or a local embedding model "
+            "directory: adds dense vectors (hybrid search) from now on."
+        ),
     ] = None,
     no_embedder: Annotated[bool, typer.Option("--no-embedder", help="Drop the vectors: keywords only.")] = False,
 ) -> None:
@@ -917,12 +920,14 @@ def knowledge_add(
     if not chunk_size >= 20 or not 0 <= overlap < chunk_size:
         raise UserError(f"--chunk-size {chunk_size} / --overlap {overlap}: need chunk size >= 20, 0 <= overlap < size")
     if not paths and embedder is None and not no_embedder:
-        raise UserError("give files or directories to add (or --embedder DIR to add vectors to what is there)")
+        raise UserError(
+            "give files or directories to add (or --embedder multilingual|DIR to add vectors to what is there)"
+        )
     files = expand(paths or [])
     kb = KnowledgeBase(name, create=True)
     if embedder is not None or no_embedder:
         if embedder is not None and no_embedder:
-            raise UserError("give --embedder DIR or --no-embedder, not both")
+            raise UserError("give --embedder or --no-embedder, not both")
         with Progress(console=err, transient=True) as bar:
             task = bar.add_task("embedding existing chunks", total=None)
             done = kb.set_embedder(embedder, lambda n, total: bar.update(task, completed=n, total=total))

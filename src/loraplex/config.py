@@ -78,8 +78,9 @@ class RetrievalConfig(_Strict):
     """Train and answer with retrieval (single-turn Q&A records); false: plain LoRA SFT on the records."""
     top_k: int = Field(2, ge=1, le=8)
     """Passages put into each prompt."""
-    min_relevance: float = Field(0.3, ge=0.0, le=1.0)
-    """Passages covering less of the question than this are not used; with none left, the base model answers."""
+    min_similarity: float = Field(0.55, ge=-1.0, le=1.0)
+    """Passages less similar in meaning to the question than this (cosine, built-in multilingual
+    encoder) are not used; with none left, the base model answers."""
     noisy_copies: int = Field(0, ge=0, le=8)
     """Extra training copies of each question with typos, a dropped word or lower case (never new facts)."""
     refusals: float = Field(0.0, ge=0.0, le=1.0)

@@ -10,15 +10,20 @@ training examples that teach it to answer from what is found (SFT + RAG).
 
 Why: a FAQ has one phrasing per answer, and a small model fine-tuned on it learns that phrasing,
 not the fact; a user who words the question differently gets a wrong answer (quickstart, plain
-SFT: 5/20 held-out paraphrases). Finding the passage by its words and copying the answer out of
-it does not depend on the phrasing the adapter saw (bench/generalization.py measures both). What it
-does not do: tell a passage that answers from one that only shares words with the question (an
+SFT: 5/20 held-out paraphrases). Finding the passage by meaning and copying the answer out of it
+does not depend on the phrasing the adapter saw (bench/generalization.py measures both). What it
+does not do: tell a passage that answers from one that is only about the same thing (an
 unanswerable question is answered from the closest passage; docs/generalization.md).
 
 The prompt is the assistants' own (retrieval.render), so `hr@v2` behaves like an assistant whose
-knowledge base is its training data. The passages are searched with the knowledge bases' BM25 and
-relevance (knowledge/store.py), built in memory from knowledge.jsonl on first use (a few hundred
-passages take milliseconds).
+knowledge base is its training data. The passages are found by meaning, not by words: the built-in
+multilingual sentence encoder (knowledge/embedder.py) embeds each question, and each question
+with its answer, when the version is first used (about 1 ms a passage), and a request's question is
+compared with both. On bench/data/faq_large's unseen phrasings that finds the right passage first
+for 84% and in the top two for 92%, where BM25 over words found 47% and 57%; it also carries
+a question in Chinese to an answer written in English. A passage is used when its cosine
+similarity reaches `retrieval.min_similarity` (general questions stay below about 0.55 there, FAQ
+paraphrases above about 0.6), or when it contains every informative word of the question.
 
 This module does not train (train/sft_lora.py) or generate.
 """
@@ -30,15 +35,19 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from loraplex.adapters import registry
 from loraplex.assistants.retrieval import REFUSAL, Source, language, render
 from loraplex.assistants.store import AdapterPart, Assistant, Knowledge
 from loraplex.data.formats import Conversation
 from loraplex.errors import UserError
-from loraplex.knowledge.relevance import CJK
-from loraplex.knowledge.store import KnowledgeBase
+from loraplex.knowledge.embedder import Multilingual
+from loraplex.knowledge.relevance import CJK, relevance
+from loraplex.knowledge.store import Hit, words
 
 FILE = "knowledge.jsonl"
+MIN_SIMILARITY = 0.55  # versions trained before the setting existed
 DOCUMENT = "faq"  # the name the passages are cited by: "[1] (faq) ..."
 
 
@@ -86,8 +95,42 @@ def read(path: Path) -> list[Pair]:
     return pairs
 
 
-def index(pairs: list[Pair], name: str) -> KnowledgeBase:
-    return KnowledgeBase.from_passages(name, DOCUMENT, [p.passage for p in pairs])
+class Index:
+    """A version's Q&A, searched by meaning (module docstring); safe to share between threads."""
+
+    def __init__(self, pairs: list[Pair]):
+        self.pairs = pairs
+        self._embedder = Multilingual()
+        vectors = self._embedder.embed([p.question for p in pairs] + [p.passage[1] for p in pairs])
+        self._questions, self._both = vectors[: len(pairs)], vectors[len(pairs) :]
+        self._words = [set(words(p.passage[1])) for p in pairs]
+
+    def search(self, query: str, k: int, min_relevance: float = 1.0, min_similarity: float | None = None) -> list[Hit]:
+        """The k passages most similar to `query`, best first, that reach `min_similarity` or cover
+        `min_relevance` of its informative words (knowledge/relevance.py). Similarity is the
+        larger cosine of the query with the pair's question and with question + answer (the
+        question alone matches a short rewording best, the pair a question worded like the answer)."""
+        if not self.pairs:
+            return []
+        q = self._embedder.embed([query])[0]
+        sims = np.maximum(self._questions @ q, self._both @ q)
+        terms = list(dict.fromkeys(words(query)))
+        hits = []
+        for i in np.argsort(-sims, kind="stable"):
+            sim, p = float(sims[i]), self.pairs[i]
+            rel = relevance(terms, p.passage[1], self._words[i])
+            if (min_similarity is not None and sim >= min_similarity) or rel >= min_relevance:
+                hits.append(Hit(int(i), DOCUMENT, int(i), p.answer, 0.0, rel, sim))
+                if len(hits) == k:
+                    break
+        return hits
+
+    def close(self) -> None:
+        """Nothing to release (the knowledge bases' interface: retrieval.Searcher closes what it opened)."""
+
+
+def index(pairs: list[Pair]) -> Index:
+    return Index(pairs)
 
 
 # ----------------------------------------------------------------------------- serving side
@@ -113,7 +156,8 @@ def assistant(model: str) -> Assistant | None:
         knowledge=Knowledge(
             base=ref.id,
             top_k=settings.get("top_k", 2),
-            min_relevance=settings.get("min_relevance", 0.3),
+            min_relevance=1.0,
+            min_similarity=settings.get("min_similarity", MIN_SIMILARITY),
             when_nothing_found="base",
         ),
     )
@@ -149,7 +193,7 @@ def augment(
     conversations: list[Conversation],
     pairs: list[Pair],
     top_k: int,
-    min_relevance: float,
+    min_similarity: float,
     noisy_copies: int,
     refusals: float,
     seed: int,
@@ -158,66 +202,62 @@ def augment(
     """Training conversations with passages in the prompt (see the module docstring), and counts of
     what was made. `reworded` holds teacher paraphrases by record source (data/paraphrase.py), each
     trained like a noisy copy. Multi-turn conversations pass through unchanged."""
-    kb = index(pairs, "training")
+    kb = index(pairs)
     rng = random.Random(seed)
     by_source = {p.source: i for i, p in enumerate(pairs)}
     out: list[Conversation] = []
     counts = {"answer_examples": 0, "noisy_questions": 0, "refusal_examples": 0, "gold_not_found": 0}
-    try:
-        for conv in conversations:
-            i = by_source.get(conv.source)
-            if i is None:
-                out.append(conv)
-                continue
-            system = [m for m in conv.messages if m["role"] == "system"]
-            gold = pairs[i]
-            variants = [gold.question] + [noisy(gold.question, rng) for _ in range(noisy_copies)]
-            variants += (reworded or {}).get(conv.source, [])
-            counts["noisy_questions"] += noisy_copies
-            for q in variants:
-                found = [h.ord for h in kb.search(q, top_k + 1, min_relevance)]
-                # the passages serving would show for this wording, in its order; the right one
-                # replaces the last when the search misses it (the adapter cannot answer what it
-                # is not shown)
-                shown = found[:top_k]
-                if i not in shown:
-                    counts["gold_not_found"] += 1
-                    shown = [*shown[: top_k - 1], i]
-                out.append(_conv(conv, system, render(q, _sources(pairs, shown), True), gold.answer, "answer"))
-                counts["answer_examples"] += 1
-                others = [o for o in found if pairs[o].answer != gold.answer][:top_k]  # not a duplicate
+    for conv in conversations:
+        i = by_source.get(conv.source)
+        if i is None:
+            out.append(conv)
+            continue
+        system = [m for m in conv.messages if m["role"] == "system"]
+        gold = pairs[i]
+        variants = [gold.question] + [noisy(gold.question, rng) for _ in range(noisy_copies)]
+        variants += (reworded or {}).get(conv.source, [])
+        counts["noisy_questions"] += noisy_copies
+        for q in variants:
+            found = [h.ord for h in kb.search(q, top_k + 1, 1.0, min_similarity)]
+            # the passages serving would show for this wording, in the search's order; the right
+            # one replaces the last when the search misses it (the adapter cannot answer what it
+            # is not shown). Not shuffled: with the right passage at a random place, the 135M
+            # adapter answered 63% of faq_large's unseen phrasings instead of 83% in 4 epochs; it
+            # learns to answer from the best match, which the encoder ranks first 84% of the time.
+            shown = found[:top_k]
+            if i not in shown:
+                counts["gold_not_found"] += 1
+                shown = [*shown[: top_k - 1], i]
+            out.append(_conv(conv, system, render(q, _sources(pairs, shown), True), gold.answer, "answer"))
+            counts["answer_examples"] += 1
+            others = [o for o in found if pairs[o].answer != gold.answer][:top_k]  # not a duplicate
             if others and rng.random() < refusals:
                 # only the others: the answer is not there, and the adapter must say so
                 prompt = render(q, _sources(pairs, others), True)
                 out.append(_conv(conv, system, prompt, REFUSAL[language(q)], "refusal"))
                 counts["refusal_examples"] += 1
-    finally:
-        kb.close()
     return out, counts
 
 
 def as_served(
-    conversations: list[Conversation], pairs: list[Pair], top_k: int, min_relevance: float
+    conversations: list[Conversation], pairs: list[Pair], top_k: int, min_similarity: float
 ) -> list[Conversation]:
     """Eval conversations with the prompt serving would give their question: the passages found in
     `pairs` (the training Q&A), or the question as it is when none is found. No pairs: unchanged."""
     if not pairs:
         return conversations
-    kb = index(pairs, "eval")
+    kb = index(pairs)
     out = []
-    try:
-        for conv in conversations:
-            turns = [m for m in conv.messages if m["role"] != "system"]
-            hits = kb.search(turns[0]["content"], top_k, min_relevance) if len(turns) == 2 else []
-            if not hits:
-                out.append(conv)
-                continue
-            messages = [dict(m) for m in conv.messages]
-            user = next(m for m in messages if m["role"] == "user")
-            user["content"] = render(user["content"], _sources(pairs, [h.ord for h in hits]), True)
-            out.append(Conversation(messages, conv.source, conv.keywords))
-    finally:
-        kb.close()
+    for conv in conversations:
+        turns = [m for m in conv.messages if m["role"] != "system"]
+        hits = kb.search(turns[0]["content"], top_k, 1.0, min_similarity) if len(turns) == 2 else []
+        if not hits:
+            out.append(conv)
+            continue
+        messages = [dict(m) for m in conv.messages]
+        user = next(m for m in messages if m["role"] == "user")
+        user["content"] = render(user["content"], _sources(pairs, [h.ord for h in hits]), True)
+        out.append(Conversation(messages, conv.source, conv.keywords))
     return out
 
 

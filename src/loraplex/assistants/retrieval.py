@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from loraplex.assistants.store import Assistant
 from loraplex.errors import UserError
@@ -81,7 +81,7 @@ class Searcher:
     """Open knowledge bases, shared by every request (and thread) of a server."""
 
     def __init__(self) -> None:
-        self._open: dict[str, tuple[KnowledgeBase, threading.Lock]] = {}
+        self._open: dict[str, tuple[Searchable, threading.Lock]] = {}
         self._lock = threading.Lock()
 
     def search(
@@ -113,7 +113,15 @@ class Searcher:
             self._open.clear()
 
 
-def _open(base: str) -> KnowledgeBase:
+class Searchable(Protocol):
+    """What a request searches: a knowledge base, or an adapter version's own Q&A (faq.Index)."""
+
+    def search(self, query: str, k: int, min_relevance: float, min_similarity: float | None) -> list[Hit]: ...
+
+    def close(self) -> None: ...
+
+
+def _open(base: str) -> Searchable:
     """A knowledge base by name, or an adapter version's own Q&A (`NAME@vN`, assistants/faq.py)."""
     if "@" not in base:
         return KnowledgeBase(base, shared=True)
@@ -123,7 +131,7 @@ def _open(base: str) -> KnowledgeBase:
     ref = registry.resolve(base)
     if not (ref.path / faq.FILE).is_file():
         raise UserError(f"adapter {ref.id} was trained without retrieval: it has no knowledge of its own")
-    return faq.index(faq.read(ref.path / faq.FILE), ref.id)
+    return faq.index(faq.read(ref.path / faq.FILE))
 
 
 def prepare(

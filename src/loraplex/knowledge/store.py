@@ -10,7 +10,8 @@ is skipped.
 Each hit also carries a relevance in [0, 1] (relevance.py), comparable across questions, which
 assistants use to decide whether anything relevant was found at all.
 
-With an embedding model on this machine (`knowledge add --embedder DIR`, embedder.py), every chunk
+With an embedder (`knowledge add --embedder multilingual`, the built-in one, or `--embedder DIR`, a
+model on this machine: embedder.py), every chunk
 also gets a unit vector, stored in the same file and written in the same transaction as its text,
 and search fuses the BM25 ranking with the vectors' (brute-force cosine over all chunks in memory:
 10,000 x 512 floats is 20 MB and one matrix-vector product).
@@ -34,7 +35,7 @@ import numpy as np
 
 from loraplex.errors import UserError
 from loraplex.knowledge.chunking import chunk
-from loraplex.knowledge.embedder import Embedder
+from loraplex.knowledge.embedder import TextEmbedder, load
 from loraplex.knowledge.readers import MAX_BYTES, SUPPORTED, read_document
 from loraplex.knowledge.relevance import relevance, weight
 from loraplex.paths import check_name, home
@@ -113,32 +114,9 @@ class KnowledgeBase:
         self.db.execute("PRAGMA cache_size = -65536")  # 64 MB of pages: a 10,000-chunk index stays in memory
         self._setup()
 
-    @classmethod
-    def from_passages(cls, name: str, source: str, passages: list[tuple[str, str]]) -> KnowledgeBase:
-        """A keyword-only base held in memory, one chunk per passage, for a set of passages that lives
-        elsewhere (an adapter's own Q&A: assistants/faq.py). Each passage is (text, words): the text
-        a hit returns, and the text whose words it is found by (an answer found by its question's
-        words too). Searched like a base on disk; safe to use from several threads when the caller
-        serialises them."""
-        kb = cls.__new__(cls)
-        kb.name, kb.dir = name, Path(source).parent
-        kb.db = sqlite3.connect(":memory:", check_same_thread=False)
-        kb._setup()
-        with kb.db:
-            doc_id = kb.db.execute(
-                "INSERT INTO docs (path, sha256, bytes, chunks, added_at) VALUES (?, '', 0, ?, ?)",
-                (source, len(passages), time.time()),
-            ).lastrowid
-            for i, (text, searched) in enumerate(passages):
-                cid = kb.db.execute(
-                    "INSERT INTO chunks (doc_id, ord, text) VALUES (?, ?, ?)", (doc_id, i, text)
-                ).lastrowid
-                kb.db.execute("INSERT INTO chunks_fts (rowid, words) VALUES (?, ?)", (cid, " ".join(words(searched))))
-        return kb
-
     def _setup(self) -> None:
         self.db.executescript(SCHEMA)
-        self._embedder: Embedder | None = None
+        self._embedder: TextEmbedder | None = None
         self._matrix: tuple[int, np.ndarray, np.ndarray] | None = None  # (version, ids, vectors)
         self._version = 0  # bumped by this connection's writes; other writers show in data_version
         self._n: tuple[int, int] | None = None  # (version, chunks)
@@ -150,16 +128,16 @@ class KnowledgeBase:
         row = self.db.execute("SELECT value FROM meta WHERE key = 'embedder'").fetchone()
         return row[0] if row else None
 
-    def embedder(self) -> Embedder | None:
+    def embedder(self) -> TextEmbedder | None:
         """The base's embedding model, loaded on first use; None for a keyword-only base."""
         path = self.embedder_path
         if path is None:
             return None
         if self._embedder is None or str(self._embedder.path) != path:
-            self._embedder = Embedder(path)
+            self._embedder = load(path)
         return self._embedder
 
-    def set_embedder(self, path: Path | None, progress: Callable[[int, int], None] | None = None) -> int:
+    def set_embedder(self, path: str | Path | None, progress: Callable[[int, int], None] | None = None) -> int:
         """Use (or with None, stop using) an embedding model; embeds every chunk that has no vector
         from it yet, in one transaction per batch of files. Returns the chunks embedded."""
         if path is None:
@@ -168,7 +146,7 @@ class KnowledgeBase:
                 self.db.execute("DELETE FROM vectors")
             self._version += 1
             return 0
-        emb = Embedder(path)
+        emb = load(path)
         with self.db:
             if self.db.execute("SELECT value FROM meta WHERE key = 'embedder_fingerprint'").fetchone() != (
                 emb.fingerprint,

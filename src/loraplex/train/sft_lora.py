@@ -467,7 +467,7 @@ def run(
     if pairs:
         rc = cfg.retrieval
         conversations, made = faq.augment(
-            conversations, pairs, rc.top_k, rc.min_relevance, rc.noisy_copies, rc.refusals, cfg.train.seed, reworded
+            conversations, pairs, rc.top_k, rc.min_similarity, rc.noisy_copies, rc.refusals, cfg.train.seed, reworded
         )
         augmented.update(made)
         console.print(
@@ -487,7 +487,7 @@ def run(
     max_len = cfg.data.max_seq_length
     train_ex, stats = encode_all(tok, conversations, max_len, cfg.data.train_on_prompt)
     # evaluated as served: with retrieval, eval questions carry the passages found in the training Q&A
-    served_eval = faq.as_served(eval_convs, pairs, cfg.retrieval.top_k, cfg.retrieval.min_relevance)
+    served_eval = faq.as_served(eval_convs, pairs, cfg.retrieval.top_k, cfg.retrieval.min_similarity)
     eval_ex, _ = encode_all(tok, served_eval, max_len, cfg.data.train_on_prompt)
     if stats.truncated:
         console.print(
@@ -832,7 +832,7 @@ def run(
                 "retrieval": {
                     "enabled": bool(pairs),
                     "top_k": cfg.retrieval.top_k,
-                    "min_relevance": cfg.retrieval.min_relevance,
+                    "min_similarity": cfg.retrieval.min_similarity,
                     "passages": len(pairs),
                     **augmented,
                 },
