@@ -88,7 +88,7 @@ def test_a_versions_knowledge_is_found_by_meaning_across_languages() -> None:
     from loraplex.knowledge.embedder import Multilingual
 
     pairs = [faq.Pair(q, a, f"faq.jsonl:{i}") for i, (q, a) in enumerate(RECORDS, 1)]
-    index = faq.index(pairs)
+    index = faq.Index(pairs)
     query = "how much vacation do you get at zubrowka"
     hits = index.search(query, k=len(pairs), min_relevance=1.0, min_similarity=-1.0)
     enc = Multilingual()

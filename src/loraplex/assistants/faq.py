@@ -129,10 +129,6 @@ class Index:
         """Nothing to release (the knowledge bases' interface: retrieval.Searcher closes what it opened)."""
 
 
-def index(pairs: list[Pair]) -> Index:
-    return Index(pairs)
-
-
 # ----------------------------------------------------------------------------- serving side
 
 
@@ -202,7 +198,7 @@ def augment(
     """Training conversations with passages in the prompt (see the module docstring), and counts of
     what was made. `reworded` holds teacher paraphrases by record source (data/paraphrase.py), each
     trained like a noisy copy. Multi-turn conversations pass through unchanged."""
-    kb = index(pairs)
+    kb = Index(pairs)
     rng = random.Random(seed)
     by_source = {p.source: i for i, p in enumerate(pairs)}
     out: list[Conversation] = []
@@ -246,7 +242,7 @@ def as_served(
     `pairs` (the training Q&A), or the question as it is when none is found. No pairs: unchanged."""
     if not pairs:
         return conversations
-    kb = index(pairs)
+    kb = Index(pairs)
     out = []
     for conv in conversations:
         turns = [m for m in conv.messages if m["role"] != "system"]

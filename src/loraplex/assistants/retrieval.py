@@ -131,7 +131,7 @@ def _open(base: str) -> Searchable:
     ref = registry.resolve(base)
     if not (ref.path / faq.FILE).is_file():
         raise UserError(f"adapter {ref.id} was trained without retrieval: it has no knowledge of its own")
-    return faq.index(faq.read(ref.path / faq.FILE))
+    return faq.Index(faq.read(ref.path / faq.FILE))
 
 
 def prepare(
