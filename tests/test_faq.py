@@ -80,7 +80,7 @@ def test_the_benchmark_sets_keep_test_phrasings_out_of_training() -> None:
 
 
 def test_a_versions_knowledge_is_found_by_meaning_across_languages() -> None:
-    """The index ranks by the larger cosine of the query with each question and question + answer
+    """The index ranks by the mean cosine of the query with each question and question + answer
     (checked against the encoder's vectors directly), finds rewordings that share few words, in
     the other language too, and keeps nothing for an off-topic question."""
     import numpy as np
@@ -94,7 +94,8 @@ def test_a_versions_knowledge_is_found_by_meaning_across_languages() -> None:
     enc = Multilingual()
     q = enc.embed([query])[0]
     naive = [
-        max(float(enc.embed([p.question])[0] @ q), float(enc.embed([f"{p.question} {p.answer}"])[0] @ q)) for p in pairs
+        (float(enc.embed([p.question])[0] @ q) + float(enc.embed([f"{p.question} {p.answer}"])[0] @ q)) / 2
+        for p in pairs
     ]
     assert [h.ord for h in hits] == sorted(range(len(pairs)), key=lambda i: -naive[i])
     np.testing.assert_allclose([h.similarity for h in hits], sorted(naive, reverse=True), atol=1e-5)
@@ -106,7 +107,7 @@ def test_a_versions_knowledge_is_found_by_meaning_across_languages() -> None:
 
     assert first("Zubrowka 员工一年有几天假？") == RECORDS[3][1]  # Chinese question, English answer
     assert first("How long is the probation period at 明澜科技?") == RECORDS[5][1]  # and the other way
-    assert first("who signs off on my expenses at zubrowka") == RECORDS[2][1]
+    assert first("at zubrowka, who signs my expense claims?") == RECORDS[2][1]
     assert first("Tell me a poem about autumn rain.") is None
     # a question all of whose informative words a passage holds is kept, however low its cosine
     assert [h.ord for h in index.search("Zubrowka canteen", 1, 1.0, 1.01)] == [7]

@@ -78,7 +78,7 @@ class RetrievalConfig(_Strict):
     """Train and answer with retrieval (single-turn Q&A records); false: plain LoRA SFT on the records."""
     top_k: int = Field(2, ge=1, le=8)
     """Passages put into each prompt."""
-    min_similarity: float = Field(0.55, ge=-1.0, le=1.0)
+    min_similarity: float = Field(0.5, ge=-1.0, le=1.0)
     """Passages less similar in meaning to the question than this (cosine, built-in multilingual
     encoder) are not used; with none left, the base model answers."""
     noisy_copies: int = Field(0, ge=0, le=8)
