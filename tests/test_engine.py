@@ -261,3 +261,45 @@ def test_rows_finish_at_different_steps_after_the_cache_grew(tiny_base: Path) ->
         assert asyncio.run(run_all()) == [300, 290, 310]  # and the engine still serves afterwards
     finally:
         engine.close()
+
+
+def test_a_request_that_fails_in_the_model_or_its_sampling_fails_alone(lp_home: Path, tiny_base: Path) -> None:
+    """Faults injected into single rows while others decode and while others are admitted: an
+    adapter whose weights overflow (inf -> NaN logits), and top_p below fp32's smallest number
+    (once a 500 for every row of the batch). The others finish with the text they give alone."""
+    good = make_adapter(tiny_base, "good", rank=4, seed=1)
+    broken = make_adapter(tiny_base, "broken", rank=4, seed=2, fill_b=float("inf"))
+    engine = Engine(str(tiny_base), dtype="fp32", max_batch=8, max_loaded_adapters=2)
+    greedy = SamplingParams(temperature=0, ignore_eos=True)
+    tiny_top_p = SamplingParams(temperature=1.0, top_p=5e-324, ignore_eos=True)  # only the top token stays
+
+    async def one(prompt: str, model: str | None, params: SamplingParams, delay: float = 0.0) -> str:
+        await asyncio.sleep(delay)
+        user = [{"role": "user", "content": prompt}]
+        return "".join([d.text async for d in engine.generate(user, params, model, max_tokens=24)])
+
+    async def tolerant(prompt: str, model: str | None, params: SamplingParams, delay: float = 0.0) -> str | Exception:
+        try:
+            return await one(prompt, model, params, delay)
+        except Exception as e:  # noqa: BLE001 - the outcome under test
+            return e
+
+    jobs = [(p, m) for p in PROMPTS[:3] for m in (good, None)]
+    try:
+        alone = [asyncio.run(one(p, m, greedy)) for p, m in jobs]
+
+        async def together() -> list[str | Exception]:
+            calls = [tolerant(p, m, greedy) for p, m in jobs]
+            calls += [tolerant(PROMPTS[0], broken, greedy), tolerant(PROMPTS[1], broken, greedy, delay=0.05)]
+            calls += [tolerant(PROMPTS[2], good, tiny_top_p, delay=0.02)]
+            return await asyncio.gather(*calls)
+
+        got = asyncio.run(together())
+        assert got[: len(jobs)] == alone
+        for e in got[len(jobs) : len(jobs) + 2]:
+            assert isinstance(e, RuntimeError) and "non-finite logits" in str(e), e
+        assert got[-1] == alone[jobs.index((PROMPTS[2], good))]  # tiny top_p: the greedy text
+        assert engine.stats.failed == 2
+        assert asyncio.run(one(PROMPTS[0], good, greedy)) == alone[0]  # and it keeps serving
+    finally:
+        engine.close()

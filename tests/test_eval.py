@@ -149,7 +149,6 @@ def _render(page_path: Path, shot: Path) -> dict:
 @pytest.mark.slow
 @needs_chromium
 def test_eval_proves_learning_reports_judges_and_gates_promotion(lp_home: Path, tmp_path: Path) -> None:
-    pytest.importorskip("gguf")
     from loraplex.adapters import registry
     from loraplex.config import load_config
     from loraplex.engine.engine import Engine

@@ -1,7 +1,7 @@
 """A real adapter exported to GGUF answers in llama.cpp as it does in loraplex.
 
 The quickstart adapter (the shipped sample, the real SmolLM2-135M) is exported with
-`--format gguf --merged` and `--format ollama`; llama-cpp-python answers the held-out sample
+`--format gguf --merged` and `--format ollama`; llama-cpp-python (in a child process) answers the held-out sample
 questions greedily (64 tokens) with (1) the GGUF LoRA on the base rewritten at f32, (2) the merged
 f32 GGUF, (3) the GGUF LoRA on the shipped Q4_1 base. loraplex answers from the same dequantised
 weights in fp32, so (1) and (2) must agree on >= 90% of the answers; (3) is reported, not
@@ -11,6 +11,7 @@ asserted: Q4_1 arithmetic tips the near-ties of answers the adapter never saw.
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,17 @@ from loraplex.models.load import gguf_file, resolve_base
 from loraplex.quickstart import HELDOUT_FILE, TRAIN_FILE
 from loraplex.train.sft_lora import run
 
-llama_cpp = pytest.importorskip("llama_cpp")
-pytest.importorskip("gguf")
+from .child import in_child
 
 
 def _answers(model_path: Path, questions: list[str], lora: Path | None = None) -> list[str]:
+    """llama.cpp's greedy answers, in a child process (tests/child.py)."""
+    return in_child(_answers_here, model_path, questions, lora)  # type: ignore[no-any-return]
+
+
+def _answers_here(model_path: Path, questions: list[str], lora: Path | None) -> list[str]:
+    import llama_cpp
+
     llm: Any = llama_cpp.Llama(
         model_path=str(model_path), lora_path=str(lora) if lora else None, n_ctx=1024, n_threads=2, verbose=False
     )
@@ -43,6 +50,7 @@ def _answers(model_path: Path, questions: list[str], lora: Path | None = None) -
 
 @pytest.mark.slow
 def test_gguf_exports_in_llama_cpp_agree_with_loraplex(lp_home: Path, tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
     # plain SFT: the exported weights answer bare questions, as llama.cpp asks them (a retrieval-trained
     # adapter answers from passages only `loraplex serve` adds)
     res = run(
@@ -86,3 +94,9 @@ def test_gguf_exports_in_llama_cpp_agree_with_loraplex(lp_home: Path, tmp_path: 
     assert modelfile.startswith(f"FROM ./{base_name}\nADAPTER ./adapter.gguf\n")
     assert (tmp_path / "ollama" / base_name).is_file() and (tmp_path / "ollama" / "adapter.gguf").is_file()
     assert 'PARAMETER stop "<|im_end|>"' in modelfile and 'SYSTEM """You are a helpful AI assistant' in modelfile
+
+
+def test_a_native_crash_in_the_child_fails_with_its_signal_and_the_run_goes_on() -> None:
+    with pytest.raises(RuntimeError, match=r"llama.cpp crashed the child process: signal SIGILL \(built for"):
+        in_child(signal.raise_signal, signal.SIGILL)  # what a build for AVX-512 does on an AVX2-only CPU
+    assert in_child(sorted, [3, 1, 2]) == [1, 2, 3]  # and the next call works

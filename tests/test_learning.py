@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +16,6 @@ from loraplex.engine.local import LocalModel
 from loraplex.train.sft_lora import run
 
 from .conftest import FACTS
-
-pytest.importorskip("gguf")
 
 
 @pytest.mark.slow
@@ -44,3 +45,19 @@ def test_smollm2_learns_facts(lp_home: Path, facts_file: Path) -> None:
     assert r.exit_code == 0, r.output
     row = json.loads(r.stdout)[0]
     assert row["adapter"] == FACTS[0][1] and row["base"] != FACTS[0][1] and row["adapter_id"] == "facts@v1"
+
+
+def test_converting_the_embedded_model_is_quiet_and_imports_no_deepspeed(tmp_path: Path) -> None:
+    # A first run converts the shipped GGUF; transformers' save_pretrained imported DeepSpeed (when
+    # installed), which printed "Setting accelerator to CPU" on a run that never asked for it.
+    code = (
+        "import sys\nfrom loraplex.models.load import resolve_base\nref = resolve_base(None)\n"
+        "print(sorted(p.name for p in ref.path.iterdir()))\n"
+        "print('deepspeed' in sys.modules)"
+    )
+    env = {**os.environ, "LORAPLEX_HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    files, imported = r.stdout.strip().splitlines()[-2:]
+    assert "model.safetensors" in files and "config.json" in files
+    assert imported == "False" and "accelerator" not in r.stderr, r.stderr

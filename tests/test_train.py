@@ -312,3 +312,59 @@ def test_qlora_needs_cuda_and_merges_into_the_full_precision_base(
     got = merged.model.layers[0].self_attn.q_proj.weight
     assert got.dtype == torch.float32 and float((got - want).abs().max()) < 1e-6
     assert float(delta.abs().max()) > 1e-4  # the adapter really changed the weight
+
+
+def test_sigkill_at_random_points_then_rerunning_ends_with_the_uninterrupted_adapter(
+    lp_home: Path, tiny_base: Path, facts_file: Path, tmp_path: Path
+) -> None:
+    """`kill -9` (not Ctrl-C: nothing runs on the way out) five times at random points of a run
+    that checkpoints every step, so most kills land while a checkpoint is being written; the same
+    command, run again, resumes each time and ends with the adapter an uninterrupted run makes."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    train = {"batch_size": 2, "learning_rate": 1e-2, "warmup_ratio": 0.0, "precision": "fp32", "threads": 1}
+    cfg = {"name": "killed", "base": str(tiny_base), "data": {"path": str(facts_file)}}
+    cfg["train"] = {**train, "max_steps": 80, "save_steps": 1}
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    ref = run(load_config(extra={**cfg, "name": "ref", "train": {**cfg["train"], "save_steps": 100}}))
+    assert ref.adapter is not None
+    expected = load_file(str(ref.adapter.path / "adapter_model.safetensors"))
+
+    cmd = [sys.executable, "-m", "loraplex.cli", "train", str(config)]
+    env = {**os.environ, "LORAPLEX_HOME": str(lp_home)}
+    ckpts = lp_home / "runs"
+    rng = random.Random(0)
+    reached = []
+    for _ in range(5):
+        before = max((p.name for p in ckpts.glob("killed-*/checkpoints/step-*")), default="")
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        # wait for this run's first new checkpoint, then kill at a random moment a few steps on
+        while time.time() < deadline and proc.poll() is None:
+            if max((p.name for p in ckpts.glob("killed-*/checkpoints/step-*")), default="") > before:
+                break
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.15))
+        assert proc.poll() is None, "the run finished before it could be killed: make it longer"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        done = sorted(p.name for p in ckpts.glob("killed-*/checkpoints/step-*") if (p / "state.json").is_file())
+        reached.append(done[-1] if done else "none")
+    assert len(set(reached)) >= 3, reached  # the kills landed at different points
+    assert registry.versions("killed") == []  # nothing half-registered
+
+    final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert "resuming killed from step-" in " ".join((final.stdout + final.stderr).split())
+    got = load_file(str(registry.resolve("killed").path / "adapter_model.safetensors"))
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert torch.allclose(got[k], expected[k], atol=1e-5), k

@@ -37,11 +37,12 @@ from loraplex.engine import lora_kernel
 from loraplex.engine.adapter_cache import AdapterCache
 from loraplex.engine.lora import KERNEL_ACTIVATIONS, AdapterRequest, AdapterWeights, LoraBatch, LoraStacks
 from loraplex.engine.model import DecoderModel, Step
-from loraplex.engine.sampling import RowState, SamplingParams, TokenLogprob, sample
+from loraplex.engine.sampling import RowError, RowState, SamplingParams, TokenLogprob, sample
 from loraplex.engine.text import TextStream
 from loraplex.errors import UserError
 from loraplex.models.device import bf16_is_faster, pick_device
 from loraplex.models.load import BaseRef, eos_token_ids, load_model, load_tokenizer, resolve_base
+from loraplex.threads import budget, cores
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,7 @@ class Engine:
         threads: int | None = None,
     ):
         self.stats = EngineStats()
+        self.threads = 0  # CPU threads the model uses (0 on a GPU); web jobs get the other cores
         self._ids = itertools.count(1)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._waiting: deque[_Request] = deque()
@@ -156,11 +158,12 @@ class Engine:
         def start() -> None:
             try:
                 if pick_device(device) == "cpu":
-                    # One core fewer than torch's default for the model: the event loop, tokenizer
+                    # One core fewer than this process may use: the event loop, tokenizer
                     # and (often) clients need a core, and an OpenMP thread that gets preempted
                     # stalls every op's barrier. Measured on 2 cores, 8 clients: 1 thread 74.7
                     # tok/s vs 2 threads 63.3 (bench/serve_throughput.py).
-                    torch.set_num_threads(threads or max(1, torch.get_num_threads() - 1))
+                    torch.set_num_threads(threads or budget() or max(1, cores() - 1))
+                    self.threads = torch.get_num_threads()
                 self._setup(
                     base, max_batch, max_loaded_adapters, max_model_len, device, dtype, prefill_tokens, adapters
                 )
@@ -501,6 +504,11 @@ class Engine:
         tokens, infos = sample(logits, [r.row for r in rows])
         now = time.perf_counter()
         for r, tok, info in zip(rows, tokens, infos, strict=True):
+            if isinstance(tok, RowError):  # this request fails alone; the others take their tokens
+                self._remove(r)
+                self.stats.failed += 1
+                r.emit(RuntimeError(f"generation failed ({tok})"))
+                continue
             if r.t_first is None:
                 r.t_first = now
             r.row.output_ids.append(tok)

@@ -93,6 +93,8 @@ class RemoteAdapters:
 
 
 class RemoteEngine:
+    threads = 0  # no model on this host's CPU (Engine.threads)
+
     def __init__(
         self,
         url: str,

@@ -8,6 +8,9 @@ microseconds beside the forward pass.
 Order of operations (as in transformers / vLLM): repetition penalty (over prompt and output),
 OpenAI presence and frequency penalties (over output), temperature, top-k, top-p, draw.
 Logprobs are those of the model's distribution before any of these, as vLLM reports them.
+
+A row fails alone: its logits not finite (an adapter whose weights overflow), or any error in its
+own sampling, makes a RowError for that row; the other rows of the batch get their tokens.
 """
 
 from __future__ import annotations
@@ -76,6 +79,10 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...]
 
 
+class RowError(Exception):
+    """Why one row of a batch could not be sampled (the engine fails that request alone)."""
+
+
 def _penalise(logits: torch.Tensor, row: RowState) -> torch.Tensor:
     p = row.params
     if p.repetition_penalty != 1.0:
@@ -97,37 +104,50 @@ def _draw(logits: torch.Tensor, row: RowState) -> int:
     probs = torch.softmax(logits, dim=-1)
     if p.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        # keep the smallest prefix whose mass reaches top_p; the first token always stays, also
+        # when top_p is below the dtype's smallest number (5e-324 rounds to 0.0 in fp32)
         drop = sorted_p.cumsum(0) - sorted_p >= p.top_p
+        drop[0] = False
         sorted_p[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=row.generator_for(probs.device)))
 
 
-def sample(logits: torch.Tensor, rows: list[RowState]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits [n, vocab] (fp32) -> one token per row, plus its logprobs where the row asked for them."""
+def sample(logits: torch.Tensor, rows: list[RowState]) -> tuple[list[int | RowError], list[TokenLogprob | None]]:
+    """logits [n, vocab] (fp32) -> one token per row (or the RowError that row failed with), plus
+    its logprobs where the row asked for them."""
     plain = all(
         r.params.repetition_penalty == 1.0 and not r.params.presence_penalty and not r.params.frequency_penalty
         for r in rows
     )
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
     greedy_pick = logits.argmax(dim=-1).tolist() if plain else None
-    tokens: list[int] = []
+    tokens: list[int | RowError] = []
     infos: list[TokenLogprob | None] = []
     for i, row in enumerate(rows):
-        raw = logits[i]
-        if row.params.greedy and greedy_pick is not None:
-            tok = greedy_pick[i]
-        else:
-            adjusted = _penalise(raw.clone(), row)
-            tok = int(adjusted.argmax()) if row.params.greedy else _draw(adjusted, row)
-        tokens.append(tok)
-        if row.params.logprobs is None:
+        try:
+            tok, info = _one(logits[i], row, greedy_pick[i] if greedy_pick is not None else None, finite[i])
+            tokens.append(tok)
+            infos.append(info)
+        except Exception as e:  # noqa: BLE001 - this row fails, the batch goes on
+            tokens.append(e if isinstance(e, RowError) else RowError(f"sampling failed ({type(e).__name__}: {e})"))
             infos.append(None)
-            continue
-        logp = torch.log_softmax(raw, dim=-1)
-        top: tuple[tuple[int, float], ...] = ()
-        if row.params.logprobs:
-            values, ids = logp.topk(row.params.logprobs)
-            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
-        infos.append(TokenLogprob(tok, float(logp[tok]), top))
     return tokens, infos
+
+
+def _one(raw: torch.Tensor, row: RowState, greedy_pick: int | None, finite: bool) -> tuple[int, TokenLogprob | None]:
+    if not finite:
+        raise RowError("the model produced non-finite logits (NaN or inf) for this request")
+    if row.params.greedy and greedy_pick is not None:
+        tok = greedy_pick
+    else:
+        adjusted = _penalise(raw.clone(), row)
+        tok = int(adjusted.argmax()) if row.params.greedy else _draw(adjusted, row)
+    if row.params.logprobs is None:
+        return tok, None
+    logp = torch.log_softmax(raw, dim=-1)
+    top: tuple[tuple[int, float], ...] = ()
+    if row.params.logprobs:
+        values, ids = logp.topk(row.params.logprobs)
+        top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return tok, TokenLogprob(tok, float(logp[tok]), top)

@@ -83,6 +83,7 @@ def _gguf_cache_dir(gguf: Path, base_id: str) -> Path:
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF file into an fp32 safetensors HF directory, atomically."""
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -99,7 +100,15 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # not model.save_pretrained: it asks accelerate to unwrap the model, which imports DeepSpeed
+        # when installed, and DeepSpeed prints "Setting accelerator to CPU" on every first run
+        model.config.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        state = model.state_dict()
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)  # the same tensor as the embedding; loading re-ties it
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), {"format": "pt"})
         tok.save_pretrained(tmp)
         (tmp / "loraplex_source.json").write_text(
             json.dumps({"gguf": str(gguf), "sha256": _sha256_file(gguf)}, indent=2)

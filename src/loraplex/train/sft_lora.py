@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from loraplex import threads
 from loraplex.adapters import registry
 from loraplex.assistants import faq
 from loraplex.config import TrainConfig
@@ -266,12 +267,13 @@ def lr_at(step: int, total: int, warmup: int, peak: float, kind: str) -> float:
 def run_id(cfg: TrainConfig, data_sha: str, base: BaseRef) -> str:
     """Same name + config + data + base = same run directory, which is what makes re-running resume.
 
-    Switches that change speed and memory but not the result (checkpointing, compile, FSDP, DeepSpeed) are left out,
+    Switches that change speed and memory but not the result (checkpointing, compile, FSDP, DeepSpeed,
+    CPU threads) are left out,
     so a run can resume with them turned on; so are the QLoRA fields while QLoRA is off (run ids
     from before those fields existed stay the same)."""
     dumped = cfg.model_dump(mode="json")
     train = dumped["train"]
-    for key in ("gradient_checkpointing", "compile", "fsdp", "deepspeed"):
+    for key in ("gradient_checkpointing", "compile", "fsdp", "deepspeed", "threads"):
         train.pop(key, None)
     if train.get("quantization_bit") is None:
         for key in ("quantization_bit", "quantization_type", "double_quantization"):
@@ -654,6 +656,12 @@ def run(
     tokens_seen = 0
     t_loop = time.time()
     stop_early = False
+    # CPU threads: a fixed count when one is asked for, else measured (threads.py: all cores stall
+    # when another process takes one; bench/contention.py). Not with several processes in lockstep.
+    fixed = tc.threads or threads.budget()
+    tuner = threads.Tuner(threads.cores()) if device == "cpu" and not fixed and world.size == 1 else None
+    if device == "cpu" and fixed:
+        torch.set_num_threads(fixed)
     prev_sigint = signal.getsignal(signal.SIGINT)
     if prev_sigint is signal.SIG_IGN:  # background jobs ignore SIGINT; Ctrl-C must still checkpoint
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -681,11 +689,15 @@ def run(
                 lr = lr_at(step, total_steps, warmup, tc.learning_rate, tc.scheduler)
                 for g in opt.param_groups:
                     g["lr"] = lr
+                if tuner is not None and tuner.threads != torch.get_num_threads():
+                    torch.set_num_threads(tuner.threads)
+                t_step = time.perf_counter()
                 collated = [make_batch(b, pad_id, cfg.data.packing, max_len) for b in group]
                 # Normalise by the answer tokens of the whole accumulated step, so every token
                 # weighs the same however rows fall into micro-batches (packed == unpacked).
                 n_total = sum(int((c["labels"][:, 1:] != IGNORE).sum()) for c in collated)
-                tokens_seen += sum(len(ex.input_ids) for b in group for ex in b)  # real tokens, no padding
+                step_tokens = sum(len(ex.input_ids) for b in group for ex in b)  # real tokens, no padding
+                tokens_seen += step_tokens
                 step_loss = 0.0
                 share = [(c, 1.0) for c in collated[world.rank :: world.size]]  # this process's (all, alone)
                 if sharded:  # FSDP and ZeRO gather weights in lockstep: the same number of forwards everywhere
@@ -711,6 +723,8 @@ def run(
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                 step_loss = world.sum(step_loss)
+                if tuner is not None:
+                    tuner.observe(step_tokens, time.perf_counter() - t_step)
                 step += 1
                 loss_value = step_loss / max(n_total, 1)
                 recent = (recent + [loss_value])[-steps_per_epoch:]
@@ -805,6 +819,7 @@ def run(
         eval_loss = evaluate()
     wall = time.time() - t_start
     loop_time = time.time() - t_loop
+    threads_used = _threads_summary(tuner, torch.get_num_threads()) if device == "cpu" else None
     peak, peak_kind = peak_memory(device)
     ref = None
     gathered = trainable_state(model) if sharded else None  # a collective: before rank 0 goes on alone
@@ -844,6 +859,7 @@ def run(
                 "wall_time_s": round(wall, 1),
                 "tokens_per_s": round(tokens_seen / max(loop_time, 1e-9), 1),
                 "device": device,
+                "threads": threads_used,
                 "precision": str(dtype).removeprefix("torch."),
                 "peak_memory": {"bytes": peak, "kind": peak_kind},
             },
@@ -853,12 +869,23 @@ def run(
     console.print(
         f"[green]done[/] in {wall:.0f}s: {step} steps, train loss {train_loss:.4f}"
         + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else "")
-        + f", {tokens_seen / max(loop_time, 1e-9):,.0f} tok/s, peak {peak_kind} {peak / 2**30:.2f} GiB"
+        + f", {tokens_seen / max(loop_time, 1e-9):,.0f} tok/s"
+        + (f" on {threads_used['text']}" if threads_used else "")
+        + f", peak {peak_kind} {peak / 2**30:.2f} GiB"
         + f", trainable {trainable:,} "
         f"({100 * trainable / total_params:.2f}%)" + (f" -> [bold]{ref.id}[/]" if ref else "")
     )
     world.close()
     return TrainResult(ref, run_dir, step, train_loss, eval_loss)
+
+
+def _threads_summary(tuner: threads.Tuner | None, now: int) -> dict[str, Any]:
+    """What the run's CPU threads were, for the manifest and the closing line."""
+    if tuner is None:
+        return {"mode": "fixed", "threads": now, "text": f"{now} thread{'s' * (now > 1)} (fixed)"}
+    speeds = {str(n): round(v, 1) for n, v in sorted(tuner.speeds.items())}
+    text = f"{tuner.threads} of {threads.cores()} cores (thread count measured, {tuner.switches} switches)"
+    return {"mode": "measured", "threads": tuner.threads, "switches": tuner.switches, "tok_s": speeds, "text": text}
 
 
 def _register(

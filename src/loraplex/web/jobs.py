@@ -16,6 +16,7 @@ import binascii
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,6 +32,8 @@ from loraplex.data.formats import parse_file
 from loraplex.errors import UserError
 from loraplex.gateway.db import Database
 from loraplex.paths import check_name, home
+from loraplex.threads import ENV as THREADS_ENV
+from loraplex.threads import cores
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".txt")
 
@@ -65,9 +68,12 @@ def validate(path: Path, shown_as: str) -> dict[str, Any]:
 
 
 class Jobs:
-    def __init__(self, db: Database, default_base: str):
+    def __init__(self, db: Database, default_base: str, serving_threads: int = 0):
         self.db = db
         self.default_base = default_base  # the served base: what a new version must fit
+        # A job trains on the cores the engine does not use, at a lower priority, so that answering
+        # stays fast while it runs (bench/contention.py: TTFT and the job's speed, side by side).
+        self.job_threads = max(1, cores() - serving_threads)
         # Only this host's jobs: with a shared database, another host's pids mean nothing here.
         running = db.all(
             "SELECT id, pid FROM jobs WHERE status IN ('queued', 'training', 'evaluating')"
@@ -154,10 +160,11 @@ class Jobs:
         d = _job_dir(job_id)
         # Wide lines: rich wraps at 80 columns when not on a terminal, which would split the
         # "N steps," and "-> name@vN" lines this module reads back.
-        env = {**os.environ, "LORAPLEX_HOME": str(home()), "COLUMNS": "400"}
+        env = {**os.environ, "LORAPLEX_HOME": str(home()), "COLUMNS": "400", THREADS_ENV: str(self.job_threads)}
+        nice = ["nice", "-n", "10"] if shutil.which("nice") else []
         with open(d / "train.log", "w", encoding="utf-8") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "loraplex.cli", "train", str(d / "config.yaml")],
+                [*nice, sys.executable, "-m", "loraplex.cli", "train", str(d / "config.yaml")],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -175,7 +182,17 @@ class Jobs:
         self._set(job_id, status="evaluating", adapter=adapter)
         with open(d / "eval.log", "w", encoding="utf-8") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "loraplex.cli", "eval", "--adapter", adapter, "--report", str(d / "report")],
+                [
+                    *nice,
+                    sys.executable,
+                    "-m",
+                    "loraplex.cli",
+                    "eval",
+                    "--adapter",
+                    adapter,
+                    "--report",
+                    str(d / "report"),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,

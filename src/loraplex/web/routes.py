@@ -61,7 +61,7 @@ class TrainRequest(Upload):
 def add_routes(app: FastAPI, gw: Gateway, engine: Any, principal: Any, admin: Any) -> None:
     from loraplex.api.server import APIError
 
-    jobs = Jobs(gw.db, engine.base.id)
+    jobs = Jobs(gw.db, engine.base.id, engine.threads)
 
     def owner(key: Key | None) -> str:
         return key.name if key is not None else ""
