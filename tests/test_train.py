@@ -368,3 +368,59 @@ def test_sigkill_at_random_points_then_rerunning_ends_with_the_uninterrupted_ada
     assert got.keys() == expected.keys()
     for k in expected:
         assert torch.allclose(got[k], expected[k], atol=1e-5), k
+
+
+def test_full_disk_while_checkpointing_keeps_the_last_checkpoint_and_resumes(
+    lp_home: Path, tiny_base: Path, facts_file: Path
+) -> None:
+    """A checkpoint write that fails half-way (a file-size limit fails a write as a full disk does):
+    a clear error naming the checkpoint and the one kept, nothing half-written left, and the next
+    run resumes from the kept one and ends with the uninterrupted run's adapter."""
+    import subprocess
+    import sys
+
+    full = run(tiny_cfg(tiny_base, facts_file, max_steps=12, save_steps=4, seed=5, threads=1))
+    assert full.adapter is not None
+    expected = load_file(str(full.adapter.path / "adapter_model.safetensors"))
+
+    def ctrl_c_at_5(step: int, loss: float, model: object) -> None:
+        if step == 5:
+            raise KeyboardInterrupt
+
+    cfg = tiny_cfg(tiny_base, facts_file, max_steps=12, save_steps=4, seed=5, threads=1)
+    cfg.name = "diskfull"
+    first = run(cfg, on_step=ctrl_c_at_5)
+    assert first.interrupted
+    ckpts = first.run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000004", "step-0000005"]
+    limit = (ckpts / "step-0000005" / "trainable.safetensors").stat().st_size // 2
+    script = (
+        "import resource, signal, sys\n"
+        "from loraplex.errors import UserError\n"
+        "from loraplex.train.sft_lora import run\n"
+        "from tests.test_train import tiny_cfg\n"
+        "from pathlib import Path\n"
+        f"cfg = tiny_cfg(Path({str(tiny_base)!r}), Path({str(facts_file)!r}), max_steps=12, save_steps=4, seed=5, threads=1)\n"
+        "cfg.name = 'diskfull'\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+        "try:\n"
+        "    run(cfg)\n"
+        "except UserError as e:\n"
+        "    print(e); sys.exit(3)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent
+    )
+    out = " ".join(proc.stdout.split())
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"cannot write checkpoint {ckpts / 'step-0000008'}: " in out and "File too large" in out, out
+    assert f"The last whole checkpoint, {ckpts / 'step-0000005'}, is kept" in out, out
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000004", "step-0000005"]  # no .tmp- left
+    assert registry.versions("diskfull") == []
+
+    last = run(cfg)  # space again: resumes from step 5
+    assert last.adapter is not None and last.steps == 12
+    got = load_file(str(last.adapter.path / "adapter_model.safetensors"))
+    for k in expected:
+        assert torch.allclose(got[k], expected[k], atol=1e-5), k

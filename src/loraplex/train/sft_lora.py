@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from loraplex import threads
@@ -342,12 +343,27 @@ def save_checkpoint(
     if not write:
         return None
     opt_tensors["rng.torch"] = torch.get_rng_state()
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=ckpt_root))
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "python_rng": random.getstate()[1][:1]}))
     final = ckpt_root / f"step-{step:07d}"
+    # whole or not at all: written into a temporary directory, renamed into place (a kill leaves a
+    # .tmp- directory that nothing reads); a full disk removes it and says which checkpoint is kept
+    tmp = None
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        for old_tmp in ckpt_root.glob(".tmp-*"):  # left by a killed run
+            shutil.rmtree(old_tmp, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=ckpt_root))
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "python_rng": random.getstate()[1][:1]}))
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest_checkpoint(ckpt_root)
+        raise UserError(
+            f"cannot write checkpoint {final}: {getattr(e, 'strerror', None) or e}. "
+            + (f"The last whole checkpoint, {kept}, is kept: " if kept else "No earlier checkpoint: ")
+            + "free space and run the same command again to resume."
+        ) from e
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
