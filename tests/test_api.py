@@ -253,3 +253,52 @@ def test_errors_use_openai_shape_and_server_keeps_serving(server: Server) -> Non
     assert httpx.get(f"{server.url}/ready", timeout=30).status_code == 200
     ok = c.chat.completions.create(model="legal", messages=USER, max_tokens=4)
     assert ok.choices[0].message.content is not None
+
+
+def test_a_request_that_fails_in_the_model_fails_alone_over_http(tiny_base: Path, lp_home: Path) -> None:
+    """Through the API with the openai SDK: requests to an adapter whose weights overflow get
+    OpenAI-shaped errors (streamed and not), the requests sent with them get the answers they
+    get alone, and the server keeps serving."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    make_adapter(tiny_base, "good", rank=4, seed=1)
+    make_adapter(tiny_base, "broken", rank=4, seed=2, fill_b=float("inf"))
+    srv = Server(Engine(str(tiny_base), dtype="fp32", max_batch=8, max_loaded_adapters=2))
+    c = srv.client
+    base = srv.engine.base.id
+
+    def ask(model: str, top_p: float = 1.0) -> str:
+        temp = 1.0 if top_p < 1.0 else 0.0
+        r = c.chat.completions.create(model=model, messages=USER, temperature=temp, top_p=top_p, max_tokens=16)
+        return r.choices[0].message.content or ""
+
+    def ask_stream(model: str) -> str:
+        parts = []
+        for chunk in c.chat.completions.create(model=model, messages=USER, temperature=0, max_tokens=16, stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+        return "".join(parts)
+
+    def outcome(fn: object, *args: object) -> str | Exception:
+        try:
+            return fn(*args)  # type: ignore[operator,no-any-return]
+        except Exception as e:  # noqa: BLE001 - the outcome under test
+            return e
+
+    try:
+        alone = {m: ask(m) for m in ("good", base)}
+        calls = [(ask, "good"), (ask, base), (ask_stream, "good"), (ask, base), (ask, "broken"), (ask_stream, "broken")]
+        calls.append((lambda m: ask(m, top_p=5e-324), "good"))  # once a 500 for the whole batch
+        with ThreadPoolExecutor(len(calls)) as pool:
+            got = list(pool.map(lambda fc: outcome(*fc), calls))
+        assert got[:4] == [alone["good"], alone[base], alone["good"], alone[base]]
+        assert got[6] == alone["good"]  # only the most likely token survives a tiny top_p: greedy
+        plain, streamed = got[4], got[5]
+        assert isinstance(plain, openai.InternalServerError), plain
+        assert plain.body["type"] == "server_error" and "non-finite logits" in plain.body["message"]  # type: ignore[index]
+        assert isinstance(streamed, openai.APIError) and "non-finite logits" in str(streamed), streamed
+        assert httpx.get(srv.url + "/health").status_code == 200
+        assert ask("good") == alone["good"]
+    finally:
+        srv.stop()
+        srv.engine.close()
