@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -195,7 +197,18 @@ class Database:
 
 def _sqlite_pragmas(dbapi_con: Any, _record: Any) -> None:
     cur = dbapi_con.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")  # the CLI reads while the server writes
-    cur.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, no fsync per log row
     cur.execute("PRAGMA busy_timeout=30000")
+    # WAL: the CLI reads while the server writes. Switching a new database to it takes a lock that
+    # SQLite does not wait for, busy timeout or not: processes opening a new database together
+    # failed with "database is locked" (1 of 4, about one start in 15), so they retry.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    cur.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, no fsync per log row
     cur.close()
