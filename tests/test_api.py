@@ -255,6 +255,48 @@ def test_errors_use_openai_shape_and_server_keeps_serving(server: Server) -> Non
     assert ok.choices[0].message.content is not None
 
 
+def test_text_that_is_not_unicode_is_a_400_naming_the_field(server: Server) -> None:
+    """JSON can escape half of a UTF-16 pair alone; such a string reached the tokenizer and gave a
+    500. Every route refuses it, naming the field; a whole pair, or the same characters escaped
+    as text, still work."""
+
+    def post(path: str, raw: str) -> httpx.Response:
+        """`raw` JSON as written: a JSON encoder would refuse these strings."""
+        method = "PUT" if path.startswith("/ui/") else "POST"
+        headers = {"content-type": "application/json"}
+        return httpx.request(method, f"{server.url}{path}", content=raw.encode(), headers=headers, timeout=30)
+
+    lone = {
+        "/v1/chat/completions": (
+            '{"model":"legal","messages":[{"role":"user","content":"a\\ud800b"}]}',
+            "messages.0.content",
+        ),
+        "/v1/completions": ('{"model":"legal","prompt":["ok","\\udc00"],"max_tokens":2}', "prompt.1"),
+        "/v1/feedback": ('{"request_id":"x","rating":1,"comment":"\\udfff"}', "comment"),
+        "/ui/api/conversations/c1": ('{"title":"\\ud83d","messages":[]}', "title"),
+    }
+    for path, (raw, field) in lone.items():
+        r = post(path, raw)
+        assert r.status_code == 400, (path, r.status_code, r.text)
+        err = _error(r)
+        assert err["param"] == field and "surrogate" in err["message"], (path, err)
+    keyed = post(
+        "/v1/chat/completions",
+        '{"model":"legal","messages":[{"role":"user","content":"x"}],"logit_bias":{"\\ud800":1}}',
+    )
+    assert keyed.status_code == 400 and _error(keyed)["param"] == "logit_bias.\\ud800"
+    pair = post(
+        "/v1/chat/completions",
+        '{"model":"legal","messages":[{"role":"user","content":"\\ud83d\\ude00"}],"max_tokens":2}',
+    )
+    assert pair.status_code == 200, pair.text  # 😀, written as a surrogate pair
+    escaped = post(
+        "/v1/chat/completions", '{"model":"legal","messages":[{"role":"user","content":"\\\\ud800"}],"max_tokens":2}'
+    )
+    assert escaped.status_code == 200, escaped.text  # a backslash, then "ud800"
+    assert httpx.get(f"{server.url}/health", timeout=30).json() == {"status": "ok"}
+
+
 def test_a_request_that_fails_in_the_model_fails_alone_over_http(tiny_base: Path, lp_home: Path) -> None:
     """Through the API with the openai SDK: requests to an adapter whose weights overflow get
     OpenAI-shaped errors (streamed and not), the requests sent with them get the answers they

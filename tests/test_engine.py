@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -261,6 +262,55 @@ def test_rows_finish_at_different_steps_after_the_cache_grew(tiny_base: Path) ->
         assert asyncio.run(run_all()) == [300, 290, 310]  # and the engine still serves afterwards
     finally:
         engine.close()
+
+
+def test_the_kv_cache_keeps_its_budget_by_preempting_and_gives_memory_back(lp_home: Path, tiny_base: Path) -> None:
+    """One long request once kept ~6 GB for good: the cache grew for every slot and never shrank.
+    Now it has a budget. Four rows that outgrow it make the engine send the newest back to wait
+    and prefill it again (prompt + answer so far): every answer equals the one an unbounded engine
+    gives. The cache shrinks back when the rows are done, and a prompt longer than the budget
+    holds for one request is refused, naming the budget."""
+    from loraplex.engine.engine import PromptTooLong
+
+    make_adapter(tiny_base, "legal", rank=4, seed=1)
+    params = SamplingParams(temperature=0, ignore_eos=True)
+    jobs = [(p, "legal" if i % 2 else None, 280 + 10 * i) for i, p in enumerate(PROMPTS)]
+
+    def answers(engine: Engine) -> list[list[int]]:
+        async def one(prompt: str, adapter: str | None, n: int) -> list[int]:
+            msgs = [{"role": "user", "content": prompt}]
+            return [t async for d in engine.generate(msgs, params, adapter, max_tokens=n) for t in d.token_ids]
+
+        async def all_of() -> list[list[int]]:
+            return await asyncio.gather(*[one(*job) for job in jobs])
+
+        return asyncio.run(all_of())
+
+    free = Engine(str(tiny_base), dtype="fp32", max_batch=4)
+    tight = Engine(str(tiny_base), dtype="fp32", max_batch=4, kv_cache_bytes=free.cache.bytes_for(4, 256))
+    free.cache.shrink_after_s = tight.cache.shrink_after_s = 0.2  # (5 s when serving)
+    try:
+        expected = answers(free)
+        assert free.cache.peak_bytes == free.cache.bytes_for(4, 512)  # unbounded: 4 rows x 512 positions
+        assert free.stats.preempted == 0
+        got = answers(tight)
+        assert tight.stats.preempted > 0 and tight.stats.failed == 0
+        assert tight.cache.peak_bytes <= tight.kv_cache_bytes
+        assert got == expected  # recompute preemption changes no token
+        assert [len(a) for a in got] == [n for _, _, n in jobs]
+        # memory follows the rows in use: idle, both give back what they no longer need
+        deadline = time.time() + 10
+        while time.time() < deadline and any(e.cache.allocated_bytes > e.cache.peak_bytes // 4 for e in (free, tight)):
+            time.sleep(0.05)
+        for engine in (free, tight):  # (a quarter: the margin that keeps a steady load from reallocating)
+            assert engine.cache.allocated_bytes <= engine.cache.peak_bytes // 4
+        # one request may hold at most what the budget holds alone: 1,024 positions here
+        assert tight.max_model_len == 1024 < free.max_model_len
+        with pytest.raises(PromptTooLong, match="KV cache budget"):
+            tight.check_length(1100, 10)
+    finally:
+        free.close()
+        tight.close()
 
 
 def test_a_request_that_fails_in_the_model_or_its_sampling_fails_alone(lp_home: Path, tiny_base: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -245,7 +246,7 @@ def test_export_formats(lp_home: Path, tiny_base: Path, tmp_path: Path) -> None:
         export(["sup"], "peft", tmp_path / "peft")
     with pytest.raises(UserError, match="not a GGUF file"):
         export(["sup"], "gguf", tmp_path / "g")
-    assert not (tmp_path / "g").exists() and not list(tmp_path.glob(".g.tmp-*"))
+    assert not (tmp_path / "g").exists() and not list(tmp_path.glob(".tmp-*"))
 
 
 def test_modelfile_takes_template_stop_and_system_from_the_chat_template(tiny_base: Path) -> None:
@@ -272,3 +273,111 @@ def test_a_damaged_index_says_delete_it_and_is_rebuilt_after(tiny_base: Path, lp
     registry._open.clear()
     index.unlink()
     assert [(e["name"], e["versions"]) for e in registry.catalog()] == [("legal", ["v1"])]  # rebuilt from the files
+
+
+# A child that does one store operation. With "before"/"after" it SIGKILLs itself right before or
+# right after the rename that publishes its result (the moments between the steps of a commit);
+# with "random" the test kills it at a random moment; with "never" it finishes.
+_KILLED_CHILD = """
+import os, signal, sys
+from pathlib import Path
+at, op, arg = sys.argv[1:4]
+rename = os.rename
+def killing_rename(src, dst):
+    if at == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    rename(src, dst)
+    if at == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+os.rename = killing_rename
+if op == "register":
+    from loraplex.adapters import registry
+    registry.register("hr", Path(arg), {"base_model": {"id": "tiny"}})
+elif op == "import":
+    from loraplex.adapters.archive import import_tar
+    import_tar(Path(arg))
+else:
+    from loraplex.export.formats import export
+    export(["hr@v1"], "merged", Path(arg))
+"""
+
+
+@pytest.mark.parametrize("op", ["register", "import", "export"])
+def test_a_kill_during_registration_import_or_export_leaves_no_partial_result_and_is_reported(
+    op: str, lp_home: Path, tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kill -9` right before the publishing rename, right after it, and at random moments: the
+    store (or the export directory) holds only complete results, the index is repaired, the next
+    command says what it cleaned up, and the operation run again succeeds."""
+    import os
+    import random
+    import signal
+    import time
+
+    make_adapter(tiny_base, "hr", seed=1)
+    export_tar("hr@v1", tmp_path / "hr.tar")
+    out = tmp_path / "merged"
+    arg = {"register": str(registry.resolve("hr@v1").path), "import": str(tmp_path / "hr.tar"), "export": str(out)}
+    env = {**os.environ}
+
+    def fresh_store_for_import(i: int) -> None:
+        """Import writes only into a store without the version: a new one for every run."""
+        if op == "import":
+            monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path / f"other-home-{i}"))
+            env["LORAPLEX_HOME"] = str(tmp_path / f"other-home-{i}")
+
+    def complete_export_removed() -> None:
+        """An export directory that exists is whole (then removed, so the next export can write it)."""
+        if out.exists():
+            assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+            shutil.rmtree(out)
+
+    def next_command() -> str:
+        """What a user runs next: a listing, or the same export again; its warnings, on one line."""
+        complete_export_removed()
+        cmd = ["export", "hr@v1", "--format", "merged", "--out", str(out)] if op == "export" else ["adapters", "list"]
+        done = subprocess.run(
+            [sys.executable, "-m", "loraplex.cli", *cmd], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "Setting accelerator" not in done.stderr  # no DeepSpeed chatter when it is not used
+        complete_export_removed()
+        return " ".join(done.stderr.split())
+
+    def consistent() -> None:
+        """Nothing half-written anywhere; complete, checked versions; the index agrees with the files."""
+        assert [p.name for p in [*registry.store_root().rglob(".t*"), *tmp_path.glob(".t*")]] == []
+        on_disk = registry.versions("hr")
+        for v in on_disk:
+            registry.verify(registry.resolve(f"hr@v{v}"))
+        assert [r["versions"] for r in registry.catalog()] == ([[f"v{v}" for v in on_disk]] if on_disk else [])
+
+    def child(i: int, at: str, rng: random.Random | None = None) -> int:
+        """Run the child; with `rng`, SIGKILL it a random moment after its staging entry appears."""
+        fresh_store_for_import(i)
+        proc = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, at, op, arg[op]], env=env)
+        if rng is not None:
+            where = registry.store_root() if op != "export" else tmp_path
+            while proc.poll() is None and not any(where.rglob(".tmp-*")):
+                time.sleep(0.001)
+            time.sleep(rng.uniform(0.0, 0.003 if op != "export" else 0.3))
+            proc.send_signal(signal.SIGKILL)
+        return proc.wait(timeout=300)
+
+    label = {"register": "registration", "import": "import", "export": "export"}[op]
+    assert child(0, "never") == 0
+    next_command()
+    rng = random.Random(3)
+    for i, at in enumerate(("before", "after", "random", "random", "random"), 1):
+        code = child(i, at, rng if at == "random" else None)
+        assert code == -signal.SIGKILL or (at == "random" and code == 0), code
+        said = next_command()
+        if at == "before":
+            assert f"an unfinished {label} left by process" in said and "killed or crashed" in said, said
+        if at == "after" and op != "export":
+            assert f"indexed hr@v{3 if op == 'register' else 1}:" in said, said
+            assert "missing from the index" in said, said
+        consistent()
+    assert child(9, "never") == 0  # and the operation, run again, succeeds
+    next_command()
+    consistent()

@@ -548,6 +548,13 @@ def serve(
     max_batch: Annotated[int, typer.Option(min=1, max=256, help="Requests decoded together.")] = 16,
     max_loaded_adapters: Annotated[int, typer.Option(min=1, max=1024, help="Adapter slots kept in memory.")] = 8,
     max_model_len: Annotated[int | None, typer.Option(help="Context length (default: the model's).")] = None,
+    kv_cache_gb: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0001,
+            help="GiB the KV cache may use; rows that outgrow it wait (default: 1/4 of RAM, 1/2 of free GPU memory).",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 where faster), bf16, fp16 or fp32")] = "auto",
     pin: Annotated[str | None, typer.Option(help="Comma-separated adapters to load now and keep loaded.")] = None,
@@ -556,6 +563,13 @@ def serve(
     ] = 10.0,
     threads: Annotated[
         int | None, typer.Option(min=1, help="CPU threads for the model (default: all cores but one).")
+    ] = None,
+    header_timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds a client may take to send a request's headers (or body chunk).")
+    ] = 10.0,
+    max_connections: Annotated[
+        int | None,
+        typer.Option(min=1, help="Open connections at most; more are closed (default: by the file limit)."),
     ] = None,
     auth: Annotated[
         bool | None,
@@ -626,6 +640,7 @@ def serve(
             dtype=dtype,
             adapters=names,
             threads=threads,
+            kv_cache_bytes=int(kv_cache_gb * 2**30) if kv_cache_gb else None,
         )
         for name in pins:
             engine.load_adapter(name, pin=True)
@@ -639,7 +654,7 @@ def serve(
     elif host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]warning:[/] no API keys: anyone who reaches {host}:{port} can use every model")
     try:
-        run(engine, host, port, shutdown_timeout, gateway)
+        run(engine, host, port, shutdown_timeout, gateway, header_timeout, max_connections)
     finally:
         if getattr(engine, "process", None) is not None:
             engine.process.stop()  # also when uvicorn never started (a port in use): no orphaned vLLM

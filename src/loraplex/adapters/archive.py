@@ -16,12 +16,12 @@ import os
 import re
 import shutil
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from loraplex import staging
 from loraplex.adapters import registry
 from loraplex.errors import UserError
 from loraplex.paths import check_name
@@ -51,7 +51,8 @@ def export_tar(ref: str, out: Path) -> registry.AdapterRef:
     target = registry.resolve(ref)
     registry.verify(target)  # never ship a damaged adapter
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".tar", dir=out.parent)
+    staging.clear_leftovers(out.parent)
+    fd, tmp = staging.new_file(out.parent, "archive", ".tar")
     os.close(fd)
     try:
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
@@ -64,7 +65,7 @@ def export_tar(ref: str, out: Path) -> registry.AdapterRef:
                     tar.addfile(info, f)
         os.replace(tmp, out)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return target
 
@@ -123,7 +124,8 @@ def import_tar(path: Path) -> tuple[registry.AdapterRef, bool]:
 
         root = registry.store_root() / name
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-import-", dir=root))
+        registry.sync()  # first repair (and report) what an earlier import that was killed left
+        tmp = staging.new_dir(root, "import")
         try:
             (tmp / registry.MANIFEST).write_bytes(manifest_bytes)
             for fname in [f for f in (*registry.ADAPTER_FILES, *OPTIONAL) if f in manifest.files]:

@@ -4,9 +4,11 @@ with an SQLite index (`adapters/index.db`) of versions, aliases and alias histor
 The files are the truth for versions: a version directory is written under a temporary name and
 renamed into place, so the store only ever holds complete adapters, and the index is a cache of
 their manifests that `sync()` repairs from the directories (a crash between the rename and the
-index write loses nothing). Aliases (`prod`, `staging`) live only in the index: they are
-deployment state, not part of an adapter. With `LORAPLEX_DATABASE_URL` set (front doors on several
-hosts sharing the store's directory), the index lives in that PostgreSQL database instead.
+index write loses nothing). `sync()` runs before every registration and import and on every
+listing; it also removes what killed processes left half-written, and logs what it repaired.
+Aliases (`prod`, `staging`) live only in the index: they are deployment state, not part of an
+adapter. With `LORAPLEX_DATABASE_URL` set (front doors on several hosts sharing the store's
+directory), the index lives in that PostgreSQL database instead.
 Version numbers and index writes happen under one file lock, so two trainings finishing at once
 never reuse a version or corrupt the index.
 
@@ -21,10 +23,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,9 +39,12 @@ import sqlalchemy as sa
 from sqlalchemy import exc
 from sqlalchemy.engine import Connection
 
+from loraplex import staging
 from loraplex.database import Database, url_for
 from loraplex.errors import UserError
 from loraplex.paths import check_name, home
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -207,7 +212,7 @@ def _index_row(name: str, version: int, m: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    fd, tmp = staging.new_file(path.parent, "manifest")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, ensure_ascii=False)
@@ -215,7 +220,7 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -233,7 +238,8 @@ def register(name: str, adapter_dir: Path, manifest: dict[str, Any]) -> AdapterR
             raise UserError(f"{adapter_dir} is not a PEFT adapter directory (no {required})")
     root = store_root() / name
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    sync()  # first repair (and report) what an earlier registration that was killed left
+    tmp = staging.new_dir(root, "registration")
     try:
         present = [*ADAPTER_FILES, *([KNOWLEDGE] if (adapter_dir / KNOWLEDGE).is_file() else [])]
         for f in present:
@@ -298,19 +304,47 @@ def list_names() -> list[tuple[str, list[int]]]:
 
 
 def sync() -> None:
-    """Make the index agree with the directories: add versions it lacks, drop ones that are gone."""
-    on_disk = {(n, v) for n, vs in list_names() for v in vs}
-    with locked(), _db() as con:
-        indexed = {(n, v) for n, v in _q(con, "SELECT name, version FROM versions")}
-        for name, version in sorted(on_disk - indexed):
-            try:
-                m = AdapterRef(name, version, store_root() / name / f"v{version}").manifest()
-            except (OSError, ValueError):
-                continue  # a damaged manifest is reported by `show`/`verify`, not hidden by listing
-            con.execute(sa.text(_UPSERT_VERSION), _index_row(name, version, m))
-        for name, version in indexed - on_disk:
-            _q(con, "DELETE FROM versions WHERE name = :name AND version = :version", name=name, version=version)
-            _q(con, "DELETE FROM aliases WHERE name = :name AND version = :version", name=name, version=version)
+    """Make the store agree with itself after a crash or a kill, and say what was repaired: remove
+    what killed processes left half-written (staging directories, a deleted version's trash), add
+    versions the index lacks, drop ones that are gone."""
+    with locked():
+        _clear_leftovers()
+        on_disk = {(n, v) for n, vs in list_names() for v in vs}
+        with _db() as con:
+            indexed = {(n, v) for n, v in _q(con, "SELECT name, version FROM versions")}
+            for name, version in sorted(on_disk - indexed):
+                try:
+                    m = AdapterRef(name, version, store_root() / name / f"v{version}").manifest()
+                except (OSError, ValueError):
+                    continue  # a damaged manifest is reported by `show`/`verify`, not hidden by listing
+                con.execute(sa.text(_UPSERT_VERSION), _index_row(name, version, m))
+                log.warning(
+                    f"indexed {name}@v{version}: it was complete in the store but missing from the index "
+                    "(a registration or import stopped right after placing it, or it was copied in by hand)"
+                )
+            for name, version in indexed - on_disk:
+                log.warning(f"dropped {name}@v{version} from the index: its directory is no longer in the store")
+                _q(con, "DELETE FROM versions WHERE name = :name AND version = :version", name=name, version=version)
+                _q(con, "DELETE FROM aliases WHERE name = :name AND version = :version", name=name, version=version)
+
+
+def _clear_leftovers() -> None:
+    """What killed processes left in the store (callers hold `locked()`, which `remove` holds
+    throughout, so a `.trash-` directory found here is never one being deleted right now)."""
+    root = store_root()
+    if not root.is_dir():
+        return
+    staging.clear_leftovers(root)
+    for d in os.scandir(root):
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        staging.clear_leftovers(Path(d.path))
+        for v in os.scandir(d.path):
+            if v.name.startswith(".trash-"):
+                shutil.rmtree(v.path, ignore_errors=True)
+                log.warning(f"finished deleting {d.name}@{v.name.removeprefix('.trash-')}, which was interrupted")
+            elif _VERSION_RE.match(v.name) and v.is_dir():
+                staging.clear_leftovers(Path(v.path))
 
 
 def catalog() -> list[dict[str, Any]]:
@@ -424,6 +458,7 @@ def remove(ref: str, force: bool = False) -> AdapterRef:
                 "move the alias first (`loraplex adapters tag`/`rollback`) or pass --force"
             )
         trash = target.path.with_name(f".trash-v{target.version}")
+        shutil.rmtree(trash, ignore_errors=True)  # one a killed `rm` left (we hold the lock)
         os.rename(target.path, trash)  # gone from the store in one step; the rest is cleanup
         with _db() as con:
             for table in ("versions", "aliases"):

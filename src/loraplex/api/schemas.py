@@ -161,3 +161,33 @@ class AliasRequest(BaseModel):
     alias: str = Field(min_length=1, max_length=64)
     version: int | None = Field(None, ge=1)
     rollback: bool = False
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape, which every error response of the server has (for the OpenAPI document)."""
+
+    error: ErrorDetail
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": what}
+    for status, what in (
+        (400, "invalid request: the message names the field"),
+        (401, "no key, or a key that is unknown, revoked or expired"),
+        (403, "an admin route without an admin key"),
+        (404, "no such route or model (or one this key may not use)"),
+        (405, "method not allowed (the Allow header lists the allowed ones)"),
+        (408, "the request body paused too long"),
+        (413, "request body over 8 MiB"),
+        (429, "rate limited (Retry-After)"),
+        (500, "a fault, logged with its request id (X-Request-Id)"),
+        (503, "overloaded or shutting down (Retry-After)"),
+    )
+}

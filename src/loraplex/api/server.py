@@ -21,20 +21,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplex.adapters import registry
+from loraplex.api.body import UnicodeRoute
 from loraplex.api.schemas import (
+    ERRORS,
     AliasRequest,
     ChatCompletionRequest,
     CompletionRequest,
@@ -44,7 +47,7 @@ from loraplex.api.schemas import (
 )
 from loraplex.assistants import faq, retrieval
 from loraplex.assistants import store as assistants
-from loraplex.engine.adapter_cache import InvalidModelName, ModelNotFound
+from loraplex.engine.adapter_cache import InvalidModelName, ModelNotFound, not_found
 from loraplex.engine.engine import Delta, Engine, EngineClosed, PromptTooLong
 from loraplex.engine.lora import AdapterRequest
 from loraplex.engine.remote import RemoteEngine
@@ -132,22 +135,48 @@ def _translate(e: BaseException) -> APIError:
     return APIError(500, f"internal error: {e}", type_="server_error")
 
 
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self) -> None:
+        super().__init__(413, f"request body larger than {MAX_BODY} bytes")
+
+
 class BodyLimit:
-    """Refuse request bodies over MAX_BODY by their Content-Length (413), before reading them.
+    """Refuse request bodies over MAX_BODY (413): by their Content-Length before reading them, and
+    by the bytes received so far for chunked bodies, which have none.
 
     Plain ASGI rather than `@app.middleware("http")`, whose wrapper re-buffers every streamed
-    chunk (a measurable cost per token at SSE rates)."""
+    chunk (a measurable cost per token at SSE rates). Why not Starlette's RequestBodyLimitMiddleware
+    (FastAPI's `max_body_size`): it answers some oversize bodies in plain text, not OpenAI's JSON."""
 
-    def __init__(self, app: Any):
+    def __init__(self, app: Any, chunk_timeout: float = 10.0):
         self.app = app
+        self.chunk_timeout = chunk_timeout  # seconds a body may pause between chunks (`serve --header-timeout`)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            size = dict(scope.get("headers") or []).get(b"content-length")
-            if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
-                await error_response(413, f"request body larger than {MAX_BODY} bytes")(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        size = dict(scope.get("headers") or []).get(b"content-length")
+        if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
+            await error_response(413, f"request body larger than {MAX_BODY} bytes")(scope, receive, send)
+            return
+        received, complete = 0, False
+
+        async def counted() -> Any:
+            nonlocal received, complete
+            if complete:  # afterwards the only message is the disconnect, which may take as long as it takes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.chunk_timeout)
+            except TimeoutError:  # FastAPI re-raises HTTPExceptions from reading the body
+                raise StarletteHTTPException(408, f"no request body data for {self.chunk_timeout:g} s") from None
+            received += len(message.get("body", b""))
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            if received > MAX_BODY:
+                raise BodyTooLarge()
+            return message
+
+        await self.app(scope, counted, send)
 
 
 COMPLETION_PATHS = {"/v1/chat/completions": ("chat", "chatcmpl"), "/v1/completions": ("completions", "cmpl")}
@@ -163,7 +192,7 @@ def _close_call(request: Request, status: int, code: str | None) -> None:
         call.close(status, code or str(status))
 
 
-def create_app(engine: AnyEngine, gateway: Gateway | None = None) -> FastAPI:
+def create_app(engine: AnyEngine, gateway: Gateway | None = None, body_timeout: float = 10.0) -> FastAPI:
     gw = gateway or Gateway(engine=engine)
     searcher = retrieval.Searcher()
 
@@ -176,9 +205,10 @@ def create_app(engine: AnyEngine, gateway: Gateway | None = None) -> FastAPI:
         await gw.aclose()  # after the engine: the last streams' log rows are written too
         searcher.close()
 
-    app = FastAPI(title="loraplex", lifespan=lifespan)
+    app = FastAPI(title="loraplex", lifespan=lifespan, responses=ERRORS)
+    app.router.route_class = UnicodeRoute  # every route added below: JSON bodies must be Unicode
     app.state.gateway = gw
-    app.add_middleware(BodyLimit)
+    app.add_middleware(BodyLimit, chunk_timeout=body_timeout)
     created = int(time.time())
     base_names = (engine.base.id, "base", "default")
 
@@ -233,13 +263,25 @@ def create_app(engine: AnyEngine, gateway: Gateway | None = None) -> FastAPI:
             message = str(exc.detail)
         _close_call(request, exc.status_code, None)
         return error_response(
-            exc.status_code, message, "invalid_request_error" if exc.status_code < 500 else "server_error"
+            exc.status_code,
+            message,
+            "invalid_request_error" if exc.status_code < 500 else "server_error",
+            getattr(exc, "param", None),
+            headers=dict(exc.headers or {}),  # a 405's Allow
         )
 
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
         e = _translate(exc)
         _close_call(request, e.status, e.code)
-        return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
+        headers = e.headers
+        if e.status >= 500 and e.status != 503:  # a fault, not a refusal (overload, shutdown): logged
+            call: Call | None = getattr(request.state, "call", None)
+            rid = call.id if call is not None else f"req-{secrets.token_hex(8)}"
+            log.error(
+                "%s %s -> %d, request %s: %s", request.method, request.url.path, e.status, rid, e.message, exc_info=exc
+            )
+            headers = {**(headers or {}), "X-Request-Id": rid}
+        return error_response(e.status, e.message, e.type, e.param, e.code, headers)
 
     # the gateway's refusals are answers, not crashes: handled here, never logged as tracebacks
     for refusal in (AuthError, RateLimited, Overloaded, upstream.UpstreamError, UserError):  # db.Unavailable too
@@ -258,7 +300,7 @@ def create_app(engine: AnyEngine, gateway: Gateway | None = None) -> FastAPI:
             return error_response(503, "shutting down", "server_error")
         return JSONResponse({"status": "ready", "model": engine.base.id})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(key: Key | None = Depends(admin)) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -278,9 +320,7 @@ def create_app(engine: AnyEngine, gateway: Gateway | None = None) -> FastAPI:
         call = request.state.call
         call.prompt = messages
         limit = req.max_completion_tokens or req.max_tokens
-        return await _complete(
-            engine, gw, call, req, messages, limit, top, chat=True, allowed=allowed, searcher=searcher
-        )
+        return await _complete(engine, gw, call, req, messages, limit, top, True, allowed, searcher, request.receive)
 
     @app.post("/v1/completions")
     async def completions(request: Request, req: CompletionRequest, key: Key | None = Depends(principal)) -> Any:
@@ -293,7 +333,7 @@ def create_app(engine: AnyEngine, gateway: Gateway | None = None) -> FastAPI:
         call = request.state.call
         call.prompt = prompt
         return await _complete(
-            engine, gw, call, req, prompt, req.max_tokens, req.logprobs, chat=False, allowed=allowed, searcher=searcher
+            engine, gw, call, req, prompt, req.max_tokens, req.logprobs, False, allowed, searcher, request.receive
         )
 
     @app.post("/v1/feedback")
@@ -347,21 +387,17 @@ def create_app(engine: AnyEngine, gateway: Gateway | None = None) -> FastAPI:
     @app.post("/v1/unload_lora_adapter")
     @app.post("/admin/adapters/unload")
     async def unload_adapter(req: UnloadAdapterRequest, key: Key | None = Depends(admin)) -> dict[str, Any]:
-        name = req.lora_name.split("@")[0]
-
         def work() -> list[str]:
-            engine.adapters.resolve(name)
-            return engine.unload_adapter(name)
+            return engine.unload_adapter(_one_adapter(engine, req.lora_name))
 
-        return {"unloaded": await audited(key, "unload", name, None, work)}
+        return {"unloaded": await audited(key, "unload", req.lora_name, None, work)}
 
     @app.post("/admin/adapters/reload")
     async def reload_adapter(req: LoadAdapterRequest, key: Key | None = Depends(admin)) -> dict[str, Any]:
         """Drop every loaded version of the adapter and load what its name resolves to now."""
-        name = req.lora_name.split("@")[0]
 
         def work() -> dict[str, Any]:
-            engine.adapters.resolve(req.lora_name)
+            name = _one_adapter(engine, req.lora_name)
             return {"unloaded": engine.unload_adapter(name), "loaded": engine.load_adapter(req.lora_name, req.pin)}
 
         return await audited(key, "reload", req.lora_name, {"pin": req.pin}, work)
@@ -381,9 +417,9 @@ def create_app(engine: AnyEngine, gateway: Gateway | None = None) -> FastAPI:
         return await audited(key, "alias", f"{req.name}@{req.alias}", detail, work)
 
     @app.get("/admin/usage")
-    async def usage(by: str = "adapter", since: float | None = None, key: Key | None = Depends(admin)) -> Any:
-        if by not in ("adapter", "key"):
-            raise APIError(400, "by: use adapter or key", param="by")
+    async def usage(
+        by: Literal["adapter", "key"] = "adapter", since: float | None = None, key: Key | None = Depends(admin)
+    ) -> Any:
         await asyncio.to_thread(gw.log.flush)
         rows = await asyncio.to_thread(summary, gw.db, since, by)
         await asyncio.to_thread(gw.log.audit, key.name if key else None, "usage", by, {"since": since}, 200)
@@ -576,17 +612,12 @@ async def _complete(
     chat: bool,
     allowed: Any,
     searcher: retrieval.Searcher,
+    receive: Any,
 ) -> Any:
     call.model = req.model
     if not allowed(call.key, req.model):
-        # the same answer whether or not the model exists: a key learns nothing about hidden ones
-        raise APIError(
-            403,
-            f"model {req.model!r} is not available to this API key",
-            "permission_error",
-            param="model",
-            code="model_not_allowed",
-        )
+        # the answer a missing model gets: a key learns nothing about hidden ones
+        raise APIError(404, not_found(req.model), param="model", code="model_not_found")
     assistant = await asyncio.to_thread(_assistant, req.model)
     # an adapter trained with retrieval answers from its own Q&A, as an assistant would
     own_knowledge = assistant is None and chat and (assistant := await asyncio.to_thread(faq.assistant, req.model))
@@ -675,8 +706,20 @@ async def _complete(
         ]
 
     if not req.stream:
+        # A client that leaves stops its generation, as a stream's does (sse-starlette watches
+        # those): the next ASGI message after the body is the disconnect.
+        answers = asyncio.gather(*[_collect(s, call) for s in streams])
+        gone = asyncio.create_task(_disconnected(receive))
+        either: set[asyncio.Future[Any]] = {answers, gone}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if not answers.done():
+            answers.cancel()  # each stream's `finally` frees its row in the engine
+            await asyncio.gather(answers, return_exceptions=True)
+            call.close(499, "client_disconnected")
+            return Response(status_code=499)
+        gone.cancel()
         try:
-            results = await asyncio.gather(*[_collect(s, call) for s in streams])
+            results = answers.result()
         except Exception as e:  # noqa: BLE001
             raise _translate(e) from None
         choices = []
@@ -761,6 +804,8 @@ async def _complete(
                     if isinstance(item, BaseException):
                         e = _translate(item)
                         status, code = e.status, e.code or str(e.status)
+                        if status >= 500 and status != 503:
+                            log.error("stream %s failed with %d: %s", rid, status, e.message, exc_info=item)
                         yield {
                             "data": json.dumps(
                                 {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
@@ -847,13 +892,23 @@ async def _proxy(
     return EventSourceResponse(events(), sep="\n", ping=15)
 
 
-def run(engine: AnyEngine, host: str, port: int, shutdown_timeout: float, gateway: Gateway | None = None) -> None:
+def run(
+    engine: AnyEngine,
+    host: str,
+    port: int,
+    shutdown_timeout: float,
+    gateway: Gateway | None = None,
+    header_timeout: float = 10.0,
+    max_connections: int | None = None,
+) -> None:
     """Serve until SIGINT/SIGTERM, then shut down gracefully: stop accepting connections and new
     requests (503 `shutting_down`, /ready 503), let in-flight requests finish for up to
     `shutdown_timeout` s, end the ones still running with an OpenAI error (a 503, or an error event
-    in a stream), and exit."""
+    in a stream), and exit. Slow and surplus clients are cut off (guard.py, `BodyLimit`)."""
     import uvicorn
     from sse_starlette.sse import AppStatus
+
+    from loraplex.api import guard
 
     # sse-starlette would cut every open stream at the first signal; we drain them instead.
     AppStatus.disable_automatic_graceful_drain()
@@ -864,12 +919,13 @@ def run(engine: AnyEngine, host: str, port: int, shutdown_timeout: float, gatewa
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
-        create_app(engine, gateway),
+        create_app(engine, gateway, body_timeout=header_timeout),
         host=host,
         port=port,
         log_level="warning",
         # uvicorn's own deadline comes after ours, so aborted streams still get their error event out
         timeout_graceful_shutdown=int(shutdown_timeout) + 5,
+        http=guard.guarded_protocol(header_timeout, max_connections or guard.default_max_connections()),
     )
     DrainingServer(config).run()
 
@@ -884,8 +940,26 @@ async def _collect(stream: AsyncIterator[Delta], call: Call) -> tuple[str, str |
         parts.append(d.text)
         logprobs.extend(d.logprobs)
         finish = d.finish_reason
+        call.completion_tokens += d.completion_tokens - n_tokens  # what is metered if the client leaves
         n_tokens = d.completion_tokens
     return "".join(parts), finish, logprobs, n_tokens
+
+
+def _one_adapter(engine: AnyEngine, lora_name: str) -> str:
+    """The adapter name in an unload/reload request, read by the parser requests use (a malformed
+    name is a 400, a missing one a 404): `hr@../../x` must not act on `hr`."""
+    parts = engine.adapters.resolve(lora_name).parts
+    if len(parts) != 1:
+        raise APIError(
+            400, f"lora_name {lora_name!r}: name one adapter (not the base or a composition)", param="lora_name"
+        )
+    return parts[0][0].split("@")[0]
+
+
+async def _disconnected(receive: Any) -> None:
+    """Return when the client has closed the connection (call after the body has been read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:

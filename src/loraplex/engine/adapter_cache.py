@@ -34,6 +34,12 @@ class ModelNotFound(UserError):
     """The `model` names nothing this server has (an OpenAI 404 `model_not_found`)."""
 
 
+def not_found(model: str) -> str:
+    """OpenAI's words for a model that is missing *or* hidden from this key: the two read the same,
+    and never name the store's path or other models."""
+    return f"the model {model!r} does not exist or you do not have access to it"
+
+
 class InvalidModelName(UserError):
     """The `model` field is not a well-formed name or composition (a 400)."""
 
@@ -62,14 +68,21 @@ def resolve_model(model: str, base_names: tuple[str, ...], allowed: set[str] | N
             if not math.isfinite(weight) or abs(weight) > 10:
                 raise InvalidModelName(f"weight {weight} in model {model!r} must be a number in [-10, 10]")
         if allowed is not None and name not in allowed:
-            raise ModelNotFound(f"the model {name!r} does not exist on this server")
+            raise ModelNotFound(not_found(model))
         ref_text = name if m.group("ver") is None else f"{name}@{m.group('ver')}"
         try:
             ref = registry.resolve(ref_text)
         except UserError as e:
-            raise ModelNotFound(f"the model {ref_text!r} does not exist: {e}") from None
+            if not registry.versions(name):  # the registry's message lists the store's path and names
+                raise ModelNotFound(not_found(model)) from None
+            raise ModelNotFound(f"the model {ref_text!r} does not exist: {e}") from None  # its versions, aliases
         parts.append((ref.id, weight))
     return AdapterRequest(tuple(parts))
+
+
+def _variant(key: str) -> bool:
+    """A weighted adapter (`hr@v1:0.5`) or a composition (`a:0.7+b:0.3`), not a plain version."""
+    return "+" in key or ":" in key
 
 
 class AdapterCache:
@@ -150,7 +163,13 @@ class AdapterCache:
             self.slot_of.move_to_end(key)
             self.refs[key] = self.refs.get(key, 0) + 1
             return self.slot_of[key]
-        if not self.free and not self._evict():
+        variants = [k for k in self.slot_of if _variant(k)]
+        if _variant(key) and len(variants) >= max(1, self.capacity // 2):
+            # weighted and composed variants share at most half the slots: a client cycling through
+            # `hr:0.01`, `hr:0.02`, ... replaces its own variants, never the plain adapters others use
+            if not self._evict(variants):
+                return None
+        elif not self.free and not self._evict(list(self.slot_of)):
             return None
         assert weights is not None
         slot = self.free.pop()
@@ -163,8 +182,8 @@ class AdapterCache:
         if req.key:
             self.refs[req.key] -= 1
 
-    def _evict(self) -> bool:
-        for key in self.slot_of:  # least recently used first
+    def _evict(self, candidates: list[str]) -> bool:
+        for key in candidates:  # least recently used first
             if self.refs.get(key, 0) == 0 and key not in self.pinned:
                 self.free.append(self.slot_of.pop(key))
                 self.refs.pop(key, None)

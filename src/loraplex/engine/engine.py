@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -76,6 +77,10 @@ class _Request:
     emit: Callable[[Delta | BaseException], None]
     max_tokens: int
     stop_ids: frozenset[int]
+    context: list[int] = field(default_factory=list)  # what prefill puts in the cache: the prompt, or
+    # after a preemption the prompt and the answer so far (all but its last token, which decode feeds)
+    resumed: bool = False  # prefilling again after a preemption: decode continues, nothing is sampled
+    admitted: bool = False
     cached: int = 0
     lora_slot: int = -1
     decoding: bool = False
@@ -96,6 +101,7 @@ class EngineStats:
     generated_tokens: int = 0
     decode_steps: int = 0
     prefill_steps: int = 0
+    preempted: int = 0  # rows sent back to wait (and prefilled again) to keep the KV cache in its budget
 
 
 def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, Any]] | list[int]) -> list[int]:
@@ -127,6 +133,10 @@ def check_length(max_model_len: int, prompt_len: int, max_tokens: int | None) ->
     return max_tokens
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 class Engine:
     def __init__(
         self,
@@ -140,6 +150,7 @@ class Engine:
         prefill_tokens: int = 512,
         adapters: list[str] | None = None,
         threads: int | None = None,
+        kv_cache_bytes: int | None = None,
     ):
         self.stats = EngineStats()
         self.threads = 0  # CPU threads the model uses (0 on a GPU); web jobs get the other cores
@@ -167,6 +178,7 @@ class Engine:
                 self._setup(
                     base, max_batch, max_loaded_adapters, max_model_len, device, dtype, prefill_tokens, adapters
                 )
+                self._budget_kv_cache(kv_cache_bytes)
             except BaseException as e:  # noqa: BLE001 - re-raised in the constructor's thread
                 failed.append(e)
                 return
@@ -229,6 +241,31 @@ class Engine:
             allowed={a.partition("@")[0] for a in adapters} if adapters else None,
         )
 
+    def _budget_kv_cache(self, budget: int | None) -> None:
+        """The KV cache may use `budget` bytes (default: a quarter of the RAM, half the free GPU
+        memory); the context one request may use shrinks to what fits that alone."""
+        if budget is None:
+            if self.device.startswith("cuda"):
+                budget = int(torch.cuda.mem_get_info()[0] * 0.5)
+            else:
+                budget = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.25)
+        self.kv_cache_bytes = budget
+        self.model_max_len = self.max_model_len
+        # the longest context one request alone fits: the model's, else the largest power of two
+        longest = [self.max_model_len, *(1 << i for i in range(self.max_model_len.bit_length() - 1, -1, -1))]
+        fits = [n for n in longest if self.cache.bytes_for(1, n) <= budget]
+        if not fits or fits[0] < self.cache.initial:
+            need = self.cache.bytes_for(1, self.cache.initial)
+            raise UserError(
+                f"a KV cache budget of {budget / 2**20:.1f} MiB is too small: one request needs {need / 2**20:.1f} MiB"
+            )
+        if fits[0] < self.max_model_len:
+            log.warning(
+                "context limited to %d tokens (the model has %d): the KV cache budget, %s, holds no more",
+                fits[0], self.max_model_len, _size(budget),
+            )  # fmt: skip
+            self.max_model_len = fits[0]
+
     # ------------------------------------------------------------------ public (any thread)
 
     @property
@@ -246,7 +283,15 @@ class Engine:
         return encode_prompt(self.tokenizer, prompt)
 
     def check_length(self, prompt_len: int, max_tokens: int | None) -> int:
-        return check_length(self.max_model_len, prompt_len, max_tokens)
+        try:
+            return check_length(self.max_model_len, prompt_len, max_tokens)
+        except PromptTooLong as e:
+            if self.max_model_len < self.model_max_len:
+                raise PromptTooLong(
+                    f"{e} (This server's KV cache budget, {_size(self.kv_cache_bytes)}, limits one "
+                    f"request to {self.max_model_len} of the model's {self.model_max_len} tokens.)"
+                ) from None
+            raise
 
     async def generate(
         self,
@@ -281,6 +326,7 @@ class Engine:
             emit=emit,
             max_tokens=limit,
             stop_ids=frozenset(() if params.ignore_eos else self.eos_ids) | frozenset(params.stop_token_ids),
+            context=prompt_ids,
         )
         self._inbox.put(("add", req))
         finished = False
@@ -362,6 +408,7 @@ class Engine:
                 except queue.Empty:
                     kind = ""
             self._admit()
+            self._keep_kv_budget()
             if any(not r.decoding for r in self._rows):
                 self._guarded(self._prefill_step, [r for r in self._rows if not r.decoding])
             if any(r.decoding for r in self._rows):
@@ -382,6 +429,8 @@ class Engine:
             gone: _Request = item
             if gone in self._waiting:
                 self._waiting.remove(gone)
+                if gone.lora_slot != -1:  # preempted: it still holds its adapter slot
+                    self.adapters.release(gone.adapter)
                 self.stats.cancelled += 1
             elif gone in self._rows:
                 self._remove(gone)
@@ -424,14 +473,42 @@ class Engine:
     def _admit(self) -> None:
         while self._waiting and len(self._rows) < self.max_batch:
             req = self._waiting[0]
-            slot = self.adapters.acquire(req.adapter, req.weights)
-            if slot is None:
-                return  # every adapter slot is busy: wait for a row to finish
+            need = max([self._positions(r) for r in self._rows] + [len(req.context) + 1])
+            if self._rows and self.cache.bytes_for(len(self._rows) + 1, need) > self.kv_cache_bytes:
+                return  # the KV cache budget is full: wait for a row to finish
+            if req.lora_slot == -1:  # a preempted request kept its adapter slot
+                slot = self.adapters.acquire(req.adapter, req.weights)
+                if slot is None:
+                    return  # every adapter slot is busy: wait for a row to finish
+                req.lora_slot = slot
+                req.weights = None  # the stack has them now
             self._waiting.popleft()
-            req.lora_slot = slot
-            req.weights = None  # the stack has them now
             self._rows.append(req)
-            self.stats.prompt_tokens += len(req.prompt_ids)
+            if not req.admitted:
+                req.admitted = True
+                self.stats.prompt_tokens += len(req.prompt_ids)
+
+    @staticmethod
+    def _positions(r: _Request) -> int:
+        """The cache positions `r` needs for its next step."""
+        return r.cached + 1 if r.decoding else len(r.context)
+
+    def _keep_kv_budget(self) -> None:
+        """Send the newest rows back to wait while the cache the rows need exceeds the budget (they
+        are prefilled again, prompt and answer so far, when there is room: vLLM's recompute
+        preemption), then let the cache give back what the rows no longer need."""
+        while len(self._rows) > 1:
+            need = max(self._positions(r) for r in self._rows)
+            if self.cache.bytes_for(len(self._rows), need) <= self.kv_cache_bytes:
+                break
+            r = self._rows.pop()  # the newest row is the last slot: nothing moves
+            if r.decoding:
+                r.context = r.prompt_ids + r.row.output_ids[:-1]
+                r.resumed = True
+            r.cached, r.decoding = 0, False
+            self._waiting.appendleft(r)
+            self.stats.preempted += 1
+        self.cache.fit(len(self._rows), max((self._positions(r) for r in self._rows), default=1))
 
     def _lora_for(self, rows: list[_Request], cacheable: bool) -> LoraBatch | None:
         slots = [r.lora_slot for r in rows]
@@ -446,23 +523,23 @@ class Engine:
     def _prefill_step(self) -> None:
         first = next(i for i, r in enumerate(self._rows) if not r.decoding)
         head = self._rows[first]
-        remaining = len(head.prompt_ids) - head.cached
+        remaining = len(head.context) - head.cached
         if head.cached or remaining > self.prefill_tokens:
             group = [head]  # a long prompt goes alone, in chunks
             L = min(remaining, self.prefill_tokens)
         else:
             group, budget = [], self.prefill_tokens
             for r in self._rows[first:]:
-                if r.decoding or r.cached or len(r.prompt_ids) > budget:
+                if r.decoding or r.cached or len(r.context) > budget:
                     break
                 group.append(r)
-                budget -= len(r.prompt_ids)
-            L = max(len(r.prompt_ids) for r in group)
+                budget -= len(r.context)
+            L = max(len(r.context) for r in group)
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.full((len(group), L), pad, dtype=torch.long)
         last = []
         for i, r in enumerate(group):
-            chunk = r.prompt_ids[r.cached : r.cached + L]
+            chunk = r.context[r.cached : r.cached + L]
             ids[i, : len(chunk)] = torch.tensor(chunk)
             last.append(len(chunk) - 1)
         step = Step(
@@ -477,8 +554,11 @@ class Engine:
         done_rows, done_logits = [], []
         for i, r in enumerate(group):
             r.cached += last[i] + 1
-            if r.cached == len(r.prompt_ids):
+            if r.cached == len(r.context):
                 r.decoding = True
+                if r.resumed:  # its next token was sampled before the preemption: decode feeds it
+                    r.resumed = False
+                    continue
                 done_rows.append(r)
                 done_logits.append(logits[i])
         if done_rows:

@@ -13,6 +13,7 @@ This module does not schedule, sample or know about HTTP (see scheduler.py, samp
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,11 +27,13 @@ SUPPORTED = ("llama", "mistral", "qwen2")
 
 
 class KVCache:
-    """Keys and values for `slots` rows: `k[layer, slot, kv_head, position, head_dim]`.
+    """Keys and values for up to `slots` rows: `k[layer, slot, kv_head, position, head_dim]`.
 
     Rows that decode together sit in slots 0..n-1 so the batch reads a view, never a gather; the
-    scheduler keeps them packed with `move`. Capacity along positions grows by doubling, up to
-    `max_len`, so memory follows what requests actually use.
+    scheduler keeps them packed with `move`. Both the rows and the positions allocated grow by
+    doubling (up to `slots` and `max_len`) and shrink again (`fit`) when the rows in use need a
+    quarter of them or less, so memory follows what requests use now, not the longest request
+    ever served. `bytes_for` is what the engine budgets against (`Engine(kv_cache_bytes=...)`).
     """
 
     def __init__(
@@ -44,29 +47,77 @@ class KVCache:
         device: str,
         initial: int = 256,
     ):
-        self.max_len = max_len
-        self.shape = (layers, slots, kv_heads, min(initial, max_len), head_dim)
-        self.k = torch.zeros(self.shape, dtype=dtype, device=device)
-        self.v = torch.zeros(self.shape, dtype=dtype, device=device)
+        self.slots, self.max_len, self.initial = slots, max_len, min(initial, max_len)
+        self.token_bytes = 2 * layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8  # k and v, one position
+        self._shape = (layers, kv_heads, head_dim)
+        self._dtype, self._device = dtype, device
+        self.k = self.v = torch.empty(0)
+        self.peak_bytes = 0  # the most it ever held
+        self.shrink_after_s = 5.0  # how long the rows must need a quarter or less before it shrinks
+        self._small_since: float | None = None
+        self._allocate(1, self.initial)
 
     @property
     def capacity(self) -> int:
         return self.k.shape[3]
 
-    def ensure(self, length: int) -> None:
-        if length <= self.capacity:
+    @property
+    def rows(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.rows * self.capacity * self.token_bytes
+
+    def sizes_for(self, rows: int, length: int) -> tuple[int, int]:
+        """The (rows, positions) allocated to hold `rows` rows of `length` positions."""
+        if length > self.max_len or rows > self.slots:
+            raise ValueError(f"{rows} rows of {length} positions exceed the cache's {self.slots} x {self.max_len}")
+        r, n = 1, self.initial
+        while r < rows:
+            r *= 2
+        while n < length:
+            n *= 2
+        return min(r, self.slots), min(n, self.max_len)
+
+    def bytes_for(self, rows: int, length: int) -> int:
+        r, n = self.sizes_for(rows, length)
+        return r * n * self.token_bytes
+
+    def ensure(self, rows: int, length: int) -> None:
+        """Room for `rows` rows of `length` positions (grows; never shrinks)."""
+        if rows <= self.rows and length <= self.capacity:
             return
-        if length > self.max_len:
-            raise ValueError(f"{length} positions exceed the cache's max_len {self.max_len}")
-        cap = self.capacity
-        while cap < length:
-            cap *= 2
-        cap = min(cap, self.max_len)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_zeros((*old.shape[:3], cap, old.shape[4]))
-            new[:, :, :, : old.shape[3]] = old
-            setattr(self, name, new)
+        r, n = self.sizes_for(max(rows, self.rows), max(length, self.capacity))
+        self._allocate(r, n)
+
+    def fit(self, rows: int, length: int) -> None:
+        """Size the cache for the rows in use, slots 0..`rows`-1, whose longest needs `length`
+        positions: exactly that (rounded up) when it needs more in either dimension, and memory
+        back when they have needed a quarter of the bytes or less for `shrink_after_s` (margin and
+        delay keep a load that only dips from reallocating back and forth). The engine calls it
+        before every step, so the cache never holds more than it budgets."""
+        r, n = self.sizes_for(max(rows, 1), max(length, 1))
+        if r > self.rows or n > self.capacity:
+            self._allocate(r, n)
+        elif 4 * r * n > self.rows * self.capacity:
+            self._small_since = None
+        elif self._small_since is None:
+            self._small_since = time.monotonic()
+        elif time.monotonic() - self._small_since >= self.shrink_after_s:
+            self._allocate(r, n)  # a smaller need that lasted: a batch that only dipped keeps its memory
+
+    def _allocate(self, rows: int, length: int) -> None:
+        layers, heads, dim = self._shape
+        k = torch.zeros((layers, rows, heads, length, dim), dtype=self._dtype, device=self._device)
+        v = torch.zeros_like(k)
+        if self.k.dim() == 5:  # keep what the first rows and positions hold
+            r, n = min(rows, self.rows), min(length, self.capacity)
+            k[:, :r, :, :n] = self.k[:, :r, :, :n]
+            v[:, :r, :, :n] = self.v[:, :r, :, :n]
+        self.k, self.v = k, v  # the old tensors go now: on CPU, glibc unmaps blocks this large
+        self._small_since = None
+        self.peak_bytes = max(self.peak_bytes, self.allocated_bytes)
 
     def move(self, src: int, dst: int, length: int) -> None:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
@@ -170,7 +221,7 @@ class DecoderModel:
         offs = torch.arange(L, device=ids.device)
         positions = starts[:, None] + offs[None, :]  # [n, L]
         total = int(starts.max()) + L  # keys to attend over
-        cache.ensure(total)
+        cache.ensure(step.slot0 + n, total)
         # Row i, query t sees keys 0 .. starts[i] + t (its own prefix, causally).
         key_pos = torch.arange(total, device=ids.device)
         mask = key_pos[None, None, :] <= positions[:, :, None]  # [n, L, total]

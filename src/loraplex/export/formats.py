@@ -10,7 +10,8 @@
 - `vllm`: PEFT directories for a set of adapters plus the `vllm serve --enable-lora` command line.
 
 Every format is written into a temporary directory beside `out` and renamed into place at the
-end, so a failed export leaves nothing half-written. This module does not quantise or convert
+end, so a failed or killed export leaves nothing half-written under `out` (the next export there
+removes what a killed one left, see staging.py). This module does not quantise or convert
 base models to GGUF: the base must have come from a GGUF (the embedded default does).
 """
 
@@ -20,12 +21,12 @@ import json
 import os
 import shlex
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from loraplex import staging
 from loraplex.adapters import registry
 from loraplex.data.tokenize import render
 from loraplex.errors import UserError
@@ -41,7 +42,8 @@ def staged(out: Path) -> Iterator[Path]:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not empty; choose a new --out directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staging.clear_leftovers(out.parent)
+    tmp = staging.new_dir(out.parent, "export")
     try:
         yield tmp
         if out.exists():
@@ -76,7 +78,11 @@ def export_peft(ref: registry.AdapterRef, out: Path) -> None:
 
 
 def export_merged(ref: registry.AdapterRef, out: Path) -> None:
+    import torch
     from peft import PeftModel
+
+    if not torch.cuda.is_available():  # save_pretrained imports DeepSpeed (via accelerate), which warns on CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     base = _adapter_base(ref)
     tok = load_tokenizer(base)

@@ -58,8 +58,10 @@ class Key:
         return all(self._allows_name(p, base_names) for p in parts)
 
     def _allows_name(self, name: str, base_names: tuple[str, ...]) -> bool:
-        names = base_names if name in base_names else (name,)
-        return any(fnmatchcase(n, pat) for n in names for pat in self.models)
+        # `base` and `default` are other names of the base model (base_names[0]): a scope matches
+        # what a name resolves to, so `b*` does not reach the base through `base`
+        canonical = base_names[0] if name in base_names else name
+        return any(fnmatchcase(canonical, pat) for pat in self.models)
 
     @classmethod
     def from_row(cls, row: RowMapping) -> Key:

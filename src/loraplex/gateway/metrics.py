@@ -61,6 +61,14 @@ class Metrics:
             Gauge("loraplex_loaded_adapters", "Adapters in memory slots", registry=r).set_function(
                 lambda: len(engine.adapters.slot_of)
             )
+            cache = getattr(engine, "cache", None)  # the built-in engine's (vLLM reports its own)
+            if cache is not None:
+                Gauge("loraplex_kv_cache_bytes", "KV cache memory allocated now", registry=r).set_function(
+                    lambda: cache.allocated_bytes
+                )
+                Gauge("loraplex_kv_cache_budget_bytes", "The KV cache's budget", registry=r).set_function(
+                    lambda: engine.kv_cache_bytes
+                )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import fastapi
 from fastapi import Depends, FastAPI
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
@@ -21,6 +22,8 @@ from loraplex.gateway.gate import Gateway
 from loraplex.gateway.keys import Key
 from loraplex.web import conversations, dashboard
 from loraplex.web.jobs import Jobs
+
+ConversationId = Annotated[str, fastapi.Path(pattern=conversations.ID_RE.pattern)]  # checked and documented
 
 STATIC = Path(__file__).parent / "static"
 
@@ -81,21 +84,23 @@ def add_routes(app: FastAPI, gw: Gateway, engine: Any, principal: Any, admin: An
         return {"data": await asyncio.to_thread(conversations.listing, gw.db, owner(key))}
 
     @app.get("/ui/api/conversations/{cid}")
-    async def conversation_get(cid: str, key: Key | None = Depends(principal)) -> dict[str, Any]:
+    async def conversation_get(cid: ConversationId, key: Key | None = Depends(principal)) -> dict[str, Any]:
         conv = await asyncio.to_thread(conversations.get, gw.db, owner(key), cid)
         if conv is None:  # another key's conversation is as unknown as a missing one
             raise APIError(404, f"no conversation {cid!r}", param="id", code="conversation_not_found")
         return conv
 
     @app.put("/ui/api/conversations/{cid}")
-    async def conversation_put(cid: str, body: Conversation, key: Key | None = Depends(principal)) -> dict[str, Any]:
+    async def conversation_put(
+        cid: ConversationId, body: Conversation, key: Key | None = Depends(principal)
+    ) -> dict[str, Any]:
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         if not await asyncio.to_thread(conversations.save, gw.db, owner(key), cid, body.title, body.model, messages):
             raise APIError(404, f"no conversation {cid!r}", param="id", code="conversation_not_found")
         return {"id": cid, "saved": len(messages)}
 
     @app.delete("/ui/api/conversations/{cid}")
-    async def conversation_delete(cid: str, key: Key | None = Depends(principal)) -> dict[str, Any]:
+    async def conversation_delete(cid: ConversationId, key: Key | None = Depends(principal)) -> dict[str, Any]:
         if not await asyncio.to_thread(conversations.delete, gw.db, owner(key), cid):
             raise APIError(404, f"no conversation {cid!r}", param="id", code="conversation_not_found")
         return {"id": cid, "deleted": True}

@@ -1,0 +1,77 @@
+"""`loraplex serve` fuzzed from its own OpenAPI schema by schemathesis, as users' clients and
+attackers would send: every route, with an admin key, with a key scoped to one adapter, and with
+keys off. Bounded in time. No response may be a 5xx, and the server must be alive afterwards.
+
+Why the CLI (`st run`) and not schemathesis' pytest plugin: it drives a server in its own process
+over real HTTP, exactly as `loraplex serve` runs for users, and its `--max-time` bounds the run.
+The request bodies the schema cannot describe (a lone UTF-16 surrogate, raw bytes) are tested by
+hand in test_api.py.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+from typer.testing import CliRunner
+
+from loraplex.cli import app
+from tests.conftest import make_adapter
+from tests.test_serve_process import ServeProcess
+
+
+def _fuzz(url: str, seconds: int, seed: int, key: str | None = None) -> int:
+    """Run schemathesis against `url` for `seconds`; the number of requests it sent."""
+    cmd = [str(Path(sys.executable).parent / "st"), "run", f"{url}/openapi.json", "--checks", "not_a_server_error"]
+    cmd += ["--max-time", str(seconds), "--workers", "1", "--seed", str(seed), "--request-timeout", "60"]
+    cmd += ["--no-shrink", "--warnings", "off", *(["--header", f"Authorization: Bearer {key}"] if key else [])]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 300, cwd=tempfile.gettempdir())
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    counts = re.search(r"(\d+) generated, (\d+) passed", done.stdout)
+    assert counts is not None and counts[1] == counts[2], done.stdout[-3000:]
+    return int(counts[1])
+
+
+def _alive(srv: ServeProcess) -> None:
+    assert srv.proc.poll() is None
+    assert httpx.get(f"{srv.url}/health", timeout=30).json() == {"status": "ok"}
+    answer = srv.client.chat.completions.create(
+        model=srv.base_id, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert answer.choices[0].message.content is not None
+
+
+def test_schemathesis_finds_no_5xx_with_keys_on_and_off(tiny_base: Path, lp_home: Path, tmp_path: Path) -> None:
+    make_adapter(tiny_base, "hr", seed=1)
+    make_adapter(tiny_base, "legal", seed=2)
+    runner = CliRunner()
+    keys = {}
+    for name, scope in (("ops", ["--admin"]), ("hr-team", ["--adapters", "hr"])):
+        r = runner.invoke(app, ["keys", "create", "--name", name, *scope])
+        assert r.exit_code == 0, r.output
+        keys[name] = r.stdout.strip()
+    srv = ServeProcess(tiny_base, lp_home)
+    srv.client.api_key = keys["ops"]
+    try:
+        assert httpx.get(f"{srv.url}/v1/models", timeout=30).status_code == 401  # keys exist: auth is on
+        sent = _fuzz(srv.url, 45, seed=1, key=keys["ops"])
+        sent += _fuzz(srv.url, 20, seed=2, key=keys["hr-team"])
+        _alive(srv)
+    finally:
+        srv.kill()
+    assert sent > 1000, sent  # enough requests to mean something (about 10,000 a minute here)
+
+    open_home = tmp_path / "open-home"  # the same adapters, no keys: every route is open
+    shutil.copytree(lp_home / "adapters", open_home / "adapters")
+    srv = ServeProcess(tiny_base, open_home)
+    try:
+        assert httpx.get(f"{srv.url}/v1/models", timeout=30).status_code == 200
+        assert _fuzz(srv.url, 40, seed=3) > 500
+        _alive(srv)
+    finally:
+        srv.kill()
