@@ -203,8 +203,8 @@ def test_keys_can_be_limited_to_assistants(env: Env) -> None:
     assert {m.id for m in c.models.list().data} == {"hr-helper"}
     ok = c.chat.completions.create(model="hr-helper", messages=[{"role": "user", "content": "春节放几天假？"}])
     assert sources_of(ok.choices[0].message)
-    for model in ("hr", "strict", "hr+formal:0.3", env.srv.engine.base.id):
-        with pytest.raises(openai.PermissionDeniedError):
+    for model in ("hr", "strict", "hr+formal:0.3", env.srv.engine.base.id):  # as if they did not exist
+        with pytest.raises(openai.NotFoundError):
             c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
 
 
