@@ -89,6 +89,40 @@ def test_mixed_adapter_batch_equals_peft(lp_home: Path, tiny_base: Path) -> None
     assert (got[0] - got[2]).abs().max() > 1e-2  # the adapters really change the output
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 stacks: the C kernel's path
+def test_a_weighted_adapter_uses_the_plain_slot_scaled_per_row(lp_home: Path, tiny_base: Path, dtype) -> None:  # noqa: ANN001
+    """`hr:0.5` is `hr`'s slot with its rows scaled, not a slot of its own (a client cycling
+    through weights once pushed other tenants' adapters out): the same logits as the adapter
+    loaded with its B pre-scaled, for weights 0.5, -1.5 and 0, next to rows of weight 1 and the base."""
+    if dtype == torch.bfloat16 and lora_kernel.load() is None:
+        pytest.skip("no C compiler: the kernel path cannot be built")
+    a = make_adapter(tiny_base, "alpha", rank=4, seed=1)
+    base = resolve_base(str(tiny_base))
+    tok = load_tokenizer(base)
+    model = DecoderModel(load_model(base).eval(), torch.float32, "cpu")
+    stacks = LoraStacks(model.n_layers, 5, model.site_shapes, dtype, "cpu")
+    wa = AdapterWeights.from_dir(registry.resolve(a).path, model.n_layers, model.site_shapes, a)
+    weights = [0.5, -1.5, 0.0]
+    stacks.put(1, wa)
+    for slot, w in enumerate(weights, 2):
+        stacks.put(slot, AdapterWeights.combine([(wa, w)]))
+    ids = tok(PROMPTS[1], return_tensors="pt")["input_ids"].repeat(5, 1)
+
+    def logits(batch: LoraBatch) -> torch.Tensor:
+        step = Step(ids, torch.zeros(5, dtype=torch.long), 0, batch)
+        return model.forward(step, model.new_cache(5, 64), all_logits=True)
+
+    scaled = logits(LoraBatch(stacks, [1, 1, 0, 1, 1], [0.5, -1.5, 1.0, 1.0, 0.0]))
+    prescaled = logits(LoraBatch(stacks, [2, 3, 0, 1, 4]))
+    delta = (prescaled - prescaled[2]).abs().max()  # row 2 is the base: the adapters' effect
+    # bf16: B pre-scaled and rounded to bf16 differs from x scaled in fp32 by rounding only
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert (scaled - prescaled).abs().max() <= tol * delta
+    assert (scaled[0] - scaled[3]).abs().max() > 1e-2  # the weight really changes the output
+    req = AdapterRequest(((a, 0.5),))
+    assert (req.slot_key, req.scale, req.key) == (a, 0.5, f"{a}:0.5")
+
+
 @pytest.mark.parametrize("act", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("threads", [1, 2, 4])
 def test_cpu_kernel_equals_torch_path_and_naive(

@@ -81,8 +81,8 @@ def resolve_model(model: str, base_names: tuple[str, ...], allowed: set[str] | N
 
 
 def _variant(key: str) -> bool:
-    """A weighted adapter (`hr@v1:0.5`) or a composition (`a:0.7+b:0.3`), not a plain version."""
-    return "+" in key or ":" in key
+    """A composition (`a@v1:0.7+b@v2:0.3`), which holds a slot of its own, not one version's."""
+    return "+" in key
 
 
 class AdapterCache:
@@ -139,10 +139,9 @@ class AdapterCache:
         """The request's (composed) weights in host memory; None for the base."""
         if not req.parts:
             return None
-        loaded = [(self._read(name), w) for name, w in req.parts]
-        if len(loaded) == 1 and loaded[0][1] == 1.0:
-            return loaded[0][0]
-        return AdapterWeights.combine(loaded)
+        if len(req.parts) == 1:  # whatever its weight: the engine scales each row (LoraBatch)
+            return self._read(req.parts[0][0])
+        return AdapterWeights.combine([(self._read(name), w) for name, w in req.parts])
 
     def forget(self, name: str) -> int:
         """Drop host copies of every version of `name` (the next use re-reads the store)."""
@@ -155,8 +154,9 @@ class AdapterCache:
     # ------------------------------------------------------------------ slots (engine thread only)
 
     def acquire(self, req: AdapterRequest, weights: AdapterWeights | None) -> int | None:
-        """The slot serving `req` (0 = base), loading it if needed; None when every slot is busy."""
-        key = req.key
+        """The slot serving `req` (0 = base), loading it if needed; None when every slot is busy.
+        A weighted adapter (`hr@v1:0.5`) shares the plain version's slot (`req.slot_key`)."""
+        key = req.slot_key
         if not key:
             return 0
         if key in self.slot_of:
@@ -165,8 +165,8 @@ class AdapterCache:
             return self.slot_of[key]
         variants = [k for k in self.slot_of if _variant(k)]
         if _variant(key) and len(variants) >= max(1, self.capacity // 2):
-            # weighted and composed variants share at most half the slots: a client cycling through
-            # `hr:0.01`, `hr:0.02`, ... replaces its own variants, never the plain adapters others use
+            # compositions share at most half the slots: a client cycling through `a:0.1+b`,
+            # `a:0.2+b`, ... replaces its own compositions, never the adapters others use
             if not self._evict(variants):
                 return None
         elif not self.free and not self._evict(list(self.slot_of)):
@@ -179,8 +179,8 @@ class AdapterCache:
         return slot
 
     def release(self, req: AdapterRequest) -> None:
-        if req.key:
-            self.refs[req.key] -= 1
+        if req.slot_key:
+            self.refs[req.slot_key] -= 1
 
     def _evict(self, candidates: list[str]) -> bool:
         for key in candidates:  # least recently used first

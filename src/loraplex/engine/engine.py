@@ -442,7 +442,7 @@ class Engine:
                 if slot is None:
                     raise UserError(f"no free adapter slot for {areq.key}: all are in use or pinned")
                 if pin:
-                    self.adapters.pinned.add(areq.key)
+                    self.adapters.pinned.add(areq.slot_key)
                 self.adapters.release(areq)
                 done.put(None)
             except BaseException as e:  # noqa: BLE001 - handed back to the caller's thread
@@ -514,11 +514,12 @@ class Engine:
         slots = [r.lora_slot for r in rows]
         if not any(slots):
             return None
+        scales = [r.adapter.scale for r in rows]
         if cacheable:
-            if self._lora_batch is None or not self._lora_batch.matches(self.stacks, slots):
-                self._lora_batch = LoraBatch(self.stacks, slots)
+            if self._lora_batch is None or not self._lora_batch.matches(self.stacks, slots, scales):
+                self._lora_batch = LoraBatch(self.stacks, slots, scales)
             return self._lora_batch
-        return LoraBatch(self.stacks, slots)
+        return LoraBatch(self.stacks, slots, scales)
 
     def _prefill_step(self) -> None:
         first = next(i for i, r in enumerate(self._rows) if not r.decoding)

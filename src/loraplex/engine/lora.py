@@ -58,6 +58,17 @@ class AdapterRequest:
             return self.parts[0][0]
         return "+".join(f"{name}:{w:g}" for name, w in self.parts)
 
+    @property
+    def slot_key(self) -> str:
+        """What holds an adapter slot: one version's weights, whatever the weight a request gives
+        it (`hr@v1:0.5` uses `hr@v1`'s slot, scaled per row), or a whole composition."""
+        return self.parts[0][0] if len(self.parts) == 1 else self.key
+
+    @property
+    def scale(self) -> float:
+        """The per-row factor on the slot's delta: the weight of a single adapter, else 1."""
+        return self.parts[0][1] if len(self.parts) == 1 else 1.0
+
 
 def runs(mods: list[tuple[str, int]]) -> list[list[str]]:
     """A site's modules in runs of equal output size, in order: [[q], [k, v]] for grouped-query attention."""
@@ -279,10 +290,14 @@ class LoraBatch:
     dtype in engine.py, much less.)
     """
 
-    def __init__(self, stacks: LoraStacks, slots: list[int]):
+    def __init__(self, stacks: LoraStacks, slots: list[int], scales: list[float] | None = None):
         self.slots = list(slots)
+        # per row, the weight on its slot's delta (`hr:0.5`): applied to the row's input, as
+        # x -> s*x gives s * B(A x), so one slot serves every weight of an adapter
+        self.scales = None if scales is None or all(s == 1.0 for s in scales) else list(scales)
         self.version = stacks.version
         dev = stacks.device
+        self.row_scale = None if self.scales is None else torch.tensor(self.scales, dtype=torch.float32, device=dev)
         distinct = list(dict.fromkeys(s for s in slots if s))  # in order of first row
         targeted = set().union(*(stacks.targets.get(d, set()) for d in distinct))
         self.A: dict[str, list[torch.Tensor]] = {}
@@ -323,13 +338,15 @@ class LoraBatch:
         self.n = len(slots)
         self.row_slot = torch.tensor(slots, dtype=torch.int32)
         self.row_ptr = self.row_slot.data_ptr()
+        self.scale_ptr = 0 if self.row_scale is None else self.row_scale.data_ptr()  # NULL: every row 1
         tables = stacks.kernel_tables()
         self.kargs = {site: tables[site] for site in SITES if site in targeted}
         # the batch holds the stacks' tensors, so a regrow (new tensors) never leaves it an address of freed memory
         self.held = [stacks.A[s] for s in targeted] + [B for s in targeted for B in stacks.B[s]]
 
-    def matches(self, stacks: LoraStacks, slots: list[int]) -> bool:
-        return self.version == stacks.version and self.slots == slots
+    def matches(self, stacks: LoraStacks, slots: list[int], scales: list[float] | None = None) -> bool:
+        scales = None if scales is None or all(s == 1.0 for s in scales) else scales
+        return self.version == stacks.version and self.slots == slots and self.scales == scales
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, layer: int, site: str) -> torch.Tensor:
         """y [n, L, out] += each row's delta for input x [n, L, in]: row i gets x[i] @ A_i.T @ B_i.T.
@@ -340,6 +357,8 @@ class LoraBatch:
         A = self.A.get(site)
         if A is None:
             return y
+        if self.row_scale is not None:
+            x = x * self.row_scale[:, None, None]
         n, L, fan_in = x.shape
         U, GL = self.U, self.G * L
         xg = x if self.gather is None else x.index_select(0, self.gather)
@@ -376,6 +395,8 @@ class LoraBatch:
         if not y.is_contiguous():
             raise ValueError(f"LoRA site {site}: y must be contiguous")
         assert self.kernel is not None
-        if self.kernel.lora_site(n, L, x.data_ptr(), y.data_ptr(), act_bf16, self.row_ptr, ks.addr[layer], _threads()):
+        if self.kernel.lora_site(
+            n, L, x.data_ptr(), y.data_ptr(), act_bf16, self.row_ptr, self.scale_ptr, ks.addr[layer], _threads()
+        ):
             raise MemoryError("the LoRA kernel could not allocate its scratch memory")
         return y

@@ -9,7 +9,7 @@
  * SmolLM2 with 8 all-linear rank-16 adapters: the step overhead went from 1.26x to ~1.1x the base.
  *
  * Per row i with slot s = row_slot[i] (0: the base, nothing added), for each of its L tokens t:
- *     u = A[s] @ x[t]                                   (R values, fp32)
+ *     u = A[s] @ (w[i] * x[t])                          (R values, fp32; w = row_scale, or 1 if NULL)
  *     y[t, lo + m*out_m : lo + (m+1)*out_m] += u[seg(m)] @ B_run[s, m]   for each run and module m
  * Weights:  A      [slots, R, in] bf16 (this layer's slice of LoraStacks.A[site])
  *           B_run  [slots, k, r, out_m] bf16 (this layer's slice of one LoraStacks.B[site] run)
@@ -44,8 +44,9 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
 }
 
 struct job {
-    int64_t in, out, R, a_slot_stride, nt, ng, nblocks, cols;
+    int64_t in, out, R, a_slot_stride, nt, ng, nblocks, cols, L;
     int act_bf16;
+    const float *scale; /* per row, the weight on its delta (NULL: 1): applied to the row's input */
     const void *x;
     void *y;
     const uint16_t *A;
@@ -77,6 +78,10 @@ INLINE void convert_x(const struct job *jb, int64_t j0, int64_t j1) {
             for (int64_t i = 0; i < in; i++) jb->xf[t * in + i] = bf16_to_f32(((const uint16_t *)jb->x)[t * in + i]);
         else
             memcpy(jb->xf + t * in, (const float *)jb->x + t * in, sizeof(float) * (size_t)in);
+        if (jb->scale) {
+            const float s = jb->scale[t / jb->L];
+            for (int64_t i = 0; i < in; i++) jb->xf[t * in + i] *= s;
+        }
     }
 }
 
@@ -220,7 +225,7 @@ static void work(const struct job *jb, int64_t tid, int64_t nth) {
 
 /* returns 0, or -1 when scratch memory could not be allocated (nothing was written) */
 int lora_site(int64_t n, int64_t L, const void *x, void *y, int32_t act_bf16, const int32_t *row_slot,
-              const int64_t *site, int32_t threads) {
+              const float *row_scale, const int64_t *site, int32_t threads) {
     const int64_t in = site[0], out = site[1], R = site[3], a_slot_stride = site[4], nruns = site[5];
     const uint16_t *A = (const uint16_t *)(uintptr_t)site[2];
     const int64_t *runs = site + 6, T = n * L;
@@ -268,7 +273,7 @@ int lora_site(int64_t n, int64_t L, const void *x, void *y, int32_t act_bf16, co
             }
         uoffs[q + 1] = uoffs[q] + k * runs[6 * q + 2];
     }
-    const struct job jb = {in, out, R, a_slot_stride, nt, ng, nblocks, cols, act_bf16, x, y, A,
+    const struct job jb = {in, out, R, a_slot_stride, nt, ng, nblocks, cols, L, act_bf16, row_scale, x, y, A,
                            runs, order, gstart, gslot, blk, uoffs, xf, xf + T * in};
 #ifdef _OPENMP
     if (threads > 1) {

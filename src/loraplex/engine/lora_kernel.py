@@ -91,6 +91,6 @@ def load() -> ctypes.CDLL | None:
         log.warning("the CPU LoRA kernel could not be built (%s): multi-LoRA decoding uses the PyTorch path", e)
         return None
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
-    lib.lora_site.argtypes = [i64, i64, ptr, ptr, i32, ptr, ptr, i32]
+    lib.lora_site.argtypes = [i64, i64, ptr, ptr, i32, ptr, ptr, ptr, i32]
     lib.lora_site.restype = ctypes.c_int
     return lib
