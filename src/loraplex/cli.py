@@ -6,6 +6,7 @@ Each command parses its arguments and calls one function elsewhere; no logic liv
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -92,6 +93,13 @@ def train(
     result = run(cfg, resume={None: "auto", True: "always", False: "never"}[resume], console=err)
     if result.interrupted:
         raise typer.Exit(130)
+    if int(os.environ.get("RANK", "0")) > 0:
+        # A helper process of torchrun writes nothing (rank 0 registers and logs), and its
+        # interpreter teardown runs the C++ destructors of gloo's / DeepSpeed's threads, which
+        # can abort (SIGABRT) and so fail a finished run: leave at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @app.command()

@@ -49,9 +49,15 @@ class World:
         if self.size > 1:
             torch.distributed.barrier()
 
-    def close(self) -> None:
-        """Leave the process group (after the last collective; rank 0 may still write)."""
+    def close(self, together: bool = True) -> None:
+        """Leave the process group. `together`: first wait until every process gets here (rank 0
+        after registering), so none tears its connections down while another still holds them:
+        a rank leaving early once died in CI with SIGABRT ("terminate called without an active
+        exception") after its work was done, which failed the whole torchrun. An interrupted run
+        leaves without waiting: the others may be gone already."""
         if self.size > 1 and torch.distributed.is_initialized():
+            if together:
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
     def sum_grads(self, params: list[torch.nn.Parameter]) -> None:

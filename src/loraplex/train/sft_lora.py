@@ -804,7 +804,7 @@ def run(
         interrupted = True
         # every process holds the same state after an optimizer step; rank 0's copy is the one kept
         if not world.main:
-            world.close()
+            world.close(together=False)
             return TrainResult(None, run_dir, step, train_loss, eval_loss, interrupted=True)
         if sharded:
             # gathering the shards needs every process, and the others may already be gone
@@ -828,7 +828,7 @@ def run(
             metrics_file.close()
             tb.close()
     if interrupted:
-        world.close()
+        world.close(together=False)
         return TrainResult(None, run_dir, step, train_loss, eval_loss, interrupted=True)
 
     if eval_ex and eval_loss is None:
