@@ -387,3 +387,19 @@ def test_a_request_that_fails_in_the_model_or_its_sampling_fails_alone(lp_home: 
         assert asyncio.run(one(PROMPTS[0], good, greedy)) == alone[0]  # and it keeps serving
     finally:
         engine.close()
+
+
+def test_sampling_survives_tiny_legal_penalties_and_temperatures() -> None:
+    """repetition_penalty and temperature just above 0 (2e-309 is legal: > 0) divide logits past
+    fp32's range; the draw still returns a token (the schemathesis run once got a 500 here)."""
+    from loraplex.engine.sampling import RowError, RowState, SamplingParams, sample
+
+    logits = torch.tensor([[3.0, -1.0, 0.5, 2.0], [3.0, -1.0, 0.5, 2.0]])
+    rows = [
+        RowState(SamplingParams(repetition_penalty=2.2250738585072014e-309, seed=1), prompt_ids=[0, 1]),
+        RowState(SamplingParams(temperature=1e-308, seed=1), prompt_ids=[1]),
+    ]
+    tokens, _ = sample(logits, rows)
+    assert not any(isinstance(t, RowError) for t in tokens), tokens
+    assert tokens[1] == 0  # a temperature near 0 is greedy
+    assert tokens[0] in (0, 3)  # token 0's 3.0 / 2e-309 and 3's 2.0 / 2e-309 both overflow to the largest float

@@ -3,6 +3,7 @@ loopback (raw sockets, httpx, the openai SDK), each as it was reported, now answ
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import socket
 import sqlite3
@@ -245,3 +246,39 @@ def test_slow_loris_connections_are_closed_and_health_keeps_answering(tiny_base:
     assert "Traceback" not in output, output[-3000:]
     lines = [x for x in output.splitlines() if "closed" in x and "connections" in x]
     assert 1 <= len(lines) <= 2, output[-3000:]  # one line per condition, not one per connection
+
+
+def test_what_the_schema_allows_is_answered_as_documented(tenants: Tenants) -> None:
+    """The cases the schemathesis run (test_fuzz.py) found the OpenAPI document untrue on, one by
+    one: a 405 lists every method of the path; names that exist nowhere are 404s (also `base` as
+    an adapter, and versions and aliases on the admin routes), an alias with nothing to roll back
+    to a 409, an unusable upload a 422; JSON's types are strict (true is not 1, 0 is not false,
+    4.0 is 4); a name with a trailing newline is refused; a tiny legal repetition_penalty answers."""
+    srv, ops = tenants.srv, {"Authorization": f"Bearer {tenants.keys['ops']}"}
+    options = httpx.request("OPTIONS", f"{srv.url}/ui/api/conversations/abcdefgh", headers=ops, timeout=30)
+    assert options.status_code == 405 and set(options.headers["allow"].split(", ")) >= {"GET", "PUT", "DELETE"}
+
+    def status(path: str, body: dict) -> tuple[int, str | None]:
+        r = tenants.post(path, body, "ops")
+        return r.status_code, r.json().get("error", {}).get("code")
+
+    assert status("/v1/unload_lora_adapter", {"lora_name": "base"}) == (404, "model_not_found")
+    assert status("/v1/load_lora_adapter", {"lora_name": "nobody"}) == (404, "model_not_found")
+    assert status("/admin/aliases", {"name": "hr", "alias": "prod", "version": 9}) == (404, "not_found")
+    assert status("/admin/aliases", {"name": "hr", "alias": "qa", "rollback": True}) == (404, "not_found")
+    assert status("/admin/aliases", {"name": "hr", "alias": "qa", "version": 1}) == (200, None)
+    assert status("/admin/aliases", {"name": "hr", "alias": "qa", "rollback": True}) == (409, "conflict")
+    assert status("/admin/aliases", {"name": "hr", "alias": "qa", "version": True})[0] == 400
+    assert status("/admin/aliases", {"name": "hr", "alias": "qa", "version": 1.0}) == (200, None)
+    assert status("/admin/aliases", {"name": "hr\n", "alias": "qa", "version": 1})[0] == 400
+    assert tenants.chat("ops", "hr", stream=0).status_code == 400
+    assert tenants.chat("ops", "hr", n=1.0).status_code == 200
+    assert tenants.chat("ops", "hr", repetition_penalty=2.2250738585072014e-309, temperature=1).status_code == 200
+    lines = "\n".join('{"instruction": "hi"}' for _ in range(3))  # no answers: every record is invalid
+    upload = {"filename": "faq.jsonl", "content_b64": base64.b64encode(lines.encode()).decode()}
+    assert status("/ui/api/admin/train/check", upload)[0] == 200  # a check reports the records' errors
+    assert status("/ui/api/admin/train/jobs", {**upload, "settings": {"name": "faq"}}) == (422, "unprocessable")
+    not_utf8 = {"filename": "faq.jsonl", "content_b64": base64.b64encode("问".encode("gbk")).decode()}
+    assert status("/ui/api/admin/train/check", not_utf8) == (422, "unprocessable")
+    report = httpx.get(f"{srv.url}/ui/api/admin/train/jobs/0/report", headers=ops, timeout=30)
+    assert report.status_code == 400 and report.json()["error"]["param"] == "path.job_id"

@@ -8,3 +8,17 @@ message without a traceback and exits non-zero; everything else is a bug and kee
 
 class UserError(Exception):
     """An error caused by user input, with a message that names the place and the fix."""
+
+
+class NotFound(UserError):
+    """The input names something that does not exist (an adapter, version, alias, job): an HTTP 404."""
+
+
+class Conflict(UserError):
+    """A well-formed request the current state refuses (an alias with no earlier version to go
+    back to): an HTTP 409."""
+
+
+class Unprocessable(UserError):
+    """A well-formed request whose content cannot be used (an uploaded data file with invalid
+    records, a base directory that holds no model): an HTTP 422."""

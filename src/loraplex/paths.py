@@ -9,7 +9,11 @@ from pathlib import Path
 
 from loraplex.errors import UserError
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+NAME = r"[a-z0-9][a-z0-9._-]{0,63}"
+"""An adapter, assistant or key name (a directory name in the store), less the rule against '..'."""
+NAME_RE = re.compile(rf"^{NAME}\Z")  # \Z: "$" also matches before a final newline
+NAME_PATTERN = rf"^(?!.*\.\.){NAME}$"
+"""NAME_RE and the '..' rule as one JSON-schema (ECMA-262) pattern, for the OpenAPI document."""
 
 
 def home() -> Path:

@@ -41,7 +41,7 @@ from sqlalchemy.engine import Connection
 
 from loraplex import staging
 from loraplex.database import Database, url_for
-from loraplex.errors import UserError
+from loraplex.errors import Conflict, NotFound, UserError
 from loraplex.paths import check_name, home
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ ADAPTER_FILES = (WEIGHTS, CONFIG)
 KNOWLEDGE = "knowledge.jsonl"  # optional: the Q&A a version trained with retrieval answers from (assistants/faq.py)
 _VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
 _ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+ALIAS_PATTERN = r"^(?!v[1-9][0-9]*$)[a-z][a-z0-9_-]{0,31}$"  # both rules, for the OpenAPI document
 DEFAULT_ALIAS = "prod"
 
 # One migration; IF NOT EXISTS because index.db files from before versioned migrations have the tables.
@@ -96,7 +97,7 @@ def store_root() -> Path:
 
 
 def check_alias(alias: str) -> str:
-    if not _ALIAS_RE.match(alias) or _VERSION_RE.match(alias):
+    if not _ALIAS_RE.fullmatch(alias) or _VERSION_RE.fullmatch(alias):
         raise UserError(
             f"invalid alias {alias!r}: use lowercase letters, digits, '-' or '_', starting with a letter "
             "(e.g. prod, staging), and not of the form vN"
@@ -269,24 +270,24 @@ def resolve(ref: str) -> AdapterRef:
     available = versions(name)
     if not available:
         known = ", ".join(n for n, _ in list_names()) or "none yet"
-        raise UserError(f"no adapter named {name!r} in {store_root()} (adapters: {known})")
+        raise NotFound(f"no adapter named {name!r} in {store_root()} (adapters: {known})")
     if not ver:
         version = available[-1]
-    elif m := _VERSION_RE.match(ver):
+    elif m := _VERSION_RE.fullmatch(ver):
         version = int(m.group(1))
         if version not in available:
-            raise UserError(f"{name} has no version v{version}; versions: {', '.join(f'v{v}' for v in available)}")
+            raise NotFound(f"{name} has no version v{version}; versions: {', '.join(f'v{v}' for v in available)}")
     else:
         check_alias(ver)
         pointing = aliases_of(name)
         if ver not in pointing:
-            raise UserError(
+            raise NotFound(
                 f"{name} has no alias {ver!r} (aliases: {', '.join(sorted(pointing)) or 'none'}; "
                 f"set one with `loraplex adapters tag {name}@v{available[-1]} {ver}`)"
             )
         version = pointing[ver]
         if version not in available:
-            raise UserError(f"alias {name}@{ver} points to v{version}, which is no longer in the store")
+            raise NotFound(f"alias {name}@{ver} points to v{version}, which is no longer in the store")
     return AdapterRef(name, version, store_root() / name / f"v{version}")
 
 
@@ -418,12 +419,12 @@ def rollback(name: str, alias: str = DEFAULT_ALIAS) -> tuple[int, int]:
             alias=alias,
         ).fetchall()
         if not history:
-            raise UserError(f"{name} has no alias {alias!r} to roll back")
+            raise NotFound(f"{name} has no alias {alias!r} to roll back")
         if len(history) < 2:
-            raise UserError(f"{name}@{alias} has pointed only to v{history[-1][1]}: there is no earlier version")
+            raise Conflict(f"{name}@{alias} has pointed only to v{history[-1][1]}: there is no earlier version")
         (last_id, current), (_, previous) = history[-1], history[-2]
         if previous not in versions(name):
-            raise UserError(f"{name}@{alias} would go back to v{previous}, which is no longer in the store")
+            raise Conflict(f"{name}@{alias} would go back to v{previous}, which is no longer in the store")
         _q(con, "DELETE FROM alias_history WHERE id = :id", id=last_id)  # history is a stack: tag pushes
         _q(con, _SET_ALIAS, name=name, alias=alias, version=previous)
     return current, previous

@@ -9,16 +9,54 @@ Fields OpenAI clients send that change nothing here (`user`, `metadata`, `store`
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
+
+from loraplex.adapters.registry import ALIAS_PATTERN
+from loraplex.paths import NAME, NAME_PATTERN
 
 MAX_N = 16
 
 
+def _number(v: Any) -> Any:
+    """JSON Schema's integer and number: `true` is not 1 and "1" is not 1 (pydantic's lax mode
+    takes both), while 4.0 is the integer 4."""
+    if isinstance(v, bool | str | bytes):
+        raise ValueError("Input should be a number")
+    return v
+
+
+JsonInt = Annotated[int, BeforeValidator(_number)]
+JsonFloat = Annotated[float, BeforeValidator(_number)]
+# Optional ones wrap the union: `JsonInt | None` would drop a Field's bounds from the JSON schema
+MaybeInt = Annotated[int | None, BeforeValidator(_number)]
+MaybeFloat = Annotated[float | None, BeforeValidator(_number)]
+JsonBool = StrictBool  # `0` is not false
+
+# What `model` may be, for the OpenAPI document (engine/adapter_cache.py's resolve_model parses
+# it): the base, an adapter NAME[@vN|@ALIAS][:WEIGHT] with |WEIGHT| <= 10, or adapters joined
+# by '+'. The '..' rule applies per adapter. The server also trims spaces, which is not shown.
+_WEIGHT = r"-?(?:10(?:\.0+)?|[0-9](?:\.[0-9]+)?)"
+ADAPTER_PATTERN = rf"(?![^+]*\.\.){NAME}(?:@{NAME})?(?::{_WEIGHT})?"
+
+
+def model_pattern(base_ids: tuple[str, ...] = ("base", "default")) -> str:
+    """The `model` field's pattern on a server whose base answers to `base_ids`."""
+    bases = "|".join(re.escape(b) for b in base_ids)
+    return rf"^(?:{bases}|{ADAPTER_PATTERN}(?:\+{ADAPTER_PATTERN})*)$"
+
+
+def _documented(**schema: Any) -> dict[str, Any]:
+    """JSON-schema keywords for the OpenAPI document only: the field's validator enforces them,
+    with a message that says what to send instead (pydantic's own would say "Input should be 1")."""
+    return {"json_schema_extra": schema}
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
+    include_usage: JsonBool = False
 
 
 class TextPart(BaseModel):
@@ -42,27 +80,37 @@ class Message(BaseModel):
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, max_length=512)
-    stream: bool = False
+    model: str = Field(min_length=1, max_length=512, **_documented(pattern=model_pattern()))
+    stream: JsonBool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:N" (exact ids)
-    logit_bias: dict[str, float] | None = None
+    n: JsonInt = Field(1, ge=1, le=MAX_N)
+    stop: str | list[str] | None = Field(
+        None,
+        **_documented(
+            anyOf=[
+                {"type": "string", "minLength": 1},
+                {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
+                {"type": "null"},
+            ]
+        ),
+    )
+    max_tokens: MaybeInt = Field(None, ge=1)
+    temperature: JsonFloat = Field(1.0, ge=0.0, le=2.0)
+    top_p: JsonFloat = Field(1.0, gt=0.0, le=1.0)
+    top_k: JsonInt = Field(0, ge=-1)
+    repetition_penalty: JsonFloat = Field(1.0, gt=0.0, le=10.0)
+    presence_penalty: JsonFloat = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: JsonFloat = Field(0.0, ge=-2.0, le=2.0)
+    # documented as +-2^62: a JSON number near 2^63 may round past int64 on the way in
+    seed: MaybeInt = Field(None, ge=-(2**63), lt=2**63, **_documented(minimum=-(2**62), maximum=2**62))
+    stop_token_ids: list[JsonInt] | None = None
+    ignore_eos: JsonBool = False
+    return_tokens_as_token_ids: JsonBool = False  # vLLM's: logprobs name tokens "token_id:N" (exact ids)
+    logit_bias: dict[str, JsonFloat] | None = Field(None, **_documented(maxProperties=0))
     # accepted and ignored: they change nothing about the answer
     user: str | None = None
     metadata: dict[str, Any] | None = None
-    store: bool | None = None
+    store: JsonBool | None = None
     service_tier: str | None = None
 
     @field_validator("stop")
@@ -85,26 +133,35 @@ class _Common(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[Message] = Field(min_length=1, max_length=1024)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    max_completion_tokens: MaybeInt = Field(None, ge=1)
+    logprobs: JsonBool = False
+    top_logprobs: MaybeInt = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = Field(None, **_documented(properties={"type": {"const": "text"}}))
+    parallel_tool_calls: JsonBool | None = None
 
     @field_validator("response_format")
     @classmethod
     def _format(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v and v.get("type") != "text":
+        if v and v.get("type", "text") != "text":
             raise ValueError(f"response_format {v.get('type')!r} is not supported; only 'text'")
         return v
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] = Field(min_length=1)
-    logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
+    prompt: str | list[str] | list[JsonInt] = Field(
+        min_length=1,
+        **_documented(
+            anyOf=[
+                {"type": "string", "minLength": 1},
+                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+                {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+            ]
+        ),
+    )
+    logprobs: MaybeInt = Field(None, ge=0, le=5)
+    echo: JsonBool = Field(False, **_documented(const=False))
+    suffix: str | None = Field(None, **_documented(maxLength=0))
+    best_of: MaybeInt = Field(None, **_documented(enum=[1, None]))
 
     @field_validator("echo")
     @classmethod
@@ -128,10 +185,13 @@ class CompletionRequest(_Common):
         return None
 
 
+_LORA_NAME = Field(min_length=1, max_length=512, **_documented(pattern=f"^{ADAPTER_PATTERN}$"))
+
+
 class LoadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    lora_name: str = Field(min_length=1, max_length=512)
-    pin: bool = False
+    lora_name: str = _LORA_NAME
+    pin: JsonBool = False
     lora_path: str | None = None
     """vLLM's field: accepted only when it is the store's own directory of `lora_name` (this server
     loads adapters by name from its store, never from a path a client names)."""
@@ -139,7 +199,7 @@ class LoadAdapterRequest(BaseModel):
 
 class UnloadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    lora_name: str = Field(min_length=1, max_length=512)
+    lora_name: str = _LORA_NAME
 
 
 class FeedbackRequest(BaseModel):
@@ -150,17 +210,26 @@ class FeedbackRequest(BaseModel):
     rating: Literal["up", "down"]
     comment: str | None = Field(None, max_length=10_000)
     correction: str | None = Field(None, max_length=100_000)
-    choice: int = Field(0, ge=0, lt=MAX_N)
+    choice: JsonInt = Field(0, ge=0, lt=MAX_N)
 
 
 class AliasRequest(BaseModel):
     """POST /admin/aliases: point `alias` of adapter `name` at `version` (or roll it back)."""
 
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=64)
-    alias: str = Field(min_length=1, max_length=64)
-    version: int | None = Field(None, ge=1)
-    rollback: bool = False
+    # either a version to point at or `rollback: true`
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["version"], "properties": {"version": {"type": "integer"}}},
+                {"required": ["rollback"], "properties": {"rollback": {"const": True}}},
+            ]
+        },
+    )
+    name: str = Field(min_length=1, max_length=64, **_documented(pattern=NAME_PATTERN))
+    alias: str = Field(min_length=1, max_length=64, **_documented(pattern=ALIAS_PATTERN))
+    version: MaybeInt = Field(None, ge=1)
+    rollback: JsonBool = False
 
 
 class ErrorDetail(BaseModel):
@@ -185,7 +254,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (404, "no such route or model (or one this key may not use)"),
         (405, "method not allowed (the Allow header lists the allowed ones)"),
         (408, "the request body paused too long"),
+        (409, "the current state refuses it (an alias with no earlier version to roll back to)"),
         (413, "request body over 8 MiB"),
+        (422, "well-formed, but what it carries cannot be used (an uploaded data file's invalid records)"),
         (429, "rate limited (Retry-After)"),
         (500, "a fault, logged with its request id (X-Request-Id)"),
         (503, "overloaded or shutting down (Retry-After)"),

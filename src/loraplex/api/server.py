@@ -33,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from loraplex.adapters import registry
 from loraplex.api.body import UnicodeRoute
@@ -44,6 +45,7 @@ from loraplex.api.schemas import (
     FeedbackRequest,
     LoadAdapterRequest,
     UnloadAdapterRequest,
+    model_pattern,
 )
 from loraplex.assistants import faq, retrieval
 from loraplex.assistants import store as assistants
@@ -52,7 +54,7 @@ from loraplex.engine.engine import Delta, Engine, EngineClosed, PromptTooLong
 from loraplex.engine.lora import AdapterRequest
 from loraplex.engine.remote import RemoteEngine
 from loraplex.engine.sampling import SamplingParams, TokenLogprob
-from loraplex.errors import UserError
+from loraplex.errors import Conflict, NotFound, Unprocessable, UserError
 from loraplex.gateway import db, feedback, upstream
 from loraplex.gateway.gate import Call, Gateway, Overloaded
 from loraplex.gateway.keys import AuthError, Key
@@ -106,6 +108,12 @@ def _translate(e: BaseException) -> APIError:
         return e
     if isinstance(e, ModelNotFound):
         return APIError(404, str(e), param="model", code="model_not_found")
+    if isinstance(e, NotFound):  # a version, alias or job that does not exist (admin routes)
+        return APIError(404, str(e), code="not_found")
+    if isinstance(e, Conflict):
+        return APIError(409, str(e), code="conflict")
+    if isinstance(e, Unprocessable):
+        return APIError(422, str(e), code="unprocessable")
     if isinstance(e, InvalidModelName):
         return APIError(400, str(e), param="model", code="invalid_model")
     if isinstance(e, PromptTooLong):
@@ -207,6 +215,26 @@ def create_app(engine: AnyEngine, gateway: Gateway | None = None, body_timeout: 
 
     app = FastAPI(title="loraplex", lifespan=lifespan, responses=ERRORS)
     app.router.route_class = UnicodeRoute  # every route added below: JSON bodies must be Unicode
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, with this server's base model among the names `model` may be."""
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = FastAPI.openapi(app)  # caches it in app.openapi_schema
+        bodies = schema["components"]["schemas"]
+        for body in ("ChatCompletionRequest", "CompletionRequest"):
+            bodies[body]["properties"]["model"]["pattern"] = model_pattern(base_names)
+        ids = bodies["CompletionRequest"]["properties"]["prompt"]["anyOf"][2]["items"]  # prompt as token ids
+        ids.update(minimum=0, maximum=engine.vocab_size - 1)
+        # errors are JSON on every route; FastAPI gives them the route's type (/metrics: text/plain)
+        for operation in (op for path in schema["paths"].values() for op in path.values()):
+            for status, response in operation.get("responses", {}).items():
+                content = response.get("content", {})
+                if not status.startswith("2") and content and "application/json" not in content:
+                    response["content"] = {"application/json": next(iter(content.values()))}
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.state.gateway = gw
     app.add_middleware(BodyLimit, chunk_timeout=body_timeout)
     created = int(time.time())
@@ -257,6 +285,7 @@ def create_app(engine: AnyEngine, gateway: Gateway | None = None, body_timeout: 
             message = f"no route {request.method} {request.url.path}"
         elif exc.status_code == 405:
             message = f"method {request.method} not allowed on {request.url.path}"
+            exc.headers = {"Allow": ", ".join(_methods(app, request))}
         elif exc.status_code == 400 and "parsing the body" in str(exc.detail):
             message = "the request body could not be read: it must be UTF-8 JSON"
         else:
@@ -311,7 +340,7 @@ def create_app(engine: AnyEngine, gateway: Gateway | None = None, body_timeout: 
         data = await asyncio.to_thread(_model_list, engine, created, gw)
         return {"object": "list", "data": [m for m in data if allowed(key, m["id"])]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=STREAMED)
     async def chat(request: Request, req: ChatCompletionRequest, key: Key | None = Depends(principal)) -> Any:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         top = req.top_logprobs if req.logprobs else None
@@ -322,7 +351,7 @@ def create_app(engine: AnyEngine, gateway: Gateway | None = None, body_timeout: 
         limit = req.max_completion_tokens or req.max_tokens
         return await _complete(engine, gw, call, req, messages, limit, top, True, allowed, searcher, request.receive)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=STREAMED)
     async def completions(request: Request, req: CompletionRequest, key: Key | None = Depends(principal)) -> Any:
         if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str):
             if len(req.prompt) != 1:
@@ -371,10 +400,10 @@ def create_app(engine: AnyEngine, gateway: Gateway | None = None, body_timeout: 
     async def load_adapter(req: LoadAdapterRequest, key: Key | None = Depends(admin)) -> dict[str, Any]:
         def work() -> str:
             if req.lora_path is not None:
-                stored = registry.resolve(req.lora_name).path
+                stored = registry.resolve(_one_adapter_version(engine, req.lora_name)).path
                 if Path(req.lora_path).resolve() != stored.resolve():
                     raise APIError(
-                        400,
+                        422,
                         f"lora_path {req.lora_path!r} is not the store's directory of {req.lora_name!r}: this "
                         "server loads adapters by name from its store",
                         param="lora_path",
@@ -945,15 +974,39 @@ async def _collect(stream: AsyncIterator[Delta], call: Call) -> tuple[str, str |
     return "".join(parts), finish, logprobs, n_tokens
 
 
-def _one_adapter(engine: AnyEngine, lora_name: str) -> str:
-    """The adapter name in an unload/reload request, read by the parser requests use (a malformed
-    name is a 400, a missing one a 404): `hr@../../x` must not act on `hr`."""
+# a completion is JSON, or server-sent events with `stream: true`
+STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/json": {}, "text/event-stream": {}}}
+}
+
+
+def _methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route serves at the request's path. Starlette's 405 names only the first
+    route's methods, and a path here may have one route per method (GET, PUT, DELETE)."""
+    scope = {"type": "http", "path": request.url.path, "method": request.method, "root_path": ""}
+    methods: set[str] = set()
+    for route in app.routes:
+        if isinstance(route, Route) and route.methods and route.matches(scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
+
+
+def _one_adapter_version(engine: AnyEngine, lora_name: str) -> str:
+    """The adapter version (`NAME@vN`) a load/unload/reload request names, read by the parser
+    requests use (a malformed name is a 400, a missing one a 404): `hr@../../x` must not act on `hr`."""
     parts = engine.adapters.resolve(lora_name).parts
+    if not parts:  # `base`, `default`: no adapter has that name
+        raise ModelNotFound(not_found(lora_name))
     if len(parts) != 1:
         raise APIError(
             400, f"lora_name {lora_name!r}: name one adapter (not the base or a composition)", param="lora_name"
         )
-    return parts[0][0].split("@")[0]
+    return parts[0][0]
+
+
+def _one_adapter(engine: AnyEngine, lora_name: str) -> str:
+    """The adapter name (every version of it) an unload/reload request acts on."""
+    return _one_adapter_version(engine, lora_name).split("@")[0]
 
 
 async def _disconnected(receive: Any) -> None:

@@ -23,14 +23,14 @@ from typing import Any
 from loraplex.adapters import registry
 from loraplex.engine.local import check_compatible
 from loraplex.engine.lora import AdapterRequest, AdapterWeights, LoraStacks, SiteShapes
-from loraplex.errors import UserError
+from loraplex.errors import NotFound, UserError
 from loraplex.models.load import BaseRef
 from loraplex.paths import NAME_RE
 
 _PART = re.compile(r"^(?P<name>[^@:]+)(?:@(?P<ver>[^:]+))?(?::(?P<w>[-+0-9.eE]+))?$")
 
 
-class ModelNotFound(UserError):
+class ModelNotFound(NotFound):
     """The `model` names nothing this server has (an OpenAI 404 `model_not_found`)."""
 
 

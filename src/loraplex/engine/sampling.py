@@ -88,16 +88,23 @@ def _penalise(logits: torch.Tensor, row: RowState) -> torch.Tensor:
     if p.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.output_ids)), dtype=torch.long)
         vals = logits[seen]
-        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        logits[seen] = _finite(torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty))
     if (p.presence_penalty or p.frequency_penalty) and row.output_ids:
         ids, counts = torch.tensor(row.output_ids, dtype=torch.long).unique(return_counts=True)
         logits[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
     return logits
 
 
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """Overflow to the dtype's largest number, not inf: a legal but tiny repetition_penalty or
+    temperature (2e-309 > 0) divides a logit past fp32's range, and softmax of inf is NaN."""
+    big = torch.finfo(x.dtype).max
+    return x.clamp(-big, big)
+
+
 def _draw(logits: torch.Tensor, row: RowState) -> int:
     p = row.params
-    logits = logits / p.temperature
+    logits = _finite(logits / p.temperature)
     if p.top_k:
         kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

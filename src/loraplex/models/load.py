@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraplex.errors import UserError
+from loraplex.errors import NotFound, Unprocessable, UserError
 from loraplex.paths import home
 
 DEFAULT_BASE = "smollm2-135m"
@@ -128,25 +128,29 @@ def resolve_base(spec: str | None) -> BaseRef:
         if not (out / "config.json").is_file():
             _convert_gguf(gguf, out)
         return _with_fingerprint(BaseRef(spec, out, "embedded"))
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
+    try:
+        path = Path(spec).expanduser()
+        is_file, is_dir = path.is_file(), path.is_dir()
+    except (RuntimeError, OSError):  # "~someone" with no such user, a name too long for the file system
+        is_file = is_dir = False
+    if is_file and path.suffix == ".gguf":
         base_id = path.stem.lower()
         out = _gguf_cache_dir(path, "gguf-" + "".join(c if c.isalnum() else "-" for c in base_id)[:40])
         if not (out / "config.json").is_file():
             _convert_gguf(path, out)
         return _with_fingerprint(BaseRef(str(path.resolve()), out, "gguf"))
-    if path.is_dir():
+    if is_dir:
         if not (path / "config.json").is_file():
-            raise UserError(f"{path} is not a Hugging Face model directory (no config.json)")
+            raise Unprocessable(f"{path} is not a Hugging Face model directory (no config.json)")
         if not any(path.glob("*.safetensors")):
-            raise UserError(
+            raise Unprocessable(
                 f"{path} has no *.safetensors weights; loraplex loads only safetensors (never pickled "
                 '.bin files). Convert with: python -c "from transformers import AutoModelForCausalLM as M; '
                 f"M.from_pretrained('{path}').save_pretrained('{path}-st', safe_serialization=True)\""
             )
         return _with_fingerprint(BaseRef(str(path.resolve()), path.resolve(), "hf"))
     known = ", ".join(EMBEDDED)
-    raise UserError(
+    raise NotFound(
         f"base model {spec!r} not found: pass an embedded id ({known}), a Hugging Face model "
         "directory with config.json and *.safetensors, or a .gguf file. loraplex never downloads "
         "models; fetch one yourself (e.g. `huggingface-cli download ORG/NAME --local-dir DIR`)."

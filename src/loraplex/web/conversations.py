@@ -20,7 +20,7 @@ MAX_MESSAGES = 1000
 
 
 def check_id(cid: str) -> str:
-    if not ID_RE.match(cid):
+    if not ID_RE.fullmatch(cid):
         raise UserError(f"invalid conversation id {cid!r}: 8-64 letters, digits or '-'")
     return cid
 

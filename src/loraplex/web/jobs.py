@@ -27,26 +27,44 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field
 
+from loraplex.api.schemas import JsonFloat, JsonInt, MaybeFloat
 from loraplex.data.formats import parse_file
-from loraplex.errors import UserError
+from loraplex.errors import Unprocessable, UserError
 from loraplex.gateway.db import Database
-from loraplex.paths import check_name, home
+from loraplex.paths import NAME_PATTERN, check_name, home
 from loraplex.threads import ENV as THREADS_ENV
 from loraplex.threads import cores
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".txt")
+JOB_ID = r"^[0-9a-f]{32}$"  # uuid4().hex
 
 
 def _job_dir(job_id: str) -> Path:
-    if not re.fullmatch(r"[0-9a-f]{32}", job_id):
+    if not re.fullmatch(JOB_ID[1:-1], job_id):  # fullmatch: '$' would let a trailing newline in
         raise UserError(f"invalid job id {job_id!r}")
     return home() / "jobs" / job_id
 
 
+class TrainSettings(BaseModel):
+    """What the training form sends, checked here once (the config's own limits, as a schema)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=64, json_schema_extra={"pattern": NAME_PATTERN})  # check_name enforces it
+    base: str | None = Field(None, max_length=4096, description="an embedded id, a model directory or a .gguf file")
+    description: str = Field("", max_length=2000)
+    epochs: MaybeFloat = Field(None, gt=0, le=1000, description="unset: the recipe's default")
+    learning_rate: JsonFloat = Field(1e-3, gt=0, le=1)
+    rank: JsonInt = Field(16, ge=1, le=1024)
+    eval_ratio: JsonFloat = Field(0.1, ge=0, lt=1)
+    max_seq_length: JsonInt = Field(1024, ge=16, le=131072)
+    batch_size: JsonInt = Field(4, ge=1, le=1024)
+
+
 def decode_upload(filename: str, content_b64: str) -> tuple[str, bytes]:
     """A safe file name (only its extension is kept from the user's) and the bytes."""
-    ext = Path(filename).suffix.lower()
+    ext = "." + filename.rsplit(".", 1)[1].lower() if "." in filename else ""  # ".jsonl" too
     if ext not in EXTENSIONS:
         raise UserError(f"{filename!r}: upload a data file ending in {', '.join(EXTENSIONS)}")
     try:
@@ -54,13 +72,17 @@ def decode_upload(filename: str, content_b64: str) -> tuple[str, bytes]:
     except (binascii.Error, ValueError):
         raise UserError("content_b64 is not valid base64") from None
     if not raw.strip():
-        raise UserError(f"{filename!r} is empty")
+        raise Unprocessable(f"{filename!r} is empty")
     return f"data{ext}", raw
 
 
 def validate(path: Path, shown_as: str) -> dict[str, Any]:
-    """Records, detected format and every per-record error (sources shown with the upload's name)."""
-    result = parse_file(path)
+    """Records, detected format and every per-record error (sources shown with the upload's name).
+    A file that cannot be read at all (not UTF-8, not one format) is an Unprocessable upload."""
+    try:
+        result = parse_file(path)
+    except UserError as e:
+        raise Unprocessable(str(e).replace(str(path), shown_as)) from None
     errors = [
         {"source": e.source.replace(str(path), shown_as), "reason": e.reason, "field": e.field} for e in result.errors
     ]
@@ -100,12 +122,13 @@ class Jobs:
         finally:
             path.unlink(missing_ok=True)
 
-    def start(self, key: str, filename: str, content_b64: str, settings: dict[str, Any]) -> dict[str, Any]:
+    def start(self, key: str, filename: str, content_b64: str, settings: TrainSettings) -> dict[str, Any]:
         from loraplex.config import load_config
         from loraplex.models.load import resolve_base
         from loraplex.train.sft_lora import run_id, sha256_of
 
-        name = check_name(str(settings.get("name") or ""))
+        name = check_name(settings.name)
+        base = resolve_base(settings.base or self.default_base)  # before anything is written
         data_name, raw = decode_upload(filename, content_b64)
         job_id = uuid.uuid4().hex
         d = _job_dir(job_id)
@@ -115,27 +138,26 @@ class Jobs:
         checked = validate(data, filename)
         if checked["errors"]:
             listed = "; ".join(f"{e['source']}: {e['reason']}" for e in checked["errors"][:10])
-            raise UserError(f"{len(checked['errors'])} invalid record(s), nothing started: {listed}")
+            raise Unprocessable(f"{len(checked['errors'])} invalid record(s), nothing started: {listed}")
         cfg = load_config(
             extra={
                 "name": name,
-                "base": str(settings.get("base") or self.default_base),
-                "description": str(settings.get("description") or ""),
+                "base": settings.base or self.default_base,
+                "description": settings.description,
                 "data": {
                     "path": str(data),
-                    "eval_ratio": float(settings.get("eval_ratio", 0.1)),
-                    "max_seq_length": int(settings.get("max_seq_length", 1024)),
+                    "eval_ratio": settings.eval_ratio,
+                    "max_seq_length": settings.max_seq_length,
                 },
-                "lora": {"rank": int(settings.get("rank", 16)), "alpha": 2 * int(settings.get("rank", 16))},
+                "lora": {"rank": settings.rank, "alpha": 2 * settings.rank},
+                # epochs unset: the recipe's default (16, or 4 with retrieval), as `loraplex train`
                 "train": {
-                    # unset: the recipe's default (16, or 4 with retrieval), as `loraplex train`
-                    "epochs": float(settings["epochs"]) if settings.get("epochs") else None,
-                    "learning_rate": float(settings.get("learning_rate", 1e-3)),
-                    "batch_size": int(settings.get("batch_size", 4)),
+                    "epochs": settings.epochs,
+                    "learning_rate": settings.learning_rate,
+                    "batch_size": settings.batch_size,
                 },
             }
         )
-        base = resolve_base(cfg.base)
         run_dir = home() / "runs" / run_id(cfg, sha256_of(str(data)), base)
         (d / "config.yaml").write_text(
             f"# loraplex train {d / 'config.yaml'}\n" + yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True)

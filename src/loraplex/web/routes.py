@@ -18,23 +18,25 @@ from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
+from loraplex.api.schemas import JsonInt, MaybeFloat
 from loraplex.gateway.gate import Gateway
 from loraplex.gateway.keys import Key
 from loraplex.web import conversations, dashboard
-from loraplex.web.jobs import Jobs
+from loraplex.web.jobs import JOB_ID, Jobs, TrainSettings
 
 ConversationId = Annotated[str, fastapi.Path(pattern=conversations.ID_RE.pattern)]  # checked and documented
+JobId = Annotated[str, fastapi.Path(pattern=JOB_ID)]
 
 STATIC = Path(__file__).parent / "static"
 
 
 class Source(BaseModel):
-    index: int
+    index: JsonInt
     document: str = Field(max_length=500)
-    chunk: int
+    chunk: JsonInt
     text: str = Field(max_length=20_000)
-    score: float | None = None
-    relevance: float | None = None
+    score: MaybeFloat = None
+    relevance: MaybeFloat = None
 
 
 class Message(BaseModel):
@@ -53,12 +55,12 @@ class Conversation(BaseModel):
 
 
 class Upload(BaseModel):
-    filename: str = Field(max_length=255)
-    content_b64: str
+    filename: str = Field(max_length=255, pattern=r"\.(?:jsonl|json|csv|tsv|txt|JSONL|JSON|CSV|TSV|TXT)$")
+    content_b64: str = Field(min_length=4, pattern="^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$")
 
 
 class TrainRequest(Upload):
-    settings: dict[str, Any] = {}
+    settings: TrainSettings
 
 
 def add_routes(app: FastAPI, gw: Gateway, engine: Any, principal: Any, admin: Any) -> None:
@@ -141,14 +143,14 @@ def add_routes(app: FastAPI, gw: Gateway, engine: Any, principal: Any, admin: An
         return {"data": await asyncio.to_thread(jobs.list, None)}
 
     @app.get("/ui/api/admin/train/jobs/{job_id}")
-    async def train_job(job_id: str, key: Key | None = Depends(admin)) -> dict[str, Any]:
+    async def train_job(job_id: JobId, key: Key | None = Depends(admin)) -> dict[str, Any]:
         try:
             return await asyncio.to_thread(jobs.get, job_id)
         except KeyError:
             raise APIError(404, f"no training job {job_id!r}", param="id", code="job_not_found") from None
 
     @app.get("/ui/api/admin/train/jobs/{job_id}/report")
-    async def train_report(job_id: str, key: Key | None = Depends(admin)) -> HTMLResponse:
+    async def train_report(job_id: JobId, key: Key | None = Depends(admin)) -> HTMLResponse:
         try:
             path = jobs.report(job_id)
         except KeyError:
