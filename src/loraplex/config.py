@@ -79,8 +79,9 @@ class RetrievalConfig(_Strict):
     top_k: int = Field(2, ge=1, le=8)
     """Passages put into each prompt."""
     min_similarity: float = Field(0.5, ge=-1.0, le=1.0)
-    """Passages less similar in meaning to the question than this (cosine, built-in multilingual
-    encoder) are not used; with none left, the base model answers."""
+    """Passages less similar in meaning to the question than this (mean cosine with its question
+    and with question + answer, built-in multilingual encoder) are not used; with none left, the
+    base model answers."""
     noisy_copies: int = Field(0, ge=0, le=8)
     """Extra training copies of each question with typos, a dropped word or lower case (never new facts)."""
     refusals: float = Field(0.0, ge=0.0, le=1.0)
@@ -245,7 +246,9 @@ def _line_of(node: Any, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
-def _explain(err: ValidationError, source: str, node: Any, root: type[BaseModel] = TrainConfig) -> str:
+def explain(err: ValidationError, source: str, node: Any, root: type[BaseModel] = TrainConfig) -> str:
+    """A pydantic error on a YAML file as `file:line: field: what is wrong` (with the closest valid
+    key for a typo): training configs, serve configs and assistants all report through it."""
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
@@ -337,16 +340,23 @@ def load_config(
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as e:
-        raise UserError(_explain(e, source, node)) from None
+        raise UserError(explain(e, source, node)) from None
 
 
 def config_reference() -> str:
-    """Markdown reference of every config key (used to write README's config section)."""
+    """Markdown table of every config key, in the order of `TrainConfig`, from the fields' types,
+    defaults and docstrings: docs/config.md holds it, and tests/test_docs.py checks it is current
+    (regenerate with `python scripts/config_reference.py`)."""
     out = []
-    for section, model in (("", TrainConfig), ("data.", DataConfig), ("lora.", LoraConfig), ("train.", TrainingConfig)):
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
         for name, f in model.model_fields.items():
             if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+                walk(f.annotation, f"{prefix}{name}.")
                 continue
-            default = f.default if f.default is not None else "null"
-            out.append(f"| `{section}{name}` | `{default}` | {f.description or ''} |")
+            default = "null" if f.default is None else f.default
+            meaning = " ".join((f.description or "").split())  # one line: docstrings wrap
+            out.append(f"| `{prefix}{name}` | `{default}` | {meaning} |")
+
+    walk(TrainConfig, "")
     return "| key | default | meaning |\n|---|---|---|\n" + "\n".join(out)

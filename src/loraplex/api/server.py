@@ -37,6 +37,7 @@ from starlette.routing import Match, Route
 
 from loraplex.adapters import registry
 from loraplex.api.body import UnicodeRoute
+from loraplex.api.errors import APIError, error_response, translate
 from loraplex.api.schemas import (
     ERRORS,
     AliasRequest,
@@ -49,13 +50,13 @@ from loraplex.api.schemas import (
 )
 from loraplex.assistants import faq, retrieval
 from loraplex.assistants import store as assistants
-from loraplex.engine.adapter_cache import InvalidModelName, ModelNotFound, not_found
-from loraplex.engine.engine import Delta, Engine, EngineClosed, PromptTooLong
+from loraplex.engine.adapter_cache import ModelNotFound, not_found
+from loraplex.engine.engine import Delta, Engine
 from loraplex.engine.lora import AdapterRequest
 from loraplex.engine.remote import RemoteEngine
 from loraplex.engine.sampling import SamplingParams, TokenLogprob
-from loraplex.errors import Conflict, NotFound, Unprocessable, UserError
-from loraplex.gateway import db, feedback, upstream
+from loraplex.errors import UserError
+from loraplex.gateway import feedback, upstream
 from loraplex.gateway.gate import Call, Gateway, Overloaded
 from loraplex.gateway.keys import AuthError, Key
 from loraplex.gateway.limits import RateLimited
@@ -74,73 +75,6 @@ UNSUPPORTED = {
     "modalities": "only text output is supported by this server",
     "prediction": "predicted outputs are not supported by this server",
 }
-
-
-class APIError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers
-
-
-def error_response(
-    status: int,
-    message: str,
-    type_: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _translate(e: BaseException) -> APIError:
-    if isinstance(e, APIError):
-        return e
-    if isinstance(e, ModelNotFound):
-        return APIError(404, str(e), param="model", code="model_not_found")
-    if isinstance(e, NotFound):  # a version, alias or job that does not exist (admin routes)
-        return APIError(404, str(e), code="not_found")
-    if isinstance(e, Conflict):
-        return APIError(409, str(e), code="conflict")
-    if isinstance(e, Unprocessable):
-        return APIError(422, str(e), code="unprocessable")
-    if isinstance(e, InvalidModelName):
-        return APIError(400, str(e), param="model", code="invalid_model")
-    if isinstance(e, PromptTooLong):
-        return APIError(400, str(e), param="messages", code="context_length_exceeded")
-    if isinstance(e, EngineClosed):
-        return APIError(503, str(e), type_="server_error", code="shutting_down")
-    if isinstance(e, AuthError):
-        return APIError(401, e.message, code=e.code)
-    if isinstance(e, RateLimited):
-        return APIError(
-            429,
-            e.message,
-            "rate_limit_error",
-            code=f"rate_limit_{e.limit}",
-            headers={"Retry-After": str(e.retry_after)},
-        )
-    if isinstance(e, Overloaded):
-        return APIError(503, e.message, "server_error", code="overloaded", headers={"Retry-After": str(e.retry_after)})
-    if isinstance(e, upstream.UpstreamError):
-        return APIError(
-            e.status, e.message, "server_error" if e.status >= 500 else "invalid_request_error", code=e.code
-        )
-    if isinstance(e, db.Unavailable):
-        return APIError(503, str(e), "server_error", code="database_unavailable", headers={"Retry-After": "5"})
-    if isinstance(e, UserError | ValueError):
-        return APIError(400, str(e))
-    return APIError(500, f"internal error: {e}", type_="server_error")
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -300,7 +234,7 @@ def create_app(engine: AnyEngine, gateway: Gateway | None = None, body_timeout: 
         )
 
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        e = _translate(exc)
+        e = translate(exc)
         _close_call(request, e.status, e.code)
         headers = e.headers
         if e.status >= 500 and e.status != 503:  # a fault, not a refusal (overload, shutdown): logged
@@ -389,7 +323,7 @@ def create_app(engine: AnyEngine, gateway: Gateway | None = None, body_timeout: 
         try:
             return await asyncio.to_thread(work)
         except Exception as e:  # noqa: BLE001
-            err = _translate(e)
+            err = translate(e)
             status = err.status
             raise err from None
         finally:
@@ -710,7 +644,7 @@ async def _complete(
             raise APIError(400, "prompt token ids must be within the vocabulary", param="prompt")
         engine.check_length(len(prompt_ids), max_tokens)
     except Exception as e:  # noqa: BLE001
-        raise _translate(e) from None
+        raise translate(e) from None
     call.served = served
     call.prompt_tokens = len(prompt_ids)
     if call.key is not None:
@@ -750,7 +684,7 @@ async def _complete(
         try:
             results = answers.result()
         except Exception as e:  # noqa: BLE001
-            raise _translate(e) from None
+            raise translate(e) from None
         choices = []
         texts = [filt.apply(r[0]) if filt else r[0] for r in results]
         for i, (text, (_, finish, logprobs, _)) in enumerate(zip(texts, results, strict=True)):
@@ -831,7 +765,7 @@ async def _complete(
                         open_streams -= 1
                         continue
                     if isinstance(item, BaseException):
-                        e = _translate(item)
+                        e = translate(item)
                         status, code = e.status, e.code or str(e.status)
                         if status >= 500 and status != 503:
                             log.error("stream %s failed with %d: %s", rid, status, e.message, exc_info=item)

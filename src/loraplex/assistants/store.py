@@ -130,7 +130,7 @@ def names() -> list[str]:
 
 
 def read(path: Path) -> Assistant:
-    from loraplex.config import _explain, load_yaml
+    from loraplex.config import explain, load_yaml
 
     raw, node = load_yaml(path)
     if not isinstance(raw, dict):
@@ -138,7 +138,7 @@ def read(path: Path) -> Assistant:
     try:
         a = Assistant.model_validate(raw)
     except ValidationError as e:
-        message = _explain(e, str(path), node, Assistant)
+        message = explain(e, str(path), node, Assistant)
         raise UserError(message.replace("invalid config", "invalid assistant", 1)) from None
     if a.name != path.stem:
         raise UserError(f"{path}: name {a.name!r} does not match the file name {path.stem!r}")

@@ -129,9 +129,6 @@ class AdapterWeights:
         B = {m: torch.cat([w.B[m] * k for w, k in parts], dim=2) for m in first.B}
         return cls(A, B)
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.A.values(), *self.B.values()))
-
 
 def read_peft_lora(path: Path, label: str) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
     """A PEFT LoRA adapter directory (safetensors only) as {(layer, module): (A [r, in], B [out, r])}, fp32,

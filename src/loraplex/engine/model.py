@@ -8,7 +8,7 @@ one), borrowing the weights and the rotary embedding (every `rope_type`) from th
 `tests/test_engine.py` checks its logits against the HF model's.
 
 Supported: `llama`, `mistral`, `qwen2` (attention bias) model types. Anything else is a clear error.
-This module does not schedule, sample or know about HTTP (see scheduler.py, sampling.py, api/).
+This module does not schedule, sample or know about HTTP (see engine.py, sampling.py, api/).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from typing import Literal
 import regex
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from loraplex.config import _explain, load_yaml
+from loraplex.config import explain, load_yaml
 from loraplex.data.validate import PLACEHOLDERS, find_personal_data
 from loraplex.errors import UserError
 
@@ -117,7 +117,7 @@ def load_serve_config(path: str | Path | None) -> ServeConfig:
     try:
         return ServeConfig.model_validate(raw)
     except ValidationError as e:
-        raise UserError(_explain(e, str(path), node, ServeConfig)) from None
+        raise UserError(explain(e, str(path), node, ServeConfig)) from None
 
 
 class OutputFilter:

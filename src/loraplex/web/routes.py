@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
+from loraplex.api.errors import APIError
 from loraplex.api.schemas import JsonInt, MaybeFloat
 from loraplex.gateway.gate import Gateway
 from loraplex.gateway.keys import Key
@@ -64,8 +65,6 @@ class TrainRequest(Upload):
 
 
 def add_routes(app: FastAPI, gw: Gateway, engine: Any, principal: Any, admin: Any) -> None:
-    from loraplex.api.server import APIError
-
     jobs = Jobs(gw.db, engine.base.id, engine.threads)
 
     def owner(key: Key | None) -> str:
