@@ -1,5 +1,5 @@
-"""`loraplex serve` tunes glibc's malloc (loraplex/malloc.py) so that freed tensors go back to the
-system. Each case runs in a fresh process: mallopt settings last for the whole process."""
+"""The engine trims glibc's heap every 30 s (loraplex/malloc.py) so that freed tensors go back to
+the system. Each case runs in a fresh process, whose heap nothing else has touched."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loraplex.malloc import tune_for_serving
+from loraplex.malloc import Trim
 from tests.child import in_child
 
 
@@ -18,13 +18,11 @@ def _rss_mib() -> int:
     raise AssertionError("no VmRSS")
 
 
-def _kept_after_free(tune: bool) -> int:
+def _kept_after_free(trim: bool) -> int:
     """MiB of RSS still held after 64 freed 4 MiB tensors, each followed by a small tensor that
     stays (as a server's long prompts' activations interleave with what it keeps)."""
     import torch
 
-    if tune:
-        assert tune_for_serving()
     torch.set_num_threads(1)
     first = torch.ones(1 << 20)
     del first  # glibc raises its mmap threshold to this block's 4 MiB when it is freed
@@ -34,23 +32,24 @@ def _kept_after_free(tune: bool) -> int:
         big.append(torch.ones(1 << 20))
         kept.append(torch.ones(64))
     del big
+    if trim:
+        t = Trim(every_s=0.0)
+        t.maybe()
+        assert t.calls == 1
     return _rss_mib() - before
 
 
 def test_freed_tensors_go_back_to_the_system() -> None:
-    if not Path("/proc/self/status").exists() or not in_child(_glibc, what="malloc"):
-        pytest.skip("glibc on Linux only: malloc.tune_for_serving does nothing elsewhere")
+    if not Path("/proc/self/status").exists() or not Trim().available:
+        pytest.skip("glibc on Linux only: malloc.Trim does nothing elsewhere")
     plain = in_child(_kept_after_free, False, what="malloc")
-    tuned = in_child(_kept_after_free, True, what="malloc")
+    trimmed = in_child(_kept_after_free, True, what="malloc")
     assert plain > 128, plain  # the bug: glibc's heap holds most of the 256 MiB freed
-    assert tuned < 16, tuned
+    assert trimmed < 16, trimmed
 
 
-def _glibc() -> bool:
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).gnu_get_libc_version  # noqa: B018
-    except AttributeError:
-        return False
-    return True
+def test_trim_waits_its_interval() -> None:
+    t = Trim(every_s=3600.0)
+    for _ in range(1000):
+        t.maybe()
+    assert t.calls == 0

@@ -639,9 +639,6 @@ def serve(
             return
         where = f"vLLM at {engine.url}"
     else:
-        from loraplex.malloc import tune_for_serving
-
-        tune_for_serving()  # before the engine's threads and tensors: memory given back stays given back
         engine = Engine(
             base,
             max_batch=max_batch,

@@ -41,6 +41,7 @@ from loraplex.engine.model import DecoderModel, Step
 from loraplex.engine.sampling import RowError, RowState, SamplingParams, TokenLogprob, sample
 from loraplex.engine.text import TextStream
 from loraplex.errors import UserError
+from loraplex.malloc import Trim
 from loraplex.models.device import bf16_is_faster, pick_device
 from loraplex.models.load import BaseRef, eos_token_ids, load_model, load_tokenizer, resolve_base
 from loraplex.threads import budget, cores
@@ -153,6 +154,7 @@ class Engine:
         kv_cache_bytes: int | None = None,
     ):
         self.stats = EngineStats()
+        self._trim = Trim()
         self.threads = 0  # CPU threads the model uses (0 on a GPU); web jobs get the other cores
         self._ids = itertools.count(1)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -409,6 +411,7 @@ class Engine:
                     kind = ""
             self._admit()
             self._keep_kv_budget()
+            self._trim.maybe()  # freed tensors back to the system every 30 s (malloc.py)
             if any(not r.decoding for r in self._rows):
                 self._guarded(self._prefill_step, [r for r in self._rows if not r.decoding])
             if any(r.decoding for r in self._rows):
