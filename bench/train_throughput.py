@@ -36,7 +36,7 @@ from loraplex.data.formats import parse_file  # noqa: E402
 from loraplex.data.tokenize import IGNORE, encode_all  # noqa: E402
 from loraplex.models.load import eos_token_ids, load_model, load_tokenizer, resolve_base  # noqa: E402
 from loraplex.quickstart import TRAIN_FILE  # noqa: E402
-from loraplex.train.sft_lora import lora_peft_config, run  # noqa: E402
+from loraplex.train.sft_lora import run  # noqa: E402
 
 BATCH, LR, RANK = 4, 1e-3, 16
 
@@ -136,9 +136,7 @@ def run_trainer_baseline(examples: list[Any], base: Any, epochs: int, out_dir: P
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     tok = load_tokenizer(base)
-    model = get_peft_model(
-        load_model(base), lora_peft_config(load_config(extra={"lora": {"rank": RANK, "alpha": 2 * RANK}}))
-    )
+    model = get_peft_model(load_model(base), load_config(extra={"lora": {"rank": RANK}}).lora.peft())
     dataset = [
         {"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels} for e in examples
     ]
@@ -215,9 +213,7 @@ def main() -> None:
 
     from peft import get_peft_model
 
-    eval_model = get_peft_model(
-        load_model(base), lora_peft_config(load_config(extra={"lora": {"rank": RANK, "alpha": 2 * RANK}}))
-    ).eval()
+    eval_model = get_peft_model(load_model(base), load_config(extra={"lora": {"rank": RANK}}).lora.peft()).eval()
     eos = eos_token_ids(tok, eval_model)
     peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     table = {}

@@ -304,7 +304,7 @@ def test_the_kv_cache_keeps_its_budget_by_preempting_and_gives_memory_back(lp_ho
     and prefill it again (prompt + answer so far): every answer equals the one an unbounded engine
     gives. The cache shrinks back when the rows are done, and a prompt longer than the budget
     holds for one request is refused, naming the budget."""
-    from loraplex.engine.engine import PromptTooLong
+    from loraplex.engine.protocol import PromptTooLong
 
     make_adapter(tiny_base, "legal", rank=4, seed=1)
     params = SamplingParams(temperature=0, ignore_eos=True)

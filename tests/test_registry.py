@@ -114,7 +114,7 @@ def test_tampered_or_truncated_weights_are_refused(lp_home: Path, tiny_base: Pat
 def test_an_adapter_for_another_base_is_refused_naming_both(lp_home: Path, tiny_base: Path, tmp_path: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loraplex.engine.local import check_compatible
+    from loraplex.adapters.compat import check_compatible
 
     make_adapter(tiny_base, "t", seed=1)
     other = tmp_path / "other"

@@ -257,7 +257,7 @@ def test_compile_switch_trains_the_same(lp_home: Path, tiny_base: Path, facts_fi
     """`train.compile` runs the decoder through torch.compile (inductor) and changes nothing else:
     the same losses and weights; the run id ignores it, so a run can resume with it switched on."""
     from loraplex.models.load import resolve_base
-    from loraplex.train.sft_lora import run_id
+    from loraplex.train.data import run_id
 
     plain = run(tiny_cfg(tiny_base, facts_file, max_steps=3, logging_steps=1))
     cfg = tiny_cfg(tiny_base, facts_file, max_steps=3, logging_steps=1, compile=True)

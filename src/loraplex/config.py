@@ -11,17 +11,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loraplex.errors import UserError
 from loraplex.paths import check_name
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """A config section: unknown keys are errors, attribute docstrings are the help."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     path: str | None = None
     """Training data file (alpaca / messages / sharegpt JSON or JSONL, CSV/TSV, or dialogue text)."""
     format: Literal["auto", "alpaca", "messages", "sharegpt", "csv", "dialogue"] = "auto"
@@ -52,11 +54,11 @@ class DataConfig(_Strict):
     """Train on the valid records when some are invalid (default: refuse and list every bad one)."""
 
 
-class LoraConfig(_Strict):
+class LoraConfig(Strict):
     rank: int = Field(16, ge=1, le=1024)
     """LoRA rank r."""
     alpha: float = Field(32.0, gt=0)
-    """LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)."""
+    """LoRA alpha, 2 x rank unless given; the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout on the LoRA input."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
@@ -68,8 +70,31 @@ class LoraConfig(_Strict):
     use_rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _alpha_follows_rank(cls, data: Any) -> Any:
+        # alpha = 2 x rank keeps the update's scale when only the rank is changed (as LLaMA-Factory's default)
+        if isinstance(data, dict) and "alpha" not in data and isinstance(data.get("rank"), int):
+            return {**data, "alpha": 2.0 * data["rank"]}
+        return data
 
-class RetrievalConfig(_Strict):
+    def peft(self) -> Any:
+        """This section as PEFT's LoraConfig, for a causal LM."""
+        from peft import LoraConfig as PeftLoraConfig
+
+        return PeftLoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,  # type: ignore[arg-type]  # PEFT annotates int; a float alpha works and is allowed
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            bias=self.bias,
+            use_dora=self.use_dora,
+            use_rslora=self.use_rslora,
+            task_type="CAUSAL_LM",
+        )
+
+
+class RetrievalConfig(Strict):
     """Retrieval-augmented training and serving (assistants/faq.py): the training Q&A becomes the
     adapter's own knowledge, stored with it; every training question is shown with the passages
     found for it and answered from them, and a request for the adapter is answered the same way."""
@@ -88,7 +113,7 @@ class RetrievalConfig(_Strict):
     """Share of records also shown without their own passage, answered "I don't know"."""
 
 
-class ParaphraseConfig(_Strict):
+class ParaphraseConfig(Strict):
     """Rewordings of each training question written by a teacher model (data/paraphrase.py): the
     adapter sees every fact asked several ways; answers stay verbatim. Kept, reviewable and
     editable, in $LORAPLEX_HOME/paraphrases/; the same data and teacher are never asked twice."""
@@ -104,7 +129,7 @@ class ParaphraseConfig(_Strict):
     """Environment variable with the teacher's API key."""
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(Strict):
     epochs: float | None = Field(None, gt=0)
     """Passes over the training examples (ignored when max_steps is set); default 16, or 4 with
     retrieval (each record then makes several longer examples)."""
@@ -174,7 +199,7 @@ class TrainingConfig(_Strict):
         return v
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     """Everything `loraplex train` needs; resolved and stored in the adapter manifest."""
 
     name: str = "adapter"

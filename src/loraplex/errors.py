@@ -19,6 +19,15 @@ class Conflict(UserError):
     back to): an HTTP 409."""
 
 
+class UpstreamError(Exception):
+    """An OpenAI-compatible endpoint behind loraplex (an upstream, the vLLM engine) failed or refused:
+    relayed to the client with `status` and `code` (a 502 when it is unreachable)."""
+
+    def __init__(self, status: int, message: str, code: str = "upstream_error"):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
 class Unprocessable(UserError):
     """A well-formed request whose content cannot be used (an uploaded data file with invalid
     records, a base directory that holds no model): an HTTP 422."""

@@ -15,6 +15,7 @@ jobs run at a lower priority: web/jobs.py).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 ENV = "LORAPLEX_THREADS"  # a budget set by whoever starts this process (the web app for its jobs, a user)
 
@@ -97,3 +98,12 @@ class Tuner:
         if n != self.threads:
             self.threads = n
             self.switches += 1
+
+
+def summary(tuner: Tuner | None, now: int) -> dict[str, Any]:
+    """What the run's CPU threads were, for the manifest and the closing line."""
+    if tuner is None:
+        return {"mode": "fixed", "threads": now, "text": f"{now} thread{'s' * (now > 1)} (fixed)"}
+    speeds = {str(n): round(v, 1) for n, v in sorted(tuner.speeds.items())}
+    text = f"{tuner.threads} of {cores()} cores (thread count measured, {tuner.switches} switches)"
+    return {"mode": "measured", "threads": tuner.threads, "switches": tuner.switches, "tok_s": speeds, "text": text}

@@ -40,6 +40,7 @@ from sqlalchemy import exc
 from sqlalchemy.engine import Connection
 
 from loraplex import staging
+from loraplex.adapters.names import VERSION_RE, split_ref
 from loraplex.database import Database, url_for
 from loraplex.errors import Conflict, NotFound, UserError
 from loraplex.paths import check_name, home
@@ -51,7 +52,6 @@ CONFIG = "adapter_config.json"
 MANIFEST = "manifest.json"
 ADAPTER_FILES = (WEIGHTS, CONFIG)
 KNOWLEDGE = "knowledge.jsonl"  # optional: the Q&A a version trained with retrieval answers from (assistants/faq.py)
-_VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
 _ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 ALIAS_PATTERN = r"^(?!v[1-9][0-9]*$)[a-z][a-z0-9_-]{0,31}$"  # both rules, for the OpenAPI document
 DEFAULT_ALIAS = "prod"
@@ -97,7 +97,7 @@ def store_root() -> Path:
 
 
 def check_alias(alias: str) -> str:
-    if not _ALIAS_RE.fullmatch(alias) or _VERSION_RE.fullmatch(alias):
+    if not _ALIAS_RE.fullmatch(alias) or VERSION_RE.fullmatch(alias):
         raise UserError(
             f"invalid alias {alias!r}: use lowercase letters, digits, '-' or '_', starting with a letter "
             "(e.g. prod, staging), and not of the form vN"
@@ -166,7 +166,7 @@ def versions(name: str) -> list[int]:
         return []
     out = []
     for child in os.scandir(d):
-        m = _VERSION_RE.match(child.name)
+        m = VERSION_RE.fullmatch(child.name)
         if m and os.path.isfile(os.path.join(child.path, MANIFEST)):
             out.append(int(m.group(1)))
     return sorted(out)
@@ -262,7 +262,7 @@ def register(name: str, adapter_dir: Path, manifest: dict[str, Any]) -> AdapterR
 
 def resolve(ref: str) -> AdapterRef:
     """`NAME` (latest version), `NAME@vN` or `NAME@ALIAS` -> AdapterRef; a clear error when it does not exist."""
-    name, _, ver = ref.partition("@")
+    name, ver = split_ref(ref)
     check_name(name)
     available = versions(name)
     if not available:
@@ -270,7 +270,7 @@ def resolve(ref: str) -> AdapterRef:
         raise NotFound(f"no adapter named {name!r} in {store_root()} (adapters: {known})")
     if not ver:
         version = available[-1]
-    elif m := _VERSION_RE.fullmatch(ver):
+    elif m := VERSION_RE.fullmatch(ver):
         version = int(m.group(1))
         if version not in available:
             raise NotFound(f"{name} has no version v{version}; versions: {', '.join(f'v{v}' for v in available)}")
@@ -341,7 +341,7 @@ def _clear_leftovers() -> None:
             if v.name.startswith(".trash-"):
                 shutil.rmtree(v.path, ignore_errors=True)
                 log.warning(f"finished deleting {d.name}@{v.name.removeprefix('.trash-')}, which was interrupted")
-            elif _VERSION_RE.match(v.name) and v.is_dir():
+            elif VERSION_RE.fullmatch(v.name) and v.is_dir():
                 staging.clear_leftovers(Path(v.path))
 
 
@@ -444,8 +444,8 @@ def describe(ref: str, description: str | None = None, owner: str | None = None)
 
 def remove(ref: str, force: bool = False) -> AdapterRef:
     """Delete one version; refused while an alias points to it unless `force` (which drops the alias)."""
-    name, _, ver = ref.partition("@")
-    if not _VERSION_RE.match(ver):
+    name, ver = split_ref(ref)
+    if not VERSION_RE.fullmatch(ver):
         raise UserError(f"name the exact version to delete, e.g. {name}@v1 (versions are never deleted by alias)")
     target = resolve(ref)
     with locked():

@@ -10,17 +10,25 @@ plain dicts) would each need it; here it is one check for every route. Why not a
 bytes alone: `"\\\\ud800"` (an escaped backslash) is fine text, so the bytes only tell when a
 check is needed (`\\ud` appears), and the decoded value decides.
 
-This module does not validate fields or sizes (schemas.py and `BodyLimit` do).
+`BodyLimit` refuses bodies over MAX_BODY (413), also chunked ones, while they arrive, and a body
+that stalls (408).
+
+This module does not validate fields (schemas.py does).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
+
+from loraplex.api.errors import error_response
+
+MAX_BODY = 8 * 1024 * 1024
 
 
 class NotUnicode(HTTPException):
@@ -77,3 +85,47 @@ class UnicodeRoute(APIRoute):
             return await handler(_UnicodeRequest(request.scope, request.receive))
 
         return checked
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self) -> None:
+        super().__init__(413, f"request body larger than {MAX_BODY} bytes")
+
+
+class BodyLimit:
+    """Refuse request bodies over MAX_BODY (413): by their Content-Length before reading them, and
+    by the bytes received so far for chunked bodies, which have none.
+
+    Plain ASGI rather than `@app.middleware("http")`, whose wrapper re-buffers every streamed
+    chunk (a measurable cost per token at SSE rates). Why not Starlette's RequestBodyLimitMiddleware
+    (FastAPI's `max_body_size`): it answers some oversize bodies in plain text, not OpenAI's JSON."""
+
+    def __init__(self, app: Any, chunk_timeout: float = 10.0):
+        self.app = app
+        self.chunk_timeout = chunk_timeout  # seconds a body may pause between chunks (`serve --header-timeout`)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        size = dict(scope.get("headers") or []).get(b"content-length")
+        if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
+            await error_response(413, f"request body larger than {MAX_BODY} bytes")(scope, receive, send)
+            return
+        received, complete = 0, False
+
+        async def counted() -> Any:
+            nonlocal received, complete
+            if complete:  # afterwards the only message is the disconnect, which may take as long as it takes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.chunk_timeout)
+            except TimeoutError:  # FastAPI re-raises HTTPExceptions from reading the body
+                raise HTTPException(408, f"no request body data for {self.chunk_timeout:g} s") from None
+            received += len(message.get("body", b""))
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            if received > MAX_BODY:
+                raise BodyTooLarge()
+            return message
+
+        await self.app(scope, counted, send)

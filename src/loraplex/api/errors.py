@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
-from loraplex.engine.adapter_cache import InvalidModelName, ModelNotFound
-from loraplex.engine.engine import EngineClosed, PromptTooLong
-from loraplex.errors import Conflict, NotFound, Unprocessable, UserError
-from loraplex.gateway import db, upstream
+from loraplex.adapters.names import InvalidModelName, ModelNotFound
+from loraplex.engine.protocol import EngineClosed, PromptTooLong
+from loraplex.errors import Conflict, NotFound, Unprocessable, UpstreamError, UserError
+from loraplex.gateway import db
 from loraplex.gateway.gate import Overloaded
 from loraplex.gateway.keys import AuthError
 from loraplex.gateway.limits import RateLimited
@@ -75,7 +75,7 @@ def translate(e: BaseException) -> APIError:
         )
     if isinstance(e, Overloaded):
         return APIError(503, e.message, "server_error", code="overloaded", headers={"Retry-After": str(e.retry_after)})
-    if isinstance(e, upstream.UpstreamError):
+    if isinstance(e, UpstreamError):
         return APIError(
             e.status, e.message, "server_error" if e.status >= 500 else "invalid_request_error", code=e.code
         )

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 
+from loraplex.adapters.names import BASE_ALIASES
 from loraplex.adapters.registry import ALIAS_PATTERN
 from loraplex.paths import NAME, NAME_PATTERN
 
@@ -35,14 +36,14 @@ MaybeInt = Annotated[int | None, BeforeValidator(_number)]
 MaybeFloat = Annotated[float | None, BeforeValidator(_number)]
 JsonBool = StrictBool  # `0` is not false
 
-# What `model` may be, for the OpenAPI document (engine/adapter_cache.py's resolve_model parses
+# What `model` may be, for the OpenAPI document (adapters/names.py parses
 # it): the base, an adapter NAME[@vN|@ALIAS][:WEIGHT] with |WEIGHT| <= 10, or adapters joined
 # by '+'. The '..' rule applies per adapter. The server also trims spaces, which is not shown.
 _WEIGHT = r"-?(?:10(?:\.0+)?|[0-9](?:\.[0-9]+)?)"
 ADAPTER_PATTERN = rf"(?![^+]*\.\.){NAME}(?:@{NAME})?(?::{_WEIGHT})?"
 
 
-def model_pattern(base_ids: tuple[str, ...] = ("base", "default")) -> str:
+def model_pattern(base_ids: tuple[str, ...] = BASE_ALIASES) -> str:
     """The `model` field's pattern on a server whose base answers to `base_ids`."""
     bases = "|".join(re.escape(b) for b in base_ids)
     return rf"^(?:{bases}|{ADAPTER_PATTERN}(?:\+{ADAPTER_PATTERN})*)$"

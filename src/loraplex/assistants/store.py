@@ -22,6 +22,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from loraplex.adapters.names import VERSION_RE, ModelSpec, Part, parse, parse_ref, split_ref
 from loraplex.errors import UserError
 from loraplex.paths import NAME_RE, check_name, home
 
@@ -41,10 +42,15 @@ class AdapterPart(BaseModel):
     @field_validator("ref")
     @classmethod
     def _ref(cls, v: str) -> str:
-        name = v.split("@")[0]
-        if not NAME_RE.match(name) or ".." in name or any(c in v for c in "+: /"):
-            raise ValueError("an adapter is NAME, NAME@vN or NAME@ALIAS (a-z, 0-9, '.', '_', '-')")
-        return v
+        try:
+            return parse_ref(v).ref
+        except UserError:
+            raise ValueError("an adapter is NAME, NAME@vN or NAME@ALIAS (a-z, 0-9, '.', '_', '-')") from None
+
+    @property
+    def part(self) -> Part:
+        name, version = split_ref(self.ref)  # checked above
+        return Part(name, version, self.weight)
 
 
 class Sampling(BaseModel):
@@ -80,8 +86,8 @@ class Knowledge(BaseModel):
     @field_validator("base")
     @classmethod
     def _base(cls, v: str) -> str:
-        name, at, version = v.partition("@")
-        if at and not (version.startswith("v") and version[1:].isdigit()):
+        name, version = split_ref(v)
+        if "@" in v and not VERSION_RE.fullmatch(version):
             raise ValueError("a knowledge base is NAME, or NAME@vN for an adapter version's own Q&A")
         check_name(name, "knowledge base name")
         return v
@@ -106,9 +112,14 @@ class Assistant(BaseModel):
         return v
 
     @property
+    def spec(self) -> ModelSpec:
+        """The composition the engine serves (no parts: the base model)."""
+        return ModelSpec(tuple(p.part for p in self.adapters))
+
+    @property
     def model(self) -> str:
-        """The composition the engine serves: `hr@prod+formal:0.3`, or "" for the base model."""
-        return "+".join(p.ref if p.weight == 1.0 else f"{p.ref}:{p.weight:g}" for p in self.adapters)
+        """The composition as text, `hr@prod+formal:0.3`, or "" for the base model."""
+        return str(self.spec)
 
     def to_yaml(self) -> str:
         head = f"# loraplex assistant, served as model {self.name!r}; edit with `loraplex assistants edit`\n"
@@ -215,10 +226,12 @@ def build(fields: dict[str, object]) -> Assistant:
 
 def parse_adapter(text: str) -> AdapterPart:
     """`hr@prod` or `formal:0.3` (a weight after the last colon)."""
-    ref, sep, weight = text.strip().rpartition(":") if ":" in text else (text.strip(), "", "")
     try:
-        return AdapterPart(ref=ref, weight=float(weight) if sep else 1.0)
-    except (ValueError, ValidationError):
+        parts = parse(text).parts
+        if len(parts) != 1:
+            raise ValueError("one adapter per --adapter")
+        return AdapterPart(ref=parts[0].ref, weight=parts[0].weight)
+    except (UserError, ValueError, ValidationError):
         raise UserError(f"--adapter {text!r}: use NAME, NAME@vN or NAME@ALIAS, then :WEIGHT (-10 to 10)") from None
 
 
@@ -261,3 +274,16 @@ def update(name: str, changes: dict[str, object]) -> Assistant:
     check(a)
     save(a, new=False)
     return a
+
+
+def knowledge_bases() -> list[str]:
+    """The knowledge bases some assistant searches (an assistant with a mistake is left out)."""
+    bases = set()
+    for name in names():
+        try:
+            found = find(name)
+        except UserError:
+            continue  # reported when it is used
+        if found is not None and found.knowledge is not None:
+            bases.add(found.knowledge.base)
+    return sorted(bases)

@@ -14,69 +14,35 @@ after `check_name`).
 
 from __future__ import annotations
 
-import math
-import re
 import threading
 from collections import OrderedDict
 from typing import Any
 
-from loraplex.adapters import registry
-from loraplex.engine.local import check_compatible
+from loraplex.adapters import names, registry
+from loraplex.adapters.compat import check_compatible
+from loraplex.adapters.names import ModelNotFound, ModelSpec, not_found
 from loraplex.engine.lora import AdapterRequest, AdapterWeights, LoraStacks, SiteShapes
-from loraplex.errors import NotFound, UserError
+from loraplex.errors import UserError
 from loraplex.models.load import BaseRef
-from loraplex.paths import NAME_RE
-
-_PART = re.compile(r"^(?P<name>[^@:]+)(?:@(?P<ver>[^:]+))?(?::(?P<w>[-+0-9.eE]+))?$")
 
 
-class ModelNotFound(NotFound):
-    """The `model` names nothing this server has (an OpenAI 404 `model_not_found`)."""
-
-
-def not_found(model: str) -> str:
-    """OpenAI's words for a model that is missing *or* hidden from this key: the two read the same,
-    and never name the store's path or other models."""
-    return f"the model {model!r} does not exist or you do not have access to it"
-
-
-class InvalidModelName(UserError):
-    """The `model` field is not a well-formed name or composition (a 400)."""
-
-
-def resolve_model(model: str, base_names: tuple[str, ...], allowed: set[str] | None) -> AdapterRequest:
-    """A request's `model` field -> exact adapter versions and weights (empty = the base); the
-    engines (built-in and remote) share it so both read names the same way."""
-    model = model.strip()
-    if model in base_names or model == "":
-        return AdapterRequest()
+def resolve_model(model: str | ModelSpec, base_names: tuple[str, ...], allowed: set[str] | None) -> AdapterRequest:
+    """A request's `model` field (or a spec already parsed, an assistant's) -> exact adapter versions
+    and weights (empty = the base); the engines (built-in and remote) share it so both read names
+    the same way."""
+    spec = model if isinstance(model, ModelSpec) else names.parse(model, base_names)
+    model = str(model)
     parts: list[tuple[str, float]] = []
-    for raw in model.split("+"):
-        m = _PART.match(raw.strip())
-        name = m.group("name") if m else raw
-        if not m or not NAME_RE.match(name) or ".." in name:
-            raise InvalidModelName(
-                f"invalid model {model!r}: an adapter is NAME, NAME@vN or NAME:WEIGHT (names use a-z, 0-9, "
-                "'.', '_', '-'), joined with '+' to compose, e.g. 'legal:0.7+formal:0.3'"
-            )
-        weight = 1.0
-        if m.group("w") is not None:
-            try:
-                weight = float(m.group("w"))
-            except ValueError:
-                raise InvalidModelName(f"invalid weight {m.group('w')!r} in model {model!r}") from None
-            if not math.isfinite(weight) or abs(weight) > 10:
-                raise InvalidModelName(f"weight {weight} in model {model!r} must be a number in [-10, 10]")
-        if allowed is not None and name not in allowed:
+    for part in spec.parts:
+        if allowed is not None and part.name not in allowed:
             raise ModelNotFound(not_found(model))
-        ref_text = name if m.group("ver") is None else f"{name}@{m.group('ver')}"
         try:
-            ref = registry.resolve(ref_text)
+            ref = registry.resolve(part.ref)
         except UserError as e:
-            if not registry.versions(name):  # the registry's message lists the store's path and names
+            if not registry.versions(part.name):  # the registry's message lists the store's path and names
                 raise ModelNotFound(not_found(model)) from None
-            raise ModelNotFound(f"the model {ref_text!r} does not exist: {e}") from None  # its versions, aliases
-        parts.append((ref.id, weight))
+            raise ModelNotFound(f"the model {part.ref!r} does not exist: {e}") from None  # its versions, aliases
+        parts.append((ref.id, part.weight))
     return AdapterRequest(tuple(parts))
 
 
@@ -111,7 +77,7 @@ class AdapterCache:
 
     # ------------------------------------------------------------------ names (any thread)
 
-    def resolve(self, model: str) -> AdapterRequest:
+    def resolve(self, model: str | ModelSpec) -> AdapterRequest:
         return resolve_model(model, self.base_names, self.allowed)
 
     # ------------------------------------------------------------------ host weights (any thread)
@@ -146,7 +112,7 @@ class AdapterCache:
     def forget(self, name: str) -> int:
         """Drop host copies of every version of `name` (the next use re-reads the store)."""
         with self._lock:
-            gone = [k for k in self._host if k.split("@")[0] == name]
+            gone = [k for k in self._host if names.name_of(k) == name]
             for k in gone:
                 del self._host[k]
         return len(gone)
@@ -194,7 +160,7 @@ class AdapterCache:
         """Free the idle slots of every version/composition involving `name`; busy ones free when done."""
         gone = []
         for key in list(self.slot_of):
-            if any(part.split(":")[0].split("@")[0] == name for part in key.split("+")):
+            if name in names.loose_names(key):  # keys are AdapterRequest.key: ids, weights, "+"
                 self.pinned.discard(key)
                 if self.refs.get(key, 0) == 0:
                     self.free.append(self.slot_of.pop(key))

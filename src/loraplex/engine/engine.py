@@ -33,11 +33,12 @@ from typing import Any
 
 import torch
 
-from loraplex.data.tokenize import render
+from loraplex.adapters import names
 from loraplex.engine import lora_kernel
 from loraplex.engine.adapter_cache import AdapterCache
 from loraplex.engine.lora import KERNEL_ACTIVATIONS, AdapterRequest, AdapterWeights, LoraBatch, LoraStacks
 from loraplex.engine.model import DecoderModel, Step
+from loraplex.engine.protocol import Delta, EngineClosed, PromptTooLong, check_length, encode_prompt
 from loraplex.engine.sampling import RowError, RowState, SamplingParams, TokenLogprob, sample
 from loraplex.engine.text import TextStream
 from loraplex.errors import UserError
@@ -47,24 +48,6 @@ from loraplex.models.load import BaseRef, eos_token_ids, load_model, load_tokeni
 from loraplex.threads import budget, cores
 
 log = logging.getLogger(__name__)
-
-
-class PromptTooLong(UserError):
-    """Prompt plus max_tokens exceed the context (an OpenAI 400 `context_length_exceeded`)."""
-
-
-class EngineClosed(Exception):
-    """The engine is shutting down and takes no new requests (a 503)."""
-
-
-@dataclass(frozen=True)
-class Delta:
-    text: str
-    token_ids: tuple[int, ...]
-    logprobs: tuple[TokenLogprob, ...]
-    finish_reason: str | None  # None while running; "stop", "length" or "abort" at the end
-    prompt_tokens: int
-    completion_tokens: int
 
 
 @dataclass
@@ -103,35 +86,6 @@ class EngineStats:
     decode_steps: int = 0
     prefill_steps: int = 0
     preempted: int = 0  # rows sent back to wait (and prefilled again) to keep the KV cache in its budget
-
-
-def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, Any]] | list[int]) -> list[int]:
-    """Messages are rendered with the base's chat template, exactly as in training."""
-    if isinstance(prompt, str):
-        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    if prompt and isinstance(prompt[0], int):
-        return list(prompt)
-    text = render(tokenizer, prompt, add_generation_prompt=True)  # type: ignore[arg-type]
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def check_length(max_model_len: int, prompt_len: int, max_tokens: int | None) -> int:
-    """The max_tokens to use; PromptTooLong when the request cannot fit the context."""
-    room = max_model_len - prompt_len
-    if max_tokens is None:
-        if room < 1:
-            raise PromptTooLong(
-                f"This model's maximum context length is {max_model_len} tokens. However, your "
-                f"messages resulted in {prompt_len} tokens. Please reduce the length of the messages."
-            )
-        return room
-    if max_tokens > room:
-        raise PromptTooLong(
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} in the completion). "
-            "Please reduce the length of the messages or completion."
-        )
-    return max_tokens
 
 
 def _size(n: int) -> str:
@@ -239,8 +193,8 @@ class Engine:
             self.stacks,
             cfg.num_hidden_layers,
             self.model.site_shapes,
-            base_names=(self.base.id, "base", "default"),
-            allowed={a.partition("@")[0] for a in adapters} if adapters else None,
+            base_names=names.base_names(self.base.id),
+            allowed={names.parse_ref(a).name for a in adapters} if adapters else None,
         )
 
     def _budget_kv_cache(self, budget: int | None) -> None:
@@ -273,6 +227,13 @@ class Engine:
     @property
     def in_flight(self) -> int:
         return len(self._rows) + len(self._waiting)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def kv_cache(self) -> tuple[int, int] | None:
+        return self.cache.allocated_bytes, self.kv_cache_bytes
 
     def queue_depth(self) -> int:
         """Requests waiting for a batch row (read from any thread: a length, not a lock)."""

@@ -8,7 +8,6 @@ and does not live here.
 from __future__ import annotations
 
 import threading
-import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
 from typing import Any
@@ -16,29 +15,9 @@ from typing import Any
 import torch
 
 from loraplex.adapters import registry
+from loraplex.adapters.compat import check_compatible
 from loraplex.data.tokenize import render
-from loraplex.errors import UserError
-from loraplex.models.load import BaseRef, eos_token_ids, load_model, load_tokenizer, resolve_base
-
-SHAPE_KEYS = ("architecture", "hidden_size", "num_hidden_layers", "vocab_size")
-
-
-def check_compatible(adapter: registry.AdapterRef, base: BaseRef) -> None:
-    """Refuse an adapter trained on a base of another shape; warn when only the weights differ."""
-    trained_on = adapter.manifest().get("base_model", {})
-    fp = trained_on.get("fingerprint", {})
-    diffs = [k for k in SHAPE_KEYS if fp.get(k) is not None and fp.get(k) != base.fingerprint.get(k)]
-    if diffs:
-        detail = ", ".join(f"{k} {fp.get(k)} vs {base.fingerprint.get(k)}" for k in diffs)
-        raise UserError(
-            f"adapter {adapter.id} was trained on {trained_on.get('id')!r} and does not fit base {base.id!r} ({detail})"
-        )
-    if fp.get("weights_sha256") and fp["weights_sha256"] != base.fingerprint.get("weights_sha256"):
-        warnings.warn(
-            f"adapter {adapter.id} was trained on {trained_on.get('id')!r}, whose weights differ from "
-            f"{base.id!r}; answers may differ from training",
-            stacklevel=2,
-        )
+from loraplex.models.load import eos_token_ids, load_model, load_tokenizer, resolve_base
 
 
 class LocalModel:

@@ -37,30 +37,19 @@ from typing import Any
 import httpx
 from httpx_sse import EventSource, SSEError
 
-from loraplex.adapters import registry
-from loraplex.engine.adapter_cache import InvalidModelName, ModelNotFound, resolve_model
-from loraplex.engine.engine import Delta, EngineClosed, check_length, encode_prompt
-from loraplex.engine.local import check_compatible
+from loraplex.adapters import names, registry
+from loraplex.adapters.compat import check_compatible
+from loraplex.adapters.names import InvalidModelName, ModelNotFound, ModelSpec
+from loraplex.engine.adapter_cache import resolve_model
 from loraplex.engine.lora import AdapterRequest
+from loraplex.engine.protocol import Delta, EngineClosed, check_length, encode_prompt
 from loraplex.engine.sampling import SamplingParams, TokenLogprob
-from loraplex.engine.vllm_process import VllmProcess, check_layout
-from loraplex.errors import UserError
-from loraplex.gateway.upstream import UpstreamError
+from loraplex.engine.vllm_process import VllmProcess, check_layout, pointed_at
+from loraplex.errors import UpstreamError, UserError
 from loraplex.models.load import BaseRef, load_tokenizer, resolve_base
 
 log = logging.getLogger(__name__)
 _TOKEN_ID = re.compile(r"^token_id:(-?\d+)$")
-
-
-def pointed_at(allowed: set[str] | None) -> list[registry.AdapterRef]:
-    """The versions the registry points at now: each adapter's latest and its alias targets."""
-    aliases = registry.all_aliases()
-    out = []
-    for name, versions in registry.list_names():
-        if allowed is None or name in allowed:
-            for v in sorted({versions[-1], *aliases.get(name, {}).values()} & set(versions)):
-                out.append(registry.AdapterRef(name, v, registry.store_root() / name / f"v{v}"))
-    return out
 
 
 class RemoteAdapters:
@@ -74,11 +63,11 @@ class RemoteAdapters:
         self.pinned: set[str] = set()
         self._ids = iter(range(1, 1 << 62))
 
-    def resolve(self, model: str) -> AdapterRequest:
+    def resolve(self, model: str | ModelSpec) -> AdapterRequest:
         req = resolve_model(model, self.base_names, self.allowed)
         if len(req.parts) > 1 or (req.parts and req.parts[0][1] != 1.0):
             raise InvalidModelName(
-                f"model {model!r}: vLLM serves one adapter at weight 1 per request; weighted adapters and "
+                f"model {str(model)!r}: vLLM serves one adapter at weight 1 per request; weighted adapters and "
                 "compositions need the built-in engine (loraplex serve --engine builtin)"
             )
         return req
@@ -121,7 +110,7 @@ class RemoteEngine:
         self.process = process
         self.idle_unload = idle_unload
         self.adapters = RemoteAdapters(
-            (self.base.id, "base", "default"), {a.partition("@")[0] for a in adapters} if adapters else None
+            names.base_names(self.base.id), {names.parse_ref(a).name for a in adapters} if adapters else None
         )
         for key in preloaded or ():
             self.adapters.mark_loaded(key)
@@ -155,6 +144,13 @@ class RemoteEngine:
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def kv_cache(self) -> tuple[int, int] | None:
+        return None  # vLLM's own (its /metrics: vllm:gpu_cache_usage_perc)
 
     def queue_depth(self) -> int:
         return 0  # the engine's queue is vLLM's own (its /metrics: vllm:num_requests_waiting)
@@ -224,7 +220,7 @@ class RemoteEngine:
     def unload_adapter(self, name: str) -> list[str]:
         """Unload every idle version of `name` from the engine (busy ones stay until sync finds them idle)."""
         gone = []
-        for key in [k for k in self.adapters.slot_of if k.split("@")[0] == name]:
+        for key in [k for k in self.adapters.slot_of if names.name_of(k) == name]:
             self.adapters.pinned.discard(key)
             if self.adapters.in_use[key] == 0:
                 self._unload(key)

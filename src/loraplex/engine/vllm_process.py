@@ -4,6 +4,7 @@
   converted cache), `--enable-lora`, `--lora-modules` as JSON (name = the store's `name@vN`, so a
   version is never confused with another), `--max-loras`, `--max-lora-rank` (the smallest value vLLM
   accepts that covers every adapter), `--tensor-parallel-size`, and what the user adds.
+* `plan(...)` picks what to start: the adapter versions the registry points at, a free port.
 * `check_layout(ref)` says why vLLM would refuse an adapter directory before it is sent there.
 * `VllmProcess` starts the child with runtime LoRA updates switched on (the front door loads and
   unloads versions as the registry changes, see remote.py), waits for `/health`, and stops it.
@@ -17,6 +18,7 @@ import importlib.util
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -39,6 +41,63 @@ INSTALL_HINT = (
     "or start vLLM yourself (VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve BASE --enable-lora ...) "
     "and pass --engine-url http://HOST:PORT/v1"
 )
+
+
+def pointed_at(allowed: set[str] | None) -> list[registry.AdapterRef]:
+    """The versions the registry points at now: each adapter's latest and its alias targets."""
+    aliases = registry.all_aliases()
+    out = []
+    for name, versions in registry.list_names():
+        if allowed is None or name in allowed:
+            for v in sorted({versions[-1], *aliases.get(name, {}).values()} & set(versions)):
+                out.append(registry.AdapterRef(name, v, registry.store_root() / name / f"v{v}"))
+    return out
+
+
+def plan(
+    base: BaseRef,
+    names: list[str] | None,
+    port: int | None,
+    max_batch: int,
+    max_loras: int,
+    max_model_len: int | None,
+    tensor_parallel_size: int,
+    max_lora_rank_asked: int | None,
+    dtype: str,
+    extra: list[str],
+) -> tuple[Launch, list[str]]:
+    """What `serve --engine vllm` starts: the base, the adapter versions the registry points at
+    (those of `names`, or all), a free port when none is given. Returns the launch and the adapters
+    left out because vLLM would refuse their layout; a named adapter vLLM would refuse is an error."""
+    from loraplex.adapters.names import parse_ref
+
+    refs, left_out = [], []
+    for ref in pointed_at({parse_ref(n).name for n in names} if names is not None else None):
+        problems = check_layout(ref)
+        if problems and names is not None:
+            raise UserError("; ".join(problems))
+        if problems:
+            left_out.append("; ".join(problems))
+            continue
+        refs.append(ref)
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    launch = Launch(
+        base=base,
+        served_name=base.id,
+        adapters=refs,
+        port=port,
+        max_loras=max_loras,
+        max_lora_rank=max_lora_rank(refs, max_lora_rank_asked),
+        max_num_seqs=max_batch,
+        max_model_len=max_model_len,
+        tensor_parallel_size=tensor_parallel_size,
+        dtype=dtype,
+        extra=extra,
+    )
+    return launch, left_out
 
 
 def installed() -> bool:

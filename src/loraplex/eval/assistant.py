@@ -48,7 +48,7 @@ def _summary(answers: list[dict[str, Any]]) -> dict[str, Any]:
     } | {"refused": sum(a["refused"] for a in answers)}
 
 
-async def _answer(engine: Any, prepared: list[retrieval.Prepared], model: str, max_tokens: int, progress: Any) -> Any:
+async def _answer(engine: Any, prepared: list[retrieval.Prepared], adapter: Any, max_tokens: int, progress: Any) -> Any:
     from loraplex.engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
@@ -60,7 +60,7 @@ async def _answer(engine: Any, prepared: list[retrieval.Prepared], model: str, m
         else:
             parts: list[str] = []
             finish = None
-            async for d in engine.generate(p.messages, params, model, max_tokens=max_tokens):
+            async for d in engine.generate(p.messages, params, adapter, max_tokens=max_tokens):
                 parts.append(d.text)
                 finish = d.finish_reason
             text = "".join(parts).strip()
@@ -124,6 +124,8 @@ def evaluate_assistant(
         with_kb = [retrieval.prepare(a, ex.prompt, searcher, True, fits) for ex in examples]
         without = [retrieval.prepare(a, ex.prompt, searcher, False) for ex in examples]
 
+        adapter = engine.adapters.resolve(a.spec)
+
         async def both() -> Any:
             total = 2 * len(examples)
             count = [0]
@@ -134,7 +136,7 @@ def evaluate_assistant(
                     progress(count[0], total)
 
             return await asyncio.gather(
-                _answer(engine, with_kb, a.model, max_tokens, tick), _answer(engine, without, a.model, max_tokens, tick)
+                _answer(engine, with_kb, adapter, max_tokens, tick), _answer(engine, without, adapter, max_tokens, tick)
             )
 
         on, off = asyncio.run(both())

@@ -55,7 +55,7 @@ def staged(out: Path) -> Iterator[Path]:
 
 
 def _adapter_base(ref: registry.AdapterRef) -> BaseRef:
-    from loraplex.engine.local import check_compatible
+    from loraplex.adapters.compat import check_compatible
 
     registry.verify(ref)
     base = resolve_base(ref.manifest().get("base_model", {}).get("id"))

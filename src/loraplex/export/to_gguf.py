@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loraplex.engine.lora import read_peft_lora
+from loraplex.adapters.peft_io import read_peft_lora
 from loraplex.errors import UserError
 
 # Hugging Face module name -> GGUF tensor name inside block N

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraplex.adapters import names
 from loraplex.errors import UserError
 from loraplex.gateway.db import Database
 
@@ -77,7 +78,7 @@ def record(
 
 
 def _where(adapter: str, rating: str | None) -> tuple[str, dict[str, Any]]:
-    name, _, version = adapter.partition("@")
+    name, version = names.split_ref(adapter)  # may be the base model's id
     escaped = name.replace("_", "\\_").replace("%", "\\%")
     if version:
         clause, args = "adapter = :adapter", {"adapter": adapter}

@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from prometheus_client import Gauge
@@ -27,6 +27,9 @@ from loraplex.gateway.limits import RateLimiter, SharedRateLimiter, Usage
 from loraplex.gateway.log import RequestLog, RequestRow
 from loraplex.gateway.metrics import Metrics
 from loraplex.gateway.policy import OutputFilter, ServeConfig
+
+if TYPE_CHECKING:
+    from loraplex.engine.protocol import EngineClient
 
 
 class Overloaded(Exception):
@@ -118,7 +121,7 @@ class Gateway:
         database: Path | str | None = None,
         log_text: bool = False,
         max_pending: int = 64,
-        engine: Any = None,
+        engine: EngineClient | None = None,
     ):
         self.db = db.connect(database)
         self.auth = keys.any_active(self.db) if auth is None else auth
@@ -134,7 +137,7 @@ class Gateway:
         self.recent = RecentResponses()
         self.max_pending = max_pending
         self.inflight = 0
-        self._filters: dict[str, OutputFilter] = {}
+        self._filters: dict[tuple[int, ...], OutputFilter] = {}
         self._http: httpx.AsyncClient | None = None
 
     @property
@@ -170,9 +173,13 @@ class Gateway:
         self.config, self._filters = config, {}
 
     def output_filter(self, model: str) -> OutputFilter:
-        if model not in self._filters:
-            self._filters[model] = OutputFilter(self.config.filters_for(model))
-        return self._filters[model]
+        # cached by which filters apply, not by the model name a client sent: names are client
+        # input, and a cache keyed by them grows with every new one
+        chosen = self.config.filters_for(model)
+        key = tuple(id(f) for f in chosen)
+        if key not in self._filters:
+            self._filters[key] = OutputFilter(chosen)
+        return self._filters[key]
 
     async def aclose(self) -> None:
         if self._http is not None:

@@ -24,6 +24,7 @@ from fnmatch import fnmatchcase
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 
+from loraplex.adapters import names
 from loraplex.errors import UserError
 from loraplex.gateway.db import Database
 from loraplex.paths import check_name
@@ -54,8 +55,7 @@ class Key:
 
     def allows(self, model: str, base_names: tuple[str, ...] = ()) -> bool:
         """Whether this key may use `model` (a name, `name@version`, or a `a:0.7+b` composition)."""
-        parts = [p.split(":")[0].split("@")[0].strip() for p in model.split("+")]
-        return all(self._allows_name(p, base_names) for p in parts)
+        return all(self._allows_name(p, base_names) for p in names.loose_names(model))
 
     def _allows_name(self, name: str, base_names: tuple[str, ...]) -> bool:
         # `base` and `default` are other names of the base model (base_names[0]): a scope matches

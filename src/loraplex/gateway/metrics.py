@@ -6,9 +6,12 @@ Queue depth, running batch and loaded adapters are read from the engine when scr
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from loraplex.engine.protocol import EngineClient
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 RETRIEVAL_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -16,7 +19,7 @@ ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.
 
 
 class Metrics:
-    def __init__(self, engine: Any = None):
+    def __init__(self, engine: EngineClient | None = None):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("loraplex_requests", "Requests answered", ["model", "key", "status"], registry=r)
         self.errors = Counter(
@@ -61,13 +64,12 @@ class Metrics:
             Gauge("loraplex_loaded_adapters", "Adapters in memory slots", registry=r).set_function(
                 lambda: len(engine.adapters.slot_of)
             )
-            cache = getattr(engine, "cache", None)  # the built-in engine's (vLLM reports its own)
-            if cache is not None:
+            if engine.kv_cache() is not None:  # the built-in engine's (vLLM reports its own)
                 Gauge("loraplex_kv_cache_bytes", "KV cache memory allocated now", registry=r).set_function(
-                    lambda: cache.allocated_bytes
+                    lambda: (engine.kv_cache() or (0, 0))[0]
                 )
                 Gauge("loraplex_kv_cache_budget_bytes", "The KV cache's budget", registry=r).set_function(
-                    lambda: engine.kv_cache_bytes
+                    lambda: (engine.kv_cache() or (0, 0))[1]
                 )
 
     def render(self) -> bytes:

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Literal
 
 import regex
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
-from loraplex.config import explain, load_yaml
+from loraplex.adapters import names
+from loraplex.config import Strict, explain, load_yaml
 from loraplex.data.validate import PLACEHOLDERS, find_personal_data
 from loraplex.errors import UserError
 
@@ -39,11 +40,7 @@ _DIGIT_RUN = regex.compile(r"[0-9Xx+()\- ]*[0-9][0-9Xx+()\- ]*$")
 MAX_HOLD = 256  # a longer run cannot be one match of ours: release it
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-
-
-class Upstream(_Strict):
+class Upstream(Strict):
     models: list[str] = Field(min_length=1)
     """Model names or glob patterns routed to this endpoint."""
     base_url: str
@@ -71,7 +68,7 @@ class Upstream(_Strict):
         return key
 
 
-class Filter(_Strict):
+class Filter(Strict):
     models: list[str] = Field(["*"], min_length=1)
     """Model names or glob patterns whose completions this filter rewrites."""
     block: list[str] = []
@@ -92,18 +89,18 @@ class Filter(_Strict):
         return v
 
 
-class ServeConfig(_Strict):
+class ServeConfig(Strict):
     upstreams: list[Upstream] = []
     """OpenAI-compatible endpoints that answer some model names instead of the built-in engine."""
     filters: list[Filter] = []
     """Output filters on completions, per model."""
 
     def upstream_for(self, model: str) -> Upstream | None:
-        name = model.split("@")[0]
+        name = names.name_of(model)  # an upstream's own name may hold ':' (`llama3:8b`)
         return next((u for u in self.upstreams if any(fnmatchcase(name, p) for p in u.models)), None)
 
     def filters_for(self, model: str) -> list[Filter]:
-        name = model.split("+")[0].split(":")[0].split("@")[0]
+        name = names.loose_names(model)[0]
         return [f for f in self.filters if any(fnmatchcase(name, p) for p in f.models)]
 
 

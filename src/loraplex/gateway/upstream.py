@@ -18,13 +18,8 @@ from typing import Any
 import httpx
 from httpx_sse import EventSource, SSEError
 
+from loraplex.errors import UpstreamError
 from loraplex.gateway.policy import OutputFilter, StreamFilter, Upstream
-
-
-class UpstreamError(Exception):
-    def __init__(self, status: int, message: str, code: str = "upstream_error"):
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
 
 
 @dataclass

@@ -51,3 +51,24 @@ def bf16_is_faster(device: str) -> bool:
                 a @ b
             best[dtype] = min(best[dtype], time.perf_counter() - t)
     return best[torch.bfloat16] < 0.75 * best[torch.float32]
+
+
+def pick_precision(choice: str, device: str) -> torch.dtype:
+    if choice == "fp32":
+        return torch.float32
+    if choice == "fp16":
+        if device == "cpu":
+            raise UserError("train.precision fp16 is for GPUs; use bf16 or auto on CPU")
+        return torch.float16
+    if choice == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if bf16_is_faster(device) else torch.float32
+
+
+def peak_memory(device: str) -> tuple[int, str]:
+    """The run's peak memory so far: what PyTorch allocated on the GPU, else the process's peak RSS."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated(device)), "GPU"
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "RSS"  # Linux reports KiB

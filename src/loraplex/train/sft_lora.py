@@ -20,7 +20,6 @@ store lays out versions (see adapters/registry.py).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import math
@@ -28,7 +27,6 @@ import os
 import random
 import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,22 +36,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from loraplex import threads
 from loraplex.adapters import registry
 from loraplex.assistants import faq
 from loraplex.config import TrainConfig
-from loraplex.data import paraphrase
-from loraplex.data.formats import Conversation, FormatOptions, parse_file
-from loraplex.data.tokenize import IGNORE, Example, collate, encode_all, pack, unpacked
-from loraplex.data.validate import redact_conversations
+from loraplex.data.tokenize import IGNORE
 from loraplex.errors import UserError
-from loraplex.models.device import bf16_is_faster, pick_device
+from loraplex.models.device import peak_memory, pick_device, pick_precision
 from loraplex.models.load import BaseRef, eos_token_ids, load_model, load_tokenizer, resolve_base
-from loraplex.paths import home
 from loraplex.train import distributed, zero
+from loraplex.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_state
+from loraplex.train.data import make_batch, micro_batches, prepare, run_dir_of, write_eval_split
+from loraplex.train.gen_eval import generation_eval
 
 
 @dataclass
@@ -67,68 +63,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def pick_precision(choice: str, device: str) -> torch.dtype:
-    if choice == "fp32":
-        return torch.float32
-    if choice == "fp16":
-        if device == "cpu":
-            raise UserError("train.precision fp16 is for GPUs; use bf16 or auto on CPU")
-        return torch.float16
-    if choice == "bf16":
-        return torch.bfloat16
-    return torch.bfloat16 if bf16_is_faster(device) else torch.float32
-
-
-def read_data(cfg: TrainConfig, path: str) -> tuple[list[Conversation], str]:
-    d = cfg.data
-    opts = FormatOptions(
-        format=None if d.format == "auto" else d.format,
-        question_column=d.question_column,
-        answer_column=d.answer_column,
-        system_column=d.system_column,
-        user_names=tuple(d.user_names),
-        assistant_names=tuple(d.assistant_names),
-    )
-    result = parse_file(path, opts)
-    if result.errors and not d.skip_invalid:
-        listed = "\n  ".join(str(e) for e in result.errors[:50])
-        more = f"\n  ... and {len(result.errors) - 50} more" if len(result.errors) > 50 else ""
-        raise UserError(
-            f"{len(result.errors)} invalid record(s) in {path} (fix them, or set data.skip_invalid: true "
-            f"to train on the {len(result.conversations)} valid ones):\n  {listed}{more}"
-        )
-    return result.conversations, result.format
-
-
-def sha256_of(path: str) -> str:
-    return registry.sha256_file(Path(path))
-
-
-def lora_peft_config(cfg: TrainConfig) -> Any:
-    from peft import LoraConfig as PeftLoraConfig
-
-    lc = cfg.lora
-    return PeftLoraConfig(
-        r=lc.rank,
-        lora_alpha=lc.alpha,  # type: ignore[arg-type]  # PEFT annotates int; a float alpha works and is allowed
-        lora_dropout=lc.dropout,
-        target_modules=lc.target_modules,
-        bias=lc.bias,
-        use_dora=lc.use_dora,
-        use_rslora=lc.use_rslora,
-        task_type="CAUSAL_LM",
-    )
-
-
-def peak_memory(device: str) -> tuple[int, str]:
-    """The run's peak memory so far: what PyTorch allocated on the GPU, else the process's peak RSS."""
-    if device.startswith("cuda"):
-        return int(torch.cuda.max_memory_allocated(device)), "GPU"
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "RSS"  # Linux reports KiB
 
 
 def quantization_config(cfg: TrainConfig, device: str, dtype: torch.dtype) -> Any:
@@ -174,86 +108,6 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
 
 
-@torch.no_grad()
-def generation_eval(
-    model: Any, tok: Any, convs: list[Conversation], max_new_tokens: int, eos: list[int], autocast: Any
-) -> dict[str, float]:
-    """Greedy answers to eval questions, scored like `loraplex eval`: exact match, keyword recall
-    (where records name keywords) and the per-answer score (keyword recall, else ROUGE-L)."""
-    from loraplex.data.tokenize import render
-    from loraplex.eval import metrics
-
-    texts = [render(tok, c.messages[:-1], add_generation_prompt=True) for c in convs]
-    side = tok.padding_side
-    tok.padding_side = "left"  # generation continues from the right end of every row
-    try:
-        inputs = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-    finally:
-        tok.padding_side = side
-    device = next(model.parameters()).device
-    model.eval()
-    with autocast():
-        out = model.generate(
-            **{k: v.to(device) for k, v in inputs.items()},
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            eos_token_id=eos,
-            pad_token_id=tok.pad_token_id,
-        )
-    model.train()
-    new = out[:, inputs["input_ids"].shape[1] :].cpu()
-    scores = []
-    for c, ids in zip(convs, new, strict=True):
-        stopped = any(int(t) in eos for t in ids)
-        answer = str(tok.decode(ids, skip_special_tokens=True)).strip()
-        scores.append(metrics.score(answer, c.messages[-1]["content"], list(c.keywords), stopped))
-    kw = [x.keywords for x in scores if x.keywords is not None]
-    result = {
-        "gen_exact": sum(x.exact for x in scores) / len(scores),
-        "gen_score": sum(x.score for x in scores) / len(scores),
-    }
-    if kw:
-        result["gen_keywords"] = sum(kw) / len(kw)
-    return result
-
-
-def write_eval_split(path: Path, convs: list[Conversation]) -> None:
-    """The held-out conversations as a messages-format file: `loraplex eval`'s default data."""
-    with open(path, "w", encoding="utf-8") as f:
-        for c in convs:
-            rec: dict[str, Any] = {"messages": c.messages}
-            if c.keywords:
-                rec["keywords"] = list(c.keywords)
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-
-
-def micro_batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[Example]]:
-    """The epoch's micro-batches: a seeded shuffle, so any step can be recomputed on resume."""
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    order = torch.randperm(len(examples), generator=g).tolist()
-    return [[examples[i] for i in order[k : k + batch_size]] for k in range(0, len(order), batch_size)]
-
-
-# Packed rows are filled up to this many tokens (or the longest example, if longer), not to
-# max_seq_length: attention over a packed row costs its length squared, and on CPU four 330-token
-# examples took 7.4 s a step packed into 980-token rows against 1.4 s in rows of their own.
-PACK_ROW = 512
-
-
-def make_batch(examples: list[Example], pad_id: int, packed: bool, max_len: int) -> dict[str, torch.Tensor]:
-    """A micro-batch of `batch_size` examples: packed into as few rows as fit, or one padded row each.
-
-    Packing keeps the examples of a step the same as without it (same shuffle, same loss), so it
-    changes speed, not what is learned.
-    """
-    longest = max(len(e.input_ids) for e in examples)
-    rows = pack(examples, min(max_len, max(PACK_ROW, longest))) if packed else unpacked(examples)
-    return collate(rows, pad_id, packed)
-
-
 def lr_at(step: int, total: int, warmup: int, peak: float, kind: str) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -263,141 +117,6 @@ def lr_at(step: int, total: int, warmup: int, peak: float, kind: str) -> float:
     if kind == "linear":
         return peak * max(0.0, 1.0 - progress)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def run_id(cfg: TrainConfig, data_sha: str, base: BaseRef) -> str:
-    """Same name + config + data + base = same run directory, which is what makes re-running resume.
-
-    Switches that change speed and memory but not the result (checkpointing, compile, FSDP, DeepSpeed,
-    CPU threads) are left out,
-    so a run can resume with them turned on; so are the QLoRA fields while QLoRA is off (run ids
-    from before those fields existed stay the same)."""
-    dumped = cfg.model_dump(mode="json")
-    train = dumped["train"]
-    for key in ("gradient_checkpointing", "compile", "fsdp", "deepspeed", "threads"):
-        train.pop(key, None)
-    if train.get("quantization_bit") is None:
-        for key in ("quantization_bit", "quantization_type", "double_quantization"):
-            train.pop(key, None)
-    payload = json.dumps(
-        {"cfg": dumped, "data": data_sha, "base": base.fingerprint.get("weights_sha256")},
-        sort_keys=True,
-    )
-    return f"{cfg.name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
-
-
-def paraphrase_questions(
-    cfg: TrainConfig, conversations: list[Conversation], base: BaseRef, world: Any, console: Any
-) -> dict[str, list[str]]:
-    """Rewordings of each single-turn question, by record source ({} when paraphrase.count is 0).
-    One process asks the teacher; the others read what it wrote."""
-    pc = cfg.paraphrase
-    if not pc.count:
-        return {}
-    singles = faq.pairs_of(conversations)
-    teacher = paraphrase.Teacher(pc.teacher, pc.teacher_model, pc.api_key_env)
-    asked = [(p.question, p.answer) for p in singles]
-    if not world.main:
-        world.barrier()
-    found, path, cached = paraphrase.paraphrases(asked, teacher, pc.count, base)
-    if world.main:
-        world.barrier()
-    console.print(
-        f"paraphrases: {sum(map(len, found))} for {len(singles)} questions by {teacher.describe()}, "
-        f"{'reused from' if cached else 'written to'} {path} (review or edit it; the next run trains on it)"
-    )
-    return {p.source: ps for p, ps in zip(singles, found, strict=True)}
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def whole(p: Any) -> torch.Tensor:
-    """A trainable parameter as one whole tensor (a collective under FSDP and ZeRO: every process calls it)."""
-    return (zero.full(p) if zero.is_zero(p) else distributed.full(p.detach())).detach().clone().contiguous()
-
-
-def trainable_state(model: Any) -> dict[str, torch.Tensor]:
-    """The LoRA weights as whole tensors (gathered from the shards under FSDP / ZeRO)."""
-    return {n: whole(p) for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(
-    ckpt_root: Path,
-    step: int,
-    model: Any,
-    opt: Any,
-    state: dict[str, Any],
-    keep: int,
-    write: bool = True,
-) -> Path | None:
-    """Under FSDP / ZeRO every process calls this (the shards are gathered) and only `write` writes."""
-    weights = trainable_state(model)
-    opt_tensors: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        kept = zero.moments(p, step) if zero.is_zero(p) else opt.state.get(p, {})
-        for key, value in kept.items():
-            opt_tensors[f"{name}::{key}"] = distributed.full(torch.as_tensor(value)).detach().clone().contiguous()
-    if not write:
-        return None
-    opt_tensors["rng.torch"] = torch.get_rng_state()
-    final = ckpt_root / f"step-{step:07d}"
-    # whole or not at all: written into a temporary directory, renamed into place (a kill leaves a
-    # .tmp- directory that nothing reads); a full disk removes it and says which checkpoint is kept
-    tmp = None
-    try:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        for old_tmp in ckpt_root.glob(".tmp-*"):  # left by a killed run
-            shutil.rmtree(old_tmp, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=ckpt_root))
-        save_file(weights, str(tmp / "trainable.safetensors"))
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "python_rng": random.getstate()[1][:1]}))
-    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        kept = latest_checkpoint(ckpt_root)
-        raise UserError(
-            f"cannot write checkpoint {final}: {getattr(e, 'strerror', None) or e}. "
-            + (f"The last whole checkpoint, {kept}, is kept: " if kept else "No earlier checkpoint: ")
-            + "free space and run the same command again to resume."
-        ) from e
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    for old in sorted(p for p in ckpt_root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    done = sorted(p for p in ckpt_root.glob("step-*") if (p / "state.json").is_file())
-    return done[-1] if done else None
-
-
-def load_checkpoint(path: Path, model: Any, opt: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """Weights, RNG and state into the model; AdamW's moments too, unless `opt` is None (DeepSpeed
-    takes them after it has wrapped the model: `zero.restore_moments`)."""
-    weights = load_file(str(path / "trainable.safetensors"))
-    named = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, t in weights.items():
-            named[n].copy_(distributed.like(t, named[n]))  # this process's shard of it under FSDP
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    for n, p in named.items():
-        if not p.requires_grad or opt is None:
-            continue
-        # laid out like the parameter (device, shard): the fused AdamW kernel wants its moments there
-        st = {k.split("::", 1)[1]: distributed.like(v, p) for k, v in tensors.items() if k.split("::", 1)[0] == n}
-        if st:
-            opt.state[p] = st
-    torch.set_rng_state(tensors["rng.torch"])
-    return dict(json.loads((path / "state.json").read_text()))
-
-
-# ----------------------------------------------------------------------------- the recipe
 
 
 def run(
@@ -456,69 +175,10 @@ def run(
         world.barrier()
     tok = load_tokenizer(base)
 
-    conversations, fmt = read_data(cfg, cfg.data.path)
-    data_sha = sha256_of(cfg.data.path)
-    redactions: dict[str, int] = {}
-    if cfg.data.redact:
-        conversations, counts = redact_conversations(conversations)
-        redactions = dict(counts)
-    if cfg.data.eval_path:
-        eval_convs, _ = read_data(cfg, cfg.data.eval_path)
-        if cfg.data.redact:
-            eval_convs, _ = redact_conversations(eval_convs)
-    elif cfg.data.eval_ratio > 0:
-        order = torch.randperm(len(conversations), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
-        n_eval = max(1, round(len(conversations) * cfg.data.eval_ratio))
-        eval_convs = [conversations[i] for i in order[:n_eval]]
-        conversations = [conversations[i] for i in sorted(order[n_eval:])]
-    else:
-        eval_convs = []
-
-    # ---- paraphrases: other wordings of each training question (after the eval split: held-out
-    # questions never reach the teacher)
-    records = len(conversations)
-    reworded = paraphrase_questions(cfg, conversations, base, world, console)
-
-    # ---- retrieval: the records become the adapter's knowledge, the examples carry passages
-    pairs = faq.pairs_of(conversations) if cfg.retrieval.enabled else []
-    augmented: dict[str, int] = {"paraphrases": sum(map(len, reworded.values()))}
-    if pairs:
-        rc = cfg.retrieval
-        conversations, made = faq.augment(
-            conversations, pairs, rc.top_k, rc.min_similarity, rc.noisy_copies, rc.refusals, cfg.train.seed, reworded
-        )
-        augmented.update(made)
-        console.print(
-            f"retrieval: on ({len(pairs)} Q&A become the adapter's knowledge; {rc.top_k} passages per prompt): "
-            f"{augmented['answer_examples']} answer examples ({augmented['noisy_questions']} noisy questions, "
-            f"{augmented['paraphrases']} paraphrases), {augmented['refusal_examples']} refusal examples; "
-            f"{cfg.epochs:g} epochs"
-        )
-    else:
-        conversations = faq.reworded(conversations, reworded)
-        why = "no single-turn Q&A records in the data" if cfg.retrieval.enabled else "retrieval.enabled: false"
-        console.print(
-            f"retrieval: off ({why}); plain LoRA SFT on {len(conversations)} examples "
-            f"({augmented['paraphrases']} paraphrases), {cfg.epochs:g} epochs"
-        )
-
-    max_len = cfg.data.max_seq_length
-    train_ex, stats = encode_all(tok, conversations, max_len, cfg.data.train_on_prompt)
-    # evaluated as served: with retrieval, eval questions carry the passages found in the training Q&A
-    served_eval = faq.as_served(eval_convs, pairs, cfg.retrieval.top_k, cfg.retrieval.min_similarity)
-    eval_ex, _ = encode_all(tok, served_eval, max_len, cfg.data.train_on_prompt)
-    if stats.truncated:
-        console.print(
-            f"[yellow]warning:[/] {stats.truncated} example(s) longer than max_seq_length={max_len} were truncated"
-        )
-    if stats.dropped:
-        console.print(
-            f"[yellow]warning:[/] {len(stats.dropped)} example(s) had no answer token left after "
-            f"truncation and are not trained: {', '.join(stats.dropped[:5])}"
-        )
-    if not train_ex:
-        raise UserError(f"{cfg.data.path}: no trainable examples (answers empty or truncated away)")
-
+    # ---- data: records -> split -> paraphrases -> retrieval -> tokens (train/data.py)
+    data = prepare(cfg, tok, base, world, console)
+    train_ex, eval_ex, eval_convs, served_eval = data.train_ex, data.eval_ex, data.eval_convs, data.served_eval
+    pairs, augmented, stats, max_len = data.pairs, data.augmented, data.stats, cfg.data.max_seq_length
     pad_id = tok.pad_token_id
 
     # ---- model
@@ -538,7 +198,7 @@ def run(
     # No `prepare_model_for_kbit_training` for QLoRA: it casts every unquantised weight to fp32, and the
     # embeddings and head of a 128k-vocabulary model are then 4 GB instead of 2; autocast computes in
     # the compute dtype and the RMSNorms already compute in fp32. Checkpointing is our own switch below.
-    model = get_peft_model(model, lora_peft_config(cfg))
+    model = get_peft_model(model, cfg.lora.peft())
     if dtype != torch.float32 and quantization is None:
         # Frozen base weights live in the compute dtype, LoRA weights stay fp32 (autocast casts them).
         for p in model.parameters():
@@ -583,7 +243,7 @@ def run(
     warmup = int(total_steps * tc.warmup_ratio)
 
     # ---- run directory and resume
-    run_dir = home() / "runs" / run_id(cfg, data_sha, base)
+    run_dir = run_dir_of(cfg, data.sha256, base)
     ckpt_root = run_dir / "checkpoints"
     start_step, best_eval, bad_evals = 0, float("inf"), 0
     ckpt = latest_checkpoint(ckpt_root) if resume != "never" else None
@@ -835,7 +495,7 @@ def run(
         eval_loss = evaluate()
     wall = time.time() - t_start
     loop_time = time.time() - t_loop
-    threads_used = _threads_summary(tuner, torch.get_num_threads()) if device == "cpu" else None
+    threads_used = threads.summary(tuner, torch.get_num_threads()) if device == "cpu" else None
     peak, peak_kind = peak_memory(device)
     ref = None
     gathered = trainable_state(model) if sharded else None  # a collective: before rank 0 goes on alone
@@ -849,16 +509,16 @@ def run(
             {
                 "data": {
                     "path": str(Path(cfg.data.path).resolve()),
-                    "format": fmt,
-                    "sha256": data_sha,
-                    "records": records,
+                    "format": data.format,
+                    "sha256": data.sha256,
+                    "records": data.records,
                     "eval_records": len(eval_convs),
                     "eval_file": str(run_dir / "eval_split.jsonl") if eval_convs else None,
                     "examples": len(train_ex),
                     "tokens": stats.tokens,
                     "answer_tokens": stats.label_tokens,
                     "truncated": stats.truncated,
-                    "redactions": redactions,
+                    "redactions": data.redactions,
                 },
                 "retrieval": {
                     "enabled": bool(pairs),
@@ -893,15 +553,6 @@ def run(
     )
     world.close()
     return TrainResult(ref, run_dir, step, train_loss, eval_loss)
-
-
-def _threads_summary(tuner: threads.Tuner | None, now: int) -> dict[str, Any]:
-    """What the run's CPU threads were, for the manifest and the closing line."""
-    if tuner is None:
-        return {"mode": "fixed", "threads": now, "text": f"{now} thread{'s' * (now > 1)} (fixed)"}
-    speeds = {str(n): round(v, 1) for n, v in sorted(tuner.speeds.items())}
-    text = f"{tuner.threads} of {threads.cores()} cores (thread count measured, {tuner.switches} switches)"
-    return {"mode": "measured", "threads": tuner.threads, "switches": tuner.switches, "tok_s": speeds, "text": text}
 
 
 def _register(

@@ -7,11 +7,14 @@ Plain queries returning JSON-ready dicts; the page draws them. This module chang
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraplex.adapters import registry
 from loraplex.gateway import feedback
 from loraplex.gateway.db import Database
+
+if TYPE_CHECKING:
+    from loraplex.engine.protocol import EngineClient
 
 
 def adapters(db: Database) -> list[dict[str, Any]]:
@@ -71,7 +74,7 @@ def timeline(db: Database, hours: float = 24.0, buckets: int = 48) -> dict[str, 
     return {"start": start, "width_s": width, "buckets": buckets, "series": series}
 
 
-def live(db: Database, engine: Any, minutes: float = 15.0) -> dict[str, Any]:
+def live(db: Database, engine: EngineClient, minutes: float = 15.0) -> dict[str, Any]:
     """The engine now (loaded adapters, running rows, queue) and recent TTFT / latency per request."""
     since = time.time() - minutes * 60
     recent = [

@@ -125,7 +125,7 @@ class Jobs:
     def start(self, key: str, filename: str, content_b64: str, settings: TrainSettings) -> dict[str, Any]:
         from loraplex.config import load_config
         from loraplex.models.load import resolve_base
-        from loraplex.train.sft_lora import run_id, sha256_of
+        from loraplex.train.data import run_dir_of, sha256_of
 
         name = check_name(settings.name)
         base = resolve_base(settings.base or self.default_base)  # before anything is written
@@ -149,7 +149,7 @@ class Jobs:
                     "eval_ratio": settings.eval_ratio,
                     "max_seq_length": settings.max_seq_length,
                 },
-                "lora": {"rank": settings.rank, "alpha": 2 * settings.rank},
+                "lora": {"rank": settings.rank},  # alpha follows (2 x rank), as `loraplex train --rank`
                 # epochs unset: the recipe's default (16, or 4 with retrieval), as `loraplex train`
                 "train": {
                     "epochs": settings.epochs,
@@ -158,7 +158,7 @@ class Jobs:
                 },
             }
         )
-        run_dir = home() / "runs" / run_id(cfg, sha256_of(str(data)), base)
+        run_dir = run_dir_of(cfg, sha256_of(str(data)), base)
         (d / "config.yaml").write_text(
             f"# loraplex train {d / 'config.yaml'}\n" + yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True)
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import fastapi
 from fastapi import Depends, FastAPI
@@ -24,6 +24,9 @@ from loraplex.gateway.gate import Gateway
 from loraplex.gateway.keys import Key
 from loraplex.web import conversations, dashboard
 from loraplex.web.jobs import JOB_ID, Jobs, TrainSettings
+
+if TYPE_CHECKING:
+    from loraplex.engine.protocol import EngineClient
 
 ConversationId = Annotated[str, fastapi.Path(pattern=conversations.ID_RE.pattern)]  # checked and documented
 JobId = Annotated[str, fastapi.Path(pattern=JOB_ID)]
@@ -64,7 +67,7 @@ class TrainRequest(Upload):
     settings: TrainSettings
 
 
-def add_routes(app: FastAPI, gw: Gateway, engine: Any, principal: Any, admin: Any) -> None:
+def add_routes(app: FastAPI, gw: Gateway, engine: EngineClient, principal: Any, admin: Any) -> None:
     jobs = Jobs(gw.db, engine.base.id, engine.threads)
 
     def owner(key: Key | None) -> str:

@@ -1,0 +1,518 @@
+"""POST /v1/chat/completions and /v1/completions: parse, admit, answer.
+
+A route parses its body into a prompt and calls `complete`, which runs three stages:
+
+1. `admit`: the key may use the model; an assistant (or an adapter trained with retrieval) shapes
+   the messages; the name resolves to exact adapter versions, or to an upstream endpoint; the
+   prompt is encoded once and must fit the context; the key's limits take its tokens.
+2. the engine's streams, one per choice (`n`), or a fixed refusal when retrieval found nothing;
+3. `answer_json` or `answer_stream` (SSE ending `data: [DONE]`, sse-starlette, which also notices a
+   client that leaves: the engine then frees that row at once, in engine.generate's `finally`).
+
+Every request leaves one log row through its `Call`. This module does not batch or sample
+(engine/), check keys or meter (gateway/), or search knowledge (assistants/retrieval.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+
+from loraplex.adapters.names import not_found
+from loraplex.api.errors import APIError, translate
+from loraplex.api.schemas import ChatCompletionRequest, CompletionRequest
+from loraplex.assistants import faq, retrieval
+from loraplex.assistants import store as assistants
+from loraplex.engine.lora import AdapterRequest
+from loraplex.engine.protocol import Delta, EngineClient
+from loraplex.engine.sampling import SamplingParams, TokenLogprob
+from loraplex.errors import UpstreamError, UserError
+from loraplex.gateway import upstream
+from loraplex.gateway.gate import Call, Gateway
+from loraplex.gateway.keys import Key
+from loraplex.gateway.policy import OutputFilter
+
+log = logging.getLogger(__name__)
+Request_ = ChatCompletionRequest | CompletionRequest
+
+# a completion is JSON, or server-sent events with `stream: true`
+STREAMED: dict[int | str, dict[str, Any]] = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What every completion needs from the app: the engine, the gateway, the key check, retrieval."""
+
+    engine: EngineClient
+    gw: Gateway
+    allowed: Callable[[Key | None, str], bool]
+    searcher: retrieval.Searcher
+
+
+@dataclass
+class Admitted:
+    """A request that passed `admit`: what the engine runs and how the answer is labelled."""
+
+    served: str
+    prompt_ids: list[int]
+    adapter: AdapterRequest
+    max_tokens: int | None
+    filt: OutputFilter | None
+    sources: list[dict[str, Any]] | None = None
+    refusal: str | None = None  # retrieval found nothing and the assistant refuses: no model run
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def add_routes(app: FastAPI, s: Serving, principal: Callable[..., Key | None]) -> None:
+    @app.post("/v1/chat/completions", responses=STREAMED)
+    async def chat(request: Request, req: ChatCompletionRequest, key: Key | None = Depends(principal)) -> Any:
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        top = req.top_logprobs if req.logprobs else None
+        if req.logprobs and top is None:
+            top = 0
+        call = request.state.call
+        call.prompt = messages
+        limit = req.max_completion_tokens or req.max_tokens
+        return await complete(s, call, req, messages, limit, top, True, request.receive)
+
+    @app.post("/v1/completions", responses=STREAMED)
+    async def completions(request: Request, req: CompletionRequest, key: Key | None = Depends(principal)) -> Any:
+        if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str):
+            if len(req.prompt) != 1:
+                raise APIError(400, "this server takes one prompt per request", param="prompt")
+            prompt: Any = req.prompt[0]
+        else:
+            prompt = req.prompt
+        call = request.state.call
+        call.prompt = prompt
+        return await complete(s, call, req, prompt, req.max_tokens, req.logprobs, False, request.receive)
+
+
+async def complete(
+    s: Serving,
+    call: Call,
+    req: Request_,
+    prompt: Any,
+    max_tokens: int | None,
+    top_logprobs: int | None,
+    chat: bool,
+    receive: Any,
+) -> Any:
+    """One completion request, parsed: admit it, run it, answer as JSON or a stream."""
+    admitted = await admit(s, call, req, prompt, max_tokens, top_logprobs, chat)
+    if not isinstance(admitted, Admitted):
+        return admitted  # an upstream's answer
+    a = admitted
+    if a.refusal is not None:
+        streams = [_fixed_answer(s.engine, a.refusal, len(a.prompt_ids)) for _ in range(req.n)]
+    else:
+        streams = [
+            s.engine.generate(a.prompt_ids, _params(req, top_logprobs, i), a.adapter, a.max_tokens)
+            for i in range(req.n)
+        ]
+    if not req.stream:
+        return await answer_json(s.engine, call, req, a, streams, top_logprobs, chat, receive)
+    return answer_stream(s, call, req, a, streams, top_logprobs, chat)
+
+
+async def admit(
+    s: Serving, call: Call, req: Request_, prompt: Any, max_tokens: int | None, top_logprobs: int | None, chat: bool
+) -> Admitted | Any:
+    """Everything between a parsed request and the engine: an `Admitted`, or an upstream's answer."""
+    engine, gw = s.engine, s.gw
+    call.model = req.model
+    if not s.allowed(call.key, req.model):
+        # the answer a missing model gets: a key learns nothing about hidden ones
+        raise APIError(404, not_found(req.model), param="model", code="model_not_found")
+    assistant = await asyncio.to_thread(_assistant, req.model)
+    # an adapter trained with retrieval answers from its own Q&A, as an assistant would
+    own_knowledge = assistant is None and chat and (assistant := await asyncio.to_thread(faq.assistant, req.model))
+    prepared: retrieval.Prepared | None = None
+    headers: dict[str, str] = {}
+    fitted: list[Any] = [None, None]  # the last prompt measured and its ids, so it is not encoded twice
+    if assistant is not None:
+        if not chat:
+            raise APIError(400, f"{req.model!r} is an assistant: use /v1/chat/completions", param="model")
+        max_tokens = _apply_defaults(req, assistant, max_tokens)
+        # room for the answer: what the request asks for, else a quarter of the context (at most 256)
+        reserve = max_tokens or min(256, engine.max_model_len // 4)
+
+        def fits(msgs: list[dict[str, str]]) -> bool:
+            fitted[:] = [msgs, engine.encode(msgs)]
+            return len(fitted[1]) + reserve <= engine.max_model_len
+
+        try:
+            t_retrieval = time.perf_counter()
+            prepared = await asyncio.to_thread(retrieval.prepare, assistant, prompt, s.searcher, True, fits)
+            if assistant.knowledge is not None:
+                took = time.perf_counter() - t_retrieval
+                gw.metrics.retrieval.labels(req.model).observe(took)
+                # for clients and benchmarks: what retrieval added to this request, before any token
+                headers["X-Retrieval-Ms"] = f"{took * 1e3:.2f}"
+        except UserError as e:
+            raise _misconfigured(req.model, e) from None
+        prompt = prepared.messages
+    elif not chat and max_tokens is None:
+        max_tokens = 16  # OpenAI's default for /v1/completions
+    filt = gw.output_filter(req.model)
+    if filt and top_logprobs is not None:
+        raise APIError(400, f"logprobs are not available for {req.model!r}: its output is filtered", param="logprobs")
+    up = gw.config.upstream_for(req.model) if assistant is None else None
+    gw.reserve(call, req.n)
+    if up is not None:
+        return await _proxy(gw, call, req, up, chat, filt)
+    try:
+        if assistant is None:
+            adapter = await asyncio.to_thread(engine.adapters.resolve, req.model)
+            served = adapter.key or engine.base.id
+        else:
+            try:
+                adapter = await asyncio.to_thread(engine.adapters.resolve, assistant.spec)
+            except UserError as e:
+                if own_knowledge:
+                    raise  # the client's model name, answered like any adapter's (below)
+                raise _misconfigured(req.model, e) from None
+            served = adapter.key if own_knowledge else assistant.name
+            if prepared is not None and prepared.base_only:
+                adapter = AdapterRequest()  # nothing relevant found: off-topic for these adapters
+        if prepared is not None and prepared.messages is fitted[0]:
+            prompt_ids = fitted[1]
+        else:
+            prompt_ids = await asyncio.to_thread(engine.encode, prompt)
+        if not prompt_ids:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        if any(not 0 <= t < engine.vocab_size for t in prompt_ids):
+            raise APIError(400, "prompt token ids must be within the vocabulary", param="prompt")
+        engine.check_length(len(prompt_ids), max_tokens)
+    except Exception as e:  # noqa: BLE001
+        raise translate(e) from None
+    call.served = served
+    call.prompt_tokens = len(prompt_ids)
+    if call.key is not None:
+        if gw.limiter.blocking:  # a database round trip: off the event loop
+            call.usage = await asyncio.to_thread(gw.limiter.admit, call.key, len(prompt_ids))
+        else:
+            call.usage = gw.limiter.admit(call.key, len(prompt_ids))
+    sources = None
+    if prepared is not None and assistant is not None and assistant.knowledge is not None:
+        sources = [x.json() for x in prepared.sources]
+    refusal = prepared.refusal if prepared is not None else None
+    return Admitted(served, prompt_ids, adapter, max_tokens, filt, sources, refusal, headers)
+
+
+async def answer_json(
+    engine: EngineClient,
+    call: Call,
+    req: Request_,
+    a: Admitted,
+    streams: list[AsyncIterator[Delta]],
+    top_logprobs: int | None,
+    chat: bool,
+    receive: Any,
+) -> Any:
+    """Collect every choice, then one JSON body. A client that leaves stops its generation, as a
+    stream's does (sse-starlette watches those): the next ASGI message after the body is the disconnect."""
+    answers = asyncio.gather(*[_collect(st, call) for st in streams])
+    gone = asyncio.create_task(_disconnected(receive))
+    either: set[asyncio.Future[Any]] = {answers, gone}
+    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    if not answers.done():
+        answers.cancel()  # each stream's `finally` frees its row in the engine
+        await asyncio.gather(answers, return_exceptions=True)
+        call.close(499, "client_disconnected")
+        return Response(status_code=499)
+    gone.cancel()
+    try:
+        results = answers.result()
+    except Exception as e:  # noqa: BLE001
+        raise translate(e) from None
+    choices = []
+    texts = [a.filt.apply(r[0]) if a.filt else r[0] for r in results]
+    for i, (text, (_, finish, logprobs, _)) in enumerate(zip(texts, results, strict=True)):
+        lp = (
+            _logprobs_json(engine, logprobs, chat, req.return_tokens_as_token_ids) if top_logprobs is not None else None
+        )
+        if chat:
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if a.sources is not None:
+                message["sources"] = a.sources
+            choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
+        else:
+            choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
+    call.completion_tokens = sum(r[3] for r in results)
+    call.finish_reason = results[0][1]
+    call.answers = texts
+    call.close(200)
+    body = {
+        "id": call.id,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": a.served,
+        "choices": choices,
+        "usage": _usage(len(a.prompt_ids), call.completion_tokens),
+        "system_fingerprint": f"loraplex-{engine.base.id}",
+    }
+    return JSONResponse(body, headers=a.headers) if a.headers else body
+
+
+def answer_stream(
+    s: Serving,
+    call: Call,
+    req: Request_,
+    a: Admitted,
+    streams: list[AsyncIterator[Delta]],
+    top_logprobs: int | None,
+    chat: bool,
+) -> EventSourceResponse:
+    """Server-sent events: the choices' deltas as they come, interleaved, then `[DONE]`. A failure
+    after the stream opened is an error event in the stream (the status line has been sent)."""
+    engine = s.engine
+    rid, created = call.id, int(time.time())
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+    itl = s.gw.metrics.itl.labels(a.served)
+    filt = a.filt
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        body: dict[str, Any] = {
+            "id": rid,
+            "object": chunk_kind,
+            "created": created,
+            "model": a.served,
+            "choices": choices,
+            "system_fingerprint": f"loraplex-{engine.base.id}",
+        }
+        if include_usage:
+            body["usage"] = usage
+        return json.dumps(body, ensure_ascii=False)
+
+    async def events() -> AsyncIterator[dict[str, str]]:
+        queue: asyncio.Queue[tuple[int, Delta | BaseException | None]] = asyncio.Queue()
+
+        async def pump(i: int, stream: AsyncIterator[Delta]) -> None:
+            try:
+                async for d in stream:
+                    await queue.put((i, d))
+                await queue.put((i, None))
+            except Exception as e:  # noqa: BLE001 - reported in-band, the stream is already open
+                await queue.put((i, e))
+
+        status: int = 499  # unless the stream ends otherwise
+        code: str | None = "client_disconnected"
+        texts: list[list[str]] = [[] for _ in range(req.n)]
+        filters = [filt.stream() for _ in range(req.n)] if filt else None
+        try:
+            if chat:
+                for i in range(req.n):
+                    opening: dict[str, Any] = {"role": "assistant", "content": ""}
+                    if a.sources is not None:
+                        opening["sources"] = a.sources
+                    first = {"index": i, "delta": opening, "logprobs": None, "finish_reason": None}
+                    yield {"data": chunk([first])}
+            tasks = [asyncio.create_task(pump(i, st)) for i, st in enumerate(streams)]
+            completion_tokens, open_streams = 0, req.n
+            last = time.perf_counter()
+            try:
+                while open_streams:
+                    i, item = await queue.get()
+                    if item is None:
+                        open_streams -= 1
+                        continue
+                    if isinstance(item, BaseException):
+                        e = translate(item)
+                        status, code = e.status, e.code or str(e.status)
+                        if status >= 500 and status != 503:
+                            log.error("stream %s failed with %d: %s", rid, status, e.message, exc_info=item)
+                        yield {
+                            "data": json.dumps(
+                                {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
+                            )
+                        }
+                        return
+                    now = time.perf_counter()
+                    if call.t_first is None:
+                        call.first_token()
+                    elif item.token_ids:
+                        itl.observe((now - last) / len(item.token_ids))
+                    last = now
+                    text = item.text
+                    if filters is not None:
+                        text = filters[i].feed(text) + (filters[i].finish() if item.finish_reason else "")
+                    texts[i].append(text)
+                    lp = (
+                        _logprobs_json(engine, item.logprobs, chat, req.return_tokens_as_token_ids)
+                        if top_logprobs is not None
+                        else None
+                    )
+                    if chat:
+                        delta = {"content": text} if text else {}
+                        choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": item.finish_reason}
+                    else:
+                        choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": item.finish_reason}
+                    if item.finish_reason is not None:
+                        completion_tokens += item.completion_tokens
+                        call.finish_reason = call.finish_reason or item.finish_reason
+                    call.completion_tokens = completion_tokens
+                    yield {"data": chunk([choice])}
+                if include_usage:
+                    yield {"data": chunk([], _usage(len(a.prompt_ids), completion_tokens))}
+                yield {"data": "[DONE]"}
+                status, code = 200, None
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            call.answers = ["".join(t) for t in texts]
+            call.close(status, code)
+
+    return EventSourceResponse(events(), sep="\n", ping=15, headers=a.headers)
+
+
+def _assistant(model: str) -> assistants.Assistant | None:
+    try:
+        return assistants.find(model)
+    except UserError as e:  # a hand-edited file with a mistake: the operator's to fix, not the client's
+        raise _misconfigured(model, e) from None
+
+
+def _misconfigured(model: str, e: Exception) -> APIError:
+    return APIError(500, f"assistant {model!r} cannot answer: {e}", "server_error", code="assistant_misconfigured")
+
+
+def _apply_defaults(req: Request_, assistant: assistants.Assistant, max_tokens: int | None) -> int | None:
+    """The assistant's sampling defaults, for what the request left unset."""
+    given = req.model_fields_set
+    s = assistant.sampling
+    if s.temperature is not None and "temperature" not in given:
+        req.temperature = s.temperature
+    if s.top_p is not None and "top_p" not in given:
+        req.top_p = s.top_p
+    return max_tokens if max_tokens is not None else s.max_tokens
+
+
+async def _fixed_answer(engine: EngineClient, text: str, prompt_tokens: int) -> AsyncIterator[Delta]:
+    ids = tuple(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+    yield Delta(text, ids, (), "stop", prompt_tokens, len(ids))
+
+
+def _params(req: Request_, top_logprobs: int | None, index: int) -> SamplingParams:
+    try:
+        return SamplingParams(
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=max(req.top_k, 0),
+            repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            seed=None if req.seed is None else req.seed + index,
+            stop=tuple(req.stop or ()),
+            stop_token_ids=tuple(req.stop_token_ids or ()),
+            logprobs=top_logprobs,
+            ignore_eos=req.ignore_eos,
+        )
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+
+
+async def _proxy(gw: Gateway, call: Call, req: Request_, up: Any, chat: bool, filt: Any) -> Any:
+    """Answer from an upstream endpoint (gateway/upstream.py), metered like the engine's answers."""
+    path = "/chat/completions" if chat else "/completions"
+    body = req.model_dump(exclude_unset=True)
+    out = upstream.Outcome()
+    call.served = f"{req.model}@{up.base_url}"
+    if not req.stream:
+        data = await upstream.complete(gw.http, up, path, body, filt, out, call.id)
+        call.t_first = out.first_token
+        call.prompt_tokens, call.completion_tokens = out.prompt_tokens, out.completion_tokens
+        call.finish_reason = out.finish_reason
+        call.answers = ["".join(out.texts.get(i, [])) for i in range(req.n)]
+        call.close(200)
+        return data
+    chunks = upstream.stream(gw.http, up, path, body, filt, out, call.id)
+    first = await anext(chunks)  # an upstream refusal is still an HTTP error here, not a broken stream
+
+    async def events() -> AsyncIterator[dict[str, str]]:
+        status: int = 499
+        code: str | None = "client_disconnected"
+        try:
+            yield {"data": first}
+            async for payload in chunks:
+                yield {"data": payload}
+            status, code = 200, None
+        except UpstreamError as e:
+            status, code = e.status, e.code
+            yield {"data": json.dumps({"error": {"message": e.message, "type": "server_error", "code": e.code}})}
+        finally:
+            call.t_first = out.first_token
+            call.prompt_tokens, call.completion_tokens = out.prompt_tokens, out.completion_tokens
+            call.finish_reason = out.finish_reason
+            call.answers = ["".join(out.texts.get(i, [])) for i in range(req.n)]
+            call.close(status, code)
+
+    return EventSourceResponse(events(), sep="\n", ping=15)
+
+
+async def _collect(stream: AsyncIterator[Delta], call: Call) -> tuple[str, str | None, list[TokenLogprob], int]:
+    parts: list[str] = []
+    logprobs: list[TokenLogprob] = []
+    finish: str | None = None
+    n_tokens = 0
+    async for d in stream:
+        call.first_token()
+        parts.append(d.text)
+        logprobs.extend(d.logprobs)
+        finish = d.finish_reason
+        call.completion_tokens += d.completion_tokens - n_tokens  # what is metered if the client leaves
+        n_tokens = d.completion_tokens
+    return "".join(parts), finish, logprobs, n_tokens
+
+
+async def _disconnected(receive: Any) -> None:
+    """Return when the client has closed the connection (call after the body has been read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _logprobs_json(
+    engine: EngineClient, items: tuple[TokenLogprob, ...] | list[TokenLogprob], chat: bool, as_ids: bool = False
+) -> Any:
+    tok = engine.tokenizer
+    real = list(items)
+
+    def text(t: int) -> str:
+        return f"token_id:{t}" if as_ids else str(tok.decode([t]))
+
+    if chat:
+        return {
+            "content": [
+                {
+                    "token": text(x.token_id),
+                    "logprob": x.logprob,
+                    "bytes": list(text(x.token_id).encode()),
+                    "top_logprobs": [
+                        {"token": text(t), "logprob": lp, "bytes": list(text(t).encode())} for t, lp in x.top
+                    ],
+                }
+                for x in real
+            ]
+        }
+    return {
+        "tokens": [text(x.token_id) for x in real],
+        "token_logprobs": [x.logprob for x in real],
+        "top_logprobs": [{text(t): lp for t, lp in x.top} for x in real],
+        "text_offset": [],
+    }

@@ -1,0 +1,3 @@
+from loraplex.cli import main
+
+main()
