@@ -150,7 +150,7 @@ async def ttft(engine: Any, model: str, questions: list[str], retrieve: bool) ->
         if helper is not None:
             p = retrieval.prepare(helper, messages, searcher)
             messages, target = p.messages, ("" if p.base_only else model)
-        async for _ in engine.generate(messages, SamplingParams(max_tokens=1, temperature=0.0), target, max_tokens=1):
+        async for _ in engine.generate(messages, SamplingParams(temperature=0.0), target, max_tokens=1):
             out.append(time.perf_counter() - t)
             break
     searcher.close()

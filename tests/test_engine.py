@@ -264,7 +264,7 @@ def test_adapter_request_key_is_canonical() -> None:
 
 @pytest.mark.parametrize("bad", ["../etc/passwd", "a/b", "A", "x:abc", "x@v1:1e999", ""])
 def test_bad_model_names_are_refused(lp_home: Path, tiny_base: Path, bad: str) -> None:
-    from loraplex.engine.adapter_cache import InvalidModelName, ModelNotFound
+    from loraplex.adapters.names import InvalidModelName, ModelNotFound
 
     engine = Engine(str(tiny_base), dtype="fp32")
     try:

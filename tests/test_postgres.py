@@ -298,7 +298,7 @@ def test_a_keys_rate_limit_holds_across_front_doors(pg: PostgresServer, tiny_bas
 
 def _registry_story(tiny_base: Path) -> list[object]:
     """Tag, move, roll back, promote, edit, remove and repair, returning what each step shows."""
-    from loraplex.adapters import registry
+    from loraplex.adapters import promotion, registry
 
     seen: list[object] = []
     for seed in (1, 2, 3):
@@ -310,7 +310,7 @@ def _registry_story(tiny_base: Path) -> list[object]:
     seen += [registry.aliases_of("hr_x"), registry.resolve("hr_x@prod").id]
     seen.append(registry.rollback("hr_x", "prod"))
     seen.append(registry.resolve("hr_x@prod").id)
-    promoted = registry.promote("hr_x@v3", "prod")
+    promoted = promotion.promote("hr_x@v3", "prod")
     seen += [promoted.previous, [(p["from_version"], p["to_version"]) for p in registry.promotions("hr_x")]]
     registry.describe("legal@v1", description="合同审查")
     seen.append([(e["name"], e["versions"], e["aliases"], e["description"]) for e in registry.catalog()])

@@ -213,8 +213,11 @@ def test_unload_reads_names_as_load_does(tenants: Tenants) -> None:
     assert tenants.post("/v1/load_lora_adapter", {"lora_name": "hr"}, "ops").status_code == 200
     r = tenants.post("/v1/unload_lora_adapter", {"lora_name": "hr@../../x"}, "ops")
     load = tenants.post("/v1/load_lora_adapter", {"lora_name": "hr@../../x"}, "ops")
-    assert r.status_code == load.status_code == 404, r.text  # refused as load refuses it
-    assert r.json()["error"]["code"] == load.json()["error"]["code"] == "model_not_found"
+    # refused as load refuses it: a malformed name (the version part is not a name), adapters/names.py
+    assert r.status_code == load.status_code == 400, r.text
+    assert r.json()["error"]["code"] == load.json()["error"]["code"] == "invalid_model"
+    missing = tenants.post("/v1/unload_lora_adapter", {"lora_name": "hr@nosuch"}, "ops")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     assert "hr@v1" in tenants.loaded()
     unloaded = tenants.post("/v1/unload_lora_adapter", {"lora_name": "hr"}, "ops").json()["unloaded"]
     assert "hr@v1" in unloaded and all(k.startswith("hr@v1") for k in unloaded)

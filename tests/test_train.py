@@ -14,6 +14,7 @@ from loraplex.adapters import registry
 from loraplex.cli import app
 from loraplex.config import load_config
 from loraplex.errors import UserError
+from loraplex.files import sha256_file
 from loraplex.train.sft_lora import run
 
 from .conftest import write_jsonl
@@ -57,7 +58,7 @@ def test_loss_falls_and_adapter_is_registered(lp_home: Path, tiny_base: Path, fa
         "files",
     ):
         assert key in m
-    assert m["data"]["sha256"] == registry.sha256_file(facts_file)
+    assert m["data"]["sha256"] == sha256_file(facts_file)
     assert m["data"]["records"] == 4 and m["base_model"]["fingerprint"]["vocab_size"] > 0
     assert (res.adapter.path / "adapter_model.safetensors").is_file()
     assert list((res.run_dir / "tensorboard").glob("events.out.tfevents.*"))

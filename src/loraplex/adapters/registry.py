@@ -21,7 +21,6 @@ This module does not train, load or convert models; export formats live in `lora
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -43,6 +42,7 @@ from loraplex import staging
 from loraplex.adapters.names import VERSION_RE, split_ref
 from loraplex.database import Database, url_for
 from loraplex.errors import Conflict, NotFound, UserError
+from loraplex.files import sha256_file
 from loraplex.paths import check_name, home
 
 log = logging.getLogger(__name__)
@@ -170,11 +170,6 @@ def versions(name: str) -> list[int]:
         if m and os.path.isfile(os.path.join(child.path, MANIFEST)):
             out.append(int(m.group(1)))
     return sorted(out)
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 _UPSERT_VERSION = (
@@ -517,83 +512,10 @@ def record_eval(ref: AdapterRef, result: dict[str, Any]) -> Path:
     return path
 
 
-def evals(ref: AdapterRef) -> list[dict[str, Any]]:
-    """Every stored evaluation of one version, oldest first."""
-    d = ref.path / "evals"
-    out = []
-    for p in sorted(d.glob("*.json")) if d.is_dir() else []:
-        try:
-            out.append(dict(json.loads(p.read_text(encoding="utf-8"))))
-        except (OSError, ValueError):
-            continue  # a damaged result file is skipped, not fatal: the others still count
-    return out
-
-
-def _latest_eval(ref: AdapterRef, data_sha256: str | None = None) -> dict[str, Any] | None:
-    found = [e for e in evals(ref) if data_sha256 is None or e.get("data", {}).get("sha256") == data_sha256]
-    return found[-1] if found else None
-
-
-@dataclass(frozen=True)
-class Promotion:
-    target: AdapterRef
-    alias: str
-    previous: int | None  # the version the alias pointed to before
-    forced: bool
-    problems: tuple[str, ...]  # what the gate found (overridden when forced)
-
-
-def promote(
-    ref: str,
-    alias: str = DEFAULT_ALIAS,
-    require_eval: bool = False,
-    min_score: float | None = None,
-    force: bool = False,
-) -> Promotion:
-    """Move NAME@ALIAS to `ref` only if its evaluation allows it; `force` overrides and is audited.
-
-    The gate: with `require_eval` (or `min_score`) the version must have an eval; its score must reach
-    `min_score`; and it must not score below the version the alias points to now, compared on the
-    same eval data (an eval with that version as baseline, or both versions' evals on the same
-    file by sha256). A current version that cannot be compared: refused when evals are required,
-    allowed otherwise."""
-    check_alias(alias)
-    target = resolve(ref)
-    mine = _latest_eval(target)
-    current = aliases_of(target.name).get(alias)
-    problems: list[str] = []
-    if mine is None and (require_eval or min_score is not None):
-        problems.append(f"{target.id} has no evaluation; run `loraplex eval --adapter {target.id} --data FILE`")
-    if mine is not None and min_score is not None and (mine["score"] or 0.0) < min_score:
-        problems.append(f"{target.id} scores {mine['score']:.3f}, below --min-score {min_score}")
-    if mine is not None and current is not None and current != target.version:
-        now = AdapterRef(target.name, current, store_root() / target.name / f"v{current}")
-        # Best evidence: an eval of this version run with the current one as its baseline (same
-        # questions, same run); else the current version's own eval on the same data (same sha256).
-        head_to_head = [e for e in evals(target) if e.get("baseline") == now.id]
-        if head_to_head:
-            mine = head_to_head[-1]
-            theirs_score = mine["summary"]["baseline"]["score"]
-        else:
-            theirs = _latest_eval(now, mine["data"]["sha256"])
-            theirs_score = theirs["score"] if theirs else None
-        if theirs_score is not None and (mine["score"] or 0.0) < theirs_score:
-            problems.append(
-                f"{target.id} scores {mine['score']:.3f}, worse than {now.id} ({theirs_score:.3f}), which "
-                f"{target.name}@{alias} points to now, on the same data ({Path(mine['data']['path']).name})"
-            )
-        elif theirs_score is None and require_eval:
-            problems.append(
-                f"{now.id} ({target.name}@{alias} now) has no evaluation on the same data to compare with; "
-                f"run `loraplex eval --adapter {target.id} --baseline {now.id} --data {mine['data']['path']}`"
-            )
-    if problems and not force:
-        raise UserError(
-            f"not promoting {target.id} to {target.name}@{alias}:\n  "
-            + "\n  ".join(problems)
-            + "\n(pass --force to override; the override is recorded)"
-        )
-    tag(target.id, alias)
+def log_promotion(
+    target: AdapterRef, alias: str, previous: int | None, score: float | None, problems: list[str], user: str
+) -> None:
+    """One row of the `adapters promote` audit trail (forced when `problems` were overridden)."""
     with locked(), _db() as con:
         _q(
             con,
@@ -602,14 +524,13 @@ def promote(
             at=_now(),
             name=target.name,
             alias=alias,
-            from_version=current,
+            from_version=previous,
             to_version=target.version,
-            score=mine["score"] if mine else None,
+            score=score,
             forced=int(bool(problems)),
             problems=json.dumps(problems, ensure_ascii=False),
-            by_user=_user(),
+            by_user=user,
         )
-    return Promotion(target, alias, current, bool(problems), tuple(problems))
 
 
 def promotions(name: str) -> list[dict[str, Any]]:
@@ -623,12 +544,3 @@ def promotions(name: str) -> list[dict[str, Any]]:
         ).fetchall()
     keys = ("at", "alias", "from_version", "to_version", "score", "forced", "problems", "by_user")
     return [{**dict(zip(keys, r, strict=True)), "forced": bool(r[5]), "problems": json.loads(r[6])} for r in rows]
-
-
-def _user() -> str:
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"

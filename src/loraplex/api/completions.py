@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -33,7 +33,7 @@ from loraplex.api.schemas import ChatCompletionRequest, CompletionRequest
 from loraplex.assistants import faq, retrieval
 from loraplex.assistants import store as assistants
 from loraplex.engine.lora import AdapterRequest
-from loraplex.engine.protocol import Delta, EngineClient
+from loraplex.engine.protocol import Answer, Delta, EngineClient, collect
 from loraplex.engine.sampling import SamplingParams, TokenLogprob
 from loraplex.errors import UpstreamError, UserError
 from loraplex.gateway import upstream
@@ -70,6 +70,17 @@ class Admitted:
     sources: list[dict[str, Any]] | None = None
     refusal: str | None = None  # retrieval found nothing and the assistant refuses: no model run
     headers: dict[str, str] = field(default_factory=dict)
+
+
+class Run(NamedTuple):
+    """An admitted request and its streams (one per choice): what an answer is rendered from."""
+
+    call: Call
+    req: Request_
+    admitted: Admitted
+    streams: list[AsyncIterator[Delta]]
+    top_logprobs: int | None
+    chat: bool
 
 
 def add_routes(app: FastAPI, s: Serving, principal: Callable[..., Key | None]) -> None:
@@ -119,9 +130,8 @@ async def complete(
             s.engine.generate(a.prompt_ids, _params(req, top_logprobs, i), a.adapter, a.max_tokens)
             for i in range(req.n)
         ]
-    if not req.stream:
-        return await answer_json(s.engine, call, req, a, streams, top_logprobs, chat, receive)
-    return answer_stream(s, call, req, a, streams, top_logprobs, chat)
+    run = Run(call, req, a, streams, top_logprobs, chat)
+    return await answer_json(s.engine, run, receive) if not req.stream else answer_stream(s, run)
 
 
 async def admit(
@@ -209,18 +219,10 @@ async def admit(
     return Admitted(served, prompt_ids, adapter, max_tokens, filt, sources, refusal, headers)
 
 
-async def answer_json(
-    engine: EngineClient,
-    call: Call,
-    req: Request_,
-    a: Admitted,
-    streams: list[AsyncIterator[Delta]],
-    top_logprobs: int | None,
-    chat: bool,
-    receive: Any,
-) -> Any:
+async def answer_json(engine: EngineClient, run: Run, receive: Any) -> Any:
     """Collect every choice, then one JSON body. A client that leaves stops its generation, as a
     stream's does (sse-starlette watches those): the next ASGI message after the body is the disconnect."""
+    call, req, a, streams, top_logprobs, chat = run
     answers = asyncio.gather(*[_collect(st, call) for st in streams])
     gone = asyncio.create_task(_disconnected(receive))
     either: set[asyncio.Future[Any]] = {answers, gone}
@@ -236,11 +238,11 @@ async def answer_json(
     except Exception as e:  # noqa: BLE001
         raise translate(e) from None
     choices = []
-    texts = [a.filt.apply(r[0]) if a.filt else r[0] for r in results]
-    for i, (text, (_, finish, logprobs, _)) in enumerate(zip(texts, results, strict=True)):
-        lp = (
-            _logprobs_json(engine, logprobs, chat, req.return_tokens_as_token_ids) if top_logprobs is not None else None
-        )
+    texts = [a.filt.apply(r.text) if a.filt else r.text for r in results]
+    for i, (text, r) in enumerate(zip(texts, results, strict=True)):
+        finish = r.finish_reason
+        as_ids = req.return_tokens_as_token_ids
+        lp = _logprobs_json(engine, r.logprobs, chat, as_ids) if top_logprobs is not None else None
         if chat:
             message: dict[str, Any] = {"role": "assistant", "content": text}
             if a.sources is not None:
@@ -248,8 +250,8 @@ async def answer_json(
             choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
         else:
             choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
-    call.completion_tokens = sum(r[3] for r in results)
-    call.finish_reason = results[0][1]
+    call.completion_tokens = sum(r.completion_tokens for r in results)
+    call.finish_reason = results[0].finish_reason
     call.answers = texts
     call.close(200)
     body = {
@@ -264,17 +266,10 @@ async def answer_json(
     return JSONResponse(body, headers=a.headers) if a.headers else body
 
 
-def answer_stream(
-    s: Serving,
-    call: Call,
-    req: Request_,
-    a: Admitted,
-    streams: list[AsyncIterator[Delta]],
-    top_logprobs: int | None,
-    chat: bool,
-) -> EventSourceResponse:
+def answer_stream(s: Serving, run: Run) -> EventSourceResponse:
     """Server-sent events: the choices' deltas as they come, interleaved, then `[DONE]`. A failure
     after the stream opened is an error event in the stream (the status line has been sent)."""
+    call, req, a, streams, top_logprobs, chat = run
     engine = s.engine
     rid, created = call.id, int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -462,19 +457,15 @@ async def _proxy(gw: Gateway, call: Call, req: Request_, up: Any, chat: bool, fi
     return EventSourceResponse(events(), sep="\n", ping=15)
 
 
-async def _collect(stream: AsyncIterator[Delta], call: Call) -> tuple[str, str | None, list[TokenLogprob], int]:
-    parts: list[str] = []
-    logprobs: list[TokenLogprob] = []
-    finish: str | None = None
-    n_tokens = 0
-    async for d in stream:
+async def _collect(stream: AsyncIterator[Delta], call: Call) -> Answer:
+    metered = [0]
+
+    def meter(d: Delta) -> None:
         call.first_token()
-        parts.append(d.text)
-        logprobs.extend(d.logprobs)
-        finish = d.finish_reason
-        call.completion_tokens += d.completion_tokens - n_tokens  # what is metered if the client leaves
-        n_tokens = d.completion_tokens
-    return "".join(parts), finish, logprobs, n_tokens
+        call.completion_tokens += d.completion_tokens - metered[0]  # what is metered if the client leaves
+        metered[0] = d.completion_tokens
+
+    return await collect(stream, meter)
 
 
 async def _disconnected(receive: Any) -> None:

@@ -189,9 +189,9 @@ def adapters_promote(
     force: Annotated[bool, typer.Option(help="Move the alias whatever the gate says (recorded).")] = False,
 ) -> None:
     """Move an alias to a version only if its eval is at least as good as the current one's."""
-    from loraplex.adapters import registry
+    from loraplex.adapters import promotion
 
-    p = registry.promote(ref, alias, require_eval, min_score, force)
+    p = promotion.promote(ref, alias, require_eval, min_score, force)
     was = f" (was v{p.previous})" if p.previous is not None else ""
     out.print(f"{p.target.name}@{alias} → {p.target.id}{was}")
     if p.forced:

@@ -34,17 +34,17 @@ err = Console(stderr=True)
 
 def parse_since(value: str | None) -> float | None:
     """`1h`, `7d`, `2w` ago, or a date / date-time."""
-    import re
     import time
-    from datetime import datetime
+
+    from loraplex import times
 
     if value is None:
         return None
-    m = re.fullmatch(r"(\d+)([mhdw])", value.strip())
-    if m:
-        return time.time() - int(m.group(1)) * {"m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+    seconds = times.duration(value)
+    if seconds is not None:
+        return time.time() - seconds
     try:
-        return datetime.fromisoformat(value.strip()).timestamp()
+        return times.moment(value)
     except ValueError:
         raise UserError(f"--since {value!r}: use a duration (30m, 24h, 7d, 2w) or a date (2026-11-01)") from None
 

@@ -154,20 +154,19 @@ def _ask_remote(teacher: Teacher, prompts: list[str], progress: Callable[[int, i
 
 def _ask_local(base: Any, prompts: list[str], progress: Callable[[int, int], None] | None) -> list[str]:
     from loraplex.engine.engine import Engine
+    from loraplex.engine.protocol import collect
     from loraplex.engine.sampling import SamplingParams
 
     engine = Engine(base, max_batch=16, max_loaded_adapters=1)
-    params = SamplingParams(max_tokens=200, temperature=0.8, top_p=0.95, seed=0)
+    params = SamplingParams(temperature=0.8, top_p=0.95, seed=0)
     done = [0]
 
     async def one(prompt: str) -> str:
-        parts = [
-            d.text async for d in engine.generate([{"role": "user", "content": prompt}], params, "", max_tokens=200)
-        ]
+        a = await collect(engine.generate([{"role": "user", "content": prompt}], params, "", max_tokens=200))
         done[0] += 1
         if progress:
             progress(done[0], len(prompts))
-        return "".join(parts)
+        return a.text
 
     async def run() -> list[str]:
         return list(await asyncio.gather(*[one(p) for p in prompts]))

@@ -207,20 +207,13 @@ class Engine:
                 budget = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.25)
         self.kv_cache_bytes = budget
         self.model_max_len = self.max_model_len
-        # the longest context one request alone fits: the model's, else the largest power of two
-        longest = [self.max_model_len, *(1 << i for i in range(self.max_model_len.bit_length() - 1, -1, -1))]
-        fits = [n for n in longest if self.cache.bytes_for(1, n) <= budget]
-        if not fits or fits[0] < self.cache.initial:
-            need = self.cache.bytes_for(1, self.cache.initial)
-            raise UserError(
-                f"a KV cache budget of {budget / 2**20:.1f} MiB is too small: one request needs {need / 2**20:.1f} MiB"
-            )
-        if fits[0] < self.max_model_len:
+        fits = self.cache.longest_context(budget, self.max_model_len)
+        if fits < self.max_model_len:
             log.warning(
                 "context limited to %d tokens (the model has %d): the KV cache budget, %s, holds no more",
-                fits[0], self.max_model_len, _size(budget),
+                fits, self.max_model_len, _size(budget),
             )  # fmt: skip
-            self.max_model_len = fits[0]
+            self.max_model_len = fits
 
     # ------------------------------------------------------------------ public (any thread)
 
@@ -263,8 +256,7 @@ class Engine:
         adapter: AdapterRequest | str | None = None,
         max_tokens: int | None = None,
     ) -> AsyncIterator[Delta]:
-        """Stream the answer to one prompt. `max_tokens=None` means: up to the end of the context
-        (`params.max_tokens` is used when this is not given and the params carry one explicitly)."""
+        """Stream the answer to one prompt. `max_tokens=None` means: up to the end of the context."""
         if self._closing:
             raise EngineClosed("the server is shutting down")
         req_adapter = adapter if isinstance(adapter, AdapterRequest) else self.adapters.resolve(adapter or "")

@@ -17,7 +17,7 @@ import torch
 from loraplex.adapters import registry
 from loraplex.adapters.compat import check_compatible
 from loraplex.data.tokenize import render
-from loraplex.models.load import eos_token_ids, load_model, load_tokenizer, resolve_base
+from loraplex.models.load import GREEDY, eos_token_ids, load_model, load_tokenizer, resolve_base
 
 
 class LocalModel:
@@ -52,7 +52,7 @@ class LocalModel:
         if temperature > 0:
             kw.update(do_sample=True, temperature=temperature, top_p=0.95)
         else:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            kw.update(GREEDY)
         return kw
 
     def _adapter_ctx(self, use_adapter: bool) -> Any:

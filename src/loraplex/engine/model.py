@@ -84,6 +84,18 @@ class KVCache:
         r, n = self.sizes_for(rows, length)
         return r * n * self.token_bytes
 
+    def longest_context(self, budget: int, max_len: int) -> int:
+        """The longest context one request alone fits in `budget` bytes: `max_len`, else the
+        largest power of two that fits; a UserError when not even the first allocation does."""
+        longest = [max_len, *(1 << i for i in range(max_len.bit_length() - 1, -1, -1))]
+        fits = [n for n in longest if self.bytes_for(1, n) <= budget]
+        if not fits or fits[0] < self.initial:
+            need = self.bytes_for(1, self.initial)
+            raise UserError(
+                f"a KV cache budget of {budget / 2**20:.1f} MiB is too small: one request needs {need / 2**20:.1f} MiB"
+            )
+        return fits[0]
+
     def ensure(self, rows: int, length: int) -> None:
         """Room for `rows` rows of `length` positions (grows; never shrinks)."""
         if rows <= self.rows and length <= self.capacity:

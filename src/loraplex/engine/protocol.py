@@ -12,7 +12,7 @@ HTTP or loads adapters.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -72,6 +72,30 @@ def check_length(max_model_len: int, prompt_len: int, max_tokens: int | None) ->
             "Please reduce the length of the messages or completion."
         )
     return max_tokens
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A whole answer, collected from its deltas."""
+
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...]
+
+
+async def collect(stream: AsyncIterator[Delta], on_delta: Callable[[Delta], None] | None = None) -> Answer:
+    """Read a `generate` stream to its end; `on_delta` sees each delta as it comes (metering)."""
+    parts: list[str] = []
+    logprobs: list[TokenLogprob] = []
+    finish, tokens = None, 0
+    async for d in stream:
+        if on_delta is not None:
+            on_delta(d)
+        parts.append(d.text)
+        logprobs.extend(d.logprobs)
+        finish, tokens = d.finish_reason, d.completion_tokens
+    return Answer("".join(parts), finish, tokens, tuple(logprobs))
 
 
 class AdapterTable(Protocol):

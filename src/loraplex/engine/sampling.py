@@ -22,7 +22,9 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 256
+    """How to pick each token. How many tokens is not here: `generate(..., max_tokens)` takes it,
+    after the engine has checked it against the context."""
+
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
@@ -37,7 +39,6 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.max_tokens >= 1, "max_tokens must be at least 1"),
             (0.0 <= self.temperature <= 2.0, "temperature must be between 0 and 2"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0"),
@@ -54,6 +55,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+
+GREEDY = SamplingParams(temperature=0.0)
+"""The most likely token every step: what evaluation and comparisons use."""
 
 
 @dataclass

@@ -49,21 +49,19 @@ def _summary(answers: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def _answer(engine: Any, prepared: list[retrieval.Prepared], adapter: Any, max_tokens: int, progress: Any) -> Any:
-    from loraplex.engine.sampling import SamplingParams
+    from loraplex.engine.protocol import collect
+    from loraplex.engine.sampling import GREEDY
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     done = [0]
 
     async def one(p: retrieval.Prepared) -> dict[str, Any]:
+        text: str
+        finish: str | None
         if p.refusal is not None:
             text, finish = p.refusal, "stop"
         else:
-            parts: list[str] = []
-            finish = None
-            async for d in engine.generate(p.messages, params, adapter, max_tokens=max_tokens):
-                parts.append(d.text)
-                finish = d.finish_reason
-            text = "".join(parts).strip()
+            a = await collect(engine.generate(p.messages, GREEDY, adapter, max_tokens=max_tokens))
+            text, finish = a.text.strip(), a.finish_reason
         done[0] += 1
         if progress is not None:
             progress(done[0], len(prepared))

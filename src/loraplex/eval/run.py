@@ -37,6 +37,7 @@ from loraplex.data.tokenize import IGNORE, collate, encode_all, unpacked
 from loraplex.errors import UserError
 from loraplex.eval import metrics
 from loraplex.eval.judge import Judge
+from loraplex.files import sha256_file
 
 CHANGE_MARGIN = 0.05  # per-answer score difference below which an example counts as unchanged
 
@@ -127,20 +128,15 @@ async def answer_all(
     progress: Callable[[int, int], None] | None = None,
 ) -> list[list[dict]]:
     """Answers for every side's (prompt, model) jobs, all in flight together so the engine batches them."""
-    from loraplex.engine.sampling import SamplingParams
-
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    from loraplex.engine.protocol import collect
+    from loraplex.engine.sampling import GREEDY
 
     async def one(prompt: list[dict[str, str]], model: str) -> dict[str, Any]:
-        text: list[str] = []
-        finish, tokens = None, 0
-        async for d in engine.generate(prompt, params, model, max_tokens=max_tokens):
-            text.append(d.text)
-            finish, tokens = d.finish_reason, d.completion_tokens
+        a = await collect(engine.generate(prompt, GREEDY, model, max_tokens=max_tokens))
         done[0] += 1
         if progress is not None:
             progress(done[0], total)
-        return {"text": "".join(text).strip(), "finish_reason": finish, "tokens": tokens}
+        return {"text": a.text.strip(), "finish_reason": a.finish_reason, "tokens": a.completion_tokens}
 
     done, total = [0], sum(len(side) for side in jobs)
     flat = await asyncio.gather(*[one(prompt, model) for side in jobs for prompt, model in side])
@@ -334,7 +330,7 @@ def evaluate(
         "adapter": ref.id,
         "baseline": base_ref.id if base_ref else "base",
         "base_model": base.id,
-        "data": {"path": str(path.resolve()), "sha256": registry.sha256_file(path), "examples": len(examples)},
+        "data": {"path": str(path.resolve()), "sha256": sha256_file(path), "examples": len(examples)},
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "max_tokens": max_tokens,
         "score": summary["adapter"]["score"],

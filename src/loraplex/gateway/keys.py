@@ -24,13 +24,13 @@ from fnmatch import fnmatchcase
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import IntegrityError
 
+from loraplex import times
 from loraplex.adapters import names
 from loraplex.errors import UserError
 from loraplex.gateway.db import Database
 from loraplex.paths import check_name
 
 _TOKEN = re.compile(r"^lp-([0-9a-f]{12})-([A-Za-z0-9_-]{20,100})$")
-_DURATION = re.compile(r"^(\d+)([hdw])$")
 
 
 class AuthError(Exception):
@@ -81,15 +81,13 @@ class Key:
 def parse_expiry(value: str, now: float | None = None) -> float:
     """`2026-12-31` (valid through that day, local time), an ISO date-time, or a duration `30d`/`12h`/`2w`."""
     now = time.time() if now is None else now
-    m = _DURATION.match(value.strip())
-    if m:
-        n, unit = int(m.group(1)), m.group(2)
-        return now + n * {"h": 3600, "d": 86400, "w": 7 * 86400}[unit]
+    seconds = times.duration(value)
+    if seconds is not None:
+        return now + seconds
     try:
-        if len(value.strip()) == 10:
-            day = datetime.fromisoformat(value.strip())
-            return (day + timedelta(days=1)).timestamp()
-        return datetime.fromisoformat(value.strip()).timestamp()
+        if len(value.strip()) == 10:  # a day: valid through its end (its own length, across DST)
+            return (datetime.fromisoformat(value.strip()) + timedelta(days=1)).timestamp()
+        return times.moment(value)
     except ValueError:
         raise UserError(
             f"--expires {value!r}: use a date (2026-12-31), a date-time, or a duration (30d, 12h, 2w)"

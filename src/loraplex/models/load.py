@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.errors import NotFound, Unprocessable, UserError
+from loraplex.files import sha256_file
 from loraplex.paths import home
 
 DEFAULT_BASE = "smollm2-135m"
@@ -40,6 +41,10 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+GREEDY: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+"""`transformers.generate` kwargs for greedy decoding (None unsets the model's sampling defaults,
+which would otherwise warn)."""
+
 
 @dataclass(frozen=True)
 class BaseRef:
@@ -49,11 +54,6 @@ class BaseRef:
     path: Path
     source: str  # "embedded", "gguf" or "hf"
     fingerprint: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
-
-
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _embedded_gguf(base_id: str) -> Path:
@@ -108,7 +108,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), {"format": "pt"})
         tok.save_pretrained(tmp)
         (tmp / "loraplex_source.json").write_text(
-            json.dumps({"gguf": str(gguf), "sha256": _sha256_file(gguf)}, indent=2)
+            json.dumps({"gguf": str(gguf), "sha256": sha256_file(gguf)}, indent=2)
         )
         os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
     except BaseException:
@@ -187,7 +187,7 @@ def fingerprint(model_dir: Path) -> dict[str, Any]:
     if weights_sha is None:
         h = hashlib.sha256()
         for f in files:
-            h.update(_sha256_file(f).encode())
+            h.update(sha256_file(f).encode())
         weights_sha = h.hexdigest()
         # A read-only model directory: recompute next time.
         with contextlib.suppress(OSError):

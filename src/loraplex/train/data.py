@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from loraplex.adapters import registry
 from loraplex.assistants import faq
 from loraplex.config import TrainConfig
 from loraplex.data import paraphrase
@@ -25,6 +24,7 @@ from loraplex.data.formats import Conversation, FormatOptions, parse_file
 from loraplex.data.tokenize import EncodeStats, Example, collate, encode_all, pack, unpacked
 from loraplex.data.validate import redact_conversations
 from loraplex.errors import UserError
+from loraplex.files import sha256_file
 from loraplex.models.load import BaseRef
 from loraplex.paths import home
 
@@ -50,7 +50,7 @@ def prepare(cfg: TrainConfig, tok: Any, base: BaseRef, world: Any, console: Any)
     """Read, redact and split the records, add paraphrases and retrieval examples, encode."""
     assert cfg.data.path is not None
     conversations, fmt = read_data(cfg, cfg.data.path)
-    data_sha = sha256_of(cfg.data.path)
+    data_sha = sha256_file(cfg.data.path)
     redactions: dict[str, int] = {}
     if cfg.data.redact:
         conversations, counts = redact_conversations(conversations)
@@ -136,10 +136,6 @@ def read_data(cfg: TrainConfig, path: str) -> tuple[list[Conversation], str]:
             f"to train on the {len(result.conversations)} valid ones):\n  {listed}{more}"
         )
     return result.conversations, result.format
-
-
-def sha256_of(path: str) -> str:
-    return registry.sha256_file(Path(path))
 
 
 def write_eval_split(path: Path, convs: list[Conversation]) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from loraplex.data.formats import Conversation
+from loraplex.models.load import GREEDY
 
 
 @torch.no_grad()
@@ -35,10 +36,7 @@ def generation_eval(
         out = model.generate(
             **{k: v.to(device) for k, v in inputs.items()},
             max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
+            **GREEDY,
             eos_token_id=eos,
             pad_token_id=tok.pad_token_id,
         )

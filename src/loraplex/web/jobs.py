@@ -124,8 +124,9 @@ class Jobs:
 
     def start(self, key: str, filename: str, content_b64: str, settings: TrainSettings) -> dict[str, Any]:
         from loraplex.config import load_config
+        from loraplex.files import sha256_file
         from loraplex.models.load import resolve_base
-        from loraplex.train.data import run_dir_of, sha256_of
+        from loraplex.train.data import run_dir_of
 
         name = check_name(settings.name)
         base = resolve_base(settings.base or self.default_base)  # before anything is written
@@ -158,7 +159,7 @@ class Jobs:
                 },
             }
         )
-        run_dir = run_dir_of(cfg, sha256_of(str(data)), base)
+        run_dir = run_dir_of(cfg, sha256_file(data), base)
         (d / "config.yaml").write_text(
             f"# loraplex train {d / 'config.yaml'}\n" + yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True)
         )
