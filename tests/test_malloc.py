@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loraplex.malloc import Trim
+from loraplex.malloc import Trim, limit_arenas
 from tests.child import in_child
 
 
@@ -53,3 +53,50 @@ def test_trim_waits_its_interval() -> None:
     for _ in range(1000):
         t.maybe()
     assert t.calls == 0
+
+
+def _arenas_used(limit: int | None) -> int:
+    """How many glibc arenas (malloc_info's <heap>s) 8 threads end up with, each allocating and
+    freeing as a server's threads do."""
+    import ctypes
+    import re
+    import tempfile
+    import threading
+
+    if limit is not None:
+        assert limit_arenas(limit)
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.fopen.restype = ctypes.c_void_p
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    start = threading.Barrier(8)
+
+    def work() -> None:
+        start.wait()  # all at once: contention is what makes glibc hand out new arenas
+        for _ in range(2000):
+            p = [libc.malloc(4096) for _ in range(8)]
+            for q in p:
+                libc.free(q)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with tempfile.NamedTemporaryFile(suffix=".xml") as f:
+        fp = libc.fopen(f.name.encode(), b"w")
+        libc.malloc_info(0, fp)
+        libc.fclose(fp)
+        return len(re.findall(r"<heap nr=", Path(f.name).read_text()))
+
+
+def test_serve_limits_glibc_arenas(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not Path("/proc/self/status").exists() or not Trim().available:
+        pytest.skip("glibc on Linux only")
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert in_child(_arenas_used, None, what="malloc") > 2  # glibc's default: one per contending thread
+    assert in_child(_arenas_used, 2, what="malloc") <= 2
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "3")
+    assert not limit_arenas(2)  # an operator's MALLOC_ARENA_MAX is left alone

@@ -85,6 +85,9 @@ def serve(
     ] = False,
 ) -> None:
     """Serve the base model and its adapters behind an OpenAI-compatible API."""
+    from loraplex import malloc
+
+    malloc.limit_arenas(2)  # first, before any thread: a long-running server's heap stays flat (malloc.py)
     from loraplex.adapters import registry
     from loraplex.api.server import run
     from loraplex.engine.engine import Engine
