@@ -11,12 +11,12 @@ Why trimming and not a fixed threshold (mallopt): fixing it at 1 MiB also gave e
 every large tensor then costs fresh zeroed pages (page faults), and the engine decoded 18-22%
 slower (16 requests x 64 tokens: 6.5-7.2 s -> 7.9-8.7 s). A trim every 30 s costs ~16 ms.
 
-Arenas: glibc gives threads their own heaps ("arenas", up to 8 per core), and a server's threads
-(the engine's, the tokenizer pool, asyncio's workers) each fragment theirs. In a 10-minute soak
-(bench/soak.py) RSS kept rising with the default (medians +7% from minute 2 to 8) and was flat after
-minute 4 with two arenas (2,262 -> 2,227 MiB), for no measurable decode cost (8 clients: 91-96 vs
-92-100 tok/s, alternating runs). `loraplex serve` calls `limit_arenas(2)` before any thread starts,
-unless MALLOC_ARENA_MAX is set.
+Arenas: glibc gives threads their own heaps ("arenas", up to 8 per core; tests/test_malloc.py:
+9 for 8 busy threads), and each fragments on its own. `loraplex serve` calls `limit_arenas(2)`
+before any thread starts, unless MALLOC_ARENA_MAX is set. Measured in 10-minute soaks
+(bench/soak.py, docs/performance.md): per-minute median RSS rose ~17 MiB/min from minute 3 with
+the default arenas and ~5-14 MiB/min with two; decode speed was the same (8 clients, alternating
+runs: 91-96 vs 92-100 tok/s).
 
 This does not cap memory (the KV cache budget does, engine/model.py) or free Python objects.
 """
