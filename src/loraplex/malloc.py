@@ -15,8 +15,8 @@ Arenas: glibc gives threads their own heaps ("arenas", up to 8 per core; tests/t
 9 for 8 busy threads), and each fragments on its own. `loraplex serve` calls `limit_arenas(2)`
 before any thread starts, unless MALLOC_ARENA_MAX is set. Measured in 10-minute soaks
 (bench/soak.py, docs/performance.md): per-minute median RSS rose ~17 MiB/min from minute 3 with
-the default arenas and ~5-14 MiB/min with two; decode speed was the same (8 clients, alternating
-runs: 91-96 vs 92-100 tok/s).
+the default arenas and ~5-14 MiB/min with two; decode speed was the same (8 clients x 64 tokens, five
+alternating pairs: 90-96 tok/s with two arenas, 84-100 without; mean difference -0.8%).
 
 This does not cap memory (the KV cache budget does, engine/model.py) or free Python objects.
 """
