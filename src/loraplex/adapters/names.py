@@ -57,12 +57,6 @@ class Part:
     def __str__(self) -> str:
         return self.ref if self.weight == 1.0 else f"{self.ref}:{self.weight:g}"
 
-    @property
-    def exact(self) -> int | None:
-        """The version number when `version` is `vN`, else None (the latest, or an alias)."""
-        m = VERSION_RE.fullmatch(self.version)
-        return int(m.group(1)) if m else None
-
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -70,23 +64,9 @@ class ModelSpec:
 
     parts: tuple[Part, ...] = ()
 
-    @property
-    def is_base(self) -> bool:
-        return not self.parts
-
-    @property
-    def names(self) -> frozenset[str]:
-        return frozenset(p.name for p in self.parts)
-
     def __str__(self) -> str:
         """The canonical text (`hr@prod+formal:0.3`), "" for the base."""
         return "+".join(map(str, self.parts))
-
-    def one(self, field: str = "model") -> Part:
-        """The single adapter this spec names, for commands that act on one (load, unload, assistants)."""
-        if len(self.parts) != 1 or self.parts[0].weight != 1.0:
-            raise InvalidModelName(f"{field}: name one adapter (NAME, NAME@vN or NAME@ALIAS), not a composition")
-        return self.parts[0]
 
 
 _SYNTAX = (

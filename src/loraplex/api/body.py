@@ -26,7 +26,7 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
-from loraplex.api.errors import error_response
+from loraplex.api.errors import APIError
 
 MAX_BODY = 8 * 1024 * 1024
 
@@ -110,7 +110,7 @@ class BodyLimit:
             return
         size = dict(scope.get("headers") or []).get(b"content-length")
         if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
-            await error_response(413, f"request body larger than {MAX_BODY} bytes")(scope, receive, send)
+            await APIError(413, f"request body larger than {MAX_BODY} bytes").response()(scope, receive, send)
             return
         received, complete = 0, False
 

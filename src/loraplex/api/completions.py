@@ -327,11 +327,7 @@ def answer_stream(s: Serving, run: Run) -> EventSourceResponse:
                         status, code = e.status, e.code or str(e.status)
                         if status >= 500 and status != 503:
                             log.error("stream %s failed with %d: %s", rid, status, e.message, exc_info=item)
-                        yield {
-                            "data": json.dumps(
-                                {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
-                            )
-                        }
+                        yield {"data": json.dumps(e.body())}
                         return
                     now = time.perf_counter()
                     if call.t_first is None:
@@ -446,7 +442,7 @@ async def _proxy(gw: Gateway, call: Call, req: Request_, up: Any, chat: bool, fi
             status, code = 200, None
         except UpstreamError as e:
             status, code = e.status, e.code
-            yield {"data": json.dumps({"error": {"message": e.message, "type": "server_error", "code": e.code}})}
+            yield {"data": json.dumps(translate(e).body())}
         finally:
             call.t_first = out.first_token
             call.prompt_tokens, call.completion_tokens = out.prompt_tokens, out.completion_tokens

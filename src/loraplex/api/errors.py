@@ -1,11 +1,13 @@
 """OpenAI's error shape for every failure the server answers, and the one place that decides which
 status each kind of failure gets (`translate`). Routes raise `APIError` or let a library's own
-exception through; the app's handlers (api/server.py) render both with `error_response`.
+exception through; the app's handlers (api/server.py) render both with `APIError.response`.
 
 This module does not log, meter or decide whether a failure is a fault (server.py's handlers do).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi.responses import JSONResponse
 
@@ -32,17 +34,12 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers
 
+    def body(self) -> dict[str, Any]:
+        """OpenAI's error object: the JSON body, and what a stream sends when it fails midway."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-def error_response(
-    status: int,
-    message: str,
-    type_: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def translate(e: BaseException) -> APIError:

@@ -31,7 +31,7 @@ from loraplex.adapters import names
 from loraplex.api import admin as admin_routes
 from loraplex.api import completions, models
 from loraplex.api.body import BodyLimit, UnicodeRoute
-from loraplex.api.errors import APIError, error_response, translate
+from loraplex.api.errors import APIError, translate
 from loraplex.api.schemas import ERRORS, model_pattern
 from loraplex.assistants import retrieval
 from loraplex.assistants import store as assistants
@@ -136,12 +136,12 @@ def create_app(engine: EngineClient, gateway: Gateway | None = None, body_timeou
         else:
             message = f"{param or 'body'}: {err.get('msg', 'invalid value')}"
         _close_call(request, 400, "invalid_request")
-        return error_response(400, message, param=param, code="invalid_request")
+        return APIError(400, message, param=param, code="invalid_request").response()
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         _close_call(request, exc.status, exc.code)
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+        return exc.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -155,26 +155,25 @@ def create_app(engine: EngineClient, gateway: Gateway | None = None, body_timeou
         else:
             message = str(exc.detail)
         _close_call(request, exc.status_code, None)
-        return error_response(
+        return APIError(
             exc.status_code,
             message,
             "invalid_request_error" if exc.status_code < 500 else "server_error",
             getattr(exc, "param", None),
             headers=dict(exc.headers or {}),  # a 405's Allow
-        )
+        ).response()
 
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
         e = translate(exc)
         _close_call(request, e.status, e.code)
-        headers = e.headers
         if e.status >= 500 and e.status != 503:  # a fault, not a refusal (overload, shutdown): logged
             call: Call | None = getattr(request.state, "call", None)
             rid = call.id if call is not None else f"req-{secrets.token_hex(8)}"
             log.error(
                 "%s %s -> %d, request %s: %s", request.method, request.url.path, e.status, rid, e.message, exc_info=exc
             )
-            headers = {**(headers or {}), "X-Request-Id": rid}
-        return error_response(e.status, e.message, e.type, e.param, e.code, headers)
+            e.headers = {**(e.headers or {}), "X-Request-Id": rid}
+        return e.response()
 
     # the gateway's refusals are answers, not crashes: handled here, never logged as tracebacks
     for refusal in (AuthError, RateLimited, Overloaded, UpstreamError, UserError):  # db.Unavailable too
@@ -190,7 +189,7 @@ def create_app(engine: EngineClient, gateway: Gateway | None = None, body_timeou
     @app.get("/ready")
     async def ready() -> JSONResponse:
         if engine.closing:
-            return error_response(503, "shutting down", "server_error")
+            return APIError(503, "shutting down", "server_error").response()
         return JSONResponse({"status": "ready", "model": engine.base.id})
 
     @app.get("/metrics", response_class=PlainTextResponse)
