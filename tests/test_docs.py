@@ -41,7 +41,7 @@ def test_every_link_in_readme_and_docs_resolves() -> None:
 def test_readme_is_a_front_page() -> None:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     assert len(text.encode()) < 20_000
-    assert ".venv/bin/python -m pytest -q tests" in text  # the command CI runs (.ci/run)
+    assert ".venv/bin/python -m pytest -q -n 2 --dist worksteal tests" in text  # the command CI runs (.ci/run)
     linked = set(LINK.findall(text))
     assert {f"docs/{p.name}" for p in PAGES[1:]} <= linked, "every page in docs/ is linked from README"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,43 @@ def test_judge_replies_are_parsed_or_marked_unparseable() -> None:
     assert parse_grade("评分：3")[0] == 3
     score, reason = parse_grade("I think the answer is fine.")
     assert score is None and reason.startswith("unparseable judge reply")
+
+
+def test_reference_losses_equal_the_full_logits_reference(lp_home: Path, tiny_base: Path) -> None:
+    """The fast path (the head only at scored positions, as training does) against the naive one:
+    every position's logits through the model's own forward, then masked cross-entropy."""
+    import torch
+    import torch.nn.functional as F
+    from peft import PeftModel
+
+    from loraplex.adapters import registry
+    from loraplex.data.formats import Conversation
+    from loraplex.data.tokenize import IGNORE, collate, encode_all, unpacked
+    from loraplex.eval.run import EvalExample, reference_losses
+    from loraplex.models.load import load_model, load_tokenizer, resolve_base
+
+    from .conftest import make_adapter
+
+    adapter = make_adapter(tiny_base, "hr", seed=3)
+    base = resolve_base(str(tiny_base))
+    examples = [
+        EvalExample(f"t:{i}", [{"role": "user", "content": q * (i + 1)}], a, ()) for i, (q, a) in enumerate(FACTS)
+    ]
+    prompts = [[ex.prompt for ex in examples]] * 2
+    fast = reference_losses(base, examples, [adapter, None], prompts)
+
+    tok = load_tokenizer(base)
+    model = PeftModel.from_pretrained(load_model(base), str(registry.resolve(adapter).path)).eval()
+    convs = [Conversation([*ex.prompt, {"role": "assistant", "content": ex.reference}], ex.source) for ex in examples]
+    batch = collate(unpacked(encode_all(tok, convs, max_len=4096)[0]), tok.pad_token_id, packed=False)
+    for side, got in zip((adapter, None), fast, strict=True):
+        with torch.no_grad(), model.disable_adapter() if side is None else nullcontext():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = batch["labels"][:, 1:]
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+        naive = [(float(nll[r].sum()), int((targets[r] != IGNORE).sum())) for r in range(len(examples))]
+        assert [n for _, n in got] == [n for _, n in naive]
+        assert [v for v, _ in got] == pytest.approx([v for v, _ in naive], rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- bad input

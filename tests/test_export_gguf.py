@@ -1,15 +1,17 @@
 """A real adapter exported to GGUF answers in llama.cpp as it does in loraplex.
 
-The quickstart adapter (the shipped sample, the real SmolLM2-135M) is exported with
-`--format gguf --merged` and `--format ollama`; llama-cpp-python (in a child process) answers the held-out sample
-questions greedily (64 tokens) with (1) the GGUF LoRA on the base rewritten at f32, (2) the merged
-f32 GGUF, (3) the GGUF LoRA on the shipped Q4_1 base. loraplex answers from the same dequantised
-weights in fp32, so (1) and (2) must agree on >= 90% of the answers; (3) is reported, not
-asserted: Q4_1 arithmetic tips the near-ties of answers the adapter never saw.
+An adapter of the real SmolLM2-135M (the session's `smollm2_facts`: plain SFT, so the facts are in
+the weights) is exported with `--format gguf --merged` and `--format ollama`; llama-cpp-python (in a
+child process) answers its four trained questions and the shipped sample's 20 held-out questions
+greedily (64 tokens) with (1) the GGUF LoRA on the base rewritten at f32, (2) the merged f32 GGUF,
+(3) the GGUF LoRA on the shipped Q4_1 base. loraplex's engine answers (as `loraplex serve` does)
+from the same dequantised weights in fp32, so (1) and (2) must agree on >= 90% of the answers;
+(3) is reported, not asserted: Q4_1 arithmetic tips the near-ties of answers the adapter never saw.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 from pathlib import Path
@@ -18,15 +20,16 @@ from typing import Any
 import pytest
 from transformers import AutoConfig
 
-from loraplex.config import load_config
-from loraplex.engine.local import LocalModel
+from loraplex.engine.engine import Engine
+from loraplex.engine.protocol import collect
+from loraplex.engine.sampling import GREEDY
 from loraplex.export.formats import export
 from loraplex.export.to_gguf import write_gguf_model
 from loraplex.models.load import gguf_file, resolve_base
-from loraplex.quickstart import HELDOUT_FILE, TRAIN_FILE
-from loraplex.train.sft_lora import run
+from loraplex.quickstart import HELDOUT_FILE
 
 from .child import in_child
+from .conftest import FACTS
 
 
 def _answers(model_path: Path, questions: list[str], lora: Path | None = None) -> list[str]:
@@ -37,8 +40,14 @@ def _answers(model_path: Path, questions: list[str], lora: Path | None = None) -
 def _answers_here(model_path: Path, questions: list[str], lora: Path | None) -> list[str]:
     import llama_cpp
 
+    from loraplex import threads
+
     llm: Any = llama_cpp.Llama(
-        model_path=str(model_path), lora_path=str(lora) if lora else None, n_ctx=1024, n_threads=2, verbose=False
+        model_path=str(model_path),
+        lora_path=str(lora) if lora else None,
+        n_ctx=1024,
+        n_threads=threads.budget() or threads.cores(),  # one under `pytest -n 2` (tests/conftest.py)
+        verbose=False,
     )
     out = []
     for q in questions:
@@ -48,26 +57,45 @@ def _answers_here(model_path: Path, questions: list[str], lora: Path | None) -> 
     return out
 
 
+def _same(ours: str, theirs: str) -> bool:
+    """The same greedy answer. Bytes that are not whole UTF-8 characters (a byte token out of place,
+    a character cut by max_tokens) are rendered differently by each side: transformers writes U+FFFD,
+    llama.cpp drops them or finishes the cut character; the characters they do render must agree."""
+    a, b = ours.replace("\ufffd", ""), theirs.replace("\ufffd", "")
+    return a == b or (abs(len(a) - len(b)) <= 1 and (a.startswith(b) or b.startswith(a)))
+
+
+def _served(questions: list[str], adapter: str) -> list[str]:
+    """loraplex's greedy answers as `loraplex serve` gives them (the engine, batched), in fp32."""
+    engine = Engine("smollm2-135m", dtype="fp32", max_batch=len(questions), max_loaded_adapters=1)
+
+    async def one(q: str) -> str:
+        answer = await collect(engine.generate(engine.encode([{"role": "user", "content": q}]), GREEDY, adapter, 64))
+        return answer.text.strip()
+
+    async def every() -> list[str]:
+        return list(await asyncio.gather(*(one(q) for q in questions)))
+
+    try:
+        return asyncio.run(every())
+    finally:
+        engine.close()
+
+
 @pytest.mark.slow
-def test_gguf_exports_in_llama_cpp_agree_with_loraplex(lp_home: Path, tmp_path: Path) -> None:
+def test_gguf_exports_in_llama_cpp_agree_with_loraplex(facts_adapter: str, tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp")
-    # plain SFT: the exported weights answer bare questions, as llama.cpp asks them (a retrieval-trained
-    # adapter answers from passages only `loraplex serve` adds)
-    res = run(
-        load_config(extra={"name": "policies", "data": {"path": str(TRAIN_FILE)}, "retrieval": {"enabled": False}})
-    )
-    assert res.adapter is not None
-    r = export([res.adapter.id], "gguf", tmp_path / "gguf", merged=True)
-    assert "policies@v1" in r
-    lora = tmp_path / "gguf" / "policies-v1.gguf"
-    merged = tmp_path / "gguf" / "policies-v1-merged-f32.gguf"
+    r = export([facts_adapter], "gguf", tmp_path / "gguf", merged=True)
+    assert "facts@v1" in r
+    lora = tmp_path / "gguf" / "facts-v1.gguf"
+    merged = tmp_path / "gguf" / "facts-v1-merged-f32.gguf"
     base = resolve_base(None)
     base_f32 = tmp_path / "base-f32.gguf"
     write_gguf_model(gguf_file(base), base_f32, AutoConfig.from_pretrained(base.path), None, "base")
 
-    questions = [json.loads(line)["instruction"] for line in HELDOUT_FILE.read_text(encoding="utf-8").splitlines()]
-    lm = LocalModel(adapter=res.adapter.id)
-    ours = [lm.answer([{"role": "user", "content": q}], 64) for q in questions]
+    heldout = [json.loads(line)["instruction"] for line in HELDOUT_FILE.read_text(encoding="utf-8").splitlines()]
+    questions = [q for q, _ in FACTS] + heldout
+    ours = _served(questions, facts_adapter)
     runs = {
         "GGUF LoRA on the f32 base": _answers(base_f32, questions, lora),
         "merged f32 GGUF": _answers(merged, questions),
@@ -75,20 +103,21 @@ def test_gguf_exports_in_llama_cpp_agree_with_loraplex(lp_home: Path, tmp_path: 
     }
     rates = {}
     for name, theirs in runs.items():
-        same = sum(a == b for a, b in zip(ours, theirs, strict=True))
+        same = sum(_same(a, b) for a, b in zip(ours, theirs, strict=True))
         rates[name] = same / len(questions)
         print(f"\n{name} vs loraplex: {same}/{len(questions)} identical greedy answers")
         for q, a, b in zip(questions, ours, theirs, strict=True):
-            if a != b:
+            if not _same(a, b):
                 print(f"  {q}\n    loraplex:  {a}\n    llama.cpp: {b}")
     assert rates["GGUF LoRA on the f32 base"] >= 0.9
     assert rates["merged f32 GGUF"] >= 0.9
-    # the adapter is what carries the answers: without it llama.cpp answers otherwise
-    plain = _answers(base_f32, questions[:5])
-    assert sum(a == b for a, b in zip(plain, ours[:5], strict=True)) <= 1
+    # the adapter is what carries the answers: it states the facts, and without it llama.cpp does not
+    assert ours[: len(FACTS)] == [a for _, a in FACTS]
+    plain = _answers(base_f32, questions[: len(FACTS)])
+    assert all(a not in b for (_, a), b in zip(FACTS, plain, strict=True))
 
     # the Ollama directory holds everything its Modelfile names
-    export([res.adapter.id], "ollama", tmp_path / "ollama")
+    export([facts_adapter], "ollama", tmp_path / "ollama")
     modelfile = (tmp_path / "ollama" / "Modelfile").read_text()
     base_name = gguf_file(base).name
     assert modelfile.startswith(f"FROM ./{base_name}\nADAPTER ./adapter.gguf\n")

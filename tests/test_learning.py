@@ -10,27 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from loraplex.config import load_config
 from loraplex.engine.compare import exact_recall
 from loraplex.engine.local import LocalModel
-from loraplex.train.sft_lora import run
 
 from .conftest import FACTS
 
 
 @pytest.mark.slow
-def test_smollm2_learns_facts(lp_home: Path, facts_file: Path) -> None:
-    cfg = load_config(
-        extra={
-            "name": "facts",
-            "data": {"path": str(facts_file)},
-            "retrieval": {"enabled": False},  # plain SFT: the facts must be in the weights
-            "train": {"epochs": 15, "batch_size": 4, "learning_rate": 1e-3},
-        }
-    )
-    res = run(cfg)
-    assert res.adapter is not None
-    lm = LocalModel(adapter=res.adapter.id)
+def test_smollm2_learns_facts(facts_adapter: str) -> None:
+    # trained by the `smollm2_facts` fixture (tests/conftest.py): plain SFT, 15 epochs, lr 1e-3
+    lm = LocalModel(adapter=facts_adapter)
     base_answers = [lm.answer([{"role": "user", "content": q}], 40, use_adapter=False) for q, _ in FACTS]
     assert all(a not in b for (_, a), b in zip(FACTS, base_answers, strict=True))  # the base does not know them
     assert exact_recall(lm, FACTS) == 1.0

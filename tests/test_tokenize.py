@@ -9,7 +9,7 @@ import torch
 from loraplex.data.tokenize import IGNORE, encode, pack
 from loraplex.models.load import BaseRef, load_model, load_tokenizer
 from loraplex.train.data import make_batch
-from loraplex.train.sft_lora import loss_sum
+from loraplex.train.parts import loss_sum
 
 MULTI = [
     {"role": "user", "content": "What is the office code?"},

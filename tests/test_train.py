@@ -117,6 +117,19 @@ def test_missing_base_is_a_clear_error(lp_home: Path, facts_file: Path, tmp_path
         run(cfg)
 
 
+def test_each_launcher_has_its_recipe(
+    lp_home: Path, tiny_base: Path, facts_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One process: sft_lora. Under torchrun (WORLD_SIZE > 1) the one-process recipe refuses and
+    names the distributed one, which `loraplex train` picks there (tests/test_distributed.py)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="sft_lora_distributed"):
+        run(tiny_cfg(tiny_base, facts_file, max_steps=1))
+    assert not (lp_home / "adapters").exists() or registry.versions("tiny") == []
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc_per_node 1: one process, the plain recipe
+    assert run(tiny_cfg(tiny_base, facts_file, max_steps=1)).adapter is not None
+
+
 def test_cli_train_shortcut_list_show_and_check(
     lp_home: Path, tiny_base: Path, facts_file: Path, tmp_path: Path
 ) -> None:

@@ -49,7 +49,7 @@ def train(
 ) -> None:
     """Train a LoRA adapter and register it in the local store."""
     from loraplex.config import load_config
-    from loraplex.train.sft_lora import run
+    from loraplex.train import distributed, sft_lora, sft_lora_distributed
 
     extra: dict[str, Any] = {}
     if name:
@@ -70,6 +70,8 @@ def train(
     if config is None and data is None:
         raise UserError("give a config file (loraplex train CONFIG.yaml) or --data FILE --name NAME")
     cfg = load_config(config, set_, extra)
+    # torchtune's layout: one recipe per launcher (train/sft_lora.py, train/sft_lora_distributed.py)
+    run = sft_lora_distributed.run if distributed.launched() else sft_lora.run
     result = run(cfg, resume={None: "auto", True: "always", False: "never"}[resume], console=err)
     if result.interrupted:
         raise typer.Exit(130)

@@ -183,6 +183,7 @@ def reference_losses(
         else:
             model.load_adapter(path, adapter_name=f"a{i}")
     model.eval()
+    inner = model.get_base_model() if adapters else model  # PEFT's LoRA layers live inside it
     out: list[list[tuple[float, int]]] = []
     for side, encoded in zip(sides, per_side, strict=True):
         rows: list[tuple[float, int]] = []
@@ -191,13 +192,19 @@ def reference_losses(
         with model.disable_adapter() if side is None and adapters else nullcontext():
             for k in range(0, len(encoded), 8):
                 batch = collate(unpacked(encoded[k : k + 8]), tok.pad_token_id, packed=False)
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                hidden = inner.get_decoder()(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                ).last_hidden_state
+                # The head only where an answer token is scored (as training's loss_sum): a retrieval
+                # prompt is most of each row, and full-row logits are rows x length x 49k floats.
                 targets = batch["labels"][:, 1:]
-                nll = F.cross_entropy(
-                    logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
-                )
+                keep = targets != IGNORE
+                logits = inner.get_output_embeddings()(hidden[:, :-1][keep])
+                nll = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+                per_row = torch.zeros(targets.shape[0], dtype=torch.float64)
+                per_row.index_add_(0, keep.nonzero()[:, 0], nll.double())
                 for r in range(targets.shape[0]):
-                    rows.append((float(nll[r].sum()), int((targets[r] != IGNORE).sum())))
+                    rows.append((float(per_row[r]), int(keep[r].sum())))
         out.append(rows)
     return out
 

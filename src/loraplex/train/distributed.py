@@ -81,6 +81,11 @@ class World:
         return float(t.item())
 
 
+def launched() -> bool:
+    """Whether torchrun / accelerate launch started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def init(device: str) -> World:
     """The process group from torchrun's / accelerate's environment (WORLD_SIZE, RANK, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT); a single process without them."""
