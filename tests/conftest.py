@@ -44,6 +44,20 @@ CORPUS = [
 ]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long tests (`slow`) first, dealt round-robin over the `-n` workers: xdist's worksteal hands
+    each worker a contiguous share of this order at the start, so each share begins with its long
+    tests and the short ones fill in around them (instead of one long test running alone at the end)."""
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    fast = [item for item in items if not item.get_closest_marker("slow")]
+    shares: list[list[pytest.Item]] = [slow[w::WORKERS] for w in range(WORKERS)]
+    size = -(-len(items) // WORKERS)
+    for share in shares:
+        while len(share) < size and fast:
+            share.append(fast.pop(0))
+    items[:] = [item for share in shares for item in share] + fast
+
+
 @pytest.fixture(scope="session")
 def models_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One converted-model cache for the whole session (SmolLM2's GGUF is converted once; workers of

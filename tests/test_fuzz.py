@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import httpx
+import pytest
 from typer.testing import CliRunner
 
 from loraplex.cli import app
@@ -66,6 +67,7 @@ def _alive(srv: ServeProcess) -> None:
     assert answer.choices[0].message.content is not None
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_nothing_with_keys_on_and_off(tiny_base: Path, lp_home: Path, tmp_path: Path) -> None:
     make_adapter(tiny_base, "hr", seed=1)
     make_adapter(tiny_base, "legal", seed=2)

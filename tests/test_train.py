@@ -328,6 +328,7 @@ def test_qlora_needs_cuda_and_merges_into_the_full_precision_base(
     assert float(delta.abs().max()) > 1e-4  # the adapter really changed the weight
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_rerunning_ends_with_the_uninterrupted_adapter(
     lp_home: Path, tiny_base: Path, facts_file: Path, tmp_path: Path
 ) -> None:
