@@ -394,12 +394,14 @@ def test_sampling_survives_tiny_legal_penalties_and_temperatures() -> None:
     fp32's range; the draw still returns a token (the schemathesis run once got a 500 here)."""
     from loraplex.engine.sampling import RowError, RowState, SamplingParams, sample
 
-    logits = torch.tensor([[3.0, -1.0, 0.5, 2.0], [3.0, -1.0, 0.5, 2.0]])
+    logits = torch.tensor([[3.0, -1.0, 0.5, 2.0], [3.0, -1.0, 0.5, 2.0], [3.0, -1.0, 0.0, 2.0]])
     rows = [
         RowState(SamplingParams(repetition_penalty=2.2250738585072014e-309, seed=1), prompt_ids=[0, 1]),
         RowState(SamplingParams(temperature=1e-308, seed=1), prompt_ids=[1]),
+        # a logit of exactly 0 times an overflowing 1/T was NaN (schemathesis again: T = 4.3e-98)
+        RowState(SamplingParams(temperature=4.3129089185430436e-98, top_p=0.7, top_k=16762167, seed=1), [1]),
     ]
     tokens, _ = sample(logits, rows)
     assert not any(isinstance(t, RowError) for t in tokens), tokens
-    assert tokens[1] == 0  # a temperature near 0 is greedy
+    assert tokens[1] == 0 and tokens[2] == 0  # a temperature near 0 is greedy
     assert tokens[0] in (0, 3)  # token 0's 3.0 / 2e-309 and 3's 2.0 / 2e-309 both overflow to the largest float

@@ -109,6 +109,11 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
 
 def _draw(logits: torch.Tensor, row: RowState) -> int:
     p = row.params
+    # torch divides by a scalar as a multiplication by its reciprocal: a legal temperature below
+    # 1/max-float (4e-98 from the fuzzer) makes that reciprocal inf, and a logit of 0 times inf is NaN.
+    # softmax(l / T) tends to the argmax as T -> 0: take it.
+    if 1.0 / p.temperature > torch.finfo(logits.dtype).max:
+        return int(logits.argmax())
     logits = _finite(logits / p.temperature)
     if p.top_k:
         kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
