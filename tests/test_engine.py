@@ -13,7 +13,7 @@ from loraplex.adapters import registry
 from loraplex.engine import lora_kernel
 from loraplex.engine.engine import Engine
 from loraplex.engine.lora import AdapterRequest, AdapterWeights, LoraBatch, LoraStacks
-from loraplex.engine.model import DecoderModel, Step
+from loraplex.engine.model import DecoderModel, Step, bucket
 from loraplex.engine.sampling import SamplingParams
 from loraplex.models.load import load_model, load_tokenizer, resolve_base
 from tests.conftest import make_adapter
@@ -405,3 +405,47 @@ def test_sampling_survives_tiny_legal_penalties_and_temperatures() -> None:
     assert not any(isinstance(t, RowError) for t in tokens), tokens
     assert tokens[1] == 0 and tokens[2] == 0  # a temperature near 0 is greedy
     assert tokens[0] in (0, 3)  # token 0's 3.0 / 2e-309 and 3's 2.0 / 2e-309 both overflow to the largest float
+
+
+def test_bf16_shapes_come_from_few_buckets_and_padding_changes_no_logit(tiny_base: Path) -> None:
+    """On CPU in bf16 every new matmul shape is a new oneDNN kernel kept in a cache (model.bucket):
+    prompts of 1-120 tokens decoded for 60 steps use 58 shapes padded, 840 exact,
+    and the padded keys and prompt positions change no logit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[tuple] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            if func in (torch.ops.aten.linear.default, torch.ops.aten.matmul.default):  # as inference mode sees them
+                self.seen.add(tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)))
+            return func(*args, **(kwargs or {}))
+
+    model = DecoderModel(load_model(resolve_base(str(tiny_base))).eval(), torch.bfloat16, "cpu")
+    assert model.buckets
+
+    def run(buckets: bool, lengths: range, steps: int) -> tuple[set[tuple], list[torch.Tensor]]:
+        model.buckets = buckets
+        out: list[torch.Tensor] = []
+        with Shapes() as shapes:
+            for n in lengths:
+                cache = model.new_cache(1, 512)
+                ids = torch.randint(3, 200, (1, n), generator=torch.Generator().manual_seed(n))
+                width = bucket(n, cache.capacity) if buckets else n  # as Engine._prefill_step pads
+                padded = torch.zeros((1, width), dtype=torch.long)
+                padded[0, :n] = ids[0]
+                step = Step(padded, torch.tensor([0]), 0, None, last=torch.tensor([n - 1]))
+                out.append(model.forward(step, cache)[0, 0])
+                tok = ids[:, -1:]
+                for t in range(n, n + (steps if n == lengths[-1] else 0)):
+                    out.append(model.forward(Step(tok, torch.tensor([t]), 0, None), cache)[0, 0])
+                    tok = out[-1].argmax()[None, None]
+        return shapes.seen, out
+
+    exact, ref = run(False, range(1, 121), 60)
+    padded, got = run(True, range(1, 121), 60)
+    assert len(exact) > 800 and len(padded) < 80, (len(exact), len(padded))
+    for a, b in zip(ref, got, strict=True):
+        assert torch.equal(a, b)  # bit for bit: masked keys weigh exactly 0, padded rows are other rows

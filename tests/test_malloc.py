@@ -3,11 +3,12 @@ the system. Each case runs in a fresh process, whose heap nothing else has touch
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from loraplex.malloc import Trim, limit_arenas
+from loraplex.malloc import KERNEL_CACHES, Trim, limit_arenas, limit_kernel_caches
 from tests.child import in_child
 
 
@@ -100,3 +101,47 @@ def test_serve_limits_glibc_arenas(monkeypatch: pytest.MonkeyPatch) -> None:
     assert in_child(_arenas_used, 2, what="malloc") <= 2
     monkeypatch.setenv("MALLOC_ARENA_MAX", "3")
     assert not limit_arenas(2)  # an operator's MALLOC_ARENA_MAX is left alone
+
+
+def _heap_after_shapes(limit: int | None) -> float:
+    """MiB of glibc heap in use after bf16 matmuls of 1,200 different shapes (as prompts of every
+    length would make without the engine's padding), in a fresh process."""
+    import ctypes
+
+    import torch
+
+    if limit is not None:
+        limit_kernel_caches(limit)
+    torch.set_num_threads(1)
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks")] + [
+            (f, ctypes.c_size_t) for f in ("fsmblks", "uordblks", "fordblks", "keepcost")
+        ]
+
+    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    mallinfo2.restype = MallInfo2
+    w = torch.randn(256, 512, dtype=torch.bfloat16)
+    before = mallinfo2().uordblks
+    with torch.inference_mode():
+        for m in range(1, 1201):
+            torch.randn(m, 256, dtype=torch.bfloat16) @ w
+    return (mallinfo2().uordblks - before) / 2**20
+
+
+def test_serve_bounds_onednn_kernel_caches(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    if not Trim().available or not torch.backends.mkldnn.is_available():
+        pytest.skip("glibc and oneDNN only")
+    for var in KERNEL_CACHES:
+        monkeypatch.delenv(var, raising=False)
+    default = in_child(_heap_after_shapes, None, what="malloc")
+    bounded = in_child(_heap_after_shapes, 16, what="malloc")
+    print(f"heap after 1,200 shapes: {default:.0f} MiB default, {bounded:.0f} MiB with 16 kernels a cache")
+    assert bounded < 40 < 100 < default, (bounded, default)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "")  # so that teardown restores it
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    limit_kernel_caches(16)
+    assert os.environ["LRU_CACHE_CAPACITY"] == "7" and os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "16"

@@ -88,6 +88,7 @@ def serve(
     from loraplex import malloc
 
     malloc.limit_arenas(2)  # first, before any thread: a long-running server's heap stays flat (malloc.py)
+    malloc.limit_kernel_caches(256)  # and before the first matmul
     from loraplex.adapters import registry
     from loraplex.api.server import run
     from loraplex.engine.engine import Engine

@@ -37,7 +37,7 @@ from loraplex.adapters import names
 from loraplex.engine import lora_kernel
 from loraplex.engine.adapter_cache import AdapterCache
 from loraplex.engine.lora import KERNEL_ACTIVATIONS, AdapterRequest, AdapterWeights, LoraBatch, LoraStacks
-from loraplex.engine.model import DecoderModel, Step
+from loraplex.engine.model import DecoderModel, Step, bucket
 from loraplex.engine.protocol import Delta, EngineClosed, PromptTooLong, check_length, encode_prompt
 from loraplex.engine.sampling import RowError, RowState, SamplingParams, TokenLogprob, sample
 from loraplex.engine.text import TextStream
@@ -493,7 +493,11 @@ class Engine:
                 budget -= len(r.context)
             L = max(len(r.context) for r in group)
         pad = self.tokenizer.pad_token_id or 0
-        ids = torch.full((len(group), L), pad, dtype=torch.long)
+        width = L
+        if self.model.buckets:  # few shapes, each a cached kernel (model.bucket); padding is never read
+            start = max(r.cached for r in group)  # within the positions the cache allocates anyway
+            width = bucket(L, self.cache.sizes_for(1, start + L)[1] - start)
+        ids = torch.full((len(group), width), pad, dtype=torch.long)
         last = []
         for i, r in enumerate(group):
             chunk = r.context[r.cached : r.cached + L]

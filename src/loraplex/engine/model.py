@@ -26,6 +26,20 @@ from loraplex.errors import UserError
 SUPPORTED = ("llama", "mistral", "qwen2")
 
 
+def bucket(n: int, limit: int) -> int:
+    """`n` rounded up to one of few sizes, at most `limit`: multiples of 16 up to 64, then four sizes
+    per doubling (at most 25% more), e.g. 30 -> 32, 100 -> 112, 300 -> 320, 1500 -> 1536.
+
+    Why: on CPU a bf16 matmul goes to oneDNN, which builds a kernel for each new shape (~0.7 ms) and
+    keeps the last 1,024 of them (0.3-1 MiB each; ONEDNN_PRIMITIVE_CACHE_CAPACITY, and PyTorch's own
+    LRU_CACHE_CAPACITY beside it). Attention over exactly the cached length was a new shape every
+    decode step and every prompt length a new one for each projection: the serving heap grew by
+    ~600 MiB until both caches were full (bench/soak.py; tests/test_engine.py counts the shapes).
+    """
+    step = 16 if n <= 64 else 1 << (n.bit_length() - 3)
+    return min(-(-n // step) * step, limit)
+
+
 class KVCache:
     """Keys and values for up to `slots` rows: `k[layer, slot, kv_head, position, head_dim]`.
 
@@ -166,6 +180,9 @@ class DecoderModel:
             )
         self.config = cfg
         self.dtype, self.device = dtype, device
+        # Pad attention spans and prompt chunks to `bucket` sizes where a new shape costs a new
+        # kernel (oneDNN: CPU bf16/fp16). fp32 goes to MKL, which keeps nothing per shape.
+        self.buckets = device == "cpu" and dtype != torch.float32
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -234,6 +251,8 @@ class DecoderModel:
         positions = starts[:, None] + offs[None, :]  # [n, L]
         total = int(starts.max()) + L  # keys to attend over
         cache.ensure(step.slot0 + n, total)
+        if self.buckets:  # keys past `total` are masked below (zeros or older keys: finite, weight 0)
+            total = bucket(total, cache.capacity)
         # Row i, query t sees keys 0 .. starts[i] + t (its own prefix, causally).
         key_pos = torch.arange(total, device=ids.device)
         mask = key_pos[None, None, :] <= positions[:, :, None]  # [n, L, total]
