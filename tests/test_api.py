@@ -37,6 +37,51 @@ def test_models_lists_base_and_adapters(server: Server) -> None:
     assert legal["description"] == "random test adapter legal"
 
 
+def test_models_retrieve_one_model_a_version_or_a_404(server: Server) -> None:
+    """The openai SDK's `models.retrieve` (GET /v1/models/{id}), as clients check a model exists."""
+    c = server.client
+    base = server.engine.base.id
+    assert c.models.retrieve(base).id == base
+    legal = c.models.retrieve("legal")
+    assert legal.id == "legal" and legal.model_dump()["root"] == "legal@v1"
+    v1 = c.models.retrieve("legal@v1").model_dump()
+    assert v1["id"] == "legal@v1" and v1["version"] == 1 and v1["kind"] == "adapter"
+    for missing in ("nope", "legal@v99", "legal/../formal"):
+        with pytest.raises(openai.NotFoundError) as e:
+            c.models.retrieve(missing)
+        assert e.value.body["code"] == "model_not_found" and repr(missing) in e.value.body["message"]
+
+
+def test_embeddings_from_the_openai_sdk_in_both_encodings(server: Server) -> None:
+    """POST /v1/embeddings with the built-in multilingual encoder: the SDK's default (base64) and
+    float give the same unit vectors; a question and its translation are nearer than another topic."""
+    import numpy as np
+
+    c = server.client
+    texts = [
+        "How many days of annual leave do employees get?",
+        "员工每年有多少天年假？",
+        "The canteen serves lunch at noon.",
+    ]
+    r = c.embeddings.create(model="multilingual", input=texts)  # the SDK asks for base64 and decodes it
+    v = np.array([d.embedding for d in r.data])
+    assert v.shape == (3, 512) and [d.index for d in r.data] == [0, 1, 2]
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-4)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.2
+    plain = c.embeddings.create(model="multilingual", input=texts[0], encoding_format="float")
+    np.testing.assert_allclose(plain.data[0].embedding, v[0], atol=1e-6)
+    assert r.usage.prompt_tokens == r.usage.total_tokens > plain.usage.prompt_tokens > 2
+    assert c.models.retrieve("multilingual").model_dump()["kind"] == "embedding"
+    with pytest.raises(openai.NotFoundError, match="the embedding model here is 'multilingual'"):
+        c.embeddings.create(model="legal", input="hi")
+    with pytest.raises(openai.BadRequestError, match="check_embedding_ctx_length=False"):
+        c.embeddings.create(model="multilingual", input=[[9906, 1917]])  # tiktoken ids, as LangChain sends
+    with pytest.raises(openai.BadRequestError, match="512 dimensions"):
+        c.embeddings.create(model="multilingual", input="hi", dimensions=256)
+    with pytest.raises(openai.BadRequestError, match=r"input\[1\] is empty"):
+        c.embeddings.create(model="multilingual", input=["hi", ""])
+
+
 def test_stream_and_non_stream_agree_and_name_the_version(server: Server) -> None:
     c = server.client
     full = c.chat.completions.create(model="legal", messages=USER, temperature=0, max_tokens=20)

@@ -221,7 +221,10 @@ def test_eval_proves_learning_reports_judges_and_gates_promotion(lp_home: Path, 
     assert gen[-1]["gen_keywords"] == 1.0 and v1.manifest()["steps"] < 40
 
     # The eval split the run held out is the default data; the base does not know the facts.
-    r = runner.invoke(app, ["eval", "--adapter", "facts@v1", "--report", str(tmp_path / "report"), "--json"])
+    # (answers are under 20 tokens; 32 keeps "stopped" meaningful and the base's rambling short)
+    r = runner.invoke(
+        app, ["eval", "--adapter", "facts@v1", "--report", str(tmp_path / "report"), "--json", "--max-tokens", "32"]
+    )
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     a, b = res["summary"]["adapter"], res["summary"]["baseline"]
@@ -245,7 +248,7 @@ def test_eval_proves_learning_reports_judges_and_gates_promotion(lp_home: Path, 
     engine = Engine("smollm2-135m", max_batch=16, max_loaded_adapters=2)
     server = Server(engine)
     try:
-        judged = evaluate("facts@v1", data, judge=Judge(f"{server.url}/v1"), store=False, engine=engine)
+        judged = evaluate("facts@v1", data, judge=Judge(f"{server.url}/v1"), store=False, engine=engine, max_tokens=32)
     finally:
         server.stop()
         engine.close()
@@ -262,7 +265,9 @@ def test_eval_proves_learning_reports_judges_and_gates_promotion(lp_home: Path, 
     v2 = train(1, 1e-4, retrieval=False)  # with retrieval even one step copies the answers from the passages
     r = runner.invoke(app, ["adapters", "promote", v2.id, "--require-eval"])
     assert r.exit_code != 0 and "has no evaluation" in str(r.exception)
-    r = runner.invoke(app, ["eval", "--adapter", v2.id, "--data", str(data), "--baseline", "facts@v1", "--json"])
+    r = runner.invoke(
+        app, ["eval", "--adapter", v2.id, "--data", str(data), "--baseline", "facts@v1", "--json", "--max-tokens", "32"]
+    )
     assert r.exit_code == 0, r.output
     res2 = json.loads(r.stdout)
     assert res2["baseline"] == "facts@v1" and res2["comparison"]["regressed"] >= 1

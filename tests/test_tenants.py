@@ -175,6 +175,30 @@ def test_an_abandoned_request_stops_and_is_logged_as_such(tenants: Tenants) -> N
     assert tenants.metric("loraplex_running_batch") == 0
 
 
+def test_any_key_may_embed_and_every_embedding_request_is_logged_and_metered(tenants: Tenants) -> None:
+    def embed(key: str, given: object) -> httpx.Response:
+        body = {"model": "multilingual", "input": given}
+        auth = {"Authorization": f"Bearer {tenants.keys[key]}"}
+        return httpx.post(f"{tenants.srv.url}/v1/embeddings", json=body, headers=auth, timeout=30)
+
+    assert embed("hr-team", ["年假有几天？", "annual leave"]).status_code == 200
+    assert embed("secret-team", "hello").status_code == 200  # the encoder is no tenant's model
+    assert embed("hr-team", [[1, 2, 3]]).status_code == 400
+    assert (
+        httpx.post(f"{tenants.srv.url}/v1/embeddings", json={"model": "multilingual", "input": "x"}).status_code == 401
+    )
+    rows: list = []
+    deadline = time.time() + 20
+    while time.time() < deadline and len(rows) < 4:
+        time.sleep(0.2)
+        with sqlite3.connect(tenants.home / "server.db") as con:
+            rows = con.execute(
+                "SELECT key, status, prompt_tokens, served FROM requests WHERE endpoint = 'embeddings' ORDER BY time"
+            ).fetchall()
+    assert [(k, st) for k, st, _, _ in rows] == [("hr-team", 200), ("secret-team", 200), ("hr-team", 400), (None, 401)]
+    assert rows[0][2] > rows[1][2] > 0 and rows[0][3] == "multilingual"
+
+
 def test_scoped_keys_learn_nothing_about_other_models_or_the_server(tenants: Tenants) -> None:
     """Was: a key for `hr*` asking for `hr-nonexistent` got the store's path and every adapter."""
     missing = tenants.chat("hr-team", "hr-nonexistent")
@@ -188,6 +212,17 @@ def test_scoped_keys_learn_nothing_about_other_models_or_the_server(tenants: Ten
         assert err["message"] == f"the model {model!r} does not exist or you do not have access to it"
         assert str(tenants.home) not in r.text and "legal" not in r.text
     assert tenants.chat("hr-team", "hr").status_code == 200
+    # models.retrieve: another team's adapter reads as a missing one
+    for model in ("secret", "hr-nonexistent", "secret@v1"):
+        r = httpx.get(
+            f"{tenants.srv.url}/v1/models/{model}", headers={"Authorization": f"Bearer {tenants.keys['hr-team']}"}
+        )
+        assert (
+            r.status_code == 404
+            and r.json()["error"]["message"] == f"the model {model!r} does not exist or you do not have access to it"
+        )
+    r = httpx.get(f"{tenants.srv.url}/v1/models/hr", headers={"Authorization": f"Bearer {tenants.keys['hr-team']}"})
+    assert r.status_code == 200 and r.json()["id"] == "hr"
 
 
 def test_a_glob_scope_matches_the_model_a_name_resolves_to(tenants: Tenants) -> None:

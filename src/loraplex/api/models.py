@@ -1,5 +1,6 @@
-"""GET /v1/models: the base model, upstream models, assistants and adapters (each alias a model of
-its own, so chat UIs list `legal@prod`), filtered to what the key may use.
+"""GET /v1/models: the base model, the embedding model, upstream models, assistants and adapters (each alias a model of
+its own, so chat UIs list `legal@prod`), filtered to what the key may use; GET /v1/models/{id}: one
+of them, or one version of an adapter (`legal@v2`), as the openai SDK's `models.retrieve` asks.
 
 What is listed is read from the store on each request (a new version appears without a restart);
 adapters trained on another base architecture are left out. This module does not load adapters.
@@ -17,11 +18,13 @@ from typing import Any
 from fastapi import Depends, FastAPI
 
 from loraplex.adapters import registry
+from loraplex.adapters.names import ModelNotFound, not_found
 from loraplex.assistants import store as assistants
 from loraplex.engine.protocol import EngineClient
 from loraplex.errors import UserError
 from loraplex.gateway.gate import Gateway
 from loraplex.gateway.keys import Key
+from loraplex.knowledge import embedder
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,21 @@ def add_routes(
     @app.get("/v1/models")
     async def models(key: Key | None = Depends(principal)) -> dict[str, Any]:
         data = await asyncio.to_thread(model_list, engine, created, gw)
-        return {"object": "list", "data": [m for m in data if allowed(key, m["id"])]}
+        return {"object": "list", "data": [m for m in data if usable(key, m)]}
+
+    def usable(key: Key | None, m: dict[str, Any]) -> bool:
+        return m.get("kind") == "embedding" or allowed(key, m["id"])  # any key may embed (api/embeddings.py)
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, key: Key | None = Depends(principal)) -> dict[str, Any]:
+        # A missing model and one this key may not use get the same 404 (api/errors.py).
+        for m in await asyncio.to_thread(model_list, engine, created, gw):
+            if usable(key, m):
+                if m["id"] == model_id:
+                    return m
+                if m.get("kind") == "adapter" and model_id in m["versions"] and allowed(key, model_id):
+                    return {**m, "id": model_id, "root": model_id, "version": int(model_id.rsplit("@v", 1)[1])}
+        raise ModelNotFound(not_found(model_id))
 
 
 def model_list(engine: EngineClient, created: int, gw: Gateway) -> list[dict[str, Any]]:
@@ -51,6 +68,16 @@ def model_list(engine: EngineClient, created: int, gw: Gateway) -> list[dict[str
             "max_model_len": engine.max_model_len,
         }
     ]
+    data.append(
+        {
+            "id": embedder.BUILTIN,
+            "object": "model",
+            "created": created,
+            "owned_by": "loraplex",
+            "kind": "embedding",
+            "dimensions": embedder.Multilingual.dim,
+        }
+    )
     for up in gw.config.upstreams:  # exact names only: a pattern names no model a client could pick
         for name in up.models:
             if not any(c in name for c in "*?["):

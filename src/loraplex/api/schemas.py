@@ -189,6 +189,28 @@ class CompletionRequest(_Common):
 _LORA_NAME = Field(min_length=1, max_length=512, **_documented(pattern=f"^{ADAPTER_PATTERN}$"))
 
 
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
+
+
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings (api/embeddings.py). Token-id input is refused there, with the reason."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=512)
+    input: str | list[str] | list[JsonInt] | list[list[JsonInt]] = Field(
+        **_documented(
+            anyOf=[
+                {"type": "string", "minLength": 1},
+                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 2048},
+            ]
+        ),
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: MaybeInt = Field(None, ge=1)
+    user: str | None = None
+
+
 class LoadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lora_name: str = _LORA_NAME

