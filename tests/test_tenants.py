@@ -175,15 +175,19 @@ def test_an_abandoned_request_stops_and_is_logged_as_such(tenants: Tenants) -> N
     assert tenants.metric("loraplex_running_batch") == 0
 
 
-def test_any_key_may_embed_and_every_embedding_request_is_logged_and_metered(tenants: Tenants) -> None:
+def test_embeddings_follow_key_scopes_and_every_request_is_logged_and_metered(tenants: Tenants) -> None:
     def embed(key: str, given: object) -> httpx.Response:
         body = {"model": "multilingual", "input": given}
         auth = {"Authorization": f"Bearer {tenants.keys[key]}"}
         return httpx.post(f"{tenants.srv.url}/v1/embeddings", json=body, headers=auth, timeout=30)
 
-    assert embed("hr-team", ["年假有几天？", "annual leave"]).status_code == 200
-    assert embed("secret-team", "hello").status_code == 200  # the encoder is no tenant's model
-    assert embed("hr-team", [[1, 2, 3]]).status_code == 400
+    assert embed("ops", ["年假有几天？", "annual leave"]).status_code == 200
+    hidden = embed("hr-team", "hello")  # its scope (hr*) does not name the encoder: as a missing model
+    assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "model_not_found"
+    assert "multilingual" not in str(
+        httpx.get(f"{tenants.srv.url}/v1/models", headers={"Authorization": f"Bearer {tenants.keys['hr-team']}"}).json()
+    )
+    assert embed("ops", [[1, 2, 3]]).status_code == 400
     assert (
         httpx.post(f"{tenants.srv.url}/v1/embeddings", json={"model": "multilingual", "input": "x"}).status_code == 401
     )
@@ -195,8 +199,8 @@ def test_any_key_may_embed_and_every_embedding_request_is_logged_and_metered(ten
             rows = con.execute(
                 "SELECT key, status, prompt_tokens, served FROM requests WHERE endpoint = 'embeddings' ORDER BY time"
             ).fetchall()
-    assert [(k, st) for k, st, _, _ in rows] == [("hr-team", 200), ("secret-team", 200), ("hr-team", 400), (None, 401)]
-    assert rows[0][2] > rows[1][2] > 0 and rows[0][3] == "multilingual"
+    assert [(k, st) for k, st, _, _ in rows] == [("ops", 200), ("hr-team", 404), ("ops", 400), (None, 401)]
+    assert rows[0][2] > 2 and rows[0][3] == "multilingual"
 
 
 def test_scoped_keys_learn_nothing_about_other_models_or_the_server(tenants: Tenants) -> None:

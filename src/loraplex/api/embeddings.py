@@ -2,8 +2,9 @@
 
 The model is `multilingual` (knowledge/embedder.py: the encoder knowledge bases and retrieval
 already use, 512 dimensions, Chinese and English in one space), so a client can embed its own
-documents the way loraplex searches them. Any valid key may use it: it holds no tenant's data.
-Each request leaves a log row and takes its tokens from the key's limits, as a completion does.
+documents the way loraplex searches them. A key uses it when its scope names it, as any model
+(`loraplex keys create --adapters 'hr*,multilingual'`; admin and unscoped keys may), and each
+request leaves a log row and takes its tokens from the key's limits, as a completion does.
 
 Token-id input (`[[...]]`, what LangChain's `OpenAIEmbeddings` sends by default after counting
 with tiktoken) is refused with the setting that turns it off: the ids of another tokenizer mean
@@ -35,13 +36,17 @@ def _encoder() -> embedder.Multilingual:
     return embedder.Multilingual()
 
 
-def add_routes(app: FastAPI, gw: Gateway, principal: Callable[..., Key | None]) -> None:
+def add_routes(
+    app: FastAPI, gw: Gateway, principal: Callable[..., Key | None], allowed: Callable[[Key | None, str], bool]
+) -> None:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request, req: EmbeddingRequest, key: Key | None = Depends(principal)) -> Any:
         call = request.state.call
         call.model = req.model
         if req.model != MODEL:
             raise ModelNotFound(not_found(req.model) + f"; the embedding model here is {MODEL!r}")
+        if not allowed(call.key, MODEL):  # as a missing model, like every model outside a key's scope
+            raise ModelNotFound(not_found(req.model))
         given = [req.input] if isinstance(req.input, str) else req.input
         texts = [t for t in given if isinstance(t, str)]
         if not texts or len(texts) != len(given):

@@ -41,19 +41,16 @@ def add_routes(
     @app.get("/v1/models")
     async def models(key: Key | None = Depends(principal)) -> dict[str, Any]:
         data = await asyncio.to_thread(model_list, engine, created, gw)
-        return {"object": "list", "data": [m for m in data if usable(key, m)]}
-
-    def usable(key: Key | None, m: dict[str, Any]) -> bool:
-        return m.get("kind") == "embedding" or allowed(key, m["id"])  # any key may embed (api/embeddings.py)
+        return {"object": "list", "data": [m for m in data if allowed(key, m["id"])]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, key: Key | None = Depends(principal)) -> dict[str, Any]:
         # A missing model and one this key may not use get the same 404 (api/errors.py).
-        for m in await asyncio.to_thread(model_list, engine, created, gw):
-            if usable(key, m):
+        if allowed(key, model_id):
+            for m in await asyncio.to_thread(model_list, engine, created, gw):
                 if m["id"] == model_id:
                     return m
-                if m.get("kind") == "adapter" and model_id in m["versions"] and allowed(key, model_id):
+                if m.get("kind") == "adapter" and model_id in m["versions"]:
                     return {**m, "id": model_id, "root": model_id, "version": int(model_id.rsplit("@v", 1)[1])}
         raise ModelNotFound(not_found(model_id))
 

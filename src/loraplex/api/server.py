@@ -205,7 +205,7 @@ def create_app(engine: EngineClient, gateway: Gateway | None = None, body_timeou
 
     serving = completions.Serving(engine, gw, allowed, searcher)
     completions.add_routes(app, serving, principal)
-    embeddings.add_routes(app, gw, principal)
+    embeddings.add_routes(app, gw, principal, allowed)
     models.add_routes(app, engine, gw, principal, allowed)
     admin_routes.add_routes(app, engine, gw, principal, admin)
     return app
