@@ -184,6 +184,9 @@ def test_embeddings_follow_key_scopes_and_every_request_is_logged_and_metered(te
     assert embed("ops", ["年假有几天？", "annual leave"]).status_code == 200
     hidden = embed("hr-team", "hello")  # its scope (hr*) does not name the encoder: as a missing model
     assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "model_not_found"
+    assert (
+        hidden.json()["error"]["message"] == "the model 'multilingual' does not exist or you do not have access to it"
+    )
     assert "multilingual" not in str(
         httpx.get(f"{tenants.srv.url}/v1/models", headers={"Authorization": f"Bearer {tenants.keys['hr-team']}"}).json()
     )

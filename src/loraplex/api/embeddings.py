@@ -43,10 +43,10 @@ def add_routes(
     async def embeddings(request: Request, req: EmbeddingRequest, key: Key | None = Depends(principal)) -> Any:
         call = request.state.call
         call.model = req.model
-        if req.model != MODEL:
-            raise ModelNotFound(not_found(req.model) + f"; the embedding model here is {MODEL!r}")
-        if not allowed(call.key, MODEL):  # as a missing model, like every model outside a key's scope
-            raise ModelNotFound(not_found(req.model))
+        if req.model != MODEL or not allowed(call.key, MODEL):
+            # outside the key's scope the encoder reads as missing, like every model, and goes unnamed
+            hint = f"; the embedding model here is {MODEL!r}" if allowed(call.key, MODEL) else ""
+            raise ModelNotFound(not_found(req.model) + hint)
         given = [req.input] if isinstance(req.input, str) else req.input
         texts = [t for t in given if isinstance(t, str)]
         if not texts or len(texts) != len(given):

@@ -1,6 +1,7 @@
-"""GET /v1/models: the base model, the embedding model, upstream models, assistants and adapters (each alias a model of
-its own, so chat UIs list `legal@prod`), filtered to what the key may use; GET /v1/models/{id}: one
-of them, or one version of an adapter (`legal@v2`), as the openai SDK's `models.retrieve` asks.
+"""GET /v1/models: the base model, the embedding model, upstream models, assistants and adapters
+(each alias a model of its own, so chat UIs list `legal@prod`), filtered to what the key may use;
+GET /v1/models/{id}: one of them, or one version of an adapter (`legal@v2`), as the openai SDK's
+`models.retrieve` asks.
 
 What is listed is read from the store on each request (a new version appears without a restart);
 adapters trained on another base architecture are left out. This module does not load adapters.
