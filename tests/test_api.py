@@ -389,3 +389,71 @@ def test_a_request_that_fails_in_the_model_fails_alone_over_http(tiny_base: Path
     finally:
         srv.stop()
         srv.engine.close()
+
+
+def test_echo_prompt_logprobs_and_batched_prompts_as_lm_eval_sends_them(server: Server) -> None:
+    """lm-eval's loglikelihood requests: token-id prompts in a batch, `echo`, `logprobs: 1`,
+    `max_tokens` 0 or 1. Each choice answers its own prompt (index prompt * n + i), echoes it with
+    its logprobs (none for the first token), and scores the same whatever else is in the batch."""
+    c = server.client
+    tok = server.engine.tokenizer
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in ("The office opens at nine", "年假有几天", "Hi")]
+    batch = c.completions.create(model="legal", prompt=ids, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    assert [ch.index for ch in batch.choices] == [0, 1, 2]
+    assert batch.usage.prompt_tokens == sum(map(len, ids)) and batch.usage.completion_tokens == 0
+    for ch, p in zip(batch.choices, ids, strict=True):
+        lp = ch.logprobs
+        assert ch.text == tok.decode(p) and ch.finish_reason == "length"
+        assert lp.tokens == [tok.decode([t]) for t in p]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert all(x <= 0 for x in lp.token_logprobs[1:])
+        assert all(
+            len(top) == 1 and max(top.values()) >= x
+            for top, x in zip(lp.top_logprobs[1:], lp.token_logprobs[1:], strict=True)
+        )
+        assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(p))]
+        # alone, with one answer token: the prompt scores the same; the answer token follows the prompt
+        one = c.completions.create(model="legal", prompt=p, max_tokens=1, echo=True, logprobs=1, temperature=0)
+        got = one.choices[0].logprobs
+        assert len(got.tokens) == len(p) + 1 and one.usage.completion_tokens == 1
+        assert got.token_logprobs[0] is None
+        assert got.token_logprobs[1:-1] == pytest.approx(lp.token_logprobs[1:], abs=1e-4)
+        plain = c.completions.create(model="legal", prompt=p, max_tokens=1, logprobs=1, temperature=0)
+        assert one.choices[0].text == ch.text + plain.choices[0].text
+        assert got.token_logprobs[-1] == pytest.approx(plain.choices[0].logprobs.token_logprobs[0], abs=1e-4)
+    # several text prompts and n: choice prompt * n + i; streaming echoes each prompt once, first
+    texts = ["The office opens at", "Expense claims are"]
+    r = c.completions.create(model="formal", prompt=texts, n=2, max_tokens=4, echo=True, temperature=0)
+    assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
+    assert all(ch.text.startswith(texts[ch.index // 2]) for ch in r.choices)
+    chunks = list(
+        c.completions.create(model="formal", prompt=texts, n=2, max_tokens=4, echo=True, temperature=0, stream=True)
+    )
+    joined = {
+        i: "".join(ch.choices[0].text for ch in chunks if ch.choices and ch.choices[0].index == i) for i in range(4)
+    }
+    assert joined == {ch.index: ch.text for ch in r.choices}
+    # what is refused, and says why
+    with pytest.raises(openai.BadRequestError, match="max_tokens 0 needs echo"):
+        c.completions.create(model="legal", prompt="Hi", max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match=r"prompt\[1\]: token ids must be within the vocabulary"):
+        c.completions.create(model="legal", prompt=[[5, 6], [10**6]], max_tokens=1)
+
+
+def test_tokenize_detokenize_and_tokenizer_info_as_vllm_serves_them(server: Server) -> None:
+    """The endpoints lm-eval's remote tokenizer (and other vLLM clients) use."""
+    tok = server.engine.tokenizer
+    with httpx.Client(base_url=server.url, timeout=30) as h:
+        info = h.get("/tokenizer_info").json()
+        assert info["eos_token"] == tok.eos_token and info["model_max_length"] == server.engine.max_model_len
+        assert info["chat_template"] == tok.chat_template
+        r = h.post("/tokenize", json={"prompt": "年假有几天 today", "add_special_tokens": False}).json()
+        assert r["tokens"] == tok("年假有几天 today", add_special_tokens=False)["input_ids"]
+        assert r["count"] == len(r["tokens"])
+        assert h.post("/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == "年假有几天 today"
+        chat = h.post("/tokenize", json={"messages": USER, "model": "legal"}).json()
+        assert chat["tokens"] == server.engine.encode(USER)
+        bad = h.post("/detokenize", json={"tokens": [10**7]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+        assert h.post("/tokenize", json={"prompt": "x", "model": "nope"}).status_code == 404
+        assert h.post("/tokenize", json={}).status_code == 400

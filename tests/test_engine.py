@@ -449,3 +449,57 @@ def test_bf16_shapes_come_from_few_buckets_and_padding_changes_no_logit(tiny_bas
     assert len(exact) > 800 and len(padded) < 80, (len(exact), len(padded))
     for a, b in zip(ref, got, strict=True):
         assert torch.equal(a, b)  # bit for bit: masked keys weigh exactly 0, padded rows are other rows
+
+
+def test_prompt_logprobs_equal_peft_forward_in_groups_chunks_and_with_no_answer(
+    lp_home: Path, tiny_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prompt logprobs (echo, lm-eval's loglikelihood) from prefill equal log_softmax of PEFT's
+    forward: short prompts prefilled together, a long one in chunks (prefill_tokens=16), with and
+    without an adapter; max_tokens=0 reads the prompt and generates nothing."""
+    # fp32 LoRA weights (without the C kernel, whose bf16 weights move a logprob by up to ~0.03)
+    monkeypatch.setattr(lora_kernel, "load", lambda: None)
+    a = make_adapter(tiny_base, "alpha", rank=4, seed=1)
+    engine = Engine(str(tiny_base), dtype="fp32", max_batch=8, max_loaded_adapters=2, prefill_tokens=16)
+    long = " ".join(PROMPTS * 3)
+    jobs = [(p, m, n) for p in (PROMPTS[0], PROMPTS[2], long) for m, n in ((a, 0), (None, 3))]
+    params = SamplingParams(temperature=0, logprobs=1, prompt_logprobs=2)
+
+    async def run_all() -> list[list]:
+        async def one(prompt: str, model: str | None, n: int) -> list:
+            return [d async for d in engine.generate(prompt, params, model, max_tokens=n)]
+
+        return await asyncio.gather(*[one(*j) for j in jobs])
+
+    try:
+        got = asyncio.run(run_all())
+        assert engine.stats.failed == 0
+    finally:
+        engine.close()
+    peft = _peft(tiny_base, [a])
+    for (prompt, model, n), deltas in zip(jobs, got, strict=True):
+        ids = engine.encode(prompt)
+        first = deltas[0].prompt_logprobs
+        assert first is not None and len(first) == len(ids) and first[0] is None
+        assert all(d.prompt_logprobs is None for d in deltas[1:])  # sent once
+        assert sum(len(d.token_ids) for d in deltas) == n and deltas[-1].completion_tokens == n
+        assert deltas[-1].finish_reason == "length"
+        with torch.no_grad():
+            if model is None:
+                with peft.disable_adapter():
+                    logits = peft(input_ids=torch.tensor([ids])).logits[0]
+            else:
+                peft.set_adapter(model)
+                logits = peft(input_ids=torch.tensor([ids])).logits[0]
+        ref = torch.log_softmax(logits.float(), dim=-1)
+        tol = 1e-4
+        for p in range(1, len(ids)):
+            item = first[p]
+            assert item is not None and item.token_id == ids[p]
+            assert item.logprob == pytest.approx(float(ref[p - 1, ids[p]]), abs=tol), (prompt, model, p)
+            assert len(item.top) == 2 and item.top[0][1] >= item.top[1][1]
+            for t, v in item.top:
+                assert v == pytest.approx(float(ref[p - 1, t]), abs=tol)
+            assert item.top[0][1] == pytest.approx(float(ref[p - 1].max()), abs=tol)
+        if n:  # the answer's first token is the most likely after the whole prompt
+            assert deltas[0].token_ids[0] == int(ref[-1].argmax())

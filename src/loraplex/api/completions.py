@@ -63,7 +63,7 @@ class Admitted:
     """A request that passed `admit`: what the engine runs and how the answer is labelled."""
 
     served: str
-    prompt_ids: list[int]
+    prompts: list[list[int]]  # one for chat; /v1/completions takes several
     adapter: AdapterRequest
     max_tokens: int | None
     filt: OutputFilter | None
@@ -73,7 +73,7 @@ class Admitted:
 
 
 class Run(NamedTuple):
-    """An admitted request and its streams (one per choice): what an answer is rendered from."""
+    """An admitted request and its streams (one per choice: stream k answers prompt k // n)."""
 
     call: Call
     req: Request_
@@ -93,41 +93,37 @@ def add_routes(app: FastAPI, s: Serving, principal: Callable[..., Key | None]) -
         call = request.state.call
         call.prompt = messages
         limit = req.max_completion_tokens or req.max_tokens
-        return await complete(s, call, req, messages, limit, top, True, request.receive)
+        return await complete(s, call, req, [messages], limit, top, True, request.receive)
 
     @app.post("/v1/completions", responses=STREAMED)
     async def completions(request: Request, req: CompletionRequest, key: Key | None = Depends(principal)) -> Any:
-        if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], str):
-            if len(req.prompt) != 1:
-                raise APIError(400, "this server takes one prompt per request", param="prompt")
-            prompt: Any = req.prompt[0]
-        else:
-            prompt = req.prompt
+        prompts = req.prompts()
         call = request.state.call
-        call.prompt = prompt
-        return await complete(s, call, req, prompt, req.max_tokens, req.logprobs, False, request.receive)
+        call.prompt = prompts[0] if len(prompts) == 1 else prompts
+        return await complete(s, call, req, prompts, req.max_tokens, req.logprobs, False, request.receive)
 
 
 async def complete(
     s: Serving,
     call: Call,
     req: Request_,
-    prompt: Any,
+    prompts: list[Any],
     max_tokens: int | None,
     top_logprobs: int | None,
     chat: bool,
     receive: Any,
 ) -> Any:
     """One completion request, parsed: admit it, run it, answer as JSON or a stream."""
-    admitted = await admit(s, call, req, prompt, max_tokens, top_logprobs, chat)
+    admitted = await admit(s, call, req, prompts, max_tokens, top_logprobs, chat)
     if not isinstance(admitted, Admitted):
         return admitted  # an upstream's answer
     a = admitted
     if a.refusal is not None:
-        streams = [_fixed_answer(s.engine, a.refusal, len(a.prompt_ids)) for _ in range(req.n)]
+        streams = [_fixed_answer(s.engine, a.refusal, len(a.prompts[0])) for _ in range(req.n)]
     else:
         streams = [
-            s.engine.generate(a.prompt_ids, _params(req, top_logprobs, i), a.adapter, a.max_tokens)
+            s.engine.generate(ids, _params(req, top_logprobs, i), a.adapter, a.max_tokens)
+            for ids in a.prompts
             for i in range(req.n)
         ]
     run = Run(call, req, a, streams, top_logprobs, chat)
@@ -135,10 +131,17 @@ async def complete(
 
 
 async def admit(
-    s: Serving, call: Call, req: Request_, prompt: Any, max_tokens: int | None, top_logprobs: int | None, chat: bool
+    s: Serving,
+    call: Call,
+    req: Request_,
+    prompts: list[Any],
+    max_tokens: int | None,
+    top_logprobs: int | None,
+    chat: bool,
 ) -> Admitted | Any:
     """Everything between a parsed request and the engine: an `Admitted`, or an upstream's answer."""
     engine, gw = s.engine, s.gw
+    prompt = prompts[0]  # chat has one; an assistant answers chat only
     call.model = req.model
     if not s.allowed(call.key, req.model):
         # the answer a missing model gets: a key learns nothing about hidden ones
@@ -171,13 +174,14 @@ async def admit(
         except UserError as e:
             raise _misconfigured(req.model, e) from None
         prompt = prepared.messages
+        prompts = [prepared.messages]
     elif not chat and max_tokens is None:
         max_tokens = 16  # OpenAI's default for /v1/completions
     filt = gw.output_filter(req.model)
     if filt and top_logprobs is not None:
         raise APIError(400, f"logprobs are not available for {req.model!r}: its output is filtered", param="logprobs")
     up = gw.config.upstream_for(req.model) if assistant is None else None
-    gw.reserve(call, req.n)
+    gw.reserve(call, req.n * len(prompts))
     if up is not None:
         return await _proxy(gw, call, req, up, chat, filt)
     try:
@@ -195,28 +199,30 @@ async def admit(
             if prepared is not None and prepared.base_only:
                 adapter = AdapterRequest()  # nothing relevant found: off-topic for these adapters
         if prepared is not None and prepared.messages is fitted[0]:
-            prompt_ids = fitted[1]
+            encoded = [fitted[1]]
         else:
-            prompt_ids = await asyncio.to_thread(engine.encode, prompt)
-        if not prompt_ids:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        if any(not 0 <= t < engine.vocab_size for t in prompt_ids):
-            raise APIError(400, "prompt token ids must be within the vocabulary", param="prompt")
-        engine.check_length(len(prompt_ids), max_tokens)
+            encoded = await asyncio.to_thread(lambda: [engine.encode(p) for p in prompts])
+        for i, prompt_ids in enumerate(encoded):
+            where = "prompt" if len(encoded) == 1 else f"prompt[{i}]"
+            if not prompt_ids:
+                raise APIError(400, f"{where} is empty", param="prompt")
+            if any(not 0 <= t < engine.vocab_size for t in prompt_ids):
+                raise APIError(400, f"{where}: token ids must be within the vocabulary", param="prompt")
+            engine.check_length(len(prompt_ids), max_tokens)
     except Exception as e:  # noqa: BLE001
         raise translate(e) from None
     call.served = served
-    call.prompt_tokens = len(prompt_ids)
+    call.prompt_tokens = sum(len(p) for p in encoded)
     if call.key is not None:
         if gw.limiter.blocking:  # a database round trip: off the event loop
-            call.usage = await asyncio.to_thread(gw.limiter.admit, call.key, len(prompt_ids))
+            call.usage = await asyncio.to_thread(gw.limiter.admit, call.key, call.prompt_tokens)
         else:
-            call.usage = gw.limiter.admit(call.key, len(prompt_ids))
+            call.usage = gw.limiter.admit(call.key, call.prompt_tokens)
     sources = None
     if prepared is not None and assistant is not None and assistant.knowledge is not None:
         sources = [x.json() for x in prepared.sources]
     refusal = prepared.refusal if prepared is not None else None
-    return Admitted(served, prompt_ids, adapter, max_tokens, filt, sources, refusal, headers)
+    return Admitted(served, encoded, adapter, max_tokens, filt, sources, refusal, headers)
 
 
 async def answer_json(engine: EngineClient, run: Run, receive: Any) -> Any:
@@ -239,16 +245,22 @@ async def answer_json(engine: EngineClient, run: Run, receive: Any) -> Any:
         raise translate(e) from None
     choices = []
     texts = [a.filt.apply(r.text) if a.filt else r.text for r in results]
+    as_ids = req.return_tokens_as_token_ids
     for i, (text, r) in enumerate(zip(texts, results, strict=True)):
         finish = r.finish_reason
-        as_ids = req.return_tokens_as_token_ids
-        lp = _logprobs_json(engine, r.logprobs, chat, as_ids) if top_logprobs is not None else None
         if chat:
+            lp = _logprobs_json(engine, r.logprobs, as_ids) if top_logprobs is not None else None
             message: dict[str, Any] = {"role": "assistant", "content": text}
             if a.sources is not None:
                 message["sources"] = a.sources
             choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
         else:
+            tokens: list[tuple[int, TokenLogprob | None]] = [(x.token_id, x) for x in r.logprobs]
+            if getattr(req, "echo", False):
+                prompt = a.prompts[i // req.n]
+                text = engine.tokenizer.decode(prompt) + text
+                tokens = [*zip(prompt, r.prompt_logprobs or [None] * len(prompt), strict=True), *tokens]
+            lp = _text_logprobs(engine, tokens, as_ids) if top_logprobs is not None else None
             choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
     call.completion_tokens = sum(r.completion_tokens for r in results)
     call.finish_reason = results[0].finish_reason
@@ -260,7 +272,7 @@ async def answer_json(engine: EngineClient, run: Run, receive: Any) -> Any:
         "created": int(time.time()),
         "model": a.served,
         "choices": choices,
-        "usage": _usage(len(a.prompt_ids), call.completion_tokens),
+        "usage": _usage(call.prompt_tokens, call.completion_tokens),
         "system_fingerprint": f"loraplex-{engine.base.id}",
     }
     return JSONResponse(body, headers=a.headers) if a.headers else body
@@ -303,8 +315,10 @@ def answer_stream(s: Serving, run: Run) -> EventSourceResponse:
 
         status: int = 499  # unless the stream ends otherwise
         code: str | None = "client_disconnected"
-        texts: list[list[str]] = [[] for _ in range(req.n)]
-        filters = [filt.stream() for _ in range(req.n)] if filt else None
+        texts: list[list[str]] = [[] for _ in streams]
+        offsets = [0] * len(streams)  # characters sent per choice: where its next logprob token starts
+        echo = [bool(getattr(req, "echo", False))] * len(streams)  # the prompt goes first, once
+        filters = [filt.stream() for _ in streams] if filt else None
         try:
             if chat:
                 for i in range(req.n):
@@ -314,7 +328,7 @@ def answer_stream(s: Serving, run: Run) -> EventSourceResponse:
                     first = {"index": i, "delta": opening, "logprobs": None, "finish_reason": None}
                     yield {"data": chunk([first])}
             tasks = [asyncio.create_task(pump(i, st)) for i, st in enumerate(streams)]
-            completion_tokens, open_streams = 0, req.n
+            completion_tokens, open_streams = 0, len(streams)
             last = time.perf_counter()
             try:
                 while open_streams:
@@ -338,24 +352,30 @@ def answer_stream(s: Serving, run: Run) -> EventSourceResponse:
                     text = item.text
                     if filters is not None:
                         text = filters[i].feed(text) + (filters[i].finish() if item.finish_reason else "")
-                    texts[i].append(text)
-                    lp = (
-                        _logprobs_json(engine, item.logprobs, chat, req.return_tokens_as_token_ids)
-                        if top_logprobs is not None
-                        else None
-                    )
+                    as_ids = req.return_tokens_as_token_ids
                     if chat:
+                        lp = _logprobs_json(engine, item.logprobs, as_ids) if top_logprobs is not None else None
                         delta = {"content": text} if text else {}
                         choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": item.finish_reason}
                     else:
+                        tokens: list[tuple[int, TokenLogprob | None]] = [(x.token_id, x) for x in item.logprobs]
+                        if echo[i]:
+                            echo[i] = False
+                            prompt = a.prompts[i // req.n]
+                            text = engine.tokenizer.decode(prompt) + text
+                            lps = item.prompt_logprobs or [None] * len(prompt)
+                            tokens = [*zip(prompt, lps, strict=True), *tokens]
+                        lp = _text_logprobs(engine, tokens, as_ids, offsets[i]) if top_logprobs is not None else None
+                        offsets[i] += len(text)
                         choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": item.finish_reason}
+                    texts[i].append(text)
                     if item.finish_reason is not None:
                         completion_tokens += item.completion_tokens
                         call.finish_reason = call.finish_reason or item.finish_reason
                     call.completion_tokens = completion_tokens
                     yield {"data": chunk([choice])}
                 if include_usage:
-                    yield {"data": chunk([], _usage(len(a.prompt_ids), completion_tokens))}
+                    yield {"data": chunk([], _usage(call.prompt_tokens, completion_tokens))}
                 yield {"data": "[DONE]"}
                 status, code = 200, None
             finally:
@@ -397,6 +417,7 @@ async def _fixed_answer(engine: EngineClient, text: str, prompt_tokens: int) -> 
 
 
 def _params(req: Request_, top_logprobs: int | None, index: int) -> SamplingParams:
+    echo = getattr(req, "echo", False)
     try:
         return SamplingParams(
             temperature=req.temperature,
@@ -409,6 +430,7 @@ def _params(req: Request_, top_logprobs: int | None, index: int) -> SamplingPara
             stop=tuple(req.stop or ()),
             stop_token_ids=tuple(req.stop_token_ids or ()),
             logprobs=top_logprobs,
+            prompt_logprobs=top_logprobs if echo else None,
             ignore_eos=req.ignore_eos,
         )
     except ValueError as e:
@@ -474,32 +496,36 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _logprobs_json(
-    engine: EngineClient, items: tuple[TokenLogprob, ...] | list[TokenLogprob], chat: bool, as_ids: bool = False
+def _token_text(engine: EngineClient, t: int, as_ids: bool) -> str:
+    return f"token_id:{t}" if as_ids else str(engine.tokenizer.decode([t]))
+
+
+def _logprobs_json(engine: EngineClient, items: tuple[TokenLogprob, ...], as_ids: bool = False) -> Any:
+    """Chat's logprobs: one entry per answer token, with its top alternatives."""
+
+    def entry(t: int, lp: float) -> dict[str, Any]:
+        text = _token_text(engine, t, as_ids)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    content = [{**entry(x.token_id, x.logprob), "top_logprobs": [entry(t, v) for t, v in x.top]} for x in items]
+    return {"content": content}
+
+
+def _text_logprobs(
+    engine: EngineClient, tokens: list[tuple[int, TokenLogprob | None]], as_ids: bool = False, offset: int = 0
 ) -> Any:
-    tok = engine.tokenizer
-    real = list(items)
-
-    def text(t: int) -> str:
-        return f"token_id:{t}" if as_ids else str(tok.decode([t]))
-
-    if chat:
-        return {
-            "content": [
-                {
-                    "token": text(x.token_id),
-                    "logprob": x.logprob,
-                    "bytes": list(text(x.token_id).encode()),
-                    "top_logprobs": [
-                        {"token": text(t), "logprob": lp, "bytes": list(text(t).encode())} for t, lp in x.top
-                    ],
-                }
-                for x in real
-            ]
-        }
+    """/v1/completions' logprobs: parallel lists over the text's tokens; an echoed prompt's first
+    token has none (nothing predicts it). `text_offset`: where each token starts in the choice's text."""
+    texts = [_token_text(engine, t, as_ids) for t, _ in tokens]
+    starts = []
+    for piece in texts:
+        starts.append(offset)
+        offset += 0 if as_ids else len(piece)
     return {
-        "tokens": [text(x.token_id) for x in real],
-        "token_logprobs": [x.logprob for x in real],
-        "top_logprobs": [{text(t): lp for t, lp in x.top} for x in real],
-        "text_offset": [],
+        "tokens": texts,
+        "token_logprobs": [None if x is None else x.logprob for _, x in tokens],
+        "top_logprobs": [
+            None if x is None else {_token_text(engine, t, as_ids): v for t, v in x.top} for _, x in tokens
+        ],
+        "text_offset": starts,
     }

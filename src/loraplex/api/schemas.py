@@ -12,13 +12,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from loraplex.adapters.names import BASE_ALIASES
 from loraplex.adapters.registry import ALIAS_PATTERN
 from loraplex.paths import NAME, NAME_PATTERN
 
 MAX_N = 16
+MAX_PROMPTS = 128  # prompts in one /v1/completions request (lm-eval sends its batch_size)
 
 
 def _number(v: Any) -> Any:
@@ -149,27 +150,57 @@ class ChatCompletionRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[JsonInt] = Field(
+    """`prompt`: a string, token ids, or a list of either (one answer per prompt and `n`, choice
+    index prompt * n + i, as OpenAI and vLLM number them). `echo` returns each prompt before its
+    answer, with the prompt's logprobs when `logprobs` is set; `max_tokens: 0` then only scores the
+    prompt: what lm-eval's loglikelihood (multiple-choice) requests send."""
+
+    prompt: str | list[str] | list[JsonInt] | list[list[JsonInt]] = Field(
         min_length=1,
         **_documented(
             anyOf=[
                 {"type": "string", "minLength": 1},
-                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": MAX_PROMPTS},
                 {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+                {
+                    "type": "array",
+                    "items": {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+                    "minItems": 1,
+                    "maxItems": MAX_PROMPTS,
+                },
             ]
         ),
     )
+    max_tokens: MaybeInt = Field(None, ge=0)
     logprobs: MaybeInt = Field(None, ge=0, le=5)
-    echo: JsonBool = Field(False, **_documented(const=False))
+    echo: JsonBool = False
     suffix: str | None = Field(None, **_documented(maxLength=0))
     best_of: MaybeInt = Field(None, **_documented(enum=[1, None]))
 
-    @field_validator("echo")
+    @field_validator("prompt")
     @classmethod
-    def _echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported by this server")
+    def _prompt(cls, v: Any) -> Any:
+        if isinstance(v, list) and v and isinstance(v[0], str | list):
+            if len(v) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+            if any(not p for p in v):
+                raise ValueError("every prompt must be non-empty")
         return v
+
+    @model_validator(mode="after")
+    def _zero_tokens(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 needs echo: true (the prompt's logprobs are the answer)")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one per answer group."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]
+        return list(p)  # type: ignore[arg-type]
 
     @field_validator("suffix")
     @classmethod
@@ -184,6 +215,35 @@ class CompletionRequest(_Common):
         if v not in (None, 1):
             raise ValueError("best_of is not supported by this server; use n")
         return None
+
+
+_OPTIONAL_MODEL = Field(None, min_length=1, max_length=512, **_documented(pattern=model_pattern()))
+
+
+class TokenizeText(BaseModel):
+    """POST /tokenize with a text, as vLLM takes it."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = _OPTIONAL_MODEL
+    prompt: str
+    add_special_tokens: JsonBool = True
+    return_token_strs: JsonBool = False
+
+
+class TokenizeChat(BaseModel):
+    """POST /tokenize with chat messages, rendered with the chat template as for a completion."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = _OPTIONAL_MODEL
+    messages: list[Message] = Field(min_length=1, max_length=1024)
+    add_generation_prompt: JsonBool = True
+    return_token_strs: JsonBool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = _OPTIONAL_MODEL
+    tokens: list[JsonInt] = Field(max_length=2**20)
 
 
 _LORA_NAME = Field(min_length=1, max_length=512, **_documented(pattern=f"^{ADAPTER_PATTERN}$"))

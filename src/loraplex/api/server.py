@@ -29,7 +29,7 @@ from starlette.routing import Match, Route
 
 from loraplex.adapters import names
 from loraplex.api import admin as admin_routes
-from loraplex.api import completions, embeddings, models
+from loraplex.api import completions, embeddings, models, tokenize
 from loraplex.api.body import BodyLimit, UnicodeRoute
 from loraplex.api.errors import APIError, translate
 from loraplex.api.schemas import ERRORS, model_pattern
@@ -94,8 +94,16 @@ def create_app(engine: EngineClient, gateway: Gateway | None = None, body_timeou
         bodies = schema["components"]["schemas"]
         for body in ("ChatCompletionRequest", "CompletionRequest"):
             bodies[body]["properties"]["model"]["pattern"] = model_pattern(base_names)
-        ids = bodies["CompletionRequest"]["properties"]["prompt"]["anyOf"][2]["items"]  # prompt as token ids
-        ids.update(minimum=0, maximum=engine.vocab_size - 1)
+        for body in ("TokenizeText", "TokenizeChat", "DetokenizeRequest"):
+            bodies[body]["properties"]["model"]["pattern"] = model_pattern(base_names)
+        prompt = bodies["CompletionRequest"]["properties"]["prompt"]["anyOf"]
+        token_ids = [
+            prompt[2]["items"],
+            prompt[3]["items"]["items"],
+            bodies["DetokenizeRequest"]["properties"]["tokens"]["items"],
+        ]
+        for ids in token_ids:  # token ids (one prompt, a batch of them, or to detokenize): in the vocabulary
+            ids.update(minimum=0, maximum=engine.vocab_size - 1)
         # errors are JSON on every route; FastAPI gives them the route's type (/metrics: text/plain)
         for operation in (op for path in schema["paths"].values() for op in path.values()):
             for status, response in operation.get("responses", {}).items():
@@ -207,6 +215,7 @@ def create_app(engine: EngineClient, gateway: Gateway | None = None, body_timeou
     completions.add_routes(app, serving, principal)
     embeddings.add_routes(app, gw, principal, allowed)
     models.add_routes(app, engine, gw, principal, allowed)
+    tokenize.add_routes(app, engine, principal, allowed)
     admin_routes.add_routes(app, engine, gw, principal, admin)
     return app
 

@@ -39,7 +39,7 @@ from loraplex.engine.adapter_cache import AdapterCache
 from loraplex.engine.lora import KERNEL_ACTIVATIONS, AdapterRequest, AdapterWeights, LoraBatch, LoraStacks
 from loraplex.engine.model import DecoderModel, Step, bucket
 from loraplex.engine.protocol import Delta, EngineClosed, PromptTooLong, check_length, encode_prompt
-from loraplex.engine.sampling import RowError, RowState, SamplingParams, TokenLogprob, sample
+from loraplex.engine.sampling import RowError, RowState, SamplingParams, TokenLogprob, sample, token_logprobs
 from loraplex.engine.text import TextStream
 from loraplex.errors import UserError
 from loraplex.malloc import Trim
@@ -71,6 +71,8 @@ class _Request:
     cancelled: bool = False
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # SamplingParams.prompt_logprobs: position p holds the logprob of prompt token p; sent with the first Delta
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
 
@@ -282,6 +284,7 @@ class Engine:
             max_tokens=limit,
             stop_ids=frozenset(() if params.ignore_eos else self.eos_ids) | frozenset(params.stop_token_ids),
             context=prompt_ids,
+            prompt_logprobs=None if params.prompt_logprobs is None else [None] * len(prompt_ids),
         )
         self._inbox.put(("add", req))
         finished = False
@@ -510,7 +513,15 @@ class Engine:
             lora=self._lora_for(group, cacheable=False),
             last=torch.tensor(last, device=self.device),
         )
-        logits = self.model.forward(step, self.cache)[:, 0]
+        scored = [i for i, r in enumerate(group) if r.prompt_logprobs is not None and not r.resumed]
+        if scored:  # every position's logits, for the prompt's own logprobs
+            every = self.model.forward(step, self.cache, all_logits=True)
+            logits = every[torch.arange(len(group), device=every.device), step.last]
+            for i in scored:
+                self._score_prompt(group[i], every[i, : last[i] + 1])
+            del every
+        else:
+            logits = self.model.forward(step, self.cache)[:, 0]
         self.stats.prefill_steps += 1
         done_rows, done_logits = [], []
         for i, r in enumerate(group):
@@ -520,10 +531,25 @@ class Engine:
                 if r.resumed:  # its next token was sampled before the preemption: decode feeds it
                     r.resumed = False
                     continue
+                if r.max_tokens == 0:  # the prompt was only to be read (its logprobs)
+                    self._emit(r, "", "length")
+                    self.stats.finished += 1
+                    self._remove(r)
+                    continue
                 done_rows.append(r)
                 done_logits.append(logits[i])
         if done_rows:
             self._after_sample(done_rows, torch.stack(done_logits))
+
+    @staticmethod
+    def _score_prompt(r: _Request, logits: torch.Tensor) -> None:
+        """logits [m, vocab] of prompt positions cached .. cached+m-1; each predicts the token after it."""
+        assert r.prompt_logprobs is not None
+        first = r.cached + 1
+        targets = r.prompt_ids[first : first + logits.shape[0]]  # the last position may predict the answer
+        if targets:
+            k = r.row.params.prompt_logprobs or 0
+            r.prompt_logprobs[first : first + len(targets)] = token_logprobs(logits[: len(targets)], targets, k)
 
     def _decode_step(self) -> None:
         rows = [r for r in self._rows if r.decoding]
@@ -576,6 +602,7 @@ class Engine:
                 self._remove(r)
 
     def _emit(self, r: _Request, text: str, finish: str | None) -> None:
+        prompt_logprobs = None if r.prompt_logprobs is None else tuple(r.prompt_logprobs)
         r.emit(
             Delta(
                 text=text,
@@ -584,9 +611,11 @@ class Engine:
                 finish_reason=finish,
                 prompt_tokens=len(r.prompt_ids),
                 completion_tokens=len(r.row.output_ids),
+                prompt_logprobs=prompt_logprobs,
             )
         )
         r.pending_ids, r.pending_logprobs = [], []
+        r.prompt_logprobs = None  # sent once, with the first Delta
 
     def _remove(self, req: _Request) -> None:
         i = self._rows.index(req)

@@ -43,6 +43,9 @@ class Delta:
     finish_reason: str | None  # None while running; "stop", "length" or "abort" at the end
     prompt_tokens: int
     completion_tokens: int
+    # with SamplingParams.prompt_logprobs, in the first Delta: one per prompt token, None for the
+    # first (nothing predicts it)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
@@ -56,7 +59,8 @@ def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
 
 
 def check_length(max_model_len: int, prompt_len: int, max_tokens: int | None) -> int:
-    """The max_tokens to use; PromptTooLong when the request cannot fit the context."""
+    """The max_tokens to use; PromptTooLong when the request cannot fit the context. 0 is allowed:
+    the prompt is only read (its logprobs, as lm-eval's loglikelihood requests ask)."""
     room = max_model_len - prompt_len
     if max_tokens is None:
         if room < 1:
@@ -82,6 +86,7 @@ class Answer:
     finish_reason: str | None
     completion_tokens: int
     logprobs: tuple[TokenLogprob, ...]
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 async def collect(stream: AsyncIterator[Delta], on_delta: Callable[[Delta], None] | None = None) -> Answer:
@@ -89,13 +94,15 @@ async def collect(stream: AsyncIterator[Delta], on_delta: Callable[[Delta], None
     parts: list[str] = []
     logprobs: list[TokenLogprob] = []
     finish, tokens = None, 0
+    prompt_logprobs = None
     async for d in stream:
         if on_delta is not None:
             on_delta(d)
         parts.append(d.text)
         logprobs.extend(d.logprobs)
         finish, tokens = d.finish_reason, d.completion_tokens
-    return Answer("".join(parts), finish, tokens, tuple(logprobs))
+        prompt_logprobs = prompt_logprobs or d.prompt_logprobs
+    return Answer("".join(parts), finish, tokens, tuple(logprobs), prompt_logprobs)
 
 
 class AdapterTable(Protocol):

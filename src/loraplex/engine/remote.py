@@ -182,6 +182,12 @@ class RemoteEngine:
         if key and key not in self.adapters.slot_of:
             await asyncio.to_thread(self._load, registry.resolve(key))
         body = _body(prompt_ids, params, key or self.upstream_base, limit)
+        if params.prompt_logprobs is not None:
+            # vLLM returns a prompt's logprobs with `echo` in one JSON answer; at least one token is
+            # generated (max_tokens 0 is dropped here), the prompt comes back first
+            body.update(stream=False, echo=True, max_tokens=max(limit, 1))
+            body["logprobs"] = max(params.logprobs or 0, params.prompt_logprobs)
+            body.pop("stream_options")
         client = self._async_client()
         self._in_flight += 1
         self.adapters.in_use[key] += 1
@@ -197,6 +203,9 @@ class RemoteEngine:
                     if resp.status_code != 200:
                         await resp.aread()
                         raise _error(resp, self.url)
+                    if body.get("echo"):
+                        yield _echoed(json.loads(await resp.aread()), prompt_ids, params, limit, self.url)
+                        return
                     async for delta in _deltas(resp, len(prompt_ids), self.url):
                         yield delta
                     return
@@ -382,6 +391,37 @@ def _logprobs(lp: dict[str, Any] | None, url: str) -> tuple[tuple[int, ...], tup
         ranked = sorted((top or {}).items(), key=lambda kv: -kv[1])
         items.append(TokenLogprob(tid, float(logprob or 0.0), tuple((_token_id(t, url), float(v)) for t, v in ranked)))
     return ids, tuple(items)
+
+
+def _echoed(data: dict[str, Any], prompt_ids: list[int], p: SamplingParams, limit: int, url: str) -> Delta:
+    """A non-streamed echo answer as one Delta: the prompt's logprobs apart, the completion's after."""
+    try:
+        choice = data["choices"][0]
+        ids, lps = _logprobs(choice.get("logprobs"), url)
+    except (KeyError, IndexError, TypeError) as e:
+        message = f"engine {url} answered an echo request without logprobs ({e})"
+        raise UpstreamError(502, message, "engine_error") from None
+    n = len(prompt_ids)
+    if len(ids) < n:
+        raise UpstreamError(502, f"engine {url} echoed {len(ids)} of {n} prompt tokens", "engine_error")
+    k = p.prompt_logprobs or 0
+    prompt_lps = (None, *(TokenLogprob(x.token_id, x.logprob, x.top[:k]) for x in lps[1:n]))
+    out_ids, out_lps = (ids[n:], lps[n:]) if limit else ((), ())
+    if p.logprobs is None:
+        out_lps = ()
+    elif len(out_lps):
+        out_lps = tuple(TokenLogprob(x.token_id, x.logprob, x.top[: p.logprobs]) for x in out_lps)
+    # vLLM's echoed text is the prompt's, then the answer's
+    text = _after_prompt(str(choice.get("text") or ""), choice, n) if limit else ""
+    finish = choice.get("finish_reason") if limit else "length"
+    usage = data.get("usage") or {}
+    return Delta(text, out_ids, out_lps, finish, int(usage.get("prompt_tokens", n)), len(out_ids), prompt_lps)
+
+
+def _after_prompt(text: str, choice: dict[str, Any], n_prompt: int) -> str:
+    """The completion's part of an echoed text: text_offset gives where the first answer token starts."""
+    offsets = (choice.get("logprobs") or {}).get("text_offset") or []
+    return text[offsets[n_prompt] :] if len(offsets) > n_prompt else text
 
 
 async def _deltas(resp: httpx.Response, n_prompt: int, url: str) -> AsyncIterator[Delta]:

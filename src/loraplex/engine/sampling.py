@@ -35,6 +35,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # None = off; k = the chosen token plus the k most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo, lm-eval)
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever (benchmarks)
 
     def __post_init__(self) -> None:
@@ -46,6 +47,7 @@ class SamplingParams:
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be between -2 and 2"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be between -2 and 2"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs must be between 0 and 20"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs must be in 0..20"),
             (len(self.stop) <= 16 and all(self.stop), "stop takes up to 16 non-empty strings"),
         ]
         for ok, message in checks:
@@ -162,9 +164,17 @@ def _one(raw: torch.Tensor, row: RowState, greedy_pick: int | None, finite: bool
         tok = int(adjusted.argmax()) if row.params.greedy else _draw(adjusted, row)
     if row.params.logprobs is None:
         return tok, None
-    logp = torch.log_softmax(raw, dim=-1)
-    top: tuple[tuple[int, float], ...] = ()
-    if row.params.logprobs:
-        values, ids = logp.topk(row.params.logprobs)
-        top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
-    return tok, TokenLogprob(tok, float(logp[tok]), top)
+    return tok, token_logprobs(raw[None], [tok], row.params.logprobs)[0]
+
+
+def token_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
+    """logits [m, vocab] -> for each row, the logprob of its target and the k most likely tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
+    if not k:
+        return [TokenLogprob(t, c, ()) for t, c in zip(targets, chosen, strict=True)]
+    values, ids = logp.topk(k, dim=-1)
+    return [
+        TokenLogprob(t, c, tuple(zip(i, v, strict=True)))
+        for t, c, i, v in zip(targets, chosen, ids.tolist(), values.tolist(), strict=True)
+    ]
