@@ -457,3 +457,70 @@ def test_tokenize_detokenize_and_tokenizer_info_as_vllm_serves_them(server: Serv
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
         assert h.post("/tokenize", json={"prompt": "x", "model": "nope"}).status_code == 404
         assert h.post("/tokenize", json={}).status_code == 400
+
+
+LEAVE = {
+    "type": "object",
+    "properties": {
+        "team": {"enum": ["hr", "legal", "ops"]},
+        "urgent": {"type": "boolean"},
+        "days": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["team", "urgent", "days"],
+    "additionalProperties": False,
+}
+
+
+def test_response_format_json_schema_and_object_in_a_mixed_batch(server: Server) -> None:
+    """json_schema and json_object rows decode in one batch with free-text rows and other adapters:
+    every constrained answer is JSON that follows its schema and ends with "stop"; the free rows'
+    answers are those they get alone; a stream gives the same text; a schema that cannot be
+    enforced is a 422 naming response_format."""
+    import json
+
+    c = server.client
+    fmt = {"type": "json_schema", "json_schema": {"name": "leave", "schema": LEAVE, "strict": True}}
+    alone = {
+        m: c.chat.completions.create(model=m, messages=USER, temperature=0, max_tokens=16).choices[0].message.content
+        for m in ("legal", "formal")
+    }
+
+    async def batch() -> list:
+        ac = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        jobs = [
+            ac.chat.completions.create(model="legal", messages=USER, temperature=0, max_tokens=40, response_format=fmt),
+            ac.chat.completions.create(model="formal", messages=USER, temperature=0, max_tokens=16),
+            ac.chat.completions.create(
+                model="formal", messages=USER, temperature=0.9, seed=3, max_tokens=40, response_format=fmt
+            ),
+            ac.chat.completions.create(model="legal", messages=USER, temperature=0, max_tokens=16),
+            ac.chat.completions.create(
+                model="legal", messages=USER, temperature=0, max_tokens=60, response_format={"type": "json_object"}
+            ),
+        ]
+        return await asyncio.gather(*jobs)
+
+    got = asyncio.run(batch())
+    for r in (got[0], got[2]):
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        data = json.loads(r.choices[0].message.content)
+        assert set(data) == {"team", "urgent", "days"} and data["team"] in ("hr", "legal", "ops")
+        assert isinstance(data["urgent"], bool) and isinstance(data["days"], int) and 0 <= data["days"] <= 99
+    assert got[1].choices[0].message.content == alone["formal"] and got[3].choices[0].message.content == alone["legal"]
+    obj = got[4].choices[0]
+    if obj.finish_reason == "stop":  # a random model may not close its object within max_tokens
+        assert isinstance(json.loads(obj.message.content), dict)
+    else:
+        assert obj.message.content.startswith("{")
+    chunks = c.chat.completions.create(
+        model="legal", messages=USER, temperature=0, max_tokens=40, response_format=fmt, stream=True
+    )
+    assert (
+        "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == got[0].choices[0].message.content
+    )
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}, "strict": True}}
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        c.chat.completions.create(model="legal", messages=USER, response_format=bad, stream=True)
+    assert e.value.body["param"] == "response_format" and "no-such-type" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="legal", messages=USER, response_format={"type": "json_schema"})

@@ -32,6 +32,7 @@ from loraplex.api.errors import APIError, translate
 from loraplex.api.schemas import ChatCompletionRequest, CompletionRequest
 from loraplex.assistants import faq, retrieval
 from loraplex.assistants import store as assistants
+from loraplex.engine import structured
 from loraplex.engine.lora import AdapterRequest
 from loraplex.engine.protocol import Answer, Delta, EngineClient, collect
 from loraplex.engine.sampling import SamplingParams, TokenLogprob
@@ -181,6 +182,11 @@ async def admit(
     if filt and top_logprobs is not None:
         raise APIError(400, f"logprobs are not available for {req.model!r}: its output is filtered", param="logprobs")
     up = gw.config.upstream_for(req.model) if assistant is None else None
+    if isinstance(req, ChatCompletionRequest) and (fmt := req.format_json()) and up is None:
+        try:  # a schema that cannot be enforced is answered now, before any stream opens
+            await asyncio.to_thread(structured.grammar_of, fmt)
+        except UserError as e:
+            raise APIError(translate(e).status, str(e), param="response_format") from None
     gw.reserve(call, req.n * len(prompts))
     if up is not None:
         return await _proxy(gw, call, req, up, chat, filt)
@@ -431,6 +437,7 @@ def _params(req: Request_, top_logprobs: int | None, index: int) -> SamplingPara
             stop_token_ids=tuple(req.stop_token_ids or ()),
             logprobs=top_logprobs,
             prompt_logprobs=top_logprobs if echo else None,
+            response_format=req.format_json() if isinstance(req, ChatCompletionRequest) else None,
             ignore_eos=req.ignore_eos,
         )
     except ValueError as e:

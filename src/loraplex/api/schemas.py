@@ -133,20 +133,46 @@ class _Common(BaseModel):
         return None
 
 
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: JsonBool | None = None
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
 class ChatCompletionRequest(_Common):
     messages: list[Message] = Field(min_length=1, max_length=1024)
     max_completion_tokens: MaybeInt = Field(None, ge=1)
     logprobs: JsonBool = False
     top_logprobs: MaybeInt = Field(None, ge=0, le=20)
-    response_format: dict[str, Any] | None = Field(None, **_documented(properties={"type": {"const": "text"}}))
+    # json_object / json_schema: decoding is constrained to it (engine/structured.py)
+    response_format: ResponseFormat | None = None
     parallel_tool_calls: JsonBool | None = None
 
-    @field_validator("response_format")
-    @classmethod
-    def _format(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v and v.get("type", "text") != "text":
-            raise ValueError(f"response_format {v.get('type')!r} is not supported; only 'text'")
-        return v
+    def format_json(self) -> str | None:
+        """The response format as the engine takes it (JSON text), None for plain text."""
+        f = self.response_format
+        return None if f is None or isinstance(f, TextFormat) else f.model_dump_json(by_alias=True, exclude_none=True)
 
 
 class CompletionRequest(_Common):

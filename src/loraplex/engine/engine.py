@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from loraplex.adapters import names
-from loraplex.engine import lora_kernel
+from loraplex.engine import lora_kernel, structured
 from loraplex.engine.adapter_cache import AdapterCache
 from loraplex.engine.lora import KERNEL_ACTIVATIONS, AdapterRequest, AdapterWeights, LoraBatch, LoraStacks
 from loraplex.engine.model import DecoderModel, Step, bucket
@@ -266,6 +266,11 @@ class Engine:
         if not prompt_ids:
             raise UserError("the prompt is empty")
         limit = self.check_length(len(prompt_ids), max_tokens)
+        constraint = None
+        if params.response_format:
+            constraint = await asyncio.to_thread(
+                structured.constraint_for, params.response_format, self.tokenizer, self.vocab_size
+            )
         weights = await asyncio.to_thread(self.adapters.prepare, req_adapter) if req_adapter.parts else None
         loop = asyncio.get_running_loop()
         out: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
@@ -278,7 +283,7 @@ class Engine:
             prompt_ids=prompt_ids,
             adapter=req_adapter,
             weights=weights,
-            row=RowState(params, prompt_ids),
+            row=RowState(params, prompt_ids, constraint=constraint),
             stream=TextStream(self.tokenizer, params.stop),
             emit=emit,
             max_tokens=limit,
@@ -589,7 +594,9 @@ class Engine:
                 text_ids = r.row.output_ids[:-1]
             else:
                 text_ids = r.row.output_ids
-                if len(r.row.output_ids) >= r.max_tokens or r.cached + 1 >= self.max_model_len:
+                if r.row.constraint is not None and r.row.constraint.finished:
+                    finish = "stop"  # the JSON is complete
+                elif len(r.row.output_ids) >= r.max_tokens or r.cached + 1 >= self.max_model_len:
                     finish = "length"
             text, hit = r.stream.push(text_ids, final=finish is not None)
             if hit:

@@ -369,6 +369,7 @@ def _body(prompt_ids: list[int], p: SamplingParams, model: str, max_tokens: int)
         "stop": list(p.stop) or None,
         "stop_token_ids": list(p.stop_token_ids) or None,
         "ignore_eos": p.ignore_eos or None,
+        "response_format": json.loads(p.response_format) if p.response_format else None,  # vLLM enforces it
     }
     body.update({k: v for k, v in optional.items() if v is not None})
     return body

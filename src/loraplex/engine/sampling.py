@@ -8,6 +8,8 @@ microseconds beside the forward pass.
 Order of operations (as in transformers / vLLM): repetition penalty (over prompt and output),
 OpenAI presence and frequency penalties (over output), temperature, top-k, top-p, draw.
 Logprobs are those of the model's distribution before any of these, as vLLM reports them.
+A row with a constraint (structured.py: a JSON schema) first has every token its grammar does not
+allow removed, and its grammar then consumes the token drawn.
 
 A row fails alone: its logits not finite (an adapter whose weights overflow), or any error in its
 own sampling, makes a RowError for that row; the other rows of the batch get their tokens.
@@ -16,8 +18,12 @@ own sampling, makes a RowError for that row; the other rows of the batch get the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from loraplex.engine.structured import Constraint
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class SamplingParams:
     logprobs: int | None = None  # None = off; k = the chosen token plus the k most likely
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo, lm-eval)
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever (benchmarks)
+    response_format: str | None = None  # OpenAI's response_format as JSON text; enforced per row (structured.py)
 
     def __post_init__(self) -> None:
         checks = [
@@ -71,6 +78,7 @@ class RowState:
     prompt_ids: list[int]
     output_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    constraint: Constraint | None = None  # the grammar the answer must follow (structured.py)
 
     def generator_for(self, device: torch.device) -> torch.Generator | None:
         """The request's own generator (seeded requests only), made on the device that samples."""
@@ -140,12 +148,30 @@ def sample(logits: torch.Tensor, rows: list[RowState]) -> tuple[list[int | RowEr
         for r in rows
     )
     finite = torch.isfinite(logits).all(dim=-1).tolist()
-    greedy_pick = logits.argmax(dim=-1).tolist() if plain else None
+    failed: dict[int, RowError] = {}
+    choose = logits  # what tokens are drawn from; logprobs stay those of `logits`
+    if any(r.constraint is not None for r in rows):
+        choose = logits.clone()
+        for i, r in enumerate(rows):
+            if r.constraint is not None:
+                try:
+                    allowed = r.constraint.allowed().to(logits.device)
+                    if not bool(allowed.any()):
+                        raise RowError("the output format allows no next token")
+                    choose[i].masked_fill_(~allowed, float("-inf"))
+                except Exception as e:  # noqa: BLE001 - this row fails, the batch goes on
+                    failed[i] = e if isinstance(e, RowError) else RowError(f"constraint failed ({e})")
+    greedy_pick = choose.argmax(dim=-1).tolist() if plain else None
     tokens: list[int | RowError] = []
     infos: list[TokenLogprob | None] = []
     for i, row in enumerate(rows):
         try:
-            tok, info = _one(logits[i], row, greedy_pick[i] if greedy_pick is not None else None, finite[i])
+            if i in failed:
+                raise failed[i]
+            pick = greedy_pick[i] if greedy_pick is not None else None
+            tok, info = _one(logits[i], choose[i], row, pick, finite[i])
+            if row.constraint is not None:
+                row.constraint.advance(tok)
             tokens.append(tok)
             infos.append(info)
         except Exception as e:  # noqa: BLE001 - this row fails, the batch goes on
@@ -154,13 +180,16 @@ def sample(logits: torch.Tensor, rows: list[RowState]) -> tuple[list[int | RowEr
     return tokens, infos
 
 
-def _one(raw: torch.Tensor, row: RowState, greedy_pick: int | None, finite: bool) -> tuple[int, TokenLogprob | None]:
+def _one(
+    raw: torch.Tensor, choose: torch.Tensor, row: RowState, greedy_pick: int | None, finite: bool
+) -> tuple[int, TokenLogprob | None]:
+    """raw: the model's logits (for logprobs); choose: the same with disallowed tokens at -inf."""
     if not finite:
         raise RowError("the model produced non-finite logits (NaN or inf) for this request")
     if row.params.greedy and greedy_pick is not None:
         tok = greedy_pick
     else:
-        adjusted = _penalise(raw.clone(), row)
+        adjusted = _penalise(choose.clone(), row)
         tok = int(adjusted.argmax()) if row.params.greedy else _draw(adjusted, row)
     if row.params.logprobs is None:
         return tok, None
