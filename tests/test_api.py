@@ -524,3 +524,144 @@ def test_response_format_json_schema_and_object_in_a_mixed_batch(server: Server)
     assert e.value.body["param"] == "response_format" and "no-such-type" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError):
         c.chat.completions.create(model="legal", messages=USER, response_format={"type": "json_schema"})
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_leave_days",
+            "description": "Days of annual leave left for an employee",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "employee": {"type": "string", "maxLength": 20},
+                    "year": {"type": "integer", "minimum": 2000, "maximum": 2100},
+                },
+                "required": ["employee", "year"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "book_room",
+            "parameters": {
+                "type": "object",
+                "properties": {"room": {"enum": ["A", "B"]}},
+                "required": ["room"],
+                "additionalProperties": False,
+            },
+        },
+    },
+]
+
+
+def test_tool_calls_required_named_streamed_and_answered(server: Server) -> None:
+    """tool_choice `required` and a named function constrain decoding: even a random model returns
+    calls whose arguments follow the function's schema, finish_reason "tool_calls"; a stream
+    carries the same calls in OpenAI's delta shape; the tool's result goes back as a `tool`
+    message and is rendered into the next prompt (Hermes style on a template without tools)."""
+    import json
+
+    c = server.client
+    for choice, names in (
+        ("required", {"get_leave_days", "book_room"}),
+        ({"type": "function", "function": {"name": "book_room"}}, {"book_room"}),
+    ):
+        one = {"tools": TOOLS, "tool_choice": choice, "parallel_tool_calls": False, "temperature": 0, "max_tokens": 200}
+        r = c.chat.completions.create(model="legal", messages=USER, **one)
+        ch = r.choices[0]
+        assert ch.finish_reason == "tool_calls" and len(ch.message.tool_calls) == 1, ch.message
+        for call in ch.message.tool_calls:
+            assert call.function.name in names and call.id.startswith("call_")
+            args = json.loads(call.function.arguments)
+            if call.function.name == "book_room":
+                assert args["room"] in ("A", "B")
+            else:
+                assert set(args) == {"employee", "year"} and 2000 <= args["year"] <= 2100
+        stream = c.chat.completions.create(model="legal", messages=USER, stream=True, **one)
+        chunks = [x for x in stream if x.choices]
+        deltas = [d for x in chunks for d in (x.choices[0].delta.tool_calls or [])]
+        assert [(d.function.name, d.function.arguments) for d in deltas] == [
+            (t.function.name, t.function.arguments) for t in ch.message.tool_calls
+        ]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # parallel calls (the default): a random model may go on calling until max_tokens; each whole call counts
+    many = c.chat.completions.create(
+        model="legal", messages=USER, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=200
+    )
+    assert many.choices[0].message.tool_calls and all(
+        json.loads(t.function.arguments) for t in many.choices[0].message.tool_calls
+    )
+    call = many.choices[0].message.tool_calls[0]
+    turn = [
+        *USER,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"days": 15}'},
+    ]
+    answered = c.chat.completions.create(model="legal", messages=turn, tools=TOOLS, temperature=0, max_tokens=8)
+    assert answered.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    tok = server.engine.tokenizer
+    rendered = tok.apply_chat_template(
+        [
+            {"role": "system", "content": answered_system(TOOLS)},
+            USER[0],
+            {
+                "role": "assistant",
+                "content": f"<tool_call>\n{json.dumps({'name': call.function.name, 'arguments': json.loads(call.function.arguments)})}\n</tool_call>",
+            },
+            {"role": "user", "content": '<tool_response>\n{"days": 15}\n</tool_response>'},
+        ],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert answered.usage.prompt_tokens == len(tok(rendered, add_special_tokens=False)["input_ids"])
+    none = c.chat.completions.create(
+        model="legal", messages=USER, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=8
+    )
+    assert none.choices[0].message.tool_calls is None
+    assert (
+        none.usage.prompt_tokens
+        == c.chat.completions.create(model="legal", messages=USER, temperature=0, max_tokens=1).usage.prompt_tokens
+    )
+    with pytest.raises(openai.BadRequestError, match="not in tools"):
+        c.chat.completions.create(
+            model="legal", messages=USER, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}
+        )
+
+
+def answered_system(tools: list[dict]) -> str:
+    import json
+
+    from loraplex.api.tools import HERMES_TOOLS
+
+    return HERMES_TOOLS.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+
+
+def test_tool_call_parsing_keeps_what_is_not_a_call() -> None:
+    """`auto` parses what the model wrote: <tool_call> blocks of known functions become calls (the
+    same call twice is one), a bare JSON call is a call, anything else stays content."""
+    from loraplex.api import tools
+    from loraplex.api.schemas import ChatCompletionRequest
+
+    plan = tools.plan(ChatCompletionRequest(model="legal", messages=USER, tools=TOOLS))
+    assert plan is not None and plan.choice == "auto" and tools.grammar(plan) is None
+    call = '<tool_call>\n{"name": "book_room", "arguments": {"room": "A"}}\n</tool_call>'
+    got = tools.parse(f"Booking it.\n{call}\n{call}", plan)
+    assert got.content == "Booking it." and len(got.calls) == 1
+    assert got.calls[0]["function"] == {"name": "book_room", "arguments": '{"room": "A"}'}
+    assert (
+        tools.parse('{"name": "book_room", "parameters": {"room": "B"}}', plan).calls[0]["function"]["name"]
+        == "book_room"
+    )
+    for text in ('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', "<tool_call>{not json", "plain answer"):
+        got = tools.parse(text, plan)
+        assert got.calls == [] and got.content == text
+    stream = tools.ToolStream(plan)
+    assert (
+        stream.feed("Sure. <tool_") == "Sure. "
+        and stream.feed('call>{"name": "book_room", "arguments": {"room": "B"}}') == ""
+    )
+    assert stream.finish().calls[0]["function"]["arguments"] == '{"room": "B"}'

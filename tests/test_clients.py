@@ -185,3 +185,43 @@ def test_pydantic_ai_native_output_and_llm_json_object(lp_home: Path, tiny_base:
     finally:
         srv.stop()
         srv.engine.close()
+
+
+def test_pydantic_ai_agent_with_a_tool_and_tool_output(lp_home: Path, tiny_base: Path) -> None:
+    """A pydantic-ai Agent with a function tool and a structured output (its default ToolOutput
+    mode: tools with tool_choice "required"): the server's calls are valid, so the agent runs to a
+    Ticket within its request limit; every call in the history names a tool it offered, and any call
+    of the function tool was executed with schema-valid arguments."""
+    from typing import Literal
+
+    from pydantic import BaseModel
+    from pydantic_ai import Agent
+    from pydantic_ai.messages import ToolCallPart
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+    from pydantic_ai.usage import UsageLimits
+
+    class Ticket(BaseModel):
+        team: Literal["hr", "legal", "ops"]
+        urgent: bool
+
+    srv = _tiny_server(tiny_base)
+    ran: list[str] = []
+    try:
+        model = OpenAIChatModel("legal", provider=OpenAIProvider(base_url=f"{srv.url}/v1", api_key="unused"))
+        agent = Agent(model, output_type=Ticket, retries=0, model_settings={"temperature": 0, "max_tokens": 200})
+
+        @agent.tool_plain
+        def leave_days(employee: str) -> int:
+            """Days of annual leave an employee has left."""
+            ran.append(employee)
+            return 15
+
+        result = agent.run_sync(SCHEMA_DOC, usage_limits=UsageLimits(request_limit=4))
+        assert isinstance(result.output, Ticket)
+        parts = [p for m in result.all_messages() for p in getattr(m, "parts", []) if isinstance(p, ToolCallPart)]
+        assert parts and {p.tool_name for p in parts} <= {"leave_days", "final_result"}
+        assert len(ran) == sum(p.tool_name == "leave_days" for p in parts)
+    finally:
+        srv.stop()
+        srv.engine.close()

@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from loraplex.adapters.names import not_found
+from loraplex.api import tools
 from loraplex.api.errors import APIError, translate
 from loraplex.api.schemas import ChatCompletionRequest, CompletionRequest
 from loraplex.assistants import faq, retrieval
@@ -73,6 +74,15 @@ class Admitted:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Shape:
+    """What the answer must look like: a grammar for the engine (JSON text, structured.py) and the
+    tools whose calls are parsed out of it (tools.py)."""
+
+    fmt: str | None = None
+    tools: tools.ToolPlan | None = None
+
+
 class Run(NamedTuple):
     """An admitted request and its streams (one per choice: stream k answers prompt k // n)."""
 
@@ -82,26 +92,33 @@ class Run(NamedTuple):
     streams: list[AsyncIterator[Delta]]
     top_logprobs: int | None
     chat: bool
+    shape: Shape
 
 
 def add_routes(app: FastAPI, s: Serving, principal: Callable[..., Key | None]) -> None:
     @app.post("/v1/chat/completions", responses=STREAMED)
     async def chat(request: Request, req: ChatCompletionRequest, key: Key | None = Depends(principal)) -> Any:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        plan = tools.plan(req)
+        messages, functions = tools.messages_for(s.engine.tokenizer, req.messages, plan)
         top = req.top_logprobs if req.logprobs else None
         if req.logprobs and top is None:
             top = 0
         call = request.state.call
         call.prompt = messages
+        prompt: Any = messages
+        if tools.by_template(s.engine.tokenizer, req.messages, plan):  # rendered with `tools=` here
+            prompt = await asyncio.to_thread(tools.encode, s.engine.tokenizer, messages, functions)
+        grammar = tools.grammar(plan) if plan else None
+        fmt = json.dumps({"type": "lark", "lark": grammar}) if grammar else req.format_json()
         limit = req.max_completion_tokens or req.max_tokens
-        return await complete(s, call, req, [messages], limit, top, True, request.receive)
+        return await complete(s, call, req, [prompt], limit, top, True, request.receive, Shape(fmt, plan))
 
     @app.post("/v1/completions", responses=STREAMED)
     async def completions(request: Request, req: CompletionRequest, key: Key | None = Depends(principal)) -> Any:
         prompts = req.prompts()
         call = request.state.call
         call.prompt = prompts[0] if len(prompts) == 1 else prompts
-        return await complete(s, call, req, prompts, req.max_tokens, req.logprobs, False, request.receive)
+        return await complete(s, call, req, prompts, req.max_tokens, req.logprobs, False, request.receive, Shape())
 
 
 async def complete(
@@ -113,9 +130,10 @@ async def complete(
     top_logprobs: int | None,
     chat: bool,
     receive: Any,
+    shape: Shape,
 ) -> Any:
     """One completion request, parsed: admit it, run it, answer as JSON or a stream."""
-    admitted = await admit(s, call, req, prompts, max_tokens, top_logprobs, chat)
+    admitted = await admit(s, call, req, prompts, max_tokens, top_logprobs, chat, shape.fmt)
     if not isinstance(admitted, Admitted):
         return admitted  # an upstream's answer
     a = admitted
@@ -123,11 +141,11 @@ async def complete(
         streams = [_fixed_answer(s.engine, a.refusal, len(a.prompts[0])) for _ in range(req.n)]
     else:
         streams = [
-            s.engine.generate(ids, _params(req, top_logprobs, i), a.adapter, a.max_tokens)
+            s.engine.generate(ids, _params(req, top_logprobs, i, shape.fmt), a.adapter, a.max_tokens)
             for ids in a.prompts
             for i in range(req.n)
         ]
-    run = Run(call, req, a, streams, top_logprobs, chat)
+    run = Run(call, req, a, streams, top_logprobs, chat, shape)
     return await answer_json(s.engine, run, receive) if not req.stream else answer_stream(s, run)
 
 
@@ -139,6 +157,7 @@ async def admit(
     max_tokens: int | None,
     top_logprobs: int | None,
     chat: bool,
+    fmt: str | None = None,
 ) -> Admitted | Any:
     """Everything between a parsed request and the engine: an `Admitted`, or an upstream's answer."""
     engine, gw = s.engine, s.gw
@@ -150,6 +169,11 @@ async def admit(
     assistant = await asyncio.to_thread(_assistant, req.model)
     # an adapter trained with retrieval answers from its own Q&A, as an assistant would
     own_knowledge = assistant is None and chat and (assistant := await asyncio.to_thread(faq.assistant, req.model))
+    if chat and assistant and isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        # rendered with the template's own tool support: there are no messages left to add passages to
+        raise APIError(
+            400, f"{req.model!r} answers from its knowledge: it does not take tools on this base yet", param="tools"
+        )
     prepared: retrieval.Prepared | None = None
     headers: dict[str, str] = {}
     fitted: list[Any] = [None, None]  # the last prompt measured and its ids, so it is not encoded twice
@@ -182,7 +206,7 @@ async def admit(
     if filt and top_logprobs is not None:
         raise APIError(400, f"logprobs are not available for {req.model!r}: its output is filtered", param="logprobs")
     up = gw.config.upstream_for(req.model) if assistant is None else None
-    if isinstance(req, ChatCompletionRequest) and (fmt := req.format_json()) and up is None:
+    if fmt and up is None:
         try:  # a schema that cannot be enforced is answered now, before any stream opens
             await asyncio.to_thread(structured.grammar_of, fmt)
         except UserError as e:
@@ -234,7 +258,7 @@ async def admit(
 async def answer_json(engine: EngineClient, run: Run, receive: Any) -> Any:
     """Collect every choice, then one JSON body. A client that leaves stops its generation, as a
     stream's does (sse-starlette watches those): the next ASGI message after the body is the disconnect."""
-    call, req, a, streams, top_logprobs, chat = run
+    call, req, a, streams, top_logprobs, chat, shape = run
     answers = asyncio.gather(*[_collect(st, call) for st in streams])
     gone = asyncio.create_task(_disconnected(receive))
     either: set[asyncio.Future[Any]] = {answers, gone}
@@ -257,6 +281,12 @@ async def answer_json(engine: EngineClient, run: Run, receive: Any) -> Any:
         if chat:
             lp = _logprobs_json(engine, r.logprobs, as_ids) if top_logprobs is not None else None
             message: dict[str, Any] = {"role": "assistant", "content": text}
+            if shape.tools is not None:
+                parsed = tools.parse(text, shape.tools)
+                message["content"] = parsed.content
+                if parsed.calls:
+                    message["tool_calls"] = parsed.calls
+                    finish = "tool_calls" if finish == "stop" else finish
             if a.sources is not None:
                 message["sources"] = a.sources
             choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
@@ -287,7 +317,7 @@ async def answer_json(engine: EngineClient, run: Run, receive: Any) -> Any:
 def answer_stream(s: Serving, run: Run) -> EventSourceResponse:
     """Server-sent events: the choices' deltas as they come, interleaved, then `[DONE]`. A failure
     after the stream opened is an error event in the stream (the status line has been sent)."""
-    call, req, a, streams, top_logprobs, chat = run
+    call, req, a, streams, top_logprobs, chat, shape = run
     engine = s.engine
     rid, created = call.id, int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -325,6 +355,7 @@ def answer_stream(s: Serving, run: Run) -> EventSourceResponse:
         offsets = [0] * len(streams)  # characters sent per choice: where its next logprob token starts
         echo = [bool(getattr(req, "echo", False))] * len(streams)  # the prompt goes first, once
         filters = [filt.stream() for _ in streams] if filt else None
+        held = [tools.ToolStream(shape.tools) for _ in streams] if shape.tools else None
         try:
             if chat:
                 for i in range(req.n):
@@ -359,10 +390,23 @@ def answer_stream(s: Serving, run: Run) -> EventSourceResponse:
                     if filters is not None:
                         text = filters[i].feed(text) + (filters[i].finish() if item.finish_reason else "")
                     as_ids = req.return_tokens_as_token_ids
+                    finish = item.finish_reason
                     if chat:
                         lp = _logprobs_json(engine, item.logprobs, as_ids) if top_logprobs is not None else None
-                        delta = {"content": text} if text else {}
-                        choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": item.finish_reason}
+                        texts[i].append(text)
+                        if held is not None:  # what may be a tool call is held until the end
+                            text = held[i].feed(text)
+                        delta: dict[str, Any] = {"content": text} if text else {}
+                        if held is not None and finish is not None:
+                            parsed = held[i].finish()
+                            if parsed.content:
+                                delta["content"] = delta.get("content", "") + parsed.content
+                            if parsed.calls:
+                                delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(parsed.calls)]
+                                finish = "tool_calls" if finish == "stop" else finish
+                        if not delta and finish is None and held is not None:
+                            continue  # held back (a possible tool call): nothing to send yet
+                        choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
                     else:
                         tokens: list[tuple[int, TokenLogprob | None]] = [(x.token_id, x) for x in item.logprobs]
                         if echo[i]:
@@ -373,11 +417,11 @@ def answer_stream(s: Serving, run: Run) -> EventSourceResponse:
                             tokens = [*zip(prompt, lps, strict=True), *tokens]
                         lp = _text_logprobs(engine, tokens, as_ids, offsets[i]) if top_logprobs is not None else None
                         offsets[i] += len(text)
+                        texts[i].append(text)
                         choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": item.finish_reason}
-                    texts[i].append(text)
-                    if item.finish_reason is not None:
+                    if finish is not None:
                         completion_tokens += item.completion_tokens
-                        call.finish_reason = call.finish_reason or item.finish_reason
+                        call.finish_reason = call.finish_reason or finish
                     call.completion_tokens = completion_tokens
                     yield {"data": chunk([choice])}
                 if include_usage:
@@ -422,7 +466,7 @@ async def _fixed_answer(engine: EngineClient, text: str, prompt_tokens: int) -> 
     yield Delta(text, ids, (), "stop", prompt_tokens, len(ids))
 
 
-def _params(req: Request_, top_logprobs: int | None, index: int) -> SamplingParams:
+def _params(req: Request_, top_logprobs: int | None, index: int, fmt: str | None) -> SamplingParams:
     echo = getattr(req, "echo", False)
     try:
         return SamplingParams(
@@ -437,7 +481,7 @@ def _params(req: Request_, top_logprobs: int | None, index: int) -> SamplingPara
             stop_token_ids=tuple(req.stop_token_ids or ()),
             logprobs=top_logprobs,
             prompt_logprobs=top_logprobs if echo else None,
-            response_format=req.format_json() if isinstance(req, ChatCompletionRequest) else None,
+            response_format=fmt,
             ignore_eos=req.ignore_eos,
         )
     except ValueError as e:

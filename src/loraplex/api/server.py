@@ -44,8 +44,6 @@ from loraplex.web import routes as web_routes
 
 log = logging.getLogger(__name__)
 UNSUPPORTED = {
-    "tools": "tool calling is not supported by this server",
-    "tool_choice": "tool calling is not supported by this server",
     "functions": "function calling is not supported by this server",
     "function_call": "function calling is not supported by this server",
     "audio": "audio output is not supported by this server",

@@ -181,6 +181,11 @@ class RemoteEngine:
         key = req.key
         if key and key not in self.adapters.slot_of:
             await asyncio.to_thread(self._load, registry.resolve(key))
+        if params.response_format and json.loads(params.response_format).get("type") == "lark":
+            raise UserError(
+                "tool_choice 'required' or a named function is constrained by the built-in engine only; "
+                "behind vLLM use tool_choice 'auto'"
+            )
         body = _body(prompt_ids, params, key or self.upstream_base, limit)
         if params.prompt_logprobs is not None:
             # vLLM returns a prompt's logprobs with `echo` in one JSON answer; at least one token is

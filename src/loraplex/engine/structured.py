@@ -39,6 +39,12 @@ def grammar_of(response_format: str) -> str | None:
     kind = spec.get("type", "text")
     if kind == "text":
         return None
+    if kind == "lark":  # the server's own grammars (tool calls, api/tools.py); not a client's format
+        grammar = llguidance.LLMatcher.grammar_from_lark(spec["lark"])
+        error = llguidance.LLMatcher.validate_grammar(grammar)
+        if error and not error.startswith("WARNING"):
+            raise Unprocessable(f"tools: the functions' parameters cannot be enforced ({error})")
+        return str(grammar)
     if kind == "json_object":
         schema: dict[str, Any] = {"type": "object"}
         strict = True

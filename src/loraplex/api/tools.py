@@ -1,0 +1,242 @@
+"""Tool calling in OpenAI's shape, over the model's own chat template.
+
+A request's `tools` reach the prompt one of two ways:
+  * a template that renders tools itself (Qwen2.5, Llama-3.1, Hermes: its text mentions `tools`)
+    gets them as `apply_chat_template(..., tools=...)`, with assistant `tool_calls` and `tool`
+    messages as Hugging Face's chat format has them;
+  * any other template (SmolLM2's) gets the Hermes convention Qwen2.5 uses, written into the
+    messages: the tools' signatures in the system message, each call as
+    `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` in the assistant's text, each result
+    as `<tool_response>...</tool_response>` in a user turn.
+The answer is parsed back: `<tool_call>` blocks (or an answer that is one bare JSON call, as
+Llama-3.1 writes it) become `tool_calls`, the rest stays `content`. With `tool_choice` `required`
+or a named function, decoding is constrained (a Lark grammar for llguidance, engine/structured.py)
+to one call, or several with `parallel_tool_calls`, whose arguments follow each function's JSON
+schema: a small model returns valid calls. `auto` leaves the model free and parses what it wrote,
+as vLLM's `auto` does; `none` leaves the tools out of the prompt.
+
+This module does not run tools (the client does) or train on tool calls.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from loraplex.api.schemas import ChatCompletionRequest, Message, NamedToolChoice, ToolCall
+
+HERMES_TOOLS = """# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{tools}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
+<tool_call>
+{{"name": <function-name>, "arguments": <args-json-object>}}
+</tool_call>"""
+_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+OPEN = "<tool_call>"
+# compact JSON inside a constrained call, the separators the model has seen most (as structured.py)
+_COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """The tools a request offers the model and how it must use them."""
+
+    tools: tuple[dict[str, Any], ...]  # OpenAI `function` objects
+    choice: str  # "auto", "required", or the one function's name
+    parallel: bool
+
+    @property
+    def forced(self) -> bool:
+        return self.choice != "auto"
+
+
+def plan(req: ChatCompletionRequest) -> ToolPlan | None:
+    """None when no tool may be called (no tools, or tool_choice "none")."""
+    if not req.tools or req.tool_choice == "none":
+        return None
+    choice = req.tool_choice
+    name = choice.function.name if isinstance(choice, NamedToolChoice) else (choice or "auto")
+    functions = tuple(t.function.model_dump(exclude_none=True) for t in req.tools)
+    return ToolPlan(functions, name, req.parallel_tool_calls is not False)
+
+
+def native(tokenizer: Any) -> bool:
+    """The chat template renders tools itself."""
+    return "tools" in str(getattr(tokenizer, "chat_template", "") or "")
+
+
+def messages_for(tokenizer: Any, messages: list[Message], p: ToolPlan | None) -> tuple[list[dict[str, Any]], Any]:
+    """The messages (and the `tools` argument) to render with the chat template."""
+    if p is None and not any(m.tool_calls or m.role == "tool" for m in messages):
+        return [{"role": _role(m), "content": m.text()} for m in messages], None
+    if native(tokenizer):
+        out: list[dict[str, Any]] = []
+        for m in messages:
+            d: dict[str, Any] = {"role": _role(m), "content": m.text()}
+            if m.tool_calls:
+                d["tool_calls"] = [{"type": "function", "id": c.id, "function": _function(c)} for c in m.tool_calls]
+            if m.tool_call_id:
+                d["tool_call_id"] = m.tool_call_id
+            out.append(d)
+        tools = [{"type": "function", "function": f} for f in p.tools] if p else None
+        return out, tools
+    plain: list[dict[str, Any]] = []
+    for m in messages:
+        role, text = _role(m), m.text()
+        if m.tool_calls:
+            blocks = (json.dumps(_function(c), ensure_ascii=False) for c in m.tool_calls)
+            calls = "\n".join(f"{OPEN}\n{b}\n</tool_call>" for b in blocks)
+            text = f"{text}\n{calls}" if text else calls
+        if role == "tool":
+            text = f"<tool_response>\n{text}\n</tool_response>"
+            if plain and plain[-1]["role"] == "user" and plain[-1]["content"].startswith("<tool_response>"):
+                plain[-1]["content"] += "\n" + text  # results of one turn's calls share a user turn
+                continue
+            role = "user"
+        plain.append({"role": role, "content": text})
+    if p is not None:
+        signatures = (json.dumps({"type": "function", "function": f}, ensure_ascii=False) for f in p.tools)
+        listing = HERMES_TOOLS.format(tools="\n".join(signatures))
+        if plain and plain[0]["role"] == "system":
+            plain[0]["content"] = f"{plain[0]['content']}\n\n{listing}"
+        else:
+            plain.insert(0, {"role": "system", "content": listing})
+    return plain, None
+
+
+def by_template(tokenizer: Any, messages: list[Message], p: ToolPlan | None) -> bool:
+    """The chat template renders this conversation's tools and calls itself (`encode`)."""
+    return native(tokenizer) and (p is not None or any(m.tool_calls or m.role == "tool" for m in messages))
+
+
+def encode(tokenizer: Any, messages: list[dict[str, Any]], functions: list[dict[str, Any]] | None) -> list[int]:
+    """Token ids of messages rendered by a template with tool support, ready for the answer."""
+    text = tokenizer.apply_chat_template(messages, tools=functions, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
+
+
+def _role(m: Message) -> str:
+    return "system" if m.role == "developer" else m.role
+
+
+def _function(c: ToolCall) -> dict[str, Any]:
+    return {"name": c.function.name, "arguments": _args(c.function.arguments)}
+
+
+def _args(arguments: str) -> Any:
+    """A call's arguments as an object (templates and the Hermes text show JSON, not a string of it)."""
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
+
+
+def grammar(p: ToolPlan) -> str | None:
+    """A Lark grammar (llguidance) for `required` / a named function; None for `auto`."""
+    if not p.forced:
+        return None
+    funcs = [f for f in p.tools if p.choice in ("required", f["name"])]
+    variants = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": f["name"]}, "arguments": f.get("parameters") or {"type": "object"}},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for f in funcs
+    ]
+    schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
+    body = json.dumps({**schema, "x-guidance": {**_COMPACT, "lenient": True}})
+    repeat = ' ("\\n" call)*' if p.parallel else ""
+    return f'start: call{repeat}\ncall: "{OPEN}\\n" body "\\n</tool_call>"\nbody: %json {body}'
+
+
+@dataclass(frozen=True)
+class Parsed:
+    content: str | None
+    calls: list[dict[str, Any]]  # OpenAI tool_calls
+
+
+def parse(text: str, p: ToolPlan) -> Parsed:
+    """The model's text -> content and tool calls. A block that is not a call (bad JSON, an unknown
+    function) stays in the content, so nothing the model wrote is lost."""
+    known = {f["name"] for f in p.tools}
+    calls: list[dict[str, Any]] = []
+    kept: list[str] = []
+    pos = 0
+    for m in _CALL.finditer(text):
+        call = _call(m.group(1), known)
+        if call is None:
+            continue
+        kept.append(text[pos : m.start()])
+        pos = m.end()
+        calls.append(call)
+    kept.append(text[pos:])
+    content = "".join(kept).strip()
+    # a small model may repeat a call word for word: one turn's identical calls are one call
+    unique: dict[tuple[str, str], dict[str, Any]] = {}
+    for c in calls:
+        unique.setdefault((c["function"]["name"], c["function"]["arguments"]), c)
+    calls = list(unique.values())
+    if not calls and text.lstrip().startswith("{"):  # Llama-3.1 writes a call as the bare JSON answer
+        bare = _call(text.strip(), known)
+        if bare is not None:
+            calls, content = [bare], ""
+    if not p.parallel:
+        calls = calls[:1]
+    return Parsed(content or None, calls)
+
+
+def _call(body: str, known: set[str]) -> dict[str, Any] | None:
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or data.get("name") not in known:
+        return None
+    args = data.get("arguments", data.get("parameters", {}))
+    return {
+        "id": f"call_{secrets.token_hex(12)}",
+        "type": "function",
+        "function": {
+            "name": data["name"],
+            "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False),
+        },
+    }
+
+
+class ToolStream:
+    """Streaming with tools: text is passed on until it may be the start of a call; from there it
+    is held, and `finish` parses it (content and calls come in the last chunks)."""
+
+    def __init__(self, p: ToolPlan):
+        self.plan = p
+        self.held = ""
+        self.sent = ""
+
+    def feed(self, text: str) -> str:
+        self.held += text
+        if self.plan.forced:
+            return ""  # constrained: the whole answer is calls
+        start = self.held.find(OPEN)
+        if start == -1:  # keep what could be the beginning of "<tool_call>"
+            start = next((i for i in range(len(self.held)) if OPEN.startswith(self.held[i:])), len(self.held))
+        out, self.held = self.held[:start], self.held[start:]
+        if not self.sent and out.strip() == "" and self.held:
+            self.held, out = out + self.held, ""  # leading whitespace before a call is not content
+        self.sent += out
+        return out
+
+    def finish(self) -> Parsed:
+        parsed = parse(self.held, self.plan)
+        return parsed
