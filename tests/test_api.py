@@ -253,13 +253,11 @@ def test_errors_use_openai_shape_and_server_keeps_serving(server: Server) -> Non
     for bad in ["../../etc/passwd", "legal/../../x", "Legal"]:
         with pytest.raises(openai.BadRequestError):
             c.chat.completions.create(model=bad, messages=USER)
-    with pytest.raises(openai.BadRequestError) as tools:
+    with pytest.raises(openai.BadRequestError) as functions:  # the deprecated form of tools
         c.chat.completions.create(
-            model="legal",
-            messages=USER,
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            model="legal", messages=USER, functions=[{"name": "f", "parameters": {"type": "object"}}]
         )
-    assert "tool" in tools.value.message
+    assert "function calling is not supported" in functions.value.message
     with pytest.raises(openai.BadRequestError) as long:
         c.chat.completions.create(model="legal", messages=USER, max_tokens=100_000)
     assert long.value.code == "context_length_exceeded" and "maximum context length" in long.value.message
@@ -665,3 +663,74 @@ def test_tool_call_parsing_keeps_what_is_not_a_call() -> None:
         and stream.feed('call>{"name": "book_room", "arguments": {"room": "B"}}') == ""
     )
     assert stream.finish().calls[0]["function"]["arguments"] == '{"room": "B"}'
+
+
+def test_responses_api_text_chain_tools_and_stream(server: Server) -> None:
+    """The openai SDK's `responses.create` / `retrieve`: instructions and input become the chat
+    prompt; `previous_response_id` carries the stored conversation on; a function tool with
+    tool_choice required gives a `function_call` item whose output goes back as
+    `function_call_output`; a stream's events end in the same Response the deltas add up to."""
+    import json
+
+    c = server.client
+    first = c.responses.create(
+        model="legal", input="How many days of leave?", instructions="Be brief.", max_output_tokens=12, temperature=0
+    )
+    assert first.status in ("completed", "incomplete") and first.model == "legal" and first.output_text
+    assert c.responses.retrieve(first.id).output_text == first.output_text
+    chat = c.chat.completions.create(
+        model="legal",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How many days of leave?"}],
+        max_tokens=12,
+        temperature=0,
+    )
+    assert first.output_text == chat.choices[0].message.content and first.usage.input_tokens == chat.usage.prompt_tokens
+    second = c.responses.create(
+        model="legal", input="And sick days?", previous_response_id=first.id, max_output_tokens=8, temperature=0
+    )
+    assert (
+        second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+    )  # the history is in the prompt
+    tools = [
+        {"type": "function", "name": f["function"]["name"], "parameters": f["function"]["parameters"]} for f in TOOLS
+    ]
+    called = c.responses.create(
+        model="legal",
+        input="Book room A",
+        tools=tools,
+        tool_choice={"type": "function", "name": "book_room"},
+        parallel_tool_calls=False,
+        temperature=0,
+        max_output_tokens=200,
+    )
+    (fc,) = called.output
+    assert fc.type == "function_call" and fc.name == "book_room" and json.loads(fc.arguments)["room"] in ("A", "B")
+    done = c.responses.create(
+        model="legal",
+        previous_response_id=called.id,
+        input=[{"type": "function_call_output", "call_id": fc.call_id, "output": "booked"}],
+        tools=tools,
+        max_output_tokens=8,
+        temperature=0,
+    )
+    assert done.usage.input_tokens > called.usage.input_tokens
+    events = list(
+        c.responses.create(
+            model="legal",
+            input="How many days of leave?",
+            instructions="Be brief.",
+            max_output_tokens=12,
+            temperature=0,
+            stream=True,
+        )
+    )
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] in (
+        "response.completed",
+        "response.incomplete",
+    )
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == events[-1].response.output_text == first.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    with pytest.raises(openai.NotFoundError):
+        c.responses.create(model="legal", input="hi", previous_response_id="resp-nope")

@@ -388,3 +388,26 @@ def test_serve_config_errors_name_the_file_and_line(tmp_path: Path) -> None:
     assert f"{bad}:3: upstreams.0.base_url" in msg
     assert f"{bad}:5: unknown key 'filters.0.blok'; did you mean 'filters.0.block'?" in msg
     assert f"{bad}:6: filters.1.block" in msg and "not a valid regular expression" in msg
+
+
+def test_stored_responses_belong_to_their_key(env: Env) -> None:
+    """A stored Response (and its conversation) is read back, or continued with
+    previous_response_id, only with the key that made it: another key, even an admin one, gets the
+    404 a missing id gets. Each Responses request leaves one request-log row."""
+    mine = env.client("legal-team").responses.create(model="legal", input="hi", max_output_tokens=4, temperature=0)
+    assert env.client("legal-team").responses.retrieve(mine.id).id == mine.id
+    for other in ("ops", "meter"):
+        with pytest.raises(openai.NotFoundError):
+            env.client(other).responses.retrieve(mine.id)
+        with pytest.raises(openai.NotFoundError):
+            env.client(other).responses.create(
+                model="legal", input="and?", previous_response_id=mine.id, max_output_tokens=4
+            )
+    with pytest.raises(openai.NotFoundError):  # the key's scope applies as to any completion
+        env.client("legal-team").responses.create(model="hr", input="hi", max_output_tokens=4)
+    rows = (
+        sqlite3.connect(env.home / "server.db")
+        .execute("SELECT endpoint, status FROM requests WHERE id = ?", (mine.id,))
+        .fetchall()
+    )
+    assert rows == [("responses", 200)]

@@ -98,20 +98,7 @@ class Run(NamedTuple):
 def add_routes(app: FastAPI, s: Serving, principal: Callable[..., Key | None]) -> None:
     @app.post("/v1/chat/completions", responses=STREAMED)
     async def chat(request: Request, req: ChatCompletionRequest, key: Key | None = Depends(principal)) -> Any:
-        plan = tools.plan(req)
-        messages, functions = tools.messages_for(s.engine.tokenizer, req.messages, plan)
-        top = req.top_logprobs if req.logprobs else None
-        if req.logprobs and top is None:
-            top = 0
-        call = request.state.call
-        call.prompt = messages
-        prompt: Any = messages
-        if tools.by_template(s.engine.tokenizer, req.messages, plan):  # rendered with `tools=` here
-            prompt = await asyncio.to_thread(tools.encode, s.engine.tokenizer, messages, functions)
-        grammar = tools.grammar(plan) if plan else None
-        fmt = json.dumps({"type": "lark", "lark": grammar}) if grammar else req.format_json()
-        limit = req.max_completion_tokens or req.max_tokens
-        return await complete(s, call, req, [prompt], limit, top, True, request.receive, Shape(fmt, plan))
+        return await chat_completion(s, request.state.call, req, request.receive)
 
     @app.post("/v1/completions", responses=STREAMED)
     async def completions(request: Request, req: CompletionRequest, key: Key | None = Depends(principal)) -> Any:
@@ -119,6 +106,23 @@ def add_routes(app: FastAPI, s: Serving, principal: Callable[..., Key | None]) -
         call = request.state.call
         call.prompt = prompts[0] if len(prompts) == 1 else prompts
         return await complete(s, call, req, prompts, req.max_tokens, req.logprobs, False, request.receive, Shape())
+
+
+async def chat_completion(s: Serving, call: Call, req: ChatCompletionRequest, receive: Any) -> Any:
+    """A parsed chat request: its JSON answer, or the event stream (also what /v1/responses runs)."""
+    plan = tools.plan(req)
+    messages, functions = tools.messages_for(s.engine.tokenizer, req.messages, plan)
+    top = req.top_logprobs if req.logprobs else None
+    if req.logprobs and top is None:
+        top = 0
+    call.prompt = messages
+    prompt: Any = messages
+    if tools.by_template(s.engine.tokenizer, req.messages, plan):  # rendered with `tools=` here
+        prompt = await asyncio.to_thread(tools.encode, s.engine.tokenizer, messages, functions)
+    grammar = tools.grammar(plan) if plan else None
+    fmt = json.dumps({"type": "lark", "lark": grammar}) if grammar else req.format_json()
+    limit = req.max_completion_tokens or req.max_tokens
+    return await complete(s, call, req, [prompt], limit, top, True, receive, Shape(fmt, plan))
 
 
 async def complete(

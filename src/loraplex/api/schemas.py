@@ -80,24 +80,10 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class Message(BaseModel):
-    """A chat message. An assistant turn may hold `tool_calls` (and no content); a `tool` turn
-    answers one of them (`tool_call_id`)."""
-
+class _Turn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart]
     name: str | None = None
-    tool_calls: list[ToolCall] | None = Field(None, max_length=64)
-    tool_call_id: str | None = Field(None, max_length=128)
-
-    @model_validator(mode="after")
-    def _content(self) -> Message:
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError(f"a {self.role} message needs content")
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("only an assistant message holds tool_calls")
-        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -105,6 +91,32 @@ class Message(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+
+class SystemMessage(_Turn):
+    role: Literal["system", "developer"]
+
+
+class UserMessage(_Turn):
+    role: Literal["user"]
+
+
+class AssistantMessage(_Turn):
+    """An earlier answer: text, tool calls, or both (no content is an empty answer)."""
+
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None  # type: ignore[assignment]
+    tool_calls: list[ToolCall] | None = Field(None, max_length=64)
+
+
+class ToolMessage(_Turn):
+    """A tool's result, answering one of the calls before it."""
+
+    role: Literal["tool"]
+    tool_call_id: str = Field(min_length=1, max_length=128)
+
+
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
 
 
 class _Common(BaseModel):
@@ -316,6 +328,105 @@ class CompletionRequest(_Common):
         if v not in (None, 1):
             raise ValueError("best_of is not supported by this server; use n")
         return None
+
+
+class InputText(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["input_text", "output_text"]
+    text: str
+    annotations: list[Any] | None = None
+
+
+class InputMessage(BaseModel):
+    """A Responses API input message (`type` may be left out)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | list[InputText]
+    id: str | None = None
+    status: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionCallItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1, max_length=128)
+    name: str = Field(pattern=_FUNCTION_NAME)
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1, max_length=128)
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+
+class ResponsesFunction(BaseModel):
+    """A Responses API function tool: the chat API's `function` object, flattened."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    name: str = Field(pattern=_FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: JsonBool | None = None
+
+
+class ResponsesNamedTool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    name: str = Field(pattern=_FUNCTION_NAME)
+
+
+class TextJsonSchema(BaseModel):
+    """`text.format` of type json_schema: the chat API's json_schema object, flattened."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    type: Literal["json_schema"]
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: JsonBool | None = None
+
+
+class TextConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: Annotated[TextFormat | JsonObjectFormat | TextJsonSchema, Field(discriminator="type")] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+class ResponsesRequest(BaseModel):
+    """POST /v1/responses (api/responses.py): answered by the chat completion machinery."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=512, **_documented(pattern=model_pattern()))
+    input: str | list[InputMessage | FunctionCallItem | FunctionCallOutput] = Field(min_length=1)
+    instructions: str | None = None
+    previous_response_id: str | None = Field(None, max_length=128)
+    tools: list[ResponsesFunction] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | ResponsesNamedTool | None = None
+    parallel_tool_calls: JsonBool | None = None
+    text: TextConfig | None = None
+    stream: JsonBool = False
+    store: JsonBool = True
+    max_output_tokens: MaybeInt = Field(None, ge=1)
+    temperature: JsonFloat = Field(1.0, ge=0.0, le=2.0)
+    top_p: JsonFloat = Field(1.0, gt=0.0, le=1.0)
+    # accepted and ignored: they change nothing about the answer
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    include: list[str] | None = None
+    service_tier: str | None = None
 
 
 _OPTIONAL_MODEL = Field(None, min_length=1, max_length=512, **_documented(pattern=model_pattern()))

@@ -29,7 +29,7 @@ from starlette.routing import Match, Route
 
 from loraplex.adapters import names
 from loraplex.api import admin as admin_routes
-from loraplex.api import completions, embeddings, models, tokenize
+from loraplex.api import completions, embeddings, models, responses, tokenize
 from loraplex.api.body import BodyLimit, UnicodeRoute
 from loraplex.api.errors import APIError, translate
 from loraplex.api.schemas import ERRORS, model_pattern
@@ -55,6 +55,7 @@ LOGGED_PATHS = {
     "/v1/chat/completions": ("chat", "chatcmpl"),
     "/v1/completions": ("completions", "cmpl"),
     "/v1/embeddings": ("embeddings", "emb"),
+    "/v1/responses": ("responses", "resp"),
 }
 
 
@@ -90,7 +91,7 @@ def create_app(engine: EngineClient, gateway: Gateway | None = None, body_timeou
             return app.openapi_schema
         schema = FastAPI.openapi(app)  # caches it in app.openapi_schema
         bodies = schema["components"]["schemas"]
-        for body in ("ChatCompletionRequest", "CompletionRequest"):
+        for body in ("ChatCompletionRequest", "CompletionRequest", "ResponsesRequest"):
             bodies[body]["properties"]["model"]["pattern"] = model_pattern(base_names)
         for body in ("TokenizeText", "TokenizeChat", "DetokenizeRequest"):
             bodies[body]["properties"]["model"]["pattern"] = model_pattern(base_names)
@@ -211,6 +212,7 @@ def create_app(engine: EngineClient, gateway: Gateway | None = None, body_timeou
 
     serving = completions.Serving(engine, gw, allowed, searcher)
     completions.add_routes(app, serving, principal)
+    responses.add_routes(app, serving, principal)
     embeddings.add_routes(app, gw, principal, allowed)
     models.add_routes(app, engine, gw, principal, allowed)
     tokenize.add_routes(app, engine, principal, allowed)

@@ -26,7 +26,14 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from loraplex.api.schemas import ChatCompletionRequest, Message, NamedToolChoice, ToolCall
+from loraplex.api.schemas import (
+    AssistantMessage,
+    ChatCompletionRequest,
+    Message,
+    NamedToolChoice,
+    ToolCall,
+    ToolMessage,
+)
 
 HERMES_TOOLS = """# Tools
 
@@ -77,15 +84,15 @@ def native(tokenizer: Any) -> bool:
 
 def messages_for(tokenizer: Any, messages: list[Message], p: ToolPlan | None) -> tuple[list[dict[str, Any]], Any]:
     """The messages (and the `tools` argument) to render with the chat template."""
-    if p is None and not any(m.tool_calls or m.role == "tool" for m in messages):
+    if p is None and not any(_calls(m) or m.role == "tool" for m in messages):
         return [{"role": _role(m), "content": m.text()} for m in messages], None
     if native(tokenizer):
         out: list[dict[str, Any]] = []
         for m in messages:
             d: dict[str, Any] = {"role": _role(m), "content": m.text()}
-            if m.tool_calls:
-                d["tool_calls"] = [{"type": "function", "id": c.id, "function": _function(c)} for c in m.tool_calls]
-            if m.tool_call_id:
+            if _calls(m):
+                d["tool_calls"] = [{"type": "function", "id": c.id, "function": _function(c)} for c in _calls(m)]
+            if isinstance(m, ToolMessage):
                 d["tool_call_id"] = m.tool_call_id
             out.append(d)
         tools = [{"type": "function", "function": f} for f in p.tools] if p else None
@@ -93,8 +100,8 @@ def messages_for(tokenizer: Any, messages: list[Message], p: ToolPlan | None) ->
     plain: list[dict[str, Any]] = []
     for m in messages:
         role, text = _role(m), m.text()
-        if m.tool_calls:
-            blocks = (json.dumps(_function(c), ensure_ascii=False) for c in m.tool_calls)
+        if _calls(m):
+            blocks = (json.dumps(_function(c), ensure_ascii=False) for c in _calls(m))
             calls = "\n".join(f"{OPEN}\n{b}\n</tool_call>" for b in blocks)
             text = f"{text}\n{calls}" if text else calls
         if role == "tool":
@@ -116,13 +123,17 @@ def messages_for(tokenizer: Any, messages: list[Message], p: ToolPlan | None) ->
 
 def by_template(tokenizer: Any, messages: list[Message], p: ToolPlan | None) -> bool:
     """The chat template renders this conversation's tools and calls itself (`encode`)."""
-    return native(tokenizer) and (p is not None or any(m.tool_calls or m.role == "tool" for m in messages))
+    return native(tokenizer) and (p is not None or any(_calls(m) or m.role == "tool" for m in messages))
 
 
 def encode(tokenizer: Any, messages: list[dict[str, Any]], functions: list[dict[str, Any]] | None) -> list[int]:
     """Token ids of messages rendered by a template with tool support, ready for the answer."""
     text = tokenizer.apply_chat_template(messages, tools=functions, add_generation_prompt=True, tokenize=False)
     return list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
+
+
+def _calls(m: Message) -> list[ToolCall]:
+    return (m.tool_calls or []) if isinstance(m, AssistantMessage) else []
 
 
 def _role(m: Message) -> str:

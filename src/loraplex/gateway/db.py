@@ -1,4 +1,4 @@
-"""The server's tables: keys, the request log, feedback, the admin audit trail, and the web UI's
+"""The server's tables: keys, the request log, feedback, the admin audit trail, stored Responses, and the web UI's
 conversations and training jobs.
 
 They live in $LORAPLEX_HOME/server.db (SQLite), which every process on the host shares (front
@@ -115,6 +115,17 @@ MIGRATIONS: list[str] = [
         tokens INTEGER NOT NULL         -- prompt tokens, then completion tokens added
     );
     CREATE INDEX rate_events_key ON rate_events(key, time);
+    """,
+    # 6: stored Responses API answers and their conversations, for previous_response_id (api/responses.py)
+    """
+    CREATE TABLE responses (
+        id TEXT PRIMARY KEY,
+        key TEXT NOT NULL,
+        model TEXT NOT NULL,
+        messages TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created REAL NOT NULL
+    );
     """,
 ]
 
