@@ -74,7 +74,7 @@ def test_lm_eval_local_completions_multiple_choice_on_an_adapter(
             model="local-completions",
             model_args=f"model=legal,base_url={url},num_concurrent=1,max_retries=1,batch_size=4,auth_token={key}",
             tasks=["loraplex_mc"],
-            task_manager=TaskManager(include_path=str(tasks)),
+            task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
             log_samples=True,
         )
     finally:

@@ -145,6 +145,41 @@ def test_unreachable_judge_and_missing_split_fail_before_generating(
     assert not list((lp_home / "adapters" / "tiny" / "v1").glob("evals/*"))  # nothing half-stored
 
 
+def test_general_ability_check_runs_lm_eval_on_both_sides_and_gates_promotion(
+    lp_home: Path, tiny_base: Path, facts_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`eval --general TASK --general-include DIR` runs a local lm-eval task on the adapter and the
+    base through the loopback API and stores both scores; `promote --max-general-drop` refuses a
+    version that lost more than the margin, allows one within it, and refuses one never checked."""
+    from tests.test_clients import MC, TASK
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in MC), encoding="utf-8")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "loraplex_mc.yaml").write_text(TASK.format(data=data), encoding="utf-8")
+    ref = make_adapter(tiny_base, "tiny", rank=4, seed=1)
+    args = ["eval", "--adapter", ref, "--data", str(facts_file), "--max-tokens", "4", "--json"]
+    r = runner.invoke(app, [*args, "--general", "loraplex_mc", "--general-include", str(tasks)])
+    assert r.exit_code == 0, r.output
+    general = json.loads(r.stdout[r.stdout.index("{") :])["general"]
+    row = general["tasks"]["loraplex_mc"]
+    assert row["metric"] in ("acc", "acc_norm") and 0 <= row["adapter"] <= 1 and 0 <= row["baseline"] <= 1
+    assert row["delta"] == pytest.approx(row["adapter"] - row["baseline"])
+    drop = max(-row["delta"], 0.0)
+    strict = runner.invoke(app, ["adapters", "promote", ref, "--alias", "prod", "--max-general-drop", str(drop - 0.01)])
+    if drop > 0:  # this adapter lost something: a margin below that loss refuses it
+        assert strict.exit_code != 0 and "more than --max-general-drop" in str(strict.exception)
+    ok = runner.invoke(app, ["adapters", "promote", ref, "--alias", "prod", "--max-general-drop", str(drop + 0.01)])
+    assert ok.exit_code == 0, ok.output
+    unchecked = make_adapter(tiny_base, "other", rank=4, seed=2)
+    r = runner.invoke(app, ["adapters", "promote", unchecked, "--max-general-drop", "0.05"])
+    assert r.exit_code != 0 and "no general-ability check" in str(r.exception)
+    bad = runner.invoke(app, [*args, "--general", "no_such_task", "--store"])
+    assert bad.exit_code != 0 and "no task 'no_such_task'" in str(bad.exception)
+
+
 # ----------------------------------------------------------------------------- the real thing
 
 

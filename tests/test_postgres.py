@@ -73,7 +73,7 @@ def test_schema_is_built_once_even_when_many_processes_start_together(pg: Postgr
             else "SELECT tablename AS name FROM pg_tables WHERE schemaname = 'public'"
         )
         names = {r["name"] for r in d.all(tables)} - {"sqlite_sequence", "loraplex_schema"}
-        assert names == {"keys", "requests", "feedback", "audit", "conversations", "jobs", "rate_events"}
+        assert names == {"keys", "requests", "feedback", "audit", "conversations", "jobs", "rate_events", "responses"}
         d.close()
 
 
@@ -86,7 +86,7 @@ def test_an_older_database_upgrades_in_place_and_keeps_its_rows(pg: PostgresServ
         )
         old.close()
         new = db.connect(url)
-        assert new._version() == len(db.MIGRATIONS) == 5
+        assert new._version() == len(db.MIGRATIONS) == 6
         assert [k.name for k in keys.list_keys(new)] == ["alice"]
         assert dict(new.one("SELECT id, status, host FROM jobs") or {}) == {"id": "j", "status": "done", "host": None}
         new.close()

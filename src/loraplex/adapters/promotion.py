@@ -49,6 +49,7 @@ def promote(
     require_eval: bool = False,
     min_score: float | None = None,
     force: bool = False,
+    max_general_drop: float | None = None,
 ) -> Promotion:
     """Move NAME@ALIAS to `ref` only if its evaluation allows it; `force` overrides and is audited.
 
@@ -56,7 +57,8 @@ def promote(
     `min_score`; and it must not score below the version the alias points to now, compared on the
     same eval data (an eval with that version as baseline, or both versions' evals on the same
     file by sha256). A current version that cannot be compared: refused when evals are required,
-    allowed otherwise."""
+    allowed otherwise. With `max_general_drop`, the eval must also hold a general-ability check
+    (`eval --general`) where no task's score fell by more than that below the baseline's."""
     registry.check_alias(alias)
     target = registry.resolve(ref)
     mine = _latest_eval(target)
@@ -66,6 +68,20 @@ def promote(
         problems.append(f"{target.id} has no evaluation; run `loraplex eval --adapter {target.id} --data FILE`")
     if mine is not None and min_score is not None and (mine["score"] or 0.0) < min_score:
         problems.append(f"{target.id} scores {mine['score']:.3f}, below --min-score {min_score}")
+    if max_general_drop is not None:
+        general = (mine or {}).get("general") or {}
+        drops = [(t, r["delta"]) for t, r in general.get("tasks", {}).items() if "delta" in r]
+        worst = min(drops, key=lambda x: x[1], default=None)
+        if worst is None:
+            problems.append(
+                f"{target.id} has no general-ability check; run `loraplex eval --adapter {target.id} --general TASKS`"
+            )
+        elif worst[1] < -max_general_drop:
+            row = general["tasks"][worst[0]]
+            problems.append(
+                f"{target.id} lost {-worst[1]:.3f} {row['metric']} on {worst[0]} ({row['baseline']:.3f} -> "
+                f"{row['adapter']:.3f}), more than --max-general-drop {max_general_drop}"
+            )
     if mine is not None and current is not None and current != target.version:
         now = registry.AdapterRef(target.name, current, registry.store_root() / target.name / f"v{current}")
         # Best evidence: an eval of this version run with the current one as its baseline (same

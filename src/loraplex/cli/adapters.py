@@ -186,12 +186,16 @@ def adapters_promote(
         bool, typer.Option(help="Refuse without an eval (and without one for the current).")
     ] = False,
     min_score: Annotated[float | None, typer.Option(help="Refuse below this eval score (0-1).")] = None,
+    max_general_drop: Annotated[
+        float | None,
+        typer.Option(help="Refuse if an `eval --general` task scores more than this below the baseline (e.g. 0.02)."),
+    ] = None,
     force: Annotated[bool, typer.Option(help="Move the alias whatever the gate says (recorded).")] = False,
 ) -> None:
     """Move an alias to a version only if its eval is at least as good as the current one's."""
     from loraplex.adapters import promotion
 
-    p = promotion.promote(ref, alias, require_eval, min_score, force)
+    p = promotion.promote(ref, alias, require_eval, min_score, force, max_general_drop)
     was = f" (was v{p.previous})" if p.previous is not None else ""
     out.print(f"{p.target.name}@{alias} → {p.target.id}{was}")
     if p.forced:

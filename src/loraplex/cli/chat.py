@@ -131,6 +131,16 @@ def eval_cmd(
     ] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="New tokens per answer (greedy).")] = 128,
     report: Annotated[Path | None, typer.Option(help="Write a self-contained HTML report into this directory.")] = None,
+    general: Annotated[
+        str | None,
+        typer.Option(help="lm-eval tasks (comma-separated, on disk) to run on both sides: did it forget anything?"),
+    ] = None,
+    general_include: Annotated[
+        Path | None, typer.Option(help="A directory of your own lm-eval task YAML files for --general.")
+    ] = None,
+    general_limit: Annotated[
+        int | None, typer.Option(min=1, help="At most this many examples per --general task.")
+    ] = None,
     store: Annotated[bool, typer.Option(help="Record the result with the adapter version.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
 ) -> None:
@@ -164,6 +174,9 @@ def eval_cmd(
             max_tokens=max_tokens,
             store=store,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
+            general=[t.strip() for t in general.split(",") if t.strip()] if general else None,
+            general_include=general_include,
+            general_limit=general_limit,
         )
     page = html_report.write(result, report) if report else None
     if as_json:
@@ -183,6 +196,11 @@ def eval_cmd(
         out.print(
             f"{split}: {sc['examples']} {asked}: score {sc['baseline']:.3f} -> {sc['adapter']:.3f}"
             + (" (answered with retrieval)" if result.get("retrieval") else "")
+        )
+    for name, row in ((result.get("general") or {}).get("tasks") or {}).items():
+        out.print(
+            f"general ability, {name} ({row['metric']}): {row.get('baseline', float('nan')):.3f} -> "
+            f"{row.get('adapter', float('nan')):.3f} ({row.get('delta', float('nan')):+.3f})"
         )
     if result.get("stored_as"):
         out.print(f"stored with {result['adapter']}: {result['stored_as']}")

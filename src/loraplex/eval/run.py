@@ -249,8 +249,12 @@ def evaluate(
     store: bool = True,
     engine: Any = None,
     progress: Callable[[int, int], None] | None = None,
+    general: list[str] | None = None,
+    general_include: Path | None = None,
+    general_limit: int | None = None,
 ) -> dict[str, Any]:
-    """Evaluate `adapter` (NAME, NAME@vN, NAME@alias) against `baseline` ("base" or another version)."""
+    """Evaluate `adapter` (NAME, NAME@vN, NAME@alias) against `baseline` ("base" or another version);
+    with `general`, also those lm-eval tasks on both sides (eval/general.py)."""
     t0 = time.perf_counter()
     ref = registry.resolve(adapter)
     registry.verify(ref)
@@ -259,6 +263,10 @@ def evaluate(
     examples = read_examples(path, keywords)
     if judge is not None:
         judge.check()  # an unreachable judge fails now, not after minutes of generation
+    if general:
+        from loraplex.eval.general import check_tasks
+
+        check_tasks(general, general_include)  # so does an unknown lm-eval task
     from loraplex.engine.engine import Engine
     from loraplex.models.load import resolve_base
 
@@ -274,6 +282,12 @@ def evaluate(
 
         jobs = [served_prompts(side, examples, fits) for side in sides]
         answers = asyncio.run(answer_all(engine, jobs, max_tokens, progress))
+        general_result = None
+        if general:
+            from loraplex.eval.general import general_ability
+
+            models = {"adapter": ref.id, "baseline": base_ref.id if base_ref else "base"}
+            general_result = general_ability(engine, models, general, general_include, general_limit)
     finally:
         if own_engine:
             engine.close()
@@ -347,6 +361,7 @@ def evaluate(
         "retrieval": bool(ref.manifest().get("retrieval", {}).get("enabled")),
         "judge": judge.describe() if judge else None,
         "timing": {"generation_s": round(t_gen, 2), "total_s": round(time.perf_counter() - t0, 2)},
+        "general": general_result,
         "examples": rows,
     }
     if store:
