@@ -633,7 +633,7 @@ def test_tool_calls_required_named_streamed_and_answered(server: Server) -> None
 def answered_system(tools: list[dict]) -> str:
     import json
 
-    from loraplex.api.tools import HERMES_TOOLS
+    from loraplex.data.hermes import HERMES_TOOLS
 
     return HERMES_TOOLS.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
 

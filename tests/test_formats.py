@@ -169,3 +169,90 @@ def test_csv_round_trip(tmp_path_factory: pytest.TempPathFactory, pairs: list[tu
     r = parse_file(p)
     assert not r.errors
     assert [(c.messages[0]["content"], c.messages[1]["content"]) for c in r.conversations] == pairs
+
+
+LEAVE_TOOL = {
+    "name": "get_leave_days",
+    "description": "Days of annual leave left",
+    "parameters": {"type": "object", "properties": {"employee": {"type": "string"}}, "required": ["employee"]},
+}
+
+
+def test_tool_calls_in_training_data_read_as_the_server_renders_them(tmp_path: Path) -> None:
+    """OpenAI's fine-tuning records with `tools`, assistant `tool_calls` and `tool` results, and
+    LLaMA-Factory's sharegpt `function_call` / `observation` turns with `tools` as JSON text, become
+    the same text turns the server writes for that conversation (data/hermes.py): an adapter learns
+    the calls it is later asked for."""
+    from loraplex.api import tools
+    from loraplex.api.schemas import ChatCompletionRequest
+
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_leave_days", "arguments": '{"employee": "王芳"}'},
+    }
+    openai_record = {
+        "tools": [{"type": "function", "function": LEAVE_TOOL}],
+        "messages": [
+            {"role": "user", "content": "王芳还有几天年假？"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"days": 7}'},
+            {"role": "assistant", "content": "王芳还有 7 天年假。"},
+        ],
+    }
+    sharegpt_record = {
+        "tools": json.dumps([LEAVE_TOOL], ensure_ascii=False),
+        "conversations": [
+            {"from": "human", "value": "王芳还有几天年假？"},
+            {
+                "from": "function_call",
+                "value": json.dumps({"name": "get_leave_days", "arguments": {"employee": "王芳"}}, ensure_ascii=False),
+            },
+            {"from": "observation", "value": '{"days": 7}'},
+            {"from": "gpt", "value": "王芳还有 7 天年假。"},
+        ],
+    }
+    got = [
+        parse_file(write(tmp_path, f"{name}.jsonl", json.dumps(rec, ensure_ascii=False) + "\n"))
+        .conversations[0]
+        .messages
+        for name, rec in (("openai", openai_record), ("sharegpt", sharegpt_record))
+    ]
+    req = ChatCompletionRequest(model="hr", messages=openai_record["messages"][:3], tools=openai_record["tools"])
+
+    class NoTools:  # a chat template without tool support (SmolLM2's): the Hermes text path
+        chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+
+    served, _ = tools.messages_for(NoTools(), req.messages, tools.plan(req))
+    assert got[0] == got[1] == [*served, {"role": "assistant", "content": "王芳还有 7 天年假。"}]
+    assert got[0][0]["role"] == "system" and '"name": "get_leave_days"' in got[0][0]["content"]
+    assert (
+        got[0][2]["content"]
+        == '<tool_call>\n{"name": "get_leave_days", "arguments": {"employee": "王芳"}}\n</tool_call>'
+    )
+    assert got[0][3] == {"role": "user", "content": '<tool_response>\n{"days": 7}\n</tool_response>'}
+
+
+def test_bad_tool_calls_in_training_data_name_the_record_and_field(tmp_path: Path) -> None:
+    bad = [
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]},
+            ]
+        },
+        {"tools": "[not json", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "call f please"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [{"type": "function"}]}]},
+    ]
+    path = write(tmp_path, "bad.jsonl", "".join(json.dumps(r) + "\n" for r in bad))
+    result = parse_file(path, FormatOptions(format="messages"))
+    reasons = {e.source.rsplit(":", 1)[1]: (e.reason, e.field) for e in result.errors}
+    assert "arguments is not valid JSON" in reasons["1"][0] and reasons["1"][1] == "messages[1].tool_calls[0]"
+    assert "must hold a function with a name" in reasons["4"][0]
+    shared = parse_file(
+        write(tmp_path, "bad2.jsonl", "".join(json.dumps(r) + "\n" for r in bad[1:3])), FormatOptions(format="sharegpt")
+    )
+    why = [(e.reason, e.field) for e in shared.errors]
+    assert why[0][1] == "tools" and "not valid JSON" in why[0][0]
+    assert why[1][1] == "conversations[1].value" and "not a JSON function call" in why[1][0]

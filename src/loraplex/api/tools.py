@@ -5,9 +5,9 @@ A request's `tools` reach the prompt one of two ways:
     gets them as `apply_chat_template(..., tools=...)`, with assistant `tool_calls` and `tool`
     messages as Hugging Face's chat format has them;
   * any other template (SmolLM2's) gets the Hermes convention Qwen2.5 uses, written into the
-    messages: the tools' signatures in the system message, each call as
-    `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` in the assistant's text, each result
-    as `<tool_response>...</tool_response>` in a user turn.
+    messages (data/hermes.py, which training data with tool calls goes through too): the tools'
+    signatures in the system message, each call as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
+    in the assistant's text, each result as `<tool_response>...</tool_response>` in a user turn.
 The answer is parsed back: `<tool_call>` blocks (or an answer that is one bare JSON call, as
 Llama-3.1 writes it) become `tool_calls`, the rest stays `content`. With `tool_choice` `required`
 or a named function, decoding is constrained (a Lark grammar for llguidance, engine/structured.py)
@@ -15,7 +15,7 @@ to one call, or several with `parallel_tool_calls`, whose arguments follow each 
 schema: a small model returns valid calls. `auto` leaves the model free and parses what it wrote,
 as vLLM's `auto` does; `none` leaves the tools out of the prompt.
 
-This module does not run tools (the client does) or train on tool calls.
+This module does not run tools (the client does).
 """
 
 from __future__ import annotations
@@ -34,22 +34,10 @@ from loraplex.api.schemas import (
     ToolCall,
     ToolMessage,
 )
+from loraplex.data import hermes
+from loraplex.data.hermes import OPEN
 
-HERMES_TOOLS = """# Tools
-
-You may call one or more functions to assist with the user query.
-
-You are provided with function signatures within <tools></tools> XML tags:
-<tools>
-{tools}
-</tools>
-
-For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
-<tool_call>
-{{"name": <function-name>, "arguments": <args-json-object>}}
-</tool_call>"""
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
-OPEN = "<tool_call>"
 # compact JSON inside a constrained call, the separators the model has seen most (as structured.py)
 _COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
@@ -97,28 +85,10 @@ def messages_for(tokenizer: Any, messages: list[Message], p: ToolPlan | None) ->
             out.append(d)
         tools = [{"type": "function", "function": f} for f in p.tools] if p else None
         return out, tools
-    plain: list[dict[str, Any]] = []
-    for m in messages:
-        role, text = _role(m), m.text()
-        if _calls(m):
-            blocks = (json.dumps(_function(c), ensure_ascii=False) for c in _calls(m))
-            calls = "\n".join(f"{OPEN}\n{b}\n</tool_call>" for b in blocks)
-            text = f"{text}\n{calls}" if text else calls
-        if role == "tool":
-            text = f"<tool_response>\n{text}\n</tool_response>"
-            if plain and plain[-1]["role"] == "user" and plain[-1]["content"].startswith("<tool_response>"):
-                plain[-1]["content"] += "\n" + text  # results of one turn's calls share a user turn
-                continue
-            role = "user"
-        plain.append({"role": role, "content": text})
-    if p is not None:
-        signatures = (json.dumps({"type": "function", "function": f}, ensure_ascii=False) for f in p.tools)
-        listing = HERMES_TOOLS.format(tools="\n".join(signatures))
-        if plain and plain[0]["role"] == "system":
-            plain[0]["content"] = f"{plain[0]['content']}\n\n{listing}"
-        else:
-            plain.insert(0, {"role": "system", "content": listing})
-    return plain, None
+    dicts = [
+        {"role": _role(m), "content": m.text(), "tool_calls": [c.model_dump() for c in _calls(m)]} for m in messages
+    ]
+    return hermes.to_plain(dicts, p.tools if p else None), None
 
 
 def by_template(tokenizer: Any, messages: list[Message], p: ToolPlan | None) -> bool:
@@ -141,15 +111,7 @@ def _role(m: Message) -> str:
 
 
 def _function(c: ToolCall) -> dict[str, Any]:
-    return {"name": c.function.name, "arguments": _args(c.function.arguments)}
-
-
-def _args(arguments: str) -> Any:
-    """A call's arguments as an object (templates and the Hermes text show JSON, not a string of it)."""
-    try:
-        return json.loads(arguments)
-    except json.JSONDecodeError:
-        return arguments
+    return {"name": c.function.name, "arguments": hermes.arguments(c.function.arguments)}
 
 
 def grammar(p: ToolPlan) -> str | None:

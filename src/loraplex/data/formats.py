@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loraplex.data import hermes
 from loraplex.errors import UserError
 
 FORMATS = ("alpaca", "messages", "sharegpt", "csv", "dialogue")
@@ -31,6 +32,9 @@ SHAREGPT_ROLES = {
     "bot": "assistant",
     "chatgpt": "assistant",
     "model": "assistant",
+    "function_call": "function_call",  # LLaMA-Factory's tool turns
+    "observation": "tool",
+    "tool": "tool",
 }
 # Column names tried, in order, when a CSV/TSV does not name its columns in the config.
 QUESTION_COLUMNS = ("question", "instruction", "prompt", "query", "input", "q", "问题", "提问", "问")
@@ -283,28 +287,83 @@ def _check_turns(messages: list[dict[str, str]], field_name: str) -> list[dict[s
 
 
 def _from_messages(record: Any) -> list[dict[str, str]]:
+    """OpenAI's chat fine-tuning format, tool calls included: a record's `tools` (or legacy
+    `functions`), assistant `tool_calls`, `tool` results; written as text with data/hermes.py."""
     record = _check_dict(record)
     raw = record.get("messages")
     if not isinstance(raw, list):
         raise _RecordProblem("field 'messages' must be a list", "messages")
-    messages = []
+    functions = _functions(record)
+    messages: list[dict[str, Any]] = []
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise _RecordProblem(f"{where} must be an object with role and content", where)
         role = m.get("role")
-        if role not in ROLES:
-            raise _RecordProblem(f"{where}.role {role!r} is not one of {', '.join(ROLES)}", f"{where}.role")
-        messages.append({"role": role, "content": _content_text(m.get("content"), f"{where}.content")})
-    return _check_turns(messages, "messages")
+        if role not in (*ROLES, "tool"):
+            raise _RecordProblem(f"{where}.role {role!r} is not one of {', '.join(ROLES)}, tool", f"{where}.role")
+        calls = _tool_calls(m.get("tool_calls"), f"{where}.tool_calls") if role == "assistant" else []
+        content = m.get("content")
+        text = "" if content is None and calls else _content_text(content, f"{where}.content")
+        messages.append({"role": role, "content": text, "tool_calls": calls})
+    if not functions and not any(m["tool_calls"] or m["role"] == "tool" for m in messages):
+        return _check_turns([{"role": m["role"], "content": m["content"]} for m in messages], "messages")
+    return _check_turns(hermes.to_plain(messages, functions), "messages")
+
+
+def _functions(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """A record's tools as OpenAI `function` objects: `tools` ([{"type": "function", "function":
+    {...}}], or LLaMA-Factory's JSON text of bare function objects) or legacy `functions`."""
+    raw = record.get("tools", record.get("functions"))
+    field = "tools" if "tools" in record else "functions"
+    if raw is None or raw == "":
+        return []
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise _RecordProblem(f"{field} is not valid JSON ({e.msg})", field) from None
+    if not isinstance(raw, list):
+        raise _RecordProblem(f"{field} must be a list of functions", field)
+    out = []
+    for i, t in enumerate(raw):
+        f = t.get("function", t) if isinstance(t, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
+            raise _RecordProblem(f"{field}[{i}] must be a function with a name", f"{field}[{i}]")
+        out.append(f)
+    return out
+
+
+def _tool_calls(raw: Any, where: str) -> list[dict[str, Any]]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise _RecordProblem(f"{where} must be a list", where)
+    calls = []
+    for i, c in enumerate(raw):
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
+            raise _RecordProblem(f"{where}[{i}] must hold a function with a name", f"{where}[{i}]")
+        args = f.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                json.loads(args)
+            except json.JSONDecodeError as e:
+                raise _RecordProblem(
+                    f"{where}[{i}].function.arguments is not valid JSON ({e.msg})", f"{where}[{i}]"
+                ) from None
+        calls.append({"function": {"name": f["name"], "arguments": args}})
+    return calls
 
 
 def _from_sharegpt(record: Any) -> list[dict[str, str]]:
+    """ShareGPT, with LLaMA-Factory's tool turns: `function_call` (the assistant's call, JSON) and
+    `observation` (the tool's result), and the record's `tools` (JSON text)."""
     record = _check_dict(record)
     raw = record.get("conversations")
     if not isinstance(raw, list):
         raise _RecordProblem("field 'conversations' must be a list", "conversations")
-    messages = []
+    messages: list[dict[str, Any]] = []
     system = record.get("system")
     if isinstance(system, str) and system.strip():
         messages.append({"role": "system", "content": system})
@@ -321,8 +380,29 @@ def _from_sharegpt(record: Any) -> list[dict[str, str]]:
         value = m.get("value")
         if not isinstance(value, str):
             raise _RecordProblem(f"{where}.value must be a string", f"{where}.value")
+        if role == "function_call":
+            call = _call_value(value, f"{where}.value")
+            if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls"):
+                messages[-1]["tool_calls"].append(call)  # parallel calls of one turn
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            continue
         messages.append({"role": role, "content": value})
+    functions = _functions(record)
+    if functions or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        messages = hermes.to_plain(messages, functions)
     return _check_turns(messages, "conversations")
+
+
+def _call_value(value: str, where: str) -> dict[str, Any]:
+    """LLaMA-Factory's function_call value: {"name": ..., "arguments": {...}}."""
+    try:
+        data = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise _RecordProblem(f"{where} is not a JSON function call ({e.msg})", where) from None
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        raise _RecordProblem(f'{where} must be {{"name": ..., "arguments": {{...}}}}', where)
+    return {"function": {"name": data["name"], "arguments": data.get("arguments", {})}}
 
 
 def _pick_column(header: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, path: Path) -> str:
