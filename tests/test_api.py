@@ -432,7 +432,7 @@ def test_echo_prompt_logprobs_and_batched_prompts_as_lm_eval_sends_them(server: 
     }
     assert joined == {ch.index: ch.text for ch in r.choices}
     # what is refused, and says why
-    with pytest.raises(openai.BadRequestError, match="max_tokens 0 needs echo"):
+    with pytest.raises(openai.UnprocessableEntityError, match="max_tokens 0 needs echo"):
         c.completions.create(model="legal", prompt="Hi", max_tokens=0)
     with pytest.raises(openai.BadRequestError, match=r"prompt\[1\]: token ids must be within the vocabulary"):
         c.completions.create(model="legal", prompt=[[5, 6], [10**6]], max_tokens=1)
@@ -624,7 +624,7 @@ def test_tool_calls_required_named_streamed_and_answered(server: Server) -> None
         none.usage.prompt_tokens
         == c.chat.completions.create(model="legal", messages=USER, temperature=0, max_tokens=1).usage.prompt_tokens
     )
-    with pytest.raises(openai.BadRequestError, match="not in tools"):
+    with pytest.raises(openai.UnprocessableEntityError, match="not in tools"):
         c.chat.completions.create(
             model="legal", messages=USER, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}
         )

@@ -158,6 +158,13 @@ def test_assistant_answers_through_the_openai_sdk_with_sources(env: Env) -> None
         chunks = list(c.chat.completions.create(model="hr-helper", messages=messages, stream=True))
         assert sources_of(chunks[0].choices[0].delta) == sources
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == r.choices[0].message.content
+        # ... and each passage as Open WebUI's `source` event, which it shows as a citation
+        events = [(ch.model_extra or {}).get("event") for ch in chunks if (ch.model_extra or {}).get("event")]
+        assert [e["data"]["document"] for e in events] == [[s["text"]] for s in sources]
+        assert all(
+            e["type"] == "source" and s["document"] in e["data"]["source"]["name"]
+            for e, s in zip(events, sources, strict=True)
+        )
     # the request's own values win over the assistant's defaults
     long = c.chat.completions.create(
         model="hr-helper", messages=[{"role": "user", "content": "优惠码是什么？"}], max_tokens=20, temperature=0

@@ -269,6 +269,65 @@ def test_front_door_answers_like_the_engine_and_keeps_it_in_sync(stack: Stack) -
         assert got.choices[0].message.content == want.choices[0].message.content
 
 
+def test_front_door_passes_formats_echo_tools_and_responses_to_the_engine(stack: Stack) -> None:
+    """Behind the front door, the engine (vLLM, here its stand-in) enforces `response_format`
+    itself and returns prompt logprobs for `echo`; tools are rendered and parsed by the front door
+    (auto), and the Responses API rides on the chat path: every answer equals the engine's own."""
+    import json
+
+    with home_env(stack.home):
+        greedy = {"temperature": 0, "max_tokens": 40}
+        schema = {
+            "type": "object",
+            "properties": {"ok": {"type": "boolean"}},
+            "required": ["ok"],
+            "additionalProperties": False,
+        }
+        fmt = {"type": "json_schema", "json_schema": {"name": "ok", "schema": schema, "strict": True}}
+        got = stack.via("ops").chat.completions.create(model="legal", messages=ASK, response_format=fmt, **greedy)
+        want = stack.direct("legal", ASK, response_format=fmt, **greedy)
+        assert got.choices[0].message.content == want.choices[0].message.content
+        assert isinstance(json.loads(got.choices[0].message.content)["ok"], bool)
+
+        tok = stack.standin.client.completions.create  # the engine's own answer to the same request
+        ids = [[5, 6, 7, 8], [9, 10, 11]]
+        for n in (0, 1):
+            door = stack.via("ops").completions.create(
+                model="legal", prompt=ids, max_tokens=n, echo=True, logprobs=1, temperature=0
+            )
+            own = tok(model="legal", prompt=ids, max_tokens=n, echo=True, logprobs=1, temperature=0)
+            for a, b in zip(door.choices, own.choices, strict=True):
+                assert a.text == b.text and a.logprobs.tokens == b.logprobs.tokens
+                assert a.logprobs.token_logprobs[0] is None and b.logprobs.token_logprobs[0] is None
+                assert a.logprobs.token_logprobs[1:] == pytest.approx(b.logprobs.token_logprobs[1:], abs=1e-5)
+
+        tools = [
+            {
+                "type": "function",
+                "function": {
+                    "name": "book_room",
+                    "parameters": {"type": "object", "properties": {"room": {"type": "string"}}},
+                },
+            }
+        ]
+        auto = stack.via("ops").chat.completions.create(model="legal", messages=ASK, tools=tools, **greedy)
+        assert (
+            auto.choices[0].message.content
+            == stack.direct("legal", ASK, tools=tools, **greedy).choices[0].message.content
+        )
+        with pytest.raises(openai.BadRequestError, match="built-in engine only"):
+            stack.via("ops").chat.completions.create(
+                model="legal", messages=ASK, tools=tools, tool_choice="required", **greedy
+            )
+
+        r = stack.via("ops").responses.create(
+            model="legal", input=ASK[-1]["content"], max_output_tokens=12, temperature=0
+        )
+        assert (
+            r.output_text == stack.direct("legal", [ASK[-1]], temperature=0, max_tokens=12).choices[0].message.content
+        )
+
+
 def test_cli_front_door_and_a_lost_engine(stack: Stack, tiny_base: Path, tmp_path: Path) -> None:
     """`loraplex serve --engine vllm --engine-url` as a user runs it; when the engine goes away,
     requests fail with an OpenAI error and the front door stays up."""

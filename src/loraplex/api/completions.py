@@ -102,14 +102,19 @@ def add_routes(app: FastAPI, s: Serving, principal: Callable[..., Key | None]) -
 
     @app.post("/v1/completions", responses=STREAMED)
     async def completions(request: Request, req: CompletionRequest, key: Key | None = Depends(principal)) -> Any:
+        if (conflict := req.conflict()) is not None:
+            raise APIError(422, conflict[1], param=conflict[0], code="unprocessable")
         prompts = req.prompts()
         call = request.state.call
         call.prompt = prompts[0] if len(prompts) == 1 else prompts
-        return await complete(s, call, req, prompts, req.max_tokens, req.logprobs, False, request.receive, Shape())
+        shape = Shape(req.format_json())
+        return await complete(s, call, req, prompts, req.max_tokens, req.logprobs, False, request.receive, shape)
 
 
 async def chat_completion(s: Serving, call: Call, req: ChatCompletionRequest, receive: Any) -> Any:
     """A parsed chat request: its JSON answer, or the event stream (also what /v1/responses runs)."""
+    if (conflict := req.conflict()) is not None:
+        raise APIError(422, conflict[1], param=conflict[0], code="unprocessable")
     plan = tools.plan(req)
     messages, functions = tools.messages_for(s.engine.tokenizer, req.messages, plan)
     top = req.top_logprobs if req.logprobs else None
@@ -368,6 +373,10 @@ def answer_stream(s: Serving, run: Run) -> EventSourceResponse:
                         opening["sources"] = a.sources
                     first = {"index": i, "delta": opening, "logprobs": None, "finish_reason": None}
                     yield {"data": chunk([first])}
+                for source in a.sources or []:  # Open WebUI shows these as the answer's citations
+                    empty = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": None}
+                    cited = {**json.loads(chunk([empty])), "event": _source_event(source)}
+                    yield {"data": json.dumps(cited, ensure_ascii=False)}
             tasks = [asyncio.create_task(pump(i, st)) for i, st in enumerate(streams)]
             completion_tokens, open_streams = 0, len(streams)
             last = time.perf_counter()
@@ -441,6 +450,20 @@ def answer_stream(s: Serving, run: Run) -> EventSourceResponse:
             call.close(status, code)
 
     return EventSourceResponse(events(), sep="\n", ping=15, headers=a.headers)
+
+
+def _source_event(source: dict[str, Any]) -> dict[str, Any]:
+    """A knowledge-base passage as Open WebUI's `source` event (a chunk's `event` field, which it
+    passes to its event emitter): the document's name, and the passage the citation opens."""
+    name = f"[{source['index']}] {source['document']}"
+    return {
+        "type": "source",
+        "data": {
+            "source": {"name": name, "id": f"{source['document']}#{source['chunk']}"},
+            "document": [source["text"]],
+            "metadata": [{"source": source["document"], "name": name, "relevance": source["relevance"]}],
+        },
+    }
 
 
 def _assistant(model: str) -> assistants.Assistant | None:
@@ -573,9 +596,9 @@ def _text_logprobs(
     token has none (nothing predicts it). `text_offset`: where each token starts in the choice's text."""
     texts = [_token_text(engine, t, as_ids) for t, _ in tokens]
     starts = []
-    for piece in texts:
+    for t, _ in tokens:  # offsets into the text itself, also when tokens are named by id
         starts.append(offset)
-        offset += 0 if as_ids else len(piece)
+        offset += len(_token_text(engine, t, False))
     return {
         "tokens": texts,
         "token_logprobs": [None if x is None else x.logprob for _, x in tokens],

@@ -133,8 +133,8 @@ def _chat_request(req: ResponsesRequest, messages: list[dict[str, Any]]) -> Chat
         body["response_format"] = {"type": "json_schema", "json_schema": spec}
     try:
         return ChatCompletionRequest.model_validate(body)
-    except ValueError as e:
-        raise APIError(400, f"this request cannot be answered: {e}") from None
+    except ValueError as e:  # what the chat API refuses that the Responses schema let through
+        raise APIError(422, f"this request cannot be answered: {e}", code="unprocessable") from None
 
 
 class _Context:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 
 from loraplex.adapters.names import BASE_ALIASES
 from loraplex.adapters.registry import ALIAS_PATTERN
@@ -149,6 +149,9 @@ class _Common(BaseModel):
     ignore_eos: JsonBool = False
     return_tokens_as_token_ids: JsonBool = False  # vLLM's: logprobs name tokens "token_id:N" (exact ids)
     logit_bias: dict[str, JsonFloat] | None = Field(None, **_documented(maxProperties=0))
+    # json_object / json_schema: decoding is constrained to it (engine/structured.py); on
+    # /v1/completions too, as vLLM takes it
+    response_format: ResponseFormat | None = None
     # accepted and ignored: they change nothing about the answer
     user: str | None = None
     metadata: dict[str, Any] | None = None
@@ -164,6 +167,11 @@ class _Common(BaseModel):
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
         return stops
+
+    def format_json(self) -> str | None:
+        """The response format as the engine takes it (JSON text), None for plain text."""
+        f = self.response_format
+        return None if f is None or isinstance(f, TextFormat) else f.model_dump_json(by_alias=True, exclude_none=True)
 
     @field_validator("logit_bias")
     @classmethod
@@ -233,33 +241,26 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: MaybeInt = Field(None, ge=1)
     logprobs: JsonBool = False
     top_logprobs: MaybeInt = Field(None, ge=0, le=20)
-    # json_object / json_schema: decoding is constrained to it (engine/structured.py)
-    response_format: ResponseFormat | None = None
     # the model's chat template renders them; `required` or a named function constrains decoding
     # to a valid call (api/tools.py)
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: JsonBool | None = None
 
-    @model_validator(mode="after")
-    def _tools(self) -> ChatCompletionRequest:
+    def conflict(self) -> tuple[str, str] | None:
+        """(field, why) when valid fields contradict each other: a 422, not a schema error."""
         names = [t.function.name for t in self.tools or []]
         if len(set(names)) != len(names):
-            raise ValueError("tools: function names must be unique")
+            return "tools", "tools: function names must be unique"
         choice = self.tool_choice
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not in tools")
+            return "tool_choice", f"tool_choice names {choice.function.name!r}, which is not in tools"
         if choice == "required" and not names:
-            raise ValueError("tool_choice 'required' needs tools")
+            return "tool_choice", "tool_choice 'required' needs tools"
         json_out = self.response_format is not None and not isinstance(self.response_format, TextFormat)
         if names and json_out and choice not in (None, "none"):
-            raise ValueError("use either tools or a JSON response_format in one request")
-        return self
-
-    def format_json(self) -> str | None:
-        """The response format as the engine takes it (JSON text), None for plain text."""
-        f = self.response_format
-        return None if f is None or isinstance(f, TextFormat) else f.model_dump_json(by_alias=True, exclude_none=True)
+            return "response_format", "use either tools or a JSON response_format in one request"
+        return None
 
 
 class CompletionRequest(_Common):
@@ -300,11 +301,11 @@ class CompletionRequest(_Common):
                 raise ValueError("every prompt must be non-empty")
         return v
 
-    @model_validator(mode="after")
-    def _zero_tokens(self) -> CompletionRequest:
+    def conflict(self) -> tuple[str, str] | None:
+        """(field, why) when valid fields contradict each other: a 422, not a schema error."""
         if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens 0 needs echo: true (the prompt's logprobs are the answer)")
-        return self
+            return "max_tokens", "max_tokens 0 needs echo: true (the prompt's logprobs are the answer)"
+        return None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, one per answer group."""
@@ -409,7 +410,10 @@ class ResponsesRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1, max_length=512, **_documented(pattern=model_pattern()))
-    input: str | list[InputMessage | FunctionCallItem | FunctionCallOutput] = Field(min_length=1)
+    input: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[InputMessage | FunctionCallItem | FunctionCallOutput], Field(min_length=1, max_length=4096)]
+    )
     instructions: str | None = None
     previous_response_id: str | None = Field(None, max_length=128)
     tools: list[ResponsesFunction] | None = Field(None, max_length=128)

@@ -34,6 +34,8 @@ def add_routes(
         """A `model` must exist and be the key's to use (a hidden one reads as missing)."""
         if model is None:
             return
+        if not model.strip():
+            raise APIError(400, "model is empty: leave it out for the base model's tokenizer", param="model")
         if not allowed(key, model):
             raise ModelNotFound(not_found(model))
         if await asyncio.to_thread(assistants.find, model) is None:
