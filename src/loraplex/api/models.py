@@ -100,6 +100,7 @@ def model_list(engine: EngineClient, created: int, gw: Gateway) -> list[dict[str
                 "parent": engine.base.id,
                 "kind": "assistant",
                 "display_name": found.display_name or name,
+                "name": found.display_name or name,  # what Open WebUI's model picker shows
                 "description": found.description,
                 "adapters": found.model,
                 "knowledge": found.knowledge.base if found.knowledge else None,
