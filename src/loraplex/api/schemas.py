@@ -388,15 +388,10 @@ class ResponsesNamedTool(BaseModel):
     name: str = Field(pattern=_FUNCTION_NAME)
 
 
-class TextJsonSchema(BaseModel):
+class TextJsonSchema(JsonSchemaSpec):
     """`text.format` of type json_schema: the chat API's json_schema object, flattened."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     type: Literal["json_schema"]
-    name: str = Field(min_length=1, max_length=64)
-    description: str | None = None
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
-    strict: JsonBool | None = None
 
 
 class TextConfig(BaseModel):
