@@ -112,9 +112,10 @@ def _tiny_server(tiny_base: Path) -> Server:
     return Server(Engine(str(tiny_base), dtype="fp32", max_batch=4))
 
 
-def test_langchain_with_structured_output_json_schema(lp_home: Path, tiny_base: Path) -> None:
-    """LangChain's `with_structured_output(method="json_schema")` sends a strict response_format;
-    even a random model's answer parses into the pydantic class (decoding is constrained)."""
+def test_langchain_with_structured_output_json_schema_and_function_calling(lp_home: Path, tiny_base: Path) -> None:
+    """LangChain's `with_structured_output` in both methods: `json_schema` sends a strict
+    response_format, `function_calling` a tool with tool_choice naming it; either way even a random
+    model's answer parses into the pydantic class (decoding is constrained)."""
     from typing import Literal
 
     from langchain_openai import ChatOpenAI
@@ -133,6 +134,10 @@ def test_langchain_with_structured_output_json_schema(lp_home: Path, tiny_base: 
         raw = chat.with_structured_output(Leave, method="json_schema", include_raw=True).invoke(SCHEMA_DOC)
         assert raw["parsing_error"] is None and raw["parsed"] == got
         assert raw["raw"].response_metadata["model_name"] == "legal@v1"
+        roomy = ChatOpenAI(model="legal", base_url=f"{srv.url}/v1", api_key="unused", temperature=0, max_tokens=200)
+        called = roomy.with_structured_output(Leave, method="function_calling", include_raw=True).invoke(SCHEMA_DOC)
+        assert called["parsing_error"] is None and isinstance(called["parsed"], Leave), called
+        assert called["raw"].tool_calls[0]["name"] == "Leave"
     finally:
         srv.stop()
         srv.engine.close()

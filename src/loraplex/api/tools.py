@@ -122,7 +122,10 @@ def grammar(p: ToolPlan) -> str | None:
     variants = [
         {
             "type": "object",
-            "properties": {"name": {"const": f["name"]}, "arguments": f.get("parameters") or {"type": "object"}},
+            "properties": {
+                "name": {"const": f["name"]},
+                "arguments": _closed(f.get("parameters") or {"type": "object"}),
+            },
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }
@@ -132,6 +135,14 @@ def grammar(p: ToolPlan) -> str | None:
     body = json.dumps({**schema, "x-guidance": {**_COMPACT, "lenient": True}})
     repeat = ' ("\\n" call)*' if p.parallel else ""
     return f'start: call{repeat}\ncall: "{OPEN}\\n" body "\\n</tool_call>"\nbody: %json {body}'
+
+
+def _closed(parameters: dict[str, Any]) -> dict[str, Any]:
+    """A function's parameters with no keys beyond the declared ones unless it says otherwise: a
+    client can only use what it declared, and a small model left free adds keys until max_tokens."""
+    if parameters.get("type") == "object" and "additionalProperties" not in parameters:
+        return {**parameters, "additionalProperties": False}
+    return parameters
 
 
 @dataclass(frozen=True)
