@@ -432,6 +432,8 @@ def test_echo_prompt_logprobs_and_batched_prompts_as_lm_eval_sends_them(server: 
     }
     assert joined == {ch.index: ch.text for ch in r.choices}
     # what is refused, and says why
+    with pytest.raises(openai.UnprocessableEntityError, match=r"asks for 80 answers \(5 prompt\(s\) x n=16\)"):
+        c.completions.create(model="legal", prompt=[[5, 6]] * 5, n=16, max_tokens=1)  # more than it ever runs at once
     with pytest.raises(openai.UnprocessableEntityError, match="max_tokens 0 needs echo"):
         c.completions.create(model="legal", prompt="Hi", max_tokens=0)
     with pytest.raises(openai.BadRequestError, match=r"prompt\[1\]: token ids must be within the vocabulary"):

@@ -220,7 +220,16 @@ async def admit(
             await asyncio.to_thread(structured.grammar_of, fmt)
         except UserError as e:
             raise APIError(translate(e).status, str(e), param="response_format") from None
-    gw.reserve(call, req.n * len(prompts))
+    answers = req.n * len(prompts)
+    if answers > gw.max_pending:  # could never be admitted: not a busy server (503) but a request too large
+        raise APIError(
+            422,
+            f"this request asks for {answers} answers ({len(prompts)} prompt(s) x n={req.n}); this server "
+            f"runs at most {gw.max_pending} at once",
+            param="n",
+            code="unprocessable",
+        )
+    gw.reserve(call, answers)
     if up is not None:
         return await _proxy(gw, call, req, up, chat, filt)
     try:
