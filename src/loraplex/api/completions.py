@@ -603,11 +603,12 @@ def _text_logprobs(
 ) -> Any:
     """/v1/completions' logprobs: parallel lists over the text's tokens; an echoed prompt's first
     token has none (nothing predicts it). `text_offset`: where each token starts in the choice's text."""
-    texts = [_token_text(engine, t, as_ids) for t, _ in tokens]
+    pieces = [_token_text(engine, t, False) for t, _ in tokens]
+    texts = [_token_text(engine, t, True) for t, _ in tokens] if as_ids else pieces
     starts = []
-    for t, _ in tokens:  # offsets into the text itself, also when tokens are named by id
+    for piece in pieces:  # offsets into the text itself, also when tokens are named by id
         starts.append(offset)
-        offset += len(_token_text(engine, t, False))
+        offset += len(piece)
     return {
         "tokens": texts,
         "token_logprobs": [None if x is None else x.logprob for _, x in tokens],
