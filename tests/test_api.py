@@ -121,6 +121,42 @@ def test_usage_counts_match_the_tokenizer(server: Server) -> None:
     assert all(abs(t.logprob - t.top_logprobs[0].logprob) < 1e-5 for t in content)
 
 
+def test_a_repeated_system_prompt_is_read_from_the_prefix_cache(server: Server) -> None:
+    """The second request with the same system prompt reuses its keys (OpenAI's
+    usage.prompt_tokens_details.cached_tokens, streamed and not), and says so in /metrics."""
+    c = server.client
+    system = {"role": "system", "content": "You answer for Brightwave's HR team, briefly and politely. " * 4}
+    first = c.chat.completions.create(
+        model="formal", messages=[system, {"role": "user", "content": "When is payday?"}], temperature=0, max_tokens=4
+    )
+    again = c.chat.completions.create(
+        model="formal",
+        messages=[system, {"role": "user", "content": "Who approves leave?"}],
+        temperature=0,
+        max_tokens=4,
+    )
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens_details is None or first.usage.prompt_tokens_details.cached_tokens < cached
+    assert 40 < cached < again.usage.prompt_tokens
+    chunks = list(
+        c.chat.completions.create(
+            model="formal",
+            messages=[system, {"role": "user", "content": "Who approves leave?"}],
+            temperature=0,
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    other = c.chat.completions.create(  # another adapter computes its own keys
+        model="legal", messages=[system, {"role": "user", "content": "When is payday?"}], temperature=0, max_tokens=4
+    )
+    assert other.usage.prompt_tokens_details is None
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'kind="cached_prompt"' in metrics
+
+
 def test_stop_strings_cut_exactly(server: Server) -> None:
     c = server.client
     text = (

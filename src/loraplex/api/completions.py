@@ -326,7 +326,7 @@ async def answer_json(engine: EngineClient, run: Run, receive: Any) -> Any:
         "created": int(time.time()),
         "model": a.served,
         "choices": choices,
-        "usage": _usage(call.prompt_tokens, call.completion_tokens),
+        "usage": _usage(call.prompt_tokens, call.completion_tokens, call.cached_tokens),
         "system_fingerprint": f"loraplex-{engine.base.id}",
     }
     return JSONResponse(body, headers=a.headers) if a.headers else body
@@ -370,6 +370,7 @@ def answer_stream(s: Serving, run: Run) -> EventSourceResponse:
         status: int = 499  # unless the stream ends otherwise
         code: str | None = "client_disconnected"
         texts: list[list[str]] = [[] for _ in streams]
+        started = [False] * len(streams)  # a stream's first delta counts its cached prompt tokens
         offsets = [0] * len(streams)  # characters sent per choice: where its next logprob token starts
         echo = [bool(getattr(req, "echo", False))] * len(streams)  # the prompt goes first, once
         filters = [filt.stream() for _ in streams] if filt else None
@@ -402,6 +403,9 @@ def answer_stream(s: Serving, run: Run) -> EventSourceResponse:
                             log.error("stream %s failed with %d: %s", rid, status, e.message, exc_info=item)
                         yield {"data": json.dumps(e.body())}
                         return
+                    if not started[i]:
+                        started[i] = True
+                        call.cached_tokens += item.cached_tokens
                     now = time.perf_counter()
                     if call.t_first is None:
                         call.first_token()
@@ -447,7 +451,7 @@ def answer_stream(s: Serving, run: Run) -> EventSourceResponse:
                     call.completion_tokens = completion_tokens
                     yield {"data": chunk([choice])}
                 if include_usage:
-                    yield {"data": chunk([], _usage(call.prompt_tokens, completion_tokens))}
+                    yield {"data": chunk([], _usage(call.prompt_tokens, completion_tokens, call.cached_tokens))}
                 yield {"data": "[DONE]"}
                 status, code = 200, None
             finally:
@@ -563,9 +567,12 @@ async def _proxy(gw: Gateway, call: Call, req: Request_, up: Any, chat: bool, fi
 
 
 async def _collect(stream: AsyncIterator[Delta], call: Call) -> Answer:
-    metered = [0]
+    metered, first = [0], [True]
 
     def meter(d: Delta) -> None:
+        if first[0]:  # each stream's first delta says how much of its prompt was cached
+            first[0] = False
+            call.cached_tokens += d.cached_tokens
         call.first_token()
         call.completion_tokens += d.completion_tokens - metered[0]  # what is metered if the client leaves
         metered[0] = d.completion_tokens
@@ -579,8 +586,15 @@ async def _disconnected(receive: Any) -> None:
         pass
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    if cached:  # OpenAI's field for prompt caching; absent (as in vLLM by default) when nothing was cached
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
 
 
 def _token_text(engine: EngineClient, t: int, as_ids: bool) -> str:

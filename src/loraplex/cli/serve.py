@@ -36,6 +36,14 @@ def serve(
             help="GiB the KV cache may use; rows that outgrow it wait (default: 1/4 of RAM, 1/2 of free GPU memory).",
         ),
     ] = None,
+    prefix_cache_mb: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="MiB of prompt prefixes kept for reuse (system prompts, chat history, an adapter's passages); "
+            "0 turns it off (default: 1/8 of the KV cache budget, at most 256).",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 where faster), bf16, fp16 or fp32")] = "auto",
     pin: Annotated[str | None, typer.Option(help="Comma-separated adapters to load now and keep loaded.")] = None,
@@ -128,6 +136,7 @@ def serve(
             adapters=names,
             threads=threads,
             kv_cache_bytes=int(kv_cache_gb * 2**30) if kv_cache_gb else None,
+            prefix_cache_bytes=None if prefix_cache_mb is None else int(prefix_cache_mb * 2**20),
         )
         for name in pins:
             engine.load_adapter(name, pin=True)

@@ -38,6 +38,7 @@ from loraplex.engine import lora_kernel, structured
 from loraplex.engine.adapter_cache import AdapterCache
 from loraplex.engine.lora import KERNEL_ACTIVATIONS, AdapterRequest, AdapterWeights, LoraBatch, LoraStacks
 from loraplex.engine.model import DecoderModel, Step, bucket
+from loraplex.engine.prefix_cache import PrefixCache
 from loraplex.engine.protocol import Delta, EngineClosed, PromptTooLong, check_length, encode_prompt
 from loraplex.engine.sampling import RowError, RowState, SamplingParams, TokenLogprob, sample, token_logprobs
 from loraplex.engine.text import TextStream
@@ -66,6 +67,7 @@ class _Request:
     resumed: bool = False  # prefilling again after a preemption: decode continues, nothing is sampled
     admitted: bool = False
     cached: int = 0
+    reused: int = 0  # prompt tokens taken from the prefix cache
     lora_slot: int = -1
     decoding: bool = False
     cancelled: bool = False
@@ -88,6 +90,7 @@ class EngineStats:
     decode_steps: int = 0
     prefill_steps: int = 0
     preempted: int = 0  # rows sent back to wait (and prefilled again) to keep the KV cache in its budget
+    cached_prompt_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
 
 
 def _size(n: int) -> str:
@@ -108,6 +111,7 @@ class Engine:
         adapters: list[str] | None = None,
         threads: int | None = None,
         kv_cache_bytes: int | None = None,
+        prefix_cache_bytes: int | None = None,
     ):
         self.stats = EngineStats()
         self._trim = Trim()
@@ -137,6 +141,9 @@ class Engine:
                     base, max_batch, max_loaded_adapters, max_model_len, device, dtype, prefill_tokens, adapters
                 )
                 self._budget_kv_cache(kv_cache_bytes)
+                # default: an eighth of the KV cache budget, at most 256 MiB; 0 turns it off
+                default = min(self.kv_cache_bytes // 8, 256 * 2**20)
+                self.prefix = PrefixCache(default if prefix_cache_bytes is None else prefix_cache_bytes)
             except BaseException as e:  # noqa: BLE001 - re-raised in the constructor's thread
                 failed.append(e)
                 return
@@ -413,6 +420,7 @@ class Engine:
                 done.put(e)
         elif kind == "unload":
             name, done = item
+            self.prefix.forget(name)
             done.put(self.adapters.unload(name))
 
     def _guarded(self, step: Callable[[], None], involved: list[_Request]) -> None:
@@ -451,6 +459,21 @@ class Engine:
             if not req.admitted:
                 req.admitted = True
                 self.stats.prompt_tokens += len(req.prompt_ids)
+                self._reuse_prefix(req, len(self._rows) - 1)
+
+    def _reuse_prefix(self, req: _Request, slot: int) -> None:
+        """Start `req`'s prefill after the longest prefix of its prompt the prefix cache holds (not
+        for prompt logprobs, which need every position's logits)."""
+        if req.prompt_logprobs is not None or not self.prefix.capacity_bytes:
+            return
+        entry, n = self.prefix.longest(req.adapter, req.context)
+        if entry is None:
+            return
+        self.cache.ensure(slot + 1, n)
+        self.cache.k[:, slot, :, :n] = entry.k[:, :, :n]
+        self.cache.v[:, slot, :, :n] = entry.v[:, :, :n]
+        req.cached = req.reused = n
+        self.stats.cached_prompt_tokens += n
 
     @staticmethod
     def _positions(r: _Request) -> int:
@@ -533,6 +556,9 @@ class Engine:
             r.cached += last[i] + 1
             if r.cached == len(r.context):
                 r.decoding = True
+                if not r.resumed and self.prefix.capacity_bytes:
+                    slot, n = first + i, r.cached
+                    self.prefix.store(r.adapter, r.context, self.cache.k[:, slot, :, :n], self.cache.v[:, slot, :, :n])
                 if r.resumed:  # its next token was sampled before the preemption: decode feeds it
                     r.resumed = False
                     continue
@@ -619,6 +645,7 @@ class Engine:
                 prompt_tokens=len(r.prompt_ids),
                 completion_tokens=len(r.row.output_ids),
                 prompt_logprobs=prompt_logprobs,
+                cached_tokens=r.reused,
             )
         )
         r.pending_ids, r.pending_logprobs = [], []

@@ -46,6 +46,7 @@ class Delta:
     # with SamplingParams.prompt_logprobs, in the first Delta: one per prompt token, None for the
     # first (nothing predicts it)
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache (engine/prefix_cache.py)
 
 
 def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:

@@ -53,6 +53,7 @@ class Call:
     t0: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, those the engine's prefix cache held
     completion_tokens: int = 0
     finish_reason: str | None = None
     usage: Usage | None = None
@@ -83,6 +84,7 @@ class Call:
             m.errors.labels(label_model, label_key, error or str(status)).inc()
         else:
             m.tokens.labels(label_model, label_key, "prompt").inc(self.prompt_tokens)
+            m.tokens.labels(label_model, label_key, "cached_prompt").inc(self.cached_tokens)
             m.tokens.labels(label_model, label_key, "completion").inc(self.completion_tokens)
             m.latency.labels(label_model).observe(latency)
             if self.t_first is not None:
