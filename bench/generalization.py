@@ -14,8 +14,8 @@ version's own Q&A, the base model when nothing relevant is found):
   paraphrase the default plus 3 paraphrases per question written by the base model itself (the
              paraphrase lever with the only teacher this CPU has; a bigger teacher is one URL away)
   noisy      the default plus one noisy copy of each question
-  k1, k4, k6 the default with 1, 4 or 6 passages per prompt (shorter prompts; more recall)
-  default    the default: retrieval-augmented training and serving, 2 passages per prompt, 4 epochs
+  k2, k4, k6 the default with 2, 4 or 6 passages per prompt (more recall, longer prompts)
+  default    the default: retrieval-augmented training and serving, 1 passage per prompt, 4 epochs
 
 Sets (training phrasing never equals a test phrasing; check_no_leak() asserts it):
   sample  the shipped quickstart data (20 facts, en/zh): trained questions, held-out paraphrases
@@ -29,7 +29,10 @@ Reported per set and variant: key-fact accuracy on unseen phrasings and on the t
 (every keyword of the fact in the answer), refusals on unanswerable questions ("I don't know" or
 equivalent), leakage (answers to the general questions naming one of the FAQ's organisations or
 one of its facts that the base model's own answer to that question lacks), training wall time,
-and time to first token with and without retrieval (the request alone, greedy, one at a time).
+and time to first token with and without retrieval: up to 60 unseen questions, one request at a
+time, each asked bare and then as served, on an engine that has answered the trained questions
+first (its prefix cache holds their instructions and passages, as a running server's does), and on
+one with the prefix cache off; "retrieval adds" is the median of the per-question differences.
 The CPU model and flags are printed with the table.
 """
 
@@ -57,7 +60,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {"retrieval": {"enabled": False}},
     "noisy-refusals": {"retrieval": {"noisy_copies": 1, "refusals": 0.5}},
     "paraphrase": {"paraphrase": {"count": 3}},
-    "k1": {"retrieval": {"top_k": 1}},
+    "k2": {"retrieval": {"top_k": 2}},
     "k4": {"retrieval": {"top_k": 4}},
     "k6": {"retrieval": {"top_k": 6}},
     "noisy": {"retrieval": {"noisy_copies": 1}},
@@ -135,24 +138,30 @@ def answer(engine: Any, model: str, questions: list[str], max_tokens: int = 64) 
     ]
 
 
-async def ttft(engine: Any, model: str, questions: list[str], retrieve: bool) -> list[float]:
-    """Seconds to the first token, one request at a time, with the version's retrieval or without."""
+async def ttft(engine: Any, model: str, questions: list[str], retrieve: bool) -> list[tuple[float, float | None]]:
+    """Seconds to the first token per question, one request at a time: the adapter on the bare
+    question, then (`retrieve`) the request as served, search and passages included. Paired, so
+    that the machine's drift between requests (2x on this VM) falls on both alike."""
     from loraplex.assistants import faq, retrieval
     from loraplex.engine.sampling import SamplingParams
 
     helper = faq.assistant(model) if retrieve else None
     searcher = retrieval.Searcher()
-    out = []
-    for q in questions:
-        t = time.perf_counter()
-        messages = [{"role": "user", "content": q}]
-        target = model
-        if helper is not None:
-            p = retrieval.prepare(helper, messages, searcher)
-            messages, target = p.messages, ("" if p.base_only else model)
+
+    async def first_token(messages: list[dict[str, str]], target: str, t: float) -> float:
         async for _ in engine.generate(messages, SamplingParams(temperature=0.0), target, max_tokens=1):
-            out.append(time.perf_counter() - t)
             break
+        return time.perf_counter() - t
+
+    out: list[tuple[float, float | None]] = []
+    for q in questions:
+        bare = await first_token([{"role": "user", "content": q}], model, time.perf_counter())
+        served = None
+        if helper is not None:
+            t = time.perf_counter()
+            p = retrieval.prepare(helper, [{"role": "user", "content": q}], searcher)
+            served = await first_token(p.messages, "" if p.base_only else model, t)
+        out.append((bare, served))
     searcher.close()
     return out
 
@@ -197,8 +206,62 @@ def score(s: dict[str, Any], answers: dict[str, list[dict[str, Any]]], base_gene
     }
 
 
-def adds(without: float, with_r: float | None) -> str:
-    return "-" if with_r is None else f"{with_r - without:+.0f} ms"
+def time_first_tokens(engines: dict[str, Any], s: dict[str, Any], ref: str, retrieval: bool) -> dict[str, Any]:
+    """TTFT medians per engine (prefix cache on / off), each warmed with the trained questions."""
+    probe = [q["instruction"] for q in s["unseen"][:60]]
+    ms: dict[str, float | None] = {}
+    for kind, eng in engines.items():
+        answer(eng, ref, [q["instruction"] for q in s["trained"]])
+        pairs = asyncio.run(ttft(eng, ref, probe, retrieval))
+        ms[f"ttft_{kind}"] = round(statistics.median(b for b, _ in pairs) * 1e3, 1)
+        served = [(b, w) for b, w in pairs if w is not None]
+        ms[f"ttft_retrieval_{kind}"] = round(statistics.median(w for _, w in served) * 1e3, 1) if served else None
+        # what retrieval adds: the median of the per-question differences
+        ms[f"adds_{kind}"] = round(statistics.median(w - b for b, w in served) * 1e3, 1) if served else None
+    return ms
+
+
+def timing_engines() -> dict[str, Any]:
+    """As a server that has answered the FAQ's own questions (its prefix cache holds their
+    instructions and passages) meets questions worded anew; and with the prefix cache off."""
+    from loraplex.engine.engine import Engine
+
+    return {
+        "cache": Engine(max_batch=16, max_loaded_adapters=4),
+        "off": Engine(max_batch=16, max_loaded_adapters=4, prefix_cache_bytes=0),
+    }
+
+
+def timing_only(sets: list[str], variants: list[str], seeds: int) -> None:
+    from loraplex.adapters import registry
+
+    rows = []
+    for set_name in sets:
+        s = load_set(set_name)
+        engines = timing_engines()
+        try:
+            for variant in variants:
+                for seed in range(42, 42 + seeds):
+                    ref = registry.resolve(f"{s['name']}-{variant}-s{seed}")
+                    info = ref.manifest().get("retrieval", {})
+                    ms = time_first_tokens(engines, s, ref.id, bool(info.get("enabled")))
+                    rows.append({"set": set_name, "variant": variant, "seed": seed, **ms})
+                    print(json.dumps(rows[-1]), flush=True)
+        finally:
+            for eng in engines.values():
+                eng.close()
+    print(f"\nCPU: {cpu()}; torch threads {__import__('torch').get_num_threads()}")
+    print("| set | variant | TTFT ms | with retrieval | retrieval adds | prefix cache off: TTFT / with retrieval |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['set']} | {r['variant']} | {r['ttft_cache']} | {r['ttft_retrieval_cache'] or '-'} | "
+            f"{adds(r['adds_cache'])} | {r['ttft_off']} / {r['ttft_retrieval_off'] or '-'} ({adds(r['adds_off'])}) |"
+        )
+
+
+def adds(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:+.0f} ms"
 
 
 def cpu() -> str:
@@ -215,7 +278,15 @@ def main() -> None:
     ap.add_argument("--variants", default="plain,noisy-refusals,paraphrase,k4,default")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument(
+        "--timing-only",
+        metavar="HOME",
+        help="only time the first token again, for the adapters an earlier run trained into this LORAPLEX_HOME",
+    )
     args = ap.parse_args()
+    if args.timing_only:
+        os.environ["LORAPLEX_HOME"] = args.timing_only
+        return timing_only(args.sets.split(","), args.variants.split(","), args.seeds)
     os.environ.setdefault("LORAPLEX_HOME", tempfile.mkdtemp(prefix="loraplex-bench-gen-"))
 
     from loraplex.engine.engine import Engine
@@ -230,13 +301,7 @@ def main() -> None:
                 ref, wall, info = train(s, variant, seed)
                 trained_models.append((variant, seed, ref, wall, info))
         engine = Engine(max_batch=16, max_loaded_adapters=4)
-        # TTFT on engines of their own, as a server that has answered the FAQ's own questions (its
-        # prefix cache holds their instructions and passages) meets a question worded anew; and
-        # the same with the prefix cache off (every passage prefilled)
-        timing = {
-            "cache": Engine(max_batch=16, max_loaded_adapters=4),
-            "off": Engine(max_batch=16, max_loaded_adapters=4, prefix_cache_bytes=0),
-        }
+        timing = timing_engines()  # TTFT on engines of their own
         try:
             base_general = [a["text"] for a in answer(engine, "", [q["instruction"] for q in s["general"]])]
             for variant, seed, ref, wall, info in trained_models:
@@ -245,14 +310,7 @@ def main() -> None:
                     for g in ("trained", "unseen", "unanswerable", "general")
                 }
                 sc = score(s, answers, base_general)
-                probe = [q["instruction"] for q in s["unseen"][:20]]
-                ms: dict[str, float | None] = {}
-                for kind, eng in timing.items():
-                    answer(eng, ref, [q["instruction"] for q in s["trained"]])
-                    with_r = asyncio.run(ttft(eng, ref, probe, True)) if info.get("enabled") else []
-                    without = asyncio.run(ttft(eng, ref, probe, False))
-                    ms[f"ttft_{kind}"] = round(statistics.median(without) * 1e3, 1)
-                    ms[f"ttft_retrieval_{kind}"] = round(statistics.median(with_r) * 1e3, 1) if with_r else None
+                ms = time_first_tokens(timing, s, ref, bool(info.get("enabled")))
                 retrieval_ms = [a["retrieval_s"] * 1e3 for a in answers["unseen"] if a["retrieval_s"]]
                 row = {
                     "set": set_name,
@@ -289,8 +347,8 @@ def main() -> None:
         print(
             f"| {r['set']} | {r['variant']} | {r['unseen']:.0%} | {r['trained']:.0%} | {r['refused']:.0%} | "
             f"{r['leakage']:.0%} | {r['train_s']:.0f}{ratio} | {r['ttft_cache']} | "
-            f"{r['ttft_retrieval_cache'] or '-'} | {adds(r['ttft_cache'], r['ttft_retrieval_cache'])} | "
-            f"{r['ttft_off']} / {r['ttft_retrieval_off'] or '-'} | "
+            f"{r['ttft_retrieval_cache'] or '-'} | {adds(r['adds_cache'])} | "
+            f"{r['ttft_off']} / {r['ttft_retrieval_off'] or '-'} ({adds(r['adds_off'])}) | "
             f"{r['retrieval_step_ms'] or '-'} |"
         )
     if args.json:

@@ -81,8 +81,9 @@ def prepare(cfg: TrainConfig, tok: Any, base: BaseRef, world: Any, console: Any)
             conversations, pairs, rc.top_k, rc.min_similarity, rc.noisy_copies, rc.refusals, cfg.train.seed, reworded
         )
         augmented.update(made)
+        per_prompt = f"{rc.top_k} passage{'s' if rc.top_k > 1 else ''} per prompt"
         console.print(
-            f"retrieval: on ({len(pairs)} Q&A become the adapter's knowledge; {rc.top_k} passages per prompt): "
+            f"retrieval: on ({len(pairs)} Q&A become the adapter's knowledge; {per_prompt}): "
             f"{augmented['answer_examples']} answer examples ({augmented['noisy_questions']} noisy questions, "
             f"{augmented['paraphrases']} paraphrases), {augmented['refusal_examples']} refusal examples; "
             f"{cfg.epochs:g} epochs"
