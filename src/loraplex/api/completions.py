@@ -370,7 +370,6 @@ def answer_stream(s: Serving, run: Run) -> EventSourceResponse:
         status: int = 499  # unless the stream ends otherwise
         code: str | None = "client_disconnected"
         texts: list[list[str]] = [[] for _ in streams]
-        started = [False] * len(streams)  # a stream's first delta counts its cached prompt tokens
         offsets = [0] * len(streams)  # characters sent per choice: where its next logprob token starts
         echo = [bool(getattr(req, "echo", False))] * len(streams)  # the prompt goes first, once
         filters = [filt.stream() for _ in streams] if filt else None
@@ -403,9 +402,6 @@ def answer_stream(s: Serving, run: Run) -> EventSourceResponse:
                             log.error("stream %s failed with %d: %s", rid, status, e.message, exc_info=item)
                         yield {"data": json.dumps(e.body())}
                         return
-                    if not started[i]:
-                        started[i] = True
-                        call.cached_tokens += item.cached_tokens
                     now = time.perf_counter()
                     if call.t_first is None:
                         call.first_token()
@@ -445,8 +441,9 @@ def answer_stream(s: Serving, run: Run) -> EventSourceResponse:
                         offsets[i] += len(text)
                         texts[i].append(text)
                         choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": item.finish_reason}
-                    if finish is not None:
+                    if finish is not None:  # a stream's last delta holds its final counts
                         completion_tokens += item.completion_tokens
+                        call.cached_tokens += item.cached_tokens
                         call.finish_reason = call.finish_reason or finish
                     call.completion_tokens = completion_tokens
                     yield {"data": chunk([choice])}
@@ -567,11 +564,10 @@ async def _proxy(gw: Gateway, call: Call, req: Request_, up: Any, chat: bool, fi
 
 
 async def _collect(stream: AsyncIterator[Delta], call: Call) -> Answer:
-    metered, first = [0], [True]
+    metered = [0]
 
     def meter(d: Delta) -> None:
-        if first[0]:  # each stream's first delta says how much of its prompt was cached
-            first[0] = False
+        if d.finish_reason is not None:  # a stream's last delta holds its final counts
             call.cached_tokens += d.cached_tokens
         call.first_token()
         call.completion_tokens += d.completion_tokens - metered[0]  # what is metered if the client leaves

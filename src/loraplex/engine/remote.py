@@ -421,7 +421,13 @@ def _echoed(data: dict[str, Any], prompt_ids: list[int], p: SamplingParams, limi
     text = _after_prompt(str(choice.get("text") or ""), choice, n) if limit else ""
     finish = choice.get("finish_reason") if limit else "length"
     usage = data.get("usage") or {}
-    return Delta(text, out_ids, out_lps, finish, int(usage.get("prompt_tokens", n)), len(out_ids), prompt_lps)
+    prompt_tokens = int(usage.get("prompt_tokens", n))
+    return Delta(text, out_ids, out_lps, finish, prompt_tokens, len(out_ids), prompt_lps, _cached(usage))
+
+
+def _cached(usage: dict[str, Any]) -> int:
+    """Prompt tokens the engine's prefix cache held (vLLM reports them with --enable-prompt-tokens-details)."""
+    return int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
 
 
 def _after_prompt(text: str, choice: dict[str, Any], n_prompt: int) -> str:
@@ -458,6 +464,7 @@ async def _deltas(resp: httpx.Response, n_prompt: int, url: str) -> AsyncIterato
         last,
         prompt_tokens=int(usage.get("prompt_tokens", n_prompt)),
         completion_tokens=int(usage.get("completion_tokens", seen)),
+        cached_tokens=_cached(usage),
     )
 
 
