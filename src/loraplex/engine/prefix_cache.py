@@ -68,9 +68,6 @@ class PrefixCache:
         self._index: dict[int, tuple[int, int]] = {}  # prefix hash -> (entry id, prefix length)
         self._next = 0
         self.bytes = 0
-        self.hits = 0
-        self.lookups = 0
-        self.hit_tokens = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -79,7 +76,6 @@ class PrefixCache:
         """The entry holding the longest prefix of ids[:-1] stored for `adapter`, and its length."""
         if not self._entries or len(ids) <= MIN_TOKENS:
             return None, 0
-        self.lookups += 1
         chain = _chain(adapter, ids[:-1])
         for n in range(len(chain), MIN_TOKENS - 1, -1):
             found = self._index.get(chain[n - 1])
@@ -90,8 +86,6 @@ class PrefixCache:
             if entry is None or length != n or entry.adapter != adapter or list(entry.ids[:n]) != ids[:n]:
                 continue  # evicted, or a hash collision
             self._entries.move_to_end(eid)
-            self.hits += 1
-            self.hit_tokens += n
             return entry, n
         return None, 0
 
