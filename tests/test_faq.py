@@ -140,6 +140,46 @@ def test_each_training_example_shows_the_right_passage_or_says_it_does_not_know(
     assert counts["answer_examples"] == 2 * len(convs)
 
 
+def test_every_wording_of_a_question_shares_the_prompt_before_it(
+    lp_home: Path, tiny_base: Path, records_file: Path
+) -> None:
+    """A new version writes its instructions in the passage's language, in training and when served,
+    so an English and a Chinese question finding one passage share everything before the question
+    (the prefix cache keeps it); a version trained before that keeps the question's language."""
+    from loraplex.assistants import retrieval
+    from loraplex.assistants.store import Assistant
+
+    ref = run(tiny(tiny_base, records_file)).adapter
+    assert ref is not None and ref.manifest()["retrieval"]["language"] == "passages"
+    helper = faq.assistant(ref.id)
+    assert helper is not None and helper.knowledge is not None and helper.knowledge.language == "passages"
+    searcher = retrieval.Searcher()
+
+    def prompt(question: str, assistant: Assistant) -> str:
+        p = retrieval.prepare(assistant, [{"role": "user", "content": question}], searcher)
+        assert p.sources and p.sources[0].text == RECORDS[3][1], question
+        return p.messages[-1]["content"]
+
+    english, chinese = "How many vacation days do I get at Zubrowka?", "Zubrowka 员工一年有几天假？"
+    en, zh = prompt(english, helper), prompt(chinese, helper)
+    assert en.removesuffix(english) == zh.removesuffix(chinese) and "Reference passages:" in en
+    # the training example for that record was rendered the same way
+    convs = parse_file(records_file).conversations
+    examples, _ = faq.augment(convs, faq.pairs_of(convs), 1, faq.MIN_SIMILARITY, 0, 0.0, seed=1)
+    trained = next(e.messages[-2]["content"] for e in examples if e.messages[-1]["content"] == RECORDS[3][1])
+    assert trained.removesuffix(RECORDS[3][0]) == en.removesuffix(english)
+
+    # a version whose manifest predates the setting: instructions in the question's language
+    manifest = ref.path / "manifest.json"
+    m = json.loads(manifest.read_text())
+    del m["retrieval"]["language"]
+    manifest.write_text(json.dumps(m))
+    old = faq.assistant(ref.id)
+    assert old is not None and old.knowledge is not None and old.knowledge.language == "question"
+    assert prompt(chinese, old).startswith("请根据下面的参考资料回答问题")
+    searcher.close()
+
+
 def test_plain_sft_stays_available_and_epochs_follow_the_mode(
     lp_home: Path, tiny_base: Path, records_file: Path
 ) -> None:

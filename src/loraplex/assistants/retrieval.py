@@ -12,7 +12,8 @@ refusal ("I don't know") when it is set to refuse, or by the base model without 
 adapters when it is set to `base` (what an adapter trained on its own Q&A does, assistants/faq.py:
 off-topic questions get the base model's answer, with nothing of the training data in it). With
 `refuse` and `base` the prompt also tells the model to say so when the passages lack the answer.
-The templates follow the question's language (Chinese or not).
+The templates follow the question's language (Chinese or not), or the first passage's
+(`language: passages`, what adapters trained with retrieval use).
 
 Passages that would crowd the answer out of the model's context are dropped, lowest-ranked first.
 Knowledge bases stay open between requests (one SQLite connection each, behind a lock; SQLite in
@@ -182,7 +183,7 @@ def prepare(
     while sources:
         with_passages = [
             *msgs[:last],
-            {**msgs[last], "content": render(question, sources, kn.when_nothing_found != "answer")},
+            {**msgs[last], "content": render(question, sources, kn.when_nothing_found != "answer", kn.language)},
             *msgs[last + 1 :],
         ]
         if fits is None or fits(with_passages):
@@ -191,8 +192,10 @@ def prepare(
     return Prepared(msgs, [], None, question)  # not even one passage fits: answer without them
 
 
-def render(question: str, sources: list[Source], dont_know: bool) -> str:
-    lang = language(question)
+def render(question: str, sources: list[Source], dont_know: bool, lang_of: str = "question") -> str:
+    """The last user turn: instructions, the passages, the question. `lang_of`: "question" or
+    "passages", whose language (Chinese or not) the instructions and headings are in."""
+    lang = language(sources[0].text if lang_of == "passages" and sources else question)
     cite, unknown = INSTRUCTIONS[lang]
     passages, asked = HEADINGS[lang]
     lines = [cite + (" " + unknown if dont_know else ""), "", passages]

@@ -82,6 +82,12 @@ class Knowledge(BaseModel):
         "model answers without the assistant's adapters (and the prompt says as with refuse)",
     )
     refusal: str = Field("", description="what to answer when refusing; default: a sentence in the question's language")
+    language: Literal["question", "passages"] = Field(
+        "question",
+        description="the language of the prompt's instructions (Chinese or English): the question's, or the "
+        "first passage's (then every wording of a question that finds the same passage shares one prompt "
+        "prefix, which the server's prefix cache keeps)",
+    )
 
     @field_validator("base")
     @classmethod

@@ -264,6 +264,7 @@ def run_facts(cfg: TrainConfig, data: Prepared, run_dir: Path) -> dict[str, Any]
             "enabled": bool(data.pairs),
             "top_k": cfg.retrieval.top_k,
             "min_similarity": cfg.retrieval.min_similarity,
+            "language": faq.LANGUAGE,
             "passages": len(data.pairs),
             **data.augmented,
         },
