@@ -5,14 +5,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
-# llama.cpp's Python bindings compile from source (~4 min on 2 cores), for the instruction sets this
+# llama.cpp's Python bindings compile from source (~2 min on 2 cores), for the instruction sets this
 # CPU has: a build for AVX-512 dies with SIGILL on an AVX2-only CPU, and ggml's x86 defaults assume
 # AVX2, FMA, F16C and BMI2. Not llama.cpp's run-time dispatch (GGML_BACKEND_DL + GGML_CPU_ALL_VARIANTS):
 # it compiles 14 CPU variants (unfinished after 10 min on 2 cores), and llama-cpp-python 0.3.36 cannot load
 # them. Not GGML_NATIVE: it turns AMX on, and the AMX path segfaults. No multimodal (llava/mtmd)
-# library. Tests and benches run llama.cpp in a child process, so a native crash fails one test.
+# library, and no llama-common: llama-cpp-python forces LLAMA_BUILD_COMMON on, yet installs and loads only
+# libllama and libggml*; common (argument parsing, chat templates, an HTTP client) was half of a 4.5 min
+# build. CMake includes a file named by CMAKE_PROJECT_<name>_INCLUDE right after llama.cpp's project()
+# call, i.e. after the bindings' FORCE and before llama.cpp's own option(), so it can turn common off.
+# Tests and benches run llama.cpp in a child process, so a native crash fails one test.
 # A venv built here is for this CPU: rerun this script on another machine.
-LLAMA_ARGS="-DLLAVA_BUILD=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+WHEELS=$(mktemp -d)
+trap 'rm -rf "$WHEELS"' EXIT
+echo 'set(LLAMA_BUILD_COMMON OFF CACHE BOOL "" FORCE)' >"$WHEELS/no-common.cmake"
+LLAMA_ARGS="-DCMAKE_PROJECT_llama.cpp_INCLUDE=$WHEELS/no-common.cmake"
+LLAMA_ARGS="$LLAMA_ARGS -DLLAVA_BUILD=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 if [ "$(uname -m)" = x86_64 ]; then
     CPU_FLAGS=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
     on() { for f in "$@"; do [[ "$CPU_FLAGS" == *" $f "* ]] || { echo OFF; return; }; done; echo ON; }
@@ -26,8 +34,6 @@ fi
 echo "llama.cpp build flags: $LLAMA_ARGS"
 # The compile runs while the other packages install (it is CPU, they are mostly download and unpack):
 # a wheel built into a folder of its own, installed once everything else is in.
-WHEELS=$(mktemp -d)
-trap 'rm -rf "$WHEELS"' EXIT
 CMAKE_ARGS="$LLAMA_ARGS" pip wheel -q --no-deps --no-cache-dir -w "$WHEELS" "llama-cpp-python==0.3.36" \
     >"$WHEELS/build.log" 2>&1 &
 BUILD=$!
