@@ -73,7 +73,7 @@ def test_vllm_command_line_and_adapter_layouts(tiny_base: Path, lp_home: Path) -
     assert (opt("--host"), opt("--port")) == ("127.0.0.1", "9123")
     assert opt("--dtype") == "bfloat16"
     assert (opt("--max-num-seqs"), opt("--tensor-parallel-size"), opt("--max-model-len")) == ("32", "2", "1024")
-    assert "--enable-lora" in argv
+    assert "--enable-lora" in argv and "--enable-prompt-tokens-details" in argv
     assert opt("--max-loras") == "4"
     assert opt("--max-lora-rank") == "32"  # rank 24 -> the next rank vLLM accepts
     start = argv.index("--lora-modules") + 1

@@ -182,6 +182,9 @@ class Launch:
         argv += ["--enable-lora", "--max-loras", str(self.max_loras), "--max-lora-rank", str(self.max_lora_rank)]
         # vLLM's own CPU-side cache of adapters: every version the front door may ask for stays warm
         argv += ["--max-cpu-loras", str(max(self.max_loras, 2 * len(self.adapters), 16))]
+        # usage.prompt_tokens_details.cached_tokens, which the front door passes on as the built-in
+        # engine reports it: vLLM leaves the field out unless asked
+        argv.append("--enable-prompt-tokens-details")
         if self.adapters:
             argv.append("--lora-modules")
             argv += [
