@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from loraplex.assistants.store import Assistant
 from loraplex.errors import UserError
@@ -192,7 +192,9 @@ def prepare(
     return Prepared(msgs, [], None, question)  # not even one passage fits: answer without them
 
 
-def render(question: str, sources: list[Source], dont_know: bool, lang_of: str = "question") -> str:
+def render(
+    question: str, sources: list[Source], dont_know: bool, lang_of: Literal["question", "passages"] = "question"
+) -> str:
     """The last user turn: instructions, the passages, the question. `lang_of`: "question" or
     "passages", whose language (Chinese or not) the instructions and headings are in."""
     lang = language(sources[0].text if lang_of == "passages" and sources else question)
