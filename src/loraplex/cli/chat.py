@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -18,6 +18,9 @@ from loraplex.cli.app import (
     out,
 )
 from loraplex.errors import UserError
+
+if TYPE_CHECKING:
+    from loraplex.engine.quant import Quantize
 
 
 @app.command()
@@ -98,12 +101,17 @@ def compare(
         Path | None, typer.Option("--questions", help="A data file; its user turns are asked.")
     ] = None,
     max_new_tokens: Annotated[int, typer.Option()] = 128,
+    quantize: Annotated[
+        str, typer.Option(help="Answer on int8/int4 base weights, as `serve --quantize` (CPU): none, int8, int4.")
+    ] = "none",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Base vs. adapter answers side by side (greedy)."""
+    from loraplex.engine import quant
     from loraplex.engine.compare import compare_answers, print_comparison
 
-    rows = compare_answers(adapter, list(questions or []), questions_file, max_new_tokens)
+    q = quant.mode(quantize)
+    rows = compare_answers(adapter, list(questions or []), questions_file, max_new_tokens, quantize=q)
     if as_json:
         out.print_json(json.dumps(rows, ensure_ascii=False))
     else:
@@ -141,6 +149,9 @@ def eval_cmd(
     general_limit: Annotated[
         int | None, typer.Option(min=1, help="At most this many examples per --general task.")
     ] = None,
+    quantize: Annotated[
+        str, typer.Option(help="Answer on int8/int4 base weights, as `serve --quantize` (CPU): none, int8, int4.")
+    ] = "none",
     store: Annotated[bool, typer.Option(help="Record the result with the adapter version.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
 ) -> None:
@@ -148,12 +159,15 @@ def eval_cmd(
     (or, with --assistant, an assistant's answers with and without retrieval)."""
     from rich.progress import Progress
 
+    from loraplex.engine import quant
+
     if (adapter is None) == (assistant is None):
         raise UserError("give --adapter NAME or --assistant NAME (one of them)")
+    q = quant.mode(quantize)
     if assistant is not None:
         if data is None:
             raise UserError("--assistant needs --data: questions whose answers are in its knowledge base")
-        _eval_assistant(assistant, data, k, max_tokens, as_json)
+        _eval_assistant(assistant, data, k, max_tokens, as_json, q)
         return
     assert adapter is not None
 
@@ -177,6 +191,7 @@ def eval_cmd(
             general=[t.strip() for t in general.split(",") if t.strip()] if general else None,
             general_include=general_include,
             general_limit=general_limit,
+            quantize=q,
         )
     page = html_report.write(result, report) if report else None
     if as_json:
@@ -208,7 +223,7 @@ def eval_cmd(
         out.print(f"report: {page}")
 
 
-def _eval_assistant(name: str, data: Path, k: int | None, max_tokens: int, as_json: bool) -> None:
+def _eval_assistant(name: str, data: Path, k: int | None, max_tokens: int, as_json: bool, quantize: Quantize) -> None:
     from rich.progress import Progress
 
     from loraplex.eval.assistant import evaluate_assistant
@@ -216,7 +231,12 @@ def _eval_assistant(name: str, data: Path, k: int | None, max_tokens: int, as_js
     with Progress(console=err, transient=True) as bar:
         task = bar.add_task("answering", total=None)
         result = evaluate_assistant(
-            name, data, k, max_tokens, progress=lambda done, total: bar.update(task, completed=done, total=total)
+            name,
+            data,
+            k,
+            max_tokens,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            quantize=quantize,
         )
     if as_json:
         print(json.dumps(result, ensure_ascii=False, indent=2))

@@ -46,6 +46,9 @@ def serve(
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 where faster), bf16, fp16 or fp32")] = "auto",
+    quantize: Annotated[
+        str, typer.Option(help="Base weights on CPU: none, int8 or int4 (weight-only; adapters unchanged).")
+    ] = "none",
     pin: Annotated[str | None, typer.Option(help="Comma-separated adapters to load now and keep loaded.")] = None,
     shutdown_timeout: Annotated[
         float, typer.Option(min=0, help="On SIGINT/SIGTERM, seconds in-flight requests may still run.")
@@ -99,6 +102,7 @@ def serve(
     malloc.limit_kernel_caches(256)  # and before the first matmul
     from loraplex.adapters import registry
     from loraplex.api.server import run
+    from loraplex.engine import quant
     from loraplex.engine.engine import Engine
     from loraplex.engine.protocol import EngineClient
     from loraplex.gateway.gate import Gateway
@@ -115,6 +119,8 @@ def serve(
     served = ", ".join(names) if names else "every adapter in the store"
     if engine_kind not in ("builtin", "vllm"):
         raise UserError(f"--engine {engine_kind!r}: use builtin or vllm")
+    if quant.mode(quantize) != "none" and (engine_kind == "vllm" or engine_url):
+        raise UserError("--quantize is the built-in engine's; for vLLM pass --vllm-arg --quantization=METHOD")
     engine: EngineClient
     remote = None
     if engine_kind == "vllm" or engine_url:
@@ -133,6 +139,7 @@ def serve(
             max_model_len=max_model_len,
             device=device,
             dtype=dtype,
+            quantize=quant.mode(quantize),
             adapters=names,
             threads=threads,
             kv_cache_bytes=int(kv_cache_gb * 2**30) if kv_cache_gb else None,
@@ -141,6 +148,7 @@ def serve(
         for name in pins:
             engine.load_adapter(name, pin=True)
         where = f"{engine.device} {str(engine.dtype).removeprefix('torch.')}"
+        where += f", {engine.quantize} weights" if engine.quantize != "none" else ""
     gateway = Gateway(
         auth=auth, config=serve_config, log_text=log_text, max_pending=max_batch + max_queue, engine=engine
     )

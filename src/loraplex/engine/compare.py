@@ -10,6 +10,7 @@ from rich.table import Table
 
 from loraplex.data.formats import parse_file
 from loraplex.engine.local import LocalModel
+from loraplex.engine.quant import Quantize
 from loraplex.errors import UserError
 
 
@@ -31,6 +32,7 @@ def compare_answers(
     questions_file: Path | None = None,
     max_new_tokens: int = 128,
     engine: Any = None,
+    quantize: Quantize = "none",
 ) -> list[dict[str, Any]]:
     """Greedy answers of the base and of `adapter` to each question, from the serving engine (all
     questions batched), each with the prompt `loraplex serve` builds for it: a version trained
@@ -52,7 +54,8 @@ def compare_answers(
         from loraplex.engine.engine import Engine
         from loraplex.models.load import resolve_base
 
-        engine = Engine(resolve_base(ref.manifest().get("base_model", {}).get("id")), max_loaded_adapters=2)
+        base_ref = resolve_base(ref.manifest().get("base_model", {}).get("id"))
+        engine = Engine(base_ref, max_loaded_adapters=2, quantize=quantize)
     try:
         jobs = [served_prompts("", examples), served_prompts(ref.id, examples)]
         base, tuned = asyncio.run(answer_all(engine, jobs, max_new_tokens))

@@ -34,12 +34,13 @@ from typing import Any
 import torch
 
 from loraplex.adapters import names
-from loraplex.engine import lora_kernel, structured
+from loraplex.engine import lora_kernel, quant, structured
 from loraplex.engine.adapter_cache import AdapterCache
 from loraplex.engine.lora import KERNEL_ACTIVATIONS, AdapterRequest, AdapterWeights, LoraBatch, LoraStacks
 from loraplex.engine.model import DecoderModel, Step, bucket
 from loraplex.engine.prefix_cache import PrefixCache
 from loraplex.engine.protocol import Delta, EngineClosed, PromptTooLong, check_length, encode_prompt
+from loraplex.engine.quant import Quantize
 from loraplex.engine.sampling import RowError, RowState, SamplingParams, TokenLogprob, sample, token_logprobs
 from loraplex.engine.text import TextStream
 from loraplex.errors import UserError
@@ -107,6 +108,7 @@ class Engine:
         max_model_len: int | None = None,
         device: str = "auto",
         dtype: str = "auto",
+        quantize: Quantize = "none",
         prefill_tokens: int = 512,
         adapters: list[str] | None = None,
         threads: int | None = None,
@@ -138,8 +140,9 @@ class Engine:
                     torch.set_num_threads(threads or budget() or max(1, cores() - 1))
                     self.threads = torch.get_num_threads()
                 self._setup(
-                    base, max_batch, max_loaded_adapters, max_model_len, device, dtype, prefill_tokens, adapters
-                )
+                    base, max_batch, max_loaded_adapters, max_model_len, device, dtype, quantize, prefill_tokens,
+                    adapters,
+                )  # fmt: skip
                 self._budget_kv_cache(kv_cache_bytes)
                 # default: an eighth of the KV cache budget, at most 256 MiB; 0 turns it off
                 default = min(self.kv_cache_bytes // 8, 256 * 2**20)
@@ -165,6 +168,7 @@ class Engine:
         max_model_len: int | None,
         device: str,
         dtype: str,
+        quantize: Quantize,
         prefill_tokens: int,
         adapters: list[str] | None,
     ) -> None:
@@ -174,10 +178,12 @@ class Engine:
             self.dtype = torch.bfloat16 if bf16_is_faster(self.device) else torch.float32
         else:
             self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        quant.check(quantize, self.device)  # before the model loads: a wrong flag fails at once
+        self.quantize = quantize
         self.tokenizer = load_tokenizer(self.base)
         hf = load_model(self.base)
         self.eos_ids = tuple(eos_token_ids(self.tokenizer, hf))
-        self.model = DecoderModel(hf, self.dtype, self.device)
+        self.model = DecoderModel(hf, self.dtype, self.device, quantize)
         del hf
         cfg = self.model.config
         self.vocab_size = int(cfg.vocab_size)

@@ -26,6 +26,7 @@ from typing import Any
 from loraplex.adapters import registry
 from loraplex.assistants import retrieval
 from loraplex.assistants import store as assistants
+from loraplex.engine.quant import Quantize
 from loraplex.errors import UserError
 from loraplex.eval import metrics
 from loraplex.eval.run import EvalExample, read_examples
@@ -78,6 +79,7 @@ def evaluate_assistant(
     max_batch: int = 16,
     engine: Any = None,
     progress: Callable[[int, int], None] | None = None,
+    quantize: Quantize = "none",
 ) -> dict[str, Any]:
     """Answer `data` with assistant `name` with and without retrieval; score both; hit rate @k
     (k: the assistant's top_k by default)."""
@@ -112,7 +114,7 @@ def evaluate_assistant(
     if a.adapters:
         base_id = registry.resolve(a.adapters[0].ref).manifest().get("base_model", {}).get("id")
     own_engine = engine is None
-    engine = engine or Engine(resolve_base(base_id), max_batch=max_batch, max_loaded_adapters=2)
+    engine = engine or Engine(resolve_base(base_id), max_batch=max_batch, max_loaded_adapters=2, quantize=quantize)
     try:
         room = engine.max_model_len - max_tokens
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from loraplex.adapters import registry
 from loraplex.data.formats import parse_file
 from loraplex.data.tokenize import IGNORE, collate, encode_all, unpacked
+from loraplex.engine.quant import Quantize
 from loraplex.errors import UserError
 from loraplex.eval import metrics
 from loraplex.eval.judge import Judge
@@ -252,9 +253,11 @@ def evaluate(
     general: list[str] | None = None,
     general_include: Path | None = None,
     general_limit: int | None = None,
+    quantize: Quantize = "none",
 ) -> dict[str, Any]:
     """Evaluate `adapter` (NAME, NAME@vN, NAME@alias) against `baseline` ("base" or another version);
-    with `general`, also those lm-eval tasks on both sides (eval/general.py)."""
+    with `general`, also those lm-eval tasks on both sides (eval/general.py). `quantize` answers on
+    int8/int4 base weights, as `serve --quantize` would (reference losses stay unquantized)."""
     t0 = time.perf_counter()
     ref = registry.resolve(adapter)
     registry.verify(ref)
@@ -272,7 +275,7 @@ def evaluate(
 
     base = resolve_base(ref.manifest().get("base_model", {}).get("id"))
     own_engine = engine is None
-    engine = engine or Engine(base, max_batch=max_batch, max_loaded_adapters=2)
+    engine = engine or Engine(base, max_batch=max_batch, max_loaded_adapters=2, quantize=quantize)
     try:
         sides = [ref.id, base_ref.id if base_ref else ""]
         room = engine.max_model_len - max_tokens
@@ -354,6 +357,7 @@ def evaluate(
         "data": {"path": str(path.resolve()), "sha256": sha256_file(path), "examples": len(examples)},
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "max_tokens": max_tokens,
+        "quantize": getattr(engine, "quantize", "none"),
         "score": summary["adapter"]["score"],
         "summary": summary,
         "comparison": counts,

@@ -1,0 +1,176 @@
+"""Weight-only int8 / int4 base weights (engine/quant.py) against their unquantized references."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraplex.adapters import registry
+from loraplex.engine import quant
+from loraplex.engine.engine import Engine
+from loraplex.engine.lora import AdapterWeights, LoraBatch, LoraStacks
+from loraplex.engine.model import DecoderModel, Step
+from loraplex.engine.protocol import collect
+from loraplex.engine.sampling import SamplingParams
+from loraplex.errors import UserError
+from loraplex.models.load import load_model, load_tokenizer, resolve_base
+from tests.conftest import make_adapter
+
+PROMPTS = ["The office opens at nine and closes", "How many days of leave", "明澜科技的年假", "Expense claims are"]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("shape", [(96, 64), (400, 128), (40, 64), (64, 48)])
+def test_quantized_linear_equals_its_dequantized_weight_and_rounds_within_half_a_step(mode, shape) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    w = torch.randn(*shape) * 0.05
+    w[0, 0] = 0.6  # an outlier: per-row int8 takes it into its scale, int4 only into its group's
+    qw = quant.quantize(w, mode)
+    # shapes the packed int4 kernel refuses (out % 16, in % 32) fall back to int8
+    assert qw.mode == (mode if mode == "int8" or quant.fits_int4(*shape) else "int8")
+    ref = qw.dequantize()
+    n, k = shape
+    if qw.mode == "int8":
+        step = w.abs().amax(1, keepdim=True) / 127
+    else:
+        g = w.view(n, k // quant.GROUP, quant.GROUP)
+        step = ((g.amax(-1) - g.amin(-1)) / 15).repeat_interleave(quant.GROUP, 1)
+    # half a quantization step, plus the bf16 rounding of the scales (and int4 zeros: 2^-8 relative)
+    slack = 2**-8 * (w.abs().amax(1, keepdim=True) + 8 * step)
+    assert ((ref - w).abs() <= step / 2 + slack).all()
+    x = torch.randn(3, 5, k)
+    got = qw.linear(x, torch.ones(n))
+    want = x.bfloat16().float() @ ref.T + 1
+    assert got.dtype == x.dtype and got.shape == (3, 5, n)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)  # bf16 activations, fp32 sums
+
+
+def test_modes_and_devices_are_checked_with_clear_errors() -> None:
+    assert quant.mode("int4") == "int4"
+    with pytest.raises(UserError, match="use none, int8, int4"):
+        quant.mode("q4")
+    with pytest.raises(UserError, match="CPU only"):
+        quant.check("int8", "cuda")
+    quant.check("none", "cuda")
+
+
+def dequantized_reference(hf: torch.nn.Module, model: DecoderModel) -> DecoderModel:
+    """The naive reference of a quantized model: the same HF model holding the quantized weights,
+    dequantized, served unquantized in fp32."""
+    with torch.no_grad():
+        for layer, fused in zip(hf.model.layers, model.layers, strict=True):
+            at, mlp = layer.self_attn, layer.mlp
+            q, kv = model.q_size, model.kv_size
+            qkv = fused["qkv"].dequantize()
+            at.q_proj.weight.copy_(qkv[:q])
+            at.k_proj.weight.copy_(qkv[q : q + kv])
+            at.v_proj.weight.copy_(qkv[q + kv :])
+            at.o_proj.weight.copy_(fused["o"].dequantize())
+            gu = fused["gate_up"].dequantize()
+            mlp.gate_proj.weight.copy_(gu[: model.inter])
+            mlp.up_proj.weight.copy_(gu[model.inter :])
+            mlp.down_proj.weight.copy_(fused["down"].dequantize())
+        hf.model.embed_tokens.weight.copy_(model.lm_head.dequantize())  # tied: the head too
+    return DecoderModel(hf, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_model_equals_its_dequantized_reference_and_int8_stays_near_fp32(tiny_base: Path, mode: str) -> None:
+    """The whole forward (prefill, then decode from the cache) on quantized weights equals the
+    unquantized model holding the dequantized weights, up to the bf16 activations the kernels take.
+    int8 also stays near the original fp32 model (int4 on this random model's Gaussian weights does
+    not: ~8% error per weight; SmolLM2's real int4 figure is in the SmolLM2 test and the bench)."""
+    base = resolve_base(str(tiny_base))
+    hf = load_model(base).eval()
+    tok = load_tokenizer(base)
+    fp32 = DecoderModel(hf, torch.float32, "cpu")
+    model = DecoderModel(hf, torch.float32, "cpu", mode)  # type: ignore[arg-type]
+    assert isinstance(model.layers[0]["gate_up"], quant.QuantWeight) and model.layers[0]["gate_up"].mode == mode
+    assert isinstance(model.lm_head, quant.QuantWeight) and model.lm_head.mode == "int8"
+    ref = dequantized_reference(hf, model)
+    out: dict[str, list[torch.Tensor]] = {"quant": [], "ref": [], "fp32": []}
+    for text in PROMPTS:
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        n = ids.shape[1]
+        for key, m in (("quant", model), ("ref", ref), ("fp32", fp32)):
+            cache = m.new_cache(1, 64)
+            out[key].append(m.forward(Step(ids[:, :-1], torch.tensor([0]), 0, None), cache, all_logits=True)[0])
+            out[key].append(m.forward(Step(ids[:, -1:], torch.tensor([n - 1]), 0, None), cache)[0])
+    got, want, orig = (torch.cat(out[k]) for k in ("quant", "ref", "fp32"))
+    torch.testing.assert_close(got, want, atol=0.25, rtol=0.05)
+    assert (got - want).abs().mean() < 0.02 * want.std()
+    if mode == "int8":
+        err = (got - orig).abs()
+        assert err.mean() < 0.05 * orig.std() and err.max() < 0.5 * orig.std()
+        assert (got.argmax(-1) == orig.argmax(-1)).float().mean() >= 0.9
+
+
+def test_adapters_add_on_top_of_the_quantized_base(lp_home: Path, tiny_base: Path) -> None:
+    """Mixed adapters in one batch on an int4 base: each row's logits are the unquantized model's
+    with the dequantized base weights plus that row's own adapter (the base row: none)."""
+    a = make_adapter(tiny_base, "alpha", rank=4, seed=1)
+    b = make_adapter(tiny_base, "beta", rank=8, targets=["q_proj", "v_proj", "down_proj"], seed=2)
+    base = resolve_base(str(tiny_base))
+    hf = load_model(base).eval()
+    model = DecoderModel(hf, torch.float32, "cpu", "int4")
+    ref_model = dequantized_reference(hf, model)
+    stacks = LoraStacks(model.n_layers, 3, model.site_shapes, torch.float32, "cpu")
+    for slot, name in ((1, a), (2, b)):
+        stacks.put(slot, AdapterWeights.from_dir(registry.resolve(name).path, model.n_layers, model.site_shapes, name))
+    rows = [1, 0, 2]
+    ids = load_tokenizer(base)(PROMPTS[1], return_tensors="pt")["input_ids"].repeat(len(rows), 1)
+    zeros = torch.zeros(len(rows), dtype=torch.long)
+
+    def logits(m: DecoderModel, lora: LoraBatch | None) -> torch.Tensor:
+        return m.forward(Step(ids, zeros, 0, lora), m.new_cache(len(rows), 64), all_logits=True)
+
+    got = logits(model, LoraBatch(stacks, rows))
+    want = logits(ref_model, LoraBatch(stacks, rows))
+    torch.testing.assert_close(got, want, atol=0.25, rtol=0.05)  # only the kernels' bf16 activations differ
+    assert (got - want).abs().mean() < 0.02 * want.std()
+    plain = logits(ref_model, None)
+    assert (got[0] - plain[0]).abs().max() > 0.2 and (got[2] - plain[2]).abs().max() > 0.2  # the adapters act
+
+
+def test_smollm2_int8_and_int4_answer_like_the_unquantized_engine(lp_home: Path) -> None:
+    """The embedded SmolLM2 (a Q4_1 GGUF): int4 recovers the file's own 4-bit blocks exactly (only
+    the scales round to bf16), and greedy answers on quantized weights begin as the unquantized
+    engine's do. Full-answer agreement on a trained adapter is bench/decode_formats.py's figure."""
+    base = resolve_base(None)
+    hf = load_model(base).eval()
+    w = hf.model.layers[5].mlp.down_proj.weight.detach().float()
+    g = w.view(w.shape[0], -1, quant.GROUP)
+    lo, step = g.amin(-1, keepdim=True), (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / 15
+    levels = (g - lo) / step
+    assert (levels - levels.round()).abs().max() < 1e-3  # Q4_1: each block is min + d * q exactly
+    qw = quant.quantize(w, "int4")
+    assert ((qw.dequantize() - w).norm() / w.norm()) < 0.004  # bf16 scales only (bf16 weights: 0.0014)
+    del hf
+    questions = ["How many days of annual leave do BrightWave employees get?", "明澜科技的年假有多少天？"]
+    answers = {}
+    for mode in ("none", "int8", "int4"):
+        engine = Engine(None, dtype="bf16", quantize=mode, max_batch=4, max_loaded_adapters=1)  # type: ignore[arg-type]
+        try:
+
+            async def run(e: Engine = engine) -> list[str]:
+                return [
+                    a.text
+                    for a in await asyncio.gather(
+                        *[
+                            collect(
+                                e.generate([{"role": "user", "content": x}], SamplingParams(temperature=0), None, 8)
+                            )
+                            for x in questions
+                        ]
+                    )
+                ]
+
+            answers[mode] = asyncio.run(run())
+        finally:
+            engine.close()
+    for mode in ("int8", "int4"):
+        first = [a.split()[0] if a.split() else a for a in answers[mode]]
+        assert first == [a.split()[0] if a.split() else a for a in answers["none"]], (mode, answers)
