@@ -1,6 +1,6 @@
 """loraplex serve vs. serving one request at a time, vs. the bare base, vs. PEFT's set_adapter loop.
 
-    python bench/serve_throughput.py [--tokens 128] [--clients 8] [--reps 3] [--json out.json]
+    python bench/serve_throughput.py [--tokens 128] [--clients 8] [--reps 3] [--quantize int4] [--json out.json]
 
 Everything runs in one run, side by side, on the default base (SmolLM2-135M-Instruct): eight
 random rank-16 all-linear adapters (and eight q,v-only ones) are registered in a temporary store,
@@ -182,9 +182,16 @@ def in_child(fn: Any, *args: Any) -> Any:
             raise SystemExit(f"{fn.__name__} crashed its process (rerun scripts/install.sh on this CPU)") from None
 
 
-def llama_cpp(base: Any, names: list[str], prompts: list[str], tokens: int) -> dict[str, Any]:
-    """llama-cpp-python on the base's own GGUF, each request with its adapter, one after another
-    (in a child process: in_child)."""
+def llama_cpp(
+    base: Any,
+    names: list[str],
+    prompts: list[str],
+    tokens: int,
+    model_path: Path | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """llama-cpp-python on the base's own GGUF (or `model_path`), each request with its adapter, one
+    after another (in a child process: in_child); no adapters: the bare base, one stream at a time."""
     import ctypes
 
     import llama_cpp as lc
@@ -199,16 +206,23 @@ def llama_cpp(base: Any, names: list[str], prompts: list[str], tokens: int) -> d
     for n in names:
         paths.append(tmp / f"{n}.gguf")
         write_gguf_lora(registry.resolve(n).path, config, paths[-1], n)
-    llm = lc.Llama(model_path=str(gguf_file(base)), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
+    llm = lc.Llama(
+        model_path=str(model_path or gguf_file(base)),
+        n_ctx=1024,
+        n_threads=threads or os.cpu_count(),
+        n_threads_batch=threads or os.cpu_count(),
+        verbose=False,
+    )
     loras = {n: lc.llama_adapter_lora_init(llm.model, str(p).encode()) for n, p in zip(names, paths, strict=True)}
     tok = load_tokenizer(base)
     one = (ctypes.c_float * 1)(1.0)
     t = time.perf_counter()
     total = 0
-    for i, n in enumerate(names):
-        adapter = (lc.llama_adapter_lora_p_ctypes * 1)(loras[n])
-        if lc.llama_set_adapters_lora(llm.ctx, adapter, 1, one):
-            raise RuntimeError(f"llama.cpp refused adapter {n}")
+    for i, n in enumerate(names or [None] * len(prompts)):
+        if n is not None:
+            adapter = (lc.llama_adapter_lora_p_ctypes * 1)(loras[n])
+            if lc.llama_set_adapters_lora(llm.ctx, adapter, 1, one):
+                raise RuntimeError(f"llama.cpp refused adapter {n}")
         llm.reset()  # no prompt-prefix reuse: the cached keys were computed under another adapter
         text = tok.apply_chat_template(
             [{"role": "user", "content": prompts[i % len(prompts)]}], tokenize=False, add_generation_prompt=True
@@ -286,6 +300,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=N_ADAPTERS)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--reps", type=int, default=3, help="alternated runs of each overhead pair (median)")
+    ap.add_argument("--quantize", default="none", help="the server's base weights: none, int8 or int4")
     args = ap.parse_args()
 
     from loraplex.models.device import bf16_is_faster
@@ -340,7 +355,7 @@ def main() -> None:
     print("naive PEFT baseline ...", flush=True)
     r["naive_peft"] = naive_peft(base, adapters, prompts, args.tokens)
     for group, qv in ((names, False), (qv_names, True)):
-        server = ServerProcess(home, group)
+        server = ServerProcess(home, group, ["--quantize", args.quantize])
         try:
             r.update(asyncio.run(run_all(Clients(server.url, prompts, args.tokens), server.base_id, qv)))
         finally:
@@ -364,7 +379,7 @@ def main() -> None:
         (f"{k} clients, bare base model (same server as the row above)", qv_base),
     ]
     print(
-        f"\nSmolLM2-135M-Instruct, cpu {dtype}, greedy, "
+        f"\nSmolLM2-135M-Instruct, cpu {dtype}, {args.quantize} base weights, greedy, "
         f"{args.tokens} new tokens per request, rank-{RANK} all-linear adapters\n"
     )
     print("| run | requests | wall | tokens/s |")

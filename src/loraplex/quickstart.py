@@ -30,7 +30,7 @@ def keyword_hit(answer: str, keywords: list[str]) -> bool:
     return all(k.lower() in answer.lower() for k in keywords)
 
 
-def _questions() -> tuple[list[tuple[str, list[str]]], list[tuple[str, list[str]]]]:
+def questions() -> tuple[list[tuple[str, list[str]]], list[tuple[str, list[str]]]]:
     """(question, keywords) for the trained questions and for the held-out paraphrases."""
     heldout = [json.loads(line) for line in HELDOUT_FILE.read_text(encoding="utf-8").splitlines()]
     keywords = {h["trained_question"]: h["keywords"] for h in heldout}
@@ -58,7 +58,7 @@ def run_quickstart(base: str | None, name: str, console: Console) -> dict[str, d
             return {}  # interrupted: the run resumes when quickstart is run again
         models[label] = result.adapter.id
 
-    trained, unseen = _questions()
+    trained, unseen = questions()
     groups = {"trained": trained, "unseen": unseen}
     engine = Engine(resolve_base(base), max_batch=16, max_loaded_adapters=2)
     answers: dict[str, dict[str, list[str]]] = {}
