@@ -309,5 +309,7 @@ def test_terminal_chat_with_an_assistant(env: Env) -> None:
     answers = [line.split("strict> ", 1)[1] for line in proc.stdout.splitlines() if "strict> " in line]
     assert answers[0] == retrieval.REFUSAL["en"] and len(answers) == 2
     assert "[1] holidays-2026.md #1" in proc.stderr
-    composed = runner.invoke(app, ["chat", "--assistant", "hr-helper"])
-    assert composed.exit_code != 0 and "loraplex serve" in str(composed.exception)
+    # an assistant that composes adapters (hr + formal:0.3) chats too: the engine serves compositions
+    composed = runner.invoke(app, ["chat", "--assistant", "hr-helper", "--max-new-tokens", "4"], input="hi\n/exit\n")
+    assert composed.exit_code == 0, composed.output
+    assert "hr-helper> " in composed.output

@@ -152,7 +152,7 @@ def test_smollm2_int8_and_int4_answer_like_the_unquantized_engine(lp_home: Path)
     questions = ["How many days of annual leave do BrightWave employees get?", "明澜科技的年假有多少天？"]
     answers = {}
     for mode in ("none", "int8", "int4"):
-        engine = Engine(None, dtype="bf16", quantize=mode, max_batch=4, max_loaded_adapters=1)  # type: ignore[arg-type]
+        engine = Engine(None, quantize=mode, max_batch=4, max_loaded_adapters=1)  # type: ignore[arg-type]
         try:
 
             async def run(e: Engine = engine) -> list[str]:

@@ -173,12 +173,13 @@ def test_cli_train_shortcut_list_show_and_check(
 
 
 def test_chat_streams_multi_turn_with_the_adapter(lp_home: Path, tiny_base: Path, facts_file: Path) -> None:
-    """`loraplex chat` in a real subprocess: two turns, /reset, /exit; answers equal LocalModel's."""
+    """`loraplex chat` in a real subprocess: two turns, /reset, /exit; the first answer is the one the
+    serving engine gives the same prompt (test_engine checks the engine against PEFT)."""
     import os
     import subprocess
     import sys
 
-    from loraplex.engine.local import LocalModel
+    from loraplex.engine.local import EngineChat
 
     run(tiny_cfg(tiny_base, facts_file, max_steps=3))
     env = {**os.environ, "LORAPLEX_HOME": str(lp_home)}
@@ -200,9 +201,12 @@ def test_chat_streams_multi_turn_with_the_adapter(lp_home: Path, tiny_base: Path
     asked = [{"role": "user", "content": "When does the office open?"}]
     prepared = retrieval.prepare(faq.assistant("tiny"), asked, retrieval.Searcher())  # type: ignore[arg-type]
     assert prepared.sources and "[1] faq #" in proc.stderr  # the passages are cited under the answer
-    lm = LocalModel(None, "tiny")
-    first = lm.answer(prepared.messages, max_new_tokens=8, use_adapter=not prepared.base_only)
-    assert answers[0].strip() == first
+    lm = EngineChat(None, "tiny")
+    try:
+        first = "".join(lm.stream(prepared.messages, max_new_tokens=8, use_adapter=not prepared.base_only))
+    finally:
+        lm.close()
+    assert answers[0] == first
 
 
 def test_full_disk_during_registration_leaves_no_partial_version(

@@ -20,6 +20,9 @@ from loraplex.cli.app import (
 from loraplex.errors import UserError
 
 if TYPE_CHECKING:
+    from loraplex.assistants.retrieval import Searcher
+    from loraplex.assistants.store import Assistant
+    from loraplex.engine.local import EngineChat
     from loraplex.engine.quant import Quantize
 
 
@@ -27,35 +30,55 @@ if TYPE_CHECKING:
 def chat(
     adapter: Annotated[str | None, typer.Option(help="NAME or NAME@vN; omit for the base model.")] = None,
     assistant: Annotated[
-        str | None, typer.Option(help="Chat with an assistant: its adapter, prompt, defaults and knowledge base.")
+        str | None, typer.Option(help="Chat with an assistant: its adapters, prompt, defaults and knowledge base.")
     ] = None,
     base: Annotated[str | None, typer.Option(help="Base model (default: the adapter's, else smollm2-135m).")] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     temperature: Annotated[float | None, typer.Option(help="0 = greedy (default: the assistant's, else 0).")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Default: the assistant's, else 256.")] = None,
+    quantize: Annotated[
+        str, typer.Option(help="Base weights on CPU, as `serve --quantize`: none, int8 or int4.")
+    ] = "none",
 ) -> None:
-    """Chat in the terminal (streaming, multi-turn). /reset clears the history, /exit quits."""
+    """Chat in the terminal (streaming, multi-turn), answered as `serve` would. /reset clears the
+    history, /exit quits."""
     from loraplex.assistants import faq, retrieval
     from loraplex.assistants import store as assistants
-    from loraplex.engine.local import LocalModel
+    from loraplex.engine import quant
+    from loraplex.engine.local import EngineChat
 
+    q = quant.mode(quantize)
     a = assistants.get(assistant) if assistant else None
+    model = adapter or ""
     if a is not None:
         if adapter:
             raise UserError("give --adapter or --assistant, not both")
-        if len(a.adapters) > 1 or (a.adapters and a.adapters[0].weight != 1.0):
-            raise UserError(
-                f"assistant {a.name!r} composes adapters ({a.model}): chat with it through `loraplex serve`"
-            )
-        adapter = a.adapters[0].ref if a.adapters else None
+        model = a.model
         temperature = a.sampling.temperature if temperature is None else temperature
         max_new_tokens = a.sampling.max_tokens if max_new_tokens is None else max_new_tokens
     elif adapter:
         a = faq.assistant(adapter)  # trained with retrieval: it answers from its own Q&A
-    lm = LocalModel(base, adapter)
+    lm = EngineChat(base, model, q)
     searcher = retrieval.Searcher()
-    label = a.name if assistant and a else lm.adapter.id if lm.adapter else lm.base.id
+    label = a.name if assistant and a else lm.request.key or lm.base.id
     err.print(f"chatting with [bold]{label}[/]  (/reset clears history, /exit or Ctrl-D quits)")
+    try:
+        _converse(lm, a, searcher, label, system, max_new_tokens or 256, temperature or 0.0)
+    finally:
+        lm.close()
+
+
+def _converse(
+    lm: EngineChat,
+    a: Assistant | None,
+    searcher: Searcher,
+    label: str,
+    system: str | None,
+    max_new_tokens: int,
+    temperature: float,
+) -> None:
+    from loraplex.assistants import retrieval
+
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     while True:
         try:
@@ -80,8 +103,8 @@ def chat(
         parts = []
         for piece in lm.stream(
             prepared.messages,
-            max_new_tokens=max_new_tokens or 256,
-            temperature=temperature or 0.0,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
             use_adapter=not prepared.base_only,
         ):
             sys.stdout.write(piece)

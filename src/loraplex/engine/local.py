@@ -1,12 +1,15 @@
-"""One base model with (optionally) one adapter, for the terminal: `chat`, `compare`, `quickstart`.
+"""The terminal's models: `EngineChat` (what `loraplex chat` answers with: the serving engine, so
+a chat answers as `serve` would, quantized base and composed adapters included) and `LocalModel`
+(one base plus one adapter on `transformers.generate`, an implementation independent of the engine
+that learning tests check recall with).
 
-This is the simple single-request path built on `transformers.generate`; it renders prompts with
-the same chat template call as training. Batched multi-adapter serving is the engine issue's job
-and does not live here.
+Neither schedules or batches requests (engine.py does) nor knows about assistants' retrieval
+(assistants/retrieval.py prepares the messages both receive).
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -17,7 +20,53 @@ import torch
 from loraplex.adapters import registry
 from loraplex.adapters.compat import check_compatible
 from loraplex.data.tokenize import render
+from loraplex.engine.lora import AdapterRequest
+from loraplex.engine.quant import Quantize
 from loraplex.models.load import GREEDY, eos_token_ids, load_model, load_tokenizer, resolve_base
+
+
+class EngineChat:
+    """A conversation's answers from the serving engine, streamed as text: `model` is what a request's
+    `model` field would say ("" the base, `hr@v2`, `hr:0.7+formal:0.3`)."""
+
+    def __init__(self, base: str | None, model: str, quantize: Quantize = "none"):
+        from loraplex.adapters.names import parse
+        from loraplex.engine.engine import Engine
+
+        spec = parse(model) if model else None
+        first = registry.resolve(spec.parts[0].ref) if spec and spec.parts else None
+        if base is None and first is not None:
+            base = first.manifest().get("base_model", {}).get("id")
+        self.engine = Engine(resolve_base(base), max_batch=1, max_loaded_adapters=1, quantize=quantize)
+        self.base = self.engine.base
+        # the exact versions, resolved once: a version registered mid-chat does not change its model
+        self.request = self.engine.adapters.resolve(model) if model else AdapterRequest()
+
+    def stream(
+        self,
+        messages: list[dict[str, str]],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        use_adapter: bool = True,
+    ) -> Iterator[str]:
+        from loraplex.engine.sampling import SamplingParams
+
+        params = SamplingParams(temperature=temperature, top_p=0.95 if temperature > 0 else 1.0)
+        loop = asyncio.new_event_loop()  # the engine's generate is async; the terminal reads it in turn
+        deltas = self.engine.generate(messages, params, self.request if use_adapter else None, max_new_tokens)
+        try:
+            while True:
+                try:
+                    delta = loop.run_until_complete(anext(deltas))
+                except StopAsyncIteration:
+                    return
+                yield delta.text
+        finally:
+            loop.run_until_complete(deltas.aclose())  # type: ignore[attr-defined]
+            loop.close()
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 class LocalModel:
