@@ -1,6 +1,6 @@
 """One decode step of the serving model: 8 rows on 8 distinct rank-16 adapters vs. 8 rows on the bare base.
 
-    python bench/lora_step_overhead.py [--shape smollm2|llama-3-8b|...] [--device cpu|cuda] [--rows 8]
+    python bench/lora_step_overhead.py [--shape smollm2|llama-3-8b|...] [--device cpu|cuda] [--rows 8] [--quantize int4]
 
 The in-process view of `bench/serve_throughput.py`'s multi-LoRA overhead row, without HTTP and
 sampling, so it also runs where the server's dependencies or the real weights are missing (a GPU
@@ -27,11 +27,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from loraplex.engine import lora_kernel
 from loraplex.engine.lora import AdapterWeights, LoraBatch, LoraStacks
 from loraplex.engine.model import DecoderModel, Step
+from loraplex.engine.quant import Quantize, mode
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def build_model(shape: str, device: str, dtype: torch.dtype) -> DecoderModel:
+def build_model(shape: str, device: str, dtype: torch.dtype, quantize: Quantize = "none") -> DecoderModel:
     if shape == "smollm2":
         from loraplex.models.load import load_model, resolve_base
 
@@ -43,7 +44,7 @@ def build_model(shape: str, device: str, dtype: torch.dtype) -> DecoderModel:
         with torch.device(device):
             hf = AutoModelForCausalLM.from_config(cfg)
         torch.set_default_dtype(torch.float32)
-    return DecoderModel(hf.eval(), dtype, device)
+    return DecoderModel(hf.eval(), dtype, device, quantize)
 
 
 def random_adapter(model: DecoderModel, targets: tuple[str, ...], rank: int, seed: int) -> AdapterWeights:
@@ -93,16 +94,17 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores but one, as serve)")
+    ap.add_argument("--quantize", default="none", help="base weights: none, int8 or int4 (CPU)")
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads or max(1, torch.get_num_threads() - 1))
     dtype = torch.bfloat16
-    model = build_model(args.shape, args.device, dtype)
+    model = build_model(args.shape, args.device, dtype, mode(args.quantize))
     # as Engine does: bf16 weights for the C kernel on CPU (fp32 for the PyTorch path without it)
     paths = [("kernel", torch.bfloat16), ("torch", torch.float32)] if args.device == "cpu" else [("torch", dtype)]
     if args.device == "cpu" and lora_kernel.load() is None:
         paths = paths[1:]
-    print(f"{args.shape} on {args.device}: {args.rows} rows, rank {args.rank}, model {dtype}")
+    print(f"{args.shape} on {args.device}: {args.rows} rows, rank {args.rank}, model {dtype}, {args.quantize} weights")
     for label, targets in (("all-linear", ALL), ("q,v", ("q_proj", "v_proj"))):
         weights = [random_adapter(model, targets, args.rank, seed) for seed in range(args.rows)]
         batches = {}

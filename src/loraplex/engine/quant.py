@@ -35,6 +35,8 @@ from loraplex.errors import UserError
 Quantize = Literal["none", "int8", "int4"]
 MODES: tuple[str, ...] = ("none", "int8", "int4")
 GROUP = 32  # int4 group size along the input: GGUF's block size, and the smallest the kernel takes
+_INT8_MM = torch.ops.aten._weight_int8pack_mm.default  # the overload itself: no per-call overload lookup
+_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 
 
 @dataclass(frozen=True)
@@ -52,13 +54,17 @@ class QuantWeight:
         return self.data.nbytes + self.scales.nbytes
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        if self.mode == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.data, self.scales)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.data, GROUP, self.scales)
-        y = y.to(x.dtype).view(*shape[:-1], self.out_features)
+        # Every tensor op costs 1-3 us of dispatch, about what a decode step's small matmuls cost
+        # themselves, so casts and reshapes that would change nothing are skipped, not called.
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        if x2.dtype != torch.bfloat16:
+            x2 = x2.to(torch.bfloat16)
+        int8 = self.mode == "int8"
+        y = _INT8_MM(x2, self.data, self.scales) if int8 else _INT4_MM(x2, self.data, GROUP, self.scales)
+        if x.dtype != torch.bfloat16:
+            y = y.to(x.dtype)
+        if x.dim() != 2:
+            y = y.view(*x.shape[:-1], self.out_features)
         return y if bias is None else y + bias
 
     def dequantize(self) -> torch.Tensor:
