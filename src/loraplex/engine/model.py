@@ -298,6 +298,9 @@ class DecoderModel:
         x = x.view(n * L, -1)
         cos, sin = self.rotary(x, positions)
         cos, sin = cos[:, :, None].to(self.dtype), sin[:, :, None].to(self.dtype)  # [n, L, 1, d]: every head
+        # rotate_half(x) * sin == x.roll(d/2) * (sin with its first half negated): one op, not four
+        half = self.head_dim // 2
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
         heads, qk_size = self.n_heads + self.n_kv, self.q_size + self.kv_size
         k_layers, v_layers = cache.k.unbind(0), cache.v.unbind(0)  # one op for every layer's view
         # One row decoding on CPU in bf16 (a single user): attention in fp32, where MKL's small
@@ -309,7 +312,7 @@ class DecoderModel:
             qkv = self._linear(h, p["qkv"], "qkv", li, lora, n, p["qkv_bias"])
             # q and k heads rotate together: one set of ops per layer, not one per projection
             qk = qkv[:, :qk_size].view(n, L, heads, self.head_dim)
-            qk = qk * cos + _rotate_half(qk) * sin
+            qk = qk * cos + qk.roll(half, -1) * sin
             q = qk[:, :, : self.n_heads].transpose(1, 2)  # [n, heads, L, d]
             # cache[layer, slot, head, pos] <- k[row, t, head]
             k_cache, v_cache = k_layers[li], v_layers[li]
@@ -348,8 +351,3 @@ class DecoderModel:
         probs = torch.softmax(scores, dim=-1).to(v.dtype).view(n, self.n_kv, g * L, T)
         out = torch.matmul(probs, v)  # [n, kv, g*L, d]
         return out.view(n, self.n_heads, L, d).transpose(1, 2).reshape(n * L, self.q_size)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
