@@ -39,26 +39,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from generalization import cpu, hit  # noqa: E402
-from serve_throughput import in_child, llama_cpp, make_adapters  # noqa: E402
+from serve_throughput import copy_bandwidth, in_child, llama_cpp, make_adapters  # noqa: E402
 
 GGUF_TYPE = {"none": None, "int8": "Q8_0", "int4": "Q4_1"}  # None: the engine's own dtype, BF16 or F32
 REPS = 3
-
-
-def copy_bandwidth(threads: int) -> float:
-    """Bytes read + written per second by a 256 MiB copy on `threads` threads."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a = torch.empty(256 * 1024 * 1024 // 4)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        b.copy_(a)
-        best = min(best, time.perf_counter() - t)
-    return 2 * a.numel() * 4 / best
 
 
 def rss() -> tuple[int, int]:

@@ -10,7 +10,6 @@ Neither schedules or batches requests (engine.py does) nor knows about assistant
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
 from contextlib import nullcontext
 from typing import Any
@@ -121,31 +120,3 @@ class LocalModel:
         with self._adapter_ctx(use_adapter):
             out = self.model.generate(**inputs, **self._gen_kwargs(max_new_tokens, temperature))
         return str(self.tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)).strip()
-
-    def stream(
-        self,
-        messages: list[dict[str, str]],
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        use_adapter: bool = True,
-    ) -> Iterator[str]:
-        from transformers import TextIteratorStreamer
-
-        inputs = self._inputs(messages)
-        streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
-        errors: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                with torch.inference_mode(), self._adapter_ctx(use_adapter):
-                    self.model.generate(**inputs, **self._gen_kwargs(max_new_tokens, temperature), streamer=streamer)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-                errors.append(e)
-                streamer.end()
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        yield from streamer
-        thread.join()
-        if errors:
-            raise errors[0]
