@@ -126,7 +126,8 @@ def test_chat_feedback_history_and_compare_in_a_browser(served: dict, tmp_path: 
         page.click("#signin-form button")
         page.wait_for_selector("#app:not([hidden])")
 
-        # The picker offers what alice's key allows, and nothing else.
+        # The picker offers what alice's key allows, and nothing else (its list arrives after sign-in).
+        page.wait_for_selector("#model-select option", state="attached")
         offered = page.eval_on_selector_all("#model-select option", "os => os.map(o => o.value)")
         assert "helper" in offered and not any(o.startswith("secret") for o in offered)
 
