@@ -1,19 +1,40 @@
-"""loraplex's training recipe vs. a plain PEFT + transformers.Trainer script, side by side in one run.
+"""loraplex's training recipe vs. the trainers a user would pick instead, side by side in one run.
 
-    python bench/train_throughput.py [--epochs 20] [--data FILE] [--json out.json]
+    python bench/train_throughput.py [--epochs 16] [--threads 1] [--runs loraplex,trl,trl-padded,trainer]
 
-Both train the default base (SmolLM2-135M-Instruct) on the same tokenized examples (same chat
-template rendering and assistant-only labels), with the same LoRA config (r=16, alpha=32,
-all-linear) and hyperparameters (batch 4, lr 1e-3, cosine, warmup 5%, AdamW, same epochs).
-The baseline is what the PEFT docs lead a user to write: `Trainer` with defaults (fp32 on CPU),
-padding per batch (DataCollatorForSeq2Seq), no packing.
+Every run trains the default base (SmolLM2-135M-Instruct) on the same tokenized examples (same
+chat template rendering, loss on the assistant's tokens only), with the same LoRA (r=16, alpha=32,
+all linear layers), the same hyperparameters (batch 4, lr 1e-3, cosine, warmup 5%, AdamW, same
+epochs, seed), in the same precision (loraplex's pick for this CPU: bf16 frozen weights and
+autocast where bf16 matmuls are faster, fp32 elsewhere; LoRA weights fp32 in every run) and the
+same thread count (`--threads`, default 1: two OpenMP threads stall when anything else runs). Each
+run is its own child process, started the same way, so peak RSS is its own.
 
-Measured:
-  * real tokens/s: non-padding tokens processed per second of training;
+  loraplex    `loraplex train` (the recipe in process): per-batch packing into 512-token rows
+  trl         TRL SFTTrainer, padding_free=True: the batch's examples flattened into one row with
+              position ids (what TRL recommends for speed; transformers masks across examples)
+  trl-padded  TRL SFTTrainer, padded per batch (its default collator)
+  trainer     PEFT + transformers.Trainer, padded per batch (DataCollatorForSeq2Seq): what the PEFT
+              docs lead a user to write
+
+All four step-match: the same examples in each step, 4 per step, so the same number of steps and
+(within rounding) the same losses. None packs a whole epoch into one step (TRL `packing=True`,
+LLaMA-Factory `neat_packing`): that gives 4x fewer optimizer steps and underfits at this data size.
+TRL gets pre-tokenized input_ids + labels, so its loss mask is exactly loraplex's (TRL's own
+`assistant_only_loss` needs a chat template with generation markers, which SmolLM2's lacks).
+LLaMA-Factory is not raced here: it does not start on a CPU-only torch without hand surgery
+(torchvision removed, torchaudio's CUDA libraries moved aside).
+
+Measured per run:
+  * real tokens/s: non-padding tokens per second of training;
+  * final loss: mean loss of the last epoch's steps (step-matched runs should agree);
   * time to full recall: the LoRA weights are snapshotted at every epoch end (outside the timer);
-    afterwards each snapshot answers the training questions greedily, and the first epoch whose
-    answers reproduce 100% of the trained answers gives the wall time;
-  * training FLOP/s as a fraction of this machine's dense matmul peak in the dtype each run uses.
+    afterwards each snapshot answers the training questions greedily, and the first epoch from
+    which answers reproduce 100% of the trained answers gives the wall time;
+  * training FLOP/s as a fraction of this machine's dense matmul peak in the run's dtype;
+  * peak RSS of the run's process.
+The CPU model and flags are printed with the table. TRL is installed with `pip install trl`
+(the `bench` extra); a run whose package is missing is reported as skipped.
 """
 
 from __future__ import annotations
@@ -21,6 +42,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,11 +60,13 @@ quiet()
 from loraplex.config import load_config  # noqa: E402
 from loraplex.data.formats import parse_file  # noqa: E402
 from loraplex.data.tokenize import IGNORE, encode_all  # noqa: E402
+from loraplex.models.device import pick_precision  # noqa: E402
 from loraplex.models.load import eos_token_ids, load_model, load_tokenizer, resolve_base  # noqa: E402
 from loraplex.quickstart import TRAIN_FILE  # noqa: E402
 from loraplex.train.sft_lora import run  # noqa: E402
 
-BATCH, LR, RANK = 4, 1e-3, 16
+BATCH, LR, RANK, SEED = 4, 1e-3, 16, 42
+RUNS = ["loraplex", "trl", "trl-padded", "trainer"]
 
 
 def matmul_peak(dtype: torch.dtype, m: int = 1024, k: int = 1024, n: int = 1536) -> float:
@@ -90,15 +118,13 @@ def recall(
     return sum(a.strip() == ref.strip() for a, ref in zip(answers, [a for _, a in pairs], strict=True)) / len(pairs)
 
 
-def run_loraplex(data: Path, epochs: int, home_tmp: Path) -> dict[str, Any]:
-    import os
-
+def run_loraplex(data: Path, epochs: int, threads: int, home_tmp: Path) -> dict[str, Any]:
     os.environ["LORAPLEX_HOME"] = str(home_tmp)
     cfg = load_config(
         extra={
             "name": "bench",
             "data": {"path": str(data)},
-            "retrieval": {"enabled": False},  # the same examples as the baseline: plain SFT
+            "retrieval": {"enabled": False},  # the same examples as the baselines: plain SFT
             "lora": {"rank": RANK, "alpha": 2 * RANK},
             "train": {
                 "epochs": epochs,
@@ -107,114 +133,233 @@ def run_loraplex(data: Path, epochs: int, home_tmp: Path) -> dict[str, Any]:
                 "warmup_ratio": 0.05,
                 "scheduler": "cosine",
                 "save_steps": 10**9,
+                "threads": threads,
+                "seed": SEED,
             },
         }
     )
-    snaps: list[tuple[float, dict[str, torch.Tensor]]] = []
-    paused = [0.0]
-    t0 = [time.perf_counter()]
+    clock = Clock()
     steps_per_epoch = math.ceil(len(parse_file(data).conversations) / BATCH)
 
     def on_step(step: int, loss: float, model: Any) -> None:
+        clock.losses.append(loss)
         if step % steps_per_epoch == 0:
-            t = time.perf_counter()
-            snaps.append((t - t0[0] - paused[0], snapshot(model)))
-            paused[0] += time.perf_counter() - t
+            clock.snap(model)
 
+    clock.start()
     res = run(cfg, resume="never", on_step=on_step)
     m = res.adapter.manifest() if res.adapter else {}
-    return {
-        "snapshots": snaps,
-        "tokens_per_s": m.get("tokens_per_s"),
-        "precision": m.get("precision"),
-        "trainable": m.get("trainable_params"),
-    }
+    return clock.result(m.get("precision", "?"), steps_per_epoch)
 
 
-def run_trainer_baseline(examples: list[Any], base: Any, epochs: int, out_dir: Path) -> dict[str, Any]:
+class Clock:
+    """Training wall time without the snapshots taken at epoch ends, and the per-step losses."""
+
+    def __init__(self) -> None:
+        self.t0 = self.paused = 0.0
+        self.snaps: list[tuple[float, dict[str, torch.Tensor]]] = []
+        self.losses: list[float] = []
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def snap(self, model: Any) -> None:
+        t = time.perf_counter()
+        self.snaps.append((t - self.t0 - self.paused, snapshot(model)))
+        self.paused += time.perf_counter() - t
+
+    def result(self, precision: str, steps_per_epoch: int) -> dict[str, Any]:
+        return {
+            "snapshots": self.snaps,
+            "precision": precision,
+            "steps": len(self.losses),
+            "final_loss": sum(self.losses[-steps_per_epoch:]) / max(1, len(self.losses[-steps_per_epoch:])),
+        }
+
+
+def peft_model(base: Any, dtype: torch.dtype) -> Any:
+    """The baselines' model: PEFT LoRA on the base, frozen weights in `dtype`, LoRA weights fp32 (as
+    loraplex trains), eager attention (loraplex's CPU choice; the same kernels for every run)."""
     from peft import get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-    tok = load_tokenizer(base)
-    model = get_peft_model(load_model(base), load_config(extra={"lora": {"rank": RANK}}).lora.peft())
-    dataset = [
-        {"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels} for e in examples
-    ]
-    snaps: list[tuple[float, dict[str, torch.Tensor]]] = []
-    clock = {"t0": 0.0, "paused": 0.0, "real_tokens": 0}
+    model = get_peft_model(
+        load_model(base, attn_implementation="eager"), load_config(extra={"lora": {"rank": RANK}}).lora.peft()
+    )
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    return model
 
-    class Snap(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN003
-            clock["t0"] = time.perf_counter()
 
-        def on_epoch_end(self, args, state, control, model=None, **kw):  # noqa: ANN001, ANN003
-            t = time.perf_counter()
-            snaps.append((t - clock["t0"] - clock["paused"], snapshot(model)))
-            clock["paused"] += time.perf_counter() - t
-
-    args = TrainingArguments(
+def hf_args(cls: Any, out_dir: Path, epochs: int, n: int, dtype: torch.dtype, **extra: Any) -> Any:
+    """The same TrainingArguments for Trainer and TRL (SFTConfig subclasses it)."""
+    return cls(
         output_dir=str(out_dir),
         per_device_train_batch_size=BATCH,
         num_train_epochs=epochs,
         learning_rate=LR,
         lr_scheduler_type="cosine",
-        warmup_steps=int(math.ceil(len(examples) / BATCH) * epochs * 0.05),
-        logging_steps=10,
+        warmup_steps=int(math.ceil(n / BATCH) * epochs * 0.05),
+        logging_steps=1,
         save_strategy="no",
         report_to=[],
         use_cpu=True,
-        seed=42,
+        bf16=dtype == torch.bfloat16,  # autocast, as loraplex
+        seed=SEED,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        **extra,
     )
-    trainer = Trainer(
-        model=model,
-        args=args,
+
+
+def hf_callback(clock: Clock) -> Any:
+    from transformers import TrainerCallback
+
+    class Snap(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN003
+            clock.start()
+
+        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001, ANN003
+            if logs and "loss" in logs:
+                clock.losses.append(float(logs["loss"]))
+
+        def on_epoch_end(self, args, state, control, model=None, **kw):  # noqa: ANN001, ANN003
+            clock.snap(model)
+
+    return Snap()
+
+
+def run_trainer(examples: list[Any], base: Any, epochs: int, dtype: torch.dtype, out_dir: Path) -> dict[str, Any]:
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    tok = load_tokenizer(base)
+    dataset = [
+        {"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels} for e in examples
+    ]
+    clock = Clock()
+    Trainer(
+        model=peft_model(base, dtype),
+        args=hf_args(TrainingArguments, out_dir, epochs, len(examples), dtype),
         train_dataset=dataset,
         data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE),
-        callbacks=[Snap()],
-    )
-    trainer.train()
-    train_time = snaps[-1][0]
-    real_tokens = sum(len(e.input_ids) for e in examples) * epochs
-    return {"snapshots": snaps, "tokens_per_s": real_tokens / train_time, "precision": "float32"}
+        callbacks=[hf_callback(clock)],
+    ).train()
+    return clock.result(str(dtype).removeprefix("torch."), math.ceil(len(examples) / BATCH))
+
+
+def run_trl(
+    examples: list[Any], base: Any, epochs: int, dtype: torch.dtype, out_dir: Path, padding_free: bool
+) -> dict[str, Any]:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    dataset = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+    clock = Clock()
+    SFTTrainer(
+        model=peft_model(base, dtype),
+        args=hf_args(SFTConfig, out_dir, epochs, len(examples), dtype, padding_free=padding_free, max_length=None),
+        train_dataset=dataset,
+        processing_class=load_tokenizer(base),
+        callbacks=[hf_callback(clock)],
+    ).train()
+    return clock.result(str(dtype).removeprefix("torch."), math.ceil(len(examples) / BATCH))
+
+
+def child(name: str, data: Path, epochs: int, threads: int, out: Path) -> None:
+    """One run, in this process; writes out/NAME.json and the epoch snapshots."""
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(SEED)
+    base = resolve_base(None)
+    dtype = pick_precision("auto", "cpu")
+    if name == "loraplex":
+        home_tmp = out / "home"
+        home_tmp.mkdir(exist_ok=True)
+        if not (home_tmp / "models").exists():
+            (home_tmp / "models").symlink_to(base.path.parent)
+        r = run_loraplex(data, epochs, threads, home_tmp)
+    else:
+        examples, _ = encode_all(load_tokenizer(base), parse_file(data).conversations, 1024)
+        if name == "trainer":
+            r = run_trainer(examples, base, epochs, dtype, out / name)
+        else:
+            r = run_trl(examples, base, epochs, dtype, out / name, padding_free=name == "trl")
+    snaps = r.pop("snapshots")
+    save_file({f"{i}/{k}": v for i, (_, s) in enumerate(snaps) for k, v in s.items()}, str(out / f"{name}.safetensors"))
+    r["epoch_times"] = [t for t, _ in snaps]
+    r["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    (out / f"{name}.json").write_text(json.dumps(r))
+
+
+def load_snapshots(out: Path, name: str, times: list[float]) -> list[tuple[float, dict[str, torch.Tensor]]]:
+    from safetensors.torch import load_file
+
+    flat = load_file(str(out / f"{name}.safetensors"))
+    snaps: list[dict[str, torch.Tensor]] = [{} for _ in times]
+    for key, v in flat.items():
+        i, k = key.split("/", 1)
+        snaps[int(i)][k] = v
+    return list(zip(times, snaps, strict=True))
+
+
+def cpu() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    isa = [f for f in fields.get("Flags", "").split() if f.startswith(("avx", "amx", "fma"))]
+    return f"{fields.get('Model name', '?').strip()}, {os.cpu_count()} cores; {' '.join(isa)}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data", type=Path, default=TRAIN_FILE)
+    ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.manual_seed(0)
+    if args.child:
+        child(args.child, args.data, args.epochs, args.threads, args.out)
+        return
 
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix="lp-bench-"))
-    # Convert the base once (into the user's cache) before any timer starts.
-    base = resolve_base(None)
+    out = Path(tempfile.mkdtemp(prefix="lp-bench-"))
+    base = resolve_base(None)  # converts the embedded base once, before any timer starts
     tok = load_tokenizer(base)
     convs = parse_file(args.data).conversations
     examples, stats = encode_all(tok, convs, 1024)
     pairs = [([m["content"] for m in c.messages if m["role"] == "user"][-1], c.messages[-1]["content"]) for c in convs]
-
-    home_tmp = tmp / "home"
-    home_tmp.mkdir()
-    (home_tmp / "models").symlink_to(resolve_base(None).path.parent)
+    dtype = pick_precision("auto", "cpu")
     print(
         f"data: {len(examples)} examples, {stats.tokens} tokens ({stats.label_tokens} answer tokens); "
-        f"{args.epochs} epochs each",
+        f"{args.epochs} epochs, {str(dtype).removeprefix('torch.')}, {args.threads} thread(s) each",
         flush=True,
     )
-    results = {"baseline": run_trainer_baseline(examples, base, args.epochs, tmp / "trainer")}
-    print(f"baseline done: {results['baseline']['tokens_per_s']:.0f} real tok/s", flush=True)
-    results["loraplex"] = run_loraplex(args.data, args.epochs, home_tmp)
-    print(f"loraplex done: {results['loraplex']['tokens_per_s']:.0f} real tok/s", flush=True)
+    results: dict[str, dict[str, Any]] = {}
+    for name in args.runs.split(","):
+        if name not in RUNS:
+            raise SystemExit(f"unknown run {name!r}; known: {', '.join(RUNS)}")
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "LORAPLEX_THREADS": str(args.threads)}
+        cmd = [sys.executable, __file__, "--child", name, "--data", str(args.data), "--epochs", str(args.epochs)]
+        cmd += ["--threads", str(args.threads), "--out", str(out)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            missing = "No module named 'trl'" in proc.stderr
+            print(f"{name}: {'skipped (pip install trl)' if missing else 'FAILED'}\n{proc.stderr[-2000:]}", flush=True)
+            continue
+        r = json.loads((out / f"{name}.json").read_text())
+        r["snapshots"] = load_snapshots(out, name, r.pop("epoch_times"))
+        results[name] = r
+        real_tokens = stats.tokens * args.epochs
+        r["tokens_per_s"] = real_tokens / r["snapshots"][-1][0]
+        print(f"{name} done: {r['tokens_per_s']:.0f} real tok/s, final loss {r['final_loss']:.4f}", flush=True)
 
     from peft import get_peft_model
 
     eval_model = get_peft_model(load_model(base), load_config(extra={"lora": {"rank": RANK}}).lora.peft()).eval()
     eos = eos_token_ids(tok, eval_model)
+    torch.set_num_threads(args.threads)  # the peak the runs could reach, at their thread count
     peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     table = {}
     for name, r in results.items():
@@ -237,37 +382,48 @@ def main() -> None:
             / stats.tokens
         )
         table[name] = {
-            "real_tokens_per_s": round(r["tokens_per_s"], 1),
             "precision": r["precision"],
+            "steps": r["steps"],
+            "real_tokens_per_s": round(r["tokens_per_s"], 1),
+            "final_loss": round(r["final_loss"], 4),
             "full_recall_epoch": reached[0] if reached else None,
             "time_to_full_recall_s": round(reached[1], 1) if reached else None,
             "train_time_s": round(r["snapshots"][-1][0], 1),
             "flops_per_s": flops,
             "peak_fraction": flops / peaks[r["precision"]],
+            "peak_rss_mib": round(r["peak_rss_mib"]),
         }
-    b, lp = table["baseline"], table["loraplex"]
-    tps_ratio = lp["real_tokens_per_s"] / b["real_tokens_per_s"]
-    recall_ratio = (
-        lp["time_to_full_recall_s"] / b["time_to_full_recall_s"]
-        if lp["time_to_full_recall_s"] and b["time_to_full_recall_s"]
-        else None
-    )
-    print("\n| run | precision | real tok/s | full recall at epoch | time to full recall | FLOP/s | of matmul peak |")
-    print("|---|---|---|---|---|---|---|")
-    for name, r in table.items():
-        print(
-            f"| {name} | {r['precision']} | {r['real_tokens_per_s']:.0f} | {r['full_recall_epoch']} | "
-            f"{r['time_to_full_recall_s']} s | {r['flops_per_s'] / 1e9:.0f} G | {100 * r['peak_fraction']:.0f}% |"
-        )
-    print(f"\nmatmul peak here: fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
-    print(f"real tokens/s ratio loraplex/baseline: {tps_ratio:.2f}x (target >= 2.0x)")
+    print(f"\nCPU: {cpu()}")
     print(
-        f"time-to-full-recall ratio loraplex/baseline: "
-        f"{'n/a (not reached)' if recall_ratio is None else f'{recall_ratio:.2f}x'} (target <= 0.5x)"
+        f"matmul peak (1024x1024x1536, {torch.get_num_threads()} threads in this process): fp32 "
+        f"{peaks['float32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s"
     )
+    print(
+        "\n| run | precision | steps | train s | real tok/s | loraplex is | final loss | full recall at epoch "
+        "| time to full recall | loraplex's is | of matmul peak | peak RSS |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lp = table.get("loraplex")
+    for name, r in table.items():
+        speed = f"{lp['real_tokens_per_s'] / r['real_tokens_per_s']:.2f}x" if lp and name != "loraplex" else "-"
+        rec = (
+            f"{lp['time_to_full_recall_s'] / r['time_to_full_recall_s']:.2f}x"
+            if lp and name != "loraplex" and lp["time_to_full_recall_s"] and r["time_to_full_recall_s"]
+            else "-"
+        )
+        print(
+            f"| {name} | {r['precision']} | {r['steps']} | {r['train_time_s']} "
+            f"| {r['real_tokens_per_s']:.0f} | {speed} "
+            f"| {r['final_loss']} | {r['full_recall_epoch']} | {r['time_to_full_recall_s']} s | {rec} "
+            f"| {100 * r['peak_fraction']:.0f}% | {r['peak_rss_mib']} MiB |"
+        )
+    if lp and len(table) > 1:
+        fastest = max((r for n, r in table.items() if n != "loraplex"), key=lambda r: r["real_tokens_per_s"])
+        ratio = lp["real_tokens_per_s"] / fastest["real_tokens_per_s"]
+        print(f"\nloraplex / fastest baseline, real tokens/s: {ratio:.2f}x (target >= 2.0x)")
     if args.json:
         args.json.write_text(
-            json.dumps({"table": table, "tokens_per_s_ratio": tps_ratio, "recall_time_ratio": recall_ratio}, indent=2)
+            json.dumps({"cpu": cpu(), "threads": args.threads, "epochs": args.epochs, "table": table}, indent=2)
         )
 
 
