@@ -17,8 +17,8 @@ run is its own child process, started the same way, so peak RSS is its own.
   trainer     PEFT + transformers.Trainer, padded per batch (DataCollatorForSeq2Seq): what the PEFT
               docs lead a user to write
 
-All four step-match: the same examples in each step, 4 per step, so the same number of steps and
-(within rounding) the same losses. None packs a whole epoch into one step (TRL `packing=True`,
+All four step-match: 4 examples a step (each trainer shuffles with its own sampler), so the same
+number of steps and, within noise, the same final loss. None packs a whole epoch into one step (TRL `packing=True`,
 LLaMA-Factory `neat_packing`): that gives 4x fewer optimizer steps and underfits at this data size.
 TRL gets pre-tokenized input_ids + labels, so its loss mask is exactly loraplex's (TRL's own
 `assistant_only_loss` needs a chat template with generation markers, which SmolLM2's lacks).
@@ -64,6 +64,9 @@ from loraplex.models.device import pick_precision  # noqa: E402
 from loraplex.models.load import eos_token_ids, load_model, load_tokenizer, resolve_base  # noqa: E402
 from loraplex.quickstart import TRAIN_FILE  # noqa: E402
 from loraplex.train.sft_lora import run  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from generalization import cpu  # noqa: E402
 
 BATCH, LR, RANK, SEED = 4, 1e-3, 16, 42
 RUNS = ["loraplex", "trl", "trl-padded", "trainer"]
@@ -303,13 +306,6 @@ def load_snapshots(out: Path, name: str, times: list[float]) -> list[tuple[float
     return list(zip(times, snaps, strict=True))
 
 
-def cpu() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    isa = [f for f in fields.get("Flags", "").split() if f.startswith(("avx", "amx", "fma"))]
-    return f"{fields.get('Model name', '?').strip()}, {os.cpu_count()} cores; {' '.join(isa)}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=16)
@@ -414,7 +410,7 @@ def main() -> None:
         print(
             f"| {name} | {r['precision']} | {r['steps']} | {r['train_time_s']} "
             f"| {r['real_tokens_per_s']:.0f} | {speed} "
-            f"| {r['final_loss']} | {r['full_recall_epoch']} | {r['time_to_full_recall_s']} s | {rec} "
+            f"| {r['final_loss']} | {r['full_recall_epoch']} | {r['time_to_full_recall_s'] or '-'} s | {rec} "
             f"| {100 * r['peak_fraction']:.0f}% | {r['peak_rss_mib']} MiB |"
         )
     if lp and len(table) > 1:
