@@ -172,6 +172,11 @@ def engine(model: Forward, opt: torch.optim.Optimizer, config: dict[str, Any], d
     zero = {k: BUCKETS[k](hidden) if v == "auto" else v for k, v in config["zero_optimization"].items()}
     config = {**config, "zero_optimization": zero}
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # On a CPU, DeepSpeed's process group JIT-compiles a shared-memory all-reduce (deepspeed_shm_comm)
+    # that only AutoTP inference calls, never ZeRO training. The compile needs a C++ toolchain, and
+    # waits forever on the lock file of a compile that was killed (seen: two processes idle for 90 min).
+    # Marked incompatible, DeepSpeed skips it (deepspeed.ops keeps edits to __compatible_ops__).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())  # the recipe's process group
     if stage(config) == 3:
         deepspeed.zero.Init(module=model, config_dict_or_path=config)
