@@ -258,6 +258,10 @@ def test_unload_reads_names_as_load_does(tenants: Tenants) -> None:
     # refused as load refuses it: a malformed name (the version part is not a name), adapters/names.py
     assert r.status_code == load.status_code == 400, r.text
     assert r.json()["error"]["code"] == load.json()["error"]["code"] == "invalid_model"
+    # Was (schemathesis): a NUL in vLLM's lora_path came back as a bare 400 "embedded null byte"
+    for path in ("/tmp/elsewhere", "\u00d1k\u0000<"):
+        wrong = tenants.post("/v1/load_lora_adapter", {"lora_name": "hr", "lora_path": path}, "ops")
+        assert wrong.status_code == 422 and wrong.json()["error"]["param"] == "lora_path", wrong.text
     missing = tenants.post("/v1/unload_lora_adapter", {"lora_name": "hr@nosuch"}, "ops")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     assert "hr@v1" in tenants.loaded()

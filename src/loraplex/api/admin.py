@@ -71,7 +71,8 @@ def add_routes(
         def work() -> str:
             if req.lora_path is not None:
                 stored = registry.resolve(_one_adapter_version(engine, req.lora_name)).path
-                if Path(req.lora_path).resolve() != stored.resolve():
+                # NUL: no such path, and Path.resolve would raise a bare "embedded null byte"
+                if "\x00" in req.lora_path or Path(req.lora_path).resolve() != stored.resolve():
                     raise APIError(
                         422,
                         f"lora_path {req.lora_path!r} is not the store's directory of {req.lora_name!r}: this "
