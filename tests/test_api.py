@@ -562,6 +562,48 @@ def test_response_format_json_schema_and_object_in_a_mixed_batch(server: Server)
         c.chat.completions.create(model="legal", messages=USER, response_format={"type": "json_schema"})
 
 
+def test_vllm_structured_outputs_from_extra_body(server: Server) -> None:
+    """vLLM's `structured_outputs` (what its clients send in extra_body, and what the front door
+    sends vLLM): a choice, a regex, a JSON schema or a Lark grammar constrain chat and completions;
+    one at a time, not with response_format; a pattern that cannot be enforced is a 422 naming it."""
+    import json
+    import re
+
+    c = server.client
+
+    def ask(extra: dict, chat: bool = True) -> str:
+        body = {"extra_body": {"structured_outputs": extra}, "temperature": 0, "max_tokens": 40}
+        if chat:
+            return c.chat.completions.create(model="legal", messages=USER, **body).choices[0].message.content or ""
+        return c.completions.create(model="legal", prompt="Leave days:", **body).choices[0].text
+
+    for chat in (True, False):
+        assert ask({"choice": ["yes", "no", "a.b"]}, chat) in ("yes", "no", "a.b")
+        assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", ask({"regex": "[0-9]{3}-[a-z]{2}"}, chat))
+        data = json.loads(ask({"json": LEAVE}, chat))
+        assert set(data) == {"team", "urgent", "days"} and data["team"] in ("hr", "legal", "ops")
+        assert ask({"grammar": 'start: "room " ("A" | "B")'}, chat) in ("room A", "room B")
+    assert json.loads(ask({"json": json.dumps({"type": "array", "items": {"type": "integer"}, "maxItems": 3})})) != {}
+    with pytest.raises(openai.UnprocessableEntityError, match="either response_format or structured_outputs"):
+        c.chat.completions.create(
+            model="legal",
+            messages=USER,
+            response_format={"type": "json_object"},
+            extra_body={"structured_outputs": {"regex": "a"}},
+        )
+    with pytest.raises(openai.UnprocessableEntityError, match="exactly one of"):
+        c.chat.completions.create(
+            model="legal", messages=USER, extra_body={"structured_outputs": {"regex": "a", "choice": ["b"]}}
+        )
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        c.completions.create(model="legal", prompt="x", extra_body={"structured_outputs": {"regex": "(a|b"}})
+    assert e.value.body["param"] == "structured_outputs" and "unclosed group" in e.value.body["message"]
+    with pytest.raises(openai.UnprocessableEntityError, match="unknown name"):
+        c.completions.create(model="legal", prompt="x", extra_body={"structured_outputs": {"grammar": "start: nope"}})
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model="legal", prompt="x", extra_body={"structured_outputs": {"json": "[not json"}})
+
+
 TOOLS = [
     {
         "type": "function",
@@ -668,6 +710,99 @@ def test_tool_calls_required_named_streamed_and_answered(server: Server) -> None
         )
 
 
+# Qwen2.5's and Llama-3.1's own chat templates, byte for byte as their model repositories ship them
+# (the copies TRL keeps for template identification: trl/chat_templates).
+CHAT_TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
+
+
+@pytest.mark.parametrize(
+    ("template", "opening"),
+    [
+        ("qwen2_5", '<tool_call>\n{"name": "book_room", "arguments": {"room": '),
+        ("llama3_1", '{"name": "book_room", "parameters": {"room": '),
+    ],
+)
+def test_a_template_with_tools_renders_them_and_calls_come_in_its_own_format(
+    template: str, opening: str, tiny_base: Path, tmp_path: Path, lp_home: Path
+) -> None:
+    """On a base whose template renders tools itself, the template renders the offered tools, the
+    assistant's calls and the tools' results (the prompt is exactly its rendering), and a forced
+    call is written the way that template writes calls, so a model trained on it is constrained to
+    its own format: Qwen2.5 a `<tool_call>` block with `arguments`, Llama-3.1 one bare JSON object
+    with `parameters`. Either way the client gets OpenAI `tool_calls`; a conversation the template
+    refuses (Llama-3.1: two calls in one turn) is a 400 with the template's words."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    base = tmp_path / template
+    shutil.copytree(tiny_base, base)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.chat_template = (CHAT_TEMPLATES / f"{template}.jinja").read_text(encoding="utf-8")
+    tok.save_pretrained(base)
+    srv = Server(Engine(str(base), dtype="fp32", max_batch=2))
+    c, model = srv.client, srv.engine.base.id
+
+    def prompt_tokens(messages: list[dict], **extra: object) -> int:
+        text = tok.apply_chat_template(messages, tools=TOOLS, add_generation_prompt=True, tokenize=False, **extra)
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    try:
+        named = {"type": "function", "function": {"name": "book_room"}}
+        one = {"tools": TOOLS, "tool_choice": named, "temperature": 0, "max_tokens": 200}
+        r = c.chat.completions.create(model=model, messages=USER, logprobs=True, **one)
+        ch = r.choices[0]
+        written = "".join(t.token for t in ch.logprobs.content)  # what the model wrote, token by token
+        assert written.startswith(opening), written
+        assert ch.finish_reason == "tool_calls" and ch.message.content is None
+        [call] = ch.message.tool_calls
+        assert call.function.name == "book_room" and json.loads(call.function.arguments)["room"] in ("A", "B")
+        assert r.usage.prompt_tokens == prompt_tokens(USER)  # the template rendered the tools
+        stream = [x for x in c.chat.completions.create(model=model, messages=USER, stream=True, **one) if x.choices]
+        deltas = [d for x in stream for d in (x.choices[0].delta.tool_calls or [])]
+        assert [(d.function.name, d.function.arguments) for d in deltas] == [("book_room", call.function.arguments)]
+        assert stream[-1].choices[0].finish_reason == "tool_calls"
+
+        # the call and its result, rendered by the template (Qwen: <tool_response>, Llama: ipython)
+        turn = [
+            *USER,
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": '{"booked": true}'},
+        ]
+        answered = c.chat.completions.create(model=model, messages=turn, tools=TOOLS, temperature=0, max_tokens=4)
+        as_template = [
+            *USER,
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "type": "function",
+                        "id": call.id,
+                        "function": {"name": "book_room", "arguments": json.loads(call.function.arguments)},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": call.id, "content": '{"booked": true}'},
+        ]
+        assert answered.usage.prompt_tokens == prompt_tokens(as_template)
+        twice = [*USER, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()] * 2}]
+        if template == "llama3_1":
+            with pytest.raises(openai.BadRequestError, match="only supports single tool-calls"):
+                c.chat.completions.create(model=model, messages=twice, tools=TOOLS, max_tokens=4)
+            # and a client's default parallel_tool_calls cannot make it write a second call
+            many = c.chat.completions.create(
+                model=model, messages=USER, tools=TOOLS, tool_choice="required", max_tokens=200
+            )
+            assert len(many.choices[0].message.tool_calls) == 1
+        else:
+            assert c.chat.completions.create(model=model, messages=twice, tools=TOOLS, max_tokens=4).choices
+    finally:
+        srv.stop()
+        srv.engine.close()
+
+
 def answered_system(tools: list[dict]) -> str:
     import json
 
@@ -701,6 +836,12 @@ def test_tool_call_parsing_keeps_what_is_not_a_call() -> None:
         and stream.feed('call>{"name": "book_room", "arguments": {"room": "B"}}') == ""
     )
     assert stream.finish().calls[0]["function"]["arguments"] == '{"room": "B"}'
+    # Llama-3.1's format: a streamed answer that opens with "{" is held (it may be the call), other text flows
+    bare = tools.ToolPlan(plan.tools, "auto", False, tools.CallFormat(tagged=False, key="parameters"))
+    stream = tools.ToolStream(bare)
+    assert stream.feed(" {") == "" and stream.feed('"name": "book_room", "parameters": {"room": "A"}}') == ""
+    assert stream.finish().calls[0]["function"] == {"name": "book_room", "arguments": '{"room": "A"}'}
+    assert tools.ToolStream(bare).feed("No call: ") == "No call: "
 
 
 def test_responses_api_text_chain_tools_and_stream(server: Server) -> None:

@@ -233,6 +233,56 @@ def test_tool_calls_in_training_data_read_as_the_server_renders_them(tmp_path: P
     assert got[0][3] == {"role": "user", "content": '<tool_response>\n{"days": 7}\n</tool_response>'}
 
 
+@pytest.mark.parametrize(
+    ("template", "call"),
+    [
+        ("qwen2_5", '<tool_call>\n{"name": "get_leave_days", "arguments": {"employee": "王芳"}}\n</tool_call>'),
+        ("llama3_1", '{"name": "get_leave_days", "parameters": {"employee": "王芳"}}'),
+    ],
+)
+def test_tool_records_train_in_the_templates_own_format_on_a_base_with_tool_support(
+    template: str, call: str, tiny_base: Path, tmp_path: Path
+) -> None:
+    """On a base whose chat template renders tools (Qwen2.5, Llama-3.1, as their repositories ship
+    them), a record with tools is trained as that template renders it: the prompt the server sends
+    for the same conversation is exactly the start of the training example, and the loss is on the
+    call in the template's own format, which is what serving constrains and parses."""
+    from transformers import AutoTokenizer
+
+    from loraplex.api import tools
+    from loraplex.api.schemas import ChatCompletionRequest
+    from loraplex.data.tokenize import IGNORE, encode_all
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    tok.chat_template = (Path(__file__).parent / "data" / "chat_templates" / f"{template}.jinja").read_text()
+    record = {
+        "tools": [{"type": "function", "function": LEAVE_TOOL}],
+        "messages": [
+            {"role": "user", "content": "王芳还有几天年假？"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"type": "function", "function": {"name": "get_leave_days", "arguments": '{"employee": "王芳"}'}}
+                ],
+            },
+        ],
+    }
+    convs = parse_file(write(tmp_path, "t.jsonl", json.dumps(record, ensure_ascii=False) + "\n")).conversations
+    [ex], stats = encode_all(tok, convs, 4096)
+    assert stats.examples == 1
+    req = ChatCompletionRequest(model="hr", messages=record["messages"][:1], tools=record["tools"])
+    messages, functions = tools.messages_for(tok, req.messages, tools.plan(req, tok))
+    served = tools.encode(tok, messages, functions)
+    assert ex.input_ids[: len(served)] == served  # training saw the served prompt, token for token
+    answer = tok.decode([t for t, lab in zip(ex.input_ids, ex.labels, strict=True) if lab != IGNORE])
+    assert answer.startswith(call), answer
+    # the same record on SmolLM2's kind of template (no tools of its own): the Hermes text, as before
+    tok.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    [plain], _ = encode_all(tok, convs, 4096)
+    assert "<tool_call>" in tok.decode(plain.input_ids) and '"arguments"' in tok.decode(plain.input_ids)
+
+
 def test_bad_tool_calls_in_training_data_name_the_record_and_field(tmp_path: Path) -> None:
     bad = [
         {

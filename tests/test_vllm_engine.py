@@ -322,10 +322,25 @@ def test_front_door_passes_formats_echo_tools_and_responses_to_the_engine(stack:
             auto.choices[0].message.content
             == stack.direct("legal", ASK, tools=tools, **greedy).choices[0].message.content
         )
-        with pytest.raises(openai.BadRequestError, match="built-in engine only"):
-            stack.via("ops").chat.completions.create(
-                model="legal", messages=ASK, tools=tools, tool_choice="required", **greedy
+        # forced calls: the front door sends its call grammar as vLLM's `structured_outputs`, and the
+        # engine's constrained answer is the built-in engine's (the stand-in answers as one)
+        for choice in ("required", {"type": "function", "function": {"name": "book_room"}}):
+            forced = {"tools": tools, "tool_choice": choice, "parallel_tool_calls": False, **greedy, "max_tokens": 200}
+            got = stack.via("ops").chat.completions.create(model="legal", messages=ASK, **forced)
+            want = stack.direct("legal", ASK, **forced)
+            [call] = got.choices[0].message.tool_calls
+            assert got.choices[0].finish_reason == "tool_calls" and call.function.name == "book_room"
+            assert [(c.function.name, c.function.arguments) for c in want.choices[0].message.tool_calls] == [
+                (call.function.name, call.function.arguments)
+            ]
+            assert got.usage == want.usage
+        # vLLM's own structured_outputs from a client (extra_body) reaches the engine too
+        for extra in ({"choice": ["yes", "no"]}, {"regex": "[0-9]{3}"}, {"json": schema}):
+            got = stack.via("ops").chat.completions.create(
+                model="legal", messages=ASK, extra_body={"structured_outputs": extra}, **greedy
             )
+            want = stack.direct("legal", ASK, extra_body={"structured_outputs": extra}, **greedy)
+            assert got.choices[0].message.content == want.choices[0].message.content
 
         r = stack.via("ops").responses.create(
             model="legal", input=ASK[-1]["content"], max_output_tokens=12, temperature=0

@@ -115,7 +115,7 @@ async def chat_completion(s: Serving, call: Call, req: ChatCompletionRequest, re
     """A parsed chat request: its JSON answer, or the event stream (also what /v1/responses runs)."""
     if (conflict := req.conflict()) is not None:
         raise APIError(422, conflict[1], param=conflict[0], code="unprocessable")
-    plan = tools.plan(req)
+    plan = tools.plan(req, s.engine.tokenizer)
     messages, functions = tools.messages_for(s.engine.tokenizer, req.messages, plan)
     top = req.top_logprobs if req.logprobs else None
     if req.logprobs and top is None:
@@ -219,7 +219,10 @@ async def admit(
         try:  # a schema that cannot be enforced is answered now, before any stream opens
             await asyncio.to_thread(structured.grammar_of, fmt)
         except UserError as e:
-            raise APIError(translate(e).status, str(e), param="response_format") from None
+            param = (
+                str(e).split(":", 1)[0] if str(e).startswith(("tools:", "structured_outputs:")) else "response_format"
+            )
+            raise APIError(translate(e).status, str(e), param=param) from None
     answers = req.n * len(prompts)
     if answers > gw.max_pending:  # could never be admitted: not a busy server (503) but a request too large
         raise APIError(

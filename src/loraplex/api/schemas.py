@@ -9,6 +9,7 @@ Fields OpenAI clients send that change nothing here (`user`, `metadata`, `store`
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -152,6 +153,8 @@ class _Common(BaseModel):
     # json_object / json_schema: decoding is constrained to it (engine/structured.py); on
     # /v1/completions too, as vLLM takes it
     response_format: ResponseFormat | None = None
+    # vLLM's extension for the same (its clients send it in extra_body; the front door sends it to vLLM)
+    structured_outputs: StructuredOutputs | None = None
     # accepted and ignored: they change nothing about the answer
     user: str | None = None
     metadata: dict[str, Any] | None = None
@@ -170,8 +173,20 @@ class _Common(BaseModel):
 
     def format_json(self) -> str | None:
         """The response format as the engine takes it (JSON text), None for plain text."""
+        if self.structured_outputs is not None:
+            return self.structured_outputs.format_json()
         f = self.response_format
         return None if f is None or isinstance(f, TextFormat) else f.model_dump_json(by_alias=True, exclude_none=True)
+
+    def _format_conflict(self) -> tuple[str, str] | None:
+        if self.structured_outputs is None:
+            return None
+        if self.response_format is not None and not isinstance(self.response_format, TextFormat):
+            return "structured_outputs", "use either response_format or structured_outputs in one request"
+        given = self.structured_outputs.model_dump(exclude_none=True)
+        if len(given) != 1:
+            return "structured_outputs", "structured_outputs takes exactly one of json, regex, choice, grammar"
+        return None
 
     @field_validator("logit_bias")
     @classmethod
@@ -206,6 +221,41 @@ class JsonSchemaFormat(BaseModel):
 
 
 ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` (its replacement for `guided_json` / `guided_regex` /
+    `guided_choice` / `guided_grammar`): exactly one of a JSON schema, a regular expression, a list
+    of choices, or a grammar in llguidance's Lark syntax (what vLLM's `guidance` backend takes)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = Field(None, min_length=1, max_length=10_000)
+    choice: list[str] | None = Field(None, min_length=1, max_length=1024)
+    grammar: str | None = Field(None, min_length=1, max_length=100_000)
+
+    def format_json(self) -> str:
+        """The engine's format (engine/structured.py `grammar_of`), as JSON text."""
+        if self.json_ is not None:
+            schema = json.loads(self.json_) if isinstance(self.json_, str) else self.json_
+            spec = {"name": "structured_outputs", "schema": schema}
+            return json.dumps({"type": "json_schema", "json_schema": spec, "param": "structured_outputs"})
+        if self.grammar is not None:
+            return json.dumps({"type": "lark", "lark": self.grammar, "param": "structured_outputs"})
+        regex = self.regex if self.regex is not None else "|".join(re.escape(c) for c in self.choice or [])
+        return json.dumps({"type": "regex", "regex": regex, "param": "structured_outputs"})
+
+    @field_validator("json_")
+    @classmethod
+    def _json(cls, v: dict[str, Any] | str | None) -> dict[str, Any] | str | None:
+        if isinstance(v, str):
+            try:
+                parsed = json.loads(v)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs.json is not JSON: {e}") from None
+            if not isinstance(parsed, dict):
+                raise ValueError("structured_outputs.json must be a JSON schema object")
+        return v
 
 
 _FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
@@ -257,9 +307,12 @@ class ChatCompletionRequest(_Common):
             return "tool_choice", f"tool_choice names {choice.function.name!r}, which is not in tools"
         if choice == "required" and not names:
             return "tool_choice", "tool_choice 'required' needs tools"
+        if (fmt := self._format_conflict()) is not None:
+            return fmt
         json_out = self.response_format is not None and not isinstance(self.response_format, TextFormat)
-        if names and json_out and choice not in (None, "none"):
-            return "response_format", "use either tools or a JSON response_format in one request"
+        if names and (json_out or self.structured_outputs is not None) and choice not in (None, "none"):
+            field = "response_format" if json_out else "structured_outputs"
+            return field, f"use either tools or {field} in one request"
         return None
 
 
@@ -305,7 +358,7 @@ class CompletionRequest(_Common):
         """(field, why) when valid fields contradict each other: a 422, not a schema error."""
         if self.max_tokens == 0 and not self.echo:
             return "max_tokens", "max_tokens 0 needs echo: true (the prompt's logprobs are the answer)"
-        return None
+        return self._format_conflict()
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, one per answer group."""

@@ -8,11 +8,13 @@ A request's `tools` reach the prompt one of two ways:
     messages (data/hermes.py, which training data with tool calls goes through too): the tools'
     signatures in the system message, each call as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
     in the assistant's text, each result as `<tool_response>...</tool_response>` in a user turn.
-The answer is parsed back: `<tool_call>` blocks (or an answer that is one bare JSON call, as
-Llama-3.1 writes it) become `tool_calls`, the rest stays `content`. With `tool_choice` `required`
-or a named function, decoding is constrained (a Lark grammar for llguidance, engine/structured.py)
-to one call, or several with `parallel_tool_calls`, whose arguments follow each function's JSON
-schema: a small model returns valid calls. `auto` leaves the model free and parses what it wrote,
+How the model writes a call is read off its template (`call_format`): a Qwen2.5 or Hermes template
+writes `<tool_call>` blocks, Llama-3.1's one bare JSON object with `parameters`. The answer is parsed
+back: `<tool_call>` blocks (or an answer that is one bare JSON call) become `tool_calls`, the rest
+stays `content`. With `tool_choice` `required` or a named function, decoding is constrained (a Lark
+grammar for llguidance, engine/structured.py) to one call in the template's format, or several
+with `parallel_tool_calls` where the format has more than one, whose arguments follow each
+function's JSON schema: a small model returns valid calls. `auto` leaves the model free and parses what it wrote,
 as vLLM's `auto` does; `none` leaves the tools out of the prompt.
 
 This module does not run tools (the client does).
@@ -35,11 +37,24 @@ from loraplex.api.schemas import (
     ToolMessage,
 )
 from loraplex.data import hermes
-from loraplex.data.hermes import OPEN
+from loraplex.data.hermes import OPEN, native
+from loraplex.data.tokenize import render
 
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 # compact JSON inside a constrained call, the separators the model has seen most (as structured.py)
 _COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+@dataclass(frozen=True)
+class CallFormat:
+    """How a model writes a call: `<tool_call>` blocks, any number per turn (Hermes, Qwen2.5), or
+    the whole answer one bare JSON object (Llama-3.1); `key` names the arguments."""
+
+    tagged: bool
+    key: str  # "arguments" or "parameters"
+
+
+HERMES = CallFormat(True, "arguments")
 
 
 @dataclass(frozen=True)
@@ -49,25 +64,58 @@ class ToolPlan:
     tools: tuple[dict[str, Any], ...]  # OpenAI `function` objects
     choice: str  # "auto", "required", or the one function's name
     parallel: bool
+    format: CallFormat = HERMES
 
     @property
     def forced(self) -> bool:
         return self.choice != "auto"
 
 
-def plan(req: ChatCompletionRequest) -> ToolPlan | None:
-    """None when no tool may be called (no tools, or tool_choice "none")."""
+def plan(req: ChatCompletionRequest, tokenizer: Any = None) -> ToolPlan | None:
+    """None when no tool may be called (no tools, or tool_choice "none"). The calls' format is the
+    tokenizer's template's (`call_format`; Hermes without a tokenizer)."""
     if not req.tools or req.tool_choice == "none":
         return None
     choice = req.tool_choice
     name = choice.function.name if isinstance(choice, NamedToolChoice) else (choice or "auto")
     functions = tuple(t.function.model_dump(exclude_none=True) for t in req.tools)
-    return ToolPlan(functions, name, req.parallel_tool_calls is not False)
+    fmt = call_format(tokenizer) if tokenizer is not None else HERMES
+    # a bare-JSON format has one call per turn (Llama-3.1's template refuses more)
+    return ToolPlan(functions, name, req.parallel_tool_calls is not False and fmt.tagged, fmt)
 
 
-def native(tokenizer: Any) -> bool:
-    """The chat template renders tools itself."""
-    return "tools" in str(getattr(tokenizer, "chat_template", "") or "")
+_PROBE = re.compile(r'(<tool_call>\s*)?\{\s*"name":\s*"lp_probe",\s*"(\w+)":\s*\{\s*"lp_arg"')
+_FORMATS: dict[str, CallFormat] = {}
+
+
+def call_format(tokenizer: Any) -> CallFormat:
+    """The format the template writes an assistant's call in, found by rendering one (templates
+    differ: Qwen2.5 `<tool_call>{"name", "arguments"}</tool_call>`, Llama-3.1 a bare `{"name",
+    "parameters"}`); a model is constrained and parsed in the format it was trained on. Hermes for
+    a template without tools (they go into the messages as Hermes) or one whose calls do not look
+    like either."""
+    if not native(tokenizer):
+        return HERMES
+    template = str(tokenizer.chat_template)
+    if template not in _FORMATS:
+        probe = [
+            {"role": "user", "content": "?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {"type": "function", "id": "call_0", "function": {"name": "lp_probe", "arguments": {"lp_arg": 1}}}
+                ],
+            },
+        ]
+        tool = {"type": "function", "function": {"name": "lp_probe", "parameters": {"type": "object"}}}
+        try:
+            text = str(tokenizer.apply_chat_template(probe, tools=[tool], tokenize=False))
+        except Exception:  # noqa: BLE001 - a template that cannot render the probe: the default format
+            text = ""
+        m = _PROBE.search(text)
+        _FORMATS[template] = CallFormat(m.group(1) is not None, m.group(2)) if m else HERMES
+    return _FORMATS[template]
 
 
 def messages_for(tokenizer: Any, messages: list[Message], p: ToolPlan | None) -> tuple[list[dict[str, Any]], Any]:
@@ -98,8 +146,8 @@ def by_template(tokenizer: Any, messages: list[Message], p: ToolPlan | None) -> 
 
 def encode(tokenizer: Any, messages: list[dict[str, Any]], functions: list[dict[str, Any]] | None) -> list[int]:
     """Token ids of messages rendered by a template with tool support, ready for the answer."""
-    text = tokenizer.apply_chat_template(messages, tools=functions, add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
+    text = render(tokenizer, messages, add_generation_prompt=True, tools=functions)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _calls(m: Message) -> list[ToolCall]:
@@ -115,24 +163,25 @@ def _function(c: ToolCall) -> dict[str, Any]:
 
 
 def grammar(p: ToolPlan) -> str | None:
-    """A Lark grammar (llguidance) for `required` / a named function; None for `auto`."""
+    """A Lark grammar (llguidance) for `required` / a named function, in the plan's call format;
+    None for `auto`."""
     if not p.forced:
         return None
+    key = p.format.key
     funcs = [f for f in p.tools if p.choice in ("required", f["name"])]
     variants = [
         {
             "type": "object",
-            "properties": {
-                "name": {"const": f["name"]},
-                "arguments": _closed(f.get("parameters") or {"type": "object"}),
-            },
-            "required": ["name", "arguments"],
+            "properties": {"name": {"const": f["name"]}, key: _closed(f.get("parameters") or {"type": "object"})},
+            "required": ["name", key],
             "additionalProperties": False,
         }
         for f in funcs
     ]
     schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
     body = json.dumps({**schema, "x-guidance": {**_COMPACT, "lenient": True}})
+    if not p.format.tagged:
+        return f"start: body\nbody: %json {body}"
     repeat = ' ("\\n" call)*' if p.parallel else ""
     return f'start: call{repeat}\ncall: "{OPEN}\\n" body "\\n</tool_call>"\nbody: %json {body}'
 
@@ -212,6 +261,8 @@ class ToolStream:
         self.held += text
         if self.plan.forced:
             return ""  # constrained: the whole answer is calls
+        if not self.plan.format.tagged and not self.sent and self.held.lstrip()[:1] in ("", "{"):
+            return ""  # a bare-JSON format: an answer that opens with "{" may be the call
         start = self.held.find(OPEN)
         if start == -1:  # keep what could be the beginning of "<tool_call>"
             start = next((i for i in range(len(self.held)) if OPEN.startswith(self.held[i:])), len(self.held))

@@ -74,9 +74,11 @@ class Pair:
 
 def pairs_of(conversations: list[Conversation]) -> list[Pair]:
     """The single-turn question/answer records (a system message may precede them); multi-turn
-    dialogues are not passages."""
+    dialogues and records with tools are not passages."""
     out = []
     for c in conversations:
+        if c.tooled is not None:  # a tool call is not an answer to look up
+            continue
         turns = [m for m in c.messages if m["role"] != "system"]
         if len(turns) == 2 and turns[0]["role"] == "user" and turns[1]["role"] == "assistant":
             out.append(Pair(turns[0]["content"].strip(), turns[1]["content"].strip(), c.source))

@@ -52,6 +52,8 @@ class Conversation:
     messages: list[dict[str, str]]
     source: str  # "path:line"
     keywords: tuple[str, ...] = ()  # a record's `keywords` field: what a good answer must contain (eval)
+    # a record with tools, as a template with tool support renders it (`messages` is its Hermes text)
+    tooled: hermes.Tooled | None = None
 
 
 @dataclass
@@ -128,7 +130,9 @@ def parse_file(path: str | Path, options: FormatOptions | None = None) -> ParseR
         convert = {"alpaca": _from_alpaca, "messages": _from_messages, "sharegpt": _from_sharegpt}[fmt]
         for line, record in _json_records(path, text, result):
             try:
-                result.conversations.append(Conversation(convert(record), f"{path}:{line}", _keywords(record)))
+                converted = convert(record)
+                messages, tooled = converted if isinstance(converted, tuple) else (converted, None)
+                result.conversations.append(Conversation(messages, f"{path}:{line}", _keywords(record), tooled))
             except _RecordProblem as e:
                 result.errors.append(RecordError(f"{path}:{line}", str(e), e.field))
     if not result.conversations and not result.errors:
@@ -286,7 +290,7 @@ def _check_turns(messages: list[dict[str, str]], field_name: str) -> list[dict[s
     return messages
 
 
-def _from_messages(record: Any) -> list[dict[str, str]]:
+def _from_messages(record: Any) -> list[dict[str, str]] | tuple[list[dict[str, str]], hermes.Tooled]:
     """OpenAI's chat fine-tuning format, tool calls included: a record's `tools` (or legacy
     `functions`), assistant `tool_calls`, `tool` results; written as text with data/hermes.py."""
     record = _check_dict(record)
@@ -308,7 +312,7 @@ def _from_messages(record: Any) -> list[dict[str, str]]:
         messages.append({"role": role, "content": text, "tool_calls": calls})
     if not functions and not any(m["tool_calls"] or m["role"] == "tool" for m in messages):
         return _check_turns([{"role": m["role"], "content": m["content"]} for m in messages], "messages")
-    return _check_turns(hermes.to_plain(messages, functions), "messages")
+    return _check_turns(hermes.to_plain(messages, functions), "messages"), hermes.tooled(messages, functions)
 
 
 def _functions(record: dict[str, Any]) -> list[dict[str, Any]]:
@@ -356,7 +360,7 @@ def _tool_calls(raw: Any, where: str) -> list[dict[str, Any]]:
     return calls
 
 
-def _from_sharegpt(record: Any) -> list[dict[str, str]]:
+def _from_sharegpt(record: Any) -> list[dict[str, str]] | tuple[list[dict[str, str]], hermes.Tooled]:
     """ShareGPT, with LLaMA-Factory's tool turns: `function_call` (the assistant's call, JSON) and
     `observation` (the tool's result), and the record's `tools` (JSON text)."""
     record = _check_dict(record)
@@ -390,7 +394,8 @@ def _from_sharegpt(record: Any) -> list[dict[str, str]]:
         messages.append({"role": role, "content": value})
     functions = _functions(record)
     if functions or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
-        messages = hermes.to_plain(messages, functions)
+        plain = _check_turns(hermes.to_plain(messages, functions), "conversations")
+        return plain, hermes.tooled(messages, functions)
     return _check_turns(messages, "conversations")
 
 

@@ -7,6 +7,8 @@ conversations into the same text, so an adapter learns exactly the calls it is l
   * an assistant's call is `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` in its text;
   * a tool's result is `<tool_response>\\n...\\n</tool_response>` in a user turn (one turn's results
     share it).
+A base whose chat template renders tools itself (Qwen2.5, Llama-3.1: `native`) is given them in
+the template's own form instead, in training (a record's `Tooled` form) as in serving.
 This module does not parse a model's answer back into calls (api/tools.py does).
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 HERMES_TOOLS = """# Tools
@@ -30,6 +33,40 @@ For each function call, return a json object with function name and arguments wi
 {{"name": <function-name>, "arguments": <args-json-object>}}
 </tool_call>"""
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+
+def native(tokenizer: Any) -> bool:
+    """The chat template renders tools itself (its text mentions `tools`)."""
+    return "tools" in str(getattr(tokenizer, "chat_template", "") or "")
+
+
+@dataclass(frozen=True)
+class Tooled:
+    """A record with tools as a template with tool support takes it: Hugging Face chat messages
+    (assistant `tool_calls` with arguments as objects, `tool` turns) and the functions offered."""
+
+    messages: list[dict[str, Any]]
+    functions: list[dict[str, Any]]
+
+
+def tooled(messages: Sequence[dict[str, Any]], functions: Sequence[dict[str, Any]] | None) -> Tooled:
+    """OpenAI-style messages (as data/formats.py reads them) in Hugging Face's chat format."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        d: dict[str, Any] = {"role": m["role"], "content": m.get("content") or ""}
+        if m.get("tool_calls"):
+            d["tool_calls"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": c["function"]["name"],
+                        "arguments": arguments(c["function"].get("arguments", {})),
+                    },
+                }
+                for c in m["tool_calls"]
+            ]
+        out.append(d)
+    return Tooled(out, list(functions or []))
 
 
 def arguments(value: Any) -> Any:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraplex.data.hermes import native
 from loraplex.errors import UserError
 
 IGNORE = -100
@@ -59,20 +60,34 @@ class EncodeStats:
     label_tokens: int = 0
 
 
-def render(tok: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    """The chat template rendering used by both training and inference."""
-    return str(tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt))
+def render(tok: Any, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False, **extra: Any) -> str:
+    """The chat template rendering used by both training and inference. A conversation the template
+    refuses (its `raise_exception`: roles out of order, two tool calls in one turn for Llama-3.1)
+    is a UserError with the template's own words."""
+    from jinja2 import TemplateError
+
+    try:
+        text = tok.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **extra
+        )
+    except TemplateError as e:
+        raise UserError(f"the model's chat template does not accept this conversation: {e}") from None
+    return str(text)
 
 
-def assistant_spans(tok: Any, messages: Sequence[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered text and the character spans of each assistant turn (answer + end-of-turn)."""
-    full = render(tok, messages)
+def assistant_spans(
+    tok: Any, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the character spans of each assistant turn (answer + end-of-turn);
+    `tools` (OpenAI function objects) for a template that renders them itself."""
+    extra: dict[str, Any] = {"tools": [{"type": "function", "function": f} for f in tools]} if tools else {}
+    full = render(tok, messages, **extra)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = render(tok, messages[:i], add_generation_prompt=True)
-        upto = render(tok, messages[: i + 1])
+        before = render(tok, messages[:i], add_generation_prompt=True, **extra)
+        upto = render(tok, messages[: i + 1], **extra)
         if not (full.startswith(before) and full.startswith(upto) and len(upto) > len(before)):
             raise UserError(
                 "the chat template does not render conversations prefix-consistently, so assistant "
@@ -84,10 +99,15 @@ def assistant_spans(tok: Any, messages: Sequence[dict[str, str]]) -> tuple[str, 
 
 
 def encode(
-    tok: Any, messages: Sequence[dict[str, str]], max_len: int, train_on_prompt: bool = False, source: str = ""
+    tok: Any,
+    messages: Sequence[dict[str, Any]],
+    max_len: int,
+    train_on_prompt: bool = False,
+    source: str = "",
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[Example, bool]:
     """Token ids and labels for one conversation; returns (example, was_truncated)."""
-    text, spans = assistant_spans(tok, messages)
+    text, spans = assistant_spans(tok, messages, tools)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
     offsets = enc["offset_mapping"]
@@ -104,11 +124,17 @@ def encode(
 def encode_all(
     tok: Any, conversations: Sequence[Any], max_len: int, train_on_prompt: bool = False
 ) -> tuple[list[Example], EncodeStats]:
-    """Encode conversations (objects with `.messages` and `.source`); report truncations and drops."""
+    """Encode conversations (objects with `.messages`, `.source` and `.tooled`); report truncations
+    and drops. A record with tools is rendered as the template renders tools when it can (its
+    `tooled` form: the prompts and calls the server gives that base), as Hermes text otherwise."""
     stats = EncodeStats()
     out = []
     for conv in conversations:
-        ex, truncated = encode(tok, conv.messages, max_len, train_on_prompt, conv.source)
+        tooled = getattr(conv, "tooled", None) if native(tok) else None
+        if tooled is not None:
+            ex, truncated = encode(tok, tooled.messages, max_len, train_on_prompt, conv.source, tooled.functions)
+        else:
+            ex, truncated = encode(tok, conv.messages, max_len, train_on_prompt, conv.source)
         stats.truncated += truncated
         if ex.n_labels == 0:
             stats.dropped.append(conv.source)

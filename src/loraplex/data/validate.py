@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import phonenumbers
@@ -78,7 +78,13 @@ def redact_conversations(conversations: list[Conversation]) -> tuple[list[Conver
             r = redact(m["content"])
             total.update(r.counts)
             messages.append({"role": m["role"], "content": r.text})
-        out.append(Conversation(messages, conv.source))
+        tooled = None
+        if conv.tooled is not None:
+            tooled = replace(
+                conv.tooled,
+                messages=[{**m, "content": redact(m["content"]).text} for m in conv.tooled.messages],
+            )
+        out.append(Conversation(messages, conv.source, tooled=tooled))
     return out, total
 
 

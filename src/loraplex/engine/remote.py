@@ -181,11 +181,6 @@ class RemoteEngine:
         key = req.key
         if key and key not in self.adapters.slot_of:
             await asyncio.to_thread(self._load, registry.resolve(key))
-        if params.response_format and json.loads(params.response_format).get("type") == "lark":
-            raise UserError(
-                "tool_choice 'required' or a named function is constrained by the built-in engine only; "
-                "behind vLLM use tool_choice 'auto'"
-            )
         body = _body(prompt_ids, params, key or self.upstream_base, limit)
         if params.prompt_logprobs is not None:
             # vLLM returns a prompt's logprobs with `echo` in one JSON answer; at least one token is
@@ -374,9 +369,18 @@ def _body(prompt_ids: list[int], p: SamplingParams, model: str, max_tokens: int)
         "stop": list(p.stop) or None,
         "stop_token_ids": list(p.stop_token_ids) or None,
         "ignore_eos": p.ignore_eos or None,
-        "response_format": json.loads(p.response_format) if p.response_format else None,  # vLLM enforces it
     }
     body.update({k: v for k, v in optional.items() if v is not None})
+    if p.response_format:  # vLLM enforces it
+        fmt = json.loads(p.response_format)
+        fmt.pop("param", None)  # the field a request named it by, for this server's own errors
+        if fmt["type"] in ("lark", "regex"):
+            # a grammar (a forced tool call, a client's structured_outputs) goes as vLLM's own
+            # extension; its %json needs vLLM's `guidance` structured-output backend (or `auto`,
+            # which falls back to it)
+            body["structured_outputs"] = {"grammar" if fmt["type"] == "lark" else "regex": fmt[fmt["type"]]}
+        else:
+            body["response_format"] = fmt
     return body
 
 

@@ -1,4 +1,5 @@
-"""Structured output: OpenAI's `response_format` (json_object, json_schema) as a token mask per row.
+"""Structured output: OpenAI's `response_format` (json_object, json_schema) and vLLM's
+`structured_outputs` (json, regex, choice, Lark grammar) as a token mask per row.
 
 Built on llguidance, the grammar engine behind vLLM's `guidance` backend and Microsoft's guidance
 (a Rust library, a few MB, no dependencies; xgrammar needs triton, 1 GB on disk, for CPU serving
@@ -39,10 +40,15 @@ def grammar_of(response_format: str) -> str | None:
     kind = spec.get("type", "text")
     if kind == "text":
         return None
-    if kind == "lark":  # the server's own grammars (tool calls, api/tools.py); not a client's format
-        grammar = llguidance.LLMatcher.grammar_from_lark(spec["lark"])
+    if kind in ("lark", "regex"):  # tool calls (api/tools.py), vLLM's structured_outputs (api/schemas.py)
+        if kind == "lark":
+            grammar = llguidance.LLMatcher.grammar_from_lark(spec["lark"])
+        else:
+            grammar = llguidance.LLMatcher.grammar_from_regex(spec["regex"])
         error = llguidance.LLMatcher.validate_grammar(grammar)
         if error and not error.startswith("WARNING"):
+            if spec.get("param") == "structured_outputs":
+                raise Unprocessable(f"structured_outputs: this {kind} cannot be enforced ({error})")
             raise Unprocessable(f"tools: the functions' parameters cannot be enforced ({error})")
         return str(grammar)
     if kind == "json_object":
@@ -54,13 +60,14 @@ def grammar_of(response_format: str) -> str | None:
     else:
         raise UserError(f"response_format type {kind!r} is not supported: use text, json_object or json_schema")
     options = {**_JSON_OPTIONS, "lenient": not strict}
+    field = spec.get("param", "response_format")
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)  # type: ignore[arg-type]
     except (ValueError, TypeError, RuntimeError) as e:
-        raise Unprocessable(f"response_format: this JSON schema cannot be enforced ({e})") from None
+        raise Unprocessable(f"{field}: this JSON schema cannot be enforced ({e})") from None
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error and not error.startswith("WARNING"):
-        raise Unprocessable(f"response_format: this JSON schema cannot be enforced ({error})")
+        raise Unprocessable(f"{field}: this JSON schema cannot be enforced ({error})")
     return grammar
 
 
