@@ -1,9 +1,11 @@
-"""Label mask: loss only on assistant tokens (answer + end-of-turn); packing does not change the loss."""
+"""Label mask: loss only on assistant tokens (answer + end-of-turn); packing and the labelled-only
+output head do not change the loss (Hugging Face's own loss is the reference)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from loraplex.data.tokenize import IGNORE, encode, pack
@@ -79,3 +81,11 @@ def test_packed_and_unpacked_give_the_same_loss(tiny_base: Path) -> None:
     assert results[True][1] == results[False][1]
     assert abs(results[True][0] - results[False][0]) < 1e-4
     assert torch.allclose(results[True][2], results[False][2], atol=1e-4)
+    # and both equal the unfused reference: Hugging Face's own loss on the padded batch (logits at
+    # every position, its shift and mean), the loss TRL and Trainer train on
+    batch = make_batch(examples, tok.pad_token_id, False, 512)
+    reference = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert float(reference) == pytest.approx(results[False][0], rel=1e-5)
+    reference.backward()
+    grad = next(p.grad for p in model.parameters() if p.requires_grad)
+    torch.testing.assert_close(grad * results[False][1], results[False][2], rtol=1e-4, atol=1e-4)
