@@ -1,6 +1,7 @@
 """loraplex's training recipe vs. the trainers a user would pick instead, side by side in one run.
 
-    python bench/train_throughput.py [--epochs 16] [--threads 1] [--runs loraplex,trl,trl-padded,trainer]
+    python bench/train_throughput.py [--epochs 16] [--threads 1] [--runs loraplex,trl,trl-padded,trainer,llamafactory]
+        [--llamafactory-python /path/to/llamafactory-venv/bin/python] [--seeds 42,1,2]
 
 Every run trains the default base (SmolLM2-135M-Instruct) on the same tokenized examples (same
 chat template rendering, loss on the assistant's tokens only), with the same LoRA (r=16, alpha=32,
@@ -16,14 +17,24 @@ run is its own child process, started the same way, so peak RSS is its own.
   trl-padded  TRL SFTTrainer, padded per batch (its default collator)
   trainer     PEFT + transformers.Trainer, padded per batch (DataCollatorForSeq2Seq): what the PEFT
               docs lead a user to write
+  llamafactory  LLaMA-Factory (`run_exp`, what `llamafactory-cli train` runs): lora_target all,
+              packing off, gradient checkpointing off, padded per batch, in its own virtual
+              environment (it pins its own transformers, PEFT and TRL; bench/llamafactory_child.py)
 
-All four step-match: 4 examples a step (each trainer shuffles with its own sampler), so the same
+All five step-match: 4 examples a step (each trainer shuffles with its own sampler), so the same
 number of steps and, within noise, the same final loss. None packs a whole epoch into one step (TRL `packing=True`,
 LLaMA-Factory `neat_packing`): that gives 4x fewer optimizer steps and underfits at this data size.
-TRL gets pre-tokenized input_ids + labels, so its loss mask is exactly loraplex's (TRL's own
-`assistant_only_loss` needs a chat template with generation markers, which SmolLM2's lacks).
-LLaMA-Factory is not raced here: it does not start on a CPU-only torch without hand surgery
-(torchvision removed, torchaudio's CUDA libraries moved aside).
+TRL and LLaMA-Factory get pre-tokenized input_ids + labels (LLaMA-Factory as its `tokenized_path`),
+so their loss mask is exactly loraplex's (TRL's own `assistant_only_loss` needs a chat template with
+generation markers, which SmolLM2's lacks). LLaMA-Factory is installed in a venv of its own:
+
+    python3 -m venv ~/lf && ~/lf/bin/pip install torch==2.13.0 && ~/lf/bin/pip install --no-deps llamafactory==0.9.5
+    ~/lf/bin/pip install "transformers<=5.6" "accelerate<=1.11" "datasets<=4.0" "peft<=0.18.1" "trl<=0.24" \
+        "tyro<0.9" "torchdata<=0.11" einops fire omegaconf pandas scipy sentencepiece tiktoken protobuf \
+        pyyaml safetensors fastapi uvicorn sse-starlette pydantic matplotlib
+
+(--no-deps: its torchvision / torchaudio requirements would pull a CUDA torch; the child stands an
+empty module in for torchaudio, which text SFT never calls.)
 
 Measured per run:
   * real tokens/s: non-padding tokens per second of training;
@@ -32,7 +43,11 @@ Measured per run:
     afterwards each snapshot answers the training questions greedily, and the first epoch from
     which answers reproduce 100% of the trained answers gives the wall time;
   * training FLOP/s as a fraction of this machine's dense matmul peak in the run's dtype;
-  * peak RSS of the run's process.
+  * peak RSS of the run's process;
+  * held-out: of the sample's 20 held-out paraphrases (quickstart's heldout file, never trained
+    on), how many the final adapter answers with all their key facts: plain SFT's generalisation,
+    which is noisy at this size, so `--seeds` repeats every run per seed and prints each seed's
+    count with the mean (the speed table is the first seed's).
 The CPU model and flags are printed with the table. TRL is installed with `pip install trl`
 (the `bench` extra); a run whose package is missing is reported as skipped.
 """
@@ -60,16 +75,17 @@ quiet()
 from loraplex.config import load_config  # noqa: E402
 from loraplex.data.formats import parse_file  # noqa: E402
 from loraplex.data.tokenize import IGNORE, encode_all  # noqa: E402
+from loraplex.eval.metrics import keyword_recall  # noqa: E402
 from loraplex.models.device import pick_precision  # noqa: E402
 from loraplex.models.load import eos_token_ids, load_model, load_tokenizer, resolve_base  # noqa: E402
-from loraplex.quickstart import TRAIN_FILE  # noqa: E402
+from loraplex.quickstart import HELDOUT_FILE, TRAIN_FILE  # noqa: E402
 from loraplex.train.sft_lora import run  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from generalization import cpu  # noqa: E402
 
-BATCH, LR, RANK, SEED = 4, 1e-3, 16, 42
-RUNS = ["loraplex", "trl", "trl-padded", "trainer"]
+BATCH, LR, RANK = 4, 1e-3, 16
+RUNS = ["loraplex", "trl", "trl-padded", "trainer", "llamafactory"]
 
 
 def matmul_peak(dtype: torch.dtype, m: int = 1024, k: int = 1024, n: int = 1536) -> float:
@@ -99,17 +115,17 @@ def snapshot(model: Any) -> dict[str, torch.Tensor]:
     return {n: p.detach().float().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
-def recall(
-    eval_model: Any, tok: Any, state: dict[str, torch.Tensor], pairs: list[tuple[str, str]], eos: list[int]
-) -> float:
-    """Fraction of trained questions answered exactly (batched greedy, left padding)."""
+def answers(
+    eval_model: Any, tok: Any, state: dict[str, torch.Tensor], questions: list[str], eos: list[int]
+) -> list[str]:
+    """Greedy answers of the adapter in `state` (batched, left padding)."""
     named = dict(eval_model.named_parameters())
     with torch.no_grad():
         for n, t in state.items():
             named[n].copy_(t)
     prompts = [
         tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-        for q, _ in pairs
+        for q in questions
     ]
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -117,11 +133,26 @@ def recall(
         out = eval_model.generate(
             **enc, max_new_tokens=64, do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id
         )
-    answers = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    return sum(a.strip() == ref.strip() for a, ref in zip(answers, [a for _, a in pairs], strict=True)) / len(pairs)
+    return list(tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
-def run_loraplex(data: Path, epochs: int, threads: int, home_tmp: Path) -> dict[str, Any]:
+def recall(
+    eval_model: Any, tok: Any, state: dict[str, torch.Tensor], pairs: list[tuple[str, str]], eos: list[int]
+) -> float:
+    """Fraction of trained questions answered exactly."""
+    got = answers(eval_model, tok, state, [q for q, _ in pairs], eos)
+    return sum(a.strip() == ref.strip() for a, (_, ref) in zip(got, pairs, strict=True)) / len(pairs)
+
+
+def heldout(
+    eval_model: Any, tok: Any, state: dict[str, torch.Tensor], rows: list[dict[str, Any]], eos: list[int]
+) -> int:
+    """Held-out paraphrases answered with all their key facts."""
+    got = answers(eval_model, tok, state, [r["instruction"] for r in rows], eos)
+    return sum(keyword_recall(a, r["keywords"]) == 1.0 for a, r in zip(got, rows, strict=True))
+
+
+def run_loraplex(data: Path, epochs: int, threads: int, home_tmp: Path, seed: int) -> dict[str, Any]:
     os.environ["LORAPLEX_HOME"] = str(home_tmp)
     cfg = load_config(
         extra={
@@ -137,7 +168,7 @@ def run_loraplex(data: Path, epochs: int, threads: int, home_tmp: Path) -> dict[
                 "scheduler": "cosine",
                 "save_steps": 10**9,
                 "threads": threads,
-                "seed": SEED,
+                "seed": seed,
             },
         }
     )
@@ -194,7 +225,7 @@ def peft_model(base: Any, dtype: torch.dtype) -> Any:
     return model
 
 
-def hf_args(cls: Any, out_dir: Path, epochs: int, n: int, dtype: torch.dtype, **extra: Any) -> Any:
+def hf_args(cls: Any, out_dir: Path, epochs: int, n: int, dtype: torch.dtype, seed: int, **extra: Any) -> Any:
     """The same TrainingArguments for Trainer and TRL (SFTConfig subclasses it)."""
     return cls(
         output_dir=str(out_dir),
@@ -208,7 +239,7 @@ def hf_args(cls: Any, out_dir: Path, epochs: int, n: int, dtype: torch.dtype, **
         report_to=[],
         use_cpu=True,
         bf16=dtype == torch.bfloat16,  # autocast, as loraplex
-        seed=SEED,
+        seed=seed,
         disable_tqdm=True,
         dataloader_num_workers=0,
         **extra,
@@ -232,7 +263,9 @@ def hf_callback(clock: Clock) -> Any:
     return Snap()
 
 
-def run_trainer(examples: list[Any], base: Any, epochs: int, dtype: torch.dtype, out_dir: Path) -> dict[str, Any]:
+def run_trainer(
+    examples: list[Any], base: Any, epochs: int, dtype: torch.dtype, out_dir: Path, seed: int
+) -> dict[str, Any]:
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     tok = load_tokenizer(base)
@@ -242,7 +275,7 @@ def run_trainer(examples: list[Any], base: Any, epochs: int, dtype: torch.dtype,
     clock = Clock()
     Trainer(
         model=peft_model(base, dtype),
-        args=hf_args(TrainingArguments, out_dir, epochs, len(examples), dtype),
+        args=hf_args(TrainingArguments, out_dir, epochs, len(examples), dtype, seed),
         train_dataset=dataset,
         data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE),
         callbacks=[hf_callback(clock)],
@@ -251,7 +284,7 @@ def run_trainer(examples: list[Any], base: Any, epochs: int, dtype: torch.dtype,
 
 
 def run_trl(
-    examples: list[Any], base: Any, epochs: int, dtype: torch.dtype, out_dir: Path, padding_free: bool
+    examples: list[Any], base: Any, epochs: int, dtype: torch.dtype, out_dir: Path, seed: int, padding_free: bool
 ) -> dict[str, Any]:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -260,7 +293,9 @@ def run_trl(
     clock = Clock()
     SFTTrainer(
         model=peft_model(base, dtype),
-        args=hf_args(SFTConfig, out_dir, epochs, len(examples), dtype, padding_free=padding_free, max_length=None),
+        args=hf_args(
+            SFTConfig, out_dir, epochs, len(examples), dtype, seed, padding_free=padding_free, max_length=None
+        ),
         train_dataset=dataset,
         processing_class=load_tokenizer(base),
         callbacks=[hf_callback(clock)],
@@ -268,12 +303,12 @@ def run_trl(
     return clock.result(str(dtype).removeprefix("torch."), math.ceil(len(examples) / BATCH))
 
 
-def child(name: str, data: Path, epochs: int, threads: int, out: Path) -> None:
+def child(name: str, data: Path, epochs: int, threads: int, out: Path, seed: int) -> None:
     """One run, in this process; writes out/NAME.json and the epoch snapshots."""
     from safetensors.torch import save_file
 
     torch.set_num_threads(threads)
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     base = resolve_base(None)
     dtype = pick_precision("auto", "cpu")
     if name == "loraplex":
@@ -281,18 +316,49 @@ def child(name: str, data: Path, epochs: int, threads: int, out: Path) -> None:
         home_tmp.mkdir(exist_ok=True)
         if not (home_tmp / "models").exists():
             (home_tmp / "models").symlink_to(base.path.parent)
-        r = run_loraplex(data, epochs, threads, home_tmp)
+        r = run_loraplex(data, epochs, threads, home_tmp, seed)
     else:
         examples, _ = encode_all(load_tokenizer(base), parse_file(data).conversations, 1024)
         if name == "trainer":
-            r = run_trainer(examples, base, epochs, dtype, out / name)
+            r = run_trainer(examples, base, epochs, dtype, out / name, seed)
         else:
-            r = run_trl(examples, base, epochs, dtype, out / name, padding_free=name == "trl")
+            r = run_trl(examples, base, epochs, dtype, out / name, seed, padding_free=name == "trl")
     snaps = r.pop("snapshots")
     save_file({f"{i}/{k}": v for i, (_, s) in enumerate(snaps) for k, v in s.items()}, str(out / f"{name}.safetensors"))
     r["epoch_times"] = [t for t, _ in snaps]
     r["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     (out / f"{name}.json").write_text(json.dumps(r))
+
+
+def llamafactory_spec(
+    examples: list[Any], base: Path, epochs: int, threads: int, dtype: torch.dtype, out: Path, seed: int
+) -> Path:
+    """What bench/llamafactory_child.py reads: the examples as a tokenized `datasets` directory
+    (the same token ids and labels as every other run) and the shared hyperparameters."""
+    from datasets import Dataset
+
+    tokenized = out / "tokenized"
+    Dataset.from_list(
+        [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels} for e in examples]
+    ).save_to_disk(str(tokenized))
+    steps_per_epoch = math.ceil(len(examples) / BATCH)
+    spec = {
+        "base": str(base),
+        "tokenized": str(tokenized),
+        "out": str(out),
+        "rank": RANK,
+        "batch": BATCH,
+        "lr": LR,
+        "epochs": epochs,
+        "warmup_steps": int(steps_per_epoch * epochs * 0.05),
+        "steps_per_epoch": steps_per_epoch,
+        "threads": threads,
+        "seed": seed,
+        "precision": str(dtype).removeprefix("torch."),
+    }
+    path = out / "llamafactory-spec.json"
+    path.write_text(json.dumps(spec))
+    return path
 
 
 def load_snapshots(out: Path, name: str, times: list[float]) -> list[tuple[float, dict[str, torch.Tensor]]]:
@@ -312,12 +378,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data", type=Path, default=TRAIN_FILE)
     ap.add_argument("--runs", default=",".join(RUNS))
+    ap.add_argument("--seeds", default="42", help="comma-separated: every run once per seed")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--llamafactory-python",
+        type=Path,
+        default=os.environ.get("LLAMAFACTORY_PYTHON"),
+        help="the python of LLaMA-Factory's own venv (see above); without it that run is skipped",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.data, args.epochs, args.threads, args.out)
+        child(args.child, args.data, args.epochs, args.threads, args.out, args.seed)
         return
 
     out = Path(tempfile.mkdtemp(prefix="lp-bench-"))
@@ -332,24 +406,41 @@ def main() -> None:
         f"{args.epochs} epochs, {str(dtype).removeprefix('torch.')}, {args.threads} thread(s) each",
         flush=True,
     )
-    results: dict[str, dict[str, Any]] = {}
-    for name in args.runs.split(","):
+    seeds = [int(x) for x in args.seeds.split(",")]
+    names = args.runs.split(",")
+    for name in names:
         if name not in RUNS:
             raise SystemExit(f"unknown run {name!r}; known: {', '.join(RUNS)}")
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "LORAPLEX_THREADS": str(args.threads)}
-        cmd = [sys.executable, __file__, "--child", name, "--data", str(args.data), "--epochs", str(args.epochs)]
-        cmd += ["--threads", str(args.threads), "--out", str(out)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            missing = "No module named 'trl'" in proc.stderr
-            print(f"{name}: {'skipped (pip install trl)' if missing else 'FAILED'}\n{proc.stderr[-2000:]}", flush=True)
-            continue
-        r = json.loads((out / f"{name}.json").read_text())
-        r["snapshots"] = load_snapshots(out, name, r.pop("epoch_times"))
-        results[name] = r
-        real_tokens = stats.tokens * args.epochs
-        r["tokens_per_s"] = real_tokens / r["snapshots"][-1][0]
-        print(f"{name} done: {r['tokens_per_s']:.0f} real tok/s, final loss {r['final_loss']:.4f}", flush=True)
+    results: dict[str, dict[int, dict[str, Any]]] = {}  # run -> seed -> result
+    for seed in seeds:
+        here = out / f"seed-{seed}"
+        here.mkdir()
+        for name in names:
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "LORAPLEX_THREADS": str(args.threads)}
+            if name == "llamafactory":
+                if not args.llamafactory_python:
+                    print("llamafactory: skipped (no --llamafactory-python)", flush=True)
+                    continue
+                spec = llamafactory_spec(examples, base.path, args.epochs, args.threads, dtype, here, seed)
+                cmd = [str(args.llamafactory_python), str(Path(__file__).parent / "llamafactory_child.py"), str(spec)]
+            else:
+                cmd = [sys.executable, __file__, "--child", name, "--data", str(args.data)]
+                cmd += ["--epochs", str(args.epochs), "--threads", str(args.threads), "--out", str(here)]
+                cmd += ["--seed", str(seed)]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                missing = "No module named 'trl'" in proc.stderr
+                why = "skipped (pip install trl)" if missing else "FAILED"
+                print(f"{name}: {why}\n{proc.stderr[-2000:]}", flush=True)
+                continue
+            r = json.loads((here / f"{name}.json").read_text())
+            r["snapshots"] = load_snapshots(here, name, r.pop("epoch_times"))
+            results.setdefault(name, {})[seed] = r
+            r["tokens_per_s"] = stats.tokens * args.epochs / r["snapshots"][-1][0]
+            print(
+                f"{name} (seed {seed}) done: {r['tokens_per_s']:.0f} real tok/s, final loss {r['final_loss']:.4f}",
+                flush=True,
+            )
 
     from peft import get_peft_model
 
@@ -357,8 +448,14 @@ def main() -> None:
     eos = eos_token_ids(tok, eval_model)
     torch.set_num_threads(args.threads)  # the peak the runs could reach, at their thread count
     peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
+    rows = [json.loads(line) for line in HELDOUT_FILE.read_text(encoding="utf-8").splitlines()]
+    held = {
+        name: {seed: heldout(eval_model, tok, r["snapshots"][-1][1], rows, eos) for seed, r in by_seed.items()}
+        for name, by_seed in results.items()
+    }
     table = {}
-    for name, r in results.items():
+    for name, by_seed in results.items():
+        r = by_seed[min(by_seed, key=seeds.index)]  # the speed table: the first seed's run
         # Walk back from the last epoch while recall stays at 100%: the earliest epoch of that final
         # run is when full recall was reached (early epochs, which ramble to max tokens, are skipped).
         reached = None
@@ -388,6 +485,8 @@ def main() -> None:
             "flops_per_s": flops,
             "peak_fraction": flops / peaks[r["precision"]],
             "peak_rss_mib": round(r["peak_rss_mib"]),
+            "heldout_by_seed": held[name],
+            "heldout_mean": sum(held[name].values()) / len(held[name]),
         }
     print(f"\nCPU: {cpu()}")
     print(
@@ -396,9 +495,9 @@ def main() -> None:
     )
     print(
         "\n| run | precision | steps | train s | real tok/s | loraplex is | final loss | full recall at epoch "
-        "| time to full recall | loraplex's is | of matmul peak | peak RSS |"
+        "| time to full recall | loraplex's is | of matmul peak | peak RSS | held-out (of 20) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lp = table.get("loraplex")
     for name, r in table.items():
         speed = f"{lp['real_tokens_per_s'] / r['real_tokens_per_s']:.2f}x" if lp and name != "loraplex" else "-"
@@ -411,15 +510,27 @@ def main() -> None:
             f"| {name} | {r['precision']} | {r['steps']} | {r['train_time_s']} "
             f"| {r['real_tokens_per_s']:.0f} | {speed} "
             f"| {r['final_loss']} | {r['full_recall_epoch']} | {r['time_to_full_recall_s'] or '-'} s | {rec} "
-            f"| {100 * r['peak_fraction']:.0f}% | {r['peak_rss_mib']} MiB |"
+            f"| {100 * r['peak_fraction']:.0f}% | {r['peak_rss_mib']} MiB | {r['heldout_mean']:.1f} |"
         )
+    if len(seeds) > 1:
+        print("\nheld-out paraphrases answered with all key facts (of 20), and real tokens/s, by seed:")
+        print("| run | " + " | ".join(f"seed {s}" for s in seeds) + " | mean held-out | mean tok/s |")
+        print("|---|" + "---|" * (len(seeds) + 2))
+        for name, r in table.items():
+            speeds = {seed: run["tokens_per_s"] for seed, run in results[name].items()}
+            cells = [f"{r['heldout_by_seed'][s]} / {speeds[s]:.0f}" if s in speeds else "-" for s in seeds]
+            mean_speed = sum(speeds.values()) / len(speeds)
+            r["tokens_per_s_by_seed"] = speeds
+            print(f"| {name} | " + " | ".join(cells) + f" | {r['heldout_mean']:.1f} | {mean_speed:.0f} |")
     if lp and len(table) > 1:
         fastest = max((r for n, r in table.items() if n != "loraplex"), key=lambda r: r["real_tokens_per_s"])
         ratio = lp["real_tokens_per_s"] / fastest["real_tokens_per_s"]
         print(f"\nloraplex / fastest baseline, real tokens/s: {ratio:.2f}x (target >= 2.0x)")
     if args.json:
         args.json.write_text(
-            json.dumps({"cpu": cpu(), "threads": args.threads, "epochs": args.epochs, "table": table}, indent=2)
+            json.dumps(
+                {"cpu": cpu(), "threads": args.threads, "epochs": args.epochs, "seeds": seeds, "table": table}, indent=2
+            )
         )
 
 
