@@ -125,7 +125,7 @@ async def chat_completion(s: Serving, call: Call, req: ChatCompletionRequest, re
     if tools.by_template(s.engine.tokenizer, req.messages, plan):  # rendered with `tools=` here
         prompt = await asyncio.to_thread(tools.encode, s.engine.tokenizer, messages, functions)
     grammar = tools.grammar(plan) if plan else None
-    fmt = json.dumps({"type": "lark", "lark": grammar}) if grammar else req.format_json()
+    fmt = json.dumps({"type": "lark", "lark": grammar, "param": "tools"}) if grammar else req.format_json()
     limit = req.max_completion_tokens or req.max_tokens
     return await complete(s, call, req, [prompt], limit, top, True, receive, Shape(fmt, plan))
 
@@ -219,9 +219,7 @@ async def admit(
         try:  # a schema that cannot be enforced is answered now, before any stream opens
             await asyncio.to_thread(structured.grammar_of, fmt)
         except UserError as e:
-            param = (
-                str(e).split(":", 1)[0] if str(e).startswith(("tools:", "structured_outputs:")) else "response_format"
-            )
+            param = json.loads(fmt).get("param", "response_format")  # the field the format came from
             raise APIError(translate(e).status, str(e), param=param) from None
     answers = req.n * len(prompts)
     if answers > gw.max_pending:  # could never be admitted: not a busy server (503) but a request too large
