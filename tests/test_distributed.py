@@ -88,7 +88,11 @@ def weights(ref: str) -> dict:
     return load_file(str(registry.resolve(ref).path / "adapter_model.safetensors"))
 
 
-def close(a: dict, b: dict, tol: float = 1e-5) -> bool:
+def close(a: dict, b: dict, tol: float = 1e-4) -> bool:
+    """Same weights, up to rounding. Adam moves every weight by about lr (1e-2 here) a step however
+    small its gradient, so a weight whose gradient is near zero carries the gradient's relative
+    rounding error (rows summed in another order on another process) times lr: measured up to 2.3e-5
+    after 4 steps with attention per packed example, 5e-6 with eager attention."""
     return a.keys() == b.keys() and all(float((a[k] - b[k]).abs().max()) < tol for k in a)
 
 

@@ -33,6 +33,7 @@ from loraplex.config import TrainConfig
 from loraplex.data.tokenize import IGNORE, Example
 from loraplex.errors import UserError
 from loraplex.models.load import BaseRef, load_model
+from loraplex.train import attention
 from loraplex.train.data import Prepared, make_batch
 
 
@@ -42,16 +43,23 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     Equivalent to `model(**batch).loss * n`, but the output head runs only on labelled positions.
     """
     inner = model.get_base_model()
+    spans = {"segments": attention.segments(batch["position_ids"])} if packed_attention(inner) else {}
     hidden = inner.get_decoder()(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
         attention_mask=batch.get("attention_mask"),
         use_cache=False,
+        **spans,
     ).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     logits = inner.get_output_embeddings()(hidden[:, :-1][keep])
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
+
+
+def packed_attention(model: Any) -> bool:
+    """Whether `model` attends per packed example (train/attention.py), so needs the spans passed."""
+    return getattr(model.config, "_attn_implementation", None) == attention.NAME
 
 
 def labelled(batch: dict[str, torch.Tensor]) -> int:
@@ -109,7 +117,6 @@ def build_model(
     """The base with a fresh PEFT LoRA on it, loaded on `load_on`, ready to train in `dtype`."""
     from peft import get_peft_model
 
-    # Eager attention beats SDPA's CPU kernels at these lengths (bench/train_throughput.py profile).
     # On a GPU the base loads straight in the compute dtype: an fp32 copy first would need twice its
     # memory (32 GB for an 8B base, more than a 24 GB card that trains it in bf16). On the CPU it
     # loads in fp32, so LoRA's initial weights are exact (PEFT rounds a new adapter to its base's
@@ -121,6 +128,11 @@ def build_model(
         attn_implementation="eager" if device == "cpu" else "sdpa",
         quantization=quantization,
     )
+    # On the CPU, attention per packed example where the architecture's attention is the plain kind
+    # (train/attention.py); not under torch.compile, where the spans (Python ints that change every
+    # step) would recompile the graph at each step.
+    if device == "cpu" and not cfg.train.compile and attention.supports(model.config):
+        model.set_attn_implementation(attention.NAME)
     # No `prepare_model_for_kbit_training` for QLoRA: it casts every unquantised weight to fp32, and the
     # embeddings and head of a 128k-vocabulary model are then 4 GB instead of 2; autocast computes in
     # the compute dtype and the RMSNorms already compute in fp32. Checkpointing is our own switch below.
