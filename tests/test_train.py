@@ -330,6 +330,13 @@ def test_qlora_needs_cuda_and_merges_into_the_full_precision_base(
     got = merged.model.layers[0].self_attn.q_proj.weight
     assert got.dtype == torch.float32 and float((got - want).abs().max()) < 1e-6
     assert float(delta.abs().max()) > 1e-4  # the adapter really changed the weight
+    # every weight equals PEFT's own merge (the reference export used before it merged by itself)
+    from peft import PeftModel
+
+    reference = PeftModel.from_pretrained(base, str(res.adapter.path)).merge_and_unload().state_dict()
+    mine = merged.state_dict()
+    assert mine.keys() == reference.keys()
+    assert max(float((mine[k] - reference[k]).abs().max()) for k in mine) < 1e-6
 
 
 @pytest.mark.slow

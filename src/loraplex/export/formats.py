@@ -1,8 +1,9 @@
 """`loraplex export`: a stored adapter in the shape another tool deploys.
 
 - `peft`: the adapter directory as PEFT writes it (adapter_config.json + safetensors).
-- `merged`: base + adapter merged (`merge_and_unload`) into a standalone Hugging Face model with
-  the tokenizer, chat template and end-of-turn token, so plain transformers answers like loraplex.
+- `merged`: base + adapter merged (each weight plus its scaled delta B A, what PEFT's
+  `merge_and_unload` computes) into a standalone Hugging Face model with the tokenizer, chat
+  template and end-of-turn token, so plain transformers answers like loraplex.
 - `gguf`: the adapter as a GGUF LoRA for llama.cpp (see to_gguf.py), and with `--merged` the base
   GGUF with the adapter merged in (f32).
 - `ollama`: a Modelfile (FROM the base GGUF, ADAPTER the GGUF LoRA, TEMPLATE, stop parameters and
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 from collections.abc import Iterator
@@ -28,12 +30,25 @@ from typing import Any
 
 from loraplex import staging
 from loraplex.adapters import registry
+from loraplex.adapters.peft_io import read_peft_lora
 from loraplex.data.tokenize import render
 from loraplex.errors import UserError
-from loraplex.models.load import BaseRef, eos_token_ids, gguf_file, load_model, load_tokenizer, resolve_base
+from loraplex.models.load import (
+    BaseRef,
+    eos_token_ids,
+    gguf_file,
+    load_model,
+    load_tokenizer,
+    resolve_base,
+    save_hf,
+)
 
 FORMATS = ("peft", "merged", "gguf", "ollama", "vllm")
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
+
+
+LAYER_WEIGHT = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.weight$")
+"""A decoder layer's projection weight in Hugging Face naming: (layer, module), as PEFT names them."""
 
 
 @contextmanager
@@ -78,20 +93,29 @@ def export_peft(ref: registry.AdapterRef, out: Path) -> None:
 
 
 def export_merged(ref: registry.AdapterRef, out: Path) -> None:
+    """The base with the adapter's delta (B A, scaled) added to each weight, fp32, as a Hugging Face
+    directory. Merged here rather than by PEFT's `merge_and_unload`: the same sum, without importing
+    PEFT and DeepSpeed (about 5 s of a 135M model's export)."""
     import torch
-    from peft import PeftModel
-
-    if not torch.cuda.is_available():  # save_pretrained imports DeepSpeed (via accelerate), which warns on CPU
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     base = _adapter_base(ref)
     tok = load_tokenizer(base)
-    model = PeftModel.from_pretrained(load_model(base), str(ref.path)).merge_and_unload()
+    model = load_model(base)
+    weights = {}
+    for name, p in model.named_parameters():
+        m = LAYER_WEIGHT.search(name)
+        if m:
+            weights[(int(m.group(1)), m.group(2))] = p
+    with torch.no_grad():
+        for (layer, module), (a, b) in read_peft_lora(ref.path, ref.id).items():
+            w = weights.get((layer, module))
+            if w is None or w.shape != (b.shape[0], a.shape[1]):
+                raise UserError(f"adapter {ref.id}: layer {layer} {module} does not match base {base.id}")
+            w += (b @ a).to(w.dtype)
     model.generation_config.eos_token_id = eos_token_ids(tok, model)
     model.generation_config.pad_token_id = tok.pad_token_id
     with staged(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)  # the chat template travels with the tokenizer
+        save_hf(model, tok, tmp)  # the chat template travels with the tokenizer
 
 
 def export_gguf(ref: registry.AdapterRef, out: Path, merged: bool = False) -> None:

@@ -78,9 +78,25 @@ def _gguf_cache_dir(gguf: Path, base_id: str) -> Path:
     return home() / "models" / f"{base_id}-{key}"
 
 
+def save_hf(model: Any, tok: Any, out: Path) -> None:
+    """A Hugging Face model directory (config, generation config, one model.safetensors, tokenizer)
+    written into `out`, which exists. Not `model.save_pretrained`: it asks accelerate to unwrap the
+    model, which imports DeepSpeed when installed (seconds, and "Setting accelerator to CPU" on every
+    first run)."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(out)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # the same tensor as the embedding; loading re-ties it
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), {"format": "pt"})
+    tok.save_pretrained(out)
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF file into an fp32 safetensors HF directory, atomically."""
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -97,16 +113,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
     try:
-        # not model.save_pretrained: it asks accelerate to unwrap the model, which imports DeepSpeed
-        # when installed, and DeepSpeed prints "Setting accelerator to CPU" on every first run
-        model.config.save_pretrained(tmp)
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(tmp)
-        state = model.state_dict()
-        if model.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)  # the same tensor as the embedding; loading re-ties it
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), {"format": "pt"})
-        tok.save_pretrained(tmp)
+        save_hf(model, tok, tmp)
         (tmp / "loraplex_source.json").write_text(
             json.dumps({"gguf": str(gguf), "sha256": sha256_file(gguf)}, indent=2)
         )
