@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from loraplex.adapters.names import not_found
-from loraplex.api import tools
+from loraplex.api import render, tools
 from loraplex.api.errors import APIError, translate
 from loraplex.api.schemas import ChatCompletionRequest, CompletionRequest
 from loraplex.assistants import faq, retrieval
@@ -298,7 +298,7 @@ async def answer_json(engine: EngineClient, run: Run, receive: Any) -> Any:
     for i, (text, r) in enumerate(zip(texts, results, strict=True)):
         finish = r.finish_reason
         if chat:
-            lp = _logprobs_json(engine, r.logprobs, as_ids) if top_logprobs is not None else None
+            lp = render.logprobs_json(engine, r.logprobs, as_ids) if top_logprobs is not None else None
             message: dict[str, Any] = {"role": "assistant", "content": text}
             if shape.tools is not None:
                 parsed = tools.parse(text, shape.tools)
@@ -315,7 +315,7 @@ async def answer_json(engine: EngineClient, run: Run, receive: Any) -> Any:
                 prompt = a.prompts[i // req.n]
                 text = engine.tokenizer.decode(prompt) + text
                 tokens = [*zip(prompt, r.prompt_logprobs or [None] * len(prompt), strict=True), *tokens]
-            lp = _text_logprobs(engine, tokens, as_ids) if top_logprobs is not None else None
+            lp = render.text_logprobs(engine, tokens, as_ids) if top_logprobs is not None else None
             choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
     call.completion_tokens = sum(r.completion_tokens for r in results)
     call.finish_reason = results[0].finish_reason
@@ -327,7 +327,7 @@ async def answer_json(engine: EngineClient, run: Run, receive: Any) -> Any:
         "created": int(time.time()),
         "model": a.served,
         "choices": choices,
-        "usage": _usage(call.prompt_tokens, call.completion_tokens, call.cached_tokens),
+        "usage": render.usage(call.prompt_tokens, call.completion_tokens, call.cached_tokens),
         "system_fingerprint": f"loraplex-{engine.base.id}",
     }
     return JSONResponse(body, headers=a.headers) if a.headers else body
@@ -415,7 +415,7 @@ def answer_stream(s: Serving, run: Run) -> EventSourceResponse:
                     as_ids = req.return_tokens_as_token_ids
                     finish = item.finish_reason
                     if chat:
-                        lp = _logprobs_json(engine, item.logprobs, as_ids) if top_logprobs is not None else None
+                        lp = render.logprobs_json(engine, item.logprobs, as_ids) if top_logprobs is not None else None
                         texts[i].append(text)
                         if held is not None:  # what may be a tool call is held until the end
                             text = held[i].feed(text)
@@ -438,7 +438,11 @@ def answer_stream(s: Serving, run: Run) -> EventSourceResponse:
                             text = engine.tokenizer.decode(prompt) + text
                             lps = item.prompt_logprobs or [None] * len(prompt)
                             tokens = [*zip(prompt, lps, strict=True), *tokens]
-                        lp = _text_logprobs(engine, tokens, as_ids, offsets[i]) if top_logprobs is not None else None
+                        lp = (
+                            render.text_logprobs(engine, tokens, as_ids, offsets[i])
+                            if top_logprobs is not None
+                            else None
+                        )
                         offsets[i] += len(text)
                         texts[i].append(text)
                         choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": item.finish_reason}
@@ -449,7 +453,7 @@ def answer_stream(s: Serving, run: Run) -> EventSourceResponse:
                     call.completion_tokens = completion_tokens
                     yield {"data": chunk([choice])}
                 if include_usage:
-                    yield {"data": chunk([], _usage(call.prompt_tokens, completion_tokens, call.cached_tokens))}
+                    yield {"data": chunk([], render.usage(call.prompt_tokens, completion_tokens, call.cached_tokens))}
                 yield {"data": "[DONE]"}
                 status, code = 200, None
             finally:
@@ -581,50 +585,3 @@ async def _disconnected(receive: Any) -> None:
     """Return when the client has closed the connection (call after the body has been read)."""
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-def _usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
-    usage: dict[str, Any] = {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
-    if cached:  # OpenAI's field for prompt caching; absent (as in vLLM by default) when nothing was cached
-        usage["prompt_tokens_details"] = {"cached_tokens": cached}
-    return usage
-
-
-def _token_text(engine: EngineClient, t: int, as_ids: bool) -> str:
-    return f"token_id:{t}" if as_ids else str(engine.tokenizer.decode([t]))
-
-
-def _logprobs_json(engine: EngineClient, items: tuple[TokenLogprob, ...], as_ids: bool = False) -> Any:
-    """Chat's logprobs: one entry per answer token, with its top alternatives."""
-
-    def entry(t: int, lp: float) -> dict[str, Any]:
-        text = _token_text(engine, t, as_ids)
-        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
-
-    content = [{**entry(x.token_id, x.logprob), "top_logprobs": [entry(t, v) for t, v in x.top]} for x in items]
-    return {"content": content}
-
-
-def _text_logprobs(
-    engine: EngineClient, tokens: list[tuple[int, TokenLogprob | None]], as_ids: bool = False, offset: int = 0
-) -> Any:
-    """/v1/completions' logprobs: parallel lists over the text's tokens; an echoed prompt's first
-    token has none (nothing predicts it). `text_offset`: where each token starts in the choice's text."""
-    pieces = [_token_text(engine, t, False) for t, _ in tokens]
-    texts = [_token_text(engine, t, True) for t, _ in tokens] if as_ids else pieces
-    starts = []
-    for piece in pieces:  # offsets into the text itself, also when tokens are named by id
-        starts.append(offset)
-        offset += len(piece)
-    return {
-        "tokens": texts,
-        "token_logprobs": [None if x is None else x.logprob for _, x in tokens],
-        "top_logprobs": [
-            None if x is None else {_token_text(engine, t, as_ids): v for t, v in x.top} for _, x in tokens
-        ],
-        "text_offset": starts,
-    }

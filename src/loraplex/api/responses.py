@@ -27,12 +27,11 @@ from sse_starlette import EventSourceResponse
 
 from loraplex.api import completions
 from loraplex.api.errors import APIError
-from loraplex.api.schemas import (
-    ChatCompletionRequest,
+from loraplex.api.schemas import ChatCompletionRequest, JsonObjectFormat
+from loraplex.api.schemas_responses import (
     FunctionCallItem,
     FunctionCallOutput,
     InputMessage,
-    JsonObjectFormat,
     ResponsesRequest,
     TextJsonSchema,
 )

@@ -51,7 +51,7 @@ def model_pattern(base_ids: tuple[str, ...] = BASE_ALIASES) -> str:
     return rf"^(?:{bases}|{ADAPTER_PATTERN}(?:\+{ADAPTER_PATTERN})*)$"
 
 
-def _documented(**schema: Any) -> dict[str, Any]:
+def documented(**schema: Any) -> dict[str, Any]:
     """JSON-schema keywords for the OpenAPI document only: the field's validator enforces them,
     with a message that says what to send instead (pydantic's own would say "Input should be 1")."""
     return {"json_schema_extra": schema}
@@ -123,13 +123,13 @@ Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, max_length=512, **_documented(pattern=model_pattern()))
+    model: str = Field(min_length=1, max_length=512, **documented(pattern=model_pattern()))
     stream: JsonBool = False
     stream_options: StreamOptions | None = None
     n: JsonInt = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = Field(
         None,
-        **_documented(
+        **documented(
             anyOf=[
                 {"type": "string", "minLength": 1},
                 {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
@@ -145,11 +145,11 @@ class _Common(BaseModel):
     presence_penalty: JsonFloat = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: JsonFloat = Field(0.0, ge=-2.0, le=2.0)
     # documented as +-2^62: a JSON number near 2^63 may round past int64 on the way in
-    seed: MaybeInt = Field(None, ge=-(2**63), lt=2**63, **_documented(minimum=-(2**62), maximum=2**62))
+    seed: MaybeInt = Field(None, ge=-(2**63), lt=2**63, **documented(minimum=-(2**62), maximum=2**62))
     stop_token_ids: list[JsonInt] | None = None
     ignore_eos: JsonBool = False
     return_tokens_as_token_ids: JsonBool = False  # vLLM's: logprobs name tokens "token_id:N" (exact ids)
-    logit_bias: dict[str, JsonFloat] | None = Field(None, **_documented(maxProperties=0))
+    logit_bias: dict[str, JsonFloat] | None = Field(None, **documented(maxProperties=0))
     # json_object / json_schema: decoding is constrained to it (engine/structured.py); on
     # /v1/completions too, as vLLM takes it
     response_format: ResponseFormat | None = None
@@ -258,12 +258,12 @@ class StructuredOutputs(BaseModel):
         return v
 
 
-_FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
 
 
 class FunctionSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=_FUNCTION_NAME)
+    name: str = Field(pattern=FUNCTION_NAME)
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
     strict: JsonBool | None = None
@@ -277,7 +277,7 @@ class Tool(BaseModel):
 
 class NamedFunction(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=_FUNCTION_NAME)
+    name: str = Field(pattern=FUNCTION_NAME)
 
 
 class NamedToolChoice(BaseModel):
@@ -324,7 +324,7 @@ class CompletionRequest(_Common):
 
     prompt: str | list[str] | list[JsonInt] | list[list[JsonInt]] = Field(
         min_length=1,
-        **_documented(
+        **documented(
             anyOf=[
                 {"type": "string", "minLength": 1},
                 {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": MAX_PROMPTS},
@@ -341,8 +341,8 @@ class CompletionRequest(_Common):
     max_tokens: MaybeInt = Field(None, ge=0)
     logprobs: MaybeInt = Field(None, ge=0, le=5)
     echo: JsonBool = False
-    suffix: str | None = Field(None, **_documented(maxLength=0))
-    best_of: MaybeInt = Field(None, **_documented(enum=[1, None]))
+    suffix: str | None = Field(None, **documented(maxLength=0))
+    best_of: MaybeInt = Field(None, **documented(enum=[1, None]))
 
     @field_validator("prompt")
     @classmethod
@@ -384,104 +384,7 @@ class CompletionRequest(_Common):
         return None
 
 
-class InputText(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["input_text", "output_text"]
-    text: str
-    annotations: list[Any] | None = None
-
-
-class InputMessage(BaseModel):
-    """A Responses API input message (`type` may be left out)."""
-
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["message"] = "message"
-    role: Literal["user", "system", "developer", "assistant"]
-    content: str | list[InputText]
-    id: str | None = None
-    status: str | None = None
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class FunctionCallItem(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["function_call"]
-    call_id: str = Field(min_length=1, max_length=128)
-    name: str = Field(pattern=_FUNCTION_NAME)
-    arguments: str
-    id: str | None = None
-    status: str | None = None
-
-
-class FunctionCallOutput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["function_call_output"]
-    call_id: str = Field(min_length=1, max_length=128)
-    output: str
-    id: str | None = None
-    status: str | None = None
-
-
-class ResponsesFunction(BaseModel):
-    """A Responses API function tool: the chat API's `function` object, flattened."""
-
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["function"]
-    name: str = Field(pattern=_FUNCTION_NAME)
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: JsonBool | None = None
-
-
-class ResponsesNamedTool(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["function"]
-    name: str = Field(pattern=_FUNCTION_NAME)
-
-
-class TextJsonSchema(JsonSchemaSpec):
-    """`text.format` of type json_schema: the chat API's json_schema object, flattened."""
-
-    type: Literal["json_schema"]
-
-
-class TextConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    format: Annotated[TextFormat | JsonObjectFormat | TextJsonSchema, Field(discriminator="type")] | None = None
-    verbosity: Literal["low", "medium", "high"] | None = None
-
-
-class ResponsesRequest(BaseModel):
-    """POST /v1/responses (api/responses.py): answered by the chat completion machinery."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str = Field(min_length=1, max_length=512, **_documented(pattern=model_pattern()))
-    input: (
-        Annotated[str, Field(min_length=1)]
-        | Annotated[list[InputMessage | FunctionCallItem | FunctionCallOutput], Field(min_length=1, max_length=4096)]
-    )
-    instructions: str | None = None
-    previous_response_id: str | None = Field(None, max_length=128)
-    tools: list[ResponsesFunction] | None = Field(None, max_length=128)
-    tool_choice: Literal["none", "auto", "required"] | ResponsesNamedTool | None = None
-    parallel_tool_calls: JsonBool | None = None
-    text: TextConfig | None = None
-    stream: JsonBool = False
-    store: JsonBool = True
-    max_output_tokens: MaybeInt = Field(None, ge=1)
-    temperature: JsonFloat = Field(1.0, ge=0.0, le=2.0)
-    top_p: JsonFloat = Field(1.0, gt=0.0, le=1.0)
-    # accepted and ignored: they change nothing about the answer
-    metadata: dict[str, str] | None = None
-    user: str | None = None
-    truncation: Literal["auto", "disabled"] | None = None
-    include: list[str] | None = None
-    service_tier: str | None = None
-
-
-_OPTIONAL_MODEL = Field(None, min_length=1, max_length=512, **_documented(pattern=model_pattern()))
+_OPTIONAL_MODEL = Field(None, min_length=1, max_length=512, **documented(pattern=model_pattern()))
 
 
 class TokenizeText(BaseModel):
@@ -510,7 +413,7 @@ class DetokenizeRequest(BaseModel):
     tokens: list[JsonInt] = Field(max_length=2**20)
 
 
-_LORA_NAME = Field(min_length=1, max_length=512, **_documented(pattern=f"^{ADAPTER_PATTERN}$"))
+_LORA_NAME = Field(min_length=1, max_length=512, **documented(pattern=f"^{ADAPTER_PATTERN}$"))
 
 
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
@@ -523,7 +426,7 @@ class EmbeddingRequest(BaseModel):
 
     model: str = Field(min_length=1, max_length=512)
     input: str | list[str] | list[JsonInt] | list[list[JsonInt]] = Field(
-        **_documented(
+        **documented(
             anyOf=[
                 {"type": "string", "minLength": 1},
                 {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 2048},
@@ -573,8 +476,8 @@ class AliasRequest(BaseModel):
             ]
         },
     )
-    name: str = Field(min_length=1, max_length=64, **_documented(pattern=NAME_PATTERN))
-    alias: str = Field(min_length=1, max_length=64, **_documented(pattern=ALIAS_PATTERN))
+    name: str = Field(min_length=1, max_length=64, **documented(pattern=NAME_PATTERN))
+    alias: str = Field(min_length=1, max_length=64, **documented(pattern=ALIAS_PATTERN))
     version: MaybeInt = Field(None, ge=1)
     rollback: JsonBool = False
 

@@ -28,7 +28,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,12 +35,13 @@ import torch
 from loraplex.adapters import names
 from loraplex.engine import lora_kernel, quant, structured
 from loraplex.engine.adapter_cache import AdapterCache
-from loraplex.engine.lora import KERNEL_ACTIVATIONS, AdapterRequest, AdapterWeights, LoraBatch, LoraStacks
+from loraplex.engine.lora import KERNEL_ACTIVATIONS, AdapterRequest, LoraBatch, LoraStacks
 from loraplex.engine.model import DecoderModel, Step, bucket
 from loraplex.engine.prefix_cache import PrefixCache
 from loraplex.engine.protocol import Delta, EngineClosed, PromptTooLong, check_length, encode_prompt
 from loraplex.engine.quant import Quantize
-from loraplex.engine.sampling import RowError, RowState, SamplingParams, TokenLogprob, sample, token_logprobs
+from loraplex.engine.request import EngineStats, Request, size_text
+from loraplex.engine.sampling import RowError, RowState, SamplingParams, sample
 from loraplex.engine.text import TextStream
 from loraplex.errors import UserError
 from loraplex.malloc import Trim
@@ -50,52 +50,6 @@ from loraplex.models.load import BaseRef, eos_token_ids, load_model, load_tokeni
 from loraplex.threads import budget, cores
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Request:
-    id: int
-    prompt_ids: list[int]
-    adapter: AdapterRequest
-    weights: AdapterWeights | None
-    row: RowState
-    stream: TextStream
-    emit: Callable[[Delta | BaseException], None]
-    max_tokens: int
-    stop_ids: frozenset[int]
-    context: list[int] = field(default_factory=list)  # what prefill puts in the cache: the prompt, or
-    # after a preemption the prompt and the answer so far (all but its last token, which decode feeds)
-    resumed: bool = False  # prefilling again after a preemption: decode continues, nothing is sampled
-    admitted: bool = False
-    cached: int = 0
-    reused: int = 0  # prompt tokens taken from the prefix cache
-    lora_slot: int = -1
-    decoding: bool = False
-    cancelled: bool = False
-    pending_ids: list[int] = field(default_factory=list)
-    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
-    # SamplingParams.prompt_logprobs: position p holds the logprob of prompt token p; sent with the first Delta
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    t_submit: float = field(default_factory=time.perf_counter)
-    t_first: float | None = None
-
-
-@dataclass
-class EngineStats:
-    requests: int = 0
-    finished: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    decode_steps: int = 0
-    prefill_steps: int = 0
-    preempted: int = 0  # rows sent back to wait (and prefilled again) to keep the KV cache in its budget
-    cached_prompt_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 class Engine:
@@ -120,8 +74,8 @@ class Engine:
         self.threads = 0  # CPU threads the model uses (0 on a GPU); web jobs get the other cores
         self._ids = itertools.count(1)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._waiting: deque[_Request] = deque()
-        self._rows: list[_Request] = []  # KV slot i holds _rows[i]; decoding rows first
+        self._waiting: deque[Request] = deque()
+        self._rows: list[Request] = []  # KV slot i holds _rows[i]; decoding rows first
         self._lora_batch: LoraBatch | None = None
         self._closing = False
         self._stopped = threading.Event()
@@ -226,7 +180,7 @@ class Engine:
         if fits < self.max_model_len:
             log.warning(
                 "context limited to %d tokens (the model has %d): the KV cache budget, %s, holds no more",
-                fits, self.max_model_len, _size(budget),
+                fits, self.max_model_len, size_text(budget),
             )  # fmt: skip
             self.max_model_len = fits
 
@@ -259,7 +213,7 @@ class Engine:
         except PromptTooLong as e:
             if self.max_model_len < self.model_max_len:
                 raise PromptTooLong(
-                    f"{e} (This server's KV cache budget, {_size(self.kv_cache_bytes)}, limits one "
+                    f"{e} (This server's KV cache budget, {size_text(self.kv_cache_bytes)}, limits one "
                     f"request to {self.max_model_len} of the model's {self.model_max_len} tokens.)"
                 ) from None
             raise
@@ -291,7 +245,7 @@ class Engine:
         def emit(item: Delta | BaseException) -> None:
             loop.call_soon_threadsafe(out.put_nowait, item)
 
-        req = _Request(
+        req = Request(
             id=next(self._ids),
             prompt_ids=prompt_ids,
             adapter=req_adapter,
@@ -403,7 +357,7 @@ class Engine:
             self.stats.requests += 1
             self._waiting.append(item)
         elif kind == "cancel":
-            gone: _Request = item
+            gone: Request = item
             if gone in self._waiting:
                 self._waiting.remove(gone)
                 if gone.lora_slot != -1:  # preempted: it still holds its adapter slot
@@ -429,7 +383,7 @@ class Engine:
             self.prefix.forget(name)
             done.put(self.adapters.unload(name))
 
-    def _guarded(self, step: Callable[[], None], involved: list[_Request]) -> None:
+    def _guarded(self, step: Callable[[], None], involved: list[Request]) -> None:
         try:
             step()
         except Exception as e:  # noqa: BLE001 - fail these requests, keep serving the others
@@ -451,7 +405,7 @@ class Engine:
     def _admit(self) -> None:
         while self._waiting and len(self._rows) < self.max_batch:
             req = self._waiting[0]
-            need = max([self._positions(r) for r in self._rows] + [len(req.context) + 1])
+            need = max([r.positions() for r in self._rows] + [len(req.context) + 1])
             if self._rows and self.cache.bytes_for(len(self._rows) + 1, need) > self.kv_cache_bytes:
                 return  # the KV cache budget is full: wait for a row to finish
             if req.lora_slot == -1:  # a preempted request kept its adapter slot
@@ -467,7 +421,7 @@ class Engine:
                 self.stats.prompt_tokens += len(req.prompt_ids)
                 self._reuse_prefix(req, len(self._rows) - 1)
 
-    def _reuse_prefix(self, req: _Request, slot: int) -> None:
+    def _reuse_prefix(self, req: Request, slot: int) -> None:
         """Start `req`'s prefill after the longest prefix of its prompt the prefix cache holds (not
         for prompt logprobs, which need every position's logits)."""
         if req.prompt_logprobs is not None or not self.prefix.capacity_bytes:
@@ -481,17 +435,12 @@ class Engine:
         req.cached = req.reused = n
         self.stats.cached_prompt_tokens += n
 
-    @staticmethod
-    def _positions(r: _Request) -> int:
-        """The cache positions `r` needs for its next step."""
-        return r.cached + 1 if r.decoding else len(r.context)
-
     def _keep_kv_budget(self) -> None:
         """Send the newest rows back to wait while the cache the rows need exceeds the budget (they
         are prefilled again, prompt and answer so far, when there is room: vLLM's recompute
         preemption), then let the cache give back what the rows no longer need."""
         while len(self._rows) > 1:
-            need = max(self._positions(r) for r in self._rows)
+            need = max(r.positions() for r in self._rows)
             if self.cache.bytes_for(len(self._rows), need) <= self.kv_cache_bytes:
                 break
             r = self._rows.pop()  # the newest row is the last slot: nothing moves
@@ -501,9 +450,9 @@ class Engine:
             r.cached, r.decoding = 0, False
             self._waiting.appendleft(r)
             self.stats.preempted += 1
-        self.cache.fit(len(self._rows), max((self._positions(r) for r in self._rows), default=1))
+        self.cache.fit(len(self._rows), max((r.positions() for r in self._rows), default=1))
 
-    def _lora_for(self, rows: list[_Request], cacheable: bool) -> LoraBatch | None:
+    def _lora_for(self, rows: list[Request], cacheable: bool) -> LoraBatch | None:
         slots = [r.lora_slot for r in rows]
         if not any(slots):
             return None
@@ -552,7 +501,7 @@ class Engine:
             every = self.model.forward(step, self.cache, all_logits=True)
             logits = every[torch.arange(len(group), device=every.device), step.last]
             for i in scored:
-                self._score_prompt(group[i], every[i, : last[i] + 1])
+                group[i].score_prompt(every[i, : last[i] + 1])
             del every
         else:
             logits = self.model.forward(step, self.cache)[:, 0]
@@ -569,7 +518,7 @@ class Engine:
                     r.resumed = False
                     continue
                 if r.max_tokens == 0:  # the prompt was only to be read (its logprobs)
-                    self._emit(r, "", "length")
+                    r.send("", "length")
                     self.stats.finished += 1
                     self._remove(r)
                     continue
@@ -577,16 +526,6 @@ class Engine:
                 done_logits.append(logits[i])
         if done_rows:
             self._after_sample(done_rows, torch.stack(done_logits))
-
-    @staticmethod
-    def _score_prompt(r: _Request, logits: torch.Tensor) -> None:
-        """logits [m, vocab] of prompt positions cached .. cached+m-1; each predicts the token after it."""
-        assert r.prompt_logprobs is not None
-        first = r.cached + 1
-        targets = r.prompt_ids[first : first + logits.shape[0]]  # the last position may predict the answer
-        if targets:
-            k = r.row.params.prompt_logprobs or 0
-            r.prompt_logprobs[first : first + len(targets)] = token_logprobs(logits[: len(targets)], targets, k)
 
     def _decode_step(self) -> None:
         rows = [r for r in self._rows if r.decoding]
@@ -604,7 +543,7 @@ class Engine:
             r.cached += 1
         self._after_sample(rows, logits)
 
-    def _after_sample(self, rows: list[_Request], logits: torch.Tensor) -> None:
+    def _after_sample(self, rows: list[Request], logits: torch.Tensor) -> None:
         tokens, infos = sample(logits, [r.row for r in rows])
         now = time.perf_counter()
         for r, tok, info in zip(rows, tokens, infos, strict=True):
@@ -635,29 +574,12 @@ class Engine:
                 finish = "stop"
             if finish is None and not text:
                 continue  # nothing printable yet (a split character or a possible stop string)
-            self._emit(r, text, finish)
+            r.send(text, finish)
             if finish is not None:
                 self.stats.finished += 1
                 self._remove(r)
 
-    def _emit(self, r: _Request, text: str, finish: str | None) -> None:
-        prompt_logprobs = None if r.prompt_logprobs is None else tuple(r.prompt_logprobs)
-        r.emit(
-            Delta(
-                text=text,
-                token_ids=tuple(r.pending_ids),
-                logprobs=tuple(r.pending_logprobs),
-                finish_reason=finish,
-                prompt_tokens=len(r.prompt_ids),
-                completion_tokens=len(r.row.output_ids),
-                prompt_logprobs=prompt_logprobs,
-                cached_tokens=r.reused,
-            )
-        )
-        r.pending_ids, r.pending_logprobs = [], []
-        r.prompt_logprobs = None  # sent once, with the first Delta
-
-    def _remove(self, req: _Request) -> None:
+    def _remove(self, req: Request) -> None:
         i = self._rows.index(req)
         for j in range(i + 1, len(self._rows)):  # keep rows packed into the first slots
             self.cache.move(j, j - 1, self._rows[j].cached)
@@ -666,6 +588,6 @@ class Engine:
 
     def _abort_all(self) -> None:
         for req in [*self._rows, *self._waiting]:
-            self._emit(req, "", "abort")
+            req.send("", "abort")
         self._rows.clear()
         self._waiting.clear()
