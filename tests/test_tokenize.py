@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraplex.data.tokenize import IGNORE, collate, encode, pack
+from loraplex.data.tokenize import IGNORE, collate, encode, pack, pack_groups, shared_row
 from loraplex.models.load import BaseRef, load_model, load_tokenizer
 from loraplex.train import attention
 from loraplex.train.data import make_batch
@@ -56,7 +56,8 @@ def test_truncation_is_reported(tiny_base: Path) -> None:
 @pytest.mark.parametrize("attn", ["eager", attention.NAME])
 def test_packed_and_unpacked_give_the_same_loss(tiny_base: Path, attn: str) -> None:
     """With eager attention (a block-diagonal mask over the packed row) and with attention per packed
-    example (the CPU recipe's; train/attention.py): the same loss and gradients as Hugging Face's."""
+    example (the CPU recipe's; train/attention.py), there also with the examples' common prompt tokens
+    in the row once (a prefix tree): the same loss and gradients as Hugging Face's."""
     from peft import LoraConfig, get_peft_model
 
     ref = tiny(tiny_base)
@@ -82,17 +83,27 @@ def test_packed_and_unpacked_give_the_same_loss(tiny_base: Path, attn: str) -> N
     rows = pack(examples, max(lengths[0], lengths[1] + lengths[2]))
     assert len(rows) == 2 and len({len(r.input_ids) for r in rows}) == 2  # the shorter row is padded
     two_rows = collate(rows, tok.pad_token_id, True)
-    for kind, batch in (
-        ("packed", make_batch(examples, tok.pad_token_id, True, 512)),
-        ("two rows", two_rows),
-        ("padded", make_batch(examples, tok.pad_token_id, False, 512)),
-    ):
+    batches = {
+        "packed": make_batch(examples, tok.pad_token_id, True, 512),
+        "two rows": two_rows,
+        "padded": make_batch(examples, tok.pad_token_id, False, 512),
+    }
+    if attn == attention.NAME:
+        # the system prompt is shared by all three, the first user turn by the first two: a tree of
+        # three levels; then the same in two rows, one of them padded
+        shared = make_batch(examples, tok.pad_token_id, True, 512, share=True)
+        assert shared["input_ids"].shape[1] < batches["packed"]["input_ids"].shape[1]
+        assert len([s for s in attention.segments(shared["position_ids"]) if s.keys is not None]) == 2
+        batches["shared prefixes"] = shared
+        groups = pack_groups(examples, max(lengths[0], lengths[1] + lengths[2]))
+        batches["shared, two rows"] = collate([shared_row(g) for g in groups], tok.pad_token_id, True)
+    for kind, batch in batches.items():
         s, n = loss_sum(model, batch)
         s.backward()
         grad = torch.cat([p.grad.flatten() for p in trained])
         model.zero_grad()
         results[kind] = (float(s) / n, n, grad)
-    for kind in ("packed", "two rows"):
+    for kind in [k for k in results if k != "padded"]:
         assert results[kind][1] == results["padded"][1]
         assert results[kind][0] == pytest.approx(results["padded"][0], rel=1e-5)
         torch.testing.assert_close(results[kind][2], results["padded"][2], rtol=1e-4, atol=1e-5)
@@ -110,7 +121,35 @@ def test_packed_and_unpacked_give_the_same_loss(tiny_base: Path, attn: str) -> N
 def test_spans_of_packed_examples_are_read_off_the_position_ids() -> None:
     # two examples (3 and 2 tokens) then padding (its own run from 0); a row holding one example
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1], [0, 1, 2, 3, 4, 5, 6]])
-    assert attention.segments(pos) == [(0, 0, 3), (0, 3, 5), (0, 5, 7), (1, 0, 7)]
+    assert [s[:3] for s in attention.segments(pos)] == [(0, 0, 3), (0, 3, 5), (0, 5, 7), (1, 0, 7)]
+    assert all(s.keys is None for s in attention.segments(pos))
+
+
+def test_a_prefix_tree_row_gives_each_example_the_shared_tokens_before_it() -> None:
+    """Depth first: a shared run (positions 0-1), a branch that continues it (2-4), a sibling branch
+    from position 2 and, inside it, a branch from position 3; then padding from 0."""
+    pos = torch.tensor([[0, 1, 2, 3, 4, 2, 3, 3, 0, 1]])
+    spans = attention.segments(pos)
+    assert [s[:3] for s in spans] == [(0, 0, 5), (0, 5, 7), (0, 7, 8), (0, 8, 10)]
+    assert spans[1].keys.tolist() == [0, 1, 5, 6]
+    assert spans[2].keys.tolist() == [0, 1, 5, 7]  # its parent's positions 0-2: the shared run, then 5
+    assert spans[2].mask.tolist() == [[True, True, True, True]]
+    assert spans[1].mask.tolist() == [[True, True, True, False], [True, True, True, True]]
+    with pytest.raises(ValueError, match="continuing no earlier run"):
+        attention.segments(torch.tensor([[0, 1, 5, 6]]))
+
+
+def test_shared_row_keeps_labels_and_shares_only_unlabelled_tokens() -> None:
+    from loraplex.data.tokenize import Example
+
+    a = Example([1, 2, 3, 4, 5], [IGNORE, IGNORE, IGNORE, 4, 5])
+    # b shares 1 2 with a, not 3: the token before a first label is always an example's own
+    b = Example([1, 2, 3, 4, 6], [IGNORE, IGNORE, IGNORE, IGNORE, 6])
+    c = Example([1, 7, 8], [IGNORE, IGNORE, 8])
+    row = shared_row([a, b, c])
+    assert row.input_ids == [1, 2, 3, 4, 5, 3, 4, 6, 7, 8]
+    assert row.position_ids == [0, 1, 2, 3, 4, 2, 3, 4, 1, 2]
+    assert sorted(t for t in row.labels if t != IGNORE) == [4, 5, 6, 8]
 
 
 def test_the_cpu_recipe_attends_per_example_where_attention_is_plain(tiny_base: Path) -> None:

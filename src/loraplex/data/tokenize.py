@@ -12,6 +12,11 @@ Packing concatenates examples into rows and restarts `position_ids` at every exa
 attention mask, transformers turns that into a block-diagonal causal mask, so packed examples never
 attend to one another. The first token of every example is never a label, so no example learns to
 predict across a packing boundary either.
+
+A packed row can also hold its examples as a prefix tree (`shared_row`): the prompt tokens that
+examples have in common (the template's system prompt, retrieval instructions) are in the row once,
+and each example continues from the shared part with its position ids going on from there. Only
+an attention that reads that layout (train/attention.py) may be given such a row.
 """
 
 from __future__ import annotations
@@ -151,19 +156,75 @@ def pack(examples: Sequence[Example], max_len: int) -> list[Row]:
 
     Deterministic for a given input order; examples are never split across rows.
     """
+    return [plain_row(group) for group in pack_groups(examples, max_len)]
+
+
+def plain_row(examples: Sequence[Example]) -> Row:
+    """The examples one after the other, each from position 0."""
+    row = Row()
+    for ex in examples:
+        row.add(ex)
+    return row
+
+
+def pack_groups(examples: Sequence[Example], max_len: int) -> list[list[Example]]:
+    """The examples of each row `pack` makes, in row order."""
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-    rows: list[Row] = []
+    groups: list[list[Example]] = []
+    sizes: list[int] = []
     for i in order:
         ex = examples[i]
-        for row in rows:
-            if len(row.input_ids) + len(ex.input_ids) <= max_len:
-                row.add(ex)
+        for g, size in enumerate(sizes):
+            if size + len(ex.input_ids) <= max_len:
+                groups[g].append(ex)
+                sizes[g] += len(ex.input_ids)
                 break
         else:
-            row = Row()
-            row.add(ex)
-            rows.append(row)
-    return rows
+            groups.append([ex])
+            sizes.append(len(ex.input_ids))
+    return groups
+
+
+def shared_row(examples: Sequence[Example]) -> Row:
+    """The examples of one row as a prefix tree, laid out depth first: a run of tokens that several
+    examples begin with is in the row once, followed by what comes after it in each of them.
+
+    A token is shared only before every sharing example's first label, and each example's own part
+    starts with an unlabelled token, so the same labels are scored, each predicted from the same
+    tokens (the attention gives every part the shared tokens before it: train/attention.py) and the
+    loss and gradients equal those of `pack`'s row. Position ids run on from the shared part, so the
+    first branch continues its parent's run and every later branch starts a run of its own at the
+    position where it leaves the shared part.
+    """
+    row = Row()
+    shareable = [next((i for i, t in enumerate(ex.labels) if t != IGNORE), len(ex.labels)) - 1 for ex in examples]
+
+    def lay(members: list[int], depth: int) -> None:
+        if len(members) == 1:
+            ex = examples[members[0]]
+            end = len(ex.input_ids)
+        else:  # the run all members share from `depth`
+            first = examples[members[0]].input_ids
+            end = depth
+            while all(end < shareable[m] for m in members) and all(
+                examples[m].input_ids[end] == first[end] for m in members
+            ):
+                end += 1
+            ex = examples[members[0]]
+        row.input_ids += ex.input_ids[depth:end]
+        row.labels += ex.labels[depth:end]
+        row.position_ids += list(range(depth, end))
+        if len(members) == 1:
+            return
+        branches: dict[object, list[int]] = {}  # by the next token; an example that may share no more alone
+        for m in members:
+            key = examples[m].input_ids[end] if end < shareable[m] else ("own", m)
+            branches.setdefault(key, []).append(m)
+        for branch in branches.values():
+            lay(branch, end)
+
+    lay(list(range(len(examples))), 0)
+    return row
 
 
 def unpacked(examples: Sequence[Example]) -> list[Row]:

@@ -21,7 +21,16 @@ from loraplex.assistants import faq
 from loraplex.config import TrainConfig
 from loraplex.data import paraphrase
 from loraplex.data.formats import Conversation, FormatOptions, parse_file
-from loraplex.data.tokenize import EncodeStats, Example, collate, encode_all, pack, unpacked
+from loraplex.data.tokenize import (
+    EncodeStats,
+    Example,
+    collate,
+    encode_all,
+    pack_groups,
+    plain_row,
+    shared_row,
+    unpacked,
+)
 from loraplex.data.validate import redact_conversations
 from loraplex.errors import UserError
 from loraplex.files import sha256_file
@@ -162,15 +171,21 @@ def micro_batches(examples: list[Example], batch_size: int, seed: int, epoch: in
 PACK_ROW = 512
 
 
-def make_batch(examples: list[Example], pad_id: int, packed: bool, max_len: int) -> dict[str, torch.Tensor]:
+def make_batch(
+    examples: list[Example], pad_id: int, packed: bool, max_len: int, share: bool = False
+) -> dict[str, torch.Tensor]:
     """A micro-batch of `batch_size` examples: packed into as few rows as fit, or one padded row each.
+    `share`: each packed row holds its examples' common prompt tokens once (data/tokenize.py
+    `shared_row`), for a model that attends per packed example (train/attention.py) only.
 
     Packing keeps the examples of a step the same as without it (same shuffle, same loss), so it
     changes speed, not what is learned.
     """
+    if not packed:
+        return collate(unpacked(examples), pad_id, packed)
     longest = max(len(e.input_ids) for e in examples)
-    rows = pack(examples, min(max_len, max(PACK_ROW, longest))) if packed else unpacked(examples)
-    return collate(rows, pad_id, packed)
+    groups = pack_groups(examples, min(max_len, max(PACK_ROW, longest)))
+    return collate([shared_row(g) if share else plain_row(g) for g in groups], pad_id, packed)
 
 
 def run_dir_of(cfg: TrainConfig, data_sha: str, base: BaseRef) -> Path:

@@ -171,11 +171,12 @@ def eval_loss(
     if not examples:
         return None
     model.eval()
+    share = cfg.data.packing and packed_attention(model.get_base_model())
     tot, n = 0.0, 0
     with torch.no_grad(), cast():
         for k in range(0, len(examples), cfg.train.batch_size):
             batch = make_batch(
-                examples[k : k + cfg.train.batch_size], pad_id, cfg.data.packing, cfg.data.max_seq_length
+                examples[k : k + cfg.train.batch_size], pad_id, cfg.data.packing, cfg.data.max_seq_length, share
             )
             s, c = loss_sum(model, {key: v.to(device) for key, v in batch.items()})
             tot, n = tot + float(s), n + c

@@ -53,6 +53,7 @@ from loraplex.train.parts import (
     labelled,
     loss_sum,
     lr_at,
+    packed_attention,
     progress_bar,
     quantization_config,
     register,
@@ -119,6 +120,8 @@ def run(
         # In place (nn.Module.compile): parameter names, checkpoints and the saved adapter are unchanged.
         # dynamic=True: packed and padded batches change length from step to step.
         model.get_base_model().get_decoder().compile(dynamic=True)
+    # the prompt tokens a packed row's examples have in common, once (train/attention.py reads that layout)
+    share_prefix = cfg.data.packing and packed_attention(model.get_base_model())
     params = [p for p in model.parameters() if p.requires_grad]
     # The fused kernel updates all LoRA tensors in one pass (hundreds of small tensors otherwise).
     opt = torch.optim.AdamW(
@@ -190,7 +193,7 @@ def run(
                 if tuner is not None and tuner.threads != torch.get_num_threads():
                     torch.set_num_threads(tuner.threads)
                 t_step = time.perf_counter()
-                collated = [make_batch(b, pad_id, cfg.data.packing, max_len) for b in group]
+                collated = [make_batch(b, pad_id, cfg.data.packing, max_len, share_prefix) for b in group]
                 # Normalise by the answer tokens of the whole accumulated step, so every token
                 # weighs the same however rows fall into micro-batches (packed == unpacked).
                 n_total = sum(labelled(c) for c in collated)

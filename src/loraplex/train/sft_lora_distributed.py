@@ -46,6 +46,7 @@ from loraplex.train.parts import (
     labelled,
     loss_sum,
     lr_at,
+    packed_attention,
     progress_bar,
     quantization_config,
     register,
@@ -121,6 +122,8 @@ def run(
         held = distributed.local_share(model)
     if tc.compile:
         model.get_base_model().get_decoder().compile(dynamic=True)
+    # the prompt tokens a packed row's examples have in common, once (train/attention.py reads that layout)
+    share_prefix = cfg.data.packing and packed_attention(model.get_base_model())
     params = [p for p in model.parameters() if p.requires_grad]
     opt: Any = torch.optim.AdamW(
         params,
@@ -197,7 +200,7 @@ def run(
                 lr = lr_at(step, total_steps, warmup, tc.learning_rate, tc.scheduler)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                collated = [make_batch(b, pad_id, cfg.data.packing, max_len) for b in group]
+                collated = [make_batch(b, pad_id, cfg.data.packing, max_len, share_prefix) for b in group]
                 # Normalise by the answer tokens of the whole accumulated step (on every process).
                 n_total = sum(labelled(c) for c in collated)
                 tokens_seen += sum(len(ex.input_ids) for b in group for ex in b)  # real tokens, no padding
