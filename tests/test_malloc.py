@@ -139,7 +139,10 @@ def test_serve_bounds_onednn_kernel_caches(monkeypatch: pytest.MonkeyPatch) -> N
     default = in_child(_heap_after_shapes, None, what="malloc")
     bounded = in_child(_heap_after_shapes, 16, what="malloc")
     print(f"heap after 1,200 shapes: {default:.0f} MiB default, {bounded:.0f} MiB with 16 kernels a cache")
-    assert bounded < 40 < 100 < default, (bounded, default)
+    # What one cached kernel weighs depends on the CPU (oneDNN generates different code for each
+    # instruction set): 1,200 shapes grew the heap by 100+ MiB on an AVX512-BF16 CPU, 38 MiB on an
+    # AVX-512 one without bf16; bounded, under 1 MiB on the latter.
+    assert bounded < 40 and default > bounded + 25, (bounded, default)
     monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "")  # so that teardown restores it
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")

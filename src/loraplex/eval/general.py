@@ -40,7 +40,10 @@ def _loopback(engine: Any) -> Iterator[str]:
 
     with tempfile.TemporaryDirectory(prefix="loraplex-general-") as tmp:
         app = create_app(engine, Gateway(auth=False, database=Path(tmp) / "log.db", engine=engine))
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        # log_config=None: uvicorn's default one runs logging.config.dictConfig, which closes every
+        # handler of this process (absl's closed sys.stderr under pytest); this server is a guest here.
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", log_config=None)
+        server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         deadline = time.monotonic() + 30

@@ -187,12 +187,16 @@ def reference_losses(
     inner = model.get_base_model() if adapters else model  # PEFT's LoRA layers live inside it
     out: list[list[tuple[float, int]]] = []
     for side, encoded in zip(sides, per_side, strict=True):
-        rows: list[tuple[float, int]] = []
         if side:
             model.set_adapter(f"a{adapters.index(side)}")
+        # Batches of similar lengths, so that padding (computed like any token) stays small: a
+        # retrieval prompt's length varies with its passage.
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+        found: dict[int, tuple[float, int]] = {}
         with model.disable_adapter() if side is None and adapters else nullcontext():
-            for k in range(0, len(encoded), 8):
-                batch = collate(unpacked(encoded[k : k + 8]), tok.pad_token_id, packed=False)
+            for k in range(0, len(order), 8):
+                batch_ids = order[k : k + 8]
+                batch = collate(unpacked([encoded[i] for i in batch_ids]), tok.pad_token_id, packed=False)
                 hidden = inner.get_decoder()(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
                 ).last_hidden_state
@@ -204,9 +208,9 @@ def reference_losses(
                 nll = F.cross_entropy(logits.float(), targets[keep], reduction="none")
                 per_row = torch.zeros(targets.shape[0], dtype=torch.float64)
                 per_row.index_add_(0, keep.nonzero()[:, 0], nll.double())
-                for r in range(targets.shape[0]):
-                    rows.append((float(per_row[r]), int(keep[r].sum())))
-        out.append(rows)
+                for r, i in enumerate(batch_ids):
+                    found[i] = (float(per_row[r]), int(keep[r].sum()))
+        out.append([found[i] for i in range(len(encoded))])
     return out
 
 

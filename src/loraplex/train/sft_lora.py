@@ -172,7 +172,9 @@ def run(
     t_loop = time.time()
     # CPU threads: a fixed count when one is asked for, else measured (threads.py: all cores stall
     # when another process takes one; bench/contention.py).
-    fixed = tc.threads or threads.budget()
+    # Not with train.compile: inductor's code depends on the thread count, so every count the
+    # tuner tries would compile the decoder again (a recompile per probe, each tens of seconds).
+    fixed = tc.threads or threads.budget() or (threads.cores() if tc.compile else None)
     tuner = threads.Tuner(threads.cores()) if device == "cpu" and not fixed else None
     if device == "cpu" and fixed:
         torch.set_num_threads(fixed)
