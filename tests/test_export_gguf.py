@@ -4,9 +4,11 @@ An adapter of the real SmolLM2-135M (the session's `smollm2_facts`: plain SFT, s
 the weights) is exported with `--format gguf --merged` and `--format ollama`; llama-cpp-python (in a
 child process) answers its four trained questions and the shipped sample's 20 held-out questions
 greedily (64 tokens) with (1) the GGUF LoRA on the base rewritten at f32, (2) the merged f32 GGUF,
-(3) the GGUF LoRA on the shipped Q4_1 base. loraplex's engine answers (as `loraplex serve` does)
-from the same dequantised weights in fp32, so (1) and (2) must agree on >= 90% of the answers;
-(3) is reported, not asserted: Q4_1 arithmetic tips the near-ties of answers the adapter never saw.
+(3) the GGUF LoRA on the shipped Q4_1 base, as Ollama runs it. loraplex's engine answers (as
+`loraplex serve` does) from the same dequantised weights in fp32, so (1) and (2) must agree on >= 90%
+of the answers. (3) is asked the trained questions only and must state the trained facts: on the
+held-out ones Q4_1 arithmetic tips near-tied tokens (14 of 20 agreed when measured, 2026-11), which
+says nothing about the export and cost a third of this test.
 """
 
 from __future__ import annotations
@@ -99,7 +101,6 @@ def test_gguf_exports_in_llama_cpp_agree_with_loraplex(facts_adapter: str, tmp_p
     runs = {
         "GGUF LoRA on the f32 base": _answers(base_f32, questions, lora),
         "merged f32 GGUF": _answers(merged, questions),
-        "GGUF LoRA on the Q4_1 base": _answers(gguf_file(base), questions, lora),
     }
     rates = {}
     for name, theirs in runs.items():
@@ -115,6 +116,9 @@ def test_gguf_exports_in_llama_cpp_agree_with_loraplex(facts_adapter: str, tmp_p
     assert ours[: len(FACTS)] == [a for _, a in FACTS]
     plain = _answers(base_f32, questions[: len(FACTS)])
     assert all(a not in b for (_, a), b in zip(FACTS, plain, strict=True))
+    # and on the shipped Q4_1 base, as `ollama run` would use the export, it still states them
+    quantized = _answers(gguf_file(base), questions[: len(FACTS)], lora)
+    assert all(a in b for (_, a), b in zip(FACTS, quantized, strict=True)), quantized
 
     # the Ollama directory holds everything its Modelfile names
     export([facts_adapter], "ollama", tmp_path / "ollama")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import shutil
 from collections.abc import Iterator
@@ -30,25 +29,17 @@ from typing import Any
 
 from loraplex import staging
 from loraplex.adapters import registry
-from loraplex.adapters.peft_io import read_peft_lora
 from loraplex.data.tokenize import render
 from loraplex.errors import UserError
 from loraplex.models.load import (
     BaseRef,
-    eos_token_ids,
     gguf_file,
-    load_model,
     load_tokenizer,
     resolve_base,
-    save_hf,
 )
 
 FORMATS = ("peft", "merged", "gguf", "ollama", "vllm")
 VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
-
-
-LAYER_WEIGHT = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.weight$")
-"""A decoder layer's projection weight in Hugging Face naming: (layer, module), as PEFT names them."""
 
 
 @contextmanager
@@ -93,29 +84,11 @@ def export_peft(ref: registry.AdapterRef, out: Path) -> None:
 
 
 def export_merged(ref: registry.AdapterRef, out: Path) -> None:
-    """The base with the adapter's delta (B A, scaled) added to each weight, fp32, as a Hugging Face
-    directory. Merged here rather than by PEFT's `merge_and_unload`: the same sum, without importing
-    PEFT and DeepSpeed (about 5 s of a 135M model's export)."""
-    import torch
+    from loraplex.export.merged import write_merged
 
     base = _adapter_base(ref)
-    tok = load_tokenizer(base)
-    model = load_model(base)
-    weights = {}
-    for name, p in model.named_parameters():
-        m = LAYER_WEIGHT.search(name)
-        if m:
-            weights[(int(m.group(1)), m.group(2))] = p
-    with torch.no_grad():
-        for (layer, module), (a, b) in read_peft_lora(ref.path, ref.id).items():
-            w = weights.get((layer, module))
-            if w is None or w.shape != (b.shape[0], a.shape[1]):
-                raise UserError(f"adapter {ref.id}: layer {layer} {module} does not match base {base.id}")
-            w += (b @ a).to(w.dtype)
-    model.generation_config.eos_token_id = eos_token_ids(tok, model)
-    model.generation_config.pad_token_id = tok.pad_token_id
     with staged(out) as tmp:
-        save_hf(model, tok, tmp)  # the chat template travels with the tokenizer
+        write_merged(base, ref.path, ref.id, tmp)
 
 
 def export_gguf(ref: registry.AdapterRef, out: Path, merged: bool = False) -> None:

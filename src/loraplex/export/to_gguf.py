@@ -8,8 +8,8 @@ The layout is llama.cpp's own (`convert_lora_to_gguf.py`): `general.type = adapt
 `alpha / r` unless alpha is 0, when the scale is 1; we write alpha 0 and fold each module's own
 scaling (alpha/r, rslora, alpha_pattern) into B, so per-module ranks and scales survive exactly.
 
-Llama-architecture GGUFs store q and k with the rotary halves interleaved per head (see
-convert_hf_to_gguf's `LlamaModel.permute`), so B's output rows of q_proj and k_proj get the same
+Llama-architecture GGUFs store q and k with the rotary halves interleaved per head
+(models/gguf_layout.py), so B's output rows of q_proj and k_proj get the same
 permutation; Qwen2 GGUFs keep the Hugging Face order.
 
 A merged model is the base GGUF's own metadata (tokenizer, chat template, hyperparameters) and
@@ -28,24 +28,14 @@ import torch
 
 from loraplex.adapters.peft_io import read_peft_lora
 from loraplex.errors import UserError
+from loraplex.models.gguf_layout import GGUF_NAMES, permute
 
-# Hugging Face module name -> GGUF tensor name inside block N
-GGUF_NAMES = {
-    "q_proj": "attn_q",
-    "k_proj": "attn_k",
-    "v_proj": "attn_v",
-    "o_proj": "attn_output",
-    "gate_proj": "ffn_gate",
-    "up_proj": "ffn_up",
-    "down_proj": "ffn_down",
-}
 # HF model_type -> GGUF architecture, and whether q/k rows are permuted for rotary
 ARCHES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 
 
 def _permute(b: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Rows of q/k from HF's rotate-half order to GGUF llama's interleaved order (per head)."""
-    return b.reshape(n_head, 2, b.shape[0] // n_head // 2, *b.shape[1:]).swapaxes(1, 2).reshape(b.shape)
+    return torch.from_numpy(permute(b.numpy(), n_head))
 
 
 def _lora_tensors(

@@ -96,24 +96,38 @@ def save_hf(model: Any, tok: Any, out: Path) -> None:
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantize a GGUF file into an fp32 safetensors HF directory, atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantize a GGUF file into an fp32 safetensors HF directory, atomically. Llama-architecture
+        files are read by models/gguf_layout.py (15 s instead of 33 s for the embedded model, same
+    files); others by transformers' loader."""
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig
+
+    from loraplex.models.gguf_layout import read_llama
 
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        llama = read_llama(gguf)
+        if llama is None:
+            model = _transformers_gguf(gguf)
+        else:
+            config, weights = LlamaConfig(**llama[0]), llama[1]
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - surface any loader failure as a user-facing message
         raise UserError(f"cannot load GGUF file {gguf}: {e}") from e
-    # The GGUF loader leaves the model flagged as quantized; saving refuses that until removed.
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
     if not getattr(tok, "chat_template", None):
         tok.chat_template = FALLBACK_CHAT_TEMPLATE
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
     try:
-        save_hf(model, tok, tmp)
+        if llama is None:
+            save_hf(model, tok, tmp)
+        else:
+            from safetensors.numpy import save_file
+
+            config.save_pretrained(tmp)
+            GenerationConfig.from_model_config(config).save_pretrained(tmp)
+            save_file(weights, str(tmp / "model.safetensors"), {"format": "pt"})
+            tok.save_pretrained(tmp)
         (tmp / "loraplex_source.json").write_text(
             json.dumps({"gguf": str(gguf), "sha256": sha256_file(gguf)}, indent=2)
         )
@@ -121,6 +135,19 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _transformers_gguf(gguf: Path) -> Any:
+    """The model from transformers' own GGUF loader (every architecture it knows; the reference
+    that gguf_layout.read_llama is tested against)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The GGUF loader leaves the model flagged as quantized; saving refuses that until removed.
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    return model
 
 
 def resolve_base(spec: str | None) -> BaseRef:
