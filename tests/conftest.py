@@ -44,13 +44,25 @@ CORPUS = [
 ]
 
 
+def _cost(item: pytest.Item) -> float:
+    """A slow test's seconds on the 2-core CI machine, as its marker estimates them (`slow(200)`)."""
+    marker = item.get_closest_marker("slow")
+    return float(marker.args[0]) if marker is not None and marker.args else 60.0
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The long tests (`slow`) first, dealt round-robin over the `-n` workers: xdist's worksteal hands
-    each worker a contiguous share of this order at the start, so each share begins with its long
-    tests and the short ones fill in around them (instead of one long test running alone at the end)."""
-    slow = [item for item in items if item.get_closest_marker("slow")]
+    """The long tests (`slow`) first, longest first, each to the worker with the fewest seconds so far
+    (xdist's worksteal hands each worker a contiguous share of this order at the start), so each
+    share begins with about as many seconds of long tests and the short ones fill in around them,
+    instead of one long test running alone at the end."""
+    slow = sorted((item for item in items if item.get_closest_marker("slow")), key=_cost, reverse=True)
     fast = [item for item in items if not item.get_closest_marker("slow")]
-    shares: list[list[pytest.Item]] = [slow[w::WORKERS] for w in range(WORKERS)]
+    shares: list[list[pytest.Item]] = [[] for _ in range(WORKERS)]
+    seconds = [0.0] * WORKERS
+    for item in slow:
+        w = seconds.index(min(seconds))
+        shares[w].append(item)
+        seconds[w] += _cost(item)
     size = -(-len(items) // WORKERS)
     for share in shares:
         while len(share) < size and fast:

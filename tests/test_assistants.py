@@ -260,7 +260,7 @@ def test_passages_that_crowd_out_the_answer_are_dropped(env: Env) -> None:
     assert r.usage.prompt_tokens == len(env.srv.engine.encode(bare.messages))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(70)
 def test_eval_shows_what_retrieval_adds_on_smollm2(lp_home: Path) -> None:
     """The real SmolLM2 cannot know these facts; with the sample knowledge base it answers some."""
     invoke("assistants", "create", "company", "--knowledge", str(SAMPLE), "--system", "You are Mingland's assistant.")

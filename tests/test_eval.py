@@ -219,7 +219,7 @@ def _render(page_path: Path, shot: Path) -> dict:
     return facts
 
 
-@pytest.mark.slow
+@pytest.mark.slow(210)
 @needs_chromium
 def test_eval_proves_learning_reports_judges_and_gates_promotion(lp_home: Path, tmp_path: Path) -> None:
     from loraplex.adapters import registry
@@ -329,3 +329,36 @@ def test_gen_score_early_stopping_needs_gen_eval_steps(tmp_path: Path) -> None:
         load_config(cfg)
     cfg.write_text("name: x\ntrain:\n  gen_eval_steps: 5\n  early_stopping_metric: gen_score\n")
     assert load_config(cfg).train.early_stopping_metric == "gen_score"
+
+
+def test_the_loopback_server_for_lm_eval_leaves_the_process_logging_alone(tiny_base: Path, lp_home: Path) -> None:
+    """`eval --general` serves the engine in this process; uvicorn's default logging config would
+    close every logging handler of the process (absl's closed pytest's stderr that way)."""
+    import logging
+
+    import httpx
+
+    from loraplex.engine.engine import Engine
+    from loraplex.eval.general import _loopback
+
+    class Recording(logging.Handler):
+        closed = False
+
+        def emit(self, record: logging.LogRecord) -> None:
+            pass
+
+        def close(self) -> None:
+            self.closed = True
+            super().close()
+
+    handler = Recording()
+    logging.getLogger("a.library").addHandler(handler)
+    engine = Engine(str(tiny_base), dtype="fp32", max_batch=2, max_loaded_adapters=1)
+    try:
+        with _loopback(engine) as url:
+            r = httpx.post(url, json={"model": engine.base.id, "prompt": "hello", "max_tokens": 2}, timeout=60)
+            assert r.status_code == 200, r.text
+        assert not handler.closed
+    finally:
+        engine.close()
+        logging.getLogger("a.library").removeHandler(handler)

@@ -67,7 +67,7 @@ def _alive(srv: ServeProcess) -> None:
     assert answer.choices[0].message.content is not None
 
 
-@pytest.mark.slow
+@pytest.mark.slow(130)
 def test_schemathesis_finds_nothing_with_keys_on_and_off(tiny_base: Path, lp_home: Path, tmp_path: Path) -> None:
     make_adapter(tiny_base, "hr", seed=1)
     make_adapter(tiny_base, "legal", seed=2)

@@ -271,9 +271,16 @@ def test_gradient_checkpointing_trains_the_same(
     assert a.keys() == b.keys() and all(float((a[k] - b[k]).abs().max()) < 1e-5 for k in a)
 
 
-def test_compile_switch_trains_the_same(lp_home: Path, tiny_base: Path, facts_file: Path) -> None:
+def test_compile_switch_trains_the_same(
+    lp_home: Path, tiny_base: Path, facts_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`train.compile` runs the decoder through torch.compile (inductor) and changes nothing else:
-    the same losses and weights; the run id ignores it, so a run can resume with it switched on."""
+    the same losses and weights; the run id ignores it, so a run can resume with it switched on.
+    It keeps one thread count: inductor's code depends on it, so each count the thread tuner tried
+    would compile the decoder again."""
+    import torch
+
+    from loraplex import threads
     from loraplex.models.load import resolve_base
     from loraplex.train.data import run_id
 
@@ -281,7 +288,15 @@ def test_compile_switch_trains_the_same(lp_home: Path, tiny_base: Path, facts_fi
     cfg = tiny_cfg(tiny_base, facts_file, max_steps=3, logging_steps=1, compile=True)
     base = resolve_base(str(tiny_base))
     assert run_id(cfg, "x", base) == run_id(tiny_cfg(tiny_base, facts_file, max_steps=3, logging_steps=1), "x", base)
-    compiled = run(cfg.model_copy(update={"name": "tiny-compiled"}))
+    monkeypatch.delenv(threads.ENV, raising=False)  # no thread budget: a plain run would tune the count
+    before = torch.get_num_threads()
+    try:
+        compiled = run(cfg.model_copy(update={"name": "tiny-compiled"}))
+    finally:
+        torch.set_num_threads(before)  # this worker's budget, for the tests after this one
+    assert compiled.adapter is not None
+    assert compiled.adapter.manifest()["threads"]["mode"] == "fixed"
+    assert compiled.adapter.manifest()["threads"]["threads"] == threads.cores()
 
     def losses(run_dir: Path) -> list[float]:
         return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
@@ -339,7 +354,7 @@ def test_qlora_needs_cuda_and_merges_into_the_full_precision_base(
     assert max(float((mine[k] - reference[k]).abs().max()) for k in mine) < 1e-6
 
 
-@pytest.mark.slow
+@pytest.mark.slow(52)
 def test_sigkill_at_random_points_then_rerunning_ends_with_the_uninterrupted_adapter(
     lp_home: Path, tiny_base: Path, facts_file: Path, tmp_path: Path
 ) -> None:
