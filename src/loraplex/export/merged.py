@@ -19,7 +19,7 @@ from typing import Any
 
 from loraplex.adapters.peft_io import read_peft_lora
 from loraplex.errors import UserError
-from loraplex.models.load import FALLBACK_CHAT_TEMPLATE, BaseRef
+from loraplex.models.load import FALLBACK_CHAT_TEMPLATE, BaseRef, end_of_turn_ids
 
 LAYER_WEIGHT = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.weight$")
 """A decoder layer's projection weight in Hugging Face naming: (layer, module), as PEFT names them."""
@@ -73,10 +73,8 @@ def write_merged(base: BaseRef, adapter_dir: Path, label: str, out: Path) -> Non
     gen_path = base.path / "generation_config.json"
     gen: dict[str, Any] = json.loads(gen_path.read_text()) if gen_path.is_file() else {"_from_model_config": True}
     token_id = _token_ids(out)
-    eos = {i for i in (token_id(_content(tok_cfg.get("eos_token"))), token_id("<|im_end|>")) if i is not None}
-    base_eos = gen.get("eos_token_id", config.get("eos_token_id"))
-    eos.update([base_eos] if isinstance(base_eos, int) else base_eos or [])
-    gen["eos_token_id"] = sorted(eos)  # stops at the end of a turn on its own (models/load.eos_token_ids)
+    eos, configured = token_id(_content(tok_cfg.get("eos_token"))), gen.get("eos_token_id", config.get("eos_token_id"))
+    gen["eos_token_id"] = end_of_turn_ids(eos, configured, token_id("<|im_end|>"))  # stops at a turn's end
     gen["pad_token_id"] = token_id(_content(tok_cfg.get("pad_token")))
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 

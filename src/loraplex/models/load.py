@@ -97,7 +97,7 @@ def save_hf(model: Any, tok: Any, out: Path) -> None:
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF file into an fp32 safetensors HF directory, atomically. Llama-architecture
-        files are read by models/gguf_layout.py (15 s instead of 33 s for the embedded model, same
+    files are read by models/gguf_layout.py (15 s instead of 33 s for the embedded model, same
     files); others by transformers' loader."""
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig
 
@@ -280,14 +280,15 @@ def load_model(
 
 def eos_token_ids(tok: Any, model: Any = None) -> list[int]:
     """Token ids that end an assistant turn: the tokenizer's eos and the model's eos ids."""
-    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    if model is not None:
-        cfg_eos = getattr(model.generation_config, "eos_token_id", None)
-        if isinstance(cfg_eos, int):
-            ids.add(cfg_eos)
-        elif cfg_eos:
-            ids.update(cfg_eos)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tok.unk_token_id:
-        ids.add(im_end)
+    configured = getattr(model.generation_config, "eos_token_id", None) if model is not None else None
+    return end_of_turn_ids(
+        tok.eos_token_id, configured, im_end if isinstance(im_end, int) and im_end != tok.unk_token_id else None
+    )
+
+
+def end_of_turn_ids(eos: int | None, configured: int | list[int] | None, im_end: int | None) -> list[int]:
+    """The tokenizer's eos, the generation config's eos id(s) and ChatML's <|im_end|>, when known."""
+    ids = {i for i in (eos, im_end) if i is not None}
+    ids.update([configured] if isinstance(configured, int) else configured or [])
     return sorted(ids)
