@@ -600,8 +600,10 @@ def test_vllm_structured_outputs_from_extra_body(server: Server) -> None:
     assert e.value.body["param"] == "structured_outputs" and "unclosed group" in e.value.body["message"]
     with pytest.raises(openai.UnprocessableEntityError, match="unknown name"):
         c.completions.create(model="legal", prompt="x", extra_body={"structured_outputs": {"grammar": "start: nope"}})
-    with pytest.raises(openai.BadRequestError):
-        c.completions.create(model="legal", prompt="x", extra_body={"structured_outputs": {"json": "[not json"}})
+    for text, why in (("[not json", "is not JSON"), ("", "is not JSON"), ("[1]", "must be a JSON schema object")):
+        with pytest.raises(openai.UnprocessableEntityError, match=why) as e:
+            c.completions.create(model="legal", prompt="x", extra_body={"structured_outputs": {"json": text}})
+        assert e.value.body["param"] == "structured_outputs.json"
 
 
 TOOLS = [

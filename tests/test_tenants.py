@@ -255,9 +255,13 @@ def test_unload_reads_names_as_load_does(tenants: Tenants) -> None:
     assert tenants.post("/v1/load_lora_adapter", {"lora_name": "hr"}, "ops").status_code == 200
     r = tenants.post("/v1/unload_lora_adapter", {"lora_name": "hr@../../x"}, "ops")
     load = tenants.post("/v1/load_lora_adapter", {"lora_name": "hr@../../x"}, "ops")
-    # refused as load refuses it: a malformed name (the version part is not a name), adapters/names.py
+    # refused as load refuses it: a malformed name (the version part is not a name)
     assert r.status_code == load.status_code == 400, r.text
-    assert r.json()["error"]["code"] == load.json()["error"]["code"] == "invalid_model"
+    assert r.json()["error"]["param"] == load.json()["error"]["param"] == "lora_name"
+    # Was (schemathesis): a blank or padded name read as the base model, "loaded" "" with a 200
+    for name in (" ", " hr"):
+        blank = tenants.post("/v1/load_lora_adapter", {"lora_name": name}, "ops")
+        assert blank.status_code == 400 and "not an adapter name" in blank.json()["error"]["message"], blank.text
     # Was (schemathesis): a NUL in vLLM's lora_path came back as a bare 400 "embedded null byte"
     for path in ("/tmp/elsewhere", "\u00d1k\u0000<"):
         wrong = tenants.post("/v1/load_lora_adapter", {"lora_name": "hr", "lora_path": path}, "ops")

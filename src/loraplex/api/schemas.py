@@ -13,7 +13,7 @@ import json
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 
 from loraplex.adapters.names import BASE_ALIASES
 from loraplex.adapters.registry import ALIAS_PATTERN
@@ -186,6 +186,8 @@ class _Common(BaseModel):
         given = self.structured_outputs.model_dump(exclude_none=True)
         if len(given) != 1:
             return "structured_outputs", "structured_outputs takes exactly one of json, regex, choice, grammar"
+        if (why := self.structured_outputs.unusable()) is not None:
+            return "structured_outputs.json", why
         return None
 
     @field_validator("logit_bias")
@@ -245,17 +247,16 @@ class StructuredOutputs(BaseModel):
         regex = self.regex if self.regex is not None else "|".join(re.escape(c) for c in self.choice or [])
         return json.dumps({"type": "regex", "regex": regex, "param": "structured_outputs"})
 
-    @field_validator("json_")
-    @classmethod
-    def _json(cls, v: dict[str, Any] | str | None) -> dict[str, Any] | str | None:
-        if isinstance(v, str):
-            try:
-                parsed = json.loads(v)
-            except ValueError as e:
-                raise ValueError(f"structured_outputs.json is not JSON: {e}") from None
-            if not isinstance(parsed, dict):
-                raise ValueError("structured_outputs.json must be a JSON schema object")
-        return v
+    def unusable(self) -> str | None:
+        """Why `json` given as text cannot be enforced (not JSON, or not a schema object). A 422
+        like an uncompilable regex or grammar, not a schema error: any string is schema-valid."""
+        if not isinstance(self.json_, str):
+            return None
+        try:
+            parsed = json.loads(self.json_)
+        except ValueError as e:
+            return f"structured_outputs.json is not JSON: {e}"
+        return None if isinstance(parsed, dict) else "structured_outputs.json must be a JSON schema object"
 
 
 FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
@@ -414,6 +415,16 @@ class DetokenizeRequest(BaseModel):
 
 
 _LORA_NAME = Field(min_length=1, max_length=512, **documented(pattern=f"^{ADAPTER_PATTERN}$"))
+_ADAPTER = re.compile(ADAPTER_PATTERN)
+
+
+def _lora_name(v: str) -> str:
+    """The documented pattern, enforced here: pydantic's regex engine has no lookahead. A name
+    the pattern refuses (blank, padded) would otherwise reach `names.parse`, which reads a blank
+    name as the base model."""
+    if not _ADAPTER.fullmatch(v):
+        raise ValueError(f"lora_name {v!r} is not an adapter name: use NAME, NAME@vN or NAME@ALIAS")
+    return v
 
 
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
@@ -440,7 +451,7 @@ class EmbeddingRequest(BaseModel):
 
 class LoadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    lora_name: str = _LORA_NAME
+    lora_name: Annotated[str, AfterValidator(_lora_name)] = _LORA_NAME
     pin: JsonBool = False
     lora_path: str | None = None
     """vLLM's field: accepted only when it is the store's own directory of `lora_name` (this server
@@ -449,7 +460,7 @@ class LoadAdapterRequest(BaseModel):
 
 class UnloadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    lora_name: str = _LORA_NAME
+    lora_name: Annotated[str, AfterValidator(_lora_name)] = _LORA_NAME
 
 
 class FeedbackRequest(BaseModel):
