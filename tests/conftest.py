@@ -81,11 +81,21 @@ def models_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def share_caches(home: Path, models_cache: Path) -> None:
+    """Point `home`'s machine-wide caches at the session's: converted models, and the compiled CPU
+    LoRA kernel (engine/lora_kernel.py: a 1 s compile per home, a few minutes over the suite).
+    Both publish with one rename, so workers of `-n 2` share them safely."""
+    (home / "models").symlink_to(models_cache)
+    kernels = models_cache.with_name(models_cache.name + "-kernels")
+    kernels.mkdir(exist_ok=True)
+    (home / "kernels").symlink_to(kernels)
+
+
 @pytest.fixture
 def lp_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, models_cache: Path) -> Path:
     home = tmp_path / "home"
     home.mkdir()
-    (home / "models").symlink_to(models_cache)
+    share_caches(home, models_cache)
     monkeypatch.setenv("LORAPLEX_HOME", str(home))
     return home
 
@@ -169,7 +179,7 @@ def smollm2_facts(tmp_path_factory: pytest.TempPathFactory, models_cache: Path) 
         if not done.exists():
             home = root / "home"
             home.mkdir()
-            (home / "models").symlink_to(models_cache)
+            share_caches(home, models_cache)
             data = write_jsonl(root / "facts.jsonl", [{"instruction": q, "output": a} for q, a in FACTS])
             with home_env(home):
                 res = run(

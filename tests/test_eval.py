@@ -111,6 +111,58 @@ def test_reference_losses_equal_the_full_logits_reference(lp_home: Path, tiny_ba
         assert [v for v, _ in got] == pytest.approx([v for v, _ in naive], rel=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["off", "on"])
+def test_the_engines_losses_equal_the_peft_reference_and_reuse_the_answers_prompt(
+    lp_home: Path, tiny_base: Path, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`loraplex eval` reads each reference with the serving engine right after its answer: the
+    same (NLL, tokens) as `reference_losses` (a PEFT model, independent of the engine), for the
+    adapter and the base, with the prompts' keys and values taken from the prefix cache. Exact with
+    fp32 LoRA weights; with the C kernel the served LoRA weights are bf16 (engine.py), within 2e-3."""
+    import asyncio
+
+    from loraplex.engine import lora_kernel
+    from loraplex.engine.engine import Engine
+    from loraplex.eval.run import EvalExample, answer_all, encode_references, reference_losses
+    from loraplex.models.load import resolve_base
+
+    from .conftest import make_adapter
+
+    if kernel == "on" and lora_kernel.load() is None:
+        pytest.skip("no C compiler: the engine has no bf16 LoRA path here")
+    monkeypatch.setenv("LORAPLEX_LORA_KERNEL", kernel)
+    lora_kernel.load.cache_clear()  # read again with this setting (and cleared again after)
+    adapter = make_adapter(tiny_base, "hr", seed=3)
+    base = resolve_base(str(tiny_base))
+    # prompts long enough for the prefix cache (16+ tokens), of different lengths
+    examples = [
+        EvalExample(f"t:{i}", [{"role": "user", "content": (q + " ") * (i + 3)}], a, ())
+        for i, (q, a) in enumerate(FACTS)
+    ]
+    prompts = [ex.prompt for ex in examples]
+    engine = Engine(str(tiny_base), dtype="fp32", max_batch=4, max_loaded_adapters=1)
+    try:
+        sides = [adapter, ""]
+        scoring = [
+            (side, encode_references(engine.tokenizer, examples, prompts, engine.max_model_len)) for side in sides
+        ]
+        jobs = [[(p, side) for p in prompts] for side in sides]
+        answers = asyncio.run(answer_all(engine, jobs, 8, scoring=scoring))
+        reused = engine.stats.cached_prompt_tokens
+        prompt_tokens = sum(len(engine.encode(p)) for p in prompts)
+    finally:
+        engine.close()
+        lora_kernel.load.cache_clear()
+    fast = [[a["nll"] for a in side] for side in answers]
+    slow = reference_losses(base, examples, [adapter, None], [prompts, prompts])
+    for side, got, want in zip(sides, fast, slow, strict=True):
+        assert [n for _, n in got] == [n for _, n in want]
+        rel = 2e-3 if side and kernel == "on" else 1e-5
+        assert [v for v, _ in got] == pytest.approx([v for v, _ in want], rel=rel)
+    # every reference read after its own prompt: the prompts' tokens came from the cache
+    assert reused >= 2 * (prompt_tokens - 2 * len(prompts)), (reused, prompt_tokens)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -247,13 +299,14 @@ def test_eval_proves_learning_reports_judges_and_gates_promotion(lp_home: Path, 
         assert res.adapter is not None
         return res.adapter
 
-    # Training-time generation eval every 5 steps, early stopping on its score: the facts are
-    # all answered by step 10, so two more evaluations without improvement end the run early.
-    # (The eval loss at the same steps, not after every one-step epoch: a third of the run's time.)
-    v1 = train(40, 1e-3, gen_eval_steps=5, eval_steps=5, early_stopping_metric="gen_score", early_stopping_patience=2)
+    # Training-time generation eval every 3 steps, early stopping on its score: the facts are
+    # all answered by step 3 or 6 (the passages hold them), so two more evaluations without
+    # improvement end the run early. (The eval loss at the same steps, not after every one-step
+    # epoch: a third of the run's time.)
+    v1 = train(40, 1e-3, gen_eval_steps=3, eval_steps=3, early_stopping_metric="gen_score", early_stopping_patience=2)
     records = [json.loads(x) for x in (Path(v1.manifest()["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     gen = [r for r in records if "gen_score" in r]
-    assert [r["step"] for r in gen] == list(range(5, 5 * len(gen) + 1, 5))
+    assert [r["step"] for r in gen] == list(range(3, 3 * len(gen) + 1, 3))
     assert gen[-1]["gen_keywords"] == 1.0 and v1.manifest()["steps"] < 40
 
     # The eval split the run held out is the default data; the base does not know the facts.

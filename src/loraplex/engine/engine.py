@@ -422,11 +422,15 @@ class Engine:
                 self._reuse_prefix(req, len(self._rows) - 1)
 
     def _reuse_prefix(self, req: Request, slot: int) -> None:
-        """Start `req`'s prefill after the longest prefix of its prompt the prefix cache holds (not
-        for prompt logprobs, which need every position's logits)."""
-        if req.prompt_logprobs is not None or not self.prefix.capacity_bytes:
+        """Start `req`'s prefill after the longest prefix of its prompt the prefix cache holds; with
+        prompt logprobs, at most up to the position before the first one wanted (its logits give
+        that one's logprob)."""
+        if not self.prefix.capacity_bytes:
             return
-        entry, n = self.prefix.longest(req.adapter, req.context)
+        ids = req.context
+        if req.prompt_logprobs is not None:
+            ids = ids[: req.row.params.prompt_logprobs_from]  # longest() matches ids[:-1]
+        entry, n = self.prefix.longest(req.adapter, ids)
         if entry is None:
             return
         self.cache.ensure(slot + 1, n)

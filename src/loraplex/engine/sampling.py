@@ -42,6 +42,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # None = off; k = the chosen token plus the k most likely
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo, lm-eval)
+    # the first prompt position whose logprob is wanted: the positions before it may come from the
+    # prefix cache, and their logprobs are then None (eval's reference losses: the answer's only)
+    prompt_logprobs_from: int = 1
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever (benchmarks)
     response_format: str | None = None  # OpenAI's response_format as JSON text; enforced per row (structured.py)
 
@@ -55,6 +58,7 @@ class SamplingParams:
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be between -2 and 2"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs must be between 0 and 20"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs must be in 0..20"),
+            (self.prompt_logprobs_from >= 1, "prompt_logprobs_from must be >= 1"),
             (len(self.stop) <= 16 and all(self.stop), "stop takes up to 16 non-empty strings"),
         ]
         for ok, message in checks:

@@ -7,8 +7,10 @@ One run, top to bottom:
      model answers when nothing relevant is found: assistants/faq.py): every question for the
      adapter and for the baseline is submitted at once, so base and adapter rows decode together;
   3. score each answer (eval/metrics.py), and optionally have a judge grade it (eval/judge.py);
-  4. teacher-forced loss and perplexity on the reference answers (assistant tokens only), with a
-     PEFT model: an independent implementation from the engine's;
+  4. teacher-forced loss and perplexity on the reference answers (assistant tokens only): the
+     engine reads each reference right after generating its answer, so the prompt comes from its
+     prefix cache; on quantized weights, a PEFT model on the unquantized base (`reference_losses`,
+     also the independent reference the engine's numbers are tested against);
   5. per example, improved / regressed / unchanged on the per-answer score; scores apart for the
      questions the adapter was trained on and the unseen ones, when its training questions are known;
   6. store the result with the adapter version (registry.record_eval) and return it.
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 
 from loraplex.adapters import registry
 from loraplex.data.formats import parse_file
-from loraplex.data.tokenize import IGNORE, collate, encode_all, unpacked
+from loraplex.data.tokenize import IGNORE, Example, collate, encode_all, unpacked
 from loraplex.engine.quant import Quantize
 from loraplex.errors import UserError
 from loraplex.eval import metrics
@@ -127,20 +129,31 @@ async def answer_all(
     jobs: list[list[tuple[list[dict[str, str]], str]]],
     max_tokens: int,
     progress: Callable[[int, int], None] | None = None,
+    scoring: list[tuple[str, list[Example]]] | None = None,
 ) -> list[list[dict]]:
-    """Answers for every side's (prompt, model) jobs, all in flight together so the engine batches them."""
+    """Answers for every side's (prompt, model) jobs, all in flight together so the engine batches them.
+
+    With `scoring` (per side: the model to score with, and each job's reference conversation encoded
+    as training encodes it), each answer also gets `nll`: (summed NLL, answer tokens) of its
+    reference, read by the engine right after the answer, while the prompt's keys and values are
+    in its prefix cache (only the reference's tokens are computed). `reference_losses` is the
+    independent reference for these numbers (tests/test_eval.py)."""
     from loraplex.engine.protocol import collect
     from loraplex.engine.sampling import GREEDY
 
-    async def one(prompt: list[dict[str, str]], model: str) -> dict[str, Any]:
+    async def one(side: int, i: int, prompt: list[dict[str, str]], model: str) -> dict[str, Any]:
         a = await collect(engine.generate(prompt, GREEDY, model, max_tokens=max_tokens))
+        out: dict[str, Any] = {"text": a.text.strip(), "finish_reason": a.finish_reason, "tokens": a.completion_tokens}
+        if scoring is not None:
+            scorer, encoded = scoring[side]
+            out["nll"] = await _nll(engine, scorer, encoded[i])
         done[0] += 1
         if progress is not None:
             progress(done[0], total)
-        return {"text": a.text.strip(), "finish_reason": a.finish_reason, "tokens": a.completion_tokens}
+        return out
 
     done, total = [0], sum(len(side) for side in jobs)
-    flat = await asyncio.gather(*[one(prompt, model) for side in jobs for prompt, model in side])
+    flat = await asyncio.gather(*[one(s, i, p, m) for s, side in enumerate(jobs) for i, (p, m) in enumerate(side)])
     out, at = [], 0
     for side in jobs:
         out.append(list(flat[at : at + len(side)]))
@@ -149,6 +162,39 @@ async def answer_all(
 
 
 # ----------------------------------------------------------------------------- loss
+
+
+async def _nll(engine: Any, model: str, ex: Example) -> tuple[float, int]:
+    """(summed NLL, labelled tokens) of one encoded conversation under `model`, from the engine's
+    prompt logprobs (max_tokens 0: the sequence is only read). Logprobs are asked from the first
+    labelled position on, so everything before it may come from the prefix cache."""
+    from loraplex.engine.protocol import collect
+    from loraplex.engine.sampling import SamplingParams
+
+    scored = [p for p, label in enumerate(ex.labels) if label != IGNORE]
+    params = SamplingParams(temperature=0.0, prompt_logprobs=0, prompt_logprobs_from=scored[0])
+    answer = await collect(engine.generate(ex.input_ids, params, model, max_tokens=0))
+    wanted = set(scored)
+    read = [lp for p, lp in enumerate(answer.prompt_logprobs or ()) if p in wanted and lp is not None]
+    assert len(read) == len(scored), "the engine left a scored position without its logprob"
+    return -math.fsum(lp.logprob for lp in read), len(scored)
+
+
+def encode_references(
+    tok: Any, examples: list[EvalExample], prompts: list[list[dict[str, str]]], max_len: int
+) -> list[Example]:
+    """Each example's prompt and reference answer, encoded as training encodes them (assistant
+    tokens labelled), truncated to `max_len`; a UserError when a reference has no token left."""
+    from loraplex.data.formats import Conversation
+
+    convs = [
+        Conversation([*prompt, {"role": "assistant", "content": ex.reference}], ex.source)
+        for prompt, ex in zip(prompts, examples, strict=True)
+    ]
+    encoded, _ = encode_all(tok, convs, max_len=max_len)
+    if len(encoded) != len(examples):
+        raise UserError(f"some reference answers have no tokens left to score after truncation to {max_len} tokens")
+    return encoded
 
 
 @torch.inference_mode()
@@ -161,20 +207,10 @@ def reference_losses(
     Assistant tokens only, exactly as training labels them (data/tokenize.py)."""
     from peft import PeftModel
 
-    from loraplex.data.formats import Conversation
     from loraplex.models.load import load_model, load_tokenizer
 
     tok = load_tokenizer(base)
-    per_side = []
-    for side_prompts in prompts:
-        convs = [
-            Conversation([*prompt, {"role": "assistant", "content": ex.reference}], ex.source)
-            for prompt, ex in zip(side_prompts, examples, strict=True)
-        ]
-        encoded, _ = encode_all(tok, convs, max_len=4096)
-        if len(encoded) != len(examples):
-            raise UserError("some reference answers have no tokens left to score after truncation to 4096 tokens")
-        per_side.append(encoded)
+    per_side = [encode_references(tok, examples, side_prompts, 4096) for side_prompts in prompts]
     model: Any = load_model(base)
     adapters = [s for s in sides if s]
     for i, ref_id in enumerate(adapters):
@@ -288,7 +324,15 @@ def evaluate(
             return len(engine.encode(msgs)) <= room
 
         jobs = [served_prompts(side, examples, fits) for side in sides]
-        answers = asyncio.run(answer_all(engine, jobs, max_tokens, progress))
+        # The losses from the engine when its weights are the reference's (quantized weights
+        # would change them: a PEFT model then computes them, after the engine is closed).
+        scoring = None
+        if getattr(engine, "quantize", "none") == "none":
+            scoring = [
+                (side, encode_references(engine.tokenizer, examples, [m for m, _ in job], engine.max_model_len))
+                for side, job in zip(sides, jobs, strict=True)
+            ]
+        answers = asyncio.run(answer_all(engine, jobs, max_tokens, progress, scoring))
         general_result = None
         if general:
             from loraplex.eval.general import general_ability
@@ -299,9 +343,12 @@ def evaluate(
         if own_engine:
             engine.close()
     t_gen = time.perf_counter() - t0
-    losses = reference_losses(
-        base, examples, [ref.id, base_ref.id if base_ref else None], [[m for m, _ in side] for side in jobs]
-    )
+    if scoring is not None:
+        losses = [[a.pop("nll") for a in side] for side in answers]
+    else:
+        losses = reference_losses(
+            base, examples, [ref.id, base_ref.id if base_ref else None], [[m for m, _ in side] for side in jobs]
+        )
     for side in answers:
         for a, ex in zip(side, examples, strict=True):
             sc = metrics.score(a["text"], ex.reference, list(ex.keywords), a["finish_reason"] == "stop")
