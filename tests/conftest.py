@@ -83,7 +83,7 @@ def models_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def share_caches(home: Path, models_cache: Path) -> None:
     """Point `home`'s machine-wide caches at the session's: converted models, and the compiled CPU
-    LoRA kernel (engine/lora_kernel.py: a 1 s compile per home, a few minutes over the suite).
+    LoRA kernel (engine/lora_kernel.py: a 1 s compile in every test home that starts an engine).
     Both publish with one rename, so workers of `-n 2` share them safely."""
     (home / "models").symlink_to(models_cache)
     kernels = models_cache.with_name(models_cache.name + "-kernels")
