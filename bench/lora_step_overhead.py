@@ -1,6 +1,7 @@
 """One decode step of the serving model: 8 rows on 8 distinct rank-16 adapters vs. 8 rows on the bare base.
 
     python bench/lora_step_overhead.py [--shape smollm2|llama-3-8b|...] [--device cpu|cuda] [--rows 8] [--quantize int4]
+                                       [--dtype auto|bf16|fp32]
 
 The in-process view of `bench/serve_throughput.py`'s multi-LoRA overhead row, without HTTP and
 sampling, so it also runs where the server's dependencies or the real weights are missing (a GPU
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -28,6 +30,10 @@ from loraplex.engine import lora_kernel
 from loraplex.engine.lora import AdapterWeights, LoraBatch, LoraStacks
 from loraplex.engine.model import DecoderModel, Step
 from loraplex.engine.quant import Quantize, mode
+from loraplex.models.device import bf16_is_faster
+
+sys.path.insert(0, str(Path(__file__).parent))
+from generalization import cpu  # noqa: E402  (lscpu model and flags: printed with the table)
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -95,15 +101,20 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores but one, as serve)")
     ap.add_argument("--quantize", default="none", help="base weights: none, int8 or int4 (CPU)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: what serve picks here")
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads or max(1, torch.get_num_threads() - 1))
-    dtype = torch.bfloat16
+    if args.dtype == "auto":  # as Engine does: bf16 where this device runs it faster, else fp32
+        dtype = torch.bfloat16 if bf16_is_faster(args.device) else torch.float32
+    else:
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = build_model(args.shape, args.device, dtype, mode(args.quantize))
     # as Engine does: bf16 weights for the C kernel on CPU (fp32 for the PyTorch path without it)
     paths = [("kernel", torch.bfloat16), ("torch", torch.float32)] if args.device == "cpu" else [("torch", dtype)]
     if args.device == "cpu" and lora_kernel.load() is None:
         paths = paths[1:]
+    print(cpu())
     print(f"{args.shape} on {args.device}: {args.rows} rows, rank {args.rank}, model {dtype}, {args.quantize} weights")
     for label, targets in (("all-linear", ALL), ("q,v", ("q_proj", "v_proj"))):
         weights = [random_adapter(model, targets, args.rank, seed) for seed in range(args.rows)]

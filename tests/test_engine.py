@@ -38,6 +38,9 @@ def test_forward_matches_transformers_with_cache(tiny_base: Path) -> None:
     hf = load_model(base).eval()
     tok = load_tokenizer(base)
     model = DecoderModel(hf, torch.float32, "cpu")
+    # fp32 on CPU holds the projections transposed in memory (model.py): what is compared here
+    qkv = model.layers[0]["qkv"]
+    assert isinstance(qkv, torch.Tensor) and qkv.stride() == (1, qkv.shape[0]) and model.lm_head.stride()[0] == 1
     cache = model.new_cache(4, 256)
     ids = tok(PROMPTS[1] + " " + PROMPTS[0], return_tensors="pt")["input_ids"]
     n = ids.shape[1]

@@ -303,7 +303,16 @@ def test_eval_proves_learning_reports_judges_and_gates_promotion(lp_home: Path, 
     # all answered by step 3 or 6 (the passages hold them), so two more evaluations without
     # improvement end the run early. (The eval loss at the same steps, not after every one-step
     # epoch: a third of the run's time.)
-    v1 = train(40, 1e-3, gen_eval_steps=3, eval_steps=3, early_stopping_metric="gen_score", early_stopping_patience=2)
+    # (48 new tokens per answer, as the eval below: the longest answer is 34)
+    v1 = train(
+        40,
+        1e-3,
+        gen_eval_steps=3,
+        eval_steps=3,
+        gen_eval_max_tokens=48,
+        early_stopping_metric="gen_score",
+        early_stopping_patience=2,
+    )
     records = [json.loads(x) for x in (Path(v1.manifest()["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     gen = [r for r in records if "gen_score" in r]
     assert [r["step"] for r in gen] == list(range(3, 3 * len(gen) + 1, 3))
