@@ -1,7 +1,7 @@
 """One decode step of the serving model: 8 rows on 8 distinct rank-16 adapters vs. 8 rows on the bare base.
 
     python bench/lora_step_overhead.py [--shape smollm2|llama-3-8b|...] [--device cpu|cuda] [--rows 8] [--quantize int4]
-                                       [--dtype auto|bf16|fp32]
+                                       [--dtype auto|bf16|fp32] [--layouts]
 
 The in-process view of `bench/serve_throughput.py`'s multi-LoRA overhead row, without HTTP and
 sampling, so it also runs where the server's dependencies or the real weights are missing (a GPU
@@ -11,6 +11,10 @@ ones, PEFT's default targets). Base and adapter steps alternate, medians are com
 run. On CPU the C kernel (bf16 weights) and the PyTorch path (fp32 weights) are timed side by side.
 Before timing, each batched delta is checked against the naive per-row loop in lora.py's docstring.
 Prints one row per target set and path, with the ratio to the base step.
+
+`--layouts` (fp32 on CPU): instead, the bare base step at 1-16 rows with the projections stored as
+the engine holds them (transposed in memory) and as transformers does ([out, in] row-major),
+alternating in one process: what the fp32 layout in engine/model.py buys on this CPU.
 """
 
 from __future__ import annotations
@@ -92,6 +96,31 @@ def time_steps(model: DecoderModel, lora: LoraBatch | None, rows: int, reps: int
     return out
 
 
+def compare_layouts(model: DecoderModel, reps: int) -> None:
+    """The bare base's decode step with the engine's transposed fp32 weights vs row-major copies."""
+    sites = ("qkv", "o", "gate_up", "down")
+    ours = ([dict(p) for p in model.layers], model.lm_head)
+    rowmajor = (
+        [{k: v.contiguous() if k in sites else v for k, v in p.items()} for p in model.layers],
+        model.lm_head.contiguous(),  # type: ignore[union-attr]
+    )
+    print(f"{'rows':>4}  {'row-major':>10}  {'transposed':>10}  speedup")
+    for rows in (1, 2, 3, 4, 8, 16):
+        cache = model.new_cache(rows, 512)  # one cache for both: its first touch is not timed
+        step = Step(torch.randint(0, 1000, (rows, 1)), torch.full((rows,), 150), 0, None)
+        times: dict[str, list[float]] = {"row-major": [], "transposed": []}
+        for i in range(reps + 3):
+            for name, (layers, head) in (("row-major", rowmajor), ("transposed", ours)):
+                model.layers, model.lm_head, model.embed = layers, head, head
+                t = time.perf_counter()
+                model.forward(step, cache)
+                if i >= 3:  # warm-up
+                    times[name].append(time.perf_counter() - t)
+        a, b = (statistics.median(times[k]) * 1e3 for k in ("row-major", "transposed"))
+        print(f"{rows:>4}  {a:8.1f} ms  {b:8.1f} ms  {a / b:.2f}x")
+    model.layers, model.lm_head, model.embed = ours[0], ours[1], ours[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="smollm2", help="smollm2, a plan_configs name, or a config.json")
@@ -102,6 +131,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores but one, as serve)")
     ap.add_argument("--quantize", default="none", help="base weights: none, int8 or int4 (CPU)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: what serve picks here")
+    ap.add_argument("--layouts", action="store_true", help="fp32: transposed vs row-major weights, 1-16 rows")
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads or max(1, torch.get_num_threads() - 1))
@@ -115,6 +145,9 @@ def main() -> None:
     if args.device == "cpu" and lora_kernel.load() is None:
         paths = paths[1:]
     print(cpu())
+    if args.layouts:
+        compare_layouts(model, args.reps)
+        return
     print(f"{args.shape} on {args.device}: {args.rows} rows, rank {args.rank}, model {dtype}, {args.quantize} weights")
     for label, targets in (("all-linear", ALL), ("q,v", ("q_proj", "v_proj"))):
         weights = [random_adapter(model, targets, args.rank, seed) for seed in range(args.rows)]

@@ -196,21 +196,29 @@ class DecoderModel:
         inner = hf_model.model
         self.rotary = inner.rotary_emb.to(device)
 
+        # On CPU every weight kept is a copy: a view would keep the HF model's memory map of the
+        # whole safetensors file alive (and resident: 540 MB for SmolLM2 in fp32) once it is dropped.
+        copy = device == "cpu"
+
+        def dense(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(device=device, dtype=dtype, copy=copy).contiguous()
+
         def w(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.detach().to(device=device, dtype=dtype).contiguous()
+            return None if t is None else dense(t)
 
         # fp32 on CPU: each projection is held transposed in memory (the same [out, in] tensor, its
         # storage [in, out]). MKL computes x @ W.T from a row-major W by repacking W on every call;
-        # from W.T contiguous it streams it. Measured per SmolLM2 layer at one thread: 4-32 rows
-        # (batched decode) 1.5-2.2x faster, 1 row and prompt-sized inputs the same, 2-3 rows 15%
-        # slower. bf16/fp16 go to oneDNN, which keeps the usual layout.
+        # from W.T contiguous it streams it. A whole SmolLM2 decode step at one thread, AVX-512: 4-8
+        # rows 1.28x faster, 16 rows 1.07x, 1 row and prompts the same, 2-3 rows 7-9% slower
+        # (`bench/lora_step_overhead.py --layouts`). bf16/fp16 go to oneDNN: the usual layout.
         transposed = device == "cpu" and dtype == torch.float32
 
         def proj(t: torch.Tensor) -> torch.Tensor | QuantWeight:
             if quantize != "none":
                 return quant.quantize(t, quantize)
-            dense = t.detach().to(device=device, dtype=dtype)
-            return dense.t().contiguous().t() if transposed else dense.contiguous()
+            if transposed:
+                return t.detach().to(dtype=dtype).t().contiguous().t()
+            return dense(t)
 
         head, table = hf_model.get_output_embeddings().weight, inner.embed_tokens.weight
         # The output head is int8 in both quantized modes: at int4 its error was 9% of the weight (vs
@@ -219,11 +227,7 @@ class DecoderModel:
         # A tied embedding is the head's own rows (one copy: 54 MB less for SmolLM2 in bf16); an
         # untied one is int8 rows when quantized.
         self.embed: torch.Tensor | QuantWeight = (
-            self.lm_head
-            if head is table
-            else table.detach().to(device=device, dtype=dtype).contiguous()
-            if quantize == "none"
-            else quant.quantize(table, "int8")
+            self.lm_head if head is table else dense(table) if quantize == "none" else quant.quantize(table, "int8")
         )
         self.final_norm = w(inner.norm.weight)
         self.layers: list[dict[str, Any]] = []
