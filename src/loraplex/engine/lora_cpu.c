@@ -23,25 +23,13 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "cpu_bf16.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #define MAX_COLS 4096 /* output columns per work item of the B phase, at most */
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t b = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &b, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does; NaN stays NaN */
-    uint32_t b;
-    memcpy(&b, &f, 4);
-    const uint32_t rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
-    return (uint16_t)((b & 0x7fffffffu) > 0x7f800000u ? (b >> 16) | 0x40u : rounded); /* a select: vectorises */
-}
 
 struct job {
     int64_t in, out, R, a_slot_stride, nt, ng, nblocks, cols, L;

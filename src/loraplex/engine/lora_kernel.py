@@ -1,14 +1,16 @@
-"""The CPU LoRA kernel (lora_cpu.c): compiled once per machine with the system C compiler, loaded with ctypes.
+"""The CPU kernels (lora_cpu.c: LoRA deltas; quant_cpu.c: int8/int4 matmuls): compiled once per machine with
+the system C compiler, loaded with ctypes.
 
 Built with `-fopenmp` where the compiler has it: the library then shares torch's OpenMP runtime
 (torch ships libgomp.so.1 and the loader resolves the same soname to it) and runs on as many
 threads as torch does. The shared library is cached in `$LORAPLEX_HOME/kernels/`, keyed by the
-source, the compiler and the CPU (it is built with `-march=native`), and written under a temporary
+source, the compiler and the CPU (each is built with `-march=native`), and written under a temporary
 name then renamed, so two processes starting together never load half a file. Where no compiler
-works (Windows without one, a slim container) `load()` returns None and the engine keeps the plain
-PyTorch path, which gives the same results more slowly; `LORAPLEX_LORA_KERNEL=off` chooses that path on purpose.
+works (Windows without one, a slim container) `load()` / `load_quant()` return None and the engine
+keeps the plain PyTorch path, which gives the same results (quantized: to rounding) more slowly;
+`LORAPLEX_LORA_KERNEL=off` / `LORAPLEX_QUANT_KERNEL=off` choose that path on purpose.
 
-This module does not decide the weights' layout or when a batch uses the kernel (lora.py does).
+This module does not decide the weights' layout or when a batch uses a kernel (lora.py, quant.py do).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from loraplex.paths import home
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("lora_cpu.c")
+QUANT_SOURCE = Path(__file__).with_name("quant_cpu.c")
 # -fassociative-math (with the flags it needs) lets the compiler vectorise the dot products' sums;
 # not -ffast-math, which with gcc < 13 links crtfastmath into the library and so flushes denormals
 # to zero in the whole process on load.
@@ -52,15 +55,16 @@ def _cpu_id() -> str:
     return platform.processor() + platform.machine()
 
 
-def _build(cc: str, target: Path) -> None:
+def _build(cc: str, source: Path, target: Path, arch: tuple[str, ...] = ("-march=native",)) -> None:
+    """`source` compiled to `target` for `arch` (tests build other instruction sets' paths too)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     errors = []
     try:
         # Apple clang refuses -fopenmp (the kernel then runs on one thread) and on arm64 -march=native
-        for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
-            proc = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        for extra in ([*arch, "-fopenmp"], ["-fopenmp"], [*arch], []):
+            proc = subprocess.run([cc, *FLAGS, *extra, str(source), "-o", tmp], capture_output=True, text=True)
             if proc.returncode == 0:
                 os.replace(tmp, target)
                 return
@@ -71,26 +75,62 @@ def _build(cc: str, target: Path) -> None:
             os.unlink(tmp)
 
 
-@functools.cache
-def load() -> ctypes.CDLL | None:
-    """The kernel library, or None (with one warning saying why) when it cannot be had."""
-    if os.environ.get("LORAPLEX_LORA_KERNEL", "").lower() in ("off", "0", "torch", "false"):
+def _library(source: Path, what: str, off_env: str) -> ctypes.CDLL | None:
+    """`source` built for this machine and loaded, or None (with one warning saying why)."""
+    if os.environ.get(off_env, "").lower() in ("off", "0", "torch", "false"):
         return None
     cc = _compiler()
     if cc is None:
-        log.warning("no C compiler found: multi-LoRA decoding uses the slower PyTorch path")
+        log.warning("no C compiler found: %s uses the slower PyTorch path", what)
         return None
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), cc.encode(), _cpu_id().encode(), " ".join(FLAGS).encode()]))
-    target = home() / "kernels" / f"lora_cpu-{key.hexdigest()[:16]}{sysconfig.get_config_var('SHLIB_SUFFIX') or '.so'}"
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # what the sources include
+    key = hashlib.sha256(
+        b"\0".join([source.read_bytes(), *headers, cc.encode(), _cpu_id().encode(), " ".join(FLAGS).encode()])
+    )
+    suffix = sysconfig.get_config_var("SHLIB_SUFFIX") or ".so"
+    target = home() / "kernels" / f"{source.stem}-{key.hexdigest()[:16]}{suffix}"
     try:
         if not target.exists():
-            log.info("compiling the CPU LoRA kernel with %s (once per machine)", cc)
-            _build(cc, target)
-        lib = ctypes.CDLL(str(target))
+            log.info("compiling %s with %s (once per machine)", source.name, cc)
+            _build(cc, source, target)
+        return ctypes.CDLL(str(target))
     except (OSError, RuntimeError) as e:
-        log.warning("the CPU LoRA kernel could not be built (%s): multi-LoRA decoding uses the PyTorch path", e)
+        log.warning("%s could not be built (%s): %s uses the PyTorch path", source.name, e, what)
+        return None
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The LoRA kernel library, or None (with one warning saying why) when it cannot be had."""
+    lib = _library(SOURCE, "multi-LoRA decoding", "LORAPLEX_LORA_KERNEL")
+    if lib is None:
         return None
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
     lib.lora_site.argtypes = [i64, i64, ptr, ptr, i32, ptr, ptr, ptr, i32]
     lib.lora_site.restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def load_quant() -> ctypes.CDLL | None:
+    """The int4/int8 matmul library (quant_cpu.c), or None (with one warning saying why)."""
+    lib = _library(QUANT_SOURCE, "int8/int4", "LORAPLEX_QUANT_KERNEL")
+    if lib is None:
+        return None
+    lib = quant_signatures(lib)
+    # Without AVX2 (an ARM CPU, an old x86) the library is its plain C path: 7-13x slower than its
+    # AVX2 path on the same x86 CPU, where PyTorch's kernels have NEON/SSE code; they serve instead.
+    # The C path stays as the readable reference the vector paths are tested against.
+    if lib.q_path() == b"c":
+        log.info("no AVX2 on this CPU: int8/int4 use PyTorch's kernels")
+        return None
+    return lib
+
+
+def quant_signatures(lib: ctypes.CDLL) -> ctypes.CDLL:
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+    lib.q_matmul.argtypes = [i32, i64, i64, i64, ptr, i32, ptr, ptr, i32]
+    lib.q_matmul.restype = ctypes.c_int
+    lib.q_path.argtypes = []
+    lib.q_path.restype = ctypes.c_char_p
     return lib

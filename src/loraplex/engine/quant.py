@@ -1,40 +1,53 @@
 """Weight-only int8 / int4 base weights for the serving model on CPU.
 
-    int8: w[n, k] ~= scale[n] * q[n, k]                         q in -127..127, one scale per output row
-    int4: w[n, k] ~= scale[n, g] * (q[n, k] - 8) + zero[n, g]   q in 0..15, g = k // 32 (GGUF Q4_1's scheme)
+    int8: w[n, k] ~= d[n, g] * q[n, k]                  q in -127..127, g = k // 32 (GGUF Q8_0's scheme);
+                                                        on PyTorch's kernel one scale per output row
+    int4: w[n, k] ~= d[n, g] * q[n, k] + m[n, g]        q in 0..15, g = k // 32 (GGUF Q4_1's scheme)
 
 A single decode stream reads every weight once per token, so on CPU its speed is the bytes read:
 SmolLM2-135M's projections and output head are 269 MB in bf16, 135 MB in int8 and ~75 MB in int4
-(one thread streams ~8 GB/s here, measured per matmul). The matmuls are PyTorch's own packed
-weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which ATen dispatches
-at run time to the machine's instruction set (AVX2, AVX-512, ...), so nothing here is compiled for
-one CPU. They are fast with bf16 activations only (fp32 or fp16 inputs measured 10-30x slower), so
-`QuantWeight.linear` feeds them bf16 and returns the model's dtype: an fp32 model on an AVX2 CPU
-keeps fp32 everywhere else (norms, attention, the KV cache, LoRA).
+(one thread streams ~8 GB/s here, measured per matmul).
+
+Both run on loraplex's own kernel (quant_cpu.c, built for the machine at first use by
+lora_kernel.py): activations rounded to int8 per group of 32 (as llama.cpp does for Q4_1 and Q8_0)
+and integer dot products on the CPU's own instructions (AVX-512 VNNI, AVX-VNNI or AVX2, chosen
+when it is built), 16 output rows at a time. Where it cannot be built (no C compiler), the CPU has
+no AVX2 (ARM), or a shape does not fit its tiles (see `fits_int4`), they use PyTorch's packed kernels
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which ATen dispatches at run time to the
+machine's instruction set. Those are fast with bf16 activations only (fp32 or fp16 inputs measured
+10-30x slower), so `QuantWeight.linear` feeds them bf16 and returns the model's dtype. Either way
+an fp32 model on an AVX2 CPU keeps fp32 everywhere else (norms, attention, the KV cache, LoRA).
+On a 2-core AVX-512 Xeon without bf16, one decode step of SmolLM2 (1 thread): the int4
+projections 6.3 ms and the int8 output head 1.4 ms on quant_cpu.c, against 4.3 ms for the head
+alone on PyTorch's int8 kernel.
 
 For a base that arrived as GGUF Q4_1 (the embedded SmolLM2), int4 is that file's own weights again:
 Q4_1 stores each block of 32 as min + d * q with q = 0 at the block's minimum and 15 at its maximum,
 so the min/max quantization below finds the same d, min and q from the dequantized weights
-(`tests/test_quant.py` checks this on the embedded model; only the scales round to bf16).
+(`tests/test_quant.py` checks this on the embedded model; d and min are fp16, as in the file).
 
-Not here: activations stay in floating point, the KV cache is not quantized, and LoRA deltas stay
-in their own precision on top of the quantized base (as QLoRA serving does), so every adapter
-works unchanged. CUDA is not supported (a clear error; use vLLM's quantized models there).
+Not here: the KV cache is not quantized, and LoRA deltas stay in their own precision on top of the
+quantized base (as QLoRA serving does), so every adapter works unchanged. CUDA is not supported (a
+clear error; use vLLM's quantized models there).
 """
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from loraplex.engine import lora_kernel
 from loraplex.errors import UserError
 
 Quantize = Literal["none", "int8", "int4"]
 MODES: tuple[str, ...] = ("none", "int8", "int4")
-GROUP = 32  # int4 group size along the input: GGUF's block size, and the smallest the kernel takes
+GROUP = 32  # group size along the input (int4; int8 on quant_cpu.c): GGUF's block size
+TILE, INT4_BLOCK, INT8_BLOCK = 16, 320, 544  # quant_cpu.c: output rows per tile; bytes per (tile, group)
+_NONE = torch.empty(0)  # `scales` of weights on quant_cpu.c (theirs are in `data`)
 _INT8_MM = torch.ops.aten._weight_int8pack_mm.default  # the overload itself: no per-call overload lookup
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 
@@ -44,10 +57,15 @@ class QuantWeight:
     """One projection's weight, quantized; `linear(x)` = x @ W.T with W = `dequantize()`."""
 
     mode: Literal["int8", "int4"]
-    data: torch.Tensor  # int8 [out, in], or int4 packed by torch [out, in / 2] uint8
-    scales: torch.Tensor  # int8: [out] bf16; int4: [in / GROUP, out, 2] bf16 (scale, zero)
+    # On quant_cpu.c (`kernel` set): tiles of 16 output rows, [out / 16, bytes per tile] uint8, per
+    # group of 32 inputs int4: 256 bytes of nibbles, 16 d and 16 m fp16; int8: 512 bytes, 16 d fp16
+    # (see quant_cpu.c). On PyTorch's kernels: int8 [out, in]; int4 [out, in / 2] uint8 in torch's
+    # private packing.
+    data: torch.Tensor
+    scales: torch.Tensor  # PyTorch's kernels: int8 [out] bf16, int4 [in / GROUP, out, 2] bf16; else empty
     out_features: int
     in_features: int
+    kernel: ctypes.CDLL | None = None  # quant_cpu.c, when `data` is in its layout
 
     @property
     def nbytes(self) -> int:
@@ -57,20 +75,59 @@ class QuantWeight:
         # Every tensor op costs 1-3 us of dispatch, about what a decode step's small matmuls cost
         # themselves, so casts and reshapes that would change nothing are skipped, not called.
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        if x2.dtype != torch.bfloat16:
-            x2 = x2.to(torch.bfloat16)
-        int8 = self.mode == "int8"
-        y = _INT8_MM(x2, self.data, self.scales) if int8 else _INT4_MM(x2, self.data, GROUP, self.scales)
-        if x.dtype != torch.bfloat16:
-            y = y.to(x.dtype)
+        if self.kernel is not None:
+            y = self._tiled(x2)
+        else:
+            if x2.dtype != torch.bfloat16:
+                x2 = x2.to(torch.bfloat16)
+            int8 = self.mode == "int8"
+            y = _INT8_MM(x2, self.data, self.scales) if int8 else _INT4_MM(x2, self.data, GROUP, self.scales)
+            if x.dtype != torch.bfloat16:
+                y = y.to(x.dtype)
         if x.dim() != 2:
             y = y.view(*x.shape[:-1], self.out_features)
         return y if bias is None else y + bias
 
+    def _tiled(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in] (fp32 or bf16; others computed in fp32) @ W.T on quant_cpu.c, in x's dtype."""
+        assert self.kernel is not None
+        x = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
+        x = x if x.is_contiguous() else x.contiguous()
+        m = x.shape[0]
+        y = torch.empty((m, self.out_features), dtype=x.dtype)
+        if m:
+            rc = self.kernel.q_matmul(
+                4 if self.mode == "int4" else 8, m, self.in_features, self.out_features, x.data_ptr(),
+                x.dtype == torch.bfloat16, self.data.data_ptr(), y.data_ptr(), torch.get_num_threads(),
+            )  # fmt: skip
+            if rc:
+                raise MemoryError(f"{self.mode} kernel: no memory for {m} x {self.in_features} activations")
+        return y
+
+    def _int8_tiles(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int8 on quant_cpu.c: (q [out/16, G, 8, 16, 4] int8 = (tile, g, c, i, b), d [out/16, G, 16])."""
+        t, g = self.out_features // TILE, self.in_features // GROUP
+        blocks = self.data.view(t, g, INT8_BLOCK)
+        q = blocks[..., :512].view(torch.int8).view(t, g, 8, TILE, 4)
+        return q, blocks[..., 512:].contiguous().view(torch.float16).float()
+
     def dequantize(self) -> torch.Tensor:
-        """The fp32 weight this stands for: the naive reference that `linear` must equal."""
+        """The fp32 weight this stands for: the naive reference that `linear` must equal (to the
+        rounding of activations: to bf16 on PyTorch's kernels, to int8 per group of 32 on quant_cpu.c)."""
+        n, k = self.out_features, self.in_features
+        if self.mode == "int8" and self.kernel is not None:
+            q, d = self._int8_tiles()  # (tile, g, c, i, b), (tile, g, i) -> (n, g, 32), (n, g, 1)
+            w = q.permute(0, 3, 1, 2, 4).reshape(n, k // GROUP, GROUP).float()
+            return (w * d.permute(0, 2, 1).reshape(n, k // GROUP, 1)).view(n, k)
         if self.mode == "int8":
             return self.data.float() * self.scales.float()[:, None]
+        if self.kernel is not None:
+            blocks = self.data.view(n // TILE, k // GROUP, INT4_BLOCK)
+            nib = blocks[..., :256].view(n // TILE, k // GROUP, 4, TILE, 4)  # (tile, g, c, i, b)
+            q = torch.cat([nib & 15, nib >> 4], 2).permute(0, 3, 1, 2, 4).reshape(n, k).float()
+            d, m = (blocks[..., o : o + 32].contiguous().view(torch.float16).float() for o in (256, 288))
+            d, m = (t.permute(0, 2, 1).reshape(n, k // GROUP, 1) for t in (d, m))  # (tile, g, i) -> (n, g)
+            return (q.view(n, k // GROUP, GROUP) * d + m).view(n, k)
         eye = torch.eye(self.in_features, dtype=torch.bfloat16)
         # The packed layout is private to the kernel, so read it back through the kernel itself:
         # identity rows in, each output column is one input's weights; exact (products with 1.0).
@@ -81,29 +138,62 @@ class QuantWeight:
         """Rows `ids` of the fp32 weight (an embedding lookup on a tied, int8 output head)."""
         if self.mode != "int8":
             raise ValueError("row lookup needs the int8 layout")
-        return self.data[ids].float() * self.scales[ids].float()[..., None]
+        if self.kernel is None:
+            return self.data[ids].float() * self.scales[ids].float()[..., None]
+        flat = ids.reshape(-1)
+        tile, lane, at = flat // TILE, flat % TILE, torch.arange(flat.numel())
+        q, d = self._int8_tiles()
+        w = q[tile].permute(0, 3, 1, 2, 4)[at, lane].reshape(flat.numel(), -1, GROUP).float()  # (row, g, 32)
+        return (w * d[tile, :, lane][..., None]).view(*ids.shape, self.in_features)
 
 
 def fits_int4(out_features: int, in_features: int) -> bool:
-    """Shapes the packed int4 kernel takes (it refuses others; those fall back to int8)."""
-    return out_features % 16 == 0 and in_features % GROUP == 0
+    """Shapes the int4 kernels take (quant_cpu.c's and PyTorch's: tiles of 16 rows, groups of 32);
+    others fall back to int8."""
+    return out_features % TILE == 0 and in_features % GROUP == 0
 
 
 def quantize(w: torch.Tensor, mode: Literal["int8", "int4"]) -> QuantWeight:
-    """`w` [out, in] (any float dtype) -> its int8 or int4 form; int4 falls back to int8 where
-    the kernel does not take the shape (see `fits_int4`)."""
+    """`w` [out, in] (any float dtype) -> its int8 or int4 form: in quant_cpu.c's layout where that
+    kernel builds and the shape fits its tiles (`fits_int4`), else PyTorch's; int4 falls back to
+    int8 where the shape does not fit."""
     w = w.detach().float()
     n, k = w.shape
+    kernel = lora_kernel.load_quant() if fits_int4(n, k) else None
+    t, g = n // TILE, k // GROUP
+    if mode == "int4" and kernel is not None:
+        grp = w.view(n, g, GROUP)
+        lo, hi = grp.amin(-1), grp.amax(-1)
+        # d and m rounded to fp16 first (as GGUF stores them), q chosen against the rounded values
+        d, m = ((hi - lo) / 15).to(torch.float16), lo.to(torch.float16)
+        df = d.float()
+        safe = torch.where(df > 0, df, torch.ones_like(df))
+        q = torch.round((grp - m.float()[..., None]) / safe[..., None]).clamp_(0, 15).to(torch.uint8)
+        # (tile, g, c, i, b) = q[16 tile + i, 32 g + 4 c + b]: c < 4 in the low nibble, c + 4 in the high
+        q = q.view(t, TILE, g, 8, 4).permute(0, 2, 3, 1, 4)
+        nib = (q[:, :, :4] | (q[:, :, 4:] << 4)).reshape(t, g, 256)
+        d, m = (v.view(t, TILE, g).transpose(1, 2).contiguous().view(torch.uint8) for v in (d, m))
+        return QuantWeight("int4", torch.cat([nib, d, m], -1).reshape(t, -1).contiguous(), _NONE, n, k, kernel)
     if mode == "int4" and fits_int4(n, k):
-        g = w.view(n, k // GROUP, GROUP)
-        lo, hi = g.amin(-1), g.amax(-1)
+        grp = w.view(n, g, GROUP)
+        lo, hi = grp.amin(-1), grp.amax(-1)
         scale = (hi - lo) / 15
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round((g - lo[..., None]) / safe[..., None]).clamp_(0, 15).to(torch.int32).view(n, k)
+        q = torch.round((grp - lo[..., None]) / safe[..., None]).clamp_(0, 15).to(torch.int32).view(n, k)
         zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
         scales = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         return QuantWeight("int4", packed, scales, n, k)
+    if kernel is not None:  # Q8_0: a fp16 scale per row and group, q chosen against the rounded scale
+        grp = w.view(n, g, GROUP)
+        d = (grp.abs().amax(-1) / 127).to(torch.float16)
+        df = d.float()
+        safe = torch.where(df > 0, df, torch.ones_like(df))
+        q8 = torch.round(grp / safe[..., None]).clamp_(-127, 127).to(torch.int8)
+        # (tile, g, c, i, b) = q8[16 tile + i, 32 g + 4 c + b], then the 16 rows' d of the group
+        tiles = q8.view(t, TILE, g, 8, 4).permute(0, 2, 3, 1, 4).reshape(t, g, 512).view(torch.uint8)
+        ds = d.view(t, TILE, g).transpose(1, 2).contiguous().view(torch.uint8)
+        return QuantWeight("int8", torch.cat([tiles, ds], -1).reshape(t, -1).contiguous(), _NONE, n, k, kernel)
     scale = w.abs().amax(1) / 127
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q8 = torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8)
