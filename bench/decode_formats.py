@@ -59,9 +59,11 @@ def loraplex_rows(
     """Every loraplex row of one format (in a child process: in_child)."""
     import ctypes
 
+    from loraplex import malloc
     from loraplex._quiet import quiet
 
     quiet()
+    malloc.limit_arenas(2)  # as `loraplex serve` does before its first thread: RSS as served
     if fmt == "int4-torch":  # what a machine without a C compiler runs
         os.environ["LORAPLEX_QUANT_KERNEL"] = "off"
         fmt = "int4"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import queue
 import time
 from pathlib import Path
 
@@ -259,6 +260,40 @@ def test_adapter_slots_lru_and_pinning(lp_home: Path, tiny_base: Path) -> None:
         engine.close()
 
 
+def test_on_cpu_a_loaded_adapter_has_no_second_copy_in_host_memory(lp_home: Path, tiny_base: Path) -> None:
+    """On CPU the slots are host memory: a slotted adapter leaves the host cache, requests for it read
+    nothing, an evicted one is read again and answers the same, and one evicted between `prepare`
+    and admission is read on the engine thread."""
+    ids = [make_adapter(tiny_base, f"a{i}", rank=2, seed=i) for i in range(3)]
+    engine = Engine(str(tiny_base), dtype="fp32", max_loaded_adapters=2)
+    cache = engine.adapters
+
+    def ask(model: str) -> str:
+        async def run() -> str:
+            params = SamplingParams(temperature=0, ignore_eos=True)
+            return "".join([d.text async for d in engine.generate("hello", params, model, max_tokens=6)])
+
+        return asyncio.run(run())
+
+    try:
+        first = ask("a0")
+        assert cache.loads == 1 and ids[0] not in cache._host
+        assert cache.prepare(cache.resolve("a0")) is None  # loaded: nothing read
+        assert ask("a0") == first and cache.loads == 1
+        ask("a1"), ask("a2")  # two slots: a0 is evicted
+        assert ids[0] not in {d["key"] for d in cache.describe()}
+        assert ask("a0") == first and cache.loads == 4  # read again from the store
+        req = cache.resolve("a0")
+        assert cache.prepare(req) is None
+        engine.unload_adapter("a0")  # evicted before admission
+        done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+        engine._inbox.put(("load", (req, None, False, done)))
+        assert done.get(timeout=60) is None and cache.loads == 5
+        assert ids[0] in {d["key"] for d in cache.describe()} and ask("a0") == first
+    finally:
+        engine.close()
+
+
 def test_adapter_request_key_is_canonical() -> None:
     assert AdapterRequest().key == ""
     assert AdapterRequest((("legal@v2", 1.0),)).key == "legal@v2"
@@ -428,6 +463,7 @@ def test_bf16_shapes_come_from_few_buckets_and_padding_changes_no_logit(tiny_bas
 
     model = DecoderModel(load_model(resolve_base(str(tiny_base))).eval(), torch.bfloat16, "cpu")
     assert model.buckets
+    model.decode_ops = None  # the PyTorch path's decode steps (decode_cpu.c's have no per-length matmuls)
 
     def run(buckets: bool, lengths: range, steps: int) -> tuple[set[tuple], list[torch.Tensor]]:
         model.buckets = buckets

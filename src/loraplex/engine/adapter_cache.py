@@ -5,6 +5,10 @@
   is registered (or the old one unloaded) while it runs.
 * `prepare` reads the adapter files (safetensors, hash-checked against the manifest) into host
   memory; it runs on the caller's thread, so a cold load never stalls the batch that is decoding.
+  On CPU the stacks' slots are host memory too, so an adapter that enters a slot leaves the host
+  cache (which then holds only what no slot holds: composition parts, evicted adapters) and a
+  request for a loaded adapter reads nothing: 8 rank-16 all-linear adapters on SmolLM2 kept
+  +312 MiB of RSS with a full fp32 host copy of each beside its bf16 slot.
 * `acquire`/`release` (engine thread only) put prepared weights into a stack slot, count the
   requests using each slot, and evict the least recently used unpinned slot nobody uses.
 
@@ -72,6 +76,7 @@ class AdapterCache:
         self.free = list(range(1, stacks.slots))
         self._host: OrderedDict[str, AdapterWeights] = OrderedDict()  # one adapter version -> weights
         self._host_capacity = host_capacity
+        self._slots_in_host_memory = stacks.device == "cpu"  # a host copy of a slotted adapter is a duplicate
         self._lock = threading.Lock()
         self.loads = 0  # adapters read from disk, for metrics and tests
 
@@ -102,8 +107,9 @@ class AdapterCache:
         return weights
 
     def prepare(self, req: AdapterRequest) -> AdapterWeights | None:
-        """The request's (composed) weights in host memory; None for the base."""
-        if not req.parts:
+        """The request's (composed) weights in host memory; None for the base, and on CPU for an
+        adapter a slot holds now (`acquire` reads it after all if it is evicted before admission)."""
+        if not req.parts or (self._slots_in_host_memory and req.slot_key in self.slot_of):
             return None
         if len(req.parts) == 1:  # whatever its weight: the engine scales each row (LoraBatch)
             return self._read(req.parts[0][0])
@@ -137,9 +143,14 @@ class AdapterCache:
                 return None
         elif not self.free and not self._evict(list(self.slot_of)):
             return None
-        assert weights is not None
+        if weights is None:  # evicted since `prepare` found it loaded (rare): read it on this thread
+            weights = self.prepare(req)
+            assert weights is not None
         slot = self.free.pop()
         self.stacks.put(slot, weights)
+        if self._slots_in_host_memory and len(req.parts) == 1:  # a composition's parts stay for the next mix
+            with self._lock:
+                self._host.pop(req.parts[0][0], None)
         self.slot_of[key] = slot
         self.refs[key] = 1
         return slot

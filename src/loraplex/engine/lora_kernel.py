@@ -1,4 +1,5 @@
-"""The CPU kernels (lora_cpu.c: LoRA deltas; quant_cpu.c: int8/int4 matmuls): compiled once per machine with
+"""The CPU kernels (lora_cpu.c: LoRA deltas; quant_cpu.c: int8/int4 matmuls; decode_cpu.c: a decode
+step's norms and attention): compiled once per machine with
 the system C compiler, loaded with ctypes.
 
 Built with `-fopenmp` where the compiler has it: the library then shares torch's OpenMP runtime
@@ -8,7 +9,8 @@ source, the compiler and the CPU (each is built with `-march=native`), and writt
 name then renamed, so two processes starting together never load half a file. Where no compiler
 works (Windows without one, a slim container) `load()` / `load_quant()` return None and the engine
 keeps the plain PyTorch path, which gives the same results (quantized: to rounding) more slowly;
-`LORAPLEX_LORA_KERNEL=off` / `LORAPLEX_QUANT_KERNEL=off` choose that path on purpose.
+`LORAPLEX_LORA_KERNEL=off` / `LORAPLEX_QUANT_KERNEL=off` / `LORAPLEX_DECODE_KERNEL=off` choose that
+path on purpose.
 
 This module does not decide the weights' layout or when a batch uses a kernel (lora.py, quant.py do).
 """
@@ -33,6 +35,7 @@ from loraplex.paths import home
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("lora_cpu.c")
 QUANT_SOURCE = Path(__file__).with_name("quant_cpu.c")
+DECODE_SOURCE = Path(__file__).with_name("decode_cpu.c")
 # -fassociative-math (with the flags it needs) lets the compiler vectorise the dot products' sums;
 # not -ffast-math, which with gcc < 13 links crtfastmath into the library and so flushes denormals
 # to zero in the whole process on load.
@@ -133,4 +136,24 @@ def quant_signatures(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.q_matmul.restype = ctypes.c_int
     lib.q_path.argtypes = []
     lib.q_path.restype = ctypes.c_char_p
+    return lib
+
+
+@functools.cache
+def load_decode() -> ctypes.CDLL | None:
+    """decode_cpu.c (a decode step's RMSNorm and attention), or None (with one warning saying why)."""
+    lib = _library(DECODE_SOURCE, "decoding's norms and attention", "LORAPLEX_DECODE_KERNEL")
+    return None if lib is None else decode_signatures(lib)
+
+
+def decode_signatures(lib: ctypes.CDLL) -> ctypes.CDLL:
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+    lib.rms_norm.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ctypes.c_float, i32]
+    lib.rms_norm.restype = ctypes.c_int
+    # n, heads, kv heads, d, qkv, its row stride, cos, sin, k and v caches, their strides, slots, positions, out
+    lib.decode_attention.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr]
+    lib.decode_attention.argtypes += [i32, i32]  # bf16, threads
+    lib.decode_attention.restype = ctypes.c_int
+    lib.silu_mul.argtypes = [i64, i64, ptr, ptr, i32]
+    lib.silu_mul.restype = ctypes.c_int
     return lib

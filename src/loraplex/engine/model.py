@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from loraplex.engine import quant
+from loraplex.engine import lora_kernel, quant
 from loraplex.engine.lora import SITES, LoraBatch
 from loraplex.engine.quant import Quantize, QuantWeight
 from loraplex.errors import UserError
@@ -260,6 +260,10 @@ class DecoderModel:
             "down": (self.inter, [("down_proj", h)]),
         }
         assert tuple(self.site_shapes) == SITES
+        # decode_cpu.c for pure decode steps (`_decode`); None: every step on the PyTorch path
+        self.decode_ops = (
+            lora_kernel.load_decode() if device == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
+        )
 
     def new_cache(self, slots: int, max_len: int) -> KVCache:
         return KVCache(self.n_layers, slots, self.n_kv, self.head_dim, max_len, self.dtype, self.device)
@@ -284,6 +288,8 @@ class DecoderModel:
     def forward(self, step: Step, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         ids, starts, lora = step.input_ids, step.starts, step.lora
         n, L = ids.shape
+        if L == 1 and not all_logits and self.decode_ops is not None:
+            return self._decode(step, cache)
         rows = slice(step.slot0, step.slot0 + n)
         offs = torch.arange(L, device=ids.device)
         positions = starts[:, None] + offs[None, :]  # [n, L]
@@ -346,6 +352,50 @@ class DecoderModel:
             x = x[:, -1:] if step.last is None else x[torch.arange(n, device=x.device), step.last][:, None]
         x = _rms_norm(x, self.final_norm, self.eps)  # type: ignore[arg-type]
         return quant.linear(x, self.lm_head).float()
+
+    def _decode(self, step: Step, cache: KVCache) -> torch.Tensor:
+        """`forward` for a decode step on CPU (one new token per row, the last logits), with each
+        layer's norms, SiLU(gate) * up, and rotary + cache write + attention in decode_cpu.c: ~20
+        PyTorch ops a layer become 4 calls. The residual adds move into the norm after them
+        (x += o; h = norm(x)). Embedding, projections and their LoRA deltas and the head are
+        `forward`'s. tests/test_decode_kernel.py: logits and cache as `forward`'s PyTorch path."""
+        ops, ids, starts, lora = self.decode_ops, step.input_ids, step.starts, step.lora
+        assert ops is not None
+        n = ids.shape[0]
+        cache.ensure(step.slot0 + n, int(starts.max()) + 1)
+        x = F.embedding(ids, self.embed) if isinstance(self.embed, torch.Tensor) else self.embed.rows(ids)
+        x = x.to(self.dtype).reshape(n, -1).contiguous()  # a new tensor: the norms add into it in place
+        cos, sin = self.rotary(torch.empty(0), starts[:, None])  # fp32 [n, 1, d]: the kernel rotates in fp32
+        cos, sin = cos.reshape(n, -1).contiguous(), sin.reshape(n, -1).contiguous()
+        slots = torch.arange(step.slot0, step.slot0 + n, dtype=torch.int64)
+        positions = starts.to(torch.int64).contiguous()
+        bf16, threads, eps, hidden = int(self.dtype == torch.bfloat16), torch.get_num_threads(), self.eps, x.shape[1]
+        # buffers every layer reuses (each is read by the next call before the layer writes it again)
+        h, att, act = (torch.empty(n, f, dtype=self.dtype) for f in (hidden, self.q_size, self.inter))
+        # the cache's layers by address: [layers, slots, kv heads, positions, d], no view per layer
+        k_at, v_at, layer = cache.k.data_ptr(), cache.v.data_ptr(), cache.k.stride(0) * cache.k.element_size()
+        s_slot, s_head, s_pos = cache.k.stride()[1:4]
+
+        def norm(res: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:  # x += res; h = rms_norm(x) * w
+            res_ptr = None if res is None else res.contiguous().data_ptr()
+            ops.rms_norm(n, hidden, x.data_ptr(), res_ptr, w.data_ptr(), h.data_ptr(), eps, bf16)
+            return h
+
+        res: torch.Tensor | None = None  # the last layer's MLP output, added by the next norm
+        for li, p in enumerate(self.layers):
+            qkv = self._linear(norm(res, p["in_norm"]), p["qkv"], "qkv", li, lora, n, p["qkv_bias"]).contiguous()
+            failed = ops.decode_attention(
+                n, self.n_heads, self.n_kv, self.head_dim, qkv.data_ptr(), qkv.stride(0), cos.data_ptr(),
+                sin.data_ptr(), k_at + li * layer, v_at + li * layer, s_slot, s_head, s_pos,
+                slots.data_ptr(), positions.data_ptr(), att.data_ptr(), bf16, threads,
+            )  # fmt: skip
+            if failed:
+                raise MemoryError("decode_cpu.c: out of memory for attention scores")
+            h = norm(self._linear(att, p["o"], "o", li, lora, n), p["post_norm"])
+            gu = self._linear(h, p["gate_up"], "gate_up", li, lora, n).contiguous()
+            ops.silu_mul(n, self.inter, gu.data_ptr(), act.data_ptr(), bf16)
+            res = self._linear(act, p["down"], "down", li, lora, n)
+        return quant.linear(norm(res, self.final_norm).view(n, 1, -1), self.lm_head).float()  # type: ignore[arg-type]
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """Grouped-query attention as two batched matmuls: q [n, heads, L, d], k/v [n, kv_heads, T, d]

@@ -142,9 +142,12 @@ class QuantWeight:
             return self.data[ids].float() * self.scales[ids].float()[..., None]
         flat = ids.reshape(-1)
         tile, lane, at = flat // TILE, flat % TILE, torch.arange(flat.numel())
-        q, d = self._int8_tiles()
-        w = q[tile].permute(0, 3, 1, 2, 4)[at, lane].reshape(flat.numel(), -1, GROUP).float()  # (row, g, 32)
-        return (w * d[tile, :, lane][..., None]).view(*ids.shape, self.in_features)
+        g = self.in_features // GROUP
+        # only the rows' tiles are read (converting the whole head's scales cost 1.3 ms a decode step)
+        blocks = self.data.view(-1, g, INT8_BLOCK)[tile]  # (row, g, 544)
+        q = blocks[..., :512].view(torch.int8).view(-1, g, 8, TILE, 4)[at, :, :, lane]  # (row, g, c, b)
+        d = blocks[..., 512:].view(torch.float16)[at, :, lane].float()  # (row, g)
+        return (q.reshape(flat.numel(), g, GROUP).float() * d[..., None]).view(*ids.shape, self.in_features)
 
 
 def fits_int4(out_features: int, in_features: int) -> bool:

@@ -1,0 +1,121 @@
+"""decode_cpu.c (a decode step's norms and attention) against DecoderModel.forward's PyTorch path,
+its naive reference: same logits and the same KV cache after several steps of rows at different
+positions, on a Llama with grouped-query attention and a Qwen2 with q/k/v biases."""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from loraplex.engine import lora_kernel
+from loraplex.engine.model import DecoderModel, Step
+
+pytestmark = pytest.mark.skipif(lora_kernel.load_decode() is None, reason="no C compiler")
+
+
+def random_model(kind: str) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    shape: dict[str, Any] = dict(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0,
+    )  # fmt: skip
+    if kind == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**shape)).eval()
+    return LlamaForCausalLM(LlamaConfig(**shape)).eval()
+
+
+def decode(model: DecoderModel, ops: ctypes.CDLL | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits of 7 decode steps after three prompts (on `ops`, or on the PyTorch path with None),
+    and the KV cache they leave."""
+    lengths = [5, 37, 300]  # rows at different positions; 300 is past the cache's first 256
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 300, (1, n), generator=gen) for n in lengths]
+    model.decode_ops = ops
+    cache = model.new_cache(4, 1024)
+    for slot, ids in enumerate(prompts):  # prefill: always the PyTorch path
+        model.forward(Step(ids, torch.tensor([0]), slot, None), cache)
+    starts = torch.tensor(lengths)
+    logits = []
+    for _ in range(6):
+        ids = torch.randint(0, 300, (len(lengths), 1), generator=torch.Generator().manual_seed(int(starts[0])))
+        logits.append(model.forward(Step(ids, starts, 0, None), cache))
+        starts = starts + 1
+    logits.append(model.forward(Step(ids[1:2], starts[1:2], 1, None), cache))  # one row, in slot 1
+    end = int(starts.max()) + 1
+    return torch.cat([x.reshape(-1, 300) for x in logits]), cache.k[:, :3, :, :end], cache.v[:, :3, :, :end]
+
+
+def assert_fp32_equal(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> None:
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)  # logits
+    for a, b in zip(got[1:], want[1:], strict=True):  # keys and values (the 2nd layer's input differs by rounding)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quantize", ["none", "int4"])
+def test_decode_steps_equal_the_pytorch_path(kind: str, dtype: torch.dtype, quantize: str) -> None:
+    model = DecoderModel(random_model(kind), dtype, "cpu", quantize)  # type: ignore[arg-type]
+    assert model.decode_ops is not None
+    got, want = decode(model, model.decode_ops), decode(model, None)
+    if dtype == torch.float32 and quantize == "none":
+        assert_fp32_equal(got, want)
+    else:  # bf16: the kernel rounds once where PyTorch rounds after every op; int4 rounds activations
+        # to int8 per group of 32, so a last-bit difference in the input can move a value a step
+        assert (got[0] - want[0]).abs().max() <= 0.05 * want[0].abs().max()
+        assert (got[0].argmax(-1) == want[0].argmax(-1)).float().mean() >= 0.89  # near-ties of a random model
+        for a, b in zip(got[1:], want[1:], strict=True):
+            assert (a.float() - b.float()).abs().max() <= 0.02 * b.float().abs().max()
+
+
+def has_avx2() -> bool:
+    try:
+        return " avx2" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+X86 = platform.machine() in ("x86_64", "AMD64")
+
+
+@pytest.mark.skipif(not X86, reason="x86-64 builds")
+@pytest.mark.parametrize("arch", ["-march=x86-64", "-march=native", *(["-march=haswell"] if has_avx2() else [])])
+def test_every_build_and_two_threads_equal_the_pytorch_path(tmp_path: Path, arch: str) -> None:
+    """The same source as compiled for a baseline x86-64 (SSE2), an AVX2 CPU and this one, run on
+    one thread and on two (rows x kv heads split between them)."""
+    cc = lora_kernel._compiler()
+    assert cc is not None  # the module is skipped without one
+    target = tmp_path / "decode.so"
+    lora_kernel._build(cc, lora_kernel.DECODE_SOURCE, target, arch=(arch,))
+    ops = lora_kernel.decode_signatures(ctypes.CDLL(str(target)))
+    model = DecoderModel(random_model("llama"), torch.float32, "cpu")
+    want = decode(model, None)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert_fp32_equal(decode(model, ops), want)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_rms_norm_adds_the_residual_in_place() -> None:
+    ops = lora_kernel.load_decode()
+    assert ops is not None
+    x, res, w = torch.randn(3, 96), torch.randn(3, 96), torch.randn(96)
+    want_x = x + res
+    want = torch.nn.functional.rms_norm(want_x, (96,), w, 1e-6)
+    out = torch.empty_like(x)
+    ops.rms_norm(3, 96, x.data_ptr(), res.data_ptr(), w.data_ptr(), out.data_ptr(), 1e-6, 0)
+    torch.testing.assert_close(x, want_x, rtol=0, atol=0)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    ops.rms_norm(3, 96, x.data_ptr(), None, w.data_ptr(), out.data_ptr(), 1e-6, 0)  # no residual: x stays
+    torch.testing.assert_close(x, want_x, rtol=0, atol=0)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
