@@ -260,6 +260,8 @@ class ServerProcess:
             str(port),
             "--max-batch",
             "16",
+            "--quantize",  # serve's default is int4 on a CPU; these benchmarks race the unquantized base
+            "none",
             *(["--max-loaded-adapters", str(len(adapters)), "--adapters", ",".join(adapters)] if adapters else []),
             *(extra or []),  # later options win: extra may override --max-batch
         ]

@@ -131,8 +131,11 @@ def test_kernel_equals_its_naive_reference_on_every_instruction_path(tmp_path: P
 
 def test_modes_and_devices_are_checked_with_clear_errors() -> None:
     assert quant.mode("int4") == "int4"
-    with pytest.raises(UserError, match="use none, int8, int4"):
+    with pytest.raises(UserError, match="use auto, none, int8, int4"):
         quant.mode("q4")
+    # auto: int4 on a CPU (the measured default of serve and chat), unquantized on a GPU
+    assert quant.resolve("auto", "cpu") == "int4" and quant.resolve("auto", "cuda") == "none"
+    assert quant.resolve("int8", "cpu") == "int8" and quant.resolve("none", "cpu") == "none"
     with pytest.raises(UserError, match="CPU only"):
         quant.check("int8", "cuda")
     quant.check("none", "cuda")

@@ -103,7 +103,7 @@ def serve(tiny_base: Path, tmp_path: Path) -> Iterator[Any]:
 
 
 def test_sigterm_lets_in_flight_requests_finish(serve: Any) -> None:
-    srv = serve("--shutdown-timeout", "60", "--quantize", "int4")  # and the quantized base, as users start it
+    srv = serve("--shutdown-timeout", "60")  # the default on a CPU: --quantize auto is int4
     started = threading.Event()
     thread, result = srv.stream_in_thread(300, started)
     assert started.wait(60)
@@ -121,7 +121,7 @@ def test_sigterm_lets_in_flight_requests_finish(serve: Any) -> None:
 def test_serve_refuses_a_quantize_mode_it_does_not_have(tiny_base: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "loraplex.cli", "serve", "--base", str(tiny_base), "--quantize", "q4"]
     out = subprocess.run(cmd, env={**os.environ, "LORAPLEX_HOME": str(tmp_path)}, capture_output=True, text=True)
-    assert out.returncode != 0 and "--quantize 'q4': use none, int8, int4" in out.stderr + out.stdout
+    assert out.returncode != 0 and "--quantize 'q4': use auto, none, int8, int4" in out.stderr + out.stdout
     assert "Traceback" not in out.stderr
 
 

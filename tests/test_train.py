@@ -201,8 +201,9 @@ def test_chat_streams_multi_turn_with_the_adapter(lp_home: Path, tiny_base: Path
     asked = [{"role": "user", "content": "When does the office open?"}]
     prepared = retrieval.prepare(faq.assistant("tiny"), asked, retrieval.Searcher())  # type: ignore[arg-type]
     assert prepared.sources and "[1] faq #" in proc.stderr  # the passages are cited under the answer
-    lm = EngineChat(None, "tiny")
+    lm = EngineChat(None, "tiny", quantize="auto")  # chat's default, as serve's: int4 on a CPU
     try:
+        assert lm.engine.quantize == "int4"
         first = "".join(lm.stream(prepared.messages, max_new_tokens=8, use_adapter=not prepared.base_only))
     finally:
         lm.close()

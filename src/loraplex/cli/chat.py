@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from loraplex.assistants.retrieval import Searcher
     from loraplex.assistants.store import Assistant
     from loraplex.engine.local import EngineChat
-    from loraplex.engine.quant import Quantize
+    from loraplex.engine.quant import Requested
 
 
 @app.command()
@@ -37,8 +37,8 @@ def chat(
     temperature: Annotated[float | None, typer.Option(help="0 = greedy (default: the assistant's, else 0).")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Default: the assistant's, else 256.")] = None,
     quantize: Annotated[
-        str, typer.Option(help="Base weights on CPU, as `serve --quantize`: none, int8 or int4.")
-    ] = "none",
+        str, typer.Option(help="Base weights, as `serve --quantize`: auto (int4 on a CPU), none, int8 or int4.")
+    ] = "auto",
 ) -> None:
     """Chat in the terminal (streaming, multi-turn), answered as `serve` would. /reset clears the
     history, /exit quits."""
@@ -125,7 +125,7 @@ def compare(
     ] = None,
     max_new_tokens: Annotated[int, typer.Option()] = 128,
     quantize: Annotated[
-        str, typer.Option(help="Answer on int8/int4 base weights, as `serve --quantize` (CPU): none, int8, int4.")
+        str, typer.Option(help="Answer on int8/int4 base weights, as `serve --quantize` (CPU): none, int8, int4, auto.")
     ] = "none",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -173,7 +173,7 @@ def eval_cmd(
         int | None, typer.Option(min=1, help="At most this many examples per --general task.")
     ] = None,
     quantize: Annotated[
-        str, typer.Option(help="Answer on int8/int4 base weights, as `serve --quantize` (CPU): none, int8, int4.")
+        str, typer.Option(help="Answer on int8/int4 base weights, as `serve --quantize` (CPU): none, int8, int4, auto.")
     ] = "none",
     store: Annotated[bool, typer.Option(help="Record the result with the adapter version.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
@@ -246,7 +246,7 @@ def eval_cmd(
         out.print(f"report: {page}")
 
 
-def _eval_assistant(name: str, data: Path, k: int | None, max_tokens: int, as_json: bool, quantize: Quantize) -> None:
+def _eval_assistant(name: str, data: Path, k: int | None, max_tokens: int, as_json: bool, quantize: Requested) -> None:
     from rich.progress import Progress
 
     from loraplex.eval.assistant import evaluate_assistant

@@ -47,8 +47,12 @@ def serve(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 where faster), bf16, fp16 or fp32")] = "auto",
     quantize: Annotated[
-        str, typer.Option(help="Base weights on CPU: none, int8 or int4 (weight-only; adapters unchanged).")
-    ] = "none",
+        str,
+        typer.Option(
+            help="Base weights: auto (int4 on a CPU, unquantized on a GPU), none, int8 or int4 "
+            "(weight-only, CPU; adapters unchanged)."
+        ),
+    ] = "auto",
     pin: Annotated[str | None, typer.Option(help="Comma-separated adapters to load now and keep loaded.")] = None,
     shutdown_timeout: Annotated[
         float, typer.Option(min=0, help="On SIGINT/SIGTERM, seconds in-flight requests may still run.")
@@ -119,7 +123,7 @@ def serve(
     served = ", ".join(names) if names else "every adapter in the store"
     if engine_kind not in ("builtin", "vllm"):
         raise UserError(f"--engine {engine_kind!r}: use builtin or vllm")
-    if quant.mode(quantize) != "none" and (engine_kind == "vllm" or engine_url):
+    if quant.mode(quantize) not in ("auto", "none") and (engine_kind == "vllm" or engine_url):
         raise UserError("--quantize is the built-in engine's; for vLLM pass --vllm-arg --quantization=METHOD")
     engine: EngineClient
     remote = None

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from loraplex.data.formats import parse_file
 from loraplex.engine.local import LocalModel
-from loraplex.engine.quant import Quantize
+from loraplex.engine.quant import Requested
 from loraplex.errors import UserError
 
 
@@ -32,7 +32,7 @@ def compare_answers(
     questions_file: Path | None = None,
     max_new_tokens: int = 128,
     engine: Any = None,
-    quantize: Quantize = "none",
+    quantize: Requested = "none",
 ) -> list[dict[str, Any]]:
     """Greedy answers of the base and of `adapter` to each question, from the serving engine (all
     questions batched), each with the prompt `loraplex serve` builds for it: a version trained

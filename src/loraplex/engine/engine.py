@@ -39,7 +39,7 @@ from loraplex.engine.lora import KERNEL_ACTIVATIONS, AdapterRequest, LoraBatch, 
 from loraplex.engine.model import DecoderModel, Step, bucket
 from loraplex.engine.prefix_cache import PrefixCache
 from loraplex.engine.protocol import Delta, EngineClosed, PromptTooLong, check_length, encode_prompt
-from loraplex.engine.quant import Quantize
+from loraplex.engine.quant import Requested
 from loraplex.engine.request import EngineStats, Request, size_text
 from loraplex.engine.sampling import RowError, RowState, SamplingParams, sample
 from loraplex.engine.text import TextStream
@@ -62,7 +62,7 @@ class Engine:
         max_model_len: int | None = None,
         device: str = "auto",
         dtype: str = "auto",
-        quantize: Quantize = "none",
+        quantize: Requested = "none",
         prefill_tokens: int = 512,
         adapters: list[str] | None = None,
         threads: int | None = None,
@@ -122,7 +122,7 @@ class Engine:
         max_model_len: int | None,
         device: str,
         dtype: str,
-        quantize: Quantize,
+        quantize: Requested,
         prefill_tokens: int,
         adapters: list[str] | None,
     ) -> None:
@@ -132,6 +132,7 @@ class Engine:
             self.dtype = torch.bfloat16 if bf16_is_faster(self.device) else torch.float32
         else:
             self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        quantize = quant.resolve(quantize, self.device)
         quant.check(quantize, self.device)  # before the model loads: a wrong flag fails at once
         self.quantize = quantize
         self.tokenizer = load_tokenizer(self.base)

@@ -20,7 +20,7 @@ from loraplex.adapters import registry
 from loraplex.adapters.compat import check_compatible
 from loraplex.data.tokenize import render
 from loraplex.engine.lora import AdapterRequest
-from loraplex.engine.quant import Quantize
+from loraplex.engine.quant import Requested
 from loraplex.models.load import GREEDY, eos_token_ids, load_model, load_tokenizer, resolve_base
 
 
@@ -28,7 +28,7 @@ class EngineChat:
     """A conversation's answers from the serving engine, streamed as text: `model` is what a request's
     `model` field would say ("" the base, `hr@v2`, `hr:0.7+formal:0.3`)."""
 
-    def __init__(self, base: str | None, model: str, quantize: Quantize = "none"):
+    def __init__(self, base: str | None, model: str, quantize: Requested = "none"):
         from loraplex.adapters.names import parse
         from loraplex.engine.engine import Engine
 

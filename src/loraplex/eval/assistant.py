@@ -26,7 +26,7 @@ from typing import Any
 from loraplex.adapters import registry
 from loraplex.assistants import retrieval
 from loraplex.assistants import store as assistants
-from loraplex.engine.quant import Quantize
+from loraplex.engine.quant import Requested
 from loraplex.errors import UserError
 from loraplex.eval import metrics
 from loraplex.eval.run import EvalExample, read_examples
@@ -79,7 +79,7 @@ def evaluate_assistant(
     max_batch: int = 16,
     engine: Any = None,
     progress: Callable[[int, int], None] | None = None,
-    quantize: Quantize = "none",
+    quantize: Requested = "none",
 ) -> dict[str, Any]:
     """Answer `data` with assistant `name` with and without retrieval; score both; hit rate @k
     (k: the assistant's top_k by default)."""

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from loraplex.adapters import registry
 from loraplex.data.formats import parse_file
 from loraplex.data.tokenize import IGNORE, Example, collate, encode_all, unpacked
-from loraplex.engine.quant import Quantize
+from loraplex.engine.quant import Requested
 from loraplex.errors import UserError
 from loraplex.eval import metrics
 from loraplex.eval.judge import Judge
@@ -293,7 +293,7 @@ def evaluate(
     general: list[str] | None = None,
     general_include: Path | None = None,
     general_limit: int | None = None,
-    quantize: Quantize = "none",
+    quantize: Requested = "none",
 ) -> dict[str, Any]:
     """Evaluate `adapter` (NAME, NAME@vN, NAME@alias) against `baseline` ("base" or another version);
     with `general`, also those lm-eval tasks on both sides (eval/general.py). `quantize` answers on
