@@ -18,13 +18,14 @@ from loraplex.engine.model import DecoderModel, Step
 pytestmark = pytest.mark.skipif(lora_kernel.load_decode() is None, reason="no C compiler")
 
 
-def random_model(kind: str) -> torch.nn.Module:
+def random_model(kind: str, heads: int = 8, kv: int = 2) -> torch.nn.Module:
+    """hidden 64: 8 heads are 8 dimensions each (the kernel's general loops), 2 heads 32 (its blocks of 16)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
     shape: dict[str, Any] = dict(
-        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0,
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=heads,
+        num_key_value_heads=kv, max_position_embeddings=1024, rope_theta=10000.0,
     )  # fmt: skip
     if kind == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**shape)).eval()
@@ -61,8 +62,11 @@ def assert_fp32_equal(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, .
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("quantize", ["none", "int4"])
-def test_decode_steps_equal_the_pytorch_path(kind: str, dtype: torch.dtype, quantize: str) -> None:
-    model = DecoderModel(random_model(kind), dtype, "cpu", quantize)  # type: ignore[arg-type]
+@pytest.mark.parametrize("heads", [(8, 2), (2, 1)], ids=["d8-gqa4", "d32-gqa2"])
+def test_decode_steps_equal_the_pytorch_path(
+    kind: str, dtype: torch.dtype, quantize: str, heads: tuple[int, int]
+) -> None:
+    model = DecoderModel(random_model(kind, *heads), dtype, "cpu", quantize)  # type: ignore[arg-type]
     assert model.decode_ops is not None
     got, want = decode(model, model.decode_ops), decode(model, None)
     if dtype == torch.float32 and quantize == "none":
@@ -95,15 +99,35 @@ def test_every_build_and_two_threads_equal_the_pytorch_path(tmp_path: Path, arch
     target = tmp_path / "decode.so"
     lora_kernel._build(cc, lora_kernel.DECODE_SOURCE, target, arch=(arch,))
     ops = lora_kernel.decode_signatures(ctypes.CDLL(str(target)))
-    model = DecoderModel(random_model("llama"), torch.float32, "cpu")
-    want = decode(model, None)
     before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            assert_fp32_equal(decode(model, ops), want)
-    finally:
-        torch.set_num_threads(before)
+    for heads in ((8, 2), (2, 1)):
+        model = DecoderModel(random_model("llama", *heads), torch.float32, "cpu")
+        want = decode(model, None)
+        try:
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                assert_fp32_equal(decode(model, ops), want)
+        finally:
+            torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_equals_torch_over_the_whole_range(dtype: torch.dtype) -> None:
+    """The kernel's own e^x (vectorisable, see decode_cpu.c) against torch's SiLU: small, large and
+    saturating gates of both signs."""
+    ops = lora_kernel.load_decode()
+    assert ops is not None
+    gate = torch.cat([torch.linspace(-120, 120, 2001), torch.randn(1000) * 4, torch.tensor([0.0, 1e-30, -1e-30])])
+    up = torch.randn(gate.numel()) + 2.0
+    gu = torch.stack([gate, up]).reshape(1, -1).to(dtype)
+    out = torch.empty(1, gate.numel(), dtype=dtype)
+    ops.silu_mul(1, gate.numel(), gu.data_ptr(), out.data_ptr(), int(dtype == torch.bfloat16))
+    g, u = gu.float().view(2, -1)
+    want = torch.nn.functional.silu(g) * u
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.view(-1), want, rtol=2e-6, atol=1e-30)
+    else:  # one rounding to bf16 at the end (torch rounds after silu and after the product)
+        torch.testing.assert_close(out.view(-1).float(), want, rtol=2**-7, atol=1e-30)
 
 
 def test_rms_norm_adds_the_residual_in_place() -> None:

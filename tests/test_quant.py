@@ -92,7 +92,7 @@ def kernel_builds(tmp: Path) -> dict[str, ctypes.CDLL]:
 def test_kernel_equals_its_naive_reference_on_every_instruction_path(tmp_path: Path, mode: str) -> None:
     """quant_cpu.c against `kernel_reference` (1e-5 relative: only float sums' order differs), on every
     path this machine runs (plain C, AVX2 where present, and what -march=native picks: AVX-512
-    VNNI, AVX-VNNI or AVX2), 1-9 rows (the 4-row blocks and their tails), fp32 and bf16
+    VNNI, AVX-VNNI or AVX2), 1-16 rows (the 4- or 8-row blocks and their tails), fp32 and bf16
     activations, one and two threads, groups odd and even in number."""
     builds = kernel_builds(tmp_path)
     if not builds:
@@ -110,7 +110,7 @@ def test_kernel_equals_its_naive_reference_on_every_instruction_path(tmp_path: P
             assert torch.equal(base.rows(ids), base.dequantize()[ids])
         for lib in builds.values():
             qw = dataclasses.replace(base, kernel=lib)
-            for rows in (1, 2, 4, 5, 9):
+            for rows in (1, 2, 4, 5, 7, 9, 16):
                 x = torch.randn(rows, k)
                 x[0, 3] = 9.0  # an activation outlier
                 x[-1, : quant.GROUP] = 0.0  # an all-zero group: scale 0

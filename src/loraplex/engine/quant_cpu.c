@@ -65,7 +65,21 @@
 #else
 #define PATH_NAME "c"
 #endif
-#define RB 4 /* rows of x per pass over a tile: their accumulators and the tile's weights fit the registers */
+/* Rows of x per pass over a tile: their accumulators and the tile's weights fit the registers (32
+ * on AVX-512, 16 on AVX2). 8 rows in one pass against two of 4: 1.08x (int4 gate|up) to 1.2x (int8
+ * output head) at 8 rows on AVX-512. */
+#if PATH_AVX512
+#define RB 8
+#else
+#define RB 4
+#endif
+/* The next tile's weights are prefetched while a tile's first rows compute: the hardware prefetcher
+ * alone left one row's gate|up (1 MB int4) at 73 us, prefetched 51 us (~19 GB/s); 8 rows 176 -> 129 us. */
+#define PREFETCH(p, bytes)                                                                                  \
+    do {                                                                                                   \
+        if (p)                                                                                             \
+            for (int l_ = 0; l_ < (bytes); l_ += 64) __builtin_prefetch((p) + l_, 0, 3);                   \
+    } while (0)
 
 const char *q_path(void) { return PATH_NAME; }
 
@@ -128,14 +142,16 @@ static inline int32_t four(const int8_t *p) { /* 4 activation bytes as one 32-bi
 }
 
 /* out[r][0..16) = y[r0 + r, 16 t .. 16 t + 16) for rb <= RB rows (a literal at every call, so that
- * the accumulators stay in registers). */
+ * the accumulators stay in registers); pf: the next tile's blocks to prefetch, or NULL. */
 static inline __attribute__((always_inline)) void tile_rows(const uint8_t *blk, int64_t G, struct acts a, int64_t K,
-                                                            int64_t r0, const int rb, float out[RB][TILE]) {
+                                                            int64_t r0, const int rb, float out[RB][TILE],
+                                                            const uint8_t *pf) {
 #if PATH_AVX512
     __m512 acc[RB], macc[RB];
     for (int r = 0; r < rb; r++) acc[r] = macc[r] = _mm512_setzero_ps();
     const __m512i low = _mm512_set1_epi8(0x0f);
     for (int64_t g = 0; g < G; g++, blk += BLOCK) {
+        PREFETCH(pf ? pf + g * BLOCK : NULL, BLOCK);
         __m512i wl[4], wh[4];
         for (int c = 0; c < 4; c++) {
             const __m512i v = _mm512_loadu_si512((const void *)(blk + 64 * c));
@@ -169,6 +185,7 @@ static inline __attribute__((always_inline)) void tile_rows(const uint8_t *blk, 
 #endif
         const uint8_t *b = blk;
         for (int64_t g = 0; g < G; g++, b += BLOCK) {
+            PREFETCH(pf && h == 0 ? pf + g * BLOCK : NULL, BLOCK);
             __m256i wl[4], wh[4];
             for (int c = 0; c < 4; c++) {
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 64 * c + 32 * h));
@@ -199,6 +216,7 @@ static inline __attribute__((always_inline)) void tile_rows(const uint8_t *blk, 
         for (int r = 0; r < rb; r++) _mm256_storeu_ps(out[r] + 8 * h, _mm256_add_ps(acc[r], macc[r]));
     }
 #else
+    (void)pf; /* the reference path: no prefetching */
     for (int r = 0; r < rb; r++) {
         for (int i = 0; i < TILE; i++) out[r][i] = 0.f;
         const uint8_t *b = blk;
@@ -227,12 +245,14 @@ static inline __attribute__((always_inline)) void tile_rows(const uint8_t *blk, 
  * off in integers (off). AVX2's u8 x s8 pairs would saturate int16 at (q + 128) * p, so it multiplies
  * |q| by p with q's sign instead (at most 2 * 127 * 127 < 2^15). */
 static inline __attribute__((always_inline)) void tile_rows8(const uint8_t *blk, int64_t G, struct acts a, int64_t K,
-                                                             int64_t r0, const int rb, float out[RB][TILE]) {
+                                                             int64_t r0, const int rb, float out[RB][TILE],
+                                                             const uint8_t *pf) {
 #if PATH_AVX512
     __m512 acc[RB];
     for (int r = 0; r < rb; r++) acc[r] = _mm512_setzero_ps();
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     for (int64_t g = 0; g < G; g++, blk += BLOCK8) {
+        PREFETCH(pf ? pf + g * BLOCK8 : NULL, BLOCK8);
         __m512i w[8];
         for (int c = 0; c < 8; c++) w[c] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(blk + 64 * c)), flip);
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 512)));
@@ -260,6 +280,7 @@ static inline __attribute__((always_inline)) void tile_rows8(const uint8_t *blk,
 #endif
         const uint8_t *b = blk;
         for (int64_t g = 0; g < G; g++, b += BLOCK8) {
+            PREFETCH(pf && h == 0 ? pf + g * BLOCK8 : NULL, BLOCK8);
             __m256i w[8];
             for (int c = 0; c < 8; c++) w[c] = _mm256_loadu_si256((const __m256i *)(b + 64 * c + 32 * h));
             const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + 512 + 16 * h)));
@@ -285,6 +306,7 @@ static inline __attribute__((always_inline)) void tile_rows8(const uint8_t *blk,
         for (int r = 0; r < rb; r++) _mm256_storeu_ps(out[r] + 8 * h, acc[r]);
     }
 #else
+    (void)pf;
     for (int r = 0; r < rb; r++) {
         for (int i = 0; i < TILE; i++) out[r][i] = 0.f;
         const uint8_t *b = blk;
@@ -304,27 +326,32 @@ static inline __attribute__((always_inline)) void tile_rows8(const uint8_t *blk,
 #endif
 }
 
+#define CASE_(fn, n) \
+    case n: fn(blk, G, a, K, r0, n, out, pf); break;
+#if RB == 8
+#define ROW_CASES(fn) CASE_(fn, 8) CASE_(fn, 7) CASE_(fn, 6) CASE_(fn, 5) CASE_(fn, 4) CASE_(fn, 3) CASE_(fn, 2)
+#else
+#define ROW_CASES(fn) CASE_(fn, 4) CASE_(fn, 3) CASE_(fn, 2)
+#endif
+
 static void tiles(int bits, const uint8_t *w, int64_t M, int64_t K, int64_t N, struct acts a, void *y,
                   int out_bf16, int64_t t0, int64_t t1) {
     const int64_t G = K / QK, tile_bytes = G * (bits == 4 ? BLOCK : BLOCK8);
     float out[RB][TILE];
     for (int64_t t = t0; t < t1; t++) { /* a tile's weights stay in cache across row blocks */
-        const uint8_t *blk = w + t * tile_bytes;
+        const uint8_t *blk = w + t * tile_bytes, *next = t + 1 < t1 ? blk + tile_bytes : NULL;
         for (int64_t r0 = 0; r0 < M; r0 += RB) {
             const int64_t rb = M - r0 < RB ? M - r0 : RB;
+            const uint8_t *pf = r0 == 0 ? next : NULL;
             if (bits == 4) {
                 switch (rb) { /* literal row counts: see tile_rows */
-                case 4: tile_rows(blk, G, a, K, r0, 4, out); break;
-                case 3: tile_rows(blk, G, a, K, r0, 3, out); break;
-                case 2: tile_rows(blk, G, a, K, r0, 2, out); break;
-                default: tile_rows(blk, G, a, K, r0, 1, out); break;
+                    ROW_CASES(tile_rows)
+                default: tile_rows(blk, G, a, K, r0, 1, out, pf); break;
                 }
             } else {
                 switch (rb) {
-                case 4: tile_rows8(blk, G, a, K, r0, 4, out); break;
-                case 3: tile_rows8(blk, G, a, K, r0, 3, out); break;
-                case 2: tile_rows8(blk, G, a, K, r0, 2, out); break;
-                default: tile_rows8(blk, G, a, K, r0, 1, out); break;
+                    ROW_CASES(tile_rows8)
+                default: tile_rows8(blk, G, a, K, r0, 1, out, pf); break;
                 }
             }
             for (int64_t r = 0; r < rb; r++) {
