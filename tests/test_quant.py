@@ -265,3 +265,41 @@ def test_smollm2_int8_and_int4_answer_like_the_unquantized_engine(lp_home: Path)
     for mode in ("int8", "int4"):
         first = [a.split()[0] if a.split() else a for a in answers[mode]]
         assert first == [a.split()[0] if a.split() else a for a in answers["none"]], (mode, answers)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_weights_are_kept_on_disk_and_read_back(
+    lp_home: Path, tiny_base: Path, mode: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A base is quantized once: the engine keeps the tiles in $LORAPLEX_HOME/quantized, a later
+    start reads them (no weight is quantized again) and computes the same logits bit for bit; a
+    damaged file is rebuilt with a warning."""
+    if lora_kernel.load_quant() is None:
+        pytest.skip("no C compiler: PyTorch's packed layout is not stored")
+    base = resolve_base(str(tiny_base))
+    engine = Engine(str(tiny_base), quantize=mode, max_batch=2, max_loaded_adapters=1)  # type: ignore[arg-type]
+    engine.close()
+    path = quant.store_path(base.fingerprint["weights_sha256"], mode)  # type: ignore[arg-type]
+    assert [p.name for p in (lp_home / "quantized").iterdir()] == [path.name]
+    hf = load_model(base).eval()
+    fresh = DecoderModel(hf, torch.float32, "cpu", mode)  # type: ignore[arg-type]
+
+    def quantize_again(*args: object) -> None:
+        raise AssertionError("a stored weight was quantized again")
+
+    store = quant.Store(path)
+    with monkeypatch.context() as patched:
+        patched.setattr(quant, "quantize", quantize_again)
+        stored = DecoderModel(hf, torch.float32, "cpu", mode, store)  # type: ignore[arg-type]
+    assert not store.made and len(store.loaded) == 4 * hf.config.num_hidden_layers + 1  # + the tied head
+    ids = load_tokenizer(base)(PROMPTS[0], return_tensors="pt")["input_ids"]
+    want = fresh.forward(Step(ids, torch.tensor([0]), 0, None), fresh.new_cache(1, 64), all_logits=True)
+    got = stored.forward(Step(ids, torch.tensor([0]), 0, None), stored.new_cache(1, 64), all_logits=True)
+    assert torch.equal(got, want)
+
+    path.write_bytes(path.read_bytes()[:4096])  # cut short, as by a full disk
+    damaged = quant.Store(path)
+    assert not damaged.loaded and "do not read back" in caplog.text
+    DecoderModel(hf, torch.float32, "cpu", mode, damaged)  # type: ignore[arg-type]
+    damaged.save()
+    assert len(quant.Store(path).loaded) == len(damaged.made)

@@ -138,7 +138,10 @@ class Engine:
         self.tokenizer = load_tokenizer(self.base)
         hf = load_model(self.base)
         self.eos_ids = tuple(eos_token_ids(self.tokenizer, hf))
-        self.model = DecoderModel(hf, self.dtype, self.device, quantize)
+        sha = self.base.fingerprint.get("weights_sha256")
+        store = quant.Store(quant.store_path(sha, quantize) if sha and quantize != "none" else None)
+        self.model = DecoderModel(hf, self.dtype, self.device, quantize, store)
+        store.save()  # the next start reads these instead of quantizing again
         del hf
         cfg = self.model.config
         self.vocab_size = int(cfg.vocab_size)

@@ -174,9 +174,17 @@ class DecoderModel:
 
     `quantize` int8/int4 stores the projections and the output head weight-only quantized (quant.py),
     and the embedding table as int8 rows; norms, biases and everything computed stay in `dtype`.
+    `store` (quant.Store) keeps the quantized weights on disk between starts.
     """
 
-    def __init__(self, hf_model: Any, dtype: torch.dtype, device: str, quantize: Quantize = "none"):
+    def __init__(
+        self,
+        hf_model: Any,
+        dtype: torch.dtype,
+        device: str,
+        quantize: Quantize = "none",
+        store: quant.Store | None = None,
+    ):
         cfg = hf_model.config
         if cfg.model_type not in SUPPORTED:
             raise UserError(
@@ -213,9 +221,17 @@ class DecoderModel:
         # (`bench/lora_step_overhead.py --layouts`). bf16/fp16 go to oneDNN: the usual layout.
         transposed = device == "cpu" and dtype == torch.float32
 
-        def proj(t: torch.Tensor) -> torch.Tensor | QuantWeight:
+        store = store or quant.Store(None)
+
+        def proj(name: str, *parts: torch.Tensor) -> torch.Tensor | QuantWeight:
+            """The weight `parts` stacked (q|k|v, gate|up), stored as this model computes with it."""
+
+            def make() -> torch.Tensor:
+                return parts[0] if len(parts) == 1 else torch.cat(parts)
+
             if quantize != "none":
-                return quant.quantize(t, quantize)
+                return store.get(name, quantize, make)  # a stored weight skips the concatenation too
+            t = make()
             if transposed:
                 return t.detach().to(device=device, dtype=dtype).t().contiguous().t()
             return dense(t)
@@ -223,16 +239,22 @@ class DecoderModel:
         head, table = hf_model.get_output_embeddings().weight, inner.embed_tokens.weight
         # The output head is int8 in both quantized modes: at int4 its error was 9% of the weight (vs
         # 0.25% for the projections), which moved the next-token distribution 5x more than all else.
-        self.lm_head: torch.Tensor | QuantWeight = proj(head) if quantize == "none" else quant.quantize(head, "int8")
+        self.lm_head: torch.Tensor | QuantWeight = (
+            proj("lm_head", head) if quantize == "none" else store.get("lm_head", "int8", lambda: head)
+        )
         # A tied embedding is the head's own rows (one copy: 54 MB less for SmolLM2 in bf16); an
         # untied one is int8 rows when quantized. (Transposed fp32 rows are strided: looking up
         # 3,200 prompt tokens costs ~22 ms instead of ~1, next to seconds of matmuls.)
         self.embed: torch.Tensor | QuantWeight = (
-            self.lm_head if head is table else dense(table) if quantize == "none" else quant.quantize(table, "int8")
+            self.lm_head
+            if head is table
+            else dense(table)
+            if quantize == "none"
+            else store.get("embed", "int8", lambda: table)
         )
         self.final_norm = w(inner.norm.weight)
         self.layers: list[dict[str, Any]] = []
-        for layer in inner.layers:
+        for i, layer in enumerate(inner.layers):
             a, m = layer.self_attn, layer.mlp
             qkv_bias = None
             if a.q_proj.bias is not None:
@@ -241,11 +263,11 @@ class DecoderModel:
                 {
                     "in_norm": w(layer.input_layernorm.weight),
                     "post_norm": w(layer.post_attention_layernorm.weight),
-                    "qkv": proj(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
+                    "qkv": proj(f"{i}.qkv", a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
                     "qkv_bias": w(qkv_bias),
-                    "o": proj(a.o_proj.weight),
-                    "gate_up": proj(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
-                    "down": proj(m.down_proj.weight),
+                    "o": proj(f"{i}.o", a.o_proj.weight),
+                    "gate_up": proj(f"{i}.gate_up", m.gate_proj.weight, m.up_proj.weight),
+                    "down": proj(f"{i}.down", m.down_proj.weight),
                 }
             )
         self.q_size = self.n_heads * self.head_dim
