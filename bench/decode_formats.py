@@ -16,7 +16,8 @@ Rows per format:
                   tokens/s (the median of 3 such runs, for both), and the share of the bandwidth
                   limit: bytes of weights one token reads / copy bandwidth at this thread count;
   8 adapters      8 requests on 8 random rank-16 all-linear adapters: all at once vs. one at a time
-                  (loraplex), one by one with the request's LoRA (llama.cpp cannot batch adapters);
+                  (loraplex; medians of 3 alternated runs), one by one with the request's LoRA
+                  (llama.cpp cannot batch adapters);
   overhead        the 8 adapters at once vs. 8 rows of the bare base at once (3 alternations, medians);
   answers         an adapter trained with the default command on the shipped sample answers its 20
                   held-out and 20 trained questions greedily, as served: answers identical to the
@@ -95,12 +96,17 @@ def loraplex_rows(
         single = [await timed([""] * 4, together=False) for _ in range(REPS)]
         r["single_stream"] = sorted(single, key=lambda x: x["wall_s"])[REPS // 2]
         await timed(names, together=True)  # load every adapter before timing
-        r["sequential"] = await timed(names, together=False)
-        pairs: list[tuple[dict[str, float], dict[str, float]]] = []
-        for _ in range(REPS):  # alternated, so the machine's drift falls on both alike
-            pairs.append((await timed(names, together=True), await timed([""] * len(names), together=True)))
-        r["concurrent_adapters"] = sorted((p[0] for p in pairs), key=lambda x: x["wall_s"])[REPS // 2]
-        r["concurrent_base"] = sorted((p[1] for p in pairs), key=lambda x: x["wall_s"])[REPS // 2]
+        runs: list[tuple[dict[str, float], ...]] = []
+        for _ in range(REPS):  # alternated, so the machine's drift falls on all three alike; medians
+            runs.append(
+                (
+                    await timed(names, together=True),
+                    await timed([""] * len(names), together=True),
+                    await timed(names, together=False),
+                )
+            )
+        for i, key in enumerate(("concurrent_adapters", "concurrent_base", "sequential")):
+            r[key] = sorted((run[i] for run in runs), key=lambda x: x["wall_s"])[REPS // 2]
         # resident memory while serving, before the answers load retrieval's sentence encoder
         ctypes.CDLL(None).malloc_trim(0)  # what the engine's loop does every 30 s (malloc.py)
         r["rss_bytes"], r["peak_rss_bytes"] = rss()
