@@ -445,6 +445,23 @@ def test_sampling_survives_tiny_legal_penalties_and_temperatures() -> None:
     assert tokens[0] in (0, 3)  # token 0's 3.0 / 2e-309 and 3's 2.0 / 2e-309 both overflow to the largest float
 
 
+def test_greedy_pick_and_finite_check_equal_their_torch_reference() -> None:
+    """sampling.argmax_rows (NumPy's argmax on CPU) and finite_rows (from row sums) against
+    torch.argmax and torch.isfinite(...).all(): ties go to the first index, NaN wins, infinities
+    and NaN mark the row; random rows of a real vocabulary's width too."""
+    from loraplex.engine.sampling import argmax_rows, finite_rows
+
+    nan, inf = float("nan"), float("inf")
+    edge = torch.tensor(
+        [[1.0, 3.0, 3.0, 0.0], [1.0, nan, 5.0, 2.0], [-inf, 0.0, 1.0, 1.0], [inf, 1.0, 2.0, 0.0], [-inf] * 4]
+    )
+    gen = torch.Generator().manual_seed(0)
+    wide = torch.randn(8, 49152, generator=gen) * 20
+    for logits in (edge, wide, wide[:1], edge.double()):
+        assert argmax_rows(logits) == logits.argmax(dim=-1).tolist()
+        assert finite_rows(logits) == torch.isfinite(logits).all(dim=-1).tolist()
+
+
 def test_bf16_shapes_come_from_few_buckets_and_padding_changes_no_logit(tiny_base: Path) -> None:
     """On CPU in bf16 every new matmul shape is a new oneDNN kernel kept in a cache (model.bucket):
     prompts of 1-120 tokens decoded for 60 steps use 58 shapes padded, 840 exact,
