@@ -448,13 +448,15 @@ def test_sampling_survives_tiny_legal_penalties_and_temperatures() -> None:
 def test_greedy_pick_and_finite_check_equal_their_torch_reference() -> None:
     """sampling.argmax_rows (NumPy's argmax on CPU) and finite_rows (from row sums) against
     torch.argmax and torch.isfinite(...).all(): ties go to the first index, NaN wins, infinities
-    and NaN mark the row; random rows of a real vocabulary's width too."""
+    and NaN mark the row, a finite row whose sum overflows does not; random rows of a real
+    vocabulary's width too."""
     from loraplex.engine.sampling import argmax_rows, finite_rows
 
     nan, inf = float("nan"), float("inf")
     edge = torch.tensor(
-        [[1.0, 3.0, 3.0, 0.0], [1.0, nan, 5.0, 2.0], [-inf, 0.0, 1.0, 1.0], [inf, 1.0, 2.0, 0.0], [-inf] * 4]
-    )
+        [[1.0, 3.0, 3.0, 0.0], [1.0, nan, 5.0, 2.0], [-inf, 0.0, 1.0, 1.0], [inf, 1.0, 2.0, 0.0], [-inf] * 4,
+         [3e38, 3e38, 0.0, 1.0]]  # finite, but its sum overflows
+    )  # fmt: skip
     gen = torch.Generator().manual_seed(0)
     wide = torch.randn(8, 49152, generator=gen) * 20
     for logits in (edge, wide, wide[:1], edge.double()):

@@ -145,10 +145,15 @@ def _draw(logits: torch.Tensor, row: RowState) -> int:
 
 
 def finite_rows(logits: torch.Tensor) -> list[bool]:
-    """Per row: no NaN or infinity, = torch.isfinite(logits).all(-1), from the row sums (a NaN or an
-    infinity makes the sum NaN or infinite; finite logits cannot overflow it): 30 us for 8 rows of a
+    """Per row: no NaN or infinity, = torch.isfinite(logits).all(-1). A finite row sum proves it (a
+    NaN or an infinity makes the sum NaN or infinite); only rows whose sum is not finite (those, or
+    finite values so large that they overflow it) take the elementwise test. 30 us for 8 rows of a
     49,152-word vocabulary on one CPU thread, where the elementwise test took 1.1 ms."""
-    return torch.isfinite(logits.sum(dim=-1)).tolist()
+    finite = torch.isfinite(logits.sum(dim=-1)).tolist()
+    for i, ok in enumerate(finite):
+        if not ok:
+            finite[i] = bool(torch.isfinite(logits[i]).all())
+    return finite
 
 
 def argmax_rows(logits: torch.Tensor) -> list[int]:
