@@ -158,7 +158,7 @@ def dequantized_reference(hf: torch.nn.Module, model: DecoderModel) -> DecoderMo
             mlp.up_proj.weight.copy_(gu[model.inter :])
             mlp.down_proj.weight.copy_(fused["down"].dequantize())
         hf.model.embed_tokens.weight.copy_(model.lm_head.dequantize())  # tied: the head too
-    return DecoderModel(hf, torch.float32, "cpu")
+    return DecoderModel(hf, torch.float32, "cpu", kv_dtype=model.kv_dtype)  # the same cache: only weights differ
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -188,7 +188,11 @@ def test_quantized_model_equals_its_dequantized_reference_and_int8_stays_near_fp
     # of 32 as llama.cpp does (0.5%, met by W rather than by bf16's sums: twice the logit error here)
     torch.testing.assert_close(got, want, atol=0.25 if mode == "int8" else 0.5, rtol=0.05)
     assert (got - want).abs().mean() < 0.03 * want.std()
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
+    # greedy picks agree except at near ties, which random weights have (2 of 32 positions within
+    # 0.016 of std 1.6 here, flipped by the fp16 cache's rounding)
+    top2 = want.topk(2, -1).values
+    clear = top2[:, 0] - top2[:, 1] > 0.02 * want.std()
+    assert (got.argmax(-1) == want.argmax(-1))[clear].float().mean() >= 0.95
     if mode == "int8":
         err = (got - orig).abs()
         assert err.mean() < 0.05 * orig.std() and err.max() < 0.5 * orig.std()

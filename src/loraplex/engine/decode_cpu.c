@@ -10,8 +10,9 @@
  * serves every step that is not a pure decode step (prefill, several tokens per row) and every
  * machine without a C compiler; tests/test_decode_kernel.py compares the two.
  *
- * Activations and the KV cache are fp32 (act_bf16 = 0) or bf16 (act_bf16 = 1, rounded as torch
- * rounds); all arithmetic is fp32. Vectorised by the compiler (-O3 -march=native, the flags in
+ * Activations are fp32 (bf16 = 0) or bf16 (bf16 = 1, rounded as torch rounds); the KV cache holds
+ * the activations' type, or fp16 under fp32 activations (half the bytes each step reads, as
+ * llama.cpp's default cache); all arithmetic is fp32. Vectorised by the compiler (-O3 -march=native, the flags in
  * lora_kernel.py): no instruction set is named here.
  *
  * This file does not allocate the cache, pick rows or decide when the fast path applies (model.py). */
@@ -21,6 +22,101 @@
 #include <string.h>
 
 #include "cpu_bf16.h"
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+/* fp16 <-> fp32, round to nearest even as torch converts: the compiler's _Float16 (one instruction
+ * with F16C; GCC >= 12, clang >= 15), else by bits (no subnormal fp16 on the way in: they
+ * flush to zero, as keys and values that small are). */
+#ifdef __FLT16_MANT_DIG__
+static inline float f16_to_f32(uint16_t h) {
+    _Float16 f;
+    memcpy(&f, &h, 2);
+    return (float)f;
+}
+static inline uint16_t f32_to_f16(float v) {
+    const _Float16 f = (_Float16)v;
+    uint16_t h;
+    memcpy(&h, &f, 2);
+    return h;
+}
+#else
+static inline float f16_to_f32(uint16_t h) {
+    const uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu, sign = (uint32_t)(h & 0x8000u) << 16;
+    const uint32_t b = e == 0 ? sign : e == 31 ? sign | 0x7f800000u | (m << 13) : sign | ((e + 112) << 23) | (m << 13);
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+static inline uint16_t f32_to_f16(float v) {
+    uint32_t b;
+    memcpy(&b, &v, 4);
+    const uint32_t sign = (b >> 16) & 0x8000u, a = b & 0x7fffffffu;
+    if (a > 0x7f800000u)
+        return (uint16_t)(sign | 0x7e00u); /* NaN */
+    if (a >= 0x477ff000u)
+        return (uint16_t)(sign | 0x7c00u); /* rounds past 65504: inf */
+    if (a < 0x38800000u)
+        return (uint16_t)sign; /* below the smallest normal fp16 */
+    const uint32_t r = a + 0xfffu + ((a >> 13) & 1u) - (112u << 23);
+    return (uint16_t)(sign | (r >> 13));
+}
+#endif
+
+/* n fp16 values as fp32: 8 an instruction where the CPU has F16C (GCC 12 converts _Float16 one
+ * element at a time, which made fp16 keys 5x slower to read than fp32 ones). */
+static inline void f16_row(const uint16_t *h, float *f, int64_t n) {
+    int64_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+    for (; i < n; i++)
+        f[i] = f16_to_f32(h[i]);
+}
+
+/* TB positions of attention at a time (attend) */
+#define TB 4
+#ifndef PF
+#define PF 8
+#endif
+
+/* nb cache rows of d elements from `off`, `stride` apart, as fp32: pointers into the cache when it
+ * is fp32, else converted into buf. */
+static inline __attribute__((always_inline)) void cache_rows(const void *cache, int64_t off, int64_t stride,
+                                                             int64_t nb, int64_t d, int kind, float *buf,
+                                                             const float **rows) {
+    for (int64_t b = 0; b < nb; b++) {
+        if (kind == 0) {
+            rows[b] = (const float *)cache + off + b * stride;
+            continue;
+        }
+        const uint16_t *h = (const uint16_t *)cache + off + b * stride;
+        if (kind == 2)
+            f16_row(h, buf + b * d, d);
+        else
+            for (int64_t i = 0; i < d; i++)
+                buf[b * d + i] = bf16_to_f32(h[i]);
+        rows[b] = buf + b * d;
+    }
+}
+
+/* element i of an fp32 (kind 0), bf16 (1) or fp16 (2) array */
+static inline float ldk(const void *p, int64_t i, int kind) {
+    return kind == 1   ? bf16_to_f32(((const uint16_t *)p)[i])
+           : kind == 2 ? f16_to_f32(((const uint16_t *)p)[i])
+                       : ((const float *)p)[i];
+}
+
+static inline void stk(void *p, int64_t i, float v, int kind) {
+    if (kind == 1)
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else if (kind == 2)
+        ((uint16_t *)p)[i] = f32_to_f16(v);
+    else
+        ((float *)p)[i] = v;
+}
 
 static inline float ld(const void *p, int64_t i, int bf16) {
     return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
@@ -114,55 +210,89 @@ static inline __attribute__((always_inline)) void attend(int64_t r, int64_t j, i
                                                          const void *qkv, int64_t qkv_stride, const float *c,
                                                          const float *s, void *k_cache, void *v_cache,
                                                          int64_t base, int64_t s_pos, int64_t T, void *out,
-                                                         float *sc, const int bf16) {
+                                                         float *sc, const int bf16, const int kvk) {
     const int64_t g = heads / kv, P = T - 1;
     const float scale = 1.0f / sqrtf((float)d);
     float *q = sc + g * T, *acc = q + g * d, *y = acc + g * d; /* q and acc: [g, d]; y: [d] */
     rotate(qkv, r * qkv_stride + (heads + j) * d, d, c, s, y, bf16);
     for (int64_t i = 0; i < d; i++) {
-        st(k_cache, base + P * s_pos + i, y[i], bf16);
-        st(v_cache, base + P * s_pos + i, ld(qkv, r * qkv_stride + (heads + kv + j) * d + i, bf16), bf16);
+        stk(k_cache, base + P * s_pos + i, y[i], kvk);
+        stk(v_cache, base + P * s_pos + i, ld(qkv, r * qkv_stride + (heads + kv + j) * d + i, bf16), kvk);
     }
     for (int64_t h = 0; h < g; h++) {
         rotate(qkv, r * qkv_stride + (j * g + h) * d, d, c, s, q + h * d, bf16);
         for (int64_t i = 0; i < d; i++) /* torch's path rotates in bf16: the query it attends with is rounded */
             q[h * d + i] = bf16 ? bf16_to_f32(f32_to_bf16(q[h * d + i])) * scale : q[h * d + i] * scale;
     }
-    const int64_t esz = bf16 ? 2 : 4; /* bytes an element */
-    for (int64_t t = 0; t < T; t++) { /* scores [g, T] */
+    const int64_t esz = kvk ? 2 : 4; /* bytes a cached element */
+    /* Positions go TB at a time: TB dot products (or TB value rows) share one pass over q (or acc), so
+     * the sums run side by side instead of one reduction after another, and acc is loaded and
+     * stored once per TB rows. A bf16/fp16 block is converted to fp32 once for all g heads. */
+    float buf[TB * d];
+    const float *kr[TB];
+    int64_t t = 0;
+    for (; t < T; t += TB) { /* scores [g, T] */
+        const int64_t nb = T - t < TB ? T - t : TB;
         /* The cache is read from memory (8 rows of SmolLM2 at 150 positions: 55 MB a step), faster
-         * when asked for ahead: the keys 8 positions on, and this position's values for the sum below. */
-        for (int64_t l = 0; l < d * esz; l += 64) {
-            __builtin_prefetch((const char *)k_cache + (base + (t + 8) * s_pos) * esz + l, 0, 3);
+         * when asked for ahead: the keys TB positions on. */
+        for (int64_t l = 0; l < TB * d * esz; l += 64) {
+            __builtin_prefetch((const char *)k_cache + (base + (t + PF) * s_pos) * esz + l, 0, 3);
             __builtin_prefetch((const char *)v_cache + (base + t * s_pos) * esz + l, 0, 3);
         }
+        cache_rows(k_cache, base + t * s_pos, s_pos, nb, d, kvk, buf, kr);
         for (int64_t h = 0; h < g; h++) {
-            float dot = 0.0f;
-            for (int64_t i = 0; i < d; i++)
-                dot += q[h * d + i] * ld(k_cache, base + t * s_pos + i, bf16);
-            sc[h * T + t] = dot;
+            const float *qh = q + h * d;
+            if (nb == TB) {
+                float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+                const float *k0 = kr[0], *k1 = kr[1], *k2 = kr[2], *k3 = kr[3];
+                for (int64_t i = 0; i < d; i++) {
+                    const float x = qh[i];
+                    s0 += x * k0[i];
+                    s1 += x * k1[i];
+                    s2 += x * k2[i];
+                    s3 += x * k3[i];
+                }
+                sc[h * T + t] = s0, sc[h * T + t + 1] = s1, sc[h * T + t + 2] = s2, sc[h * T + t + 3] = s3;
+            } else
+                for (int64_t b = 0; b < nb; b++) {
+                    float dot = 0.0f;
+                    for (int64_t i = 0; i < d; i++)
+                        dot += qh[i] * kr[b][i];
+                    sc[h * T + t + b] = dot;
+                }
         }
     }
     for (int64_t h = 0; h < g; h++) { /* softmax in fp32 */
         float *p = sc + h * T, top = -INFINITY, sum = 0.0f;
-        for (int64_t t = 0; t < T; t++)
-            top = p[t] > top ? p[t] : top;
-        for (int64_t t = 0; t < T; t++) {
-            p[t] = exp_approx(p[t] - top);
-            sum += p[t];
+        for (int64_t u = 0; u < T; u++)
+            top = p[u] > top ? p[u] : top;
+        for (int64_t u = 0; u < T; u++) {
+            p[u] = exp_approx(p[u] - top);
+            sum += p[u];
         }
         const float inv = 1.0f / sum;
-        for (int64_t t = 0; t < T; t++)
-            p[t] *= inv;
+        for (int64_t u = 0; u < T; u++)
+            p[u] *= inv;
     }
     for (int64_t i = 0; i < g * d; i++)
         acc[i] = 0.0f;
-    for (int64_t t = 0; t < T; t++)
+    for (t = 0; t < T; t += TB) {
+        const int64_t nb = T - t < TB ? T - t : TB;
+        cache_rows(v_cache, base + t * s_pos, s_pos, nb, d, kvk, buf, kr);
         for (int64_t h = 0; h < g; h++) {
-            const float p = sc[h * T + t];
-            for (int64_t i = 0; i < d; i++)
-                acc[h * d + i] += p * ld(v_cache, base + t * s_pos + i, bf16);
+            const float *p = sc + h * T + t;
+            float *ah = acc + h * d;
+            if (nb == TB) {
+                const float p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
+                const float *v0 = kr[0], *v1 = kr[1], *v2 = kr[2], *v3 = kr[3];
+                for (int64_t i = 0; i < d; i++)
+                    ah[i] += p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i];
+            } else
+                for (int64_t b = 0; b < nb; b++)
+                    for (int64_t i = 0; i < d; i++)
+                        ah[i] += p[b] * kr[b][i];
         }
+    }
     for (int64_t h = 0; h < g; h++)
         for (int64_t i = 0; i < d; i++)
             st(out, r * heads * d + (j * g + h) * d + i, acc[h * d + i], bf16);
@@ -174,11 +304,12 @@ static inline __attribute__((always_inline)) void attend(int64_t r, int64_t j, i
  *   attends (softmax in fp32, scaled by 1/sqrt(d)) over the slot's keys 0..pos;
  *   out[r] = the heads' outputs side by side [heads*d].
  * cos/sin: [n, d] fp32. Cache strides in elements: per slot, per kv head, per position (d contiguous).
+ * kv16: the cache is fp16 (with bf16 = 0); otherwise it holds the activations' type.
  */
 int decode_attention(int64_t n, int64_t heads, int64_t kv, int64_t d, const void *qkv, int64_t qkv_stride,
                      const float *cos, const float *sin, void *k_cache, void *v_cache, int64_t s_slot,
                      int64_t s_head, int64_t s_pos, const int64_t *slot, const int64_t *pos, void *out, int bf16,
-                     int threads) {
+                     int kv16, int threads) {
     const int64_t g = heads / kv;
     int64_t longest = 0;
     for (int64_t r = 0; r < n; r++)
@@ -193,12 +324,16 @@ int decode_attention(int64_t n, int64_t heads, int64_t kv, int64_t d, const void
             continue;
         }
         const int64_t base = slot[r] * s_slot + j * s_head;
+        /* constant kinds: each combination compiles to its own vectorised loops */
         if (bf16)
             attend(r, j, heads, kv, d, qkv, qkv_stride, cos + r * d, sin + r * d, k_cache, v_cache, base, s_pos,
-                   pos[r] + 1, out, sc, 1);
+                   pos[r] + 1, out, sc, 1, 1);
+        else if (kv16)
+            attend(r, j, heads, kv, d, qkv, qkv_stride, cos + r * d, sin + r * d, k_cache, v_cache, base, s_pos,
+                   pos[r] + 1, out, sc, 0, 2);
         else
             attend(r, j, heads, kv, d, qkv, qkv_stride, cos + r * d, sin + r * d, k_cache, v_cache, base, s_pos,
-                   pos[r] + 1, out, sc, 0);
+                   pos[r] + 1, out, sc, 0, 0);
         free(sc);
     }
     return failed ? -1 : 0;

@@ -174,6 +174,9 @@ class DecoderModel:
 
     `quantize` int8/int4 stores the projections and the output head weight-only quantized (quant.py),
     and the embedding table as int8 rows; norms, biases and everything computed stay in `dtype`.
+    The KV cache holds `kv_dtype`, by default `dtype`, except fp16 under fp32 activations on a
+    quantized CPU model (llama.cpp's default cache: half the bytes each decode step reads; `none`
+    stays exact).
     `store` (quant.Store) keeps the quantized weights on disk between starts.
     """
 
@@ -184,6 +187,7 @@ class DecoderModel:
         device: str,
         quantize: Quantize = "none",
         store: quant.Store | None = None,
+        kv_dtype: torch.dtype | None = None,
     ):
         cfg = hf_model.config
         if cfg.model_type not in SUPPORTED:
@@ -193,6 +197,8 @@ class DecoderModel:
         self.config = cfg
         quant.check(quantize, device)
         self.dtype, self.device, self.quantize = dtype, device, quantize
+        fp16_cache = device == "cpu" and dtype == torch.float32 and quantize != "none"
+        self.kv_dtype = kv_dtype or (torch.float16 if fp16_cache else dtype)
         # Pad attention spans and prompt chunks to `bucket` sizes where a new shape costs a new
         # kernel (oneDNN: CPU bf16/fp16). fp32 goes to MKL, which keeps nothing per shape.
         self.buckets = device == "cpu" and dtype != torch.float32
@@ -288,7 +294,7 @@ class DecoderModel:
         )
 
     def new_cache(self, slots: int, max_len: int) -> KVCache:
-        return KVCache(self.n_layers, slots, self.n_kv, self.head_dim, max_len, self.dtype, self.device)
+        return KVCache(self.n_layers, slots, self.n_kv, self.head_dim, max_len, self.kv_dtype, self.device)
 
     def _linear(
         self,
@@ -355,10 +361,12 @@ class DecoderModel:
             q = qk[:, :, : self.n_heads].transpose(1, 2)  # [n, heads, L, d]
             # cache[layer, slot, head, pos] <- k[row, t, head]
             k_cache, v_cache = k_layers[li], v_layers[li]
-            k_cache[slot_idx, :, positions] = qk[:, :, self.n_heads :]
-            v_cache[slot_idx, :, positions] = qkv[:, qk_size:].view(n, L, self.n_kv, self.head_dim)
+            k_cache[slot_idx, :, positions] = qk[:, :, self.n_heads :].to(k_cache.dtype)
+            v_cache[slot_idx, :, positions] = qkv[:, qk_size:].view(n, L, self.n_kv, self.head_dim).to(v_cache.dtype)
             keys, values = k_cache[rows, :, :total], v_cache[rows, :, :total]
-            if one_row_bf16:  # the copy attention needs anyway, made in fp32
+            if keys.dtype != self.dtype:  # an fp16 cache under fp32 activations
+                att = self._attention(q, keys.to(self.dtype), values.to(self.dtype), bias)
+            elif one_row_bf16:  # the copy attention needs anyway, made in fp32
                 att = self._attention(q.float(), keys.float(), values.float(), bias).to(self.dtype)
             elif self.dtype == torch.float32:  # strided views: batched fp32 matmuls read them in place
                 att = self._attention(q, keys, values, bias)
@@ -392,6 +400,7 @@ class DecoderModel:
         slots = torch.arange(step.slot0, step.slot0 + n, dtype=torch.int64)
         positions = starts.to(torch.int64).contiguous()
         bf16, threads, eps, hidden = int(self.dtype == torch.bfloat16), torch.get_num_threads(), self.eps, x.shape[1]
+        kv16 = int(cache.k.dtype == torch.float16 and self.dtype == torch.float32)
         # buffers every layer reuses (each is read by the next call before the layer writes it again)
         h, att, act = (torch.empty(n, f, dtype=self.dtype) for f in (hidden, self.q_size, self.inter))
         # the cache's layers by address: [layers, slots, kv heads, positions, d], no view per layer
@@ -409,7 +418,7 @@ class DecoderModel:
             failed = ops.decode_attention(
                 n, self.n_heads, self.n_kv, self.head_dim, qkv.data_ptr(), qkv.stride(0), cos.data_ptr(),
                 sin.data_ptr(), k_at + li * layer, v_at + li * layer, s_slot, s_head, s_pos,
-                slots.data_ptr(), positions.data_ptr(), att.data_ptr(), bf16, threads,
+                slots.data_ptr(), positions.data_ptr(), att.data_ptr(), bf16, kv16, threads,
             )  # fmt: skip
             if failed:
                 raise MemoryError("decode_cpu.c: out of memory for attention scores")
