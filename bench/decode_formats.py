@@ -192,7 +192,11 @@ def main() -> None:
 
     threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
     base = resolve_base(None)
-    if not args.adapter:
+    if args.adapter:  # before minutes of timing, not after them
+        from loraplex.adapters import registry
+
+        registry.resolve(args.adapter)  # a UserError naming the store and its adapters
+    else:
         home = Path(tempfile.mkdtemp(prefix="lp-formats-bench-"))
         (home / "models").symlink_to(base.path.parent)
         os.environ["LORAPLEX_HOME"] = str(home)

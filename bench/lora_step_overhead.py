@@ -10,7 +10,9 @@ own when its GGUF is installed), the adapters are random all-linear rank-16 LoRA
 ones, PEFT's default targets). Base and adapter steps alternate, medians are compared in the same
 run. On CPU the C kernel (bf16 weights) and the PyTorch path (fp32 weights) are timed side by side.
 Before timing, each batched delta is checked against the naive per-row loop in lora.py's docstring.
-Prints one row per target set and path, with the ratio to the base step.
+Prints one row per target set and path, with the ratio to the base step, and the process's resident
+memory with the model built (`--quantize none` vs `int4` on a large shape: the RSS target where
+weights, not the libraries, dominate).
 
 `--layouts` (fp32 on CPU): instead, the bare base step at 1-16 rows with the projections stored as
 the engine holds them (transposed in memory) and as transformers does ([out, in] row-major),
@@ -55,6 +57,20 @@ def build_model(shape: str, device: str, dtype: torch.dtype, quantize: Quantize 
             hf = AutoModelForCausalLM.from_config(cfg)
         torch.set_default_dtype(torch.float32)
     return DecoderModel(hf.eval(), dtype, device, quantize)
+
+
+def resident_mib() -> tuple[float, float]:
+    """(resident now, peak) MiB of this process, after returning freed heap to the system."""
+    from loraplex.malloc import _malloc_trim
+
+    trim = _malloc_trim()
+    if trim is not None:  # glibc: as the engine's loop does
+        trim(0)
+    status = Path("/proc/self/status")
+    if not status.exists():  # not Linux
+        return float("nan"), float("nan")
+    fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
 def random_adapter(model: DecoderModel, targets: tuple[str, ...], rank: int, seed: int) -> AdapterWeights:
@@ -140,6 +156,7 @@ def main() -> None:
     else:
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = build_model(args.shape, args.device, dtype, mode(args.quantize))
+    resident = resident_mib()  # the served model's memory: the HF model it was built from is gone
     # as Engine does: bf16 weights for the C kernel on CPU (fp32 for the PyTorch path without it)
     paths = [("kernel", torch.bfloat16), ("torch", torch.float32)] if args.device == "cpu" else [("torch", dtype)]
     if args.device == "cpu" and lora_kernel.load() is None:
@@ -149,6 +166,7 @@ def main() -> None:
         compare_layouts(model, args.reps)
         return
     print(f"{args.shape} on {args.device}: {args.rows} rows, rank {args.rank}, model {dtype}, {args.quantize} weights")
+    print(f"  process resident with the model built: {resident[0]:.0f} MiB (peak while building {resident[1]:.0f})")
     for label, targets in (("all-linear", ALL), ("q,v", ("q_proj", "v_proj"))):
         weights = [random_adapter(model, targets, args.rank, seed) for seed in range(args.rows)]
         batches = {}
