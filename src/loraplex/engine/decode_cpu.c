@@ -12,8 +12,9 @@
  *
  * Activations are fp32 (bf16 = 0) or bf16 (bf16 = 1, rounded as torch rounds); the KV cache holds
  * the activations' type, or fp16 under fp32 activations (half the bytes each step reads, as
- * llama.cpp's default cache); all arithmetic is fp32. Vectorised by the compiler (-O3 -march=native, the flags in
- * lora_kernel.py): no instruction set is named here.
+ * llama.cpp's default cache); all arithmetic is fp32. Vectorised by the compiler (-O3
+ * -march=native, the flags in lora_kernel.py); the one instruction named is F16C's fp16
+ * conversion, used where the build's target has it (f16_row), with a plain-C path otherwise.
  *
  * This file does not allocate the cache, pick rows or decide when the fast path applies (model.py). */
 #include <math.h>
@@ -76,11 +77,8 @@ static inline void f16_row(const uint16_t *h, float *f, int64_t n) {
         f[i] = f16_to_f32(h[i]);
 }
 
-/* TB positions of attention at a time (attend) */
-#define TB 4
-#ifndef PF
-#define PF 8
-#endif
+#define TB 4 /* positions of attention at a time (attend) */
+#define PF 8 /* keys prefetched this many positions ahead (4-32 measured alike) */
 
 /* nb cache rows of d elements from `off`, `stride` apart, as fp32: pointers into the cache when it
  * is fp32, else converted into buf. */
@@ -102,13 +100,7 @@ static inline __attribute__((always_inline)) void cache_rows(const void *cache, 
     }
 }
 
-/* element i of an fp32 (kind 0), bf16 (1) or fp16 (2) array */
-static inline float ldk(const void *p, int64_t i, int kind) {
-    return kind == 1   ? bf16_to_f32(((const uint16_t *)p)[i])
-           : kind == 2 ? f16_to_f32(((const uint16_t *)p)[i])
-                       : ((const float *)p)[i];
-}
-
+/* element i of an fp32 (kind 0), bf16 (1) or fp16 (2) array := v */
 static inline void stk(void *p, int64_t i, float v, int kind) {
     if (kind == 1)
         ((uint16_t *)p)[i] = f32_to_bf16(v);
