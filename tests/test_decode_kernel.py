@@ -79,6 +79,13 @@ def test_decode_steps_equal_the_pytorch_path(
             assert (a.float() - b.float()).abs().max() <= 0.02 * b.float().abs().max()
 
 
+def test_a_cache_dtype_the_kernel_cannot_read_is_refused() -> None:
+    with pytest.raises(ValueError, match="KV cache"):
+        DecoderModel(random_model("llama"), torch.bfloat16, "cpu", kv_dtype=torch.float16)
+    with pytest.raises(ValueError, match="KV cache"):
+        DecoderModel(random_model("llama"), torch.float32, "cpu", kv_dtype=torch.bfloat16)
+
+
 def has_avx2() -> bool:
     try:
         return " avx2" in Path("/proc/cpuinfo").read_text()

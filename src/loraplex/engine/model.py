@@ -199,6 +199,9 @@ class DecoderModel:
         self.dtype, self.device, self.quantize = dtype, device, quantize
         fp16_cache = device == "cpu" and dtype == torch.float32 and quantize != "none"
         self.kv_dtype = kv_dtype or (torch.float16 if fp16_cache else dtype)
+        if self.kv_dtype not in (dtype, torch.float16 if dtype == torch.float32 else dtype):
+            # decode_cpu.c reads a cache of the activations' type, or fp16 under fp32 ones
+            raise ValueError(f"a {self.kv_dtype} KV cache under {dtype} activations is not supported")
         # Pad attention spans and prompt chunks to `bucket` sizes where a new shape costs a new
         # kernel (oneDNN: CPU bf16/fp16). fp32 goes to MKL, which keeps nothing per shape.
         self.buckets = device == "cpu" and dtype != torch.float32
