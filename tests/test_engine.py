@@ -93,6 +93,44 @@ def test_mixed_adapter_batch_equals_peft(lp_home: Path, tiny_base: Path) -> None
     assert (got[0] - got[2]).abs().max() > 1e-2  # the adapters really change the output
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_static_decode_for_cuda_graphs_equals_forward(lp_home: Path, tiny_base: Path, kv_dtype: torch.dtype) -> None:
+    """`decode_static`, the step a CUDA graph captures (attention over the whole cache under a mask,
+    adapters gathered per row by slot), gives `forward`'s logits and writes the same cache, for rows
+    of different lengths on different adapters, the base and weighted rows. Runs on the CPU: what
+    differs on CUDA is only the replay (tests/gpu/test_cuda.py)."""
+    a = make_adapter(tiny_base, "alpha", rank=4, seed=1)
+    b = make_adapter(tiny_base, "beta", rank=8, targets=["q_proj", "v_proj", "down_proj"], seed=2)
+    base = resolve_base(str(tiny_base))
+    tok = load_tokenizer(base)
+    model = DecoderModel(load_model(base).eval(), torch.float32, "cpu", kv_dtype=kv_dtype)
+    model.decode_ops = None  # the PyTorch path: decode_cpu.c is CPU-only and has its own test
+    stacks = LoraStacks(model.n_layers, 3, model.site_shapes, torch.float32, "cpu")
+    for slot, name in ((1, a), (2, b)):
+        stacks.put(slot, AdapterWeights.from_dir(registry.resolve(name).path, model.n_layers, model.site_shapes, name))
+    rows, scales = [1, 0, 2, 1], [1.0, 1.0, 0.5, -1.5]
+    prompts = [tok(p, return_tensors="pt")["input_ids"][0] for p in PROMPTS]
+    cache = model.new_cache(len(rows), 64)
+    for i, ids in enumerate(prompts):  # each row prefilled alone, so the rows differ in length
+        model.forward(Step(ids[None, :-1], torch.tensor([0]), i, LoraBatch(stacks, [rows[i]])), cache)
+    starts = torch.tensor([len(p) - 1 for p in prompts])
+    last = torch.stack([p[-1] for p in prompts])
+    before = (cache.k.clone(), cache.v.clone())
+    ref = model.forward(Step(last[:, None], starts, 0, LoraBatch(stacks, rows, scales)), cache)
+    ref_cache = (cache.k.clone(), cache.v.clone())
+    with torch.inference_mode():  # the cache grew inside forward: inference tensors
+        cache.k.copy_(before[0]), cache.v.copy_(before[1])
+    got = model.decode_static(
+        last, starts, cache, stacks, torch.tensor(rows), torch.tensor(scales, dtype=torch.float32)
+    )
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    # the same keys and values, up to the rounding of a delta summed in another order (one fp16 step)
+    torch.testing.assert_close((cache.k, cache.v), ref_cache, atol=1e-5, rtol=1e-3)
+    assert (got[0] - got[3]).abs().max() > 1e-2  # the adapters and weights really change the output
+    bare = model.decode_static(last, starts, cache)  # no stacks: the base for every row
+    torch.testing.assert_close(bare[1], got[1], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 stacks: the C kernel's path
 def test_a_weighted_adapter_uses_the_plain_slot_scaled_per_row(lp_home: Path, tiny_base: Path, dtype) -> None:  # noqa: ANN001
     """`hr:0.5` is `hr`'s slot with its rows scaled, not a slot of its own (a client cycling

@@ -371,3 +371,26 @@ def test_cli_front_door_and_a_lost_engine(stack: Stack, tiny_base: Path, tmp_pat
         assert httpx.get(door.url + "/health").status_code == 200
     finally:
         door.kill()
+
+
+def test_vllm_top_logprobs_with_the_sampled_token_added_are_cut_to_k() -> None:
+    """Real vLLM puts the sampled token into `top_logprobs` when it is not among the k asked for
+    (k+1 entries; the stand-in engine above never does): the front door passes on exactly k, the
+    most likely first, as OpenAI's API does. The payload is vLLM's completions logprobs shape with
+    `return_tokens_as_token_ids`."""
+    from loraplex.engine.remote import _logprobs
+
+    payload = {
+        "tokens": ["token_id:11", "token_id:7"],
+        "token_logprobs": [-2.5, -0.1],
+        "top_logprobs": [
+            {"token_id:3": -0.4, "token_id:5": -1.2, "token_id:11": -2.5},  # 11 sampled, outside the top 2
+            {"token_id:7": -0.1, "token_id:9": -2.9},
+        ],
+    }
+    ids, lps = _logprobs(payload, "http://engine", k=2)
+    assert ids == (11, 7)
+    assert [lp.top for lp in lps] == [((3, -0.4), (5, -1.2)), ((7, -0.1), (9, -2.9))]
+    assert [lp.logprob for lp in lps] == [-2.5, -0.1]
+    _, untrimmed = _logprobs(payload, "http://engine")  # echo requests cut per part themselves
+    assert len(untrimmed[0].top) == 3

@@ -54,6 +54,9 @@ def serve(
         ),
     ] = "auto",
     pin: Annotated[str | None, typer.Option(help="Comma-separated adapters to load now and keep loaded.")] = None,
+    enforce_eager: Annotated[
+        bool, typer.Option("--enforce-eager", help="On CUDA, decode eagerly instead of replaying CUDA graphs.")
+    ] = False,
     shutdown_timeout: Annotated[
         float, typer.Option(min=0, help="On SIGINT/SIGTERM, seconds in-flight requests may still run.")
     ] = 10.0,
@@ -148,6 +151,7 @@ def serve(
             threads=threads,
             kv_cache_bytes=int(kv_cache_gb * 2**30) if kv_cache_gb else None,
             prefix_cache_bytes=None if prefix_cache_mb is None else int(prefix_cache_mb * 2**20),
+            cuda_graphs=not enforce_eager,
         )
         for name in pins:
             engine.load_adapter(name, pin=True)

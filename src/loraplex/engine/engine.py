@@ -68,6 +68,7 @@ class Engine:
         threads: int | None = None,
         kv_cache_bytes: int | None = None,
         prefix_cache_bytes: int | None = None,
+        cuda_graphs: bool = True,
     ):
         self.stats = EngineStats()
         self._trim = Trim()
@@ -95,7 +96,7 @@ class Engine:
                     self.threads = torch.get_num_threads()
                 self._setup(
                     base, max_batch, max_loaded_adapters, max_model_len, device, dtype, quantize, prefill_tokens,
-                    adapters,
+                    adapters, cuda_graphs,
                 )  # fmt: skip
                 self._budget_kv_cache(kv_cache_bytes)
                 # default: an eighth of the KV cache budget, at most 256 MiB; 0 turns it off
@@ -125,6 +126,7 @@ class Engine:
         quantize: Requested,
         prefill_tokens: int,
         adapters: list[str] | None,
+        cuda_graphs: bool,
     ) -> None:
         self.base = base if isinstance(base, BaseRef) else resolve_base(base)
         self.device = pick_device(device)
@@ -136,11 +138,12 @@ class Engine:
         quant.check(quantize, self.device)  # before the model loads: a wrong flag fails at once
         self.quantize = quantize
         self.tokenizer = load_tokenizer(self.base)
-        hf = load_model(self.base)
+        # on a GPU the weights load in the serving dtype (an 8B base in fp32 would be 32 GB of host memory)
+        hf = load_model(self.base, None if self.device == "cpu" else self.dtype)
         self.eos_ids = tuple(eos_token_ids(self.tokenizer, hf))
         sha = self.base.fingerprint.get("weights_sha256")
         store = quant.Store(quant.store_path(sha, quantize) if sha and quantize != "none" else None)
-        self.model = DecoderModel(hf, self.dtype, self.device, quantize, store)
+        self.model = DecoderModel(hf, self.dtype, self.device, quantize, store, cuda_graphs=cuda_graphs)
         store.save()  # the next start reads these instead of quantizing again
         del hf
         cfg = self.model.config

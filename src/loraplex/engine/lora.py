@@ -153,6 +153,7 @@ class LoraStacks:
         }
         self.targets: dict[int, set[str]] = {}  # slot -> sites where its adapter is not zero
         self.version = 0  # bumped whenever slot contents change; LoraBatch caches on it
+        self.regrows = 0  # bumped when the stacks are new tensors (a CUDA graph holds their addresses)
         self._tables: dict[str, KernelSite] | None = None  # lora_cpu.c's view, until the next regrow
 
     def _regrow(self, site: str, r_new: list[int]) -> None:
@@ -170,6 +171,7 @@ class LoraStacks:
             self.B[site][i] = torch.cat([B, B.new_zeros(*B.shape[:3], r_new[i] - old_r[i], B.shape[4])], dim=3)
         self.A[site], self.r[site] = A_new, r_new
         self._tables = None
+        self.regrows += 1
 
     def put(self, slot: int, w: AdapterWeights) -> None:
         self.targets[slot] = set()
@@ -213,6 +215,42 @@ class LoraStacks:
         return self._tables
 
 
+def gathered_add(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    stacks: LoraStacks,
+    layer: int,
+    site: str,
+    row_slots: torch.Tensor,
+    row_scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """y [n, out] += each row's delta for x [n, in] (one token per row), every row's A and B
+    gathered by its slot (`row_slots` [n] int64; slot 0 holds zeros, the bare base).
+
+    The Punica BGMV form, for a CUDA graph: no shape or kernel depends on which adapters the rows
+    use, so one captured decode step serves every mix (`LoraBatch` groups rows per adapter on the
+    host, a layout a graph would freeze). It reads one copy of A and B per row rather than per
+    adapter: on a GPU those are a few MB beside the base's weights. The same naive reference as
+    LoraBatch (module docstring); tests/test_engine.py checks it against `forward`.
+    """
+    A = stacks.A[site][layer]  # [slots, R, in]
+    if A.shape[1] == 0:
+        return y
+    n = x.shape[0]
+    if row_scale is not None:
+        x = x * row_scale[:, None].to(x.dtype)
+    u = torch.bmm(A.index_select(0, row_slots), x[:, :, None].to(A.dtype))  # [n, R, 1]
+    off = lo = 0
+    for B in stacks.B[site]:  # per run: [layers, slots, k, r, out]
+        _, _, k, r, out = B.shape
+        d = torch.matmul(
+            u[:, off : off + k * r].view(n, k, 1, r), B[layer].index_select(0, row_slots)
+        )  # [n, k, 1, out]
+        y[:, lo : lo + k * out] += d.view(n, k * out).to(y.dtype)
+        off, lo = off + k * r, lo + k * out
+    return y
+
+
 @dataclass(frozen=True)
 class KernelSite:
     """One site's descriptors for lora_cpu.c, one row per layer (kept alive here), their addresses,
@@ -239,6 +277,7 @@ class LoraBatch:
 
     def __init__(self, stacks: LoraStacks, slots: list[int], scales: list[float] | None = None):
         self.slots = list(slots)
+        self.stacks = stacks  # what a CUDA graph gathers from by slot (lora.gathered_add)
         # per row, the weight on its slot's delta (`hr:0.5`): applied to the row's input, as
         # x -> s*x gives s * B(A x), so one slot serves every weight of an adapter
         self.scales = None if scales is None or all(s == 1.0 for s in scales) else list(scales)

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from loraplex.engine import lora_kernel, quant
-from loraplex.engine.lora import SITES, LoraBatch
+from loraplex.engine.lora import SITES, LoraBatch, LoraStacks, gathered_add
 from loraplex.engine.quant import Quantize, QuantWeight
 from loraplex.errors import UserError
+
+if TYPE_CHECKING:
+    from loraplex.engine.cuda_graph import GraphDecoder
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 
@@ -178,6 +181,8 @@ class DecoderModel:
     quantized CPU model (llama.cpp's default cache: half the bytes each decode step reads; `none`
     stays exact).
     `store` (quant.Store) keeps the quantized weights on disk between starts.
+    `cuda_graphs` replays decode steps on CUDA from captured graphs (cuda_graph.py; vLLM's default,
+    its `--enforce-eager` the way out): on CPU it changes nothing.
     """
 
     def __init__(
@@ -188,6 +193,7 @@ class DecoderModel:
         quantize: Quantize = "none",
         store: quant.Store | None = None,
         kv_dtype: torch.dtype | None = None,
+        cuda_graphs: bool = False,
     ):
         cfg = hf_model.config
         if cfg.model_type not in SUPPORTED:
@@ -295,6 +301,11 @@ class DecoderModel:
         self.decode_ops = (
             lora_kernel.load_decode() if device == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
         )
+        self.graphs: GraphDecoder | None = None
+        if cuda_graphs and device.startswith("cuda"):
+            from loraplex.engine.cuda_graph import GraphDecoder
+
+            self.graphs = GraphDecoder(self)
 
     def new_cache(self, slots: int, max_len: int) -> KVCache:
         return KVCache(self.n_layers, slots, self.n_kv, self.head_dim, max_len, self.kv_dtype, self.device)
@@ -321,6 +332,10 @@ class DecoderModel:
         n, L = ids.shape
         if L == 1 and not all_logits and self.decode_ops is not None:
             return self._decode(step, cache)
+        if L == 1 and not all_logits and self.graphs is not None:
+            replayed = self.graphs.step(step, cache)
+            if replayed is not None:
+                return replayed
         rows = slice(step.slot0, step.slot0 + n)
         offs = torch.arange(L, device=ids.device)
         positions = starts[:, None] + offs[None, :]  # [n, L]
@@ -430,6 +445,68 @@ class DecoderModel:
             ops.silu_mul(n, self.inter, gu.data_ptr(), act.data_ptr(), bf16)
             res = self._linear(act, p["down"], "down", li, lora, n)
         return quant.linear(norm(res, self.final_norm).view(n, 1, -1), self.lm_head).float()  # type: ignore[arg-type]
+
+    @torch.inference_mode()
+    def decode_static(
+        self,
+        ids: torch.Tensor,
+        starts: torch.Tensor,
+        cache: KVCache,
+        stacks: LoraStacks | None = None,
+        row_slots: torch.Tensor | None = None,
+        row_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`forward` for a decode step of rows in cache slots 0..n-1 (ids [n], starts [n]) -> logits
+        [n, 1, vocab], written so that nothing waits on the device and no shape depends on the
+        data: what a CUDA graph can capture and replay (cuda_graph.py). Attention spans the cache's
+        whole capacity under a mask (forward's spans the longest row), and each row's adapter is
+        gathered by its slot in `stacks` (`row_slots`, 0 = the base; lora.gathered_add) rather than
+        grouped on the host. The cache must already hold the rows and one more position
+        (`KVCache.ensure`). tests/test_engine.py: logits and cache equal `forward`'s."""
+        n = ids.shape[0]
+        x = (
+            F.embedding(ids, self.embed)
+            if isinstance(self.embed, torch.Tensor)
+            else self.embed.rows(ids).to(self.dtype)
+        )
+        positions = starts[:, None]  # [n, 1]
+        cos, sin = self.rotary(x, positions)
+        cos, sin = cos[:, :, None].to(self.dtype), sin[:, :, None].to(self.dtype)  # [n, 1, 1, d]
+        half = self.head_dim // 2
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        heads, qk_size = self.n_heads + self.n_kv, self.q_size + self.kv_size
+        key_pos = torch.arange(cache.capacity, device=ids.device)
+        bias = torch.zeros(n, cache.capacity, dtype=torch.float32, device=ids.device)
+        bias = bias.masked_fill_(key_pos[None, :] > positions, float("-inf"))[:, None, None, None]  # [n, 1, 1, 1, T]
+        slot_idx = torch.arange(n, device=ids.device)[:, None]
+        k_layers, v_layers = cache.k.unbind(0), cache.v.unbind(0)
+
+        def linear(h: torch.Tensor, w: torch.Tensor | QuantWeight, site: str, li: int, b: torch.Tensor | None = None):  # noqa: ANN202
+            y = quant.linear(h, w, b)
+            if stacks is None:
+                return y
+            assert row_slots is not None
+            return gathered_add(y, h, stacks, li, site, row_slots, row_scale)
+
+        for li, p in enumerate(self.layers):
+            h = _rms_norm(x, p["in_norm"], self.eps)
+            qkv = linear(h, p["qkv"], "qkv", li, p["qkv_bias"])
+            qk = qkv[:, :qk_size].view(n, 1, heads, self.head_dim)
+            qk = qk * cos + qk.roll(half, -1) * sin
+            q = qk[:, :, : self.n_heads].transpose(1, 2)  # [n, heads, 1, d]
+            k_cache, v_cache = k_layers[li], v_layers[li]
+            k_cache[slot_idx, :, positions] = qk[:, :, self.n_heads :].to(k_cache.dtype)
+            v_cache[slot_idx, :, positions] = qkv[:, qk_size:].view(n, 1, self.n_kv, self.head_dim).to(v_cache.dtype)
+            keys, values = k_cache[:n], v_cache[:n]
+            if keys.dtype != self.dtype:
+                keys, values = keys.to(self.dtype), values.to(self.dtype)
+            att = self._attention(q, keys, values, bias)
+            x = x + linear(att, p["o"], "o", li)
+            h = _rms_norm(x, p["post_norm"], self.eps)
+            gate, up = linear(h, p["gate_up"], "gate_up", li).split([self.inter, self.inter], dim=-1)
+            x = x + linear(F.silu(gate) * up, p["down"], "down", li)
+        x = _rms_norm(x, self.final_norm, self.eps)  # type: ignore[arg-type]
+        return quant.linear(x.view(n, 1, -1), self.lm_head).float()
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """Grouped-query attention as two batched matmuls: q [n, heads, L, d], k/v [n, kv_heads, T, d]

@@ -206,7 +206,7 @@ class RemoteEngine:
                     if body.get("echo"):
                         yield _echoed(json.loads(await resp.aread()), prompt_ids, params, limit, self.url)
                         return
-                    async for delta in _deltas(resp, len(prompt_ids), self.url):
+                    async for delta in _deltas(resp, len(prompt_ids), self.url, params.logprobs):
                         yield delta
                     return
         except (httpx.HTTPError, SSEError) as e:
@@ -391,14 +391,19 @@ def _token_id(text: str, url: str) -> int:
     return int(m.group(1))
 
 
-def _logprobs(lp: dict[str, Any] | None, url: str) -> tuple[tuple[int, ...], tuple[TokenLogprob, ...]]:
+def _logprobs(
+    lp: dict[str, Any] | None, url: str, k: int | None = None
+) -> tuple[tuple[int, ...], tuple[TokenLogprob, ...]]:
+    """The engine's completions-style logprobs as token ids and TokenLogprobs, each with its `k`
+    most likely alternatives at most: vLLM adds the sampled token to `top_logprobs` when it is not
+    among the k asked for (k+1 entries), where OpenAI's answer has exactly k."""
     if not lp or not lp.get("tokens"):
         return (), ()
     ids = tuple(_token_id(t, url) for t in lp["tokens"])
     tops = lp.get("top_logprobs") or [None] * len(ids)
     items = []
     for tid, logprob, top in zip(ids, lp.get("token_logprobs") or [0.0] * len(ids), tops, strict=False):
-        ranked = sorted((top or {}).items(), key=lambda kv: -kv[1])
+        ranked = sorted((top or {}).items(), key=lambda kv: -kv[1])[:k]
         items.append(TokenLogprob(tid, float(logprob or 0.0), tuple((_token_id(t, url), float(v)) for t, v in ranked)))
     return ids, tuple(items)
 
@@ -440,7 +445,7 @@ def _after_prompt(text: str, choice: dict[str, Any], n_prompt: int) -> str:
     return text[offsets[n_prompt] :] if len(offsets) > n_prompt else text
 
 
-async def _deltas(resp: httpx.Response, n_prompt: int, url: str) -> AsyncIterator[Delta]:
+async def _deltas(resp: httpx.Response, n_prompt: int, url: str, k: int | None) -> AsyncIterator[Delta]:
     """The engine's SSE stream as Deltas; the last one (with the finish reason) waits for the usage
     chunk that follows it, so it carries the engine's own token counts."""
     last: Delta | None = None
@@ -455,7 +460,7 @@ async def _deltas(resp: httpx.Response, n_prompt: int, url: str) -> AsyncIterato
             raise UpstreamError(502, f"engine {url}: {err.get('message')}", str(err.get("code") or "engine_error"))
         usage = chunk.get("usage") or usage
         for choice in chunk.get("choices") or []:
-            ids, lps = _logprobs(choice.get("logprobs"), url)
+            ids, lps = _logprobs(choice.get("logprobs"), url, k)
             seen += len(ids)
             delta = Delta(choice.get("text") or "", ids, lps, choice.get("finish_reason"), n_prompt, seen)
             if delta.finish_reason is None:
