@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from loraplex.adapters import registry
+from loraplex.engine import cuda_graph
 from loraplex.engine.engine import Engine
 from loraplex.engine.lora import AdapterWeights, LoraBatch, LoraStacks
 from loraplex.engine.model import DecoderModel, Step
@@ -31,10 +32,14 @@ pytestmark = pytest.mark.gpu
 PROMPTS = ["The office opens at", "How many days of leave", "明澜科技的年假", "Expense claims are"]
 
 
+@pytest.mark.parametrize("dense", [True, False])  # every slot's weights at once, or gathered per row
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_graph_replay_equals_eager_decode_and_a_new_adapter_mix_is_not_recaptured(
-    lp_home: Path, tiny_base: Path, dtype: torch.dtype
+    lp_home: Path, tiny_base: Path, dtype: torch.dtype, dense: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Replayed decode steps give eager `forward`'s logits while the rows' adapters change, an
+    adapter is loaded into a slot a graph already reads, and the rows go back to the base."""
+    monkeypatch.setattr(cuda_graph, "DENSE_SLOTS", 64 if dense else 0)
     a = make_adapter(tiny_base, "alpha", rank=4, seed=1)
     b = make_adapter(tiny_base, "beta", rank=8, targets=["q_proj", "v_proj", "down_proj"], seed=2)
     base = resolve_base(str(tiny_base))
@@ -54,6 +59,8 @@ def test_graph_replay_equals_eager_decode_and_a_new_adapter_mix_is_not_recapture
     last = torch.stack([p[-1] for p in prompts])[:, None]
     tol = 1e-3 if dtype == torch.float32 else 5e-2
     for t, rows in enumerate([[1, 0, 2, 1]] * 3 + [[2, 2, 0, 1]] * 3 + [[0, 0, 0, 0]] * 2):
+        if t == 4:  # beta into alpha's slot, under a captured graph
+            stacks.put(1, AdapterWeights.from_dir(registry.resolve(b).path, model.n_layers, model.site_shapes, b))
         lora = None if not any(rows) else LoraBatch(stacks, rows, [1.0, 1.0, 0.5, 1.0])
         step = Step(last, starts + t, 0, lora)
         got = model.forward(step, caches[0])

@@ -13,7 +13,15 @@ import torch
 from loraplex.adapters import registry
 from loraplex.engine import lora_kernel
 from loraplex.engine.engine import Engine
-from loraplex.engine.lora import AdapterRequest, AdapterWeights, LoraBatch, LoraStacks
+from loraplex.engine.lora import (
+    AdapterRequest,
+    AdapterWeights,
+    DenseLora,
+    DenseRows,
+    GatheredRows,
+    LoraBatch,
+    LoraStacks,
+)
 from loraplex.engine.model import DecoderModel, Step, bucket
 from loraplex.engine.sampling import SamplingParams
 from loraplex.models.load import load_model, load_tokenizer, resolve_base
@@ -120,15 +128,33 @@ def test_static_decode_for_cuda_graphs_equals_forward(lp_home: Path, tiny_base: 
     ref_cache = (cache.k.clone(), cache.v.clone())
     with torch.inference_mode():  # the cache grew inside forward: inference tensors
         cache.k.copy_(before[0]), cache.v.copy_(before[1])
-    got = model.decode_static(
-        last, starts, cache, stacks, torch.tensor(rows), torch.tensor(scales, dtype=torch.float32)
-    )
-    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
-    # the same keys and values, up to the rounding of a delta summed in another order (one fp16 step)
-    torch.testing.assert_close((cache.k, cache.v), ref_cache, atol=1e-5, rtol=1e-3)
+    weights = torch.zeros(len(rows), stacks.slots)
+    weights[torch.arange(len(rows)), torch.tensor(rows)] = torch.tensor(scales)
+    dense = DenseLora(stacks)
+    for lora in (GatheredRows(stacks, torch.tensor(rows), torch.tensor(scales)), DenseRows(dense, weights)):
+        with torch.inference_mode():
+            cache.k.copy_(before[0]), cache.v.copy_(before[1])
+        got = model.decode_static(last, starts, cache, lora)
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4, msg=type(lora).__name__)
+        # the same keys and values, up to the rounding of a delta summed in another order (one fp16 step)
+        torch.testing.assert_close((cache.k, cache.v), ref_cache, atol=1e-5, rtol=1e-3)
     assert (got[0] - got[3]).abs().max() > 1e-2  # the adapters and weights really change the output
-    bare = model.decode_static(last, starts, cache)  # no stacks: the base for every row
+    bare = model.decode_static(last, starts, cache)  # no adapters: the base for every row
     torch.testing.assert_close(bare[1], got[1], atol=1e-4, rtol=1e-4)
+    # a newly loaded adapter reaches the dense copy in place (a captured graph keeps its addresses)
+    at = dense.B["qkv"].data_ptr()
+    stacks.put(1, AdapterWeights.from_dir(registry.resolve(b).path, model.n_layers, model.site_shapes, b))
+    dense.refresh()
+    only_b = torch.zeros_like(weights)
+    only_b[:, 1] = 1.0
+    with torch.inference_mode():
+        cache.k.copy_(before[0]), cache.v.copy_(before[1])
+    swapped = model.decode_static(last, starts, cache, DenseRows(dense, only_b))
+    with torch.inference_mode():
+        cache.k.copy_(before[0]), cache.v.copy_(before[1])
+    gathered = model.decode_static(last, starts, cache, GatheredRows(stacks, torch.ones(4, dtype=torch.long), None))
+    assert dense.B["qkv"].data_ptr() == at
+    torch.testing.assert_close(swapped, gathered, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 stacks: the C kernel's path

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from loraplex.engine import lora_kernel, quant
-from loraplex.engine.lora import SITES, LoraBatch, LoraStacks, gathered_add
+from loraplex.engine.lora import SITES, DenseRows, GatheredRows, LoraBatch
 from loraplex.engine.quant import Quantize, QuantWeight
 from loraplex.errors import UserError
 
@@ -452,16 +452,14 @@ class DecoderModel:
         ids: torch.Tensor,
         starts: torch.Tensor,
         cache: KVCache,
-        stacks: LoraStacks | None = None,
-        row_slots: torch.Tensor | None = None,
-        row_scale: torch.Tensor | None = None,
+        lora: GatheredRows | DenseRows | None = None,
     ) -> torch.Tensor:
         """`forward` for a decode step of rows in cache slots 0..n-1 (ids [n], starts [n]) -> logits
         [n, 1, vocab], written so that nothing waits on the device and no shape depends on the
         data: what a CUDA graph can capture and replay (cuda_graph.py). Attention spans the cache's
-        whole capacity under a mask (forward's spans the longest row), and each row's adapter is
-        gathered by its slot in `stacks` (`row_slots`, 0 = the base; lora.gathered_add) rather than
-        grouped on the host. The cache must already hold the rows and one more position
+        whole capacity under a mask (forward's spans the longest row), and each row's adapter comes
+        by its slot, gathered (`GatheredRows`) or through every slot's weights (`DenseRows`), rather
+        than grouped on the host. The cache must already hold the rows and one more position
         (`KVCache.ensure`). tests/test_engine.py: logits and cache equal `forward`'s."""
         n = ids.shape[0]
         x = (
@@ -483,10 +481,7 @@ class DecoderModel:
 
         def linear(h: torch.Tensor, w: torch.Tensor | QuantWeight, site: str, li: int, b: torch.Tensor | None = None):  # noqa: ANN202
             y = quant.linear(h, w, b)
-            if stacks is None:
-                return y
-            assert row_slots is not None
-            return gathered_add(y, h, stacks, li, site, row_slots, row_scale)
+            return y if lora is None else lora.add(y, h, li, site)
 
         for li, p in enumerate(self.layers):
             h = _rms_norm(x, p["in_norm"], self.eps)
