@@ -78,8 +78,8 @@ class GraphDecoder:
         n = step.input_ids.shape[0]
         if self.failed or n > self.max_rows or step.slot0 != 0 or step.last is not None:
             return None
-        # the host knows the lengths already (sampling synchronised the last step): this waits on nothing
-        cache.ensure(n, int(step.starts.max()) + 1)
+        longest = step.longest if step.longest is not None else int(step.starts.max())  # the latter waits
+        cache.ensure(n, longest + 1)
         lora = step.lora
         stacks = None if lora is None else lora.stacks
         at = (cache.k.data_ptr(), cache.v.data_ptr(), tuple(cache.k.shape))

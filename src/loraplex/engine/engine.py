@@ -547,6 +547,7 @@ class Engine:
             starts=torch.tensor([r.cached for r in rows], device=self.device),
             slot0=0,
             lora=self._lora_for(rows, cacheable=True),
+            longest=max(r.cached for r in rows),
         )
         logits = self.model.forward(step, self.cache)[:, 0]
         self.stats.decode_steps += 1

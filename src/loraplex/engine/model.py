@@ -164,6 +164,7 @@ class Step:
     slot0: int
     lora: LoraBatch | None
     last: torch.Tensor | None = None  # [n] position whose logits to return; None = the last one
+    longest: int | None = None  # max(starts), where the caller knows it without reading the device
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
