@@ -180,6 +180,18 @@ def decode_overhead(base: Path, names: list[str], args: argparse.Namespace) -> d
                     tps = await batch(models)
                     if rep:
                         got[f"{mode}/{k}"].append(tps)
+        if args.profile and args.device.startswith("cuda"):
+            # where a step's time goes: kernels by their own device time. CUPTI records every thread's
+            # kernels; the engine thread's CPU ops are not recorded (so there is nothing to show on a CPU)
+            from torch.profiler import ProfilerActivity, profile
+
+            for mode in modes:
+                engine.model.graphs = graphs if mode == "graphs" else None
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    await batch(loads["adapters"])
+                print(f"\n{mode}: one batch of {len(names)} clients on distinct adapters", flush=True)
+                averages = prof.key_averages()
+                print(averages.table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=48))
         engine.model.graphs = graphs
         out: dict[str, Any] = {k: sorted(v)[len(v) // 2] for k, v in got.items()}
         if graphs is not None:
@@ -213,6 +225,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="write the results here (after each part)")
     ap.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: SmolLM2's)")
     ap.add_argument("--parts", default="decode,bf16,qlora", help="which parts to run, in this order")
+    ap.add_argument("--profile", action="store_true", help="print the costliest kernels of a decode batch (CUDA)")
     args = ap.parse_args()
     parts = args.parts.split(",")
 

@@ -49,10 +49,10 @@ timeout "${TESTS_S:-170}" python3 -m pytest -q -p no:cacheprovider -p no:randoml
     tests/test_cuda.py -k "${TESTS_K:-}" 2>&1 | tee "$OUT/tests.log"
 tests=${PIPESTATUS[0]}
 
-# 2. the Llama-3-8B shape: decode with and without CUDA graphs (8 adapters vs bare base), then
-#    training tokens/s and peak memory (bf16, QLoRA) against `loraplex plan`
+# 2. the Llama-3-8B shape: decode with and without CUDA graphs (8 adapters vs bare base; the costliest
+#    kernels of one batch each way), then training tokens/s and peak memory (bf16, QLoRA) against plan
 timeout "${BENCH_S:-300}" python3 bench/gpu_scale.py --tokenizer .gpu/tokenizer --tokens 64 --reps 3 \
-    --parts "${BENCH_PARTS:-decode,bf16,qlora}" --steps "${STEPS:-8}" \
+    --parts "${BENCH_PARTS:-decode,bf16,qlora}" --steps "${STEPS:-8}" --profile \
     --json "$OUT/gpu_scale.json" 2>&1 | grep -v "^\[.*WARNING" | tee "$OUT/gpu_scale.log"
 bench=${PIPESTATUS[0]}
 
