@@ -9,10 +9,11 @@ kernels with no Python in between, as vLLM does (its default; `--enforce-eager` 
 One graph per (rows, adapters or not, KV cache tensors, LoRA stack tensors): a graph bakes in
 addresses and shapes, so what it reads lives in static buffers (token ids, positions, per-row slots
 and scales) that each step copies into before replaying. `DecoderModel.decode_static` is the step
-it captures: attention over the whole cache capacity under a mask, adapters gathered per row by
-slot, so the mix of adapters changes nothing captured: through every loaded slot's weights at once
-(lora.DenseRows: 3 kernels a site) where at most DENSE_SLOTS slots are loaded, else gathered per row
-(lora.GatheredRows: a gather and two matmuls per run of a site). When the cache or the
+it captures: attention over the whole cache capacity under a mask, and each row's adapter found by
+its slot inside the graph, so a new mix of adapters captures nothing new. Where at most DENSE_SLOTS
+slots are loaded, every row meets every slot's weights and keeps its own (lora.DenseRows: 3 kernels
+a site); beyond, each row's are gathered (lora.GatheredRows: a gather and two matmuls per run of a
+site). When the cache or the
 stacks are reallocated (they grow by doubling) the next step captures again; graphs of an older
 cache are dropped then. Rows are not padded to buckets (vLLM pads): a padded row would write its
 key into a cache slot that a prefilling request owns.
