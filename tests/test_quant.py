@@ -79,6 +79,8 @@ def kernel_builds(tmp: Path) -> dict[str, ctypes.CDLL]:
     archs: dict[str, tuple[str, ...]] = {"c": ("-march=x86-64",) if platform.machine() in ("x86_64", "AMD64") else ()}
     if all(f" {f}" in flags for f in ("avx2", "fma", "f16c")):
         archs["avx2"] = ("-march=haswell",)
+        if " avx_vnni" in flags:  # AVX-VNNI without AVX-512 (Alder Lake and later): its own path
+            archs["avx-vnni"] = ("-march=haswell", "-mavxvnni")
     archs["native"] = ("-march=native",)
     built = {}
     for name, arch in archs.items():
@@ -91,14 +93,14 @@ def kernel_builds(tmp: Path) -> dict[str, ctypes.CDLL]:
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_kernel_equals_its_naive_reference_on_every_instruction_path(tmp_path: Path, mode: str) -> None:
     """quant_cpu.c against `kernel_reference` (1e-5 relative: only float sums' order differs), on every
-    path this machine runs (plain C, AVX2 where present, and what -march=native picks: AVX-512
-    VNNI, AVX-VNNI or AVX2), 1-16 rows (the 4- or 8-row blocks and their tails), fp32 and bf16
+    path this machine runs (plain C, AVX2 where present, AVX-VNNI on AVX2 where the CPU has it, and
+    what -march=native picks: AVX-512 VNNI, AVX-VNNI or AVX2), 1-16 rows (the 4- or 8-row blocks and their tails), fp32 and bf16
     activations, one and two threads, groups odd and even in number."""
     builds = kernel_builds(tmp_path)
     if not builds:
         pytest.skip("no C compiler: PyTorch's kernels run here")
     paths = {name: lib.q_path().decode() for name, lib in builds.items()}
-    assert paths["c"] == "c" and paths.get("avx2", "avx2") in ("avx2", "avx-vnni"), paths
+    assert paths["c"] == "c" and paths.get("avx2", "avx2") == "avx2" and paths.get("avx-vnni", "avx-vnni") == "avx-vnni", paths
     torch.manual_seed(0)
     for n, k in ((16, 32), (48, 96), (960, 576)):
         w = torch.randn(n, k) * 0.05
@@ -127,6 +129,49 @@ def test_kernel_equals_its_naive_reference_on_every_instruction_path(tmp_path: P
                 got16 = qw.linear(x.bfloat16())
                 assert got16.dtype == torch.bfloat16
                 torch.testing.assert_close(got16.double(), kernel_reference(x.bfloat16(), qw), rtol=1e-2, atol=1e-2)
+
+
+def test_bf16_tiles_equal_the_dense_weight_and_f_linear(tmp_path: Path) -> None:
+    """quant.Bf16Tiles (quant_cpu.c's AVX512-BF16 path) against F.linear and a float64 reference: the
+    same fp32 sums in another order, rounded once to bf16, at 1-17 rows (the 8-row passes and their
+    tails) and a prompt, one and two threads, pair counts odd and even; the tiles give the weight
+    and its rows back exactly. On a CPU without AVX512-BF16 the weight stays a dense tensor, and a
+    build without that path refuses the call."""
+    torch.manual_seed(0)
+    kernel = lora_kernel.load_quant()
+    for n, k in ((16, 32), (48, 94), (960, 576), (50, 64)):
+        w = (torch.randn(n, k) * 0.05).bfloat16()
+        tiled = quant.tile_bf16(w)
+        if kernel is None or not kernel.q_bf16() or n % quant.TILE:
+            assert isinstance(tiled, torch.Tensor) and torch.equal(tiled, w)
+            continue
+        assert isinstance(tiled, quant.Bf16Tiles) and tiled.nbytes == w.nbytes
+        assert torch.equal(tiled.dense(), w)
+        ids = torch.tensor([[0, n - 1, 17 % n], [5, 5, n // 2]])
+        assert torch.equal(tiled.rows(ids), w[ids])
+        for rows in (1, 2, 7, 8, 9, 16, 17, 300):
+            x = torch.randn(rows, k).bfloat16()
+            want = x.double() @ w.double().T
+            for threads in (1, 2):
+                before = torch.get_num_threads()
+                torch.set_num_threads(threads)
+                try:
+                    got = tiled.linear(x)
+                finally:
+                    torch.set_num_threads(before)
+                assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+                # one bf16 rounding of an fp32 sum: within 2^-8 of the value (plus fp32's order noise)
+                torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-5 * want.abs().max().item())
+                torch.testing.assert_close(got, torch.nn.functional.linear(x, w), rtol=2**-7, atol=1e-3)
+            bias = torch.randn(n).bfloat16()
+            got3 = tiled.linear(x.view(1, rows, k), bias)
+            assert got3.shape == (1, rows, n) and torch.equal(got3[0], tiled.linear(x) + bias)
+    if kernel is not None and platform.machine() in ("x86_64", "AMD64"):
+        plain = tmp_path / "q-haswell.so"  # a build without AVX512-BF16
+        lora_kernel._build(lora_kernel._compiler() or "cc", lora_kernel.QUANT_SOURCE, plain, ("-march=haswell",))
+        lib = lora_kernel.quant_signatures(ctypes.CDLL(str(plain)))
+        x, y, w = torch.zeros(1, 32).bfloat16(), torch.zeros(1, 16).bfloat16(), torch.zeros(16, 32).bfloat16()
+        assert lib.q_bf16() == 0 and lib.q_bf16_matmul(1, 32, 16, x.data_ptr(), w.data_ptr(), y.data_ptr(), 1) == -3
 
 
 def test_modes_and_devices_are_checked_with_clear_errors() -> None:

@@ -1,4 +1,5 @@
-"""The CPU kernels (lora_cpu.c: LoRA deltas; quant_cpu.c: int8/int4 matmuls; decode_cpu.c: a decode
+"""The CPU kernels (lora_cpu.c: LoRA deltas; quant_cpu.c: int8/int4 matmuls, and bf16 ones where the CPU
+has AVX512-BF16; decode_cpu.c: a decode
 step's norms and attention): compiled once per machine with
 the system C compiler, loaded with ctypes.
 
@@ -116,7 +117,8 @@ def load() -> ctypes.CDLL | None:
 
 @functools.cache
 def load_quant() -> ctypes.CDLL | None:
-    """The int4/int8 matmul library (quant_cpu.c), or None (with one warning saying why)."""
+    """The int4/int8 (and AVX512-BF16 bf16) matmul library (quant_cpu.c), or None (with one warning
+    saying why)."""
     lib = _library(QUANT_SOURCE, "int8/int4", "LORAPLEX_QUANT_KERNEL")
     if lib is None:
         return None
@@ -136,6 +138,10 @@ def quant_signatures(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.q_matmul.restype = ctypes.c_int
     lib.q_path.argtypes = []
     lib.q_path.restype = ctypes.c_char_p
+    lib.q_bf16.argtypes = []
+    lib.q_bf16.restype = ctypes.c_int
+    lib.q_bf16_matmul.argtypes = [i64, i64, i64, ptr, ptr, ptr, i32]
+    lib.q_bf16_matmul.restype = ctypes.c_int
     return lib
 
 

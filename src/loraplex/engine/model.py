@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from loraplex.engine import lora_kernel, quant
 from loraplex.engine.lora import SITES, DenseRows, GatheredRows, LoraBatch
-from loraplex.engine.quant import Quantize, QuantWeight
+from loraplex.engine.quant import Quantize, Weight
 from loraplex.errors import UserError
 
 if TYPE_CHECKING:
@@ -234,12 +234,13 @@ class DecoderModel:
         # storage [in, out]). MKL computes x @ W.T from a row-major W by repacking W on every call;
         # from W.T contiguous it streams it. A whole SmolLM2 decode step at one thread, AVX-512: 4-8
         # rows 1.28x faster, 16 rows 1.07x, 1 row and prompts the same, 2-3 rows 7-9% slower
-        # (`bench/lora_step_overhead.py --layouts`). bf16/fp16 go to oneDNN: the usual layout.
+        # (`bench/lora_step_overhead.py --layouts`). bf16 on CPU: quant_cpu.c's tiles (quant.Bf16Tiles;
+        # oneDNN, with the usual layout, where the CPU lacks AVX512-BF16); fp16 and GPUs: the usual layout.
         transposed = device == "cpu" and dtype == torch.float32
 
         store = store or quant.Store(None)
 
-        def proj(name: str, *parts: torch.Tensor) -> torch.Tensor | QuantWeight:
+        def proj(name: str, *parts: torch.Tensor) -> Weight:
             """The weight `parts` stacked (q|k|v, gate|up), stored as this model computes with it."""
 
             def make() -> torch.Tensor:
@@ -250,18 +251,20 @@ class DecoderModel:
             t = make()
             if transposed:
                 return t.detach().to(device=device, dtype=dtype).t().contiguous().t()
+            if device == "cpu" and dtype == torch.bfloat16:
+                return quant.tile_bf16(t)  # quant_cpu.c's bf16 tiles where the CPU has AVX512-BF16
             return dense(t)
 
         head, table = hf_model.get_output_embeddings().weight, inner.embed_tokens.weight
         # The output head is int8 in both quantized modes: at int4 its error was 9% of the weight (vs
         # 0.25% for the projections), which moved the next-token distribution 5x more than all else.
-        self.lm_head: torch.Tensor | QuantWeight = (
+        self.lm_head: Weight = (
             proj("lm_head", head) if quantize == "none" else store.get("lm_head", "int8", lambda: head)
         )
         # A tied embedding is the head's own rows (one copy: 54 MB less for SmolLM2 in bf16); an
         # untied one is int8 rows when quantized. (Transposed fp32 rows are strided: looking up
         # 3,200 prompt tokens costs ~22 ms instead of ~1, next to seconds of matmuls.)
-        self.embed: torch.Tensor | QuantWeight = (
+        self.embed: Weight = (
             self.lm_head
             if head is table
             else dense(table)
@@ -314,7 +317,7 @@ class DecoderModel:
     def _linear(
         self,
         x: torch.Tensor,
-        weight: torch.Tensor | QuantWeight,
+        weight: Weight,
         site: str,
         layer: int,
         lora: LoraBatch | None,
@@ -479,7 +482,7 @@ class DecoderModel:
         slot_idx = torch.arange(n, device=ids.device)[:, None]
         k_layers, v_layers = cache.k.unbind(0), cache.v.unbind(0)
 
-        def linear(h: torch.Tensor, w: torch.Tensor | QuantWeight, site: str, li: int, b: torch.Tensor | None = None):  # noqa: ANN202
+        def linear(h: torch.Tensor, w: Weight, site: str, li: int, b: torch.Tensor | None = None):  # noqa: ANN202
             y = quant.linear(h, w, b)
             return y if lora is None else lora.add(y, h, li, site)
 
