@@ -100,7 +100,9 @@ def test_kernel_equals_its_naive_reference_on_every_instruction_path(tmp_path: P
     if not builds:
         pytest.skip("no C compiler: PyTorch's kernels run here")
     paths = {name: lib.q_path().decode() for name, lib in builds.items()}
-    assert paths["c"] == "c" and paths.get("avx2", "avx2") == "avx2" and paths.get("avx-vnni", "avx-vnni") == "avx-vnni", paths
+    assert (
+        paths["c"] == "c" and paths.get("avx2", "avx2") == "avx2" and paths.get("avx-vnni", "avx-vnni") == "avx-vnni"
+    ), paths
     torch.manual_seed(0)
     for n, k in ((16, 32), (48, 96), (960, 576)):
         w = torch.randn(n, k) * 0.05
