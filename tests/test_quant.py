@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import dataclasses
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,16 @@ def kernel_reference(x: torch.Tensor, qw: quant.QuantWeight) -> torch.Tensor:
     return (p.double() * e.double()).view(x.shape) @ qw.dequantize().double().T
 
 
+def on_threads(threads: int, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """fn() with torch, and the kernels, which take torch's thread count, on `threads` threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
 def kernel_builds(tmp: Path) -> dict[str, ctypes.CDLL]:
     """quant_cpu.c built for each instruction-set path this CPU can run (plain C always)."""
     cc = lora_kernel._compiler()
@@ -120,12 +131,7 @@ def test_kernel_equals_its_naive_reference_on_every_instruction_path(tmp_path: P
                 x[-1, : quant.GROUP] = 0.0  # an all-zero group: scale 0
                 want = kernel_reference(x, qw)
                 for threads in (1, 2):
-                    before = torch.get_num_threads()
-                    torch.set_num_threads(threads)
-                    try:
-                        got = qw.linear(x)
-                    finally:
-                        torch.set_num_threads(before)
+                    got = on_threads(threads, lambda: qw.linear(x))  # noqa: B023 (called at once)
                     assert got.dtype == torch.float32
                     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
                 got16 = qw.linear(x.bfloat16())
@@ -155,12 +161,7 @@ def test_bf16_tiles_equal_the_dense_weight_and_f_linear(tmp_path: Path) -> None:
             x = torch.randn(rows, k).bfloat16()
             want = x.double() @ w.double().T
             for threads in (1, 2):
-                before = torch.get_num_threads()
-                torch.set_num_threads(threads)
-                try:
-                    got = tiled.linear(x)
-                finally:
-                    torch.set_num_threads(before)
+                got = on_threads(threads, lambda: tiled.linear(x))  # noqa: B023 (called at once)
                 assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
                 # one bf16 rounding of an fp32 sum: within 2^-8 of the value (plus fp32's order noise)
                 torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-5 * want.abs().max().item())
