@@ -1,4 +1,5 @@
-"""Weight-only int8 / int4 base weights for the serving model on CPU.
+"""Weight-only int8 / int4 base weights for the serving model on CPU (and, where the CPU has
+AVX512-BF16, its unquantized bf16 weights in the same kernel's tiles: `Bf16Tiles`).
 
     int8: w[n, k] ~= d[n, g] * q[n, k]                  q in -127..127, g = k // 32 (GGUF Q8_0's scheme);
                                                         on PyTorch's kernel one scale per output row
