@@ -59,6 +59,16 @@ LOGGED_PATHS = {
 }
 
 
+def _one_value_per_query_key(request: Request) -> None:
+    """No route takes a list in its query string, so a repeated key (`?limit=5&limit=9`, which FastAPI
+    would read as its last value) is a 400 naming it, like any other invalid parameter."""
+    seen: set[str] = set()
+    for name, _ in request.query_params.multi_items():
+        if name in seen:
+            raise APIError(400, f"query parameter {name!r} is given more than once", param=name, code="invalid_request")
+        seen.add(name)
+
+
 def _close_call(request: Request, status: int, code: str | None) -> None:
     """Every completion or embedding request leaves one log row: also those refused before the route ran."""
     call: Call | None = getattr(request.state, "call", None)
@@ -82,7 +92,9 @@ def create_app(engine: EngineClient, gateway: Gateway | None = None, body_timeou
         await gw.aclose()  # after the engine: the last streams' log rows are written too
         searcher.close()
 
-    app = FastAPI(title="loraplex", lifespan=lifespan, responses=ERRORS)
+    app = FastAPI(
+        title="loraplex", lifespan=lifespan, responses=ERRORS, dependencies=[Depends(_one_value_per_query_key)]
+    )
     app.router.route_class = UnicodeRoute  # every route added below: JSON bodies must be Unicode
 
     def openapi() -> dict[str, Any]:
