@@ -17,6 +17,8 @@ run is its own child process, started the same way, so peak RSS is its own.
   trl-padded  TRL SFTTrainer, padded per batch (its default collator)
   trainer     PEFT + transformers.Trainer, padded per batch (DataCollatorForSeq2Seq): what the PEFT
               docs lead a user to write
+  trainer-onednn64  (not in the default set) `trainer` with oneDNN's primitive cache bounded as
+              `loraplex train` bounds it (train/parts.py): how much of the gap is that setting
   llamafactory  LLaMA-Factory (`run_exp`, what `llamafactory-cli train` runs): lora_target all,
               packing off, gradient checkpointing off, padded per batch, in its own virtual
               environment (it pins its own transformers, PEFT and TRL; bench/llamafactory_child.py)
@@ -79,13 +81,15 @@ from loraplex.eval.metrics import keyword_recall  # noqa: E402
 from loraplex.models.device import pick_precision  # noqa: E402
 from loraplex.models.load import eos_token_ids, load_model, load_tokenizer, resolve_base  # noqa: E402
 from loraplex.quickstart import HELDOUT_FILE, TRAIN_FILE  # noqa: E402
+from loraplex.train.parts import bound_onednn_cache  # noqa: E402
 from loraplex.train.sft_lora import run  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from generalization import cpu  # noqa: E402
 
 BATCH, LR, RANK = 4, 1e-3, 16
-RUNS = ["loraplex", "trl", "trl-padded", "trainer", "llamafactory"]
+RUNS = ["loraplex", "trl", "trl-padded", "trainer", "llamafactory", "trainer-onednn64"]
+DEFAULT_RUNS = RUNS[:5]
 
 
 def matmul_peak(dtype: torch.dtype, m: int = 1024, k: int = 1024, n: int = 1536) -> float:
@@ -324,8 +328,10 @@ def child(name: str, data: Path, epochs: int, threads: int, out: Path, seed: int
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    base = resolve_base(None)
     dtype = pick_precision("auto", "cpu")
+    if name in ("loraplex", "trainer-onednn64"):
+        bound_onednn_cache("cpu", dtype)  # as `loraplex train` does, before its first matmul
+    base = resolve_base(None)
     if name == "loraplex":
         home_tmp = out / "home"
         home_tmp.mkdir(exist_ok=True)
@@ -334,7 +340,7 @@ def child(name: str, data: Path, epochs: int, threads: int, out: Path, seed: int
         r = run_loraplex(data, epochs, threads, home_tmp, seed)
     else:
         examples, _ = encode_all(load_tokenizer(base), parse_file(data).conversations, 1024)
-        if name == "trainer":
+        if name in ("trainer", "trainer-onednn64"):
             r = run_trainer(examples, base, epochs, dtype, out / name, seed)
         else:
             r = run_trl(examples, base, epochs, dtype, out / name, seed, padding_free=name == "trl")
@@ -392,7 +398,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data", type=Path, default=TRAIN_FILE)
-    ap.add_argument("--runs", default=",".join(RUNS))
+    ap.add_argument("--runs", default=",".join(DEFAULT_RUNS))
     ap.add_argument("--seeds", default="42", help="comma-separated: every run once per seed")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from loraplex.cli import app
 from loraplex.config import load_config
 from loraplex.errors import UserError
 from loraplex.files import sha256_file
+from loraplex.train.parts import ONEDNN_CACHE, ONEDNN_CACHE_ENV
 from loraplex.train.sft_lora import run
 
 from .conftest import write_jsonl
@@ -65,6 +67,21 @@ def test_loss_falls_and_adapter_is_registered(lp_home: Path, tiny_base: Path, fa
     registry.verify(res.adapter)
     # The next training of the same name is v2.
     assert run(tiny_cfg(tiny_base, facts_file, max_steps=2)).adapter.id == "tiny@v2"  # type: ignore[union-attr]
+
+
+def test_training_bounds_onednn_cache_unless_the_user_set_it(
+    lp_home: Path, tiny_base: Path, facts_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bf16 CPU run bounds oneDNN's primitive cache (packed rows make new matmul shapes every
+    step: parts.bound_onednn_cache); an fp32 run and a value the user set are left as they are."""
+    monkeypatch.delenv(ONEDNN_CACHE_ENV, raising=False)
+    run(tiny_cfg(tiny_base, facts_file, max_steps=1))  # fp32
+    assert ONEDNN_CACHE_ENV not in os.environ
+    run(tiny_cfg(tiny_base, facts_file, max_steps=1, precision="bf16"))
+    assert os.environ[ONEDNN_CACHE_ENV] == str(ONEDNN_CACHE)
+    monkeypatch.setenv(ONEDNN_CACHE_ENV, "512")
+    run(tiny_cfg(tiny_base, facts_file, max_steps=1, precision="bf16"))
+    assert os.environ[ONEDNN_CACHE_ENV] == "512"
 
 
 def test_interrupt_and_resume_match_an_uninterrupted_run(lp_home: Path, tiny_base: Path, facts_file: Path) -> None:

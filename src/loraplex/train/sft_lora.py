@@ -48,6 +48,7 @@ from loraplex.train.parts import (
     EarlyStop,
     RunLog,
     autocast,
+    bound_onednn_cache,
     build_model,
     eval_loss,
     labelled,
@@ -105,6 +106,7 @@ def run(
     if zero.requested(tc.deepspeed) is not None:
         console.print("[yellow]warning:[/] DeepSpeed partitions over several processes; one process trains without it")
     dtype = pick_precision(tc.precision, device.split(":")[0])
+    bound_onednn_cache(device, dtype)  # before the first matmul (parts.py)
     quantization = quantization_config(cfg, device, dtype)  # before any work: QLoRA's errors come first
     base = resolve_base(cfg.base)
     tok = load_tokenizer(base)

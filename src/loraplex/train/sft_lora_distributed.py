@@ -41,6 +41,7 @@ from loraplex.train.parts import (
     EarlyStop,
     RunLog,
     autocast,
+    bound_onednn_cache,
     build_model,
     eval_loss,
     labelled,
@@ -99,6 +100,7 @@ def run(
     if device == "cuda":
         device = f"cuda:{world.local_rank}"
     dtype = pick_precision(tc.precision, device.split(":")[0])
+    bound_onednn_cache(device, dtype)  # before the first matmul (parts.py)
     quantization = quantization_config(cfg, device, dtype)  # before any work: QLoRA's errors come first
     if not world.main:
         world.barrier()  # rank 0 converts a GGUF base once, the others then read the cache
