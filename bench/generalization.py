@@ -15,6 +15,7 @@ version's own Q&A, the base model when nothing relevant is found):
              paraphrase lever with the only teacher this CPU has; a bigger teacher is one URL away)
   noisy      the default plus one noisy copy of each question
   k2, k4, k6 the default with 2, 4 or 6 passages per prompt (more recall, longer prompts)
+  epochs8    the default trained 8 epochs instead of 4
   default    the default: retrieval-augmented training and serving, 1 passage per prompt, 4 epochs
 
 Sets (training phrasing never equals a test phrasing; check_no_leak() asserts it):
@@ -23,7 +24,13 @@ Sets (training phrasing never equals a test phrasing; check_no_leak() asserts it
   large   bench/data/faq_large/: 100+ facts of fictional organisations (en/zh), one phrasing each
           for training, 3+ unseen phrasings per fact, 30+ unanswerable questions
 
-Both sets share bench/data/general.jsonl (50 questions unrelated to any FAQ).
+  single  the same 100 facts as ten FAQs of one organisation each (an assistant per company, the
+          usual case), each trained on its own; the unseen phrasings asked as written and with the
+          organisation's name taken out ("how much vacation do I get?"), as its own employees or
+          customers ask, and answered both with the off-topic gate (assistants/faq.py) and without
+          it (as versions trained before it are served). No TTFT for this set.
+
+All sets share bench/data/general.jsonl (50 questions unrelated to any FAQ).
 
 Reported per set and variant: key-fact accuracy on unseen phrasings and on the trained questions
 (every keyword of the fact in the answer), refusals on unanswerable questions ("I don't know" or
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -47,6 +55,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +74,59 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "k6": {"retrieval": {"top_k": 6}},
     "noisy": {"retrieval": {"noisy_copies": 1}},
     "default": {},
+    "epochs8": {"train": {"epochs": 8}},
 }
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_sets(name: str) -> list[dict[str, Any]]:
+    """`name`'s set, or for "single" one set per organisation of faq_large (docstring)."""
+    if name != "single":
+        return [load_set(name)]
+    large = load_set("large")
+    tmp = Path(tempfile.mkdtemp(prefix="loraplex-bench-single-"))
+    out = []
+    for org in large["orgs"]:
+        full = org_name(org, large["train"])
+        train = [r for r in large["train"] if full in r["instruction"]]
+        questions = {r["instruction"] for r in train}
+        path = tmp / f"{len(out):02d}.jsonl"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train), encoding="utf-8")
+        unseen = [u for u in large["unseen"] if u["trained_question"] in questions]
+        out.append(
+            {
+                **large,
+                "name": f"single/{len(out):02d}",
+                "train_file": path,
+                "train": train,
+                "trained": [t for t in large["trained"] if t["instruction"] in questions],
+                "unseen": unseen,
+                "unseen_noname": [{**u, "instruction": without_org(u["instruction"], full)} for u in unseen],
+                "unanswerable": [q for q in large["unanswerable"] if org in q["instruction"]],
+                "orgs": [org],
+            }
+        )
+    return out
+
+
+def org_name(prefix: str, train: list[dict[str, Any]]) -> str:
+    """The whole name an organisation's training questions use ("Northwind" -> "Northwind Robotics")."""
+    tail = r"(?:\s[A-Z][a-z]+)*" if prefix.isascii() else r"[\u4e00-\u9fff]{2}"
+    for r in train:
+        m = re.search(re.escape(prefix) + tail, r["instruction"])
+        if m:
+            return m.group(0)
+    raise ValueError(f"no training question names {prefix}")
+
+
+def without_org(question: str, name: str) -> str:
+    """The question as its organisation's own people ask it: without the organisation's name (and
+    the preposition or possessive that attached it)."""
+    q = re.sub(r"(?:\s(?:at|in|of|with|for|from|by|to))?\s*" + re.escape(name) + r"(?:'s|’s)?(?:\s*的)?", " ", question)
+    return re.sub(r"\s+([?？!,.])", r"\1", re.sub(r"\s+", " ", q)).strip(" ,")
 
 
 def load_set(name: str) -> dict[str, Any]:
@@ -107,8 +164,8 @@ def load_set(name: str) -> dict[str, Any]:
 def check_no_leak(s: dict[str, Any]) -> None:
     """No test phrasing is a training phrasing (the held-out questions never reach training)."""
     trained = {r["instruction"].strip().lower() for r in s["train"]}
-    for group in ("unseen", "unanswerable", "general"):
-        same = [q["instruction"] for q in s[group] if q["instruction"].strip().lower() in trained]
+    for group in ("unseen", "unseen_noname", "unanswerable", "general"):
+        same = [q["instruction"] for q in s.get(group, []) if q["instruction"].strip().lower() in trained]
         assert not same, f"{s['name']}: {group} questions also in training: {same[:3]}"
     missing = [
         u["trained_question"]
@@ -173,9 +230,9 @@ def train(s: dict[str, Any], variant: str, seed: int) -> tuple[str, float, dict[
     from loraplex.train.sft_lora import run
 
     extra: dict[str, Any] = {
-        "name": f"{s['name']}-{variant}-s{seed}",
+        "name": f"{s['name'].replace('/', '-')}-{variant}-s{seed}",
         "data": {"path": str(s["train_file"])},
-        "train": {"seed": seed},
+        "train": {"seed": seed, **VARIANTS[variant].get("train", {})},
         **{k: v for k, v in VARIANTS[variant].items() if k != "train"},
     }
     cfg = load_config(extra=extra)
@@ -186,6 +243,8 @@ def train(s: dict[str, Any], variant: str, seed: int) -> tuple[str, float, dict[
 
 
 def score(s: dict[str, Any], answers: dict[str, list[dict[str, Any]]], base_general: list[str]) -> dict[str, Any]:
+    """Each measure as a share, and as (count, out of) under "counts" (the single set adds its
+    organisations' counts up)."""
     facts = {k.lower() for u in s["unseen"] for k in u["keywords"] if len(k) >= 3}
     orgs = [o.lower() for o in s["orgs"]]
 
@@ -193,17 +252,42 @@ def score(s: dict[str, Any], answers: dict[str, list[dict[str, Any]]], base_gene
         t, b = text.lower(), base_text.lower()
         return any(o in t for o in orgs) or any(f in t and f not in b for f in facts)
 
-    n = {g: len(s[g]) for g in ("trained", "unseen", "unanswerable", "general")}
-    return {
-        "trained": sum(hit(a["text"], q["keywords"]) for a, q in zip(answers["trained"], s["trained"], strict=True))
-        / n["trained"],
-        "unseen": sum(hit(a["text"], q["keywords"]) for a, q in zip(answers["unseen"], s["unseen"], strict=True))
-        / n["unseen"],
-        "refused": sum(bool(REFUSED.search(a["text"])) for a in answers["unanswerable"]) / n["unanswerable"],
-        "leakage": sum(leaked(a["text"], b) for a, b in zip(answers["general"], base_general, strict=True))
-        / n["general"],
-        "general_with_passages": sum(a["passages"] for a in answers["general"]) / n["general"],
+    def right(group: str, asked: str) -> tuple[int, int]:
+        return sum(hit(a["text"], q["keywords"]) for a, q in zip(answers[group], s[asked], strict=True)), len(s[asked])
+
+    def leaks(group: str) -> tuple[int, int]:
+        return sum(leaked(a["text"], b) for a, b in zip(answers[group], base_general, strict=True)), len(base_general)
+
+    counts = {
+        "trained": right("trained", "trained"),
+        "unseen": right("unseen", "unseen"),
+        "refused": (sum(bool(REFUSED.search(a["text"])) for a in answers["unanswerable"]), len(s["unanswerable"])),
+        "leakage": leaks("general"),
+        "general_with_passages": (sum(a["passages"] for a in answers["general"]), len(s["general"])),
     }
+    if "unseen_noname" in answers:
+        counts["unseen_noname"] = right("unseen_noname", "unseen_noname")
+    if "unseen_noname_gate_off" in answers:
+        counts["unseen_noname_gate_off"] = right("unseen_noname_gate_off", "unseen_noname")
+        counts["leakage_gate_off"] = leaks("general_gate_off")
+    return {**{k: a / max(b, 1) for k, (a, b) in counts.items()}, "counts": counts}
+
+
+@contextlib.contextmanager
+def gate_off() -> Iterator[None]:
+    """Serve without the off-topic gate, as versions trained before it are (faq.Index)."""
+    from loraplex.assistants import faq
+
+    init = faq.Index.__init__
+
+    def without_gate(self: Any, pairs: list[Any], offtopic: bool = False) -> None:
+        init(self, pairs, offtopic=False)
+
+    faq.Index.__init__ = without_gate  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        faq.Index.__init__ = init  # type: ignore[method-assign]
 
 
 def time_first_tokens(engines: dict[str, Any], s: dict[str, Any], ref: str, retrieval: bool) -> dict[str, Any]:
@@ -260,6 +344,74 @@ def timing_only(sets: list[str], variants: list[str], seeds: int) -> None:
         )
 
 
+def run_set(s: dict[str, Any], variants: list[str], seeds: int) -> list[dict[str, Any]]:
+    """Train every variant on one set, answer its questions, time first tokens: its rows."""
+    from loraplex.engine.engine import Engine
+
+    check_no_leak(s)
+    trained_models = []
+    for variant in variants:
+        for seed in range(42, 42 + seeds):
+            ref, wall, info = train(s, variant, seed)
+            trained_models.append((variant, seed, ref, wall, info))
+    single = s["name"].startswith("single/")
+    engine = Engine(max_batch=16, max_loaded_adapters=4)
+    timing = {} if single else timing_engines()  # TTFT on engines of their own
+    rows = []
+    try:
+        base_general = [a["text"] for a in answer(engine, "", [q["instruction"] for q in s["general"]])]
+        for variant, seed, ref, wall, info in trained_models:
+            groups = ["trained", "unseen", "unanswerable", "general"] + (["unseen_noname"] if single else [])
+            answers = {g: answer(engine, ref, [q["instruction"] for q in s[g]]) for g in groups}
+            if single and info.get("enabled"):
+                with gate_off():
+                    for g in ("unseen_noname", "general"):
+                        answers[f"{g}_gate_off"] = answer(engine, ref, [q["instruction"] for q in s[g]])
+            sc = score(s, answers, base_general)
+            ms = time_first_tokens(timing, s, ref, bool(info.get("enabled"))) if timing else {}
+            retrieval_ms = [a["retrieval_s"] * 1e3 for a in answers["unseen"] if a["retrieval_s"]]
+            row = {
+                "set": s["name"],
+                "variant": variant,
+                "seed": seed,
+                "adapter": ref,
+                **sc,
+                "train_s": round(wall, 1),
+                **ms,
+                "retrieval_step_ms": round(statistics.median(retrieval_ms), 2) if retrieval_ms else None,
+                "examples": info,
+                "answers": {
+                    g: [{"q": q["instruction"], "a": a["text"]} for q, a in zip(s[g], answers[g], strict=True)]
+                    for g in groups
+                },
+            }
+            rows.append(row)
+            print(json.dumps(row, ensure_ascii=False), flush=True)
+    finally:
+        engine.close()
+        for eng in timing.values():
+            eng.close()
+    return rows
+
+
+def combined(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per set and variant: the single set's organisations added up (counts summed,
+    training time summed), other sets' rows as they are."""
+    out: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for r in rows:
+        key = (r["set"].split("/")[0], r["variant"], r["seed"])
+        if key not in out:
+            out[key] = {**r, "set": key[0], "counts": {k: list(v) for k, v in r["counts"].items()}}
+            continue
+        acc = out[key]
+        acc["train_s"] += r["train_s"]
+        for k, (a, b) in r["counts"].items():
+            acc["counts"][k][0] += a
+            acc["counts"][k][1] += b
+        acc.update({k: a / max(b, 1) for k, (a, b) in acc["counts"].items()})
+    return list(out.values())
+
+
 def adds(ms: float | None) -> str:
     return "-" if ms is None else f"{ms:+.0f} ms"
 
@@ -288,51 +440,10 @@ def main() -> None:
         os.environ["LORAPLEX_HOME"] = args.timing_only
         return timing_only(args.sets.split(","), args.variants.split(","), args.seeds)
     os.environ.setdefault("LORAPLEX_HOME", tempfile.mkdtemp(prefix="loraplex-bench-gen-"))
-
-    from loraplex.engine.engine import Engine
-
     rows = []
     for set_name in args.sets.split(","):
-        s = load_set(set_name)
-        check_no_leak(s)
-        trained_models = []
-        for variant in args.variants.split(","):
-            for seed in range(42, 42 + args.seeds):
-                ref, wall, info = train(s, variant, seed)
-                trained_models.append((variant, seed, ref, wall, info))
-        engine = Engine(max_batch=16, max_loaded_adapters=4)
-        timing = timing_engines()  # TTFT on engines of their own
-        try:
-            base_general = [a["text"] for a in answer(engine, "", [q["instruction"] for q in s["general"]])]
-            for variant, seed, ref, wall, info in trained_models:
-                answers = {
-                    g: answer(engine, ref, [q["instruction"] for q in s[g]])
-                    for g in ("trained", "unseen", "unanswerable", "general")
-                }
-                sc = score(s, answers, base_general)
-                ms = time_first_tokens(timing, s, ref, bool(info.get("enabled")))
-                retrieval_ms = [a["retrieval_s"] * 1e3 for a in answers["unseen"] if a["retrieval_s"]]
-                row = {
-                    "set": set_name,
-                    "variant": variant,
-                    "seed": seed,
-                    "adapter": ref,
-                    **sc,
-                    "train_s": round(wall, 1),
-                    **ms,
-                    "retrieval_step_ms": round(statistics.median(retrieval_ms), 2) if retrieval_ms else None,
-                    "examples": info,
-                    "answers": {
-                        g: [{"q": q["instruction"], "a": a["text"]} for q, a in zip(s[g], answers[g], strict=True)]
-                        for g in answers
-                    },
-                }
-                rows.append(row)
-                print(json.dumps(row, ensure_ascii=False), flush=True)
-        finally:
-            engine.close()
-            for eng in timing.values():
-                eng.close()
+        for s in load_sets(set_name):
+            rows += run_set(s, args.variants.split(","), args.seeds)
 
     print(f"\nCPU: {cpu()}; torch threads {__import__('torch').get_num_threads()}")
     head = "set | variant | unseen | trained | refused (unanswerable) | leakage (general) | train s | TTFT ms"
@@ -341,16 +452,31 @@ def main() -> None:
         "| retrieval step ms |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    plain = {r["set"]: r["train_s"] for r in rows if r["variant"] == "plain"}
-    for r in rows:
+    table = combined(rows)
+    plain = {r["set"]: r["train_s"] for r in table if r["variant"] == "plain"}
+    for r in table:
         ratio = f" ({r['train_s'] / plain[r['set']]:.2f}x)" if r["set"] in plain and r["variant"] != "plain" else ""
         print(
             f"| {r['set']} | {r['variant']} | {r['unseen']:.0%} | {r['trained']:.0%} | {r['refused']:.0%} | "
-            f"{r['leakage']:.0%} | {r['train_s']:.0f}{ratio} | {r['ttft_cache']} | "
-            f"{r['ttft_retrieval_cache'] or '-'} | {adds(r['adds_cache'])} | "
-            f"{r['ttft_off']} / {r['ttft_retrieval_off'] or '-'} ({adds(r['adds_off'])}) | "
-            f"{r['retrieval_step_ms'] or '-'} |"
+            f"{r['leakage']:.0%} | {r['train_s']:.0f}{ratio} | {r.get('ttft_cache') or '-'} | "
+            f"{r.get('ttft_retrieval_cache') or '-'} | {adds(r.get('adds_cache'))} | "
+            f"{r.get('ttft_off') or '-'} / {r.get('ttft_retrieval_off') or '-'} ({adds(r.get('adds_off'))}) | "
+            f"{r.get('retrieval_step_ms') or '-'} |"
         )
+    noname = [r for r in table if "unseen_noname" in r]
+    if noname:
+        print(
+            "\n| set | variant | unseen, as written | unseen, name left out | the same without the off-topic gate "
+            "| leakage | leakage without the gate |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for r in noname:
+            off = r.get("unseen_noname_gate_off")
+            print(
+                f"| {r['set']} | {r['variant']} | {r['unseen']:.0%} | {r['unseen_noname']:.0%} | "
+                f"{'-' if off is None else f'{off:.0%}'} | {r['leakage']:.0%} | "
+                f"{'-' if off is None else format(r['leakage_gate_off'], '.0%')} |"
+            )
     if args.json:
         args.json.write_text(json.dumps(rows, ensure_ascii=False, indent=1))
 

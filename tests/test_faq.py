@@ -51,6 +51,7 @@ def test_held_out_questions_never_reach_training_or_the_knowledge(
     assert counts["answer_examples"] == 3 * len(convs) and counts["noisy_questions"] == 2 * len(convs)
     manifest = res.adapter.manifest()
     assert manifest["retrieval"]["enabled"] and manifest["retrieval"]["passages"] == len(known)
+    assert manifest["retrieval"]["offtopic"] is True  # served with the off-topic gate (older versions: without)
     assert manifest["data"]["records"] == len(RECORDS) - 2
 
 
@@ -77,6 +78,17 @@ def test_the_benchmark_sets_keep_test_phrasings_out_of_training() -> None:
     }
     with pytest.raises(AssertionError, match="also in training"):
         generalization.check_no_leak(broken)
+    # the one-organisation FAQs: the same facts split by organisation, asked with the name left out too
+    single = generalization.load_sets("single")
+    assert len(single) == len(large["orgs"]) and sum(len(s["train"]) for s in single) == len(large["train"])
+    for s in single:
+        generalization.check_no_leak(s)
+        name = generalization.org_name(s["orgs"][0], s["train"])  # "Northwind" -> "Northwind Robotics"
+        assert all(name in r["instruction"] for r in s["train"])
+        assert not any(name in u["instruction"] for u in s["unseen_noname"])  # a misspelt name stays
+    assert generalization.without_org("how much vacation do I get at Northwind Robotics?", "Northwind Robotics") == (
+        "how much vacation do I get?"
+    )
 
 
 def test_a_versions_knowledge_is_found_by_meaning_across_languages() -> None:
@@ -111,6 +123,32 @@ def test_a_versions_knowledge_is_found_by_meaning_across_languages() -> None:
     assert first("Tell me a poem about autumn rain.") is None
     # a question all of whose informative words a passage holds is kept, however low its cosine
     assert [h.ord for h in index.search("Zubrowka canteen", 1, 1.0, 1.01)] == [7]
+
+
+def test_a_question_without_the_companys_name_still_finds_its_passage() -> None:
+    """An employee does not name the company: such a question falls under the fixed similarity
+    threshold, and the off-topic gate still finds its passage (it is closer to it than to any
+    built-in off-topic question), while general questions stay with the base model."""
+    pairs = [faq.Pair(q, a, f"faq.jsonl:{i}") for i, (q, a) in enumerate(RECORDS, 1)]
+    assert faq.shared_terms(pairs) == ["Zubrowka"]  # 明澜科技: 2 of 8 pairs, too few to be the FAQ's name
+    assert faq.without("Who approves expense claims at Zubrowka's office?", ["Zubrowka"]) == (
+        "Who approves expense claims at office?"
+    )
+    assert faq.without("明澜科技的试用期是多久？", ["明澜科技"]) == "试用期是多久？"
+    gated, fixed = faq.Index(pairs, offtopic=True), faq.Index(pairs)
+
+    def first(index: faq.Index, question: str) -> str | None:
+        found = index.search(question, 1, 1.0, faq.MIN_SIMILARITY)
+        return found[0].text if found else None
+
+    for question, answer in [("who signs off my expenses?", RECORDS[2][1]), ("where's the cafeteria?", RECORDS[7][1])]:
+        assert first(fixed, question) is None  # under 0.5: before the gate, the base model answered
+        assert first(gated, question) == answer
+    for question in ("Zubrowka 员工一年有几天假？", "at zubrowka, who signs my expense claims?"):
+        assert first(gated, question) == first(fixed, question)  # the gate only adds, the ranking is the same
+    for general in ("Tell me a poem about autumn rain.", "What is the tallest mountain in Africa?", "谁发明了印刷术？"):
+        assert first(gated, general) is None
+    assert len(faq.offtopic_vectors()) >= 200
 
 
 def test_each_training_example_shows_the_right_passage_or_says_it_does_not_know(
@@ -210,6 +248,21 @@ def test_the_knowledge_is_part_of_the_version(
     imported, new = import_tar(tar)
     assert new and (imported.path / registry.KNOWLEDGE).read_bytes() == original
     assert faq.assistant(imported.id) is not None
+
+
+def test_versions_trained_before_the_off_topic_gate_are_served_without_it(
+    lp_home: Path, tiny_base: Path, records_file: Path
+) -> None:
+    from loraplex.assistants import retrieval
+
+    ref = run(tiny(tiny_base, records_file)).adapter
+    assert ref is not None
+    asked = "who signs off my expenses?"  # no company name: under the threshold, found by the gate
+    assert [h.ord for h in retrieval.Searcher().search(ref.id, asked, 1, 1.0, faq.MIN_SIMILARITY)] == [2]
+    manifest = json.loads((ref.path / registry.MANIFEST).read_text())
+    del manifest["retrieval"]["offtopic"]  # as written before the gate existed
+    (ref.path / registry.MANIFEST).write_text(json.dumps(manifest))
+    assert retrieval.Searcher().search(ref.id, asked, 1, 1.0, faq.MIN_SIMILARITY) == []
 
 
 def test_serve_answers_a_retrieval_adapter_from_its_own_knowledge(

@@ -109,8 +109,10 @@ class RetrievalConfig(Strict):
     base that reads several passages may do better with 2-4."""
     min_similarity: float = Field(0.5, ge=-1.0, le=1.0)
     """Passages less similar in meaning to the question than this (mean cosine with its question
-    and with question + answer, built-in multilingual encoder) are not used; with none left, the
-    base model answers."""
+    and with question + answer, built-in multilingual encoder) are not used, unless the question is
+    closer to the best of them than to every built-in off-topic question (assistants/offtopic.txt:
+    "how much vacation do I get?" names no company and still finds the leave policy); with none
+    left, the base model answers."""
     noisy_copies: int = Field(0, ge=0, le=8)
     """Extra training copies of each question with typos, a dropped word or lower case (never new facts)."""
     refusals: float = Field(0.0, ge=0.0, le=1.0)

@@ -132,7 +132,9 @@ def _open(base: str) -> Searchable:
     ref = registry.resolve(base)
     if not (ref.path / faq.FILE).is_file():
         raise UserError(f"adapter {ref.id} was trained without retrieval: it has no knowledge of its own")
-    return faq.Index(faq.read(ref.path / faq.FILE))
+    settings = ref.manifest().get("retrieval")
+    offtopic = isinstance(settings, dict) and bool(settings.get("offtopic"))  # versions trained before: no
+    return faq.Index(faq.read(ref.path / faq.FILE), offtopic=offtopic)
 
 
 def prepare(
