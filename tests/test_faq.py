@@ -250,7 +250,7 @@ def test_the_knowledge_is_part_of_the_version(
     assert faq.assistant(imported.id) is not None
 
 
-def test_versions_trained_before_the_off_topic_gate_are_served_without_it(
+def test_versions_trained_before_the_off_topic_gate_or_without_it_are_served_without_it(
     lp_home: Path, tiny_base: Path, records_file: Path
 ) -> None:
     from loraplex.assistants import retrieval
@@ -263,6 +263,10 @@ def test_versions_trained_before_the_off_topic_gate_are_served_without_it(
     del manifest["retrieval"]["offtopic"]  # as written before the gate existed
     (ref.path / registry.MANIFEST).write_text(json.dumps(manifest))
     assert retrieval.Searcher().search(ref.id, asked, 1, 1.0, faq.MIN_SIMILARITY) == []
+    # and a version trained with the gate turned off
+    off = run(tiny(tiny_base, records_file, retrieval={"offtopic_gate": False})).adapter
+    assert off is not None and off.manifest()["retrieval"]["offtopic"] is False
+    assert retrieval.Searcher().search(off.id, asked, 1, 1.0, faq.MIN_SIMILARITY) == []
 
 
 def test_serve_answers_a_retrieval_adapter_from_its_own_knowledge(

@@ -110,9 +110,12 @@ class RetrievalConfig(Strict):
     min_similarity: float = Field(0.5, ge=-1.0, le=1.0)
     """Passages less similar in meaning to the question than this (mean cosine with its question
     and with question + answer, built-in multilingual encoder) are not used, unless the question is
-    closer to the best of them than to every built-in off-topic question (assistants/offtopic.txt:
-    "how much vacation do I get?" names no company and still finds the leave policy); with none
+    closer to the best of them than to every built-in off-topic question (`offtopic_gate`); with none
     left, the base model answers."""
+    offtopic_gate: bool = True
+    """Also use the best passage under `min_similarity` when the question is closer to it than to every
+    built-in off-topic question (a question that does not name the organisation, as its own staff
+    ask, often scores under 0.5); false: `min_similarity` alone decides."""
     noisy_copies: int = Field(0, ge=0, le=8)
     """Extra training copies of each question with typos, a dropped word or lower case (never new facts)."""
     refusals: float = Field(0.0, ge=0.0, le=1.0)

@@ -325,13 +325,13 @@ def augment(
 
 
 def as_served(
-    conversations: list[Conversation], pairs: list[Pair], top_k: int, min_similarity: float
+    conversations: list[Conversation], pairs: list[Pair], top_k: int, min_similarity: float, offtopic: bool = True
 ) -> list[Conversation]:
     """Eval conversations with the prompt serving would give their question: the passages found in
     `pairs` (the training Q&A), or the question as it is when none is found. No pairs: unchanged."""
     if not pairs:
         return conversations
-    kb = Index(pairs, offtopic=True)
+    kb = Index(pairs, offtopic=offtopic)
     out = []
     for conv in conversations:
         turns = [m for m in conv.messages if m["role"] != "system"]

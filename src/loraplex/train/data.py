@@ -82,10 +82,10 @@ def prepare(cfg: TrainConfig, tok: Any, base: BaseRef, world: Any, console: Any)
     reworded = paraphrase_questions(cfg, conversations, base, world, console)
 
     # retrieval: the records become the adapter's knowledge, the examples carry passages
-    pairs = faq.pairs_of(conversations) if cfg.retrieval.enabled else []
+    rc = cfg.retrieval
+    pairs = faq.pairs_of(conversations) if rc.enabled else []
     augmented: dict[str, int] = {"paraphrases": sum(map(len, reworded.values()))}
     if pairs:
-        rc = cfg.retrieval
         conversations, made = faq.augment(
             conversations, pairs, rc.top_k, rc.min_similarity, rc.noisy_copies, rc.refusals, cfg.train.seed, reworded
         )
@@ -108,7 +108,7 @@ def prepare(cfg: TrainConfig, tok: Any, base: BaseRef, world: Any, console: Any)
     max_len = cfg.data.max_seq_length
     train_ex, stats = encode_all(tok, conversations, max_len, cfg.data.train_on_prompt)
     # evaluated as served: with retrieval, eval questions carry the passages found in the training Q&A
-    served_eval = faq.as_served(eval_convs, pairs, cfg.retrieval.top_k, cfg.retrieval.min_similarity)
+    served_eval = faq.as_served(eval_convs, pairs, rc.top_k, rc.min_similarity, rc.offtopic_gate)
     eval_ex, _ = encode_all(tok, served_eval, max_len, cfg.data.train_on_prompt)
     if stats.truncated:
         console.print(

@@ -296,7 +296,7 @@ def run_facts(cfg: TrainConfig, data: Prepared, run_dir: Path) -> dict[str, Any]
             "top_k": cfg.retrieval.top_k,
             "min_similarity": cfg.retrieval.min_similarity,
             "language": faq.LANGUAGE,
-            "offtopic": True,  # the off-topic gate (faq.Index); versions trained before it have none
+            "offtopic": cfg.retrieval.offtopic_gate,  # faq.Index; versions trained before it have none
             "passages": len(data.pairs),
             **data.augmented,
         },
