@@ -114,8 +114,8 @@ def read(path: Path) -> list[Pair]:
 class Index:
     """A version's Q&A, searched by meaning (module docstring); safe to share between threads.
 
-    `offtopic`: also use the best passage when its similarity is under `min_similarity` but the
-    question is still closer to it than to every built-in off-topic question (offtopic.txt), the
+    `offtopic`: also use a passage whose similarity is under `min_similarity` when the question is
+    still closer to it than to every built-in off-topic question (offtopic.txt), the
     similarity then also measured with the FAQ's shared names taken out (`shared_terms`). Why: the
     fixed threshold was set on questions that name the organisation, as the FAQ does; an employee
     asking an assistant trained on one company's FAQ rarely does. With the name left out, 38% of
