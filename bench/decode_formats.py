@@ -24,7 +24,11 @@ Rows per format:
                   unquantized engine's, and key-fact accuracy;
   RSS             the engine process's resident memory after the speed rows (and its peak, which
                   loading the fp32 checkpoint sets), imports (torch, transformers) included.
-The CPU model and flags print with the table.
+The CPU model and flags print with the table, and the instruction sets of the llama.cpp build.
+As on an AVX2-only CPU, on any x86-64 one: `LORAPLEX_CPU_ISA=avx2` (loraplex's kernels, precision and
+PyTorch held to AVX2; cpu_isa.py) and `PYTHONPATH=DIR`, where DIR holds llama-cpp-python built with
+AVX2 and no AVX-512 (`pip install --target DIR` of a wheel made with scripts/install.sh's flags for
+such a CPU; docs/cpu.md).
 """
 
 from __future__ import annotations
@@ -158,7 +162,10 @@ def llama_rows(
         (llama_cpp(base, [], prompts[:4], tokens, path, threads) for _ in range(REPS)), key=lambda x: x["wall_s"]
     )[REPS // 2]  # the median of REPS, as loraplex's
     adapters = llama_cpp(base, names, prompts, tokens, path, threads)
-    return {"single_stream": single, "adapters_one_by_one": adapters, "peak_rss_bytes": rss()[1]}
+    import llama_cpp as lc
+
+    build = lc.llama_print_system_info().decode().strip()  # which instruction sets this build uses
+    return {"single_stream": single, "adapters_one_by_one": adapters, "peak_rss_bytes": rss()[1], "build": build}
 
 
 def train_adapter() -> str:
@@ -229,7 +236,8 @@ def main() -> None:
 
     print(f"\nCPU: {cpu()}")
     print(f"SmolLM2-135M-Instruct, {threads} thread(s) each, greedy, {args.tokens} new tokens per request;")
-    print(f"copy bandwidth on {threads} thread(s): {bw / 1e9:.1f} GB/s read+write; adapter {adapter}\n")
+    print(f"copy bandwidth on {threads} thread(s): {bw / 1e9:.1f} GB/s read+write; adapter {adapter}")
+    print(f"llama.cpp build: {next(iter(llama.values()))['build']}\n")
     head = (
         "format", "loraplex 1 stream", "llama.cpp 1 stream", "ratio", "% of bandwidth limit", "8 adapters at once",
         "vs 1 at a time", "llama.cpp 8 one by one", "ratio", "multi-LoRA overhead", "RSS (peak)",

@@ -421,7 +421,14 @@ def cpu() -> str:
     fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
     flags = fields.get("Flags", "").split()
     isa = [f for f in flags if f.startswith(("avx", "amx", "fma"))]
-    return f"{fields.get('Model name', '?').strip()}, {os.cpu_count()} cores; {' '.join(isa)}"
+    line = f"{fields.get('Model name', '?').strip()}, {os.cpu_count()} cores; {' '.join(isa)}"
+    held = os.environ.get("LORAPLEX_CPU_ISA", "native")
+    if held != "native":  # loraplex and PyTorch run as on a CPU with fewer instructions (cpu_isa.py)
+        import torch
+
+        capability = torch.backends.cpu.get_cpu_capability()
+        line += f"; HELD TO {held.upper()} (LORAPLEX_CPU_ISA; PyTorch's kernels: {capability})"
+    return line
 
 
 def main() -> None:

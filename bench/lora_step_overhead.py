@@ -15,8 +15,9 @@ memory with the model built (`--quantize none` vs `int4` on a large shape: the R
 weights, not the libraries, dominate).
 
 `--layouts` (fp32 on CPU): instead, the bare base step at 1-16 rows with the projections stored as
-the engine holds them (transposed in memory) and as transformers does ([out, in] row-major),
-alternating in one process: what the fp32 layout in engine/model.py buys on this CPU.
+transformers does ([out, in] row-major), transposed in memory (MKL's fast layout) and in
+quant_cpu.c's fp32 tiles (what the engine holds where that kernel is built), alternating in one
+process: what the fp32 layout in engine/model.py buys on this CPU.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -35,7 +37,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from loraplex.engine import lora_kernel
 from loraplex.engine.lora import AdapterWeights, LoraBatch, LoraStacks
 from loraplex.engine.model import DecoderModel, Step
-from loraplex.engine.quant import Quantize, mode
+from loraplex.engine.quant import Quantize, Tiles, mode, tile
 from loraplex.models.device import bf16_is_faster
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -113,28 +115,42 @@ def time_steps(model: DecoderModel, lora: LoraBatch | None, rows: int, reps: int
 
 
 def compare_layouts(model: DecoderModel, reps: int) -> None:
-    """The bare base's decode step with the engine's transposed fp32 weights vs row-major copies."""
+    """The bare base's fp32 decode step with the projections and head row-major ([out, in], as
+    transformers holds them), transposed in memory (for MKL) and in quant_cpu.c's fp32 tiles (what
+    the engine holds where that kernel is built)."""
     sites = ("qkv", "o", "gate_up", "down")
-    ours = ([dict(p) for p in model.layers], model.lm_head)
-    rowmajor = (
-        [{k: v.contiguous() if k in sites else v for k, v in p.items()} for p in model.layers],
-        model.lm_head.contiguous(),  # type: ignore[union-attr]
-    )
-    print(f"{'rows':>4}  {'row-major':>10}  {'transposed':>10}  speedup")
+
+    def dense(w: Any) -> torch.Tensor:
+        return w.dense() if isinstance(w, Tiles) else w.contiguous()
+
+    layouts = {
+        "row-major": lambda w: dense(w),
+        "transposed": lambda w: dense(w).t().contiguous().t(),
+        "tiles": lambda w: tile(dense(w), torch.float32),
+    }
+    if tile(torch.zeros(16, 16), torch.float32) is None:
+        del layouts["tiles"]  # no C compiler, or no AVX2
+    kept = ([dict(p) for p in model.layers], model.lm_head, model.embed)
+    held = {
+        name: ([{k: f(v) if k in sites else v for k, v in p.items()} for p in kept[0]], f(kept[1]))
+        for name, f in layouts.items()
+    }
+    print(f"{'rows':>4}  " + "  ".join(f"{n:>10}" for n in held) + "  (ms a step; ratios to row-major)")
     for rows in (1, 2, 3, 4, 8, 16):
-        cache = model.new_cache(rows, 512)  # one cache for both: its first touch is not timed
+        cache = model.new_cache(rows, 512)  # one cache for all: its first touch is not timed
         step = Step(torch.randint(0, 1000, (rows, 1)), torch.full((rows,), 150), 0, None)
-        times: dict[str, list[float]] = {"row-major": [], "transposed": []}
+        times: dict[str, list[float]] = {n: [] for n in held}
         for i in range(reps + 3):
-            for name, (layers, head) in (("row-major", rowmajor), ("transposed", ours)):
+            for name, (layers, head) in held.items():
                 model.layers, model.lm_head, model.embed = layers, head, head
                 t = time.perf_counter()
                 model.forward(step, cache)
                 if i >= 3:  # warm-up
                     times[name].append(time.perf_counter() - t)
-        a, b = (statistics.median(times[k]) * 1e3 for k in ("row-major", "transposed"))
-        print(f"{rows:>4}  {a:8.1f} ms  {b:8.1f} ms  {a / b:.2f}x")
-    model.layers, model.lm_head, model.embed = ours[0], ours[1], ours[1]
+        ms = {n: statistics.median(t) * 1e3 for n, t in times.items()}
+        ratios = "  ".join(f"{ms['row-major'] / v:.2f}x" for n, v in ms.items() if n != "row-major")
+        print(f"{rows:>4}  " + "  ".join(f"{v:7.1f} ms" for v in ms.values()) + f"  {ratios}")
+    model.layers, model.lm_head, model.embed = kept
 
 
 def main() -> None:
@@ -147,7 +163,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores but one, as serve)")
     ap.add_argument("--quantize", default="none", help="base weights: none, int8 or int4 (CPU)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: what serve picks here")
-    ap.add_argument("--layouts", action="store_true", help="fp32: transposed vs row-major weights, 1-16 rows")
+    ap.add_argument("--layouts", action="store_true", help="fp32: row-major, transposed and tiled weights, 1-16 rows")
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads or max(1, torch.get_num_threads() - 1))

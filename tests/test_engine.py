@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from loraplex.adapters import registry
-from loraplex.engine import lora_kernel
+from loraplex.engine import lora_kernel, quant
 from loraplex.engine.engine import Engine
 from loraplex.engine.lora import (
     AdapterRequest,
@@ -42,14 +42,24 @@ def _peft(base_dir: Path, adapter_ids: list[str]):  # noqa: ANN202
     return model.eval()
 
 
-def test_forward_matches_transformers_with_cache(tiny_base: Path) -> None:
+@pytest.mark.parametrize("layout", ["tiles", "transposed"])
+def test_forward_matches_transformers_with_cache(tiny_base: Path, layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 on CPU holds the projections in quant_cpu.c's fp32 tiles (where the kernel is built:
+    AVX2 or AVX-512), else transposed in memory for MKL (model.py): both are compared here."""
     base = resolve_base(str(tiny_base))
     hf = load_model(base).eval()
     tok = load_tokenizer(base)
+    if layout == "transposed":
+        monkeypatch.setattr(quant.lora_kernel, "load_quant", lambda: None)
+    elif quant.tile(torch.zeros(16, 16), torch.float32) is None:
+        pytest.skip("quant_cpu.c's fp32 tiles are not built here (no C compiler, or no AVX2)")
     model = DecoderModel(hf, torch.float32, "cpu")
-    # fp32 on CPU holds the projections transposed in memory (model.py): what is compared here
     qkv = model.layers[0]["qkv"]
-    assert isinstance(qkv, torch.Tensor) and qkv.stride() == (1, qkv.shape[0]) and model.lm_head.stride()[0] == 1
+    if layout == "transposed":
+        assert isinstance(qkv, torch.Tensor) and qkv.stride() == (1, qkv.shape[0])
+        assert isinstance(model.lm_head, torch.Tensor) and model.lm_head.stride()[0] == 1
+    else:
+        assert isinstance(qkv, quant.Tiles) and isinstance(model.lm_head, quant.Tiles)
     cache = model.new_cache(4, 256)
     ids = tok(PROMPTS[1] + " " + PROMPTS[0], return_tensors="pt")["input_ids"]
     n = ids.shape[1]

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import dataclasses
+import os
 import platform
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
+from loraplex import cpu_isa
 from loraplex.adapters import registry
 from loraplex.engine import lora_kernel, quant
 from loraplex.engine.engine import Engine
@@ -101,6 +105,38 @@ def kernel_builds(tmp: Path) -> dict[str, ctypes.CDLL]:
     return built
 
 
+def test_cpu_isa_avx2_runs_loraplex_as_on_an_avx2_only_cpu(tmp_path: Path) -> None:
+    """LORAPLEX_CPU_ISA=avx2 (cpu_isa.py), in a fresh process: PyTorch is held to AVX2, the engine's
+    kernels are built for Haswell (quant_cpu.c's AVX2 path, no AVX512-BF16 tiles) into a cache entry
+    of their own, and the precision is fp32; an unknown value is an error naming the variable."""
+    if platform.machine() not in ("x86_64", "AMD64") or lora_kernel._compiler() is None:
+        pytest.skip("the AVX2 paths are x86-64's and need a C compiler")
+    code = (
+        "import loraplex, torch\n"
+        "from loraplex.engine import lora_kernel\n"
+        "from loraplex.models.device import bf16_is_faster\n"
+        "q = lora_kernel.load_quant()\n"
+        "print(torch.backends.cpu.get_cpu_capability(), q.q_path().decode(), q.q_bf16(), bf16_is_faster('cpu'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in cpu_isa.TORCH["avx2"]}
+    env |= {"LORAPLEX_CPU_ISA": "avx2", "LORAPLEX_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["AVX2", "avx2", "0", "False"]
+    native = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "LORAPLEX_CPU_ISA": "native"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert native.returncode == 0, native.stderr[-2000:]
+    assert len(list((tmp_path / "kernels").glob("quant_cpu-*"))) == 2  # one build per instruction set
+    env["LORAPLEX_CPU_ISA"] = "avx3"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "LORAPLEX_CPU_ISA='avx3': expected one of native, avx2" in bad.stderr
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_kernel_equals_its_naive_reference_on_every_instruction_path(tmp_path: Path, mode: str) -> None:
     """quant_cpu.c against `kernel_reference` (1e-5 relative: only float sums' order differs), on every
@@ -139,42 +175,55 @@ def test_kernel_equals_its_naive_reference_on_every_instruction_path(tmp_path: P
                 torch.testing.assert_close(got16.double(), kernel_reference(x.bfloat16(), qw), rtol=1e-2, atol=1e-2)
 
 
-def test_bf16_tiles_equal_the_dense_weight_and_f_linear(tmp_path: Path) -> None:
-    """quant.Bf16Tiles (quant_cpu.c's AVX512-BF16 path) against F.linear and a float64 reference: the
-    same fp32 sums in another order, rounded once to bf16, at 1-17 rows (the 8-row passes and their
-    tails) and a prompt, one and two threads, pair counts odd and even; the tiles give the weight
-    and its rows back exactly. On a CPU without AVX512-BF16 the weight stays a dense tensor, and a
-    build without that path refuses the call."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_tiles_equal_the_dense_weight_and_f_linear(tmp_path: Path, dtype: torch.dtype) -> None:
+    """quant.Tiles (quant_cpu.c's AVX512-BF16 path for bf16; its AVX-512 and AVX2 paths for fp32,
+    each build this CPU can run) against F.linear and a float64 reference: the same fp32 sums in
+    another order (bf16: rounded once), at 1-17 rows (the 4- and 8-row passes and their tails) and a
+    prompt, one and two threads, odd and even input sizes; the tiles give the weight and its rows
+    back exactly. Where a path is not built (bf16 without AVX512-BF16, plain C) the weight is not
+    tiled and the kernel refuses the call."""
     torch.manual_seed(0)
     kernel = lora_kernel.load_quant()
-    for n, k in ((16, 32), (48, 94), (960, 576), (50, 64)):
-        w = (torch.randn(n, k) * 0.05).bfloat16()
-        tiled = quant.tile_bf16(w)
-        if kernel is None or not kernel.q_bf16() or n % quant.TILE:
-            assert isinstance(tiled, torch.Tensor) and torch.equal(tiled, w)
+    bf16 = dtype == torch.bfloat16
+    builds = kernel_builds(tmp_path) if not bf16 else {}
+    for n, k in ((16, 32), (48, 94), (960, 576), (50, 64), (32, 7)):
+        w = (torch.randn(n, k) * 0.05).to(dtype)
+        tiled = quant.tile(w, dtype)
+        built = kernel is not None and (kernel.q_bf16() if bf16 else kernel.q_f32())
+        if not built or n % quant.TILE or (bf16 and k % 2):
+            assert tiled is None
             continue
-        assert isinstance(tiled, quant.Bf16Tiles) and tiled.nbytes == w.nbytes
+        assert isinstance(tiled, quant.Tiles) and tiled.nbytes == w.nbytes
         assert torch.equal(tiled.dense(), w)
         ids = torch.tensor([[0, n - 1, 17 % n], [5, 5, n // 2]])
         assert torch.equal(tiled.rows(ids), w[ids])
-        for rows in (1, 2, 7, 8, 9, 16, 17, 300):
-            x = torch.randn(rows, k).bfloat16()
+        paths = {"loaded": tiled} | {
+            name: dataclasses.replace(tiled, kernel=lib) for name, lib in builds.items() if lib.q_f32()
+        }
+        for rows in (1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 300):
+            x = torch.randn(rows, k).to(dtype)
             want = x.double() @ w.double().T
-            for threads in (1, 2):
-                got = on_threads(threads, lambda: tiled.linear(x))  # noqa: B023 (called at once)
-                assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
-                # one bf16 rounding of an fp32 sum: within 2^-8 of the value (plus fp32's order noise)
-                torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-5 * want.abs().max().item())
-                torch.testing.assert_close(got, torch.nn.functional.linear(x, w), rtol=2**-7, atol=1e-3)
-            bias = torch.randn(n).bfloat16()
+            for name, t in paths.items():
+                for threads in (1, 2):
+                    got = on_threads(threads, lambda t=t: t.linear(x))  # noqa: B023 (called at once)
+                    assert got.dtype == dtype and got.shape == (rows, n), name
+                    # bf16: one rounding of an fp32 sum, within 2^-8 (plus fp32's order noise); fp32: order noise
+                    rtol = 2**-8 if bf16 else 1e-5
+                    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=1e-5 * want.abs().max().item())
+                    torch.testing.assert_close(got, torch.nn.functional.linear(x, w), rtol=2**-7, atol=1e-3)
+            bias = torch.randn(n).to(dtype)
             got3 = tiled.linear(x.view(1, rows, k), bias)
             assert got3.shape == (1, rows, n) and torch.equal(got3[0], tiled.linear(x) + bias)
     if kernel is not None and platform.machine() in ("x86_64", "AMD64"):
-        plain = tmp_path / "q-haswell.so"  # a build without AVX512-BF16
-        lora_kernel._build(lora_kernel._compiler() or "cc", lora_kernel.QUANT_SOURCE, plain, ("-march=haswell",))
+        # bf16: a build without AVX512-BF16 refuses; fp32: the plain C build refuses
+        arch = ("-march=haswell",) if bf16 else ("-march=x86-64",)
+        plain = tmp_path / "q-plain.so"
+        lora_kernel._build(lora_kernel._compiler() or "cc", lora_kernel.QUANT_SOURCE, plain, arch)
         lib = lora_kernel.quant_signatures(ctypes.CDLL(str(plain)))
-        x, y, w = torch.zeros(1, 32).bfloat16(), torch.zeros(1, 16).bfloat16(), torch.zeros(16, 32).bfloat16()
-        assert lib.q_bf16() == 0 and lib.q_bf16_matmul(1, 32, 16, x.data_ptr(), w.data_ptr(), y.data_ptr(), 1) == -3
+        x, y, w = torch.zeros(1, 32).to(dtype), torch.zeros(1, 16).to(dtype), torch.zeros(16, 32).to(dtype)
+        has, fn = (lib.q_bf16, lib.q_bf16_matmul) if bf16 else (lib.q_f32, lib.q_f32_matmul)
+        assert has() == 0 and fn(1, 32, 16, x.data_ptr(), w.data_ptr(), y.data_ptr(), 1) == -3
 
 
 def test_modes_and_devices_are_checked_with_clear_errors() -> None:

@@ -6,7 +6,8 @@ the system C compiler, loaded with ctypes.
 Built with `-fopenmp` where the compiler has it: the library then shares torch's OpenMP runtime
 (torch ships libgomp.so.1 and the loader resolves the same soname to it) and runs on as many
 threads as torch does. The shared library is cached in `$LORAPLEX_HOME/kernels/`, keyed by the
-source, the compiler and the CPU (each is built with `-march=native`), and written under a temporary
+source, the compiler and the CPU (each is built with `-march=native`, or for the instruction set
+`LORAPLEX_CPU_ISA` names: cpu_isa.py), and written under a temporary
 name then renamed, so two processes starting together never load half a file. Where no compiler
 works (Windows without one, a slim container) `load()` / `load_quant()` return None and the engine
 keeps the plain PyTorch path, which gives the same results (quantized: to rounding) more slowly;
@@ -31,6 +32,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from loraplex import cpu_isa
 from loraplex.paths import home
 
 log = logging.getLogger(__name__)
@@ -83,20 +85,20 @@ def _library(source: Path, what: str, off_env: str) -> ctypes.CDLL | None:
     """`source` built for this machine and loaded, or None (with one warning saying why)."""
     if os.environ.get(off_env, "").lower() in ("off", "0", "torch", "false"):
         return None
+    isa = cpu_isa.held()
     cc = _compiler()
     if cc is None:
         log.warning("no C compiler found: %s uses the slower PyTorch path", what)
         return None
     headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # what the sources include
-    key = hashlib.sha256(
-        b"\0".join([source.read_bytes(), *headers, cc.encode(), _cpu_id().encode(), " ".join(FLAGS).encode()])
-    )
+    parts = [source.read_bytes(), *headers, cc.encode(), _cpu_id().encode(), " ".join(FLAGS).encode(), isa.encode()]
+    key = hashlib.sha256(b"\0".join(parts))
     suffix = sysconfig.get_config_var("SHLIB_SUFFIX") or ".so"
     target = home() / "kernels" / f"{source.stem}-{key.hexdigest()[:16]}{suffix}"
     try:
         if not target.exists():
             log.info("compiling %s with %s (once per machine)", source.name, cc)
-            _build(cc, source, target)
+            _build(cc, source, target, cpu_isa.MARCH[isa])
         return ctypes.CDLL(str(target))
     except (OSError, RuntimeError) as e:
         log.warning("%s could not be built (%s): %s uses the PyTorch path", source.name, e, what)
@@ -142,6 +144,10 @@ def quant_signatures(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.q_bf16.restype = ctypes.c_int
     lib.q_bf16_matmul.argtypes = [i64, i64, i64, ptr, ptr, ptr, i32]
     lib.q_bf16_matmul.restype = ctypes.c_int
+    lib.q_f32.argtypes = []
+    lib.q_f32.restype = ctypes.c_int
+    lib.q_f32_matmul.argtypes = [i64, i64, i64, ptr, ptr, ptr, i32]
+    lib.q_f32_matmul.restype = ctypes.c_int
     return lib
 
 

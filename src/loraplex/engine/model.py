@@ -230,12 +230,15 @@ class DecoderModel:
         def w(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else dense(t)
 
-        # fp32 on CPU: each projection is held transposed in memory (the same [out, in] tensor, its
-        # storage [in, out]). MKL computes x @ W.T from a row-major W by repacking W on every call;
-        # from W.T contiguous it streams it. A whole SmolLM2 decode step at one thread, AVX-512: 4-8
-        # rows 1.28x faster, 16 rows 1.07x, 1 row and prompts the same, 2-3 rows 7-9% slower
-        # (`bench/lora_step_overhead.py --layouts`). bf16 on CPU: quant_cpu.c's tiles (quant.Bf16Tiles;
-        # oneDNN, with the usual layout, where the CPU lacks AVX512-BF16); fp16 and GPUs: the usual layout.
+        # On CPU, bf16 and fp32 projections are held in quant_cpu.c's tiles of 16 output rows
+        # (quant.Tiles) where that path is built: bf16 needs AVX512-BF16, fp32 AVX2 or AVX-512. At 1-16
+        # rows they stream the weights at memory speed where oneDNN and MKL did not (an fp32 SmolLM2
+        # decode step on a Zen 4 core, 1 / 8 rows: 23.8 / 58.6 ms with MKL -> 16.5 / 20.7 ms), and
+        # prompts run no slower. Without the kernel, fp32 projections are held transposed in memory
+        # (the same [out, in] tensor, its storage [in, out]): MKL computes x @ W.T from a row-major W by
+        # repacking W on every call, and streams W.T contiguous (4-8 rows 1.28x faster on an AVX-512
+        # Xeon); bf16 keeps oneDNN with the usual layout; fp16 and GPUs the usual layout
+        # (`bench/lora_step_overhead.py --layouts` compares them).
         transposed = device == "cpu" and dtype == torch.float32
 
         store = store or quant.Store(None)
@@ -249,10 +252,11 @@ class DecoderModel:
             if quantize != "none":
                 return store.get(name, quantize, make)  # a stored weight skips the concatenation too
             t = make()
+            tiled = quant.tile(t, dtype) if device == "cpu" and dtype in (torch.bfloat16, torch.float32) else None
+            if tiled is not None:
+                return tiled
             if transposed:
                 return t.detach().to(device=device, dtype=dtype).t().contiguous().t()
-            if device == "cpu" and dtype == torch.bfloat16:
-                return quant.tile_bf16(t)  # quant_cpu.c's bf16 tiles where the CPU has AVX512-BF16
             return dense(t)
 
         head, table = hf_model.get_output_embeddings().weight, inner.embed_tokens.weight

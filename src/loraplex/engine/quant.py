@@ -1,5 +1,5 @@
 """Weight-only int8 / int4 base weights for the serving model on CPU (and, where the CPU has
-AVX512-BF16, its unquantized bf16 weights in the same kernel's tiles: `Bf16Tiles`).
+AVX512-BF16 or AVX2, its unquantized bf16 or fp32 weights in the same kernel's tiles: `Tiles`).
 
     int8: w[n, k] ~= d[n, g] * q[n, k]                  q in -127..127, g = k // 32 (GGUF Q8_0's scheme);
                                                         on PyTorch's kernel one scale per output row
@@ -163,16 +163,19 @@ class QuantWeight:
 
 
 @dataclass(frozen=True)
-class Bf16Tiles:
-    """An unquantized bf16 weight in quant_cpu.c's bf16 tiles, for a bf16 model on a CPU with
-    AVX512-BF16; `linear(x)` = x @ W.T with W = `dense()`, the same products as F.linear (fp32 sums,
-    rounded once to bf16) in another order.
+class Tiles:
+    """An unquantized bf16 or fp32 weight in quant_cpu.c's tiles of 16 output rows; `linear(x)` =
+    x @ W.T with W = `dense()`, the same products as F.linear (fp32 sums; bf16 rounded once) in
+    another order.
 
-    Why: at 1-8 rows F.linear (oneDNN) read bf16 weights at ~12 GB/s on a Zen 4 core; the tiles
-    stream at ~33 GB/s (gate|up 3,072 x 576, 1 row: 248 -> 107 us; 8 rows 284 -> 111 us), and a
-    300-token prompt runs level with oneDNN (0.95-1.05x), so one layout serves both."""
+    Why: at 1-8 rows the BLAS libraries F.linear calls read the weights well under memory speed on
+    one core: oneDNN's bf16 at ~12 GB/s on a Zen 4, where the bf16 tiles stream ~33 GB/s (gate|up
+    3,072 x 576, 1 row: 248 -> 107 us; 8 rows 284 -> 111 us); MKL's fp32 held to AVX2 at ~19 GB/s
+    (docs/performance.md has the fp32 tiles' figures). A 300-token prompt runs level with oneDNN on
+    the bf16 tiles, so one layout serves both."""
 
-    # [out / 16, in / 2, 16, 2]: element (t, p, i, b) = W[16 t + i, 2 p + b]
+    # [out / 16, in / pair, 16, pair], pair = 2 for bf16 (vdpbf16ps's operand), 1 for fp32:
+    # element (t, p, i, b) = W[16 t + i, pair * p + b]
     data: torch.Tensor
     out_features: int
     in_features: int
@@ -183,46 +186,49 @@ class Bf16Tiles:
         return self.data.nbytes
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = self.data.dtype
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        x2 = x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16)
+        x2 = x2 if x2.dtype == dtype else x2.to(dtype)
         x2 = x2 if x2.is_contiguous() else x2.contiguous()
         m = x2.shape[0]
-        y = torch.empty((m, self.out_features), dtype=torch.bfloat16)
+        y = torch.empty((m, self.out_features), dtype=dtype)
         if m:
-            rc = self.kernel.q_bf16_matmul(
+            fn = self.kernel.q_bf16_matmul if dtype == torch.bfloat16 else self.kernel.q_f32_matmul
+            rc = fn(
                 m, self.in_features, self.out_features, x2.data_ptr(), self.data.data_ptr(), y.data_ptr(),
                 torch.get_num_threads(),
             )  # fmt: skip
             if rc:
-                raise RuntimeError(f"bf16 kernel refused {m} x {self.in_features} -> {self.out_features} ({rc})")
+                raise RuntimeError(f"{dtype} kernel refused {m} x {self.in_features} -> {self.out_features} ({rc})")
         if x.dim() != 2:
             y = y.view(*x.shape[:-1], self.out_features)
-        if x.dtype != torch.bfloat16:
+        if x.dtype != dtype:
             y = y.to(x.dtype)
         return y if bias is None else y + bias
 
     def dense(self) -> torch.Tensor:
-        """The [out, in] bf16 weight."""
-        t = self.data
-        return t.permute(0, 2, 1, 3).reshape(self.out_features, self.in_features)
+        """The [out, in] weight."""
+        return self.data.permute(0, 2, 1, 3).reshape(self.out_features, self.in_features)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` of the weight, bf16 (an embedding lookup on a tied output head)."""
+        """Rows `ids` of the weight (an embedding lookup on a tied output head)."""
         flat = ids.reshape(-1)
-        rows = self.data[flat // TILE, :, flat % TILE]  # (row, in / 2, 2)
+        rows = self.data[flat // TILE, :, flat % TILE]  # (row, in / pair, pair)
         return rows.reshape(*ids.shape, self.in_features)
 
 
-def tile_bf16(w: torch.Tensor) -> torch.Tensor | Bf16Tiles:
-    """`w` [out, in] as bf16 tiles where quant_cpu.c has its AVX512-BF16 path and the shape fits
-    (out a multiple of 16, in even); otherwise `w` itself, bf16, for F.linear."""
-    w = w.detach().to(torch.bfloat16)
-    n, k = w.shape
+def tile(w: torch.Tensor, dtype: torch.dtype) -> Tiles | None:
+    """`w` [out, in] in `dtype` (bf16 or fp32) as tiles where quant_cpu.c has that path (bf16:
+    AVX512-BF16; fp32: AVX2 or AVX-512) and the shape fits (out a multiple of 16; bf16: in even);
+    otherwise None."""
     kernel = lora_kernel.load_quant()
-    if kernel is None or not kernel.q_bf16() or n % TILE or k % 2:
-        return w.contiguous()
-    data = w.reshape(n // TILE, TILE, k // 2, 2).permute(0, 2, 1, 3).contiguous()
-    return Bf16Tiles(data, n, k, kernel)
+    n, k = w.shape
+    pair = 2 if dtype == torch.bfloat16 else 1
+    if kernel is None or not (kernel.q_bf16() if pair == 2 else kernel.q_f32()) or n % TILE or k % pair:
+        return None
+    w = w.detach().to(dtype)
+    data = w.reshape(n // TILE, TILE, k // pair, pair).permute(0, 2, 1, 3).contiguous()
+    return Tiles(data, n, k, kernel)
 
 
 def fits_int4(out_features: int, in_features: int) -> bool:
@@ -384,7 +390,7 @@ def check(mode: Quantize, device: str) -> None:
         )
 
 
-Weight = torch.Tensor | QuantWeight | Bf16Tiles  # what the serving model holds per projection
+Weight = torch.Tensor | QuantWeight | Tiles  # what the serving model holds per projection
 
 
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from loraplex import cpu_isa
 from loraplex.errors import UserError
 
 
@@ -32,6 +33,8 @@ def bf16_is_faster(device: str) -> bool:
     if device == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     if device != "cpu":
+        return False
+    if cpu_isa.held() == "avx2":  # no bf16 instructions: oneDNN would convert every element
         return False
     try:  # the CPU says so: AVX512-BF16 or AMX-BF16 instructions
         flags = Path("/proc/cpuinfo").read_text().split()
