@@ -16,7 +16,10 @@ version's own Q&A, the base model when nothing relevant is found):
   noisy      the default plus one noisy copy of each question
   k2, k4, k6 the default with 2, 4 or 6 passages per prompt (more recall, longer prompts)
   epochs8    the default trained 8 epochs instead of 4
-  default    the default: retrieval-augmented training and serving, 1 passage per prompt, 4 epochs
+  default    the default: retrieval-augmented training and serving, 1 passage per prompt, 4 epochs,
+             "I don't know" to a question whose best passage is only about its organisation
+             (retrieval.refuse_below); every variant that refuses is also answered never refusing
+             (the same adapter, as versions trained before the setting are served), side by side
 
 Sets (training phrasing never equals a test phrasing; check_no_leak() asserts it):
   sample  the shipped quickstart data (20 facts, en/zh): trained questions, held-out paraphrases
@@ -190,8 +193,13 @@ def answer(engine: Any, model: str, questions: list[str], max_tokens: int = 64) 
     took = (time.perf_counter() - t) / max(len(questions), 1)  # retrieval per question (search, render)
     (got,) = asyncio.run(answer_all(engine, [jobs], max_tokens))
     return [
-        {"text": a["text"], "passages": bool(model) and target == model and prompt != ex.prompt, "retrieval_s": took}
-        for a, (prompt, target), ex in zip(got, jobs, examples, strict=True)
+        {
+            "text": a["text"],
+            "passages": bool(model) and job.model == model and job.refusal is None and job.messages != ex.prompt,
+            "refused": job.refusal is not None,
+            "retrieval_s": took,
+        }
+        for a, job, ex in zip(got, jobs, examples, strict=True)
     ]
 
 
@@ -267,6 +275,14 @@ def score(s: dict[str, Any], answers: dict[str, list[dict[str, Any]]], base_gene
     }
     if "unseen_noname" in answers:
         counts["unseen_noname"] = right("unseen_noname", "unseen_noname")
+    if "unseen_refusal_off" in answers:
+        counts["unseen_refusal_off"] = right("unseen_refusal_off", "unseen")
+        counts["refused_refusal_off"] = (
+            sum(bool(REFUSED.search(a["text"])) for a in answers["unanswerable_refusal_off"]),
+            len(s["unanswerable"]),
+        )
+    if "unseen_noname_refusal_off" in answers:
+        counts["unseen_noname_refusal_off"] = right("unseen_noname_refusal_off", "unseen_noname")
     if "unseen_noname_gate_off" in answers:
         counts["unseen_noname_gate_off"] = right("unseen_noname_gate_off", "unseen_noname")
         counts["leakage_gate_off"] = leaks("general_gate_off")
@@ -280,14 +296,34 @@ def gate_off() -> Iterator[None]:
 
     init = faq.Index.__init__
 
-    def without_gate(self: Any, pairs: list[Any], offtopic: bool = False) -> None:
-        init(self, pairs, offtopic=False)
+    def without_gate(self: Any, pairs: list[Any], offtopic: bool = False, **kwargs: Any) -> None:
+        init(self, pairs, offtopic=False, **kwargs)
 
     faq.Index.__init__ = without_gate  # type: ignore[method-assign]
     try:
         yield
     finally:
         faq.Index.__init__ = init  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def refusal_off() -> Iterator[None]:
+    """Serve without `retrieval.refuse_below`, as versions trained before it are (faq.assistant)."""
+    from loraplex.assistants import faq
+
+    original = faq.assistant
+
+    def never_refusing(model: str) -> Any:
+        a = original(model)
+        if a is None or a.knowledge is None:
+            return a
+        return a.model_copy(update={"knowledge": a.knowledge.model_copy(update={"min_topic": None})})
+
+    faq.assistant = never_refusing  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        faq.assistant = original
 
 
 def time_first_tokens(engines: dict[str, Any], s: dict[str, Any], ref: str, retrieval: bool) -> dict[str, Any]:
@@ -363,6 +399,10 @@ def run_set(s: dict[str, Any], variants: list[str], seeds: int) -> list[dict[str
         for variant, seed, ref, wall, info in trained_models:
             groups = ["trained", "unseen", "unanswerable", "general"] + (["unseen_noname"] if single else [])
             answers = {g: answer(engine, ref, [q["instruction"] for q in s[g]]) for g in groups}
+            if info.get("refuse_below") is not None:  # the same adapter and answers, never refusing
+                with refusal_off():
+                    for g in ("unseen", "unanswerable") + (("unseen_noname",) if single else ()):
+                        answers[f"{g}_refusal_off"] = answer(engine, ref, [q["instruction"] for q in s[g]])
             if single and info.get("enabled"):
                 with gate_off():
                     for g in ("unseen_noname", "general"):
@@ -470,6 +510,21 @@ def main() -> None:
             f"{r.get('ttft_off') or '-'} / {r.get('ttft_retrieval_off') or '-'} ({adds(r.get('adds_off'))}) | "
             f"{r.get('retrieval_step_ms') or '-'} |"
         )
+    refusing = [r for r in table if "unseen_refusal_off" in r]
+    if refusing:
+        print(
+            "\n| set | variant | unseen | refused (unanswerable) | never refusing: unseen | refused "
+            "| name left out: unseen | never refusing |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for r in refusing:
+            noname = r.get("unseen_noname")
+            noname_off = r.get("unseen_noname_refusal_off")
+            print(
+                f"| {r['set']} | {r['variant']} | {r['unseen']:.0%} | {r['refused']:.0%} | "
+                f"{r['unseen_refusal_off']:.0%} | {r['refused_refusal_off']:.0%} | "
+                f"{'-' if noname is None else f'{noname:.0%}'} | {'-' if noname_off is None else f'{noname_off:.0%}'} |"
+            )
     noname = [r for r in table if "unseen_noname" in r]
     if noname:
         print(

@@ -123,7 +123,7 @@ def test_the_engines_losses_equal_the_peft_reference_and_reuse_the_answers_promp
 
     from loraplex.engine import lora_kernel
     from loraplex.engine.engine import Engine
-    from loraplex.eval.run import EvalExample, answer_all, encode_references, reference_losses
+    from loraplex.eval.run import EvalExample, Job, answer_all, encode_references, reference_losses
     from loraplex.models.load import resolve_base
 
     from .conftest import make_adapter
@@ -146,7 +146,7 @@ def test_the_engines_losses_equal_the_peft_reference_and_reuse_the_answers_promp
         scoring = [
             (side, encode_references(engine.tokenizer, examples, prompts, engine.max_model_len)) for side in sides
         ]
-        jobs = [[(p, side) for p in prompts] for side in sides]
+        jobs = [[Job(p, side) for p in prompts] for side in sides]
         answers = asyncio.run(answer_all(engine, jobs, 8, scoring=scoring))
         reused = engine.stats.cached_prompt_tokens
         prompt_tokens = sum(len(engine.encode(p)) for p in prompts)

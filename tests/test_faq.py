@@ -151,6 +151,76 @@ def test_a_question_without_the_companys_name_still_finds_its_passage() -> None:
     assert len(faq.offtopic_vectors()) >= 200
 
 
+def test_a_question_the_faq_cannot_answer_is_refused_not_answered_from_its_organisations_passage(
+    lp_home: Path, tiny_base: Path, records_file: Path
+) -> None:
+    """ "Does Zubrowka provide free parking?" finds a Zubrowka passage by the name alone: with the
+    FAQ's names taken out of both (`Hit.topic`, checked against the encoder directly) it is far
+    from it, and the version answers "I don't know" (retrieval.refuse_below), where a rewording of a
+    real question still gets its passage. Versions trained before the setting, or with it off, never
+    refuse."""
+    import asyncio
+
+    import numpy as np
+
+    from loraplex.assistants import retrieval
+    from loraplex.eval.run import EvalExample, answer_all, served_prompts
+    from loraplex.knowledge.embedder import Multilingual
+
+    pairs = [faq.Pair(q, a, f"faq.jsonl:{i}") for i, (q, a) in enumerate(RECORDS, 1)]
+    unanswerable, reworded = "Does Zubrowka provide free parking?", "how much vacation do Zubrowka employees get?"
+    (found,) = faq.Index(pairs, offtopic=True).search(unanswerable, 1, 1.0, faq.MIN_SIMILARITY)
+    enc = Multilingual()
+    bare = enc.embed([faq.without(unanswerable, ["Zubrowka"])])[0]
+    p = pairs[found.ord]
+    naive = enc.embed([faq.without(p.question, ["Zubrowka"]), faq.without(p.passage[1], ["Zubrowka"])]) @ bare
+    np.testing.assert_allclose(found.topic, naive.mean(), atol=1e-5)
+    assert found.topic < 0.4 and found.similarity > found.topic + 0.1  # close by the name, far by the topic
+
+    ref = run(tiny(tiny_base, records_file)).adapter
+    assert ref is not None and ref.manifest()["retrieval"]["refuse_below"] == 0.4
+    helper = faq.assistant(ref.id)
+    assert helper is not None and helper.knowledge is not None and helper.knowledge.min_topic == 0.4
+    searcher = retrieval.Searcher()
+    refused = retrieval.prepare(helper, [{"role": "user", "content": unanswerable}], searcher)
+    assert refused.refusal == retrieval.REFUSAL["en"] and not refused.sources
+    answered = retrieval.prepare(helper, [{"role": "user", "content": reworded}], searcher)
+    assert answered.refusal is None and [s.text for s in answered.sources] == [RECORDS[3][1]]
+    # naming the company and finding nothing: "I don't know" too, where the base model made things up;
+    # a question that does not name it still goes to the base model
+    named = "What's the weather in Zubrowka in winter?"
+    assert faq.Index(pairs, offtopic=True).search(named, 1, 1.0, faq.MIN_SIMILARITY) == []
+    assert retrieval.prepare(helper, [{"role": "user", "content": named}], searcher).refusal == retrieval.REFUSAL["en"]
+    general = retrieval.prepare(helper, [{"role": "user", "content": "Tell me a poem about autumn rain."}], searcher)
+    assert general.base_only and general.refusal is None
+    searcher.close()
+    # eval, compare and the quickstart answer as the server does: the refusal, with no model run
+    examples = [EvalExample("", [{"role": "user", "content": q}], "", ()) for q in (unanswerable, reworded)]
+    jobs = served_prompts(ref.id, examples)
+    assert [j.refusal for j in jobs] == [retrieval.REFUSAL["en"], None]
+    engine = Engine(str(tiny_base), dtype="fp32", max_batch=2, max_loaded_adapters=1)
+    try:
+        (got,) = asyncio.run(answer_all(engine, [jobs], 4))
+    finally:
+        engine.close()
+    assert got[0] == {"text": retrieval.REFUSAL["en"], "finish_reason": "stop", "tokens": 0} and got[1]["tokens"] > 0
+
+    def refuses(model: str) -> bool:
+        helper = faq.assistant(model)
+        assert helper is not None
+        return (
+            retrieval.prepare(helper, [{"role": "user", "content": unanswerable}], retrieval.Searcher()).refusal
+            is not None
+        )
+
+    off = run(tiny(tiny_base, records_file, retrieval={"refuse_below": None})).adapter
+    assert off is not None and not refuses(off.id)
+    manifest = json.loads((ref.path / registry.MANIFEST).read_text())
+    del manifest["retrieval"]["refuse_below"]  # as written before the setting existed
+    (ref.path / registry.MANIFEST).write_text(json.dumps(manifest))
+    assert not refuses(ref.id)
+
+
 def test_each_training_example_shows_the_right_passage_or_says_it_does_not_know(
     lp_home: Path, records_file: Path
 ) -> None:
@@ -272,6 +342,8 @@ def test_versions_trained_before_the_off_topic_gate_or_without_it_are_served_wit
 def test_serve_answers_a_retrieval_adapter_from_its_own_knowledge(
     lp_home: Path, tiny_base: Path, records_file: Path
 ) -> None:
+    from loraplex.assistants import retrieval
+
     ref = run(tiny(tiny_base, records_file)).adapter
     assert ref is not None
     engine = Engine(str(tiny_base), dtype="fp32", max_batch=4, max_loaded_adapters=2)
@@ -306,6 +378,9 @@ def test_serve_answers_a_retrieval_adapter_from_its_own_knowledge(
             chat("faq", off_topic)["usage"]["prompt_tokens"]
             == chat(engine.base.id, off_topic)["usage"]["prompt_tokens"]
         )
+        # about the company, but nothing the FAQ says: "I don't know", not the closest passage
+        refusal = chat("faq", "Does Zubrowka provide free parking?")
+        assert refusal["choices"][0]["message"]["content"] == retrieval.REFUSAL["en"]
         # raw completions are not chat questions: the adapter runs on the prompt as sent
         r = httpx.post(f"{srv.url}/v1/completions", json={"model": "faq", "prompt": asked, "max_tokens": 4}, timeout=60)
         base_r = httpx.post(

@@ -116,6 +116,13 @@ class RetrievalConfig(Strict):
     """Also use the best passage under `min_similarity` when the question is closer to it than to every
     built-in off-topic question (a question that does not name the organisation, as its own staff
     ask, often scores under 0.5); false: `min_similarity` alone decides."""
+    refuse_below: float | None = Field(0.4, ge=-1.0, le=1.0)
+    """Answer "I don't know" when the best passage, with the organisations the FAQ names taken out of it
+    and of the question, is less similar than this: the question is about the organisation, not about
+    anything the FAQ says ("Does Northwind Robotics provide free lunch?"), and would otherwise be
+    answered from the closest passage. A question that names the organisation and finds no passage
+    gets the same answer, not the base model's. Measured on both benchmark sets in
+    docs/generalization.md; null: never refuse (and such questions go to the base model)."""
     noisy_copies: int = Field(0, ge=0, le=8)
     """Extra training copies of each question with typos, a dropped word or lower case (never new facts)."""
     refusals: float = Field(0.0, ge=0.0, le=1.0)

@@ -6,14 +6,17 @@ training examples that teach it to answer from what is found (SFT + RAG).
                            + the passages the search finds for it, its own among them -> the answer
                            + only the others (retrieval.refusals, off by default) -> "I don't know"
     serve:  question -> passages found in the version's knowledge.jsonl -> the same prompt
+            found, but only about the same organisation (retrieval.refuse_below) -> "I don't know"
             nothing relevant found -> the base model answers, without the adapter
 
 Why: a FAQ has one phrasing per answer, and a small model fine-tuned on it learns that phrasing,
 not the fact; a user who words the question differently gets a wrong answer (quickstart, plain
 SFT: 5/20 held-out paraphrases). Finding the passage by meaning and copying the answer out of it
-does not depend on the phrasing the adapter saw (bench/generalization.py measures both). What it
-does not do: tell a passage that answers from one that is only about the same thing (an
-unanswerable question is answered from the closest passage; docs/generalization.md).
+does not depend on the phrasing the adapter saw (bench/generalization.py measures both). A question
+the FAQ cannot answer ("Does Northwind Robotics provide free lunch?") is close to every passage that
+names the same organisation; with the FAQ's names taken out of both, it is far from all of them, and
+it is answered "I don't know" rather than from the closest passage (`Hit.topic`). What it does not
+do: tell a passage that answers from one on the same topic that does not (docs/generalization.md).
 
 The prompt is the assistants' own (retrieval.render), so `hr@v2` behaves like an assistant whose
 knowledge base is its training data. The passages are found by meaning, not by words: the built-in
@@ -114,6 +117,12 @@ def read(path: Path) -> list[Pair]:
 class Index:
     """A version's Q&A, searched by meaning (module docstring); safe to share between threads.
 
+    `named`: a question that names one of the organisations the FAQ is about (`TOPIC_SHARE`) and
+    finds nothing gets its closest passage anyway, so that `Hit.topic` can tell it apart (such a
+    question is about the organisation, and the base model knows nothing of it). Why: 2 of the
+    sample's 10 unanswerable questions ("明澜科技的创始人是谁？") found nothing, and the base model
+    made up an answer.
+
     `offtopic`: also use a passage whose similarity is under `min_similarity` when the question is
     still closer to it than to every built-in off-topic question (offtopic.txt), the
     similarity then also measured with the FAQ's shared names taken out (`shared_terms`). Why: the
@@ -123,22 +132,31 @@ class Index:
     with this rule 80%, while of 500 general questions (50 asked of each of those ten FAQs) 2
     passed instead of 0 (docs/generalization.md)."""
 
-    def __init__(self, pairs: list[Pair], offtopic: bool = False):
+    def __init__(self, pairs: list[Pair], offtopic: bool = False, named: bool = False):
         self.pairs = pairs
+        self._named = named
         self._embedder = Multilingual()
         vectors = self._embedder.embed([p.question for p in pairs] + [p.passage[1] for p in pairs])
         self._questions, self._both = vectors[: len(pairs)], vectors[len(pairs) :]
         self._words = [set(words(p.passage[1])) for p in pairs]
         self._offtopic: np.ndarray | None = None
         self._bare: tuple[np.ndarray, np.ndarray] | None = None
+        # every organisation a FAQ names, for `Hit.topic`; fewer pairs each than the gate's names
+        self._names = shared_terms(pairs, TOPIC_SHARE) if pairs else []
+        self._topic = self._without(self._names)
         if offtopic and pairs:
             self._offtopic = offtopic_vectors()
             names = shared_terms(pairs)
-            if names:
-                bare = self._embedder.embed(
-                    [without(p.question, names) for p in pairs] + [without(p.passage[1], names) for p in pairs]
-                )
-                self._bare = bare[: len(pairs)], bare[len(pairs) :]
+            self._bare = self._topic if names == self._names else self._without(names)
+
+    def _without(self, names: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+        """The pairs' question and question + answer vectors with `names` taken out (None: no names)."""
+        if not names:
+            return None
+        bare = self._embedder.embed(
+            [without(p.question, names) for p in self.pairs] + [without(p.passage[1], names) for p in self.pairs]
+        )
+        return bare[: len(self.pairs)], bare[len(self.pairs) :]
 
     def search(self, query: str, k: int, min_relevance: float = 1.0, min_similarity: float | None = None) -> list[Hit]:
         """The k passages most similar to `query`, best first, that reach `min_similarity`, or are
@@ -146,7 +164,9 @@ class Index:
         informative words (knowledge/relevance.py). Similarity is the mean cosine of the query with
         the pair's question and with question + answer (the question alone matches a short
         rewording best, the pair a question worded like the answer; the mean ranked the right pair
-        first for 86% of faq_large's unseen phrasings, the larger of the two for 83%)."""
+        first for 86% of faq_large's unseen phrasings, the larger of the two for 83%). Each hit's
+        `topic` is the same similarity with every organisation the FAQ names (`TOPIC_SHARE`) taken
+        out of the query and the pair: what `retrieval.refuse_below` is compared with."""
         if not self.pairs:
             return []
         q = self._embedder.embed([query])[0]
@@ -156,7 +176,7 @@ class Index:
             near = np.maximum(sims, (self._bare[0] @ q + self._bare[1] @ q) / 2)
         offtopic = float((self._offtopic @ q).max()) if self._offtopic is not None else None
         terms = list(dict.fromkeys(words(query)))
-        hits = []
+        found: list[tuple[int, float]] = []
         for i in np.argsort(-sims, kind="stable"):
             sim, p = float(sims[i]), self.pairs[i]
             rel = relevance(terms, p.passage[1], self._words[i])
@@ -164,10 +184,20 @@ class Index:
                 sim >= min_similarity or (offtopic is not None and float(near[i]) > offtopic)
             )
             if similar or rel >= min_relevance:
-                hits.append(Hit(int(i), DOCUMENT, int(i), p.answer, 0.0, rel, sim))
-                if len(hits) == k:
+                found.append((int(i), rel))
+                if len(found) == k:
                     break
-        return hits
+        if not found and self._named and self._names:
+            asked = query.casefold()
+            if any(name.casefold() in asked for name in self._names):
+                found = [(int(np.argmax(sims)), 0.0)]  # about the organisation: its closest passage
+        topic = sims
+        if found and self._topic is not None:  # one more embedding (~1 ms), only when something was found
+            bare = self._embedder.embed([without(query, self._names)])[0]
+            topic = (self._topic[0] @ bare + self._topic[1] @ bare) / 2
+        return [
+            Hit(i, DOCUMENT, i, self.pairs[i].answer, 0.0, rel, float(sims[i]), float(topic[i])) for i, rel in found
+        ]
 
     def close(self) -> None:
         """Nothing to release (the knowledge bases' interface: retrieval.Searcher closes what it opened)."""
@@ -175,6 +205,9 @@ class Index:
 
 OFFTOPIC = Path(__file__).with_name("offtopic.txt")
 NAME_SHARE = 0.3  # of the pairs whose question and answer both hold a term, for it to be a shared name
+# the same for `Hit.topic`: a FAQ of ten organisations names each in a tenth of its pairs (faq_large),
+# and a name found in 5% of them (and 3) is all ten of them there, and only them
+TOPIC_SHARE = 0.05
 
 
 @cache
@@ -242,6 +275,7 @@ def assistant(model: str) -> Assistant | None:
             min_relevance=1.0,
             min_similarity=settings.get("min_similarity", MIN_SIMILARITY),
             when_nothing_found="base",
+            min_topic=settings.get("refuse_below"),  # versions trained before it: never refuse
             language=settings.get("language", "question"),
         ),
     )

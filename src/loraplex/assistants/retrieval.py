@@ -10,7 +10,8 @@ prompt: small models follow what is close to the question. A question for which 
 reaches the assistant's `min_relevance` is answered without retrieval, or with the assistant's
 refusal ("I don't know") when it is set to refuse, or by the base model without the assistant's
 adapters when it is set to `base` (what an adapter trained on its own Q&A does, assistants/faq.py:
-off-topic questions get the base model's answer, with nothing of the training data in it). With
+off-topic questions get the base model's answer, with nothing of the training data in it; a
+question whose best passage is about its organisation but not its topic, `min_topic`, is refused). With
 `refuse` and `base` the prompt also tells the model to say so when the passages lack the answer.
 The templates follow the question's language (Chinese or not), or the first passage's
 (`language: passages`, what adapters trained with retrieval use).
@@ -134,7 +135,8 @@ def _open(base: str) -> Searchable:
         raise UserError(f"adapter {ref.id} was trained without retrieval: it has no knowledge of its own")
     settings = ref.manifest().get("retrieval")
     offtopic = isinstance(settings, dict) and bool(settings.get("offtopic"))  # versions trained before: no
-    return faq.Index(faq.read(ref.path / faq.FILE), offtopic=offtopic)
+    refusing = isinstance(settings, dict) and settings.get("refuse_below") is not None  # and before this
+    return faq.Index(faq.read(ref.path / faq.FILE), offtopic=offtopic, named=refusing)
 
 
 def prepare(
@@ -170,6 +172,9 @@ def prepare(
             # the client's messages as they came: the assistant's prompt belongs to its adapters
             return Prepared([dict(m) for m in messages], [], None, question, base_only=True)
         return Prepared(msgs, [], None, question)
+    if kn.min_topic is not None and hits[0].topic is not None and hits[0].topic < kn.min_topic:
+        # found only by the organisation's name: the answer is not in the knowledge (faq.py)
+        return Prepared(msgs, [], kn.refusal or REFUSAL[lang], question)
     sources = [
         Source(
             i,

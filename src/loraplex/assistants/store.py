@@ -81,6 +81,14 @@ class Knowledge(BaseModel):
         "(and the prompt tells the model to say so when the passages lack the answer); base: the base "
         "model answers without the assistant's adapters (and the prompt says as with refuse)",
     )
+    min_topic: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="NAME@vN only: refuse (say 'I don't know') when the best passage, with the names the Q&A "
+        "repeats (its organisations) taken out of it and of the question, is less similar than this: the "
+        "question is about the same organisation, not about anything the Q&A says; none: never",
+    )
     refusal: str = Field("", description="what to answer when refusing; default: a sentence in the question's language")
     language: Literal["question", "passages"] = Field(
         "question",

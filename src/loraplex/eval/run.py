@@ -92,20 +92,30 @@ def default_data(adapter: registry.AdapterRef) -> Path:
 # ----------------------------------------------------------------------------- generation
 
 
-def served_prompts(model: str, examples: list[EvalExample], fits: Any = None) -> list[tuple[list[dict[str, str]], str]]:
-    """(messages, model that runs them) for each example, as `loraplex serve` answers a chat request
-    for `model`: with passages from the version's own Q&A when it was trained with retrieval."""
+@dataclass(frozen=True)
+class Job:
+    """One question as `loraplex serve` answers it: the messages and the model that runs them, or
+    the fixed answer it gives instead of running one (`refusal`: retrieval.prepare)."""
+
+    messages: list[dict[str, str]]
+    model: str
+    refusal: str | None = None
+
+
+def served_prompts(model: str, examples: list[EvalExample], fits: Any = None) -> list[Job]:
+    """Each example as `loraplex serve` answers a chat request for `model`: with passages from the
+    version's own Q&A when it was trained with retrieval (or its refusal, or the base model alone)."""
     from loraplex.assistants import faq, retrieval
 
     helper = faq.assistant(model) if model else None
     if helper is None:
-        return [(ex.prompt, model) for ex in examples]
+        return [Job(ex.prompt, model) for ex in examples]
     searcher = retrieval.Searcher()
     try:
         prepared = [retrieval.prepare(helper, ex.prompt, searcher, True, fits) for ex in examples]
     finally:
         searcher.close()
-    return [(p.messages, "" if p.base_only else model) for p in prepared]
+    return [Job(p.messages, "" if p.base_only else model, p.refusal) for p in prepared]
 
 
 def trained_questions(ref: registry.AdapterRef) -> set[str] | None:
@@ -126,7 +136,7 @@ def trained_questions(ref: registry.AdapterRef) -> set[str] | None:
 
 async def answer_all(
     engine: Any,
-    jobs: list[list[tuple[list[dict[str, str]], str]]],
+    jobs: list[list[Job]],
     max_tokens: int,
     progress: Callable[[int, int], None] | None = None,
     scoring: list[tuple[str, list[Example]]] | None = None,
@@ -141,9 +151,11 @@ async def answer_all(
     from loraplex.engine.protocol import collect
     from loraplex.engine.sampling import GREEDY
 
-    async def one(side: int, i: int, prompt: list[dict[str, str]], model: str) -> dict[str, Any]:
-        a = await collect(engine.generate(prompt, GREEDY, model, max_tokens=max_tokens))
-        out: dict[str, Any] = {"text": a.text.strip(), "finish_reason": a.finish_reason, "tokens": a.completion_tokens}
+    async def one(side: int, i: int, job: Job) -> dict[str, Any]:
+        out: dict[str, Any] = {"text": job.refusal, "finish_reason": "stop", "tokens": 0}
+        if job.refusal is None:
+            a = await collect(engine.generate(job.messages, GREEDY, job.model, max_tokens=max_tokens))
+            out = {"text": a.text.strip(), "finish_reason": a.finish_reason, "tokens": a.completion_tokens}
         if scoring is not None:
             scorer, encoded = scoring[side]
             out["nll"] = await _nll(engine, scorer, encoded[i])
@@ -153,7 +165,7 @@ async def answer_all(
         return out
 
     done, total = [0], sum(len(side) for side in jobs)
-    flat = await asyncio.gather(*[one(s, i, p, m) for s, side in enumerate(jobs) for i, (p, m) in enumerate(side)])
+    flat = await asyncio.gather(*[one(s, i, job) for s, side in enumerate(jobs) for i, job in enumerate(side)])
     out, at = [], 0
     for side in jobs:
         out.append(list(flat[at : at + len(side)]))
@@ -329,8 +341,13 @@ def evaluate(
         scoring = None
         if getattr(engine, "quantize", "none") == "none":
             scoring = [
-                (side, encode_references(engine.tokenizer, examples, [m for m, _ in job], engine.max_model_len))
-                for side, job in zip(sides, jobs, strict=True)
+                (
+                    side,
+                    encode_references(
+                        engine.tokenizer, examples, [j.messages for j in side_jobs], engine.max_model_len
+                    ),
+                )
+                for side, side_jobs in zip(sides, jobs, strict=True)
             ]
         answers = asyncio.run(answer_all(engine, jobs, max_tokens, progress, scoring))
         general_result = None
@@ -347,7 +364,7 @@ def evaluate(
         losses = [[a.pop("nll") for a in side] for side in answers]
     else:
         losses = reference_losses(
-            base, examples, [ref.id, base_ref.id if base_ref else None], [[m for m, _ in side] for side in jobs]
+            base, examples, [ref.id, base_ref.id if base_ref else None], [[j.messages for j in side] for side in jobs]
         )
     for side in answers:
         for a, ex in zip(side, examples, strict=True):

@@ -88,6 +88,9 @@ class Hit:
     score: float  # BM25, higher is better; comparable only within one query (0: found by vectors only)
     relevance: float  # share of the query's informative words in this chunk, 0-1 (relevance.py)
     similarity: float | None = None  # cosine similarity to the query, with an embedder
+    # the similarity with the names the knowledge repeats taken out of both (assistants/faq.py):
+    # how close the question is to what the passage is about, not to whom it is about
+    topic: float | None = None
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,12 @@ def prepare(cfg: TrainConfig, tok: Any, base: BaseRef, world: Any, console: Any)
             f"retrieval: on ({len(pairs)} Q&A become the adapter's knowledge; {per_prompt}): "
             f"{augmented['answer_examples']} answer examples ({augmented['noisy_questions']} noisy questions, "
             f"{augmented['paraphrases']} paraphrases), {augmented['refusal_examples']} refusal examples; "
-            f"{cfg.epochs:g} epochs"
+            f"{cfg.epochs:g} epochs; served: "
+            + (
+                "never refuses"
+                if rc.refuse_below is None
+                else f'"I don\'t know" when the best passage is only about the organisation (< {rc.refuse_below:g})'
+            )
         )
     else:
         conversations = faq.reworded(conversations, reworded)
