@@ -452,6 +452,17 @@ def combined(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(out.values())
 
 
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def print_table(head: list[str], rows: list[list[str]]) -> None:
+    print("\n| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for cells in rows:
+        print("| " + " | ".join(cells) + " |")
+
+
 def adds(ms: float | None) -> str:
     return "-" if ms is None else f"{ms:+.0f} ms"
 
@@ -512,33 +523,32 @@ def main() -> None:
         )
     refusing = [r for r in table if "unseen_refusal_off" in r]
     if refusing:
-        print(
-            "\n| set | variant | unseen | refused (unanswerable) | never refusing: unseen | refused "
-            "| name left out: unseen | never refusing |"
+        print_table(
+            ["set", "variant", "unseen", "refused (unanswerable)", "never refusing: unseen", "refused"]
+            + ["name left out: unseen", "never refusing"],
+            [
+                [r["set"], r["variant"], pct(r["unseen"]), pct(r["refused"]), pct(r["unseen_refusal_off"])]
+                + [pct(r["refused_refusal_off"]), pct(r.get("unseen_noname")), pct(r.get("unseen_noname_refusal_off"))]
+                for r in refusing
+            ],
         )
-        print("|---|---|---|---|---|---|---|---|")
-        for r in refusing:
-            noname = r.get("unseen_noname")
-            noname_off = r.get("unseen_noname_refusal_off")
-            print(
-                f"| {r['set']} | {r['variant']} | {r['unseen']:.0%} | {r['refused']:.0%} | "
-                f"{r['unseen_refusal_off']:.0%} | {r['refused_refusal_off']:.0%} | "
-                f"{'-' if noname is None else f'{noname:.0%}'} | {'-' if noname_off is None else f'{noname_off:.0%}'} |"
-            )
     noname = [r for r in table if "unseen_noname" in r]
     if noname:
-        print(
-            "\n| set | variant | unseen, as written | unseen, name left out | the same without the off-topic gate "
-            "| leakage | leakage without the gate |"
+        print_table(
+            ["set", "variant", "unseen, as written", "unseen, name left out", "the same without the off-topic gate"]
+            + ["leakage", "leakage without the gate"],
+            [
+                [
+                    r["set"],
+                    r["variant"],
+                    pct(r["unseen"]),
+                    pct(r["unseen_noname"]),
+                    pct(r.get("unseen_noname_gate_off")),
+                ]
+                + [pct(r["leakage"]), pct(r.get("leakage_gate_off"))]
+                for r in noname
+            ],
         )
-        print("|---|---|---|---|---|---|---|")
-        for r in noname:
-            off = r.get("unseen_noname_gate_off")
-            print(
-                f"| {r['set']} | {r['variant']} | {r['unseen']:.0%} | {r['unseen_noname']:.0%} | "
-                f"{'-' if off is None else f'{off:.0%}'} | {r['leakage']:.0%} | "
-                f"{'-' if off is None else format(r['leakage_gate_off'], '.0%')} |"
-            )
     if args.json:
         args.json.write_text(json.dumps(rows, ensure_ascii=False, indent=1))
 
