@@ -164,7 +164,7 @@ def test_a_question_the_faq_cannot_answer_is_refused_not_answered_from_its_organ
     import numpy as np
 
     from loraplex.assistants import retrieval
-    from loraplex.eval.run import EvalExample, answer_all, served_prompts
+    from loraplex.eval.run import EvalExample, answer_all, evaluate, served_prompts
     from loraplex.knowledge.embedder import Multilingual
 
     pairs = [faq.Pair(q, a, f"faq.jsonl:{i}") for i, (q, a) in enumerate(RECORDS, 1)]
@@ -203,7 +203,16 @@ def test_a_question_the_faq_cannot_answer_is_refused_not_answered_from_its_organ
         (got,) = asyncio.run(answer_all(engine, [jobs], 4))
     finally:
         engine.close()
-    assert got[0] == {"text": retrieval.REFUSAL["en"], "finish_reason": "stop", "tokens": 0} and got[1]["tokens"] > 0
+    assert got[0] == {"text": retrieval.REFUSAL["en"], "finish_reason": "stop", "tokens": 0, "refused": True}
+    assert got[1]["tokens"] > 0 and not got[1]["refused"]
+    # and `loraplex eval` says how often the version refused (the base model never does)
+    data = write_jsonl(
+        records_file.parent / "eval.jsonl",
+        [{"instruction": unanswerable, "output": "Unknown."}, {"instruction": reworded, "output": RECORDS[3][1]}],
+    )
+    result = evaluate(ref.id, data, max_tokens=4, store=False)
+    assert result["summary"]["adapter"]["refused"] == 0.5 and result["summary"]["baseline"]["refused"] is None
+    assert result["examples"][0]["adapter"]["text"] == retrieval.REFUSAL["en"]
 
     def refuses(model: str) -> bool:
         helper = faq.assistant(model)

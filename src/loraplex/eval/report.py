@@ -31,6 +31,7 @@ METRICS = [
     ("length", "answer length (chars)", "{:.0f}"),
     ("stopped", "stopped at end of turn", "{:.1%}"),
     ("judge", "judge score (1-5)", "{:.2f}"),
+    ("refused", 'answered "I don\'t know" (retrieval.refuse_below)', "{:.1%}"),
 ]
 
 PAGE = """<!doctype html>

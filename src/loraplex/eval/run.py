@@ -152,10 +152,11 @@ async def answer_all(
     from loraplex.engine.sampling import GREEDY
 
     async def one(side: int, i: int, job: Job) -> dict[str, Any]:
-        out: dict[str, Any] = {"text": job.refusal, "finish_reason": "stop", "tokens": 0}
+        out: dict[str, Any] = {"text": job.refusal, "finish_reason": "stop", "tokens": 0, "refused": True}
         if job.refusal is None:
             a = await collect(engine.generate(job.messages, GREEDY, job.model, max_tokens=max_tokens))
             out = {"text": a.text.strip(), "finish_reason": a.finish_reason, "tokens": a.completion_tokens}
+            out["refused"] = False
         if scoring is not None:
             scorer, encoded = scoring[side]
             out["nll"] = await _nll(engine, scorer, encoded[i])
@@ -275,6 +276,7 @@ def _summary(answers: list[dict[str, Any]], examples: list[EvalExample], losses:
     nll, n_tok = sum(x for x, _ in losses), sum(n for _, n in losses)
     loss = nll / max(n_tok, 1)
     judged = [a["judge"]["score"] for a in answers if a.get("judge") and a["judge"].get("score") is not None]
+    refused = sum(bool(a.get("refused")) for a in answers)  # the version's "I don't know", no model run
     return {
         "score": mean("score"),
         "exact": mean("exact"),
@@ -288,6 +290,7 @@ def _summary(answers: list[dict[str, Any]], examples: list[EvalExample], losses:
         "perplexity": math.exp(min(loss, 50.0)),
         "judge": sum(judged) / len(judged) if judged else None,
         "judged": len(judged),
+        "refused": refused / len(answers) if refused else None,
     }
 
 
