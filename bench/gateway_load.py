@@ -1,7 +1,7 @@
 """The gateway under load and abuse: many clients for a while, valid, invalid, forbidden and
 disconnecting requests mixed, with API keys on and a small queue so overload is reached.
 
-    python bench/gateway_load.py [--clients 32] [--seconds 60] [--max-queue 8]
+    python bench/gateway_load.py [--clients 32] [--seconds 60] [--max-queue 8] [--quantize none,int4]
 
 `loraplex serve` (the default base, 8 random rank-16 adapters, keys required) runs as its own
 process on loopback; each client loops over: a valid chat completion (streamed or not, 8-32 tokens,
@@ -9,7 +9,8 @@ a random adapter), an invalid body (400), a model outside its key (403), or a st
 after the first chunk. Reports, side by side in one run: answers by status, any 5xx other than
 the deliberate 503 `overloaded`, requests sent vs. rows in the request log, and the server's
 resident memory after warm-up and after each of several identical runs (flat means no growth
-from one run to the next once caches have grown).
+from one run to the next once caches have grown). With several `--quantize` modes, each gets its own
+server and the same load, one after the other, and a last table sets their memory side by side.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
+from generalization import cpu  # noqa: E402  (lscpu model and flags: printed with the table)
 from loraplex.gateway import db, keys  # noqa: E402
 from loraplex.models.load import resolve_base  # noqa: E402
 from serve_throughput import ServerProcess, make_adapters  # noqa: E402
@@ -84,7 +86,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--max-queue", type=int, default=8)
     ap.add_argument("--runs", type=int, default=3, help="identical runs; memory is read after each")
+    ap.add_argument(
+        "--quantize", default="none", help="the server's base weights, comma-separated for several: none,int8,int4"
+    )
     args = ap.parse_args()
+    modes = [m.strip() for m in args.quantize.split(",") if m.strip()]
     base = resolve_base(None)
     home = Path(tempfile.mkdtemp(prefix="lp-gateway-bench-"))
     (home / "models").symlink_to(base.path.parent)
@@ -93,7 +99,21 @@ def main() -> None:
         names = pool.submit(make_adapters, base, "team", "all-linear").result()
     con = db.connect()
     _, token = keys.create(con, "load", models=("team*",))
-    server = ServerProcess(home, names, ["--max-queue", str(args.max_queue)])
+    memory = {mode: load_one(home, names, token, mode, args) for mode in modes}
+    if len(modes) > 1:
+        print(f"\n{cpu()}\n")
+        print("| --quantize | RSS after warm-up | after the last run | vs none |\n|---|---|---|---|")
+        for mode, (mem0, last) in memory.items():
+            vs = f"{last / memory['none'][1]:.0%}" if "none" in memory else "-"
+            print(f"| {mode} | {mem0:.0f} MB | {last:.0f} MB | {vs} |")
+
+
+def load_one(home: Path, names: list[str], token: str, mode: str, args: argparse.Namespace) -> tuple[float, float]:
+    """One server with `--quantize mode` under the load; prints its tables, returns its RSS (MB)
+    after warm-up and after the last run."""
+    server = ServerProcess(home, names, ["--max-queue", str(args.max_queue), "--quantize", mode])
+    log = sqlite3.connect(home / "server.db")
+    first_row = log.execute("SELECT COALESCE(MAX(rowid), 0) FROM requests").fetchone()[0]  # earlier modes' rows
     try:
         warm = asyncio.run(load(server.url, token, names, 8, 10))["sent"]  # warm-up: adapters loaded, caches grown
         mem0 = rss_mb(server.proc.pid)
@@ -106,12 +126,16 @@ def main() -> None:
     finally:
         server.stop()  # SIGTERM: drains, then the log writer flushes its last rows
     rows = collections.Counter(
-        f"{status}" for (status,) in sqlite3.connect(home / "server.db").execute("SELECT status FROM requests")
+        f"{status}"
+        for (status,) in sqlite3.connect(home / "server.db").execute(
+            "SELECT status FROM requests WHERE rowid > ?", (first_row,)
+        )
     )
     sent = sum(t["sent"] for t in tallies)
     total = sum(tallies, collections.Counter())
     print(
-        f"{args.clients} clients x {args.seconds:.0f} s, {args.runs} runs; max batch 16, max queue {args.max_queue}\n"
+        f"\n--quantize {mode}: {args.clients} clients x {args.seconds:.0f} s, {args.runs} runs; "
+        f"max batch 16, max queue {args.max_queue}\n"
     )
     print("| answer | count |\n|---|---|")
     for k, v in sorted(total.items()):
@@ -123,6 +147,7 @@ def main() -> None:
     print(f"5xx other than 503: {sum(bad.values())} {bad or ''}")
     after = ", ".join(f"run {i + 1} {m:.0f} MB" for i, m in enumerate(mems))
     print(f"server RSS: after warm-up {mem0:.0f} MB, {after} (last - first run: {mems[-1] - mems[0]:+.0f} MB)")
+    return mem0, mems[-1]
 
 
 if __name__ == "__main__":

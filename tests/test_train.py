@@ -16,6 +16,7 @@ from loraplex.cli import app
 from loraplex.config import load_config
 from loraplex.errors import UserError
 from loraplex.files import sha256_file
+from loraplex.train import cross_entropy
 from loraplex.train.parts import ONEDNN_CACHE, ONEDNN_CACHE_ENV
 from loraplex.train.sft_lora import run
 
@@ -67,6 +68,41 @@ def test_loss_falls_and_adapter_is_registered(lp_home: Path, tiny_base: Path, fa
     registry.verify(res.adapter)
     # The next training of the same name is v2.
     assert run(tiny_cfg(tiny_base, facts_file, max_steps=2)).adapter.id == "tiny@v2"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_equals_the_reference(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    # 7 rows a chunk over 23 positions: three full chunks and a short one
+    monkeypatch.setattr(cross_entropy, "CHUNK_BYTES", 7 * 4 * 997)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(48, 997, bias=False).requires_grad_(False).to(dtype)
+    hidden = torch.randn(23, 48, dtype=dtype)
+    targets = torch.randint(0, 997, (23,))
+    assert cross_entropy.fused_ok(head)
+    results = {}
+    for name, fn in (("chunked", cross_entropy.head_cross_entropy), ("reference", cross_entropy.reference)):
+        h = hidden.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = fn(head, h, targets)
+        (loss * 0.37).backward()  # the recipe scales by 1 / answer tokens before backward
+        assert h.grad is not None
+        results[name] = (loss.detach(), h.grad)
+    (loss, grad), (ref_loss, ref_grad) = results["chunked"], results["reference"]
+    assert loss.dtype == ref_loss.dtype == torch.float32
+    if dtype == torch.float32:
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+    else:  # the same bf16 products; the scale applied after the bf16 rounding instead of before it
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=2e-2, atol=1e-4)
+    # without gradients (eval loss): the same loss, and no gradient kept
+    with torch.no_grad():
+        assert float(cross_entropy.head_cross_entropy(head, hidden, targets)) == pytest.approx(float(loss), rel=1e-6)
+    # a head that is trained (a LoRA or modules_to_save on it) goes the plain way, and gets its gradient
+    trained = torch.nn.Linear(48, 997, bias=False)
+    assert not cross_entropy.fused_ok(trained)
+    cross_entropy.head_cross_entropy(trained, hidden.float(), targets).backward()
+    assert trained.weight.grad is not None and trained.weight.grad.abs().sum() > 0
 
 
 def test_training_bounds_onednn_cache_unless_the_user_set_it(

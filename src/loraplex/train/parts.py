@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from loraplex.adapters import registry
 from loraplex.assistants import faq
@@ -34,6 +33,7 @@ from loraplex.data.tokenize import IGNORE, Example
 from loraplex.errors import UserError
 from loraplex.models.load import BaseRef, load_model
 from loraplex.train import attention
+from loraplex.train.cross_entropy import head_cross_entropy
 from loraplex.train.data import Prepared, make_batch
 
 # oneDNN, which runs PyTorch's CPU matmuls, keeps a compiled primitive per matmul shape, 1,024 of
@@ -58,7 +58,8 @@ def bound_onednn_cache(device: str, dtype: torch.dtype) -> None:
 def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labelled positions, and how many there were.
 
-    Equivalent to `model(**batch).loss * n`, but the output head runs only on labelled positions.
+    Equivalent to `model(**batch).loss * n`, but the output head runs only on labelled positions,
+    a few of them at a time (train/cross_entropy.py).
     """
     inner = model.get_base_model()
     spans = {"segments": attention.segments(batch["position_ids"])} if packed_attention(inner) else {}
@@ -71,8 +72,9 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     ).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
-    logits = inner.get_output_embeddings()(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
+    # the logits a few rows at a time, never the whole (positions x vocabulary) matrix (cross_entropy.py)
+    loss = head_cross_entropy(inner.get_output_embeddings(), hidden[:, :-1][keep], targets[keep])
+    return loss, int(keep.sum())
 
 
 def packed_attention(model: Any) -> bool:
