@@ -95,6 +95,12 @@ def test_chunked_cross_entropy_equals_the_reference(monkeypatch: pytest.MonkeyPa
     else:  # the same bf16 products; the scale applied after the bf16 rounding instead of before it
         torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
         torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=2e-2, atol=1e-4)
+    # a micro-batch without labelled positions (its answers truncated away): zero loss, zero gradient
+    empty = hidden[:0].clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        nothing = cross_entropy.head_cross_entropy(head, empty, targets[:0])
+    nothing.backward()
+    assert float(nothing.detach()) == 0.0 and empty.grad is not None and empty.grad.shape == (0, 48)
     # without gradients (eval loss): the same loss, and no gradient kept
     with torch.no_grad():
         assert float(cross_entropy.head_cross_entropy(head, hidden, targets)) == pytest.approx(float(loss), rel=1e-6)

@@ -77,8 +77,8 @@ class _Chunked(torch.autograd.Function):
                 # what autograd does through `reference`: d logits cast to the logits' dtype, times W
                 weight = head.weight.to(out.dtype) if weight is None else weight  # once (a no-op unless autocast casts)
                 grads.append(p.to(out.dtype) @ weight)
-        if grad:
-            ctx.save_for_backward(torch.cat(grads).to(hidden.dtype))
+        if grad:  # no labelled positions (an answer truncated away): a zero gradient, as the plain loss gives
+            ctx.save_for_backward(torch.cat(grads).to(hidden.dtype) if grads else torch.zeros_like(hidden))
         return total
 
     @staticmethod
