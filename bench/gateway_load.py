@@ -5,8 +5,8 @@ disconnecting requests mixed, with API keys on and a small queue so overload is 
 
 `loraplex serve` (the default base, 8 random rank-16 adapters, keys required) runs as its own
 process on loopback; each client loops over: a valid chat completion (streamed or not, 8-32 tokens,
-a random adapter), an invalid body (400), a model outside its key (403), or a stream it abandons
-after the first chunk. Reports, side by side in one run: answers by status, any 5xx other than
+a random adapter), an invalid body (400), a model outside its key (404: the server does not say
+which models exist), or a stream it abandons after the first chunk. Reports, side by side in one run: answers by status, any 5xx other than
 the deliberate 503 `overloaded`, requests sent vs. rows in the request log, and the server's
 resident memory after warm-up and after each of several identical runs (flat means no growth
 from one run to the next once caches have grown). With several `--quantize` modes, each gets its own
@@ -126,10 +126,7 @@ def load_one(home: Path, names: list[str], token: str, mode: str, args: argparse
     finally:
         server.stop()  # SIGTERM: drains, then the log writer flushes its last rows
     rows = collections.Counter(
-        f"{status}"
-        for (status,) in sqlite3.connect(home / "server.db").execute(
-            "SELECT status FROM requests WHERE rowid > ?", (first_row,)
-        )
+        f"{status}" for (status,) in log.execute("SELECT status FROM requests WHERE rowid > ?", (first_row,))
     )
     sent = sum(t["sent"] for t in tallies)
     total = sum(tallies, collections.Counter())

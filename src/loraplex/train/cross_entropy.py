@@ -13,7 +13,7 @@ Here each chunk of `CHUNK_BYTES` of logits is computed with the head as the mode
 module call, under the caller's autocast), reduced to its log-sum-exp and target logit, turned in
 place into softmax - one-hot, and multiplied back through the head's weight at once: the forward
 pass keeps the gradient for the hidden states (n x hidden, small), and backward only scales it. The
-chunks are the same size step after step, so the allocator reuses them. The gradient is the one
+gradient is the one
 autograd computes through `reference` (softmax - one-hot, cast to the head's compute dtype, times
 the weight), scaled after the product instead of before it (tests/test_train.py: equal to the
 reference within fp32 rounding, and within bf16 rounding under autocast).
