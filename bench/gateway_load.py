@@ -6,8 +6,9 @@ disconnecting requests mixed, with API keys on and a small queue so overload is 
 `loraplex serve` (the default base, 8 random rank-16 adapters, keys required) runs as its own
 process on loopback; each client loops over: a valid chat completion (streamed or not, 8-32 tokens,
 a random adapter), an invalid body (400), a model outside its key (404: the server does not say
-which models exist), or a stream it abandons after the first chunk. Reports, side by side in one run: answers by status, any 5xx other than
-the deliberate 503 `overloaded`, requests sent vs. rows in the request log, and the server's
+which models exist), or a stream it abandons after the first chunk. Reports, side by side in one
+run: answers by status, any 5xx other than the deliberate 503 `overloaded`, requests sent vs.
+rows in the request log, and the server's
 resident memory after warm-up and after each of several identical runs (flat means no growth
 from one run to the next once caches have grown). With several `--quantize` modes, each gets its own
 server and the same load, one after the other, and a last table sets their memory side by side.
