@@ -9,8 +9,9 @@ a random adapter), an invalid body (400), a model outside its key (404: the serv
 which models exist), or a stream it abandons after the first chunk. Reports, side by side in one
 run: answers by status, any 5xx other than the deliberate 503 `overloaded`, requests sent vs.
 rows in the request log, and the server's
-resident memory after warm-up and after each of several identical runs (flat means no growth
-from one run to the next once caches have grown). With several `--quantize` modes, each gets its own
+resident memory at rest after warm-up and after each of several identical runs (read 5 s after
+the load stops; flat means no growth from one run to the next once caches have grown) and its peak
+under load. With several `--quantize` modes, each gets its own
 server and the same load, one after the other, and a last table sets their memory side by side.
 """
 
@@ -38,11 +39,13 @@ from loraplex.models.load import resolve_base  # noqa: E402
 from serve_throughput import ServerProcess, make_adapters  # noqa: E402
 
 USER = [{"role": "user", "content": "年假有多少天？How many days of leave do I get?"}]
+REST_S = 5.0  # after the load stops, before memory is read: the engine gives freed memory back once idle 2 s
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory now (`VmRSS`) or its peak so far (`VmHWM`), MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -101,29 +104,35 @@ def main() -> None:
     con = db.connect()
     _, token = keys.create(con, "load", models=("team*",))
     memory = {mode: load_one(home, names, token, mode, args) for mode in modes}
+    print(f"\n{cpu()}\n")
     if len(modes) > 1:
-        print(f"\n{cpu()}\n")
-        print("| --quantize | RSS after warm-up | after the last run | vs none |\n|---|---|---|---|")
-        for mode, (mem0, last) in memory.items():
+        print("| --quantize | RSS after warm-up | after the last run | vs none | peak under load | vs none |")
+        print("|---|---|---|---|---|---|")
+        for mode, (mem0, last, peak) in memory.items():
             vs = f"{last / memory['none'][1]:.0%}" if "none" in memory else "-"
-            print(f"| {mode} | {mem0:.0f} MB | {last:.0f} MB | {vs} |")
+            vs_peak = f"{peak / memory['none'][2]:.0%}" if "none" in memory else "-"
+            print(f"| {mode} | {mem0:.0f} MB | {last:.0f} MB | {vs} | {peak:.0f} MB | {vs_peak} |")
 
 
-def load_one(home: Path, names: list[str], token: str, mode: str, args: argparse.Namespace) -> tuple[float, float]:
+def load_one(
+    home: Path, names: list[str], token: str, mode: str, args: argparse.Namespace
+) -> tuple[float, float, float]:
     """One server with `--quantize mode` under the load; prints its tables, returns its RSS (MB)
-    after warm-up and after the last run."""
+    at rest after warm-up and after the last run, and its peak."""
     server = ServerProcess(home, names, ["--max-queue", str(args.max_queue), "--quantize", mode])
     log = sqlite3.connect(home / "server.db")
     first_row = log.execute("SELECT COALESCE(MAX(rowid), 0) FROM requests").fetchone()[0]  # earlier modes' rows
     try:
         warm = asyncio.run(load(server.url, token, names, 8, 10))["sent"]  # warm-up: adapters loaded, caches grown
+        time.sleep(REST_S)
         mem0 = rss_mb(server.proc.pid)
         tallies = []
         mems = []
         for _ in range(args.runs):
             tallies.append(asyncio.run(load(server.url, token, names, args.clients, args.seconds)))
-            time.sleep(2)
+            time.sleep(REST_S)
             mems.append(rss_mb(server.proc.pid))
+        peak = rss_mb(server.proc.pid, "VmHWM")
     finally:
         server.stop()  # SIGTERM: drains, then the log writer flushes its last rows
     rows = collections.Counter(
@@ -144,8 +153,11 @@ def load_one(home: Path, names: list[str], token: str, mode: str, args: argparse
     print(f"log rows by status: {dict(sorted(rows.items()))}")
     print(f"5xx other than 503: {sum(bad.values())} {bad or ''}")
     after = ", ".join(f"run {i + 1} {m:.0f} MB" for i, m in enumerate(mems))
-    print(f"server RSS: after warm-up {mem0:.0f} MB, {after} (last - first run: {mems[-1] - mems[0]:+.0f} MB)")
-    return mem0, mems[-1]
+    print(
+        f"server RSS at rest: after warm-up {mem0:.0f} MB, {after} (last - first run: {mems[-1] - mems[0]:+.0f} MB); "
+        f"peak {peak:.0f} MB"
+    )
+    return mem0, mems[-1], peak
 
 
 if __name__ == "__main__":

@@ -306,6 +306,7 @@ def test_plain_sft_stays_available_and_epochs_follow_the_mode(
     res = run(cfg)
     assert res.adapter is not None
     assert not (res.adapter.path / registry.KNOWLEDGE).exists()
+    assert not registry.any_knowledge()  # so the server does not load the word segmenter
     assert res.adapter.manifest()["retrieval"]["enabled"] is False
     assert faq.assistant(res.adapter.id) is None  # served as a plain adapter
 
@@ -313,9 +314,11 @@ def test_plain_sft_stays_available_and_epochs_follow_the_mode(
 def test_the_knowledge_is_part_of_the_version(
     lp_home: Path, tiny_base: Path, records_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    assert not registry.any_knowledge()
     ref = run(tiny(tiny_base, records_file)).adapter
     assert ref is not None
     assert registry.KNOWLEDGE in ref.manifest()["files"]
+    assert registry.any_knowledge()
     registry.verify(ref)
     tar = tmp_path / "faq.tar"
     export_tar(ref.id, tar)

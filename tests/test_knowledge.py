@@ -242,3 +242,24 @@ def test_vectors_from_a_local_embedder_and_hybrid_ranking(kb_home: Path, tiny_ba
     assert r.returncode == 2 and "no .safetensors weights" in r.stderr
     assert cli("add", "dense", "--no-embedder", home=kb_home).returncode == 0
     assert json.loads(cli("list", "--json", home=kb_home).stdout)[0]["vectors"] == 0
+
+
+def _idf_tables() -> tuple[bool, bool, float, float]:
+    from loraplex.knowledge import relevance
+
+    freq, median = relevance._idf()
+    relevance.weight("年假")
+    spared = "jieba.analyse" not in sys.modules  # its tagger's tables are ~95 MiB of a server's memory
+    import jieba.analyse
+
+    model = jieba.analyse.default_tfidf
+    return spared, freq == model.idf_freq and len(freq) > 100_000, median, model.median_idf
+
+
+def test_relevance_reads_jiebas_idf_table_without_jieba_analyse() -> None:
+    from tests.child import in_child
+
+    spared, same, median, jiebas = in_child(_idf_tables, what="idf")
+    assert spared
+    assert same
+    assert median == jiebas

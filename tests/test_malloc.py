@@ -56,6 +56,29 @@ def test_trim_waits_its_interval() -> None:
     assert t.calls == 0
 
 
+def test_trim_once_at_rest_after_work() -> None:
+    t = Trim(every_s=3600.0, idle_s=0.0)
+    t.maybe(idle=True)
+    assert t.calls == 0  # nothing was done since the last trim: nothing to give back
+    for _ in range(100):
+        t.maybe(idle=False)
+    assert t.calls == 0  # never while working
+    for _ in range(100):
+        t.maybe(idle=True)
+    assert t.calls == (1 if t.available else 0)  # once per rest, not every idle turn of the loop
+    t.maybe(idle=False)
+    t.maybe(idle=True)
+    assert t.calls == (2 if t.available else 0)
+
+
+def test_trim_at_rest_waits_idle_s() -> None:
+    t = Trim(every_s=3600.0, idle_s=3600.0)
+    t.maybe(idle=False)
+    for _ in range(100):
+        t.maybe(idle=True)
+    assert t.calls == 0  # a request arriving soon after another does not pay for re-faulted pages
+
+
 def _arenas_used(limit: int | None) -> int:
     """How many glibc arenas (malloc_info's <heap>s) 8 threads end up with, each allocating and
     freeing as a server's threads do."""

@@ -9,7 +9,8 @@ in RSS; `malloc_trim(0)` gives them back in ~16 ms.
 
 Why trimming and not a fixed threshold (mallopt): fixing it at 1 MiB also gave everything back, but
 every large tensor then costs fresh zeroed pages (page faults), and the engine decoded 18-22%
-slower (16 requests x 64 tokens: 6.5-7.2 s -> 7.9-8.7 s). A trim every 30 s costs ~16 ms.
+slower (16 requests x 64 tokens: 6.5-7.2 s -> 7.9-8.7 s). A trim every 30 s costs ~16 ms; the engine
+also trims once it has been idle for 2 s (`Trim`).
 
 Arenas: glibc gives threads their own heaps ("arenas", up to 8 per core; tests/test_malloc.py:
 9 for 8 busy threads), and each fragments on its own. `loraplex serve` calls `limit_arenas(2)`
@@ -70,22 +71,34 @@ def limit_kernel_caches(entries: int = 256) -> None:
 
 
 class Trim:
-    """`maybe()` trims the C heap when `every_s` seconds have passed since the last trim; call it
-    from a loop (the engine's)."""
+    """`maybe()` trims the C heap when `every_s` seconds have passed since the last trim, or once
+    the caller has been idle for `idle_s` seconds after working; call it from a loop (the engine's).
 
-    def __init__(self, every_s: float = 30.0):
+    Why also when idle: a burst of requests leaves its freed activations in the heap until the next
+    periodic trim, so a server at rest kept ~160 MiB more than it needs for up to 30 s (int4, 16
+    rows; docs/performance.md). Why wait `idle_s` first: trimmed pages fault back in (zeroed) when
+    the next request needs them, so a request arriving right after another would pay for it."""
+
+    def __init__(self, every_s: float = 30.0, idle_s: float = 2.0):
         self.every_s = every_s
+        self.idle_s = idle_s
         self._trim = _malloc_trim()
-        self._last = time.monotonic()
+        self._last = self._busy = time.monotonic()
+        self._worked = False  # since the last trim
         self.calls = 0
 
     @property
     def available(self) -> bool:
         return self._trim is not None
 
-    def maybe(self) -> None:
+    def maybe(self, idle: bool = False) -> None:
+        """`idle`: the caller has nothing to do now (no requests running or waiting)."""
         now = time.monotonic()
-        if self._trim is not None and now - self._last >= self.every_s:
+        if not idle:
+            self._busy, self._worked = now, True
+        rested = idle and self._worked and now - self._busy >= self.idle_s
+        if self._trim is not None and (rested or now - self._last >= self.every_s):
             self._trim(0)
             self._last = now
+            self._worked = False
             self.calls += 1

@@ -96,6 +96,12 @@ def store_root() -> Path:
     return home() / "adapters"
 
 
+def any_knowledge() -> bool:
+    """Whether some version in the store carries the Q&A it answers from (`KNOWLEDGE`)."""
+    root = store_root()
+    return root.is_dir() and any(root.glob(f"*/v*/{KNOWLEDGE}"))
+
+
 def check_alias(alias: str) -> str:
     if not _ALIAS_RE.fullmatch(alias) or VERSION_RE.fullmatch(alias):
         raise UserError(

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
-from loraplex.adapters import names
+from loraplex.adapters import names, registry
 from loraplex.api import admin as admin_routes
 from loraplex.api import completions, embeddings, models, responses, tokenize
 from loraplex.api.body import BodyLimit, UnicodeRoute
@@ -85,8 +85,12 @@ def create_app(engine: EngineClient, gateway: Gateway | None = None, body_timeou
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # jieba's dictionary and IDF table take ~2 s to load: before the first question, not during it
-        await asyncio.to_thread(searcher.warm, assistants.knowledge_bases())
+        # jieba's dictionary and IDF table take ~1 s to load: before the first question, not during it.
+        # Only when something will be searched: they hold ~130 MiB, a third of an int4 server's own
+        # memory (an adapter trained with retrieval while the server runs loads them at its first question).
+        bases = assistants.knowledge_bases()
+        if bases or registry.any_knowledge():
+            await asyncio.to_thread(searcher.warm, bases)
         yield
         await asyncio.to_thread(engine.close, 5.0)  # finish in-flight work, abort what is left
         await gw.aclose()  # after the engine: the last streams' log rows are written too

@@ -100,8 +100,10 @@ class Searcher:
     def warm(self, bases: list[str]) -> None:
         """Open these knowledge bases and load the word segmenter and IDF table now."""
         from loraplex.knowledge.relevance import weight
+        from loraplex.knowledge.store import words
 
         weight("预热")
+        words("预热 warm up")  # jieba's dictionary
         for base in bases:
             try:
                 self.search(base, "预热 warm up", 1, 1.0)

@@ -346,7 +346,8 @@ class Engine:
                     kind = ""
             self._admit()
             self._keep_kv_budget()
-            self._trim.maybe()  # freed tensors back to the system every 30 s (malloc.py)
+            # freed tensors back to the system every 30 s, and once idle for 2 s (malloc.py)
+            self._trim.maybe(idle=not self._rows and not self._waiting)
             if any(not r.decoding for r in self._rows):
                 self._guarded(self._prefill_step, [r for r in self._rows if not r.decoding])
             if any(r.decoding for r in self._rows):

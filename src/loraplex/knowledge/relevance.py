@@ -19,8 +19,10 @@ This module does not rank passages (store.py does, with BM25).
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from functools import cache
+from pathlib import Path
 
 CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 # English function and question words (jieba's own list has 31 of them), and Chinese ones: words
@@ -37,10 +39,19 @@ STOP = frozenset(_ENGLISH.split()) | frozenset(_CHINESE.split())
 
 @cache
 def _idf() -> tuple[dict[str, float], float]:
-    import jieba.analyse
-
-    model = jieba.analyse.default_tfidf
-    return model.idf_freq, model.median_idf
+    """jieba's IDF table (`jieba/analyse/idf.txt`, a "word idf" line each) and its median, read as
+    jieba's own TF-IDF loader reads them. Why not `jieba.analyse.default_tfidf`: importing
+    `jieba.analyse` also loads its part-of-speech tagger's tables, which this never uses: ~95 MiB of
+    a server's resident memory (tests/test_knowledge.py checks the two tables are the same)."""
+    spec = importlib.util.find_spec("jieba")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("jieba")
+    path = Path(next(iter(spec.submodule_search_locations))) / "analyse" / "idf.txt"
+    freq = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        word, idf = line.strip().split(" ")
+        freq[word] = float(idf)
+    return freq, sorted(freq.values())[len(freq) // 2]
 
 
 def weight(word: str) -> float:
