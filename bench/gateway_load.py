@@ -9,7 +9,7 @@ a random adapter), an invalid body (400), a model outside its key (404: the serv
 which models exist), or a stream it abandons after the first chunk. Reports, side by side in one
 run: answers by status, any 5xx other than the deliberate 503 `overloaded`, requests sent vs.
 rows in the request log, and the server's
-resident memory at rest after warm-up and after each of several identical runs (read 5 s after
+resident memory at rest after warm-up and after each of several identical runs (read 8 s after
 the load stops; flat means no growth from one run to the next once caches have grown) and its peak
 under load. With several `--quantize` modes, each gets its own
 server and the same load, one after the other, and a last table sets their memory side by side.
@@ -39,7 +39,9 @@ from loraplex.models.load import resolve_base  # noqa: E402
 from serve_throughput import ServerProcess, make_adapters  # noqa: E402
 
 USER = [{"role": "user", "content": "年假有多少天？How many days of leave do I get?"}]
-REST_S = 5.0  # after the load stops, before memory is read: the engine gives freed memory back once idle 2 s
+# after the load stops, before memory is read: the engine gives freed memory back once idle 2 s, and
+# its KV cache shrinks once the rows have needed a quarter of it for 5 s (engine/model.py)
+REST_S = 8.0
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
