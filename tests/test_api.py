@@ -915,3 +915,37 @@ def test_responses_api_text_chain_tools_and_stream(server: Server) -> None:
     assert [e.sequence_number for e in events] == list(range(len(events)))
     with pytest.raises(openai.NotFoundError):
         c.responses.create(model="legal", input="hi", previous_response_id="resp-nope")
+
+
+def _segmenter_loaded_at_startup(base_dir: str, home: str) -> bool:
+    import os
+    import sys
+
+    os.environ["LORAPLEX_HOME"] = home
+    srv = Server(Engine(base_dir, dtype="fp32", max_batch=2))  # started: the lifespan's warm-up has run
+    try:
+        return "jieba" in sys.modules
+    finally:
+        srv.stop()
+
+
+def test_the_server_loads_the_word_segmenter_only_when_something_is_searched(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    """jieba holds ~130 MiB: a server of plain adapters never needs it, one with a version trained
+    with retrieval loads it before its first question."""
+    import shutil
+
+    from loraplex.assistants import faq
+    from tests.child import in_child
+
+    home = tmp_path / "home"
+    with home_env(home):
+        plain = registry.resolve(make_adapter(tiny_base, "plain"))
+        assert in_child(_segmenter_loaded_at_startup, str(tiny_base), str(home), what="server") is False
+        with_knowledge = tmp_path / "with-knowledge"
+        shutil.copytree(plain.path, with_knowledge)
+        (with_knowledge / registry.MANIFEST).unlink()
+        faq.write(with_knowledge / registry.KNOWLEDGE, [faq.Pair("How many days of leave?", "25 days.", "")])
+        registry.register("faq", with_knowledge, {"retrieval": {"enabled": True}})
+        assert in_child(_segmenter_loaded_at_startup, str(tiny_base), str(home), what="server") is True

@@ -86,8 +86,9 @@ def create_app(engine: EngineClient, gateway: Gateway | None = None, body_timeou
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # jieba's dictionary and IDF table take ~1 s to load: before the first question, not during it.
-        # Only when something will be searched: they hold ~130 MiB, a third of an int4 server's own
-        # memory (an adapter trained with retrieval while the server runs loads them at its first question).
+        # Only when something will be searched: they hold ~130 MiB, a fifth of an int4 server at rest
+        # (an adapter trained with retrieval while the server runs loads them at its first question).
+        # tests/test_api.py checks both cases.
         bases = assistants.knowledge_bases()
         if bases or registry.any_knowledge():
             await asyncio.to_thread(searcher.warm, bases)
