@@ -51,7 +51,8 @@ def _compiler() -> str | None:
     return shutil.which(exe) or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def _cpu_id() -> str:
+def cpu_id() -> str:
+    """The CPU's feature flags (/proc/cpuinfo), for cache keys of code built for this machine."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -91,7 +92,7 @@ def _library(source: Path, what: str, off_env: str) -> ctypes.CDLL | None:
         log.warning("no C compiler found: %s uses the slower PyTorch path", what)
         return None
     headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # what the sources include
-    parts = [source.read_bytes(), *headers, cc.encode(), _cpu_id().encode(), " ".join(FLAGS).encode(), isa.encode()]
+    parts = [source.read_bytes(), *headers, cc.encode(), cpu_id().encode(), " ".join(FLAGS).encode(), isa.encode()]
     key = hashlib.sha256(b"\0".join(parts))
     suffix = sysconfig.get_config_var("SHLIB_SUFFIX") or ".so"
     target = home() / "kernels" / f"{source.stem}-{key.hexdigest()[:16]}{suffix}"

@@ -14,6 +14,7 @@ about processes other than the one it runs in.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
@@ -26,12 +27,15 @@ from typing import Any
 
 import torch
 
+from loraplex import cpu_isa
 from loraplex.adapters import registry
 from loraplex.assistants import faq
 from loraplex.config import TrainConfig
 from loraplex.data.tokenize import IGNORE, Example
+from loraplex.engine import lora_kernel
 from loraplex.errors import UserError
 from loraplex.models.load import BaseRef, load_model
+from loraplex.paths import home
 from loraplex.train import attention
 from loraplex.train.cross_entropy import head_cross_entropy
 from loraplex.train.data import Prepared, make_batch
@@ -53,6 +57,35 @@ def bound_onednn_cache(device: str, dtype: torch.dtype) -> None:
     precision, before any matmul (picking bf16 times none: the CPU flag or the config says so)."""
     if device == "cpu" and dtype == torch.bfloat16:
         os.environ.setdefault(ONEDNN_CACHE_ENV, str(ONEDNN_CACHE))
+
+
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def compile_cache() -> Path:
+    """Point torch.compile's on-disk kernel cache (inductor's) at a directory of its own for this CPU
+    and instruction set, under $LORAPLEX_HOME/inductor/, unless the user chose another than the
+    default (TORCHINDUCTOR_CACHE_DIR); the directory in use. The recipes call this before compiling.
+
+    Why: inductor's cache key leaves out the instruction set PyTorch is held to
+    (ATEN_CPU_CAPABILITY, which LORAPLEX_CPU_ISA=avx2 sets; cpu_isa.py). With the one default
+    directory (/tmp/torchinductor_USER), a run held to AVX2 loaded kernels an earlier run had
+    compiled for AVX-512, for code generated for AVX2: 16-float stores where the loop expects 8.
+    `train.compile` then gave NaN losses, and small compiled functions corrupted the heap
+    (torch 2.13, tests/test_train.py). A VM moved to a host with other instructions (live migration
+    keeps /tmp) meets the same. loraplex's own kernels are cached per CPU and instruction set the
+    same way (engine/lora_kernel.py)."""
+    # inductor writes its default into the variable the first time anything asks for the directory
+    # (an import may): that value is not the user's choice
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get(INDUCTOR_CACHE_ENV)
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return Path(chosen)
+    key = hashlib.sha256("\0".join([lora_kernel.cpu_id(), cpu_isa.held(), torch.__version__]).encode())
+    path = home() / "inductor" / f"{cpu_isa.held()}-{key.hexdigest()[:16]}"
+    os.environ[INDUCTOR_CACHE_ENV] = str(path)
+    return path
 
 
 def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

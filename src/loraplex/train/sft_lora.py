@@ -50,6 +50,7 @@ from loraplex.train.parts import (
     autocast,
     bound_onednn_cache,
     build_model,
+    compile_cache,
     eval_loss,
     labelled,
     loss_sum,
@@ -121,6 +122,7 @@ def run(
     if tc.compile:
         # In place (nn.Module.compile): parameter names, checkpoints and the saved adapter are unchanged.
         # dynamic=True: packed and padded batches change length from step to step.
+        compile_cache()  # per CPU and instruction set (parts.py)
         model.get_base_model().get_decoder().compile(dynamic=True)
     # the prompt tokens a packed row's examples have in common, once (train/attention.py reads that layout)
     share_prefix = cfg.data.packing and packed_attention(model.get_base_model())

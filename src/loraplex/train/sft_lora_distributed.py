@@ -43,6 +43,7 @@ from loraplex.train.parts import (
     autocast,
     bound_onednn_cache,
     build_model,
+    compile_cache,
     eval_loss,
     labelled,
     loss_sum,
@@ -123,6 +124,7 @@ def run(
         distributed.shard(model, device, world.size)  # replaces the parameters: `params` comes after
         held = distributed.local_share(model)
     if tc.compile:
+        compile_cache()  # per CPU and instruction set (parts.py)
         model.get_base_model().get_decoder().compile(dynamic=True)
     # the prompt tokens a packed row's examples have in common, once (train/attention.py reads that layout)
     share_prefix = cfg.data.packing and packed_attention(model.get_base_model())
