@@ -364,7 +364,6 @@ def test_compile_switch_trains_the_same(
         return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
 
     assert losses(compiled.run_dir) == pytest.approx(losses(plain.run_dir), rel=1e-4)
-
     a = load_file(str(plain.adapter.path / "adapter_model.safetensors"))  # type: ignore[union-attr]
     b = load_file(str(compiled.adapter.path / "adapter_model.safetensors"))  # type: ignore[union-attr]
     # Adam's normalised step turns the compiled kernels' rounding (~1e-7) in near-zero gradients into

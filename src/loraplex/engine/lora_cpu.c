@@ -184,7 +184,7 @@ INLINE void b_phase(const struct job *jb, int64_t g, int64_t b0, int64_t b1) {
          * over the B rows of the first token's product: asked for at once, a few hundred lines at a
          * block's start (a module's whole row is one block), most waited on the busy line-fill
          * buffers. 8 decode rows on 8 all-linear adapters, SmolLM2's 120 sites from memory: 0.85-0.94x
-         * the time (three alternated runs, 1 thread, 2-core Zen 4; bench/lora_step_overhead.py). */
+         * the time (old and new builds alternated in one process, three runs, 1 thread, 2-core Zen 4). */
         const void *pf = g + 1 < jb->ng ? jb->A + jb->gslot[g + 1] * jb->a_slot_stride : NULL;
         const int64_t pf_lo = a_bytes * (bi - b0) / (b1 - b0), pf_hi = a_bytes * (bi - b0 + 1) / (b1 - b0);
         if (pf && gn >= 4) prefetch_range(pf, pf_lo, pf_hi);

@@ -82,8 +82,9 @@ def compile_cache() -> Path:
     chosen = os.environ.get(INDUCTOR_CACHE_ENV)
     if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
         return Path(chosen)
-    key = hashlib.sha256("\0".join([lora_kernel.cpu_id(), cpu_isa.held(), torch.__version__]).encode())
-    path = home() / "inductor" / f"{cpu_isa.held()}-{key.hexdigest()[:16]}"
+    isa = cpu_isa.held()
+    key = hashlib.sha256("\0".join([lora_kernel.cpu_id(), isa, torch.__version__]).encode())
+    path = home() / "inductor" / f"{isa}-{key.hexdigest()[:16]}"
     os.environ[INDUCTOR_CACHE_ENV] = str(path)
     return path
 
