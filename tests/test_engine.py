@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -517,6 +518,23 @@ def test_sampling_survives_tiny_legal_penalties_and_temperatures() -> None:
     assert not any(isinstance(t, RowError) for t in tokens), tokens
     assert tokens[1] == 0 and tokens[2] == 0  # a temperature near 0 is greedy
     assert tokens[0] in (0, 3)  # token 0's 3.0 / 2e-309 and 3's 2.0 / 2e-309 both overflow to the largest float
+
+    # With an output format, forbidden tokens are -inf before the penalties. A penalty under fp32's
+    # smallest number (3.6e-66, schemathesis again) was 0 in fp32, and -inf * 0 made the row NaN: a 500.
+    # Forbidden tokens stay forbidden, whatever the penalty or temperature.
+    from loraplex.engine.sampling import _one
+
+    raw = torch.tensor([3.0, -1.0, 0.5, 2.0, -2.0, 1.0])
+    choose = raw.masked_fill(torch.tensor([True, False, True, False, False, True]), float("-inf"))
+    for params in (
+        SamplingParams(repetition_penalty=3.557468355223367e-66, top_p=0.7, frequency_penalty=0.02, seed=1),
+        SamplingParams(repetition_penalty=3.557468355223367e-66, temperature=1e-30, seed=1),
+        SamplingParams(repetition_penalty=10.0, presence_penalty=-2.0, temperature=2.0, seed=1),
+    ):
+        for seed in range(20):
+            row = RowState(replace(params, seed=seed), prompt_ids=[0, 1, 2, 4], output_ids=[1, 4])
+            token, _ = _one(raw, choose, row, None, True)
+            assert token in (1, 3, 4), (params, token)
 
 
 def test_greedy_pick_and_finite_check_equal_their_torch_reference() -> None:

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -73,6 +74,7 @@ def served(lp_home: Path, tiny_base: Path, tmp_path: Path) -> Iterator[dict]:
     launch()
     try:
         yield {
+            "log": lambda: (tmp_path / f"serve-{len(procs) - 1}.log").read_text(errors="replace"),
             "url": url,
             "alice": alice,
             "bob": bob,
@@ -86,6 +88,23 @@ def served(lp_home: Path, tiny_base: Path, tmp_path: Path) -> Iterator[dict]:
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait(timeout=60)
+
+
+def _wait(page: Any, served: dict, selector: str, timeout: float = 180000) -> None:
+    """page.wait_for_selector, and when it times out, what the page and the server showed then: a
+    wait that fails once in many CI runs says why (an error banner, an answer without sources, a
+    server still loading)."""
+    from playwright.sync_api import TimeoutError as PageTimeout
+
+    try:
+        page.wait_for_selector(selector, timeout=timeout)
+    except PageTimeout:
+        banner = page.inner_text("#banner") if page.is_visible("#banner") else ""
+        shown = page.inner_text("#messages")
+        raise AssertionError(
+            f"no {selector} after {timeout / 1000:.0f} s; banner: {banner!r}; messages: {shown[-1500:]!r}; "
+            f"server log: {served['log']()[-4000:]}"
+        ) from None
 
 
 def _shots(tmp_path: Path) -> Path:
@@ -401,7 +420,7 @@ def test_assistant_in_the_picker_answers_with_footnotes(served: dict, tmp_path: 
         page.press("#input", "Enter")
         # the first question to a knowledge base loads the encoder in the server: over 60 s once
         # on a 2-core machine running another test's processes (a wait, not a speed check)
-        page.wait_for_selector(".msg.assistant .sources li", timeout=180000)
+        _wait(page, served, ".msg.assistant .sources li")
         summary = page.inner_text(".msg.assistant .sources li summary")
         assert summary.startswith("holidays-2026.md")
         page.click(".msg.assistant .sources li summary")

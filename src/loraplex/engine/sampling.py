@@ -106,19 +106,22 @@ def _penalise(logits: torch.Tensor, row: RowState) -> torch.Tensor:
     p = row.params
     if p.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.output_ids)), dtype=torch.long)
-        vals = logits[seen]
-        logits[seen] = _finite(torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty))
+        # in fp64: a legal penalty below fp32's smallest number (3.6e-66 from the fuzzer) is 0 in fp32,
+        # and a token the output format forbids (-inf) times 0 is NaN; in fp64 it stays -inf
+        vals = logits[seen].double()
+        penalised = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        logits[seen] = _finite(penalised, logits.dtype)
     if (p.presence_penalty or p.frequency_penalty) and row.output_ids:
         ids, counts = torch.tensor(row.output_ids, dtype=torch.long).unique(return_counts=True)
         logits[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
     return logits
 
 
-def _finite(x: torch.Tensor) -> torch.Tensor:
-    """Overflow to the dtype's largest number, not inf: a legal but tiny repetition_penalty or
-    temperature (2e-309 > 0) divides a logit past fp32's range, and softmax of inf is NaN."""
-    big = torch.finfo(x.dtype).max
-    return x.clamp(-big, big)
+def _finite(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`, a positive overflow held at its largest number, not inf: a legal but tiny
+    repetition_penalty (2e-309 > 0) divides a logit past fp32's range, and softmax of two infs is
+    NaN. -inf stays: it is a token the output format forbids, and softmax gives it 0."""
+    return x.clamp(max=torch.finfo(dtype).max).to(dtype)
 
 
 def _draw(logits: torch.Tensor, row: RowState) -> int:
@@ -128,7 +131,9 @@ def _draw(logits: torch.Tensor, row: RowState) -> int:
     # softmax(l / T) tends to the argmax as T -> 0: take it.
     if 1.0 / p.temperature > torch.finfo(logits.dtype).max:
         return int(logits.argmax())
-    logits = _finite(logits / p.temperature)
+    # the largest first, so every value is <= 0 before the division: nothing overflows to +inf, and
+    # a forbidden token's -inf stays -inf (no NaN from -inf - -inf, no forbidden token let back in)
+    logits = (logits - logits.max()) / p.temperature
     if p.top_k:
         kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
