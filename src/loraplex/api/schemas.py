@@ -95,7 +95,15 @@ class _Turn(BaseModel):
 
 
 class SystemMessage(_Turn):
-    role: Literal["system", "developer"]
+    role: Literal["system"]
+
+
+class DeveloperMessage(_Turn):
+    """OpenAI's newer name for a system message; read as one. A class of its own, as in OpenAI's
+    schema: with two roles mapped to one class, schemathesis read the discriminator as allowing only
+    one of them, and called a valid developer message a schema violation."""
+
+    role: Literal["developer"]
 
 
 class UserMessage(_Turn):
@@ -117,7 +125,9 @@ class ToolMessage(_Turn):
     tool_call_id: str = Field(min_length=1, max_length=128)
 
 
-Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
+Message = Annotated[
+    SystemMessage | DeveloperMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")
+]
 
 
 class _Common(BaseModel):
