@@ -53,14 +53,16 @@ def _text_bytes(value: Any) -> int:
 
 @schemathesis.hook
 def filter_body(ctx: Any, body: Any) -> bool:
-    """Keep prompts and max_tokens within the test model's 2,048 positions. A longer one is a 400
-    `context_length_exceeded`, as OpenAI and vLLM answer it: a limit of the model, not of the
-    schema, which cannot count tokens (tests/test_api.py tests that answer)."""
-    if not isinstance(body, dict) or not ({"messages", "prompt"} & body.keys()):
+    """Keep prompts and max_tokens (/v1/responses: its input, instructions and max_output_tokens)
+    within the test model's 2,048 positions. A longer one is a 400 `context_length_exceeded`, as
+    OpenAI and vLLM answer it: a limit of the model, not of the schema, which cannot count tokens
+    (tests/test_api.py tests that answer)."""
+    responses = ctx.operation is not None and ctx.operation.path == "/v1/responses"
+    if not isinstance(body, dict) or not ({"messages", "prompt"} & body.keys() or responses):
         return True
-    messages = body.get("messages")
+    messages = body.get("input") if responses else body.get("messages")  # `input`: a text or a list of items
     turns = len(messages) if isinstance(messages, list) else 1
-    asked = [body.get(k) for k in ("max_tokens", "max_completion_tokens")]
+    asked = [body.get(k) for k in ("max_tokens", "max_completion_tokens", "max_output_tokens")]
     answer = max([a for a in asked if isinstance(a, int | float) and not isinstance(a, bool)] or [0])
-    prompt = _text_bytes(body.get("messages")) + _text_bytes(body.get("prompt")) + 16 * turns
-    return prompt + answer < 1500
+    prompt = _text_bytes(messages) + _text_bytes(body.get("prompt")) + _text_bytes(body.get("instructions"))
+    return prompt + 16 * turns + answer < 1500
