@@ -16,6 +16,8 @@ version's own Q&A, the base model when nothing relevant is found):
   noisy      the default plus one noisy copy of each question
   k2, k4, k6 the default with 2, 4 or 6 passages per prompt (more recall, longer prompts)
   epochs8    the default trained 8 epochs instead of 4
+  multilingual-only  the default without the English encoder (retrieval.english_encoder=false):
+             passages ranked by the multilingual encoder alone, as before it
   default    the default: retrieval-augmented training and serving, 1 passage per prompt, 4 epochs,
              "I don't know" to a question whose best passage is only about its organisation
              (retrieval.refuse_below); every variant that refuses is also answered never refusing
@@ -78,6 +80,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "noisy": {"retrieval": {"noisy_copies": 1}},
     "default": {},
     "epochs8": {"train": {"epochs": 8}},
+    "multilingual-only": {"retrieval": {"english_encoder": False}},
 }
 
 

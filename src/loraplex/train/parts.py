@@ -333,6 +333,7 @@ def run_facts(cfg: TrainConfig, data: Prepared, run_dir: Path) -> dict[str, Any]
             "min_similarity": cfg.retrieval.min_similarity,
             "language": faq.LANGUAGE,
             "offtopic": cfg.retrieval.offtopic_gate,  # faq.Index; versions trained before it have none
+            "english": cfg.retrieval.english_encoder,  # faq.Index's second encoder; none before: no
             "refuse_below": cfg.retrieval.refuse_below,  # retrieval.prepare; none before: never refuse
             "passages": len(data.pairs),
             **data.augmented,
