@@ -454,6 +454,65 @@ def test_the_english_encoder_is_recorded_with_the_version_and_older_versions_ran
     ]
 
 
+def faq_refuse_below() -> float:
+    from loraplex.config import RetrievalConfig
+
+    value = RetrievalConfig().refuse_below
+    assert value is not None
+    return value
+
+
+def test_typos_are_corrected_towards_the_faqs_words_before_the_search(lp_home: Path, tiny_base: Path) -> None:
+    """faq_large's Coral Bay Hotel and 云杉酒店 FAQs (twenty pairs), asked misspelt phrasings."""
+    from loraplex.assistants import retrieval
+
+    rows = [json.loads(line) for line in (BENCH / "data" / "faq_large" / "train.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "Coral Bay" in r["instruction"] or "云杉" in r["instruction"]]
+    pairs = [faq.Pair(r["instruction"], r["output"], "") for r in rows]
+    typed, corrected = (
+        faq.Index(pairs, offtopic=True, named=True),
+        faq.Index(pairs, offtopic=True, named=True, spelling=True),
+    )
+
+    def first(index: faq.Index, question: str) -> faq.Hit | None:
+        hits = index.search(question, 1, 1.0, faq.MIN_SIMILARITY)
+        return hits[0] if hits else None
+
+    for question, keyword in (
+        ("云杉酒店延迟退芳怎么收费？", "延迟退房到下午4点"),  # 芳 for 房 (fáng)
+        ("云杉酒店早參时间？", "7点到10点"),  # 參 for 餐 (cān)
+        ("云杉酒店接机服物多少钱？", "接机服务"),  # 物 for 务 (wù)
+        ("Coral Bay Hotel pet polcy?", "dogs under 10 kg"),
+    ):
+        hit = first(corrected, question)
+        assert hit is not None and keyword in hit.text and (hit.topic or 0) >= faq_refuse_below(), question
+        # the search, the gates and the topic all read the corrected question
+        assert hit == first(typed, corrected._speller.fix(question))  # type: ignore[union-attr]
+    # as typed: another passage, or the right one but refused ("I don't know")
+    for question, keyword in (("云杉酒店延迟退芳怎么收费？", "下午4点"), ("云杉酒店早參时间？", "7点到10点")):
+        hit = first(typed, question)
+        assert hit is None or keyword not in hit.text
+    hit = first(typed, "云杉酒店接机服物多少钱？")
+    assert hit is not None and (hit.topic or 0) < faq_refuse_below()
+    # a question without typos is searched exactly as before
+    for question in (*[r["instruction"] for r in rows[:4]], "Coral Bay Hotel 有健身房吗？", "Does it rain in Paris?"):
+        assert corrected.search(question, 5, 1.0, faq.MIN_SIMILARITY) == typed.search(
+            question, 5, 1.0, faq.MIN_SIMILARITY
+        )
+    # recorded with the version; a version without the record (trained before) searches as typed
+    data = write_jsonl(
+        lp_home / "hotel.jsonl", [{"instruction": r["instruction"], "output": r["output"]} for r in rows]
+    )
+    ref = run(tiny(tiny_base, data)).adapter
+    assert ref is not None and ref.manifest()["retrieval"]["spelling"] is True
+    (hit,) = retrieval.Searcher().search(ref.id, "云杉酒店早參时间？", 1, 1.0, faq.MIN_SIMILARITY)
+    assert "7点到10点" in hit.text
+    off = run(tiny(tiny_base, data, retrieval={"spelling": False})).adapter
+    assert off is not None and off.manifest()["retrieval"]["spelling"] is False
+    found = retrieval.Searcher().search(off.id, "云杉酒店早參时间？", 1, 1.0, faq.MIN_SIMILARITY)
+    assert "7点到10点" not in "".join(h.text for h in found)
+
+
 def test_serve_answers_a_retrieval_adapter_from_its_own_knowledge(
     lp_home: Path, tiny_base: Path, records_file: Path
 ) -> None:

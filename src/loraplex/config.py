@@ -123,6 +123,12 @@ class RetrievalConfig(Strict):
     faq_large's English unseen phrasings found first. Only the order changes (the thresholds below
     are the multilingual encoder's); ~9 ms a question on one core. Without the package installed,
     the multilingual encoder ranks alone."""
+    spelling: bool = True
+    """Correct a question's typos towards the FAQ's own words before searching: an English word in
+    neither an English dictionary nor the FAQ becomes the FAQ's closest word ("brekfast" ->
+    "breakfast"), a Chinese character that makes no word becomes the FAQ's character read the same
+    way that completes one of its words ("退芳" -> 退房). faq_large's unseen phrasings found first:
+    268 -> 272 of 300, refused 22 -> 18. The prompt keeps the question as typed."""
     refuse_below: float | None = Field(0.4, ge=-1.0, le=1.0)
     """Answer "I don't know" when the best passage, with the organisations the FAQ names taken out of it
     and of the question, is less similar than this: the question is about the organisation, not about

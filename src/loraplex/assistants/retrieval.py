@@ -98,12 +98,14 @@ class Searcher:
             return kb.search(question, k, min_relevance, min_similarity)
 
     def warm(self, bases: list[str]) -> None:
-        """Open these knowledge bases and load the word segmenter and IDF table now."""
+        """Open these knowledge bases and load the word segmenter, IDF table and spelling tables now."""
         from loraplex.knowledge.relevance import weight
+        from loraplex.knowledge.spelling import english_words, readings
         from loraplex.knowledge.store import words
 
         weight("预热")
         words("预热 warm up")  # jieba's dictionary
+        english_words(), readings()  # an adapter's typo correction: ~0.2 s and ~20 MB
         for base in bases:
             try:
                 self.search(base, "预热 warm up", 1, 1.0)
@@ -139,7 +141,10 @@ def _open(base: str) -> Searchable:
     offtopic = isinstance(settings, dict) and bool(settings.get("offtopic"))  # versions trained before: no
     refusing = isinstance(settings, dict) and settings.get("refuse_below") is not None  # and before this
     english = isinstance(settings, dict) and bool(settings.get("english"))  # and before the English encoder
-    return faq.Index(faq.read(ref.path / faq.FILE), offtopic=offtopic, named=refusing, english=english)
+    spelling = isinstance(settings, dict) and bool(settings.get("spelling"))  # and before typo correction
+    return faq.Index(
+        faq.read(ref.path / faq.FILE), offtopic=offtopic, named=refusing, english=english, spelling=spelling
+    )
 
 
 def prepare(

