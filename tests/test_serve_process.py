@@ -125,15 +125,6 @@ def test_serve_refuses_a_quantize_mode_it_does_not_have(tiny_base: Path, tmp_pat
     assert "Traceback" not in out.stderr
 
 
-def in_engine(url: str) -> int:
-    """Requests the server's engine holds now, running or queued (its /metrics gauges)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    families = text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text)
-    names = ("loraplex_queue_depth", "loraplex_running_batch")
-    return int(sum(s.value for f in families if f.name in names for s in f.samples))
-
-
 def test_sigterm_ends_what_outlives_the_timeout_with_an_error(serve: Any) -> None:
     # one row at a time: the other five requests queue behind the first (6,000 tokens in all), so
     # even on a fast machine some work is still unfinished 0.3 s after the signal
@@ -143,13 +134,6 @@ def test_sigterm_ends_what_outlives_the_timeout_with_an_error(serve: Any) -> Non
         started = threading.Event()
         runs.append((*srv.stream_in_thread(1000, started), started))
     assert runs[0][2].wait(60)
-    # every request in the engine (one running, five queued) before the signal: a thread the OS had
-    # not yet let connect would find the listener closed ("Connection error"), which is not what
-    # this test is about (seen once on a busy 2-core machine)
-    deadline = time.time() + 60
-    while (held := in_engine(srv.url)) < 6 and time.time() < deadline:
-        time.sleep(0.02)
-    assert held == 6, held
     t0 = time.time()
     srv.proc.send_signal(signal.SIGTERM)
     for thread, _, _ in runs:
@@ -160,6 +144,11 @@ def test_sigterm_ends_what_outlives_the_timeout_with_an_error(serve: Any) -> Non
     outcomes = [{k: v for k, v in r.items() if k != "text"} for _, r, _ in runs]
     assert errors, f"every request finished within 0.3 s; the test did not exercise the timeout: {outcomes}"
     for e in errors:  # cut by the timeout, or (a thread whose request had not reached it yet) refused
-        assert "shut down before this request finished" in str(e) or "the server is shutting down" in str(e)
+        # a thread the OS let connect only after the signal finds the listener closed: the request
+        # never reached the server (seen once in a clean-clone CI run); a stream dropped half-way
+        # would be another cause (a read or protocol error), and fails here
+        never_sent = isinstance(e, openai.APIConnectionError) and isinstance(e.__cause__, httpx.ConnectError)
+        said = "shut down before this request finished" in str(e) or "the server is shutting down" in str(e)
+        assert said or never_sent, f"{e!r} caused by {e.__cause__!r}: {outcomes}"
     for _, r, _ in runs:  # each either finished whole or ended with the error, never silently cut
         assert (r["finish"] == "length" and r["usage"] == 1000) or r["error"] is not None
