@@ -11,7 +11,7 @@ what a user types in a hurry is mostly that. Chinese is typed by pinyin, so a Ch
 always a character read like the intended one. On bench/data/faq_large's 300 unseen phrasings the
 right passage was then found first for 272 instead of 268, and 18 instead of 22 were refused; the
 corrections changed none of the general or unanswerable questions of any benchmark set, and none of
-the 1,000 general questions of the single-organisation set (docs/generalization.md).
+the 500 general questions of the single-organisation set (docs/generalization.md).
 
 What it does not do: correct a word into one the text does not contain (no general spell checker:
 that turned real words the FAQ lacks into FAQ words, "show up" -> "how up"), correct words of 3
