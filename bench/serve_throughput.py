@@ -55,10 +55,31 @@ N_ADAPTERS, RANK = 8, 16
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
-def make_adapters(base: Any, prefix: str, targets: str | list[str]) -> list[str]:
+def make_adapters(base: Any, prefix: str, targets: str | list[str], knowledge: bool = False) -> list[str]:
+    """`N_ADAPTERS` random adapters `prefix0`, `prefix1`...; with `knowledge`, each a version trained
+    with retrieval as `loraplex train` registers one (the sample's Q&A as its `knowledge.jsonl`, the
+    default retrieval settings in its manifest), so the server searches its Q&A for every question."""
     from peft import LoraConfig, get_peft_model
 
+    from loraplex.assistants import faq
+    from loraplex.config import RetrievalConfig
     from loraplex.models.load import load_model
+
+    retrieval: dict[str, Any] = {}
+    if knowledge:
+        pairs = faq.pairs_of(parse_file(TRAIN_FILE).conversations)
+        settings = RetrievalConfig()
+        retrieval = {  # what train/parts.py run_facts records
+            "enabled": True,
+            "top_k": settings.top_k,
+            "min_similarity": settings.min_similarity,
+            "language": faq.LANGUAGE,
+            "offtopic": settings.offtopic_gate,
+            "english": settings.english_encoder,
+            "spelling": settings.spelling,
+            "refuse_below": settings.refuse_below,
+            "passages": len(pairs),
+        }
 
     model = get_peft_model(
         load_model(base),
@@ -73,10 +94,11 @@ def make_adapters(base: Any, prefix: str, targets: str | list[str]) -> list[str]
                     p.normal_(0, 0.02)
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
+            if retrieval:
+                faq.write(Path(tmp) / faq.FILE, pairs)
+            manifest = {"base_model": {"id": base.id, "source": base.source, "fingerprint": base.fingerprint}}
             ref = registry.register(
-                f"{prefix}{i}",
-                Path(tmp),
-                {"base_model": {"id": base.id, "source": base.source, "fingerprint": base.fingerprint}},
+                f"{prefix}{i}", Path(tmp), {**manifest, **({"retrieval": retrieval} if retrieval else {})}
             )
         names.append(ref.name)
     return names

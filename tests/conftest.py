@@ -97,13 +97,26 @@ def models_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def share_caches(home: Path, models_cache: Path) -> None:
-    """Point `home`'s machine-wide caches at the session's: converted models, and the compiled CPU
-    LoRA kernel (engine/lora_kernel.py: a 1 s compile in every test home that starts an engine).
-    Both publish with one rename, so workers of `-n 2` share them safely."""
+    """Point `home`'s machine-wide caches at the session's: converted models, the compiled CPU
+    LoRA kernel (engine/lora_kernel.py: a 1 s compile in every test home that starts an engine), and
+    `cache/` (knowledge/lexicon.py's word tables, ~2 s to build; the sentence encoder's token table).
+    Each publishes with one rename, so workers of `-n 2` share them safely."""
     (home / "models").symlink_to(models_cache)
-    kernels = models_cache.with_name(models_cache.name + "-kernels")
-    kernels.mkdir(exist_ok=True)
-    (home / "kernels").symlink_to(kernels)
+    for name in ("kernels", "cache"):
+        shared = models_cache.with_name(f"{models_cache.name}-{name}")
+        shared.mkdir(exist_ok=True)
+        (home / name).symlink_to(shared)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_home(tmp_path_factory: pytest.TempPathFactory, models_cache: Path) -> Iterator[Path]:
+    """$LORAPLEX_HOME for tests that set none of their own (`lp_home` does): a session's home with
+    the shared caches, so that nothing is written under the user's ~/.loraplex (a FAQ index writes
+    its encoder's and segmenter's tables to `cache/`)."""
+    home = tmp_path_factory.mktemp("session-home")
+    share_caches(home, models_cache)
+    with home_env(home):
+        yield home
 
 
 @pytest.fixture

@@ -930,8 +930,8 @@ def _segmenter_loaded_at_startup(base_dir: str, home: str) -> bool:
 
 
 def test_the_server_loads_the_word_segmenter_only_when_something_is_searched(tiny_base: Path, tmp_path: Path) -> None:
-    """jieba holds ~130 MiB: a server of plain adapters never needs it, one with a version trained
-    with retrieval loads it before its first question."""
+    """jieba and the tables of search hold ~30 MiB: a server of plain adapters never needs them, one
+    with a version trained with retrieval loads them before its first question."""
     import shutil
 
     from loraplex.assistants import faq

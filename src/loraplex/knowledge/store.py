@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from loraplex.errors import UserError
+from loraplex.knowledge import lexicon
 from loraplex.knowledge.chunking import chunk
 from loraplex.knowledge.embedder import TextEmbedder, load
 from loraplex.knowledge.readers import MAX_BYTES, SUPPORTED, read_document
@@ -75,6 +76,7 @@ def words(text: str) -> list[str]:
 
     if not _jieba_ready:
         jieba.setLogLevel(logging.WARNING)  # it logs its dictionary load at INFO on first use
+        lexicon.use_with_jieba()  # its dictionary as a trie: ~60 MiB less memory, the same words
         _jieba_ready = True
     return [w for w in jieba.cut_for_search(text.lower()) if WORDLIKE.search(w)]
 
