@@ -206,10 +206,10 @@ class FileRows:
                 raise IndexError(f"row {i} of a {self.shape} table cannot be read")
         return got[where.reshape(-1)]
 
-    def __del__(self) -> None:
+    def __del__(self, close: Any = os.close) -> None:  # `close` bound now: at exit `os` may be gone
         fd = getattr(self, "_fd", None)
         if fd is not None:
-            os.close(fd)
+            close(fd)
 
 
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16}
