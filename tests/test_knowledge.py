@@ -260,6 +260,17 @@ def test_the_english_encoders_token_embeddings_are_read_from_its_file_with_the_s
     assert type(held.model.get_input_embeddings()).__name__ == "Embedding"
     texts = [t for t in ENCODER_TEXTS + _faq_texts()[:60] if t.strip()]
     assert np.array_equal(english.embed(texts), held.embed(texts))
+    # inputs padded to a multiple of PAD_TO tokens: oneDNN keeps kernels per shape (~1.7 MB each)
+    lengths: list[int] = []
+    hook = english.model.register_forward_pre_hook(
+        lambda _m, _a, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        for n in range(1, 40, 3):
+            english.embed([" ".join(["leave"] * n)])
+    finally:
+        hook.remove()
+    assert len(lengths) == 13 and all(n % embedder.PAD_TO == 0 for n in lengths) and len(set(lengths)) <= 3
     # not one of these: a plain 2-D F32/F16 tensor of that name
     assert embedder.safetensors_rows(english.path / "model.safetensors", "no.such.tensor") is None
     assert embedder.safetensors_rows(english.path / "config.json", "embeddings.word_embeddings.weight") is None

