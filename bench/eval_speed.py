@@ -47,7 +47,7 @@ def naive(base, adapter_id: str, examples, tokens: int) -> tuple[float, int]:  #
 
     tok = load_tokenizer(base)
     model = PeftModel.from_pretrained(load_model(base), str(registry.resolve(adapter_id).path)).eval()
-    eos = eos_token_ids(tok, model)
+    eos = eos_token_ids(tok, model.generation_config.eos_token_id)
     generated = 0
     t0 = time.perf_counter()
     with torch.inference_mode():

@@ -172,7 +172,7 @@ def naive_peft(base: Any, names: list[str], prompts: list[str], tokens: int, dty
     for n in names[1:]:
         model.load_adapter(str(registry.resolve(n).path), adapter_name=n)
     model.eval()
-    eos = eos_token_ids(tok, model)
+    eos = eos_token_ids(tok, model.generation_config.eos_token_id)
     t = time.perf_counter()
     total = 0
     for i, n in enumerate(names):

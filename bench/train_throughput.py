@@ -466,7 +466,7 @@ def main() -> None:
     from peft import get_peft_model
 
     eval_model = get_peft_model(load_model(base), load_config(extra={"lora": {"rank": RANK}}).lora.peft()).eval()
-    eos = eos_token_ids(tok, eval_model)
+    eos = eos_token_ids(tok, eval_model.generation_config.eos_token_id)
     torch.set_num_threads(args.threads)  # the peak the runs could reach, at their thread count
     peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     rows = [json.loads(line) for line in HELDOUT_FILE.read_text(encoding="utf-8").splitlines()]

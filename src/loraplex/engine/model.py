@@ -4,8 +4,9 @@ Why not `transformers`' own forward: continuous batching needs rows of different
 and leave between steps, a KV cache that rows can be moved within, and a LoRA delta that differs per
 row. So this module re-states the Llama block (RMSNorm, rotary attention with grouped KV heads,
 SwiGLU MLP) with the projections fused the way vLLM fuses them (q|k|v in one matmul, gate|up in
-one), borrowing the weights and the rotary embedding (every `rope_type`) from the loaded HF model.
-`tests/test_engine.py` checks its logits against the HF model's.
+one). Its weights, config and rotary embedding come from models/checkpoint.py `Weights`: read from
+the safetensors files, or borrowed from a loaded HF model (every `rope_type`; callers may pass the
+model itself). `tests/test_engine.py` checks its logits against the HF model's.
 
 Supported: `llama`, `mistral`, `qwen2` (attention bias) model types. Anything else is a clear error.
 This module does not schedule, sample or know about HTTP (see engine.py, sampling.py, api/).
@@ -24,6 +25,8 @@ from loraplex.engine import lora_kernel, quant
 from loraplex.engine.lora import SITES, DenseRows, GatheredRows, LoraBatch
 from loraplex.engine.quant import Quantize, Weight
 from loraplex.errors import UserError
+from loraplex.models import checkpoint
+from loraplex.models.checkpoint import Weights
 
 if TYPE_CHECKING:
     from loraplex.engine.cuda_graph import GraphDecoder
@@ -188,7 +191,7 @@ class DecoderModel:
 
     def __init__(
         self,
-        hf_model: Any,
+        base: Weights | Any,
         dtype: torch.dtype,
         device: str,
         quantize: Quantize = "none",
@@ -196,7 +199,8 @@ class DecoderModel:
         kv_dtype: torch.dtype | None = None,
         cuda_graphs: bool = False,
     ):
-        cfg = hf_model.config
+        src = base if isinstance(base, Weights) else checkpoint.of_model(base)  # or a transformers model
+        cfg = src.config
         if cfg.model_type not in SUPPORTED:
             raise UserError(
                 f"the serving engine supports {', '.join(SUPPORTED)} models; this base is {cfg.model_type!r}"
@@ -217,8 +221,7 @@ class DecoderModel:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
         self.n_layers = cfg.num_hidden_layers
-        inner = hf_model.model
-        self.rotary = inner.rotary_emb.to(device)
+        self.rotary = src.rotary.to(device)
 
         # On CPU every weight kept is a copy: a view would keep the HF model's memory map of the
         # whole safetensors file alive (and resident: 540 MB for SmolLM2 in fp32) once it is dropped.
@@ -227,8 +230,15 @@ class DecoderModel:
         def dense(t: torch.Tensor) -> torch.Tensor:
             return t.detach().to(device=device, dtype=dtype, copy=copy).contiguous()
 
-        def w(t: torch.Tensor | None) -> torch.Tensor | None:
+        def w(name: str) -> torch.Tensor | None:
+            t = src.get(name)
             return None if t is None else dense(t)
+
+        def read(name: str) -> torch.Tensor:
+            t = src.get(name)
+            if t is None:
+                raise UserError(f"the base has no tensor {name!r}")
+            return t
 
         # On CPU, bf16 and fp32 projections are held in quant_cpu.c's tiles of 16 output rows
         # (quant.Tiles) where that path is built: bf16 needs AVX512-BF16, fp32 AVX2 or AVX-512. At 1-16
@@ -243,11 +253,12 @@ class DecoderModel:
 
         store = store or quant.Store(None)
 
-        def proj(name: str, *parts: torch.Tensor) -> Weight:
-            """The weight `parts` stacked (q|k|v, gate|up), stored as this model computes with it."""
+        def proj(name: str, *parts: str) -> Weight:
+            """The tensors named `parts` stacked (q|k|v, gate|up), stored as this model computes with
+            it; a stored quantized weight is never read from the base."""
 
             def make() -> torch.Tensor:
-                return parts[0] if len(parts) == 1 else torch.cat(parts)
+                return read(parts[0]) if len(parts) == 1 else torch.cat([read(p) for p in parts])
 
             if quantize != "none":
                 return store.get(name, quantize, make)  # a stored weight skips the concatenation too
@@ -259,38 +270,40 @@ class DecoderModel:
                 return t.detach().to(device=device, dtype=dtype).t().contiguous().t()
             return dense(t)
 
-        head, table = hf_model.get_output_embeddings().weight, inner.embed_tokens.weight
         # The output head is int8 in both quantized modes: at int4 its error was 9% of the weight (vs
         # 0.25% for the projections), which moved the next-token distribution 5x more than all else.
         self.lm_head: Weight = (
-            proj("lm_head", head) if quantize == "none" else store.get("lm_head", "int8", lambda: head)
+            proj("lm_head", "lm_head.weight")
+            if quantize == "none"
+            else store.get("lm_head", "int8", lambda: read("lm_head.weight"))
         )
         # A tied embedding is the head's own rows (one copy: 54 MB less for SmolLM2 in bf16); an
         # untied one is int8 rows when quantized. (Transposed fp32 rows are strided: looking up
         # 3,200 prompt tokens costs ~22 ms instead of ~1, next to seconds of matmuls.)
+        table = "model.embed_tokens.weight"
         self.embed: Weight = (
             self.lm_head
-            if head is table
-            else dense(table)
+            if src.tied
+            else dense(read(table))
             if quantize == "none"
-            else store.get("embed", "int8", lambda: table)
+            else store.get("embed", "int8", lambda: read(table))
         )
-        self.final_norm = w(inner.norm.weight)
+        self.final_norm = w("model.norm.weight")
         self.layers: list[dict[str, Any]] = []
-        for i, layer in enumerate(inner.layers):
-            a, m = layer.self_attn, layer.mlp
+        for i in range(self.n_layers):
+            a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
             qkv_bias = None
-            if a.q_proj.bias is not None:
-                qkv_bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+            if src.get(a + "q_proj.bias") is not None:
+                qkv_bias = dense(torch.cat([read(a + f"{p}_proj.bias") for p in "qkv"]))
             self.layers.append(
                 {
-                    "in_norm": w(layer.input_layernorm.weight),
-                    "post_norm": w(layer.post_attention_layernorm.weight),
-                    "qkv": proj(f"{i}.qkv", a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
-                    "qkv_bias": w(qkv_bias),
-                    "o": proj(f"{i}.o", a.o_proj.weight),
-                    "gate_up": proj(f"{i}.gate_up", m.gate_proj.weight, m.up_proj.weight),
-                    "down": proj(f"{i}.down", m.down_proj.weight),
+                    "in_norm": w(f"model.layers.{i}.input_layernorm.weight"),
+                    "post_norm": w(f"model.layers.{i}.post_attention_layernorm.weight"),
+                    "qkv": proj(f"{i}.qkv", *(a + f"{p}_proj.weight" for p in "qkv")),
+                    "qkv_bias": qkv_bias,
+                    "o": proj(f"{i}.o", a + "o_proj.weight"),
+                    "gate_up": proj(f"{i}.gate_up", m + "gate_proj.weight", m + "up_proj.weight"),
+                    "down": proj(f"{i}.down", m + "down_proj.weight"),
                 }
             )
         self.q_size = self.n_heads * self.head_dim

@@ -292,9 +292,9 @@ class Store:
     writes what was made. Only quant_cpu.c's layout is stored (PyTorch's packed int4 layout is private
     to the torch build that made it): without that kernel nothing is read or written. A file that
     does not read back (truncated, another layout) is rebuilt, with a warning. With every weight
-    stored, the fp32 checkpoint's projections are never read (transformers maps the file; norms,
-    biases and the config still come from it): SmolLM2's int4 engine starts in 3.5 s instead of
-    4.7-6.1 s, with a peak RSS of 460 MiB instead of 1,080-1,130 (2-core Xeon)."""
+    stored, the fp32 checkpoint's projections are never read (models/checkpoint.py reads tensors
+    one at a time; norms, biases and the config still come from it): SmolLM2's int4 engine starts in
+    3.5 s instead of 4.7-6.1 s, with a peak RSS of 460 MiB instead of 1,080-1,130 (2-core Xeon)."""
 
     def __init__(self, path: Path | None):
         self.path = path if path is not None and lora_kernel.load_quant() is not None else None

@@ -265,13 +265,17 @@ def english() -> Embedder | None:
 
 
 class Embedder:
-    """`rows_from_file`: the token embedding table is read from the weights file row by row as texts
-    need them (`FileRows`), not held: all-MiniLM-L6-v2's is 22 of its 43 MiB in bf16. The same rows,
-    converted as loading converts them, so the vectors are identical (tests/test_faq.py)."""
+    """A BERT encoder runs on knowledge/bert.py (no transformers model class), any other on
+    transformers' AutoModel. `rows_from_file` (BERT only): the token embedding table is read from
+    the weights file row by row as texts need them (`FileRows`), not held: all-MiniLM-L6-v2's is 22
+    of its 43 MiB in bf16. The same rows, converted as loading converts them, so the vectors are
+    identical (tests/test_knowledge.py)."""
 
     def __init__(self, path: str | Path, bf16: bool = False, rows_from_file: bool = False):
         import torch
-        from transformers import AutoModel, AutoTokenizer
+
+        from loraplex.knowledge import bert
+        from loraplex.models.load import tokenizer_from_dir
 
         self.path = Path(path).expanduser().resolve()
         config = self.path / "config.json"
@@ -287,26 +291,39 @@ class Embedder:
                 self.pooling = "cls"
             elif flags.get("pooling_mode_lasttoken"):
                 self.pooling = "last"
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        file = next(self.path.glob("*.safetensors"))
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-            self.model: Any = AutoModel.from_pretrained(
-                self.path, use_safetensors=True, dtype=torch.bfloat16 if bf16 else torch.float32
+            # BertTokenizer's own class: AutoTokenizer would import the model's config class first
+            self.tokenizer = tokenizer_from_dir(self.path, light=("TokenizersBackend", "BertTokenizer"))
+            self.model: Any = bert.load(
+                self.path, dtype, (lambda name: safetensors_rows(file, name)) if rows_from_file else None
             )
+            if self.model is None:
+                from transformers import AutoModel
+
+                self.model = AutoModel.from_pretrained(self.path, use_safetensors=True, dtype=dtype)
         except (OSError, ValueError) as e:
             raise UserError(f"embedder {path}: cannot load it: {e}") from None
         self.model.eval()
-        if rows_from_file:
-            _embeddings_from_file(self.model, self.path)
         self.tokenizer.padding_side = "right"  # last-token pooling reads the last real position
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        self.dim = int(self.model.config.hidden_size)
+        self.dim = int(self.model.hidden_size if isinstance(self.model, bert.Bert) else self.model.config.hidden_size)
         # One call at a time (a server searches from several threads): a fast tokenizer sets its padding
         # and truncation on the shared Rust object every call, which has failed with "Already borrowed"
         # when threads overlap (huggingface/tokenizers#537; not reproduced with 8 threads here).
         self._lock = threading.Lock()
         # what the vectors depend on: a base indexed with one model is searched with the same one
         self.fingerprint = hashlib.sha256(config.read_bytes() + self.pooling.encode()).hexdigest()[:16]
+
+    def _hidden(self, enc: Any) -> Any:
+        """The last hidden states of a tokenized batch."""
+        from loraplex.knowledge import bert
+
+        if isinstance(self.model, bert.Bert):
+            return self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        return self.model(**enc).last_hidden_state
 
     def embed(self, texts: list[str], batch: int = 32) -> np.ndarray:
         """(len(texts), dim) float32 unit vectors."""
@@ -323,7 +340,7 @@ class Embedder:
                     max_length=MAX_TOKENS,
                     return_tensors="pt",
                 )
-                hidden = self.model(**enc).last_hidden_state.float()  # pooled in fp32 under bf16 weights too
+                hidden = self._hidden(enc).float()  # pooled in fp32 under bf16 weights too
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 if self.pooling == "cls":
                     pooled = hidden[:, 0]
@@ -334,43 +351,3 @@ class Embedder:
                     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
                 out.append(torch.nn.functional.normalize(pooled.float(), dim=-1).numpy())
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
-
-
-def _embeddings_from_file(model: Any, path: Path) -> None:
-    """Replace `model`'s token embedding table by its rows in `path`'s one .safetensors file, read
-    as needed (`Embedder`'s `rows_from_file`); left as it is when the file does not hold it as a
-    plain 2-D F32/F16 tensor of the same shape."""
-    import torch
-
-    table = model.get_input_embeddings()
-    files = list(path.glob("*.safetensors"))
-    if not isinstance(table, torch.nn.Embedding) or len(files) != 1:
-        return
-    name = next((n for n, p in model.named_parameters() if p is table.weight), None)
-    prefix = getattr(model, "base_model_prefix", "")
-    rows = None
-    for key in (name, f"{prefix}.{name}" if prefix else None):
-        rows = safetensors_rows(files[0], key) if key else None
-        if rows is not None:
-            break
-    if rows is None or rows.shape != tuple(table.weight.shape):
-        return
-    model.set_input_embeddings(_file_embedding(rows, table.weight.dtype))
-
-
-def _file_embedding(rows: FileRows, dtype: Any) -> Any:
-    """An embedding module over `rows` (the class is made here, where torch is imported)."""
-    import torch
-
-    class FileEmbedding(torch.nn.Module):
-        """An embedding lookup whose table stays in its file (`FileRows`), rows cast to `dtype`."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.rows, self.dtype = rows, dtype
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            found = torch.from_numpy(self.rows[ids.reshape(-1).cpu().numpy()]).to(self.dtype)
-            return found.reshape(*ids.shape, rows.shape[1])
-
-    return FileEmbedding()

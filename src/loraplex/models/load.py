@@ -238,14 +238,34 @@ def fingerprint(model_dir: Path) -> dict[str, Any]:
 
 def load_tokenizer(ref: BaseRef) -> Any:
     """The base's tokenizer with a chat template and a pad token guaranteed."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(ref.path))
+    tok = tokenizer_from_dir(ref.path)
     if not getattr(tok, "chat_template", None):
         tok.chat_template = FALLBACK_CHAT_TEMPLATE
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def tokenizer_from_dir(path: Path, light: tuple[str, ...] = ("TokenizersBackend",)) -> Any:
+    """`AutoTokenizer.from_pretrained(path)`, except that a directory whose tokenizer_config.json
+    names one of the `light` classes (and no custom code) gets that class directly: AutoTokenizer
+    reads the model's config first, and importing a config class imports torch.distributed.tensor,
+    sympy and accelerate with it (~60 MB of a server's resident memory). "TokenizersBackend" is
+    what AutoTokenizer returns for such a directory anyway (tests/test_checkpoint.py compares both)."""
+    try:
+        declared = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        declared = {}
+    name = declared.get("tokenizer_class")
+    if name in light and "auto_map" not in declared:
+        from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+        cls = tokenizer_class_from_name(name)
+        if cls is not None:
+            return cls.from_pretrained(str(path))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 def load_model(
@@ -278,10 +298,10 @@ def load_model(
     return model.to(device)  # type: ignore[arg-type]  # transformers' decorator types the wrapped self only
 
 
-def eos_token_ids(tok: Any, model: Any = None) -> list[int]:
-    """Token ids that end an assistant turn: the tokenizer's eos and the model's eos ids."""
+def eos_token_ids(tok: Any, configured: int | list[int] | None = None) -> list[int]:
+    """Token ids that end an assistant turn: the tokenizer's eos, the generation config's eos id(s)
+    (`configured`: a model's `generation_config.eos_token_id`) and ChatML's <|im_end|>."""
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    configured = getattr(model.generation_config, "eos_token_id", None) if model is not None else None
     return end_of_turn_ids(
         tok.eos_token_id, configured, im_end if isinstance(im_end, int) and im_end != tok.unk_token_id else None
     )

@@ -157,7 +157,7 @@ def run(
     gen_convs = data.served_eval[: tc.gen_eval_examples] if tc.gen_eval_steps else []
     if tc.gen_eval_steps and not gen_convs:
         console.print("[yellow]warning:[/] train.gen_eval_steps is set but there is no eval data; skipped")
-    eos_ids = eos_token_ids(tok, model)
+    eos_ids = eos_token_ids(tok, model.generation_config.eos_token_id)
     console.print(
         f"training [bold]{cfg.name}[/] on {base.id}: {len(train_ex)} examples ({data.stats.label_tokens} answer "
         f"tokens) {'packed' if cfg.data.packing else 'padded'}, {total_steps} steps, "

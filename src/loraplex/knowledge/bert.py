@@ -1,0 +1,99 @@
+"""A BERT encoder's forward pass (all-MiniLM-L6-v2, bge-small-zh, ...) over its safetensors weights,
+without transformers' model classes: the last hidden states of a batch of token ids.
+
+Why: importing transformers' BertModel imports its modelling stack with it (torch._dynamo, SciPy,
+sympy, accelerate: ~120 MB resident) into every server whose adapters search English passages with
+the English encoder (embedder.english), for six layers that are a screen of code here. The same
+ops in the same order as transformers' BertModel with sdpa attention; tests/test_knowledge.py
+checks the hidden states against it.
+
+`load` returns None for what this does not cover (the embedder then loads transformers' model):
+another model type, relative position embeddings, an activation other than exact GELU. Token type
+ids are always 0 (one text per input, as the embedder encodes). This module does not tokenize or pool.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def load(path: Path, dtype: torch.dtype, rows: Callable[[str], Any] | None = None) -> Bert | None:
+    """The BERT in `path` (config.json + one .safetensors file) in `dtype`; None where the module
+    docstring says. `rows(name)`, when given, returns the token embedding table as an object whose
+    `[ids]` reads those rows (embedder.FileRows), or None to hold the table in memory."""
+    cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    files = list(path.glob("*.safetensors"))
+    if (
+        cfg.get("model_type") != "bert"
+        or cfg.get("position_embedding_type", "absolute") != "absolute"
+        or cfg.get("hidden_act") != "gelu"
+        or len(files) != 1
+    ):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(files[0]), framework="pt") as f:
+        names = set(f.keys())
+        prefix = "bert." if "bert.embeddings.word_embeddings.weight" in names else ""
+        if prefix + "embeddings.word_embeddings.weight" not in names:
+            return None
+        wanted = [
+            n for n in names if n.startswith((prefix + "embeddings.", prefix + "encoder.")) and "position_ids" not in n
+        ]
+        tensors = {n[len(prefix) :]: f.get_tensor(n).to(dtype) for n in wanted}
+    table = rows(prefix + "embeddings.word_embeddings.weight") if rows is not None else None
+    if table is not None and tuple(table.shape) == tuple(tensors["embeddings.word_embeddings.weight"].shape):
+        del tensors["embeddings.word_embeddings.weight"]
+    else:
+        table = None
+    return Bert(tensors, cfg, dtype, table)
+
+
+class Bert(torch.nn.Module):
+    """`forward(input_ids, attention_mask)` -> last hidden states [batch, tokens, hidden] in `dtype`."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], cfg: dict[str, Any], dtype: torch.dtype, table: Any):
+        super().__init__()
+        self.t, self.dtype, self.table = tensors, dtype, table
+        self.heads = int(cfg["num_attention_heads"])
+        self.layers = int(cfg["num_hidden_layers"])
+        self.eps = float(cfg.get("layer_norm_eps", 1e-12))
+        self.hidden_size = int(cfg["hidden_size"])
+
+    def words(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.table is None:
+            return F.embedding(ids, self.t["embeddings.word_embeddings.weight"])
+        found = torch.from_numpy(np.ascontiguousarray(self.table[ids.reshape(-1).numpy()])).to(self.dtype)
+        return found.reshape(*ids.shape, -1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        t, n, length = self.t, self.hidden_size, input_ids.shape[1]
+
+        def linear(x: torch.Tensor, name: str) -> torch.Tensor:
+            return F.linear(x, t[name + ".weight"], t[name + ".bias"])
+
+        def norm(x: torch.Tensor, name: str) -> torch.Tensor:
+            return F.layer_norm(x, (n,), t[name + ".weight"], t[name + ".bias"], self.eps)
+
+        x = self.words(input_ids) + t["embeddings.token_type_embeddings.weight"][0]
+        x = norm(x + t["embeddings.position_embeddings.weight"][:length], "embeddings.LayerNorm")
+        # True where a key may be attended: padding is masked for every query (bidirectional)
+        mask = attention_mask.bool()[:, None, None, :]
+        split = (input_ids.shape[0], length, self.heads, n // self.heads)
+        for i in range(self.layers):
+            p = f"encoder.layer.{i}."
+            q, k, v = (
+                linear(x, p + "attention.self." + w).view(split).transpose(1, 2) for w in ("query", "key", "value")
+            )
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(x.shape)
+            x = norm(linear(att, p + "attention.output.dense") + x, p + "attention.output.LayerNorm")
+            h = F.gelu(linear(x, p + "intermediate.dense"))
+            x = norm(linear(h, p + "output.dense") + x, p + "output.LayerNorm")
+        return x
