@@ -95,6 +95,19 @@ def test_read_leaves_what_it_cannot_serve_to_transformers(tmp_path: Path, change
     assert checkpoint.read(path) is None, why
 
 
+def test_biases_the_engine_does_not_add_are_an_error(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraplex.errors import UserError
+
+    shape = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)
+    LlamaForCausalLM(LlamaConfig(**shape, attention_bias=True)).save_pretrained(tmp_path)  # o_proj has one too
+    weights = checkpoint.read(tmp_path)
+    assert weights is not None
+    with pytest.raises(UserError, match="o_proj.bias"):
+        DecoderModel(weights, torch.float32, "cpu")
+
+
 def test_the_light_tokenizer_is_what_autotokenizer_gives(tiny_base: Path) -> None:
     from transformers import AutoTokenizer
 

@@ -8,7 +8,8 @@ one). Its weights, config and rotary embedding come from models/checkpoint.py `W
 the safetensors files, or borrowed from a loaded HF model (every `rope_type`; callers may pass the
 model itself). `tests/test_engine.py` checks its logits against the HF model's.
 
-Supported: `llama`, `mistral`, `qwen2` (attention bias) model types. Anything else is a clear error.
+Supported: `llama`, `mistral`, `qwen2` (q/k/v biases) model types. Anything else, and biases on other
+projections (Llama's `attention_bias` on o_proj, `mlp_bias`), is a clear error.
 This module does not schedule, sample or know about HTTP (see engine.py, sampling.py, api/).
 """
 
@@ -292,6 +293,13 @@ class DecoderModel:
         self.layers: list[dict[str, Any]] = []
         for i in range(self.n_layers):
             a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+            unserved = [
+                n
+                for n in (a + "o_proj.bias", *(m + f"{p}_proj.bias" for p in ("gate", "up", "down")))
+                if src.get(n) is not None
+            ]
+            if unserved:  # Llama's attention_bias / mlp_bias: the forward passes below add none of these
+                raise UserError(f"the serving engine does not support biases on {', '.join(unserved)}")
             qkv_bias = None
             if src.get(a + "q_proj.bias") is not None:
                 qkv_bias = dense(torch.cat([read(a + f"{p}_proj.bias") for p in "qkv"]))
