@@ -22,18 +22,31 @@ USER = [{"role": "user", "content": "How many days of leave do I get?"}]
 
 class ServeProcess:
     def __init__(self, base: Path, home: Path, *args: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "loraplex.cli", "serve", "--base", str(base), "--port", str(port)]
-        cmd += ["--device", "cpu", "--dtype", "fp32", *args]
-        self.proc = subprocess.Popen(
-            cmd, env={**os.environ, "LORAPLEX_HOME": str(home)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
+        # A free port is only free until the server binds it, seconds later: a test running beside this
+        # one may take it first ("address already in use"). Then start again on another port.
+        for _attempt in range(5):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            self.url = f"http://127.0.0.1:{port}"
+            cmd = [sys.executable, "-m", "loraplex.cli", "serve", "--base", str(base), "--port", str(port)]
+            cmd += ["--device", "cpu", "--dtype", "fp32", *args]
+            self.proc = subprocess.Popen(
+                cmd, env={**os.environ, "LORAPLEX_HOME": str(home)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+            if self._ready():
+                break
+        else:
+            raise AssertionError("no free port in 5 tries")
+
+    def _ready(self) -> bool:
+        """Waits until the server answers /ready: True; False when it could not bind its port."""
         deadline = time.time() + 120
         while True:
-            assert self.proc.poll() is None, self.proc.stdout.read().decode()  # type: ignore[union-attr]
+            if self.proc.poll() is not None:
+                output = self.proc.stdout.read().decode()  # type: ignore[union-attr]
+                assert "address already in use" in output, output
+                return False
             try:
                 if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
                     break
@@ -43,6 +56,7 @@ class ServeProcess:
             time.sleep(0.2)
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         self.base_id = httpx.get(self.url + "/ready").json()["model"]
+        return True
 
     def stream_in_thread(self, max_tokens: int, started: threading.Event) -> tuple[threading.Thread, dict[str, Any]]:
         """Stream one greedy answer in a thread; `started` is set at the first content chunk."""
