@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loraplex import threads
 from loraplex.adapters import registry
 from loraplex.adapters.archive import export_tar, import_tar
 from loraplex.assistants import faq
@@ -361,7 +362,9 @@ HOTEL = [  # one organisation's FAQ in English, with a Chinese pair: the English
 ]
 
 
-def test_english_questions_are_ranked_by_a_second_encoder_without_changing_what_may_be_used() -> None:
+def test_english_questions_are_ranked_by_a_second_encoder_without_changing_what_may_be_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """faq_large's Northwind Robotics FAQ (ten pairs), asked three of its unseen phrasings that the
     multilingual encoder alone answers from the wrong passage."""
     from loraplex.knowledge import embedder
@@ -394,6 +397,14 @@ def test_english_questions_are_ranked_by_a_second_encoder_without_changing_what_
     for question in ("Northwind Robotics 的年假有几天？", "Northwind Robotics 的 probation 多长？"):
         a, b = alone.search(question, 20, 1.0, faq.MIN_SIMILARITY), both.search(question, 20, 1.0, faq.MIN_SIMILARITY)
         assert [h.ord for h in a] == [h.ord for h in b]
+    # the English vector is computed on a thread beside the multilingual search where two cores
+    # or more may run, inline on one: the same hits, in the same order, with the same scores
+    asked = ["how much vacation do I get at Northwind Robotics?", "Northwind Robotcs probaton length?"]
+    beside = [both.search(q, 20, 1.0, faq.MIN_SIMILARITY) for q in asked]
+    monkeypatch.setattr(faq, "cores", lambda: 1)
+    assert [both.search(q, 20, 1.0, faq.MIN_SIMILARITY) for q in asked] == beside
+    if threads.cores() > 1:
+        assert faq._side.cache_info().currsize == 1  # the thread was used
 
 
 def test_the_english_encoders_files_are_checked_and_its_absence_is_not_an_error(

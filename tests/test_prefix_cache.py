@@ -11,7 +11,7 @@ import torch
 from loraplex.engine import lora_kernel
 from loraplex.engine.engine import Engine
 from loraplex.engine.lora import AdapterRequest
-from loraplex.engine.prefix_cache import MIN_TOKENS, PrefixCache
+from loraplex.engine.prefix_cache import MIN_TOKENS, Entry, PrefixCache
 from loraplex.engine.sampling import SamplingParams
 from tests.conftest import make_adapter
 
@@ -26,6 +26,14 @@ def _kv(n: int, fill: float) -> tuple[torch.Tensor, torch.Tensor]:
     return k, k + 1
 
 
+def _filled(cache: PrefixCache, entry: Entry | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a request's slot holds after a hit of n positions."""
+    assert entry is not None
+    k, v = torch.full((2, 1, 64, 4), -1.0), torch.full((2, 1, 64, 4), -1.0)
+    cache.fill(entry, n, k, v)
+    return k[:, :, :n], v[:, :, :n]
+
+
 def test_longest_prefix_lru_and_adapter_isolation() -> None:
     one = 2 * 2 * 1 * 40 * 4 * 4  # bytes of a 40-token entry (k and v, fp32)
     cache = PrefixCache(capacity_bytes=2 * one)
@@ -36,21 +44,86 @@ def test_longest_prefix_lru_and_adapter_isolation() -> None:
     entry, n = cache.longest(base, a)
     assert entry is not None and n == 39  # the last token is always computed
     entry, n = cache.longest(base, b + [7])
-    assert entry is not None and n == 20 and torch.equal(entry.k[:, :, :n], torch.full((2, 1, 20, 4), 1.0))
+    assert n == 20 and torch.equal(_filled(cache, entry, n)[0], torch.full((2, 1, 20, 4), 1.0))
     assert cache.longest(hr, a) == (None, 0)  # the same tokens under another adapter
     assert cache.longest(base, a[: MIN_TOKENS - 1] + [1] * 30) == (None, 0)  # too short a match
     cache.store(hr, a, *_kv(40, 2.0))
     cache.longest(base, a)  # base's entry is now the most recently used
-    cache.store(base, b, *_kv(40, 3.0))  # over capacity: hr's entry goes
-    assert len(cache) == 2 and cache.bytes == 2 * one
+    cache.store(base, b, *_kv(40, 3.0))  # its last 20 positions only; over capacity: hr's entry goes
+    assert len(cache) == 2 and cache.bytes == one + one // 2
     assert cache.longest(hr, a) == (None, 0)
     entry, n = cache.longest(base, b + [9])
-    assert entry is not None and n == 40 and float(entry.k[0, 0, 0, 0]) == 3.0
+    k, v = _filled(cache, entry, n)
+    assert n == 40 and torch.equal(k[:, :, :20], torch.full((2, 1, 20, 4), 1.0))  # a's, shared
+    assert torch.equal(k[:, :, 20:], torch.full((2, 1, 20, 4), 3.0)) and torch.equal(v, k + 1)
     cache.forget("hr")  # nothing of hr left; base entries stay
     assert len(cache) == 2
     cache.store(hr, a, *_kv(40, 2.0))
     cache.forget("hr")
     assert cache.longest(hr, a) == (None, 0)
+
+
+def _prompt_kv(ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys that tell every position apart: position i holds token ids[i]."""
+    k = torch.tensor(ids, dtype=torch.float32)[None, None, :, None].expand(2, 1, len(ids), 4).clone()
+    return k, -k
+
+
+def test_a_prompt_is_stored_as_what_its_longest_stored_prefix_lacks() -> None:
+    """A knowledge server's prompts: the same instructions, one of a few passages, a question asked
+    once. The instructions are kept once and each passage once; every hit rebuilds exactly the
+    positions that were stored; only leaves are evicted, least recently used first."""
+    token = 2 * 2 * 1 * 4 * 4  # bytes of one position (k and v, fp32)
+    cache = PrefixCache(capacity_bytes=10**6)
+    base = AdapterRequest()
+    rules, p1, p2 = list(range(1000, 1030)), list(range(2000, 2020)), list(range(3000, 3020))
+    q = [list(range(4000 + 100 * i, 4010 + 100 * i)) for i in range(6)]
+    prompts = [rules + p1 + q[0], rules + p1 + q[1], rules + p2 + q[2]]
+    for ids in prompts:
+        cache.store(base, ids, *_prompt_kv(ids))
+    assert len(cache) == 3 and cache.bytes == (60 + 10 + 30) * token  # 180 positions stored whole
+
+    for ids, want in [
+        (rules + p1 + q[3], 50),
+        (prompts[1] + [7], 60),
+        (rules + p2 + q[2] + [7], 60),
+        (rules + q[4], 30),
+    ]:
+        entry, n = cache.longest(base, ids)
+        assert n == want
+        k, v = _filled(cache, entry, n)
+        assert torch.equal(k, _prompt_kv(ids[:n])[0]) and torch.equal(v, _prompt_kv(ids[:n])[1])
+
+    cache.store(base, rules + p1, *_prompt_kv(rules + p1))  # held already, inside a stored prompt
+    assert len(cache) == 3 and cache.bytes == 100 * token
+
+    # full: the new question evicts the least recently used leaf (q[1]'s), never a parent
+    cache.capacity_bytes = cache.bytes
+    cache.longest(base, prompts[0] + [7])
+    cache.longest(base, prompts[2] + [7])
+    cache.store(base, rules + p2 + q[5], *_prompt_kv(rules + p2 + q[5]))
+    assert len(cache) == 3 and cache.bytes == 100 * token
+    assert cache.longest(base, prompts[1] + [7])[1] == 50  # its question is gone, the passage is not
+    entry, n = cache.longest(base, rules + p2 + q[5] + [7])
+    assert n == 60 and torch.equal(_filled(cache, entry, n)[0], _prompt_kv(rules + p2 + q[5])[0])
+
+    # a prompt that cannot fit beside the parents it reads is not stored, and evicts nothing
+    longer = rules + p1 + q[0] + list(range(9000, 9050))
+    cache.store(base, longer, *_prompt_kv(longer))
+    assert len(cache) == 3 and cache.bytes == 100 * token and cache.longest(base, longer)[1] == 60
+
+    # an unloaded adapter's entries go, parents and children alike; the base model's stay
+    hr = AdapterRequest((("hr@v1", 1.0),))
+    cache.capacity_bytes = 10**6
+    for ids in prompts:
+        cache.store(hr, ids, *_prompt_kv(ids))
+    assert len(cache) == 6 and cache.bytes == 200 * token
+    held = dict(cache._index)
+    cache.forget("hr")
+    assert len(cache) == 3 and cache.bytes == 100 * token and cache.longest(hr, prompts[0]) == (None, 0)
+    assert len(cache._index) < len(held) and all(
+        cache._entries[eid].adapter == base for eid, _ in cache._index.values()
+    )
 
 
 def test_a_prefix_hit_changes_no_answer(lp_home: Path, tiny_base: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -447,8 +447,7 @@ class Engine:
         if entry is None:
             return
         self.cache.ensure(slot + 1, n)
-        self.cache.k[:, slot, :, :n] = entry.k[:, :, :n]
-        self.cache.v[:, slot, :, :n] = entry.v[:, :, :n]
+        self.prefix.fill(entry, n, self.cache.k[:, slot], self.cache.v[:, slot])
         req.cached = req.reused = n
         self.stats.cached_prompt_tokens += n
 

@@ -66,6 +66,7 @@ class Bert(torch.nn.Module):
         self.layers = int(cfg["num_hidden_layers"])
         self.eps = float(cfg.get("layer_norm_eps", 1e-12))
         self.hidden_size = int(cfg["hidden_size"])
+        self.packed = _prepack(tensors) if dtype == torch.bfloat16 else set()
 
     def words(self, ids: torch.Tensor) -> torch.Tensor:
         if self.table is None:
@@ -77,6 +78,8 @@ class Bert(torch.nn.Module):
         t, n, length = self.t, self.hidden_size, input_ids.shape[1]
 
         def linear(x: torch.Tensor, name: str) -> torch.Tensor:
+            if name in self.packed:
+                return torch.ops.mkldnn._linear_pointwise(x, t[name + ".weight"], t[name + ".bias"], "none", [], "")
             return F.linear(x, t[name + ".weight"], t[name + ".bias"])
 
         def norm(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -97,3 +100,33 @@ class Bert(torch.nn.Module):
             h = F.gelu(linear(x, p + "intermediate.dense"))
             x = norm(linear(h, p + "output.dense") + x, p + "output.LayerNorm")
         return x
+
+
+def _prepack(tensors: dict[str, torch.Tensor]) -> set[str]:
+    """Replace each bf16 projection's weight by oneDNN's packed copy of it, where the packed product
+    equals F.linear's bit for bit on a probe; returns the names of the projections packed.
+
+    Why: F.linear packs a bf16 weight for oneDNN on every call. Packed once, a question's vector
+    costs ~30% less warm, and much less when a decode step of the server's model has just pushed
+    the encoder's 45 MB out of the CPU caches (the packing reads and writes every weight again).
+    The probe keeps the vectors identical to BertModel's on CPUs whose packed kernels round otherwise."""
+    try:
+        reorder, product = torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):  # a PyTorch built without oneDNN
+        return set()
+    packed: set[str] = set()
+    probe = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        weights = [n for n, w in tensors.items() if n.startswith("encoder.") and n.endswith(".weight") and w.dim() == 2]
+        for name in [n[: -len(".weight")] for n in weights]:
+            w, b = tensors[name + ".weight"], tensors.get(name + ".bias")
+            x = torch.randn((1, 16, w.shape[1]), generator=probe).to(w.dtype)
+            try:
+                p = reorder(w, None)
+                same = torch.equal(product(x, p, b, "none", [], ""), F.linear(x, w, b))
+            except RuntimeError:
+                return packed
+            if same:
+                tensors[name + ".weight"] = p
+                packed.add(name)
+    return packed
