@@ -187,6 +187,8 @@ def test_log_rows_and_prometheus_counters_match_the_requests(env: Env) -> None:
     )
     assert value("loraplex_time_to_first_token_seconds_count", model="legal@v1") >= 3
     assert ("loraplex_loaded_adapters", ()) in metrics and ("loraplex_queue_depth", ()) in metrics
+    # the system prompt every request repeats is kept for reuse: bytes held, within the budget
+    assert 0 < value("loraplex_prefix_cache_bytes") <= value("loraplex_prefix_cache_budget_bytes")
     r = runner.invoke(app, ["usage", "--by", "key", "--json"])
     meter = next(x for x in json.loads(r.stdout) if x["name"] == "meter")
     assert meter["requests"] == 5 and meter["errors"] == 2

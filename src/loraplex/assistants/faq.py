@@ -38,6 +38,7 @@ This module does not train (train/sft_lora.py) or generate.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from collections import Counter
@@ -281,6 +282,10 @@ class Index:
 def _side() -> ThreadPoolExecutor:
     """The thread that computes English vectors beside the multilingual search (Index._english_vector)."""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-english")
+
+
+# a forked child has the executor but not its thread: it starts one of its own when it searches
+os.register_at_fork(after_in_child=_side.cache_clear)
 
 
 RERANK = 8  # passages the English encoder re-orders (faq_large: the right one is in the multilingual top 8 for all 300)

@@ -209,6 +209,9 @@ class Engine:
     def kv_cache(self) -> tuple[int, int] | None:
         return self.cache.allocated_bytes, self.kv_cache_bytes
 
+    def prefix_cache(self) -> tuple[int, int] | None:
+        return (self.prefix.bytes, self.prefix.capacity_bytes) if self.prefix.capacity_bytes else None
+
     def queue_depth(self) -> int:
         """Requests waiting for a batch row (read from any thread: a length, not a lock)."""
         return len(self._waiting)

@@ -164,6 +164,10 @@ class EngineClient(Protocol):
         """(bytes allocated now, budget) of a KV cache this engine manages; None when it does not."""
         ...
 
+    def prefix_cache(self) -> tuple[int, int] | None:
+        """(bytes held now, budget) of the prompt prefixes this engine keeps; None when it keeps none."""
+        ...
+
     def encode(self, prompt: Prompt) -> list[int]: ...
     def check_length(self, prompt_len: int, max_tokens: int | None) -> int:
         """The tokens a request may generate; PromptTooLong when the prompt leaves no room."""

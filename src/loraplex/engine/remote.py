@@ -152,6 +152,9 @@ class RemoteEngine:
     def kv_cache(self) -> tuple[int, int] | None:
         return None  # vLLM's own (its /metrics: vllm:gpu_cache_usage_perc)
 
+    def prefix_cache(self) -> tuple[int, int] | None:
+        return None  # vLLM's prefix cache lives in its KV cache blocks (its /metrics: vllm:prefix_cache_*)
+
     def queue_depth(self) -> int:
         return 0  # the engine's queue is vLLM's own (its /metrics: vllm:num_requests_waiting)
 

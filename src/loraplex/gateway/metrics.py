@@ -71,6 +71,13 @@ class Metrics:
                 Gauge("loraplex_kv_cache_budget_bytes", "The KV cache's budget", registry=r).set_function(
                     lambda: (engine.kv_cache() or (0, 0))[1]
                 )
+            if engine.prefix_cache() is not None:  # serve --prefix-cache-mb 0: none
+                Gauge(
+                    "loraplex_prefix_cache_bytes", "Keys and values of prompt prefixes kept for reuse", registry=r
+                ).set_function(lambda: (engine.prefix_cache() or (0, 0))[0])
+                Gauge("loraplex_prefix_cache_budget_bytes", "The prefix cache's budget", registry=r).set_function(
+                    lambda: (engine.prefix_cache() or (0, 0))[1]
+                )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
