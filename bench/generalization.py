@@ -20,6 +20,8 @@ version's own Q&A, the base model when nothing relevant is found):
              passages ranked by the multilingual encoder alone, as before it
   no-spelling  the default without typo correction (retrieval.spelling=false): the question
              searched as typed, as before knowledge/spelling.py
+  no-bilingual  the default without translating mixed Chinese/English questions
+             (retrieval.bilingual=false), as before knowledge/bilingual.py
   default    the default: retrieval-augmented training and serving, 1 passage per prompt, 4 epochs,
              "I don't know" to a question whose best passage is only about its organisation
              (retrieval.refuse_below); every variant that refuses is also answered never refusing
@@ -84,6 +86,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "epochs8": {"train": {"epochs": 8}},
     "multilingual-only": {"retrieval": {"english_encoder": False}},
     "no-spelling": {"retrieval": {"spelling": False}},
+    "no-bilingual": {"retrieval": {"bilingual": False}},
 }
 
 

@@ -77,6 +77,8 @@ def make_adapters(base: Any, prefix: str, targets: str | list[str], knowledge: b
             "offtopic": settings.offtopic_gate,
             "english": settings.english_encoder,
             "spelling": settings.spelling,
+            "bilingual": settings.bilingual,
+            "english_topic": settings.english_encoder,
             "refuse_below": settings.refuse_below,
             "passages": len(pairs),
         }

@@ -55,6 +55,7 @@ from loraplex.assistants.retrieval import REFUSAL, Source, language, render
 from loraplex.assistants.store import AdapterPart, Assistant, Knowledge
 from loraplex.data.formats import Conversation
 from loraplex.errors import UserError
+from loraplex.knowledge.bilingual import Bridge, mixed
 from loraplex.knowledge.embedder import Multilingual
 from loraplex.knowledge.embedder import english as english_encoder
 from loraplex.knowledge.relevance import CJK, relevance
@@ -149,7 +150,20 @@ class Index:
     `spelling`: a question's typos are corrected towards the pairs' own words before anything else
     (knowledge/spelling.py: "brekfast" -> "breakfast", "早參" -> 早餐); the search, the gates and
     `Hit.topic` all read the corrected question. Why: a misspelt word is another word to the
-    encoders; on faq_large's unseen phrasings 268 -> 272 of 300 found first, 22 -> 18 refused."""
+    encoders; on faq_large's unseen phrasings 268 -> 272 of 300 found first, 22 -> 18 refused.
+
+    `bilingual`: a question that mixes Chinese and English is also searched with its other-language
+    words translated into the language of the pairs it asks about (those of the organisation it
+    names, or all of them), towards the pairs' own words (knowledge/bilingual.py: "云杉酒店的
+    check-out time 是几点？" + 退房), and ranked by the mean of both similarities; `Hit.topic` is
+    the mean of both too, the gates read the question as asked. Why: the encoders read a mixed
+    question by its words' own language ("check-out time" in a Chinese question found check-in).
+
+    `english_topic`: for a question in English letters, `Hit.topic` of a pair in English letters is
+    the larger of both encoders' (the English one's with the names taken out as well). Why: a
+    colloquial English question with the name taken out ("when can I visit?") is too little for
+    the multilingual encoder: 18 of faq_large's 300 unseen phrasings were refused, 14 with the
+    second opinion, and the same unanswerable questions (docs/generalization.md)."""
 
     def __init__(
         self,
@@ -158,6 +172,8 @@ class Index:
         named: bool = False,
         english: bool = False,
         spelling: bool = False,
+        bilingual: bool = False,
+        english_topic: bool = False,
     ):
         self.pairs = pairs
         self._speller = Speller([p.passage[1] for p in pairs]) if spelling and pairs else None
@@ -173,12 +189,21 @@ class Index:
             self._en_questions = np.zeros((len(pairs), en.shape[1]), np.float32)
             self._en_both = np.zeros_like(self._en_questions)
             self._en_questions[self._latin], self._en_both[self._latin] = en[: len(latin)], en[len(latin) :]
+        self._bridge = Bridge([p.passage[1] for p in pairs]) if bilingual and pairs else None
         self._words = [set(words(p.passage[1])) for p in pairs]
         self._offtopic: np.ndarray | None = None
         self._bare: tuple[np.ndarray, np.ndarray] | None = None
         # every organisation a FAQ names, for `Hit.topic`; fewer pairs each than the gate's names
         self._names = shared_terms(pairs, TOPIC_SHARE) if pairs else []
         self._topic = self._without(self._names)
+        self._en_topic: tuple[np.ndarray, np.ndarray] | None = None
+        if english_topic and self._english is not None and self._names:  # as _en_questions, names out
+            latin = [p for p, ok in zip(pairs, self._latin, strict=True) if ok]
+            en = self._english.embed(
+                [without(p.question, self._names) for p in latin] + [without(p.passage[1], self._names) for p in latin]
+            )
+            self._en_topic = (np.zeros_like(self._en_questions), np.zeros_like(self._en_questions))
+            self._en_topic[0][self._latin], self._en_topic[1][self._latin] = en[: len(latin)], en[len(latin) :]
         if offtopic and pairs:
             self._offtopic = offtopic_vectors()
             names = shared_terms(pairs)
@@ -206,22 +231,28 @@ class Index:
             return []
         if self._speller is not None:
             query = self._speller.fix(query)
-        english = self._english_vector(query)  # started first: it runs beside the multilingual one
-        # the question as asked and without the organisations' names (for `topic`) in one call:
-        # 2.8 ms instead of 4.2 on one core; the second is the first when no name was taken out
+        # the question without the organisations' names (for `topic`)
         bare_query = without(query, self._names) if self._topic is not None else query
-        if bare_query == query:
-            q = bare = self._embedder.embed([query])[0]
-        else:
-            q, bare = self._embedder.embed([query, bare_query])
+        english = self._english_vector(query, bare_query)  # started first: it runs beside the multilingual one
+        translated = self._translated(query)
+        # every text in one call (2.8 ms instead of 4.2 on one core for two); each only once
+        texts = list(
+            dict.fromkeys([query, bare_query] + ([translated, without(translated, self._names)] if translated else []))
+        )
+        vectors = dict(zip(texts, self._embedder.embed(texts), strict=True))
+        q, bare = vectors[query], vectors[bare_query]
         sims = (self._questions @ q + self._both @ q) / 2
+        rank = sims  # what orders the passages; the gates below read `sims`, the question as asked
+        if translated:
+            t = vectors[translated]
+            rank = (sims + (self._questions @ t + self._both @ t) / 2) / 2
         near = sims
         if self._bare is not None:  # the names taken out count only for the gate, never the ranking
             near = np.maximum(sims, (self._bare[0] @ q + self._bare[1] @ q) / 2)
         offtopic = float((self._offtopic @ q).max()) if self._offtopic is not None else None
         terms = list(dict.fromkeys(words(query)))
         found: list[tuple[int, float]] = []
-        for i in self._order(sims, english):
+        for i in self._order(rank, english):
             sim, p = float(sims[i]), self.pairs[i]
             rel = relevance(terms, p.passage[1], self._words[i])
             similar = min_similarity is not None and (
@@ -234,17 +265,39 @@ class Index:
         if not found and self._named and self._names:
             asked = query.casefold()
             if any(name.casefold() in asked for name in self._names):
-                found = [(int(np.argmax(sims)), 0.0)]  # about the organisation: its closest passage
+                found = [(int(np.argmax(rank)), 0.0)]  # about the organisation: its closest passage
         topic = sims
         if found and self._topic is not None:
             topic = (self._topic[0] @ bare + self._topic[1] @ bare) / 2
+            if translated:
+                t = vectors[without(translated, self._names)]
+                topic = (topic + (self._topic[0] @ t + self._topic[1] @ t) / 2) / 2
+            if self._en_topic is not None and english is not None:
+                v = english.result()[-1]  # the question without the names (or as asked: none in it)
+                topic = np.where(
+                    self._latin, np.maximum(topic, (self._en_topic[0] @ v + self._en_topic[1] @ v) / 2), topic
+                )
         return [
             Hit(i, DOCUMENT, i, self.pairs[i].answer, 0.0, rel, float(sims[i]), float(topic[i])) for i, rel in found
         ]
 
-    def _english_vector(self, query: str) -> Future[np.ndarray] | None:
-        """The English encoder's vector of a question in English letters, computed on another
-        thread where this process may use two cores or more; None where it does not rank.
+    def _translated(self, query: str) -> str | None:
+        """`query` with its words in the other language translated (class docstring, `bilingual`),
+        or None: not mixed, or nothing to add. The language is that of the pairs of the
+        organisations the question names, or of all pairs when it names none."""
+        if self._bridge is None or not mixed(query):
+            return None
+        asked = query.casefold()
+        named = [n for n in self._names if n.casefold() in asked]
+        about = [i for i, p in enumerate(self.pairs) if any(n.casefold() in p.passage[1].casefold() for n in named)]
+        chinese = [not self._latin[i] for i in (about or range(len(self.pairs)))]
+        added = self._bridge.translate(without(query, self._names), "zh" if sum(chinese) * 2 > len(chinese) else "en")
+        return f"{query} {' '.join(added)}" if added else None
+
+    def _english_vector(self, query: str, bare: str) -> Future[np.ndarray] | None:
+        """The English encoder's vectors of a question in English letters and of it without the
+        names (`bare`, for `english_topic`), computed on another thread where this process may use
+        two cores or more; None where it does not rank.
 
         Why a thread: after a decode step of the server's model has pushed both encoders out of
         the CPU caches, the multilingual one takes ~5 ms and the English one ~8 ms on one core of
@@ -253,11 +306,12 @@ class Index:
         encoder = self._english
         if encoder is None or not english_letters(query) or self._latin.sum() < 2:
             return None
+        texts = [query, bare] if self._en_topic is not None and bare != query else [query]
         future: Future[np.ndarray] = Future()
         if cores() < 2:
-            future.set_result(encoder.embed([query])[0])
+            future.set_result(encoder.embed(texts))
             return future
-        return _side().submit(lambda: encoder.embed([query])[0])
+        return _side().submit(encoder.embed, texts)
 
     def _order(self, sims: np.ndarray, english: Future[np.ndarray] | None) -> np.ndarray:
         """Pair indices best first: by `sims`, the first `RERANK` re-ordered with the English
@@ -265,7 +319,7 @@ class Index:
         order = np.argsort(-sims, kind="stable")
         if english is None:
             return order
-        v = english.result()
+        v = english.result()[0]
         head = order[:RERANK]
         latin = head[self._latin[head]]
         if len(latin) < 2:
@@ -412,12 +466,15 @@ def augment(
     reworded: dict[str, list[str]] | None = None,
     english: bool = False,
     spelling: bool = False,
+    bilingual: bool = False,
 ) -> tuple[list[Conversation], dict[str, int]]:
     """Training conversations with passages in the prompt (see the module docstring), and counts of
     what was made. `reworded` holds teacher paraphrases by record source (data/paraphrase.py), each
     trained like a noisy copy. Multi-turn conversations pass through unchanged. `english`,
-    `spelling`: as Index."""
-    kb = Index(pairs, english=english, spelling=spelling)
+    `spelling`, `bilingual`: as Index."""
+    kb = Index(pairs, english=english, spelling=spelling, bilingual=bilingual)
+    if kb._bridge is not None:  # its tables cached now, so that serving's first mixed question needs no dictionary
+        kb._bridge.ready()
     rng = random.Random(seed)
     by_source = {p.source: i for i, p in enumerate(pairs)}
     out: list[Conversation] = []
@@ -463,12 +520,13 @@ def as_served(
     offtopic: bool = True,
     english: bool = False,
     spelling: bool = False,
+    bilingual: bool = False,
 ) -> list[Conversation]:
     """Eval conversations with the prompt serving would give their question: the passages found in
     `pairs` (the training Q&A), or the question as it is when none is found. No pairs: unchanged."""
     if not pairs:
         return conversations
-    kb = Index(pairs, offtopic=offtopic, english=english, spelling=spelling)
+    kb = Index(pairs, offtopic=offtopic, english=english, spelling=spelling, bilingual=bilingual)
     out = []
     for conv in conversations:
         turns = [m for m in conv.messages if m["role"] != "system"]

@@ -142,8 +142,16 @@ def _open(base: str) -> Searchable:
     refusing = isinstance(settings, dict) and settings.get("refuse_below") is not None  # and before this
     english = isinstance(settings, dict) and bool(settings.get("english"))  # and before the English encoder
     spelling = isinstance(settings, dict) and bool(settings.get("spelling"))  # and before typo correction
+    bilingual = isinstance(settings, dict) and bool(settings.get("bilingual"))  # and before translation
+    english_topic = isinstance(settings, dict) and bool(settings.get("english_topic"))  # and before this
     return faq.Index(
-        faq.read(ref.path / faq.FILE), offtopic=offtopic, named=refusing, english=english, spelling=spelling
+        faq.read(ref.path / faq.FILE),
+        offtopic=offtopic,
+        named=refusing,
+        english=english,
+        spelling=spelling,
+        bilingual=bilingual,
+        english_topic=english_topic,
     )
 
 

@@ -20,16 +20,13 @@ import array
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from loraplex.files import package_file
+from loraplex.files import package_file, write_dir
 from loraplex.paths import home
 
 log = logging.getLogger(__name__)
@@ -104,20 +101,14 @@ def _build() -> tuple[dict[str, tuple[Any, array.array[Any]]], dict[str, float]]
 
 def _save(out: Path, built: dict[str, tuple[Any, array.array[Any]]], meta: dict[str, float]) -> None:
     """Write the tables into `out` atomically (a half-written cache is never read)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         for name, (trie, values) in built.items():
             trie.save(str(tmp / f"{name}.marisa"))
             (tmp / f"{name}.values").write_bytes(values.tobytes())
         (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process wrote it first: theirs is the same
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir(out, write)
 
 
 def _read(out: Path, name: str, code: str) -> Table:

@@ -99,6 +99,7 @@ def prepare(cfg: TrainConfig, tok: Any, base: BaseRef, world: Any, console: Any)
             reworded,
             rc.english_encoder,
             rc.spelling,
+            rc.bilingual,
         )
         augmented.update(made)
         per_prompt = f"{rc.top_k} passage{'s' if rc.top_k > 1 else ''} per prompt"
@@ -110,6 +111,8 @@ def prepare(cfg: TrainConfig, tok: Any, base: BaseRef, world: Any, console: Any)
             )
         if rc.spelling:
             per_prompt += ", typos corrected towards the Q&A's words"
+        if rc.bilingual:
+            per_prompt += ", mixed Chinese/English questions translated towards them"
         console.print(
             f"retrieval: on ({len(pairs)} Q&A become the adapter's knowledge; {per_prompt}): "
             f"{augmented['answer_examples']} answer examples ({augmented['noisy_questions']} noisy questions, "
@@ -133,7 +136,7 @@ def prepare(cfg: TrainConfig, tok: Any, base: BaseRef, world: Any, console: Any)
     train_ex, stats = encode_all(tok, conversations, max_len, cfg.data.train_on_prompt)
     # evaluated as served: with retrieval, eval questions carry the passages found in the training Q&A
     served_eval = faq.as_served(
-        eval_convs, pairs, rc.top_k, rc.min_similarity, rc.offtopic_gate, rc.english_encoder, rc.spelling
+        eval_convs, pairs, rc.top_k, rc.min_similarity, rc.offtopic_gate, rc.english_encoder, rc.spelling, rc.bilingual
     )
     eval_ex, _ = encode_all(tok, served_eval, max_len, cfg.data.train_on_prompt)
     if stats.truncated:

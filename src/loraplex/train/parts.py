@@ -335,6 +335,9 @@ def run_facts(cfg: TrainConfig, data: Prepared, run_dir: Path) -> dict[str, Any]
             "offtopic": cfg.retrieval.offtopic_gate,  # faq.Index; versions trained before it have none
             "english": cfg.retrieval.english_encoder,  # faq.Index's second encoder; none before: no
             "spelling": cfg.retrieval.spelling,  # faq.Index's typo correction; none before: no
+            "bilingual": cfg.retrieval.bilingual,  # faq.Index's mixed-language questions; none before: no
+            # the English encoder's second opinion on `topic`; none before: the multilingual one alone
+            "english_topic": cfg.retrieval.english_encoder,
             "refuse_below": cfg.retrieval.refuse_below,  # retrieval.prepare; none before: never refuse
             "passages": len(data.pairs),
             **data.augmented,
