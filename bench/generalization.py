@@ -32,6 +32,10 @@ Sets (training phrasing never equals a test phrasing; check_no_leak() asserts it
           (samples/company_policies_heldout.jsonl), bench/data/sample_unanswerable.jsonl
   large   bench/data/faq_large/: 100+ facts of fictional organisations (en/zh), one phrasing each
           for training, 3+ unseen phrasings per fact, 30+ unanswerable questions
+  check   bench/data/faq_check/: 48 facts of six more organisations (en/zh), two unseen phrasings
+          each, 12 unanswerable questions; written after every retrieval setting was chosen on the
+          sets above, and never used to choose one: how the defaults do on data they were not
+          tuned on (not in the default --sets)
 
   single  the same 100 facts as ten FAQs of one organisation each (an assistant per company, the
           usual case), each trained on its own; the unseen phrasings asked as written and with the
@@ -151,7 +155,7 @@ def load_set(name: str) -> dict[str, Any]:
         train_file = TRAIN_FILE
         orgs = ["Brightwave", "明澜"]
     else:
-        root = DATA / "faq_large"
+        root = DATA / f"faq_{name}"
         train_file = root / "train.jsonl"
         train = read_jsonl(train_file)
         unseen = read_jsonl(root / "unseen.jsonl")

@@ -79,6 +79,7 @@ def make_adapters(base: Any, prefix: str, targets: str | list[str], knowledge: b
             "spelling": settings.spelling,
             "bilingual": settings.bilingual,
             "english_topic": settings.english_encoder,
+            "english_gate": settings.english_encoder,
             "refuse_below": settings.refuse_below,
             "passages": len(pairs),
         }

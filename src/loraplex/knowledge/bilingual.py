@@ -182,11 +182,16 @@ class Bridge:
                 self._load()
                 self._built = True
 
-    def translate(self, question: str, into: str) -> list[str]:
+    def translate(self, question: str, into: str, within: list[str] | None = None) -> list[str]:
         """Words of the text (`into`: "zh" or "en") that translate `question`'s words written in the
-        other language, new to the question; [] when it has none."""
+        other language, new to the question; [] when it has none. `within`: only words that these
+        of the texts hold (the pairs of the organisation the question names: "长川制药 overtime"
+        is 长川制药's 加班, not another company's 超时, "overtime" alone in CC-CEDICT)."""
         self.ready()
-        out = self._chinese_for(question) if into == "zh" else self._english_for(question)
+        out = self._chinese_for(question, within) if into == "zh" else self._english_for(question)
+        if within is not None:
+            held = " ".join(within).casefold()
+            out = [w for w in out if w.casefold() in held]
         asked = question.casefold()
         return [w for w in dict.fromkeys(out) if w.casefold() not in asked]
 
@@ -201,15 +206,17 @@ class Bridge:
                         out.extend(found.decode().split())
         return out
 
-    def _chinese_for(self, question: str) -> list[str]:
+    def _chinese_for(self, question: str, within: list[str] | None) -> list[str]:
         function = _function_stems()
+        held = " ".join(within) if within is not None else None
+        candidates = [(w, ss) for w, ss in self._senses.items() if held is None or w in held]
         out: list[str] = []
         for run in LATIN_RUN.findall(question):
             left = {stem(w) for w in LATIN.findall(run) if w.lower() not in _FILLER}
             while left - function:
                 best: list[str] = []
                 score, covered = (0, 0.0), frozenset[str]()
-                for word, senses in self._senses.items():
+                for word, senses in candidates:
                     for s in senses:
                         shared = left & s
                         if not shared - function:
@@ -221,7 +228,8 @@ class Bridge:
                             best.append(word)
                 if not best:
                     break
-                if len(best) == 1:  # two words as good: ambiguous, say nothing
-                    out.append(best[0])
+                shortest = min(best, key=len)
+                if all(shortest in w for w in best):  # one word, or words that hold it (加班, 加班费)
+                    out.append(shortest)  # else two words as good: ambiguous, say nothing
                 left -= covered
         return out

@@ -338,6 +338,8 @@ def run_facts(cfg: TrainConfig, data: Prepared, run_dir: Path) -> dict[str, Any]
             "bilingual": cfg.retrieval.bilingual,  # faq.Index's mixed-language questions; none before: no
             # the English encoder's second opinion on `topic`; none before: the multilingual one alone
             "english_topic": cfg.retrieval.english_encoder,
+            # and on the off-topic gate, for questions and pairs in English letters; none before: no
+            "english_gate": cfg.retrieval.english_encoder,
             "refuse_below": cfg.retrieval.refuse_below,  # retrieval.prepare; none before: never refuse
             "passages": len(data.pairs),
             **data.augmented,
