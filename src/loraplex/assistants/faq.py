@@ -401,8 +401,13 @@ TOPIC_SHARE = 0.05
 @cache
 def offtopic_vectors() -> np.ndarray:
     """The built-in off-topic questions (offtopic.txt), embedded once per process (~0.3 s)."""
+    return Multilingual().embed(offtopic_questions())
+
+
+def offtopic_questions() -> list[str]:
+    """offtopic.txt's questions, without its comments and blank lines."""
     lines = [line.strip() for line in OFFTOPIC.read_text(encoding="utf-8").splitlines()]
-    return Multilingual().embed([line for line in lines if line and not line.startswith("#")])
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 @cache
@@ -411,8 +416,7 @@ def english_offtopic_vectors() -> np.ndarray:
     encoder (~0.5 s; only built where `english_gate` is on, so the encoder is there)."""
     encoder = english_encoder()
     assert encoder is not None
-    lines = [line.strip() for line in OFFTOPIC.read_text(encoding="utf-8").splitlines()]
-    return encoder.embed([line for line in lines if line and not line.startswith("#") and english_letters(line)])
+    return encoder.embed([q for q in offtopic_questions() if english_letters(q)])
 
 
 def shared_terms(pairs: list[Pair], share: float = NAME_SHARE) -> list[str]:

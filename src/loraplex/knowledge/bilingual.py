@@ -188,10 +188,13 @@ class Bridge:
         of the texts hold (the pairs of the organisation the question names: "长川制药 overtime"
         is 长川制药's 加班, not another company's 超时, "overtime" alone in CC-CEDICT)."""
         self.ready()
-        out = self._chinese_for(question, within) if into == "zh" else self._english_for(question)
-        if within is not None:
-            held = " ".join(within).casefold()
-            out = [w for w in out if w.casefold() in held]
+        if into == "zh":
+            out = self._chinese_for(question, within)  # chooses among those words only
+        else:
+            out = self._english_for(question)
+            if within is not None:
+                held = " ".join(within).casefold()
+                out = [w for w in out if w.casefold() in held]
         asked = question.casefold()
         return [w for w in dict.fromkeys(out) if w.casefold() not in asked]
 
