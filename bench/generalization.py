@@ -36,6 +36,10 @@ Sets (training phrasing never equals a test phrasing; check_no_leak() asserts it
           each, 12 unanswerable questions; written after every retrieval setting was chosen on the
           sets above, and never used to choose one: how the defaults do on data they were not
           tuned on (not in the default --sets)
+  long    bench/data/faq_long/: 16 facts of two more organisations (en/zh) whose answers run to
+          several sentences (50-70 words, 80-110 characters), two unseen phrasings each asking for a
+          fact anywhere in the answer, often its last, 6 unanswerable questions; answers may take 192
+          new tokens (64 elsewhere); written after every setting was chosen (not in the default --sets)
 
   single  the same 100 facts as ten FAQs of one organisation each (an assistant per company, the
           usual case), each trained on its own; the unseen phrasings asked as written and with the
@@ -145,6 +149,10 @@ def without_org(question: str, name: str) -> str:
     return re.sub(r"\s+([?？!,.])", r"\1", re.sub(r"\s+", " ", q)).strip(" ,")
 
 
+# new tokens an answer may take: the long set's answers run to ~100 tokens, its facts to their end
+ANSWER_TOKENS = {"long": 192}
+
+
 def load_set(name: str) -> dict[str, Any]:
     from loraplex.quickstart import HELDOUT_FILE, TRAIN_FILE
 
@@ -174,6 +182,7 @@ def load_set(name: str) -> dict[str, Any]:
         "unanswerable": unanswerable,
         "general": read_jsonl(DATA / "general.jsonl"),
         "orgs": orgs,
+        "answer_tokens": ANSWER_TOKENS.get(name, 64),
     }
 
 
@@ -404,22 +413,23 @@ def run_set(s: dict[str, Any], variants: list[str], seeds: int) -> list[dict[str
             ref, wall, info = train(s, variant, seed)
             trained_models.append((variant, seed, ref, wall, info))
     single = s["name"].startswith("single/")
+    tokens = s["answer_tokens"]
     engine = Engine(max_batch=16, max_loaded_adapters=4)
     timing = {} if single else timing_engines()  # TTFT on engines of their own
     rows = []
     try:
-        base_general = [a["text"] for a in answer(engine, "", [q["instruction"] for q in s["general"]])]
+        base_general = [a["text"] for a in answer(engine, "", [q["instruction"] for q in s["general"]], tokens)]
         for variant, seed, ref, wall, info in trained_models:
             groups = ["trained", "unseen", "unanswerable", "general"] + (["unseen_noname"] if single else [])
-            answers = {g: answer(engine, ref, [q["instruction"] for q in s[g]]) for g in groups}
+            answers = {g: answer(engine, ref, [q["instruction"] for q in s[g]], tokens) for g in groups}
             if info.get("refuse_below") is not None:  # the same adapter and answers, never refusing
                 with refusal_off():
                     for g in ("unseen", "unanswerable") + (("unseen_noname",) if single else ()):
-                        answers[f"{g}_refusal_off"] = answer(engine, ref, [q["instruction"] for q in s[g]])
+                        answers[f"{g}_refusal_off"] = answer(engine, ref, [q["instruction"] for q in s[g]], tokens)
             if single and info.get("enabled"):
                 with gate_off():
                     for g in ("unseen_noname", "general"):
-                        answers[f"{g}_gate_off"] = answer(engine, ref, [q["instruction"] for q in s[g]])
+                        answers[f"{g}_gate_off"] = answer(engine, ref, [q["instruction"] for q in s[g]], tokens)
             sc = score(s, answers, base_general)
             ms = time_first_tokens(timing, s, ref, bool(info.get("enabled"))) if timing else {}
             retrieval_ms = [a["retrieval_s"] * 1e3 for a in answers["unseen"] if a["retrieval_s"]]

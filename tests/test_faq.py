@@ -62,10 +62,16 @@ def test_the_benchmark_sets_keep_test_phrasings_out_of_training() -> None:
         import generalization
     finally:
         sys.path.remove(str(BENCH))
-    for name, unseen in (("sample", 20), ("large", 300), ("check", 96)):
+    for name, unseen in (("sample", 20), ("large", 300), ("check", 96), ("long", 32)):
         s = generalization.load_set(name)
         generalization.check_no_leak(s)  # raises on any overlap
         assert len(s["unseen"]) >= unseen
+        answers = {r["instruction"]: r["output"] for r in s["train"]}
+        assert all(all(k in answers[u["trained_question"]] for k in u["keywords"]) for u in s["unseen"]), name
+    # the long set: answers of several sentences, facts asked about anywhere in them, a budget that reaches their end
+    long = generalization.load_set("long")
+    assert min(len(r["output"]) for r in long["train"]) >= 80 and long["answer_tokens"] > 64
+    assert any(a["output"].index(a["keywords"][0]) > len(a["output"]) // 2 for a in long["unseen"])
     large = generalization.load_set("large")
     assert len(large["train"]) >= 100 and len(large["unanswerable"]) >= 30 and len(large["general"]) >= 50
     per_fact: dict[str, int] = {}
