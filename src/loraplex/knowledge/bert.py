@@ -81,9 +81,8 @@ class Bert(torch.nn.Module):
         def linear(x: torch.Tensor, name: str) -> torch.Tensor:
             if name in self.packed:
                 return torch.ops.mkldnn._linear_pointwise(x, t[name + ".weight"], t[name + ".bias"], "none", [], "")
-            if name in self.transposed:  # the weight stored [in, out] (`_transpose`)
-                w = t[name + ".weight"]
-                return torch.addmm(t[name + ".bias"], x.reshape(-1, w.shape[0]), w).view(*x.shape[:-1], w.shape[1])
+            if name in self.transposed:
+                return _addmm(x, t[name + ".weight"], t[name + ".bias"])
             return F.linear(x, t[name + ".weight"], t[name + ".bias"])
 
         def norm(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -113,22 +112,14 @@ def _transpose(tensors: dict[str, torch.Tensor]) -> set[str]:
     Why: F.linear hands MKL the [out, in] weight as a transposed operand, and at a question's 10-40
     rows MKL multiplies that layout slower than a plain one: all-MiniLM-L6-v2's vectors of a
     question and of it without the organisation's names (the English search's longest step on a
-    CPU without bf16) took 17-26 ms against 15-22 ms so, held to AVX2 on one core of a 2-core Xeon
-    (six alternated runs). The probe keeps the vectors identical where a BLAS rounds otherwise."""
-    done: set[str] = set()
-    probe = torch.Generator().manual_seed(0)
-    with torch.inference_mode():
-        weights = [n for n, w in tensors.items() if n.startswith("encoder.") and n.endswith(".weight") and w.dim() == 2]
-        for name in [n[: -len(".weight")] for n in weights]:
-            w, b = tensors[name + ".weight"], tensors.get(name + ".bias")
-            if b is None:
-                continue
-            x = torch.randn((32, w.shape[1]), generator=probe)
-            wt = w.t().contiguous()
-            if torch.equal(torch.addmm(b, x, wt), F.linear(x, w, b)):
-                tensors[name + ".weight"] = wt
-                done.add(name)
-    return done
+    CPU without bf16) took 27.2 ms against 21.8 ms so, held to AVX2 on one core of a 2-core Xeon
+    (medians of 8 alternated runs). The probe keeps the vectors identical where a BLAS rounds otherwise."""
+    return _probed(tensors, lambda w: w.t().contiguous(), _addmm)
+
+
+def _addmm(x: torch.Tensor, wt: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x @ wt + b for a weight stored [in, out] (`_transpose`), over x's last dimension."""
+    return torch.addmm(b, x.reshape(-1, wt.shape[0]), wt).view(*x.shape[:-1], wt.shape[1])
 
 
 def _prepack(tensors: dict[str, torch.Tensor]) -> set[str]:
@@ -143,19 +134,30 @@ def _prepack(tensors: dict[str, torch.Tensor]) -> set[str]:
         reorder, product = torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
     except (AttributeError, RuntimeError):  # a PyTorch built without oneDNN
         return set()
-    packed: set[str] = set()
+    return _probed(tensors, lambda w: reorder(w, None), lambda x, p, b: product(x, p, b, "none", [], ""))
+
+
+def _probed(
+    tensors: dict[str, torch.Tensor],
+    relayout: Callable[[torch.Tensor], torch.Tensor],
+    product: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> set[str]:
+    """Each encoder projection's weight w replaced by `relayout(w)` where `product(x, relayout(w), b)`
+    equals F.linear(x, w, b) bit for bit on a random probe; the names of those replaced. A
+    RuntimeError from either (a backend without that path) stops there."""
+    done: set[str] = set()
     probe = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         weights = [n for n, w in tensors.items() if n.startswith("encoder.") and n.endswith(".weight") and w.dim() == 2]
         for name in [n[: -len(".weight")] for n in weights]:
-            w, b = tensors[name + ".weight"], tensors.get(name + ".bias")
+            w, b = tensors[name + ".weight"], tensors[name + ".bias"]
             x = torch.randn((1, 16, w.shape[1]), generator=probe).to(w.dtype)
             try:
-                p = reorder(w, None)
-                same = torch.equal(product(x, p, b, "none", [], ""), F.linear(x, w, b))
+                new = relayout(w)
+                same = torch.equal(product(x, new, b), F.linear(x, w, b))
             except RuntimeError:
-                return packed
+                return done
             if same:
-                tensors[name + ".weight"] = p
-                packed.add(name)
-    return packed
+                tensors[name + ".weight"] = new
+                done.add(name)
+    return done
