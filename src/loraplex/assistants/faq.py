@@ -243,7 +243,14 @@ class Index:
         out[0][self._latin], out[1][self._latin] = en[: len(latin)], en[len(latin) :]
         return out
 
-    def search(self, query: str, k: int, min_relevance: float = 1.0, min_similarity: float | None = None) -> list[Hit]:
+    def search(
+        self,
+        query: str,
+        k: int,
+        min_relevance: float = 1.0,
+        min_similarity: float | None = None,
+        min_topic: float | None = None,
+    ) -> list[Hit]:
         """The k passages most similar to `query`, best first, that reach `min_similarity`, or are
         closer to it than any off-topic question (with `offtopic`), or cover `min_relevance` of its
         informative words (knowledge/relevance.py). Similarity is the mean cosine of the query with
@@ -251,14 +258,23 @@ class Index:
         rewording best, the pair a question worded like the answer; the mean ranked the right pair
         first for 86% of faq_large's unseen phrasings, the larger of the two for 83%). Each hit's
         `topic` is the same similarity with every organisation the FAQ names (`TOPIC_SHARE`) taken
-        out of the query and the pair: what `retrieval.refuse_below` is compared with."""
+        out of the query and the pair: what `retrieval.refuse_below` is compared with.
+
+        `min_topic` (the caller's refusal threshold): the English encoder's second opinion on
+        `topic` (`english_topic`) is asked only where it can change the decision, when the first
+        hit's multilingual `topic` is under it; the other hits' `topic` is then the multilingual
+        one's. Why: embedding the question without the names is a third of the English encoder's
+        time, the longest step of an English question's search (27 -> ~19 ms held to AVX2)."""
         if not self.pairs:
             return []
         if self._speller is not None:
             query = self._speller.fix(query)
         # the question without the organisations' names (for `topic`)
         bare_query = without(query, self._names) if self._topic is not None else query
-        english = self._english_vector(query, bare_query)  # started first: it runs beside the multilingual one
+        # started first: it runs beside the multilingual one; the question without the names with it
+        # where the second opinion on `topic` is always asked (no `min_topic`), else only if needed
+        ahead = bare_query if min_topic is None and self._en_topic is not None and bare_query != query else None
+        english = self._english_vector(query, ahead)
         translated = self._translated(query)
         # every text in one call (2.8 ms instead of 4.2 on one core for two); each only once
         texts = list(
@@ -300,8 +316,12 @@ class Index:
             if translated:
                 t = vectors[without(translated, self._names)]
                 topic = (topic + (self._topic[0] @ t + self._topic[1] @ t) / 2) / 2
-            if self._en_topic is not None and english is not None:
-                v = english.result()[-1]  # the question without the names (or as asked: none in it)
+            undecided = min_topic is None or float(topic[found[0][0]]) < min_topic  # what the second opinion can change
+            if self._en_topic is not None and english is not None and undecided:
+                # the question without the names (or as asked: none in it)
+                assert self._english is not None  # `english` is its vector
+                vectors_en = english.result()
+                v = vectors_en[-1] if ahead or bare_query == query else self._english.embed([bare_query])[0]
                 topic = np.where(
                     self._latin, np.maximum(topic, (self._en_topic[0] @ v + self._en_topic[1] @ v) / 2), topic
                 )
@@ -334,10 +354,10 @@ class Index:
         added = self._bridge.translate(without(query, self._names), into, within)
         return f"{query} {' '.join(added)}" if added else None
 
-    def _english_vector(self, query: str, bare: str) -> Future[np.ndarray] | None:
-        """The English encoder's vectors of a question in English letters and of it without the
-        names (`bare`, for `english_topic`), computed on another thread where this process may use
-        two cores or more; None where it does not rank.
+    def _english_vector(self, query: str, bare: str | None) -> Future[np.ndarray] | None:
+        """The English encoder's vectors of a question in English letters, and of it without the
+        names (`bare`, for `english_topic`) when given, computed on another thread where this
+        process may use two cores or more; None where it does not rank.
 
         Why a thread: after a decode step of the server's model has pushed both encoders out of
         the CPU caches, the multilingual one takes ~5 ms and the English one ~8 ms on one core of
@@ -346,7 +366,7 @@ class Index:
         encoder = self._english
         if encoder is None or not english_letters(query) or self._latin.sum() < 2:
             return None
-        texts = [query, bare] if self._en_topic is not None and bare != query else [query]
+        texts = [query] if bare is None else [query, bare]
         future: Future[np.ndarray] = Future()
         if cores() < 2:
             future.set_result(encoder.embed(texts))

@@ -87,7 +87,13 @@ class Searcher:
         self._lock = threading.Lock()
 
     def search(
-        self, base: str, question: str, k: int, min_relevance: float, min_similarity: float | None = None
+        self,
+        base: str,
+        question: str,
+        k: int,
+        min_relevance: float,
+        min_similarity: float | None = None,
+        min_topic: float | None = None,
     ) -> list[Hit]:
         with self._lock:
             entry = self._open.get(base)
@@ -95,7 +101,7 @@ class Searcher:
                 entry = self._open[base] = (_open(base), threading.Lock())
         kb, lock = entry
         with lock:
-            return kb.search(question, k, min_relevance, min_similarity)
+            return kb.search(question, k, min_relevance, min_similarity, min_topic)
 
     def warm(self, bases: list[str]) -> None:
         """Open these knowledge bases and load the word segmenter, IDF table and spelling tables now."""
@@ -122,7 +128,12 @@ class Searcher:
 class Searchable(Protocol):
     """What a request searches: a knowledge base, or an adapter version's own Q&A (faq.Index)."""
 
-    def search(self, query: str, k: int, min_relevance: float, min_similarity: float | None) -> list[Hit]: ...
+    def search(
+        self, query: str, k: int, min_relevance: float, min_similarity: float | None, min_topic: float | None = None
+    ) -> list[Hit]:
+        """`min_topic`: the threshold the caller will compare the first hit's `Hit.topic` with, so a
+        search may skip work that cannot change that comparison (faq.Index); None: compute it all."""
+        ...
 
     def close(self) -> None: ...
 
@@ -181,7 +192,7 @@ def prepare(
     if kn is None or not retrieval or last is None:
         return Prepared(msgs, [])
     question = msgs[last]["content"]
-    hits = searcher.search(kn.base, question, kn.top_k, kn.min_relevance, kn.min_similarity)
+    hits = searcher.search(kn.base, question, kn.top_k, kn.min_relevance, kn.min_similarity, kn.min_topic)
     lang = language(question)
     if not hits:
         if kn.when_nothing_found == "refuse":

@@ -289,14 +289,20 @@ class KnowledgeBase:
         }
 
     def search(
-        self, query: str, k: int = 5, min_relevance: float = 0.0, min_similarity: float | None = None
+        self,
+        query: str,
+        k: int = 5,
+        min_relevance: float = 0.0,
+        min_similarity: float | None = None,
+        min_topic: float | None = None,
     ) -> list[Hit]:
         """The k best chunks for `query`. Keyword-only bases rank by BM25 over the query's words (any
         word may match); with an embedder, BM25's and the vectors' top candidates are fused by
         reciprocal rank (score = sum over both rankings of 1 / (60 + rank)).
 
         A chunk is kept if its relevance reaches `min_relevance`, or (with vectors) its cosine
-        similarity reaches `min_similarity`."""
+        similarity reaches `min_similarity`. `min_topic` is not used: a knowledge base's hits have
+        no `topic` (retrieval.Searchable)."""
         terms = list(dict.fromkeys(words(query)))
         emb = self.embedder()
         lexical = self._bm25(terms, k if emb is None else CANDIDATES)
