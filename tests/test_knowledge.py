@@ -248,7 +248,8 @@ def test_the_built_in_encoder_reads_its_token_table_from_a_file_with_the_same_ve
 
 def test_the_english_encoder_runs_without_transformers_model_and_reads_its_rows_from_file() -> None:
     """knowledge/bert.py gives BertModel's vectors bit for bit (fp32 and bf16), with the token
-    embedding table in memory or read from the file, and pads inputs to PAD_TO tokens."""
+    embedding table in memory or read from the file, and pads inputs to PAD_TO tokens under bf16
+    weights only."""
     import numpy as np
     import torch
     from transformers import AutoModel
@@ -269,17 +270,23 @@ def test_the_english_encoder_runs_without_transformers_model_and_reads_its_rows_
         reference.model = AutoModel.from_pretrained(english.path, use_safetensors=True, dtype=dtype).eval()
         assert np.array_equal(held.embed(texts), reference.embed(texts)), dtype
     assert np.array_equal(english.embed(texts), embedder.Embedder(english.path, bf16=bf16).embed(texts))
-    # inputs padded to a multiple of PAD_TO tokens: oneDNN keeps kernels per shape (~1.7 MB each)
-    lengths: list[int] = []
-    hook = english.model.register_forward_pre_hook(
-        lambda _m, _a, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True
-    )
-    try:
-        for n in range(1, 40, 3):
-            english.embed([" ".join(["leave"] * n)])
-    finally:
-        hook.remove()
-    assert len(lengths) == 13 and all(n % embedder.PAD_TO == 0 for n in lengths) and len(set(lengths)) <= 3
+    # bf16 weights: inputs padded to a multiple of PAD_TO tokens (oneDNN keeps kernels per shape,
+    # ~1.7 MB each); fp32: as long as the text (no kernel per shape; padding would only cost time)
+    for bf16_weights in (True, False):
+        encoder = embedder.Embedder(english.path, bf16=bf16_weights)
+        lengths: list[int] = []
+        hook = encoder.model.register_forward_pre_hook(
+            lambda _m, _a, kw, seen=lengths: seen.append(kw["input_ids"].shape[1]), with_kwargs=True
+        )
+        try:
+            for n in range(1, 40, 3):
+                encoder.embed([" ".join(["leave"] * n)])
+        finally:
+            hook.remove()
+        if bf16_weights:
+            assert all(n % embedder.PAD_TO == 0 for n in lengths) and len(set(lengths)) <= 3, lengths
+        else:  # [CLS] + one token a word + [SEP]
+            assert lengths == [n + 2 for n in range(1, 40, 3)], lengths
     # not one of these: a plain 2-D F32/F16 tensor of that name
     assert embedder.safetensors_rows(english.path / "model.safetensors", "no.such.tensor") is None
     assert embedder.safetensors_rows(english.path / "config.json", "embeddings.word_embeddings.weight") is None
