@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from loraplex import threads
 
 
@@ -39,17 +41,27 @@ def test_the_tuner_follows_the_fastest_thread_count_as_the_machine_changes() -> 
     assert used[-30:] == [2] * 30
 
 
-def test_one_core_has_nothing_to_tune_and_the_budget_comes_from_the_environment(monkeypatch: object) -> None:
+def test_one_core_has_nothing_to_tune_and_the_budget_comes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     tuner = threads.Tuner(1)
     assert _run(tuner, {1: 100.0}, 50) == [1] * 50 and tuner.switches == 0
     assert threads.Tuner(8).candidates == [8, 7, 4]
     assert 1 <= threads.cores() <= (os.cpu_count() or 1)
-    os.environ.pop(threads.ENV, None)
+    monkeypatch.delenv(threads.ENV, raising=False)
+    monkeypatch.delenv(threads.OMP_ENV, raising=False)
     assert threads.budget() is None
     for raw, want in (("3", 3), ("0", None), ("two", None), (" 2 ", 2)):
-        os.environ[threads.ENV] = raw
+        monkeypatch.setenv(threads.ENV, raw)
         assert threads.budget() == want, raw
-    os.environ.pop(threads.ENV)
+    # torch's own variable counts where loraplex's is unset; loraplex's wins where both are
+    monkeypatch.delenv(threads.ENV)
+    for raw, want in (("1", 1), ("2,1", None), ("", None)):
+        monkeypatch.setenv(threads.OMP_ENV, raw)
+        assert threads.budget() == want, raw
+    monkeypatch.setenv(threads.OMP_ENV, "1")
+    monkeypatch.setenv(threads.ENV, "2")
+    assert threads.budget() == 2
 
 
 def test_under_ci_a_skip_fails_and_says_why(tmp_path: Path) -> None:

@@ -211,7 +211,7 @@ class TrainingConfig(Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Where to train; `auto` picks CUDA, then MPS, then CPU."""
     threads: int | None = Field(None, ge=1)
-    """CPU threads for torch; unset: $LORAPLEX_THREADS if set, else measured while training (all
+    """CPU threads for torch; unset: $LORAPLEX_THREADS or $OMP_NUM_THREADS if set, else measured while training (all
     cores, one fewer or half: whichever is fastest now, so a busy machine does not stall every op)."""
     eval_steps: int = Field(0, ge=0)
     """Evaluate every N steps (0: at the end of each epoch when there is eval data)."""

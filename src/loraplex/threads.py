@@ -18,6 +18,9 @@ import os
 from typing import Any
 
 ENV = "LORAPLEX_THREADS"  # a budget set by whoever starts this process (the web app for its jobs, a user)
+# torch's own variable: a user who sets it to budget threads expects every loop to keep to it (before,
+# training's tuner measured 2 of 2 cores under OMP_NUM_THREADS=1). LORAPLEX_THREADS wins where both are set.
+OMP_ENV = "OMP_NUM_THREADS"
 
 
 def cores() -> int:
@@ -30,9 +33,13 @@ def cores() -> int:
 
 
 def budget() -> int | None:
-    """The thread count $LORAPLEX_THREADS sets, or None when unset (or not a positive integer)."""
-    raw = os.environ.get(ENV, "").strip()
-    return int(raw) if raw.isdigit() and int(raw) > 0 else None
+    """The thread count $LORAPLEX_THREADS sets, else $OMP_NUM_THREADS; None when neither is set to a
+    positive integer (OpenMP's lists such as "2,1" count as unset)."""
+    for name in (ENV, OMP_ENV):
+        raw = os.environ.get(name, "").strip()
+        if raw.isdigit() and int(raw) > 0:
+            return int(raw)
+    return None
 
 
 class Tuner:
