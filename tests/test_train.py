@@ -351,6 +351,7 @@ def test_compile_switch_trains_the_same(
     base = resolve_base(str(tiny_base))
     assert run_id(cfg, "x", base) == run_id(tiny_cfg(tiny_base, facts_file, max_steps=3, logging_steps=1), "x", base)
     monkeypatch.delenv(threads.ENV, raising=False)  # no thread budget: a plain run would tune the count
+    monkeypatch.delenv(threads.OMP_ENV, raising=False)  # torch's variable is a budget too
     before = torch.get_num_threads()
     try:
         compiled = run(cfg.model_copy(update={"name": "tiny-compiled"}))
