@@ -148,6 +148,25 @@ def test_interrupt_and_resume_match_an_uninterrupted_run(lp_home: Path, tiny_bas
         assert torch.allclose(got[k], expected[k], atol=1e-5), k
 
 
+def test_the_seed_alone_decides_the_adapter_whatever_the_process_did_before(
+    lp_home: Path, tiny_base: Path, facts_file: Path
+) -> None:
+    """Two identical runs in one process, with draws from torch's global generator between them (as
+    a process's first FAQ index makes when it builds its sentence encoder): the same adapter, bit
+    for bit. Before, the LoRA weights started from wherever the generator was, so a second run in a
+    test worker or a server trained another adapter than the first and than `loraplex train`."""
+    first = run(tiny_cfg(tiny_base, facts_file, max_steps=6, threads=1))
+    assert first.adapter is not None
+    torch.randn(4096)
+    cfg = tiny_cfg(tiny_base, facts_file, max_steps=6, threads=1)
+    cfg.name = "again"
+    second = run(cfg)
+    assert second.adapter is not None
+    a = load_file(str(first.adapter.path / "adapter_model.safetensors"))
+    b = load_file(str(second.adapter.path / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_bad_records_refuse_training_and_write_nothing(lp_home: Path, tiny_base: Path, tmp_path: Path) -> None:
     data = write_jsonl(
         tmp_path / "bad.jsonl", [{"instruction": "q", "output": "a"}, {"instruction": "q2", "output": " "}]
