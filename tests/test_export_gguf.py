@@ -84,7 +84,7 @@ def _served(questions: list[str], adapter: str) -> list[str]:
         engine.close()
 
 
-@pytest.mark.slow(110)
+@pytest.mark.slow(140)
 def test_gguf_exports_in_llama_cpp_agree_with_loraplex(facts_adapter: str, tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp")
     r = export([facts_adapter], "gguf", tmp_path / "gguf", merged=True)

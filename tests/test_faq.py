@@ -583,7 +583,7 @@ def test_serve_answers_a_retrieval_adapter_from_its_own_knowledge(
         engine.close()
 
 
-@pytest.mark.slow(185)
+@pytest.mark.slow(260)
 def test_smollm2_answers_paraphrases_it_never_saw(lp_home: Path, tmp_path: Path) -> None:
     """The default command on the shipped sample: trained questions and held-out paraphrases, scored
     apart by `loraplex eval` (the questions it was trained on are recognised by itself)."""

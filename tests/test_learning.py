@@ -72,7 +72,7 @@ def _badge_call(badge: str, site: str) -> dict:
     return {"id": "call_1", "type": "function", "function": {"name": "reset_badge", "arguments": args}}
 
 
-@pytest.mark.slow(75)
+@pytest.mark.slow(120)
 def test_smollm2_learns_a_companys_own_tool(lp_home: Path, tmp_path: Path) -> None:
     """Training records with `tools` and assistant `tool_calls` (OpenAI's fine-tuning format) teach
     the real SmolLM2 to call a company's own tool with `tool_choice: auto`: the trained requests and

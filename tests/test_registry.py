@@ -302,7 +302,7 @@ else:
 """
 
 
-@pytest.mark.slow(20)
+@pytest.mark.slow(30)
 @pytest.mark.parametrize("op", ["register", "import", "export"])
 def test_a_kill_during_registration_import_or_export_leaves_no_partial_result_and_is_reported(
     op: str, lp_home: Path, tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
