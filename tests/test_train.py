@@ -154,7 +154,7 @@ def test_the_seed_alone_decides_the_adapter_whatever_the_process_did_before(
     """Two identical runs in one process, with draws from torch's global generator between them (as
     a process's first FAQ index makes when it builds its sentence encoder): the same adapter, bit
     for bit. Before, the LoRA weights started from wherever the generator was, so a second run in a
-    test worker or a server trained another adapter than the first and than `loraplex train`."""
+    test worker or a script trained another adapter than the first and than `loraplex train`."""
     first = run(tiny_cfg(tiny_base, facts_file, max_steps=6, threads=1))
     assert first.adapter is not None
     torch.randn(4096)

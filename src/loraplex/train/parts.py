@@ -187,15 +187,15 @@ def build_model(
     # step) would recompile the graph at each step.
     if device == "cpu" and not cfg.train.compile and attention.supports(model.config):
         model.set_attn_implementation(attention.NAME)
-    # No `prepare_model_for_kbit_training` for QLoRA: it casts every unquantised weight to fp32, and the
-    # embeddings and head of a 128k-vocabulary model are then 4 GB instead of 2; autocast computes in
-    # the compute dtype and the RMSNorms already compute in fp32. Checkpointing is our own switch below.
     # The LoRA weights' initial values come from the seed alone: seeded here, right before they are
     # drawn, not only at the start of the run, since what ran in this process before may have drawn
     # from the global generator (a cached sentence encoder is built by a process's first run only,
-    # and its layers draw as they are made): a second identical run in one process (a test worker,
-    # `loraplex serve`'s training page) trained a different adapter from the first and from the CLI.
+    # and its layers draw as they are made): a second identical run in one process (a script or
+    # notebook calling `run` twice, a test worker) trained another adapter than the first and the CLI.
     torch.manual_seed(cfg.train.seed)
+    # No `prepare_model_for_kbit_training` for QLoRA: it casts every unquantised weight to fp32, and the
+    # embeddings and head of a 128k-vocabulary model are then 4 GB instead of 2; autocast computes in
+    # the compute dtype and the RMSNorms already compute in fp32. Checkpointing is our own switch below.
     model = get_peft_model(model, cfg.lora.peft())
     if dtype != torch.float32 and quantization is None:
         # Frozen base weights live in the compute dtype, LoRA weights stay fp32 (autocast casts them).
