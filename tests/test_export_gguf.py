@@ -3,12 +3,13 @@
 An adapter of the real SmolLM2-135M (the session's `smollm2_facts`: plain SFT, so the facts are in
 the weights) is exported with `--format gguf --merged` and `--format ollama`; llama-cpp-python (in a
 child process) answers its four trained questions and the shipped sample's 20 held-out questions
-greedily (64 tokens) with (1) the GGUF LoRA on the base rewritten at f32, (2) the merged f32 GGUF,
-(3) the GGUF LoRA on the shipped Q4_1 base, as Ollama runs it. loraplex's engine answers (as
-`loraplex serve` does) from the same dequantised weights in fp32, so (1) and (2) must agree on >= 90%
-of the answers. (3) is asked the trained questions only and must state the trained facts: on the
-held-out ones Q4_1 arithmetic tips near-tied tokens (14 of 20 agreed when measured, 2026-11), which
-says nothing about the export and cost a third of this test.
+greedily (48 tokens: the longest trained answer is 34; held-out answers are compared over their
+first 48, a quarter less of llama.cpp's time than 64) with (1) the GGUF LoRA on the base rewritten
+at f32, (2) the merged f32 GGUF, (3) the GGUF LoRA on the shipped Q4_1 base, as Ollama runs it.
+loraplex's engine answers (as `loraplex serve` does) from the same dequantised weights in fp32, so
+(1) and (2) must agree on >= 90% of the answers. (3) is asked the trained questions only and must
+state the trained facts: on the held-out ones Q4_1 arithmetic tips near-tied tokens (14 of 20
+agreed when measured, 2026-11), which says nothing about the export and cost a third of this test.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from loraplex.quickstart import HELDOUT_FILE
 from .child import in_child
 from .conftest import FACTS
 
+TOKENS = 48  # per answer, both sides
+
 
 def _answers(model_path: Path, questions: list[str], lora: Path | None = None) -> list[str]:
     """llama.cpp's greedy answers, in a child process (tests/child.py)."""
@@ -53,7 +56,7 @@ def _answers_here(model_path: Path, questions: list[str], lora: Path | None) -> 
     )
     out = []
     for q in questions:
-        r = llm.create_chat_completion([{"role": "user", "content": q}], temperature=0.0, top_k=1, max_tokens=64)
+        r = llm.create_chat_completion([{"role": "user", "content": q}], temperature=0.0, top_k=1, max_tokens=TOKENS)
         out.append(r["choices"][0]["message"]["content"].strip())
     llm.close()
     return out
@@ -72,7 +75,9 @@ def _served(questions: list[str], adapter: str) -> list[str]:
     engine = Engine("smollm2-135m", dtype="fp32", max_batch=len(questions), max_loaded_adapters=1)
 
     async def one(q: str) -> str:
-        answer = await collect(engine.generate(engine.encode([{"role": "user", "content": q}]), GREEDY, adapter, 64))
+        answer = await collect(
+            engine.generate(engine.encode([{"role": "user", "content": q}]), GREEDY, adapter, TOKENS)
+        )
         return answer.text.strip()
 
     async def every() -> list[str]:
