@@ -254,6 +254,7 @@ def test_the_english_encoder_runs_without_transformers_model_and_reads_its_rows_
     import torch
     from transformers import AutoModel
 
+    from loraplex.engine import quant
     from loraplex.knowledge import bert, embedder
     from loraplex.models.device import bf16_is_faster
 
@@ -269,7 +270,15 @@ def test_the_english_encoder_runs_without_transformers_model_and_reads_its_rows_
         reference = embedder.Embedder(english.path, bf16=dtype == torch.bfloat16)
         reference.model = AutoModel.from_pretrained(english.path, use_safetensors=True, dtype=dtype).eval()
         assert np.array_equal(held.embed(texts), reference.embed(texts)), dtype
-    assert np.array_equal(english.embed(texts), embedder.Embedder(english.path, bf16=bf16).embed(texts))
+    exact = embedder.Embedder(english.path, bf16=bf16).embed(texts)
+    half = embedder.Embedder(english.path, bf16=bf16, half_weights=True)
+    assert np.array_equal(english.embed(texts), half.embed(texts))
+    # fp32 weights: held in fp16 on quant_cpu.c's tiles where it is built (bert.py `_half_tiles`),
+    # within a cosine of 1e-6 of the exact vectors; bf16 weights stay on oneDNN
+    assert bool(half.model.tiles) == (not bf16 and quant.tile(torch.zeros(16, 16), torch.float16) is not None)
+    assert (np.sum(half.embed(texts) * exact, axis=1) > 1 - 1e-6).all()
+    if half.model.tiles:
+        assert not half.model.transposed and all(n + ".weight" not in half.model.t for n in half.model.tiles)
     # bf16 weights: inputs padded to a multiple of PAD_TO tokens (oneDNN keeps kernels per shape,
     # ~1.7 MB each); fp32: as long as the text (no kernel per shape; padding would only cost time)
     for bf16_weights in (True, False):

@@ -175,17 +175,18 @@ def test_kernel_equals_its_naive_reference_on_every_instruction_path(tmp_path: P
                 torch.testing.assert_close(got16.double(), kernel_reference(x.bfloat16(), qw), rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_tiles_equal_the_dense_weight_and_f_linear(tmp_path: Path, dtype: torch.dtype) -> None:
-    """quant.Tiles (quant_cpu.c's AVX512-BF16 path for bf16; its AVX-512 and AVX2 paths for fp32,
-    each build this CPU can run) against F.linear and a float64 reference: the same fp32 sums in
-    another order (bf16: rounded once), at 1-17 rows (the 4- and 8-row passes and their tails) and a
-    prompt, one and two threads, odd and even input sizes; the tiles give the weight and its rows
-    back exactly. Where a path is not built (bf16 without AVX512-BF16, plain C) the weight is not
-    tiled and the kernel refuses the call."""
+    """quant.Tiles (quant_cpu.c's AVX512-BF16 path for bf16; its AVX-512 and AVX2 paths for fp32 and
+    for fp16 weights with fp32 products, each build this CPU can run) against F.linear and a float64
+    reference: the same fp32 sums in another order (bf16: rounded once), at 1-17 rows (the 4- and
+    8-row passes and their tails) and a prompt, one and two threads, odd and even input sizes; the
+    tiles give the weight and its rows back exactly. Where a path is not built (bf16 without
+    AVX512-BF16, plain C) the weight is not tiled and the kernel refuses the call."""
     torch.manual_seed(0)
     kernel = lora_kernel.load_quant()
     bf16 = dtype == torch.bfloat16
+    compute = torch.float32 if dtype == torch.float16 else dtype  # fp16 tiles: fp32 in and out
     builds = kernel_builds(tmp_path) if not bf16 else {}
     for n, k in ((16, 32), (48, 94), (960, 576), (50, 64), (32, 7)):
         w = (torch.randn(n, k) * 0.05).to(dtype)
@@ -202,27 +203,31 @@ def test_tiles_equal_the_dense_weight_and_f_linear(tmp_path: Path, dtype: torch.
             name: dataclasses.replace(tiled, kernel=lib) for name, lib in builds.items() if lib.q_f32()
         }
         for rows in (1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 300):
-            x = torch.randn(rows, k).to(dtype)
+            x = torch.randn(rows, k).to(compute)
             want = x.double() @ w.double().T
             for name, t in paths.items():
                 for threads in (1, 2):
                     got = on_threads(threads, lambda t=t: t.linear(x))  # noqa: B023 (called at once)
-                    assert got.dtype == dtype and got.shape == (rows, n), name
+                    assert got.dtype == compute and got.shape == (rows, n), name
                     # bf16: one rounding of an fp32 sum, within 2^-8 (plus fp32's order noise); fp32: order noise
                     rtol = 2**-8 if bf16 else 1e-5
                     torch.testing.assert_close(got.double(), want, rtol=rtol, atol=1e-5 * want.abs().max().item())
-                    torch.testing.assert_close(got, torch.nn.functional.linear(x, w), rtol=2**-7, atol=1e-3)
-            bias = torch.randn(n).to(dtype)
+                    torch.testing.assert_close(got, torch.nn.functional.linear(x, w.to(compute)), rtol=2**-7, atol=1e-3)
+            bias = torch.randn(n).to(compute)
             got3 = tiled.linear(x.view(1, rows, k), bias)
             assert got3.shape == (1, rows, n) and torch.equal(got3[0], tiled.linear(x) + bias)
     if kernel is not None and platform.machine() in ("x86_64", "AMD64"):
-        # bf16: a build without AVX512-BF16 refuses; fp32: the plain C build refuses
+        # bf16: a build without AVX512-BF16 refuses; fp32 and fp16: the plain C build refuses
         arch = ("-march=haswell",) if bf16 else ("-march=x86-64",)
         plain = tmp_path / "q-plain.so"
         lora_kernel._build(lora_kernel._compiler() or "cc", lora_kernel.QUANT_SOURCE, plain, arch)
         lib = lora_kernel.quant_signatures(ctypes.CDLL(str(plain)))
-        x, y, w = torch.zeros(1, 32).to(dtype), torch.zeros(1, 16).to(dtype), torch.zeros(16, 32).to(dtype)
-        has, fn = (lib.q_bf16, lib.q_bf16_matmul) if bf16 else (lib.q_f32, lib.q_f32_matmul)
+        x, y, w = torch.zeros(1, 32).to(compute), torch.zeros(1, 16).to(compute), torch.zeros(16, 32).to(dtype)
+        has, fn = {
+            torch.bfloat16: (lib.q_bf16, lib.q_bf16_matmul),
+            torch.float16: (lib.q_f32, lib.q_f16_matmul),
+            torch.float32: (lib.q_f32, lib.q_f32_matmul),
+        }[dtype]
         assert has() == 0 and fn(1, 32, 16, x.data_ptr(), w.data_ptr(), y.data_ptr(), 1) == -3
 
 

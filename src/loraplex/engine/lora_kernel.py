@@ -149,6 +149,8 @@ def quant_signatures(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.q_f32.restype = ctypes.c_int
     lib.q_f32_matmul.argtypes = [i64, i64, i64, ptr, ptr, ptr, i32]
     lib.q_f32_matmul.restype = ctypes.c_int
+    lib.q_f16_matmul.argtypes = [i64, i64, i64, ptr, ptr, ptr, i32]
+    lib.q_f16_matmul.restype = ctypes.c_int
     return lib
 
 

@@ -186,14 +186,18 @@ class Tiles:
         return self.data.nbytes
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        dtype = self.data.dtype
+        dtype = torch.float32 if self.data.dtype == torch.float16 else self.data.dtype  # fp16 tiles: fp32 sums
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         x2 = x2 if x2.dtype == dtype else x2.to(dtype)
         x2 = x2 if x2.is_contiguous() else x2.contiguous()
         m = x2.shape[0]
         y = torch.empty((m, self.out_features), dtype=dtype)
         if m:
-            fn = self.kernel.q_bf16_matmul if dtype == torch.bfloat16 else self.kernel.q_f32_matmul
+            fn = {
+                torch.bfloat16: self.kernel.q_bf16_matmul,
+                torch.float16: self.kernel.q_f16_matmul,
+                torch.float32: self.kernel.q_f32_matmul,
+            }[self.data.dtype]
             rc = fn(
                 m, self.in_features, self.out_features, x2.data_ptr(), self.data.data_ptr(), y.data_ptr(),
                 torch.get_num_threads(),
@@ -218,9 +222,9 @@ class Tiles:
 
 
 def tile(w: torch.Tensor, dtype: torch.dtype) -> Tiles | None:
-    """`w` [out, in] in `dtype` (bf16 or fp32) as tiles where quant_cpu.c has that path (bf16:
-    AVX512-BF16; fp32: AVX2 or AVX-512) and the shape fits (out a multiple of 16; bf16: in even);
-    otherwise None."""
+    """`w` [out, in] in `dtype` (bf16, fp16 or fp32) as tiles where quant_cpu.c has that path (bf16:
+    AVX512-BF16; fp32 and fp16, whose products are fp32: AVX2 or AVX-512) and the shape fits (out a
+    multiple of 16; bf16: in even); otherwise None."""
     kernel = lora_kernel.load_quant()
     n, k = w.shape
     pair = 2 if dtype == torch.bfloat16 else 1

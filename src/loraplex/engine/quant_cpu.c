@@ -589,15 +589,24 @@ int q_f32(void) {
 #else
 #define F_RB 4 /* two halves of 8 rows each: 8 accumulators, and the two weight registers */
 #endif
-static inline __attribute__((always_inline)) void f_tile_rows(const float *blk, const float *x, int64_t K, int64_t r0,
-                                                              const int rb, float out[F_RB][TILE], const float *pf) {
+/* 16 weights of tile row k as fp32: fp32 tiles as they are, fp16 tiles (`half`) converted (F16C) */
+#if PATH_AVX512
+static inline __attribute__((always_inline)) __m512 f_load16(const void *blk, int64_t k, const int half) {
+    return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)blk + 16 * k)))
+                : _mm512_loadu_ps((const float *)blk + 16 * k);
+}
+#endif
+static inline __attribute__((always_inline)) void f_tile_rows(const void *blk, const float *x, int64_t K, int64_t r0,
+                                                              const int rb, float out[F_RB][TILE], const char *pf,
+                                                              const int half) {
+    const int64_t row_bytes = half ? 32 : 64; /* one k of a tile: 16 weights */
 #if PATH_AVX512
     __m512 a0[F_RB], a1[F_RB];
     for (int r = 0; r < rb; r++) a0[r] = a1[r] = _mm512_setzero_ps();
     int64_t k = 0;
-    for (; k + 2 <= K; k += 2, blk += 32) {
-        if (pf) __builtin_prefetch(pf + 16 * k, 0, 3), __builtin_prefetch(pf + 16 * k + 16, 0, 3);
-        const __m512 w0 = _mm512_loadu_ps(blk), w1 = _mm512_loadu_ps(blk + 16);
+    for (; k + 2 <= K; k += 2) {
+        if (pf) __builtin_prefetch(pf + row_bytes * k, 0, 3), __builtin_prefetch(pf + row_bytes * k + 64, 0, 3);
+        const __m512 w0 = f_load16(blk, k, half), w1 = f_load16(blk, k + 1, half);
         for (int r = 0; r < rb; r++) {
             const float *xr = x + (r0 + r) * K + k;
             a0[r] = _mm512_fmadd_ps(w0, _mm512_set1_ps(xr[0]), a0[r]);
@@ -605,17 +614,23 @@ static inline __attribute__((always_inline)) void f_tile_rows(const float *blk, 
         }
     }
     if (k < K) {
-        const __m512 w0 = _mm512_loadu_ps(blk);
+        const __m512 w0 = f_load16(blk, k, half);
         for (int r = 0; r < rb; r++) a0[r] = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[(r0 + r) * K + k]), a0[r]);
     }
     for (int r = 0; r < rb; r++) _mm512_storeu_ps(out[r], _mm512_add_ps(a0[r], a1[r]));
 #else
     __m256 lo[F_RB], hi[F_RB];
     for (int r = 0; r < rb; r++) lo[r] = hi[r] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k++, blk += 16) {
-        if (pf && (k & 3) == 0) __builtin_prefetch(pf + 16 * k, 0, 3), __builtin_prefetch(pf + 16 * k + 16, 0, 3),
-                                __builtin_prefetch(pf + 16 * k + 32, 0, 3), __builtin_prefetch(pf + 16 * k + 48, 0, 3);
-        const __m256 w0 = _mm256_loadu_ps(blk), w1 = _mm256_loadu_ps(blk + 8);
+    for (int64_t k = 0; k < K; k++) {
+        if (pf && (k & 3) == 0)
+            for (int64_t l = 0; l < 4 * row_bytes; l += 64) __builtin_prefetch(pf + row_bytes * k + l, 0, 3);
+        __m256 w0, w1;
+        if (half) {
+            const __m128i *h = (const __m128i *)((const uint16_t *)blk + 16 * k);
+            w0 = _mm256_cvtph_ps(_mm_loadu_si128(h)), w1 = _mm256_cvtph_ps(_mm_loadu_si128(h + 1));
+        } else {
+            w0 = _mm256_loadu_ps((const float *)blk + 16 * k), w1 = _mm256_loadu_ps((const float *)blk + 16 * k + 8);
+        }
         for (int r = 0; r < rb; r++) {
             const __m256 xv = _mm256_broadcast_ss(x + (r0 + r) * K + k);
             lo[r] = _mm256_fmadd_ps(w0, xv, lo[r]);
@@ -627,32 +642,41 @@ static inline __attribute__((always_inline)) void f_tile_rows(const float *blk, 
 }
 
 #define F_CASE_(n) \
-    case n: f_tile_rows(blk, x, K, r0, n, out, pf); break;
+    case n: f_tile_rows(blk, x, K, r0, n, out, pf, half); break;
 
-static void f_tiles(const float *w, int64_t M, int64_t K, int64_t N, const float *x, float *y, int64_t t0, int64_t t1) {
-    const int64_t tile_elems = K * TILE;
+static inline __attribute__((always_inline)) void f_tiles_(const void *w, int64_t M, int64_t K, int64_t N,
+                                                           const float *x, float *y, int64_t t0, int64_t t1,
+                                                           const int half) {
+    const int64_t tile_bytes = K * TILE * (half ? 2 : 4);
     float out[F_RB][TILE];
-    for (int64_t t = t0; t < t1; t++) { /* a tile (16 x K fp32: 36 KB for K = 576) stays in cache across row blocks */
-        const float *blk = w + t * tile_elems, *next = t + 1 < t1 ? blk + tile_elems : NULL;
+    for (int64_t t = t0; t < t1; t++) { /* a tile (16 x K: 36 KB for K = 576 in fp32) stays in cache across row blocks */
+        const char *blk = (const char *)w + t * tile_bytes, *next = t + 1 < t1 ? blk + tile_bytes : NULL;
         for (int64_t r0 = 0; r0 < M; r0 += F_RB) {
             const int64_t rb = M - r0 < F_RB ? M - r0 : F_RB;
-            const float *pf = r0 == 0 ? next : NULL;
+            const char *pf = r0 == 0 ? next : NULL;
             switch (rb) {
 #if F_RB == 8
                 F_CASE_(8) F_CASE_(7) F_CASE_(6) F_CASE_(5)
 #endif
                 F_CASE_(4) F_CASE_(3) F_CASE_(2)
-            default: f_tile_rows(blk, x, K, r0, 1, out, pf); break;
+            default: f_tile_rows(blk, x, K, r0, 1, out, pf, half); break;
             }
             for (int64_t r = 0; r < rb; r++) memcpy(y + (r0 + r) * N + TILE * t, out[r], sizeof(out[r]));
         }
     }
 }
+
+static void f_tiles(const void *w, int64_t M, int64_t K, int64_t N, const float *x, float *y, int64_t t0, int64_t t1,
+                    int half) {
+    if (half)
+        f_tiles_(w, M, K, N, x, y, t0, t1, 1);
+    else
+        f_tiles_(w, M, K, N, x, y, t0, t1, 0);
+}
 #endif
 
-/* y [M, N] fp32 = x [M, K] fp32 @ W.T, W in the fp32 tiles above; N a multiple of 16. Returns 0, -2
- * for a shape it does not take, -3 where it is not built (q_f32() == 0). */
-int q_f32_matmul(int64_t M, int64_t K, int64_t N, const float *x, const float *w, float *y, int32_t threads) {
+static int f_matmul(int64_t M, int64_t K, int64_t N, const float *x, const void *w, float *y, int32_t threads,
+                    int half) {
     if (N % TILE != 0 || K < 1) return -2;
 #if PATH_AVX512 || PATH_AVX2
     const int64_t T = N / TILE;
@@ -661,16 +685,30 @@ int q_f32_matmul(int64_t M, int64_t K, int64_t N, const float *x, const float *w
 #pragma omp parallel num_threads(threads)
         {
             const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
-            f_tiles(w, M, K, N, x, y, tid * T / nth, (tid + 1) * T / nth);
+            f_tiles(w, M, K, N, x, y, tid * T / nth, (tid + 1) * T / nth, half);
         }
         return 0;
     }
 #endif
     (void)threads;
-    f_tiles(w, M, K, N, x, y, 0, T);
+    f_tiles(w, M, K, N, x, y, 0, T, half);
     return 0;
 #else
-    (void)M, (void)x, (void)w, (void)y, (void)threads;
+    (void)M, (void)x, (void)w, (void)y, (void)threads, (void)half;
     return -3;
 #endif
+}
+
+/* y [M, N] fp32 = x [M, K] fp32 @ W.T, W in the fp32 tiles above; N a multiple of 16. Returns 0, -2
+ * for a shape it does not take, -3 where it is not built (q_f32() == 0). */
+int q_f32_matmul(int64_t M, int64_t K, int64_t N, const float *x, const float *w, float *y, int32_t threads) {
+    return f_matmul(M, K, N, x, w, y, threads, 0);
+}
+
+/* the same with W's tiles in fp16 (`uint16_t` [N/16, K, 16]): half the bytes, sums in fp32. Why:
+ * a CPU without bf16 arithmetic keeps small encoders in fp32, whose weights are then the bytes a
+ * question waits for (all-MiniLM-L6-v2: 42 MB fp32); fp16 rounds a weight to 11 significant bits
+ * (bf16: 8), converted exactly to fp32 on load (F16C). */
+int q_f16_matmul(int64_t M, int64_t K, int64_t N, const float *x, const uint16_t *w, float *y, int32_t threads) {
+    return f_matmul(M, K, N, x, w, y, threads, 1);
 }

@@ -264,8 +264,9 @@ def english() -> Embedder | None:
 
     # bf16 weights where this CPU multiplies bf16 faster: a question's vector in 4.2 ms instead of 6.3
     # (one core of a 2-core Xeon with AMX; the weights, not the arithmetic, are most of the time), at
-    # a cosine of 0.99997 to the fp32 vector
-    return Embedder(path, bf16=bf16_is_faster("cpu"), rows_from_file=True)
+    # a cosine of 0.99997 to the fp32 vector; elsewhere fp16 weights with fp32 products (bert.py
+    # `_half_tiles`: 14-15 -> 8 ms on a Zen 3 core, a cosine of 0.9999999)
+    return Embedder(path, bf16=bf16_is_faster("cpu"), rows_from_file=True, half_weights=True)
 
 
 class Embedder:
@@ -273,9 +274,9 @@ class Embedder:
     transformers' AutoModel. `rows_from_file` (BERT only): the token embedding table is read from
     the weights file row by row as texts need them (`FileRows`), not held: all-MiniLM-L6-v2's is 22
     of its 43 MiB in bf16. The same rows, converted as loading converts them, so the vectors are
-    identical (tests/test_knowledge.py)."""
+    identical (tests/test_knowledge.py). `half_weights` (BERT in fp32 only): bert.py `_half_tiles`."""
 
-    def __init__(self, path: str | Path, bf16: bool = False, rows_from_file: bool = False):
+    def __init__(self, path: str | Path, bf16: bool = False, rows_from_file: bool = False, half_weights: bool = False):
         import torch
 
         from loraplex.knowledge import bert
@@ -302,7 +303,10 @@ class Embedder:
             # BertTokenizer's own class: AutoTokenizer would import the model's config class first
             self.tokenizer = tokenizer_from_dir(self.path, light=("TokenizersBackend", "BertTokenizer"))
             self.model: Any = bert.load(
-                self.path, dtype, (lambda name: safetensors_rows(file, name)) if rows_from_file else None
+                self.path,
+                dtype,
+                (lambda name: safetensors_rows(file, name)) if rows_from_file else None,
+                half_weights=half_weights,
             )
             if self.model is None:
                 from transformers import AutoModel
