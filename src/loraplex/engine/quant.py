@@ -193,11 +193,14 @@ class Tiles:
         m = x2.shape[0]
         y = torch.empty((m, self.out_features), dtype=dtype)
         if m:
-            fn = {
-                torch.bfloat16: self.kernel.q_bf16_matmul,
-                torch.float16: self.kernel.q_f16_matmul,
-                torch.float32: self.kernel.q_f32_matmul,
-            }[self.data.dtype]
+            stored = self.data.dtype  # a per-call dict here would cost more than this on decode's hot path
+            fn = (
+                self.kernel.q_f32_matmul
+                if stored == torch.float32
+                else self.kernel.q_bf16_matmul
+                if stored == torch.bfloat16
+                else self.kernel.q_f16_matmul
+            )
             rc = fn(
                 m, self.in_features, self.out_features, x2.data_ptr(), self.data.data_ptr(), y.data_ptr(),
                 torch.get_num_threads(),

@@ -133,7 +133,7 @@ def _half_tiles(tensors: dict[str, torch.Tensor]) -> dict[str, Tiles]:
 
     Why: on a CPU without bf16 the encoder runs in fp32, and at a question's 10-40 rows MKL ran its
     products at about half its speed on one core of a 2-core AMD EPYC (Zen 3, AVX2 only):
-    all-MiniLM-L6-v2's vector of a question took 14-15 ms, 7.6-8.5 ms so (warm, alternated processes).
+    all-MiniLM-L6-v2's vector of a question took 12.5-15.0 ms, 7.8-8.3 ms so (warm, alternated processes).
     The vectors stay within a cosine of 0.9999999 of fp32's (bf16 weights, what a CPU with bf16
     arithmetic runs: 0.99997); over the 706 questions of bench/data's sets and the sample, the same
     passage and the same refusal, `topic` within 9e-5 (docs/generalization.md)."""

@@ -265,7 +265,7 @@ def english() -> Embedder | None:
     # bf16 weights where this CPU multiplies bf16 faster: a question's vector in 4.2 ms instead of 6.3
     # (one core of a 2-core Xeon with AMX; the weights, not the arithmetic, are most of the time), at
     # a cosine of 0.99997 to the fp32 vector; elsewhere fp16 weights with fp32 products (bert.py
-    # `_half_tiles`: 14-15 -> 8 ms on a Zen 3 core, a cosine of 0.9999999)
+    # `_half_tiles`: 12.5-15 -> 8 ms on a Zen 3 core, a cosine of 0.9999999)
     return Embedder(path, bf16=bf16_is_faster("cpu"), rows_from_file=True, half_weights=True)
 
 
