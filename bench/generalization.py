@@ -9,20 +9,21 @@ the way `loraplex serve` answers a request for it (assistants/faq.py: passages f
 version's own Q&A, the base model when nothing relevant is found):
 
   plain      retrieval.enabled=false: plain LoRA SFT, 16 epochs (what loraplex did before)
-  noisy-refusals  the default plus one noisy copy of each question (typo, dropped word, lower case)
-             and "I don't know" examples on half the records (the refusal lever)
+  noisy-refusals  the default plus "I don't know" examples on half the records (the refusal lever)
   paraphrase the default plus 3 paraphrases per question written by the base model itself (the
              paraphrase lever with the only teacher this CPU has; a bigger teacher is one URL away)
-  noisy      the default plus one noisy copy of each question
+  no-noisy   the default without its noisy copy of each question (typo, dropped word, lower case),
+             4 epochs (the same steps): the default before 2026-12-07
   k2, k4, k6 the default with 2, 4 or 6 passages per prompt (more recall, longer prompts)
-  epochs8    the default trained 8 epochs instead of 4
+  epochs8    the default trained 8 epochs instead of 2
   multilingual-only  the default without the English encoder (retrieval.english_encoder=false):
              passages ranked by the multilingual encoder alone, as before it
   no-spelling  the default without typo correction (retrieval.spelling=false): the question
              searched as typed, as before knowledge/spelling.py
   no-bilingual  the default without translating mixed Chinese/English questions
              (retrieval.bilingual=false), as before knowledge/bilingual.py
-  default    the default: retrieval-augmented training and serving, 1 passage per prompt, 4 epochs,
+  default    the default: retrieval-augmented training and serving, 1 passage per prompt, each
+             question and one noisy copy of it, 2 epochs,
              "I don't know" to a question whose best passage is only about its organisation
              (retrieval.refuse_below); every variant that refuses is also answered never refusing
              (the same adapter, as versions trained before the setting are served), side by side
@@ -84,12 +85,12 @@ REFUSED = re.compile(
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {"retrieval": {"enabled": False}},
-    "noisy-refusals": {"retrieval": {"noisy_copies": 1, "refusals": 0.5}},
+    "noisy-refusals": {"retrieval": {"refusals": 0.5}},
     "paraphrase": {"paraphrase": {"count": 3}},
     "k2": {"retrieval": {"top_k": 2}},
     "k4": {"retrieval": {"top_k": 4}},
     "k6": {"retrieval": {"top_k": 6}},
-    "noisy": {"retrieval": {"noisy_copies": 1}},
+    "no-noisy": {"retrieval": {"noisy_copies": 0}},
     "default": {},
     "epochs8": {"train": {"epochs": 8}},
     "multilingual-only": {"retrieval": {"english_encoder": False}},

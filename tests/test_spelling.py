@@ -4,7 +4,10 @@ words)."""
 
 from __future__ import annotations
 
-from loraplex.knowledge.spelling import Speller, readings
+import random
+
+from loraplex.assistants.faq import noisy
+from loraplex.knowledge.spelling import Speller, homophones, readings
 
 HOTEL = [
     "What time is check-in at Coral Bay Hotel? Check-in at Coral Bay Hotel starts at 3 pm.",
@@ -67,3 +70,27 @@ def test_readings_are_pinyin_without_tones_most_common_first() -> None:
     assert table["餐"][0] == "can" and table["參"][0] == "can"
     assert table["绿"][0] == "lv"  # ü is typed v
     assert len(table) > 40_000
+
+
+def test_homophones_are_the_common_characters_read_that_way_first() -> None:
+    table = homophones()
+    assert sum(map(len, table.values())) == 3755  # GB2312 level 1, each under its usual reading
+    assert "退" in table["tui"] and "推" in table["tui"] and "弟" not in table["tui"]  # 弟 is di first
+    assert "失" in table["shi"] and "矢" in table["shi"] and "龘" not in table["da"]  # not a rare one
+
+
+def test_noisy_chinese_copies_hold_pinyin_slips() -> None:
+    """Training's noisy copies of a Chinese question (assistants/faq.py `noisy`) hold the typos users
+    make on a pinyin keyboard: a character swapped for a common one read the same way, as well as
+    dropped and swapped characters; the question's own characters otherwise."""
+    rng = random.Random(3)
+    question = "云杉酒店可以延迟退房吗？"
+    slips = 0
+    for _ in range(200):
+        copy = noisy(question, rng)
+        assert not copy.endswith("？")
+        new = [c for c in copy if c not in question]
+        for c in new:  # only same-reading slips bring characters the question lacks
+            assert any(readings()[c][0] == readings()[o][0] for o in question if o in readings())
+        slips += bool(new)
+    assert 30 < slips < 170  # one kind of noise among three

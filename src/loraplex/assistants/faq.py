@@ -59,7 +59,7 @@ from loraplex.knowledge.bilingual import Bridge, mixed
 from loraplex.knowledge.embedder import Multilingual
 from loraplex.knowledge.embedder import english as english_encoder
 from loraplex.knowledge.relevance import CJK, relevance
-from loraplex.knowledge.spelling import Speller
+from loraplex.knowledge.spelling import Speller, homophones, readings
 from loraplex.knowledge.store import Hit, words
 from loraplex.threads import cores
 
@@ -508,7 +508,9 @@ def assistant(model: str) -> Assistant | None:
 
 def noisy(question: str, rng: random.Random) -> str:
     """The question as a hurried user types it: a typo or two, a dropped word, no capitals or
-    final punctuation. Model-free, so it never invents a fact."""
+    final punctuation. Model-free, so it never invents a fact. A Chinese typo is a character read
+    the same way (a pinyin keyboard's slip: 挂失 -> 挂矢), as the users' are: with only dropped and
+    swapped characters, the adapter still repeated such questions instead of answering them."""
     cjk = bool(CJK.search(question))
     text = question.rstrip("?？!！.。 ")
     units: list[str] = list(text) if cjk else text.split()
@@ -521,7 +523,12 @@ def noisy(question: str, rng: random.Random) -> str:
             del units[i]
         elif kind == "swap" and i + 1 < len(units):
             units[i], units[i + 1] = units[i + 1], units[i]
-        elif not cjk and len(units[i]) > 3:
+        elif cjk:
+            sound = readings().get(units[i], ("",))[0]
+            others = [c for c in homophones().get(sound, ()) if c != units[i]]
+            if others:
+                units[i] = rng.choice(others)
+        elif len(units[i]) > 3:
             w = units[i]
             j = rng.randrange(1, len(w) - 1)
             units[i] = w[:j] + w[j + 1] + w[j] + w[j + 2 :]  # two letters swapped

@@ -64,6 +64,22 @@ def readings() -> dict[str, tuple[str, ...]]:
     return out
 
 
+@cache
+def homophones() -> dict[str, tuple[str, ...]]:
+    """Each toneless reading's common characters read that way first: GB2312's first level, the 3,755 characters in
+    everyday use (a pinyin keyboard offers them first), found with Python's own codec rather than a
+    list. What a typo made on a pinyin keyboard turns a character into (assistants/faq.py `noisy`)."""
+    out: dict[str, list[str]] = {}
+    for c, sounds in readings().items():
+        try:
+            code = c.encode("gb2312")
+        except UnicodeEncodeError:
+            continue
+        if len(code) == 2 and 0xB0 <= code[0] <= 0xD7 and sounds:  # rows 16-55: level 1
+            out.setdefault(sounds[0], []).append(c)  # by its usual reading (弟 is di, not tui)
+    return {sound: tuple(chars) for sound, chars in out.items()}
+
+
 def _toneless(sound: str) -> str:
     """ "lǜ" -> "lv" (as typed: ü is v on a pinyin keyboard), "cān" -> "can"."""
     decomposed = unicodedata.normalize("NFD", sound).replace("u\u0308", "v")

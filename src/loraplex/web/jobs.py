@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from loraplex.api.schemas import JsonFloat, JsonInt, MaybeFloat
+from loraplex.config import default_epochs
 from loraplex.data.formats import parse_file
 from loraplex.errors import Unprocessable, UserError
 from loraplex.gateway.db import Database
@@ -238,8 +239,10 @@ class Jobs:
             raise KeyError(job_id)
         job = {k: v for k, v in dict(row).items() if k not in ("config", "pid", "host")}
         cfg = json.loads(row["config"])
+        retrieval = cfg.get("retrieval", {})
         job["settings"] = {
-            "epochs": cfg["train"]["epochs"] or (4.0 if cfg.get("retrieval", {}).get("enabled", True) else 16.0),
+            "epochs": cfg["train"]["epochs"]
+            or default_epochs(retrieval.get("enabled", True), retrieval.get("noisy_copies", 0)),
             "learning_rate": cfg["train"]["learning_rate"],
             "rank": cfg["lora"]["rank"],
             "base": cfg["base"],
