@@ -66,9 +66,10 @@ def readings() -> dict[str, tuple[str, ...]]:
 
 @cache
 def homophones() -> dict[str, tuple[str, ...]]:
-    """Each toneless reading's common characters read that way first: GB2312's first level, the 3,755 characters in
-    everyday use (a pinyin keyboard offers them first), found with Python's own codec rather than a
-    list. What a typo made on a pinyin keyboard turns a character into (assistants/faq.py `noisy`)."""
+    """Each toneless reading's common characters, those read that way first: GB2312's first level,
+    the 3,755 characters in everyday use (a pinyin keyboard offers them first), found with Python's
+    own codec rather than a list. What a slip on a pinyin keyboard turns a character into
+    (assistants/faq.py `noisy`)."""
     out: dict[str, list[str]] = {}
     for c, sounds in readings().items():
         try:
