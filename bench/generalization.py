@@ -58,6 +58,8 @@ and time to first token with and without retrieval: up to 60 unseen questions, o
 time, each asked bare and then as served, on an engine that has answered the trained questions
 first (its prefix cache holds their instructions and passages, as a running server's does), and on
 one with the prefix cache off; "retrieval adds" is the median of the per-question differences.
+Those engines hold the base weights `loraplex serve` holds by default (`--quantize auto`: int4 on
+a CPU; before 2026-12-07 they were unquantized, what `eval` scores with and the answers here still are).
 The CPU model and flags are printed with the table.
 """
 
@@ -364,24 +366,27 @@ def time_first_tokens(engines: dict[str, Any], s: dict[str, Any], ref: str, retr
     return ms
 
 
-def timing_engines() -> dict[str, Any]:
+def timing_engines(quantize: str) -> dict[str, Any]:
     """As a server that has answered the FAQ's own questions (its prefix cache holds their
-    instructions and passages) meets questions worded anew; and with the prefix cache off."""
+    instructions and passages) meets questions worded anew; and with the prefix cache off. Base
+    weights as `serve --quantize` (auto, what `loraplex serve` runs: int4 on a CPU)."""
+    from loraplex.engine import quant
     from loraplex.engine.engine import Engine
 
+    q = quant.mode(quantize)
     return {
-        "cache": Engine(max_batch=16, max_loaded_adapters=4),
-        "off": Engine(max_batch=16, max_loaded_adapters=4, prefix_cache_bytes=0),
+        "cache": Engine(max_batch=16, max_loaded_adapters=4, quantize=q),
+        "off": Engine(max_batch=16, max_loaded_adapters=4, prefix_cache_bytes=0, quantize=q),
     }
 
 
-def timing_only(sets: list[str], variants: list[str], seeds: int) -> None:
+def timing_only(sets: list[str], variants: list[str], seeds: int, quantize: str) -> None:
     from loraplex.adapters import registry
 
     rows = []
     for set_name in sets:
         s = load_set(set_name)
-        engines = timing_engines()
+        engines = timing_engines(quantize)
         try:
             for variant in variants:
                 for seed in range(42, 42 + seeds):
@@ -393,7 +398,7 @@ def timing_only(sets: list[str], variants: list[str], seeds: int) -> None:
         finally:
             for eng in engines.values():
                 eng.close()
-    print(f"\nCPU: {cpu()}; torch threads {__import__('torch').get_num_threads()}")
+    print(f"\nCPU: {cpu()}; torch threads {__import__('torch').get_num_threads()}; TTFT base weights {quantize}")
     print("| set | variant | TTFT ms | with retrieval | retrieval adds | prefix cache off: TTFT / with retrieval |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -403,7 +408,7 @@ def timing_only(sets: list[str], variants: list[str], seeds: int) -> None:
         )
 
 
-def run_set(s: dict[str, Any], variants: list[str], seeds: int) -> list[dict[str, Any]]:
+def run_set(s: dict[str, Any], variants: list[str], seeds: int, quantize: str) -> list[dict[str, Any]]:
     """Train every variant on one set, answer its questions, time first tokens: its rows."""
     from loraplex.engine.engine import Engine
 
@@ -416,7 +421,7 @@ def run_set(s: dict[str, Any], variants: list[str], seeds: int) -> list[dict[str
     single = s["name"].startswith("single/")
     tokens = s["answer_tokens"]
     engine = Engine(max_batch=16, max_loaded_adapters=4)
-    timing = {} if single else timing_engines()  # TTFT on engines of their own
+    timing = {} if single else timing_engines(quantize)  # TTFT on engines of their own
     rows = []
     try:
         base_general = [a["text"] for a in answer(engine, "", [q["instruction"] for q in s["general"]], tokens)]
@@ -513,6 +518,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument(
+        "--quantize",
+        default="auto",
+        help="base weights of the engines that time the first token, as `serve --quantize` (default auto, "
+        "what `loraplex serve` runs: int4 on a CPU); answers are scored unquantized, as `eval` scores them",
+    )
+    ap.add_argument(
         "--timing-only",
         metavar="HOME",
         help="only time the first token again, for the adapters an earlier run trained into this LORAPLEX_HOME",
@@ -520,14 +531,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.timing_only:
         os.environ["LORAPLEX_HOME"] = args.timing_only
-        return timing_only(args.sets.split(","), args.variants.split(","), args.seeds)
+        return timing_only(args.sets.split(","), args.variants.split(","), args.seeds, args.quantize)
     os.environ.setdefault("LORAPLEX_HOME", tempfile.mkdtemp(prefix="loraplex-bench-gen-"))
     rows = []
     for set_name in args.sets.split(","):
         for s in load_sets(set_name):
-            rows += run_set(s, args.variants.split(","), args.seeds)
+            rows += run_set(s, args.variants.split(","), args.seeds, args.quantize)
 
-    print(f"\nCPU: {cpu()}; torch threads {__import__('torch').get_num_threads()}")
+    print(f"\nCPU: {cpu()}; torch threads {__import__('torch').get_num_threads()}; TTFT base weights {args.quantize}")
     head = "set | variant | unseen | trained | refused (unanswerable) | leakage (general) | train s | TTFT ms"
     print(
         f"| {head} | TTFT ms with retrieval | retrieval adds | prefix cache off: TTFT / with retrieval "

@@ -1,6 +1,7 @@
-"""decode_cpu.c (a decode step's norms and attention) against DecoderModel.forward's PyTorch path,
-its naive reference: same logits and the same KV cache after several steps of rows at different
-positions, on a Llama with grouped-query attention and a Qwen2 with q/k/v biases."""
+"""decode_cpu.c (a decode step's norms and attention, and one row's prompt through them) against
+DecoderModel.forward's PyTorch path, its naive reference: same logits and the same KV cache after
+prompts and several steps of rows at different positions, on a Llama with grouped-query attention
+and a Qwen2 with q/k/v biases."""
 
 from __future__ import annotations
 
@@ -33,17 +34,21 @@ def random_model(kind: str, heads: int = 8, kv: int = 2) -> torch.nn.Module:
 
 
 def decode(model: DecoderModel, ops: ctypes.CDLL | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits of 7 decode steps after three prompts (on `ops`, or on the PyTorch path with None),
-    and the KV cache they leave."""
+    """Logits of three prompts' prefills (one in two chunks) and of 7 decode steps after them (on
+    `ops`, or on the PyTorch path with None), and the KV cache they leave."""
     lengths = [5, 37, 300]  # rows at different positions; 300 is past the cache's first 256
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 300, (1, n), generator=gen) for n in lengths]
     model.decode_ops = ops
     cache = model.new_cache(4, 1024)
-    for slot, ids in enumerate(prompts):  # prefill: always the PyTorch path
-        model.forward(Step(ids, torch.tensor([0]), slot, None), cache)
-    starts = torch.tensor(lengths)
     logits = []
+    for slot, ids in enumerate(prompts):  # prefill: one row's tokens through the kernels (model._prefill_one)
+        if slot == 1:  # in two chunks, the second after the 20 positions the first left in the cache
+            logits.append(model.forward(Step(ids[:, :20], torch.tensor([0]), slot, None), cache))
+            logits.append(model.forward(Step(ids[:, 20:], torch.tensor([20]), slot, None), cache))
+        else:
+            logits.append(model.forward(Step(ids, torch.tensor([0]), slot, None), cache))
+    starts = torch.tensor(lengths)
     for _ in range(6):
         ids = torch.randint(0, 300, (len(lengths), 1), generator=torch.Generator().manual_seed(int(starts[0])))
         logits.append(model.forward(Step(ids, starts, 0, None), cache))

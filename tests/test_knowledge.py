@@ -246,6 +246,37 @@ def test_the_built_in_encoder_reads_its_token_table_from_a_file_with_the_same_ve
     assert isinstance(again._model.table, np.ndarray)
 
 
+def test_the_built_in_encoder_on_fp16_tiles_gives_the_packages_vectors() -> None:
+    """Where quant_cpu.c is built, the built-in encoder's pass runs on fp16 tiles (use_tiles.py):
+    within a cosine of 1e-6 of the package's numpy pass, one text at a time and in batches longer
+    than one pass (its token budget), and it ranks like it: each text's nearest other text is the same."""
+    import numpy as np
+    import torch
+
+    from loraplex.engine import quant
+    from loraplex.knowledge import embedder, use_tiles
+
+    enc = embedder.Multilingual()
+    fast = embedder._use_tiles()
+    assert (fast is not None) == (quant.tile(torch.zeros(16, 16), torch.float16) is not None)
+    if fast is None:
+        pytest.skip("no quant_cpu.c on this machine: the package's own pass is the one used")
+    texts = ENCODER_TEXTS + _faq_texts()[:400]
+    exact = np.ascontiguousarray(enc._model.encode(texts), dtype=np.float32)  # the package's numpy pass
+    batched = enc.embed(texts)
+    assert sum(len(enc._model._sp.encode(t)) for t in texts) > 3 * use_tiles.TOKEN_BUDGET
+    one = np.concatenate([enc.embed([t]) for t in texts[:40]])
+    assert (np.sum(batched * exact, axis=1) > 1 - 1e-6).all() and (np.sum(one * exact[:40], axis=1) > 1 - 1e-6).all()
+    assert np.allclose(np.linalg.norm(batched, axis=1), 1, atol=1e-6)
+    sims, sims_exact = batched @ batched.T, exact @ exact.T
+    np.fill_diagonal(sims, -2), np.fill_diagonal(sims_exact, -2)
+    assert (np.abs(sims - sims_exact) < 1e-3).all()
+    clear = np.sort(sims_exact, axis=1)[:, -1] - np.sort(sims_exact, axis=1)[:, -2] > 2e-3  # not a near tie
+    assert (sims.argmax(1) == sims_exact.argmax(1))[clear].all()
+    # a backend whose matrices are not the shapes the pass was written for: the package's pass is kept
+    assert use_tiles.load(type("Other", (), {"proj_W": np.zeros((3, 3))})()) is None
+
+
 def test_the_english_encoder_runs_without_transformers_model_and_reads_its_rows_from_file() -> None:
     """knowledge/bert.py gives BertModel's vectors bit for bit (fp32 and bf16), with the token
     embedding table in memory or read from the file, and pads inputs to PAD_TO tokens under bf16

@@ -6,9 +6,11 @@
  * keys 42 us), ~3 ms of a ~18 ms int4 step in dispatch, not arithmetic. Here a layer's attention for
  * one row is a few microseconds.
  *
- * The reference these must equal is DecoderModel.forward's PyTorch path (engine/model.py), which
- * serves every step that is not a pure decode step (prefill, several tokens per row) and every
- * machine without a C compiler; tests/test_decode_kernel.py compares the two.
+ * One row's prompt also comes here, as rows of one token that share its cache slot, attention on one
+ * thread so that they go in order (model.py `_prefill_one`). The reference these must equal is
+ * DecoderModel.forward's PyTorch path (engine/model.py), which serves prefills of several rows at
+ * once, steps that want every position's logits, and every machine without a C compiler;
+ * tests/test_decode_kernel.py compares the two.
  *
  * Activations are fp32 (bf16 = 0) or bf16 (bf16 = 1, rounded as torch rounds); the KV cache holds
  * the activations' type, or fp16 under fp32 activations (half the bytes each step reads, as

