@@ -159,6 +159,9 @@ class KVCache:
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
 
+PREFILL_KERNEL_WORK = 32_768  # new x attended positions a multi-threaded prefill takes on decode_cpu.c
+
+
 @dataclass
 class Step:
     """One forward: rows are cache slots `slot0 .. slot0+n-1`, each with `start` tokens cached."""
@@ -363,7 +366,7 @@ class DecoderModel:
         if L == 1 and not all_logits and self.decode_ops is not None:
             return self._decode(step, cache)
         one_prompt = n == 1 and (step.last is None or int(step.last[0]) == L - 1)  # no padding after it
-        if one_prompt and not all_logits and self.decode_ops is not None:
+        if one_prompt and not all_logits and self.decode_ops is not None and self._kernel_prefill(L, int(starts[0])):
             return self._prefill_one(step, cache)
         if L == 1 and not all_logits and self.graphs is not None:
             replayed = self.graphs.step(step, cache)
@@ -462,6 +465,15 @@ class DecoderModel:
         positions = torch.arange(start, start + L, dtype=torch.int64)
         slots = torch.full((L,), step.slot0, dtype=torch.int64)
         return self._kernel_pass(step.input_ids.reshape(L), positions, slots, step.lora, 1, 1, cache, last_only=True)
+
+    @staticmethod
+    def _kernel_prefill(L: int, start: int) -> bool:
+        """Whether `_prefill_one` takes L new tokens after `start` cached ones: always on one thread
+        (measured faster there up to 512 new tokens and after 600 cached), else while its attention,
+        one thread reading every key once per new token, stays small beside the products that the
+        other threads share: L x (start + L) up to 32,768 (a question's 20-60 tokens after a
+        passage of a few hundred)."""
+        return torch.get_num_threads() == 1 or L * (start + L) <= PREFILL_KERNEL_WORK
 
     def _kernel_pass(
         self,
