@@ -174,9 +174,13 @@ def main() -> None:
     model = build_model(args.shape, args.device, dtype, mode(args.quantize))
     resident = resident_mib()  # the served model's memory: the HF model it was built from is gone
     # as Engine does: bf16 weights for the C kernel on CPU (fp32 for the PyTorch path without it)
-    paths = [("kernel", torch.bfloat16), ("torch", torch.float32)] if args.device == "cpu" else [("torch", dtype)]
-    if args.device == "cpu" and lora_kernel.load() is None:
-        paths = paths[1:]
+    # as Engine does: the C kernel's weights on CPU, int8 with a quantized base (bf16 unquantized;
+    # both timed), fp32 for the PyTorch path without it
+    paths = [("kernel", torch.bfloat16), ("kernel", torch.int8), ("torch", torch.float32)]
+    if args.device != "cpu":
+        paths = [("torch", dtype)]
+    elif lora_kernel.load() is None:
+        paths = paths[2:]
     print(cpu())
     if args.layouts:
         compare_layouts(model, args.reps)
@@ -190,9 +194,9 @@ def main() -> None:
             stacks = LoraStacks(model.n_layers, args.rows + 1, model.site_shapes, lora_dtype, args.device)
             for slot, w in enumerate(weights, start=1):
                 stacks.put(slot, w)
-            batches[path] = LoraBatch(stacks, list(range(1, args.rows + 1)))
-            check_against_naive(batches[path], weights, model)
-        times: dict[str, list[float]] = {"base": [], **{p: [] for p in batches}}
+            batches[(path, lora_dtype)] = b = LoraBatch(stacks, list(range(1, args.rows + 1)))
+            check_against_naive(b, weights, model)
+        times: dict[Any, list[float]] = {"base": [], **{p: [] for p in batches}}
         time_steps(model, None, args.rows, 3)
         for b in batches.values():
             time_steps(model, b, args.rows, 3)  # warm-up
@@ -202,7 +206,7 @@ def main() -> None:
                 times[path] += time_steps(model, b, args.rows, 1)
         base = statistics.median(times["base"]) * 1e3
         for path, lora_dtype in paths:
-            a = statistics.median(times[path]) * 1e3
+            a = statistics.median(times[(path, lora_dtype)]) * 1e3
             print(
                 f"  {label:10s} {path:6s} (LoRA {str(lora_dtype)[6:]})  base {base:8.2f} ms/step   "
                 f"{args.rows} adapters {a:8.2f} ms/step   overhead {a / base:.3f}x"

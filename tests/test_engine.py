@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import queue
 import time
 from dataclasses import replace
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from loraplex import cpu_isa
 from loraplex.adapters import registry
 from loraplex.engine import lora_kernel, quant
 from loraplex.engine.engine import Engine
@@ -22,6 +24,7 @@ from loraplex.engine.lora import (
     GatheredRows,
     LoraBatch,
     LoraStacks,
+    int8_rows,
 )
 from loraplex.engine.model import DecoderModel, Step, bucket
 from loraplex.engine.sampling import SamplingParams
@@ -168,12 +171,13 @@ def test_static_decode_for_cuda_graphs_equals_forward(lp_home: Path, tiny_base: 
     torch.testing.assert_close(swapped, gathered, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16 stacks: the C kernel's path
+# bf16 and int8 stacks: the C kernel's paths
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_a_weighted_adapter_uses_the_plain_slot_scaled_per_row(lp_home: Path, tiny_base: Path, dtype) -> None:  # noqa: ANN001
     """`hr:0.5` is `hr`'s slot with its rows scaled, not a slot of its own (a client cycling
     through weights once pushed other tenants' adapters out): the same logits as the adapter
     loaded with its B pre-scaled, for weights 0.5, -1.5 and 0, next to rows of weight 1 and the base."""
-    if dtype == torch.bfloat16 and lora_kernel.load() is None:
+    if dtype != torch.float32 and lora_kernel.load() is None:
         pytest.skip("no C compiler: the kernel path cannot be built")
     a = make_adapter(tiny_base, "alpha", rank=4, seed=1)
     base = resolve_base(str(tiny_base))
@@ -194,7 +198,7 @@ def test_a_weighted_adapter_uses_the_plain_slot_scaled_per_row(lp_home: Path, ti
     scaled = logits(LoraBatch(stacks, [1, 1, 0, 1, 1], [0.5, -1.5, 1.0, 1.0, 0.0]))
     prescaled = logits(LoraBatch(stacks, [2, 3, 0, 1, 4]))
     delta = (prescaled - prescaled[2]).abs().max()  # row 2 is the base: the adapters' effect
-    # bf16: B pre-scaled and rounded to bf16 differs from x scaled in fp32 by rounding only
+    # bf16 / int8: B pre-scaled and rounded differs from x scaled in fp32 by rounding only
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     assert (scaled - prescaled).abs().max() <= tol * delta
     assert (scaled[0] - scaled[3]).abs().max() > 1e-2  # the weight really changes the output
@@ -202,18 +206,49 @@ def test_a_weighted_adapter_uses_the_plain_slot_scaled_per_row(lp_home: Path, ti
     assert (req.slot_key, req.scale, req.key) == (a, 0.5, f"{a}:0.5")
 
 
+def lora_build(tmp: Path, isa: str) -> ctypes.CDLL | None:
+    """lora_cpu.c built for `isa` ("native", or "avx2": the path of a CPU without AVX-512), or None
+    where this CPU cannot run that build"""
+    if isa == "native":
+        return lora_kernel.load()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if " avx2" not in flags or " fma" not in flags:
+        return None
+    target = tmp / "lora-avx2.so"
+    lora_kernel._build(lora_kernel._compiler() or "cc", lora_kernel.SOURCE, target, cpu_isa.MARCH["avx2"])
+    lib = ctypes.CDLL(str(target))
+    lib.lora_site.argtypes = lora_kernel.load().lora_site.argtypes  # type: ignore[union-attr]
+    return lib
+
+
+@pytest.mark.parametrize("weights", [torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("act", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize(("isa", "threads"), [("native", 1), ("native", 2), ("native", 4), ("avx2", 1)])
 def test_cpu_kernel_equals_torch_path_and_naive(
-    lp_home: Path, tiny_base: Path, act: torch.dtype, threads: int, request: pytest.FixtureRequest
+    lp_home: Path,
+    tiny_base: Path,
+    tmp_path: Path,
+    act: torch.dtype,
+    threads: int,
+    weights: torch.dtype,
+    isa: str,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """lora_cpu.c against the PyTorch grouped path and lora.py's naive per-row loop, on every site of
-    one layer: rows sharing an adapter, base rows, a composition, different ranks and targets, prefill
-    (several tokens per row) and decode, bf16 and fp32 activations; on one thread, on 2 (each thread
-    takes whole adapters) and on 4 (more threads than adapters: they split each adapter's work)."""
+    one layer: rows sharing an adapter, base rows, a composition, different ranks and targets (a
+    regrow), prefill (several tokens per row) and decode, bf16 and fp32 activations, bf16 and int8
+    weights (the naive loop on the weights as stored: rounded to bf16, or int8 times each row's
+    scale); on one thread, on 2 (each thread takes whole adapters) and on 4 (more threads than
+    adapters: they split each adapter's work); built for this CPU and for AVX2 (the compiler
+    vectorises each build's loops its own way)."""
     if lora_kernel._compiler() is None:
         pytest.skip("no C compiler: the engine uses the PyTorch path")
     assert lora_kernel.load() is not None, "a compiler is there but the kernel did not build"
+    lib = lora_build(tmp_path, isa)
+    if lib is None:
+        pytest.skip(f"this CPU cannot run the {isa} build")
+    monkeypatch.setattr(lora_kernel, "load", lambda: lib)
     request.addfinalizer(lambda n=torch.get_num_threads(): torch.set_num_threads(n))
     torch.set_num_threads(threads)  # the kernel runs on torch's thread count
     model = DecoderModel(load_model(resolve_base(str(tiny_base))).eval(), torch.float32, "cpu")
@@ -231,12 +266,20 @@ def test_cpu_kernel_equals_torch_path_and_naive(
 
     wa = adapter(4, tuple(mods))
     wb = adapter(8, ("q_proj", "v_proj", "down_proj"))
-    weights = [wa, wb, AdapterWeights.combine([(wa, 0.7), (wb, 0.3)])]
-    k_stacks = LoraStacks(layers, 4, shapes, torch.bfloat16, "cpu")
+    adapters = [wa, wb, AdapterWeights.combine([(wa, 0.7), (wb, 0.3)])]
+    k_stacks = LoraStacks(layers, 4, shapes, weights, "cpu")
     t_stacks = LoraStacks(layers, 4, shapes, torch.float32, "cpu")
-    for slot, w in enumerate(weights, start=1):
+    for slot, w in enumerate(adapters, start=1):
         k_stacks.put(slot, w)
         t_stacks.put(slot, w)
+
+    def stored(w: torch.Tensor) -> torch.Tensor:
+        """[r, n] as the kernel's stacks hold it, back in fp32"""
+        if weights == torch.int8:
+            q, scale = int8_rows(w)
+            return q.float() * scale[:, None]
+        return w.bfloat16().float()
+
     rows = [2, 0, 1, 3, 1, 2]
     kernel, torch_path = LoraBatch(k_stacks, rows), LoraBatch(t_stacks, rows)
     assert kernel.kernel is not None and torch_path.kernel is None
@@ -248,20 +291,16 @@ def test_cpu_kernel_equals_torch_path_and_naive(
             got = kernel.add_to(y0.clone(), x, 1, site).float()
             ref = torch_path.add_to(y0.clone(), x, 1, site).float()
             naive = y0.float().clone()
-            for i, slot in enumerate(rows):  # the docstring's loop, in fp32 from the bf16-rounded weights
+            for i, slot in enumerate(rows):  # the docstring's loop, in fp32 from the weights as stored
                 if slot:
-                    w = weights[slot - 1]
+                    w = adapters[slot - 1]
                     naive[i] += torch.cat(
-                        [
-                            x[i].float() @ w.A[m][1].bfloat16().float().T @ w.B[m][1].bfloat16().float().T
-                            for m, _ in site_mods
-                        ],
-                        -1,
+                        [x[i].float() @ stored(w.A[m][1]).T @ stored(w.B[m][1].T) for m, _ in site_mods], -1
                     )
             scale = naive.abs().max()
             tol = 2e-2 * scale if act == torch.bfloat16 else 1e-4 * scale
             assert (got - naive).abs().max() <= tol, (site, L)
-            assert (got - ref).abs().max() <= 2e-2 * scale, (site, L)  # fp32 weights vs bf16: rounding only
+            assert (got - ref).abs().max() <= 2e-2 * scale, (site, L)  # fp32 weights vs stored: rounding only
             torch.testing.assert_close(got[1], y0[1].float())  # the base row is untouched
     with pytest.raises(ValueError, match="do not fit"):  # wrong rows: refused, never read out of bounds
         kernel.add_to(torch.zeros(2, 1, 4, dtype=act), torch.zeros(2, 1, 4, dtype=act), 0, "o")

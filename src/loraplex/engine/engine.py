@@ -158,12 +158,15 @@ class Engine:
         self.max_batch = max_batch
         self.prefill_tokens = max(prefill_tokens, 16)
         self.cache = self.model.new_cache(max_batch, self.max_model_len)
-        # On CPU the LoRA weights are bf16 for the C kernel (half the bytes to stream per step), or fp32
-        # for the PyTorch path without it: its small batched matmuls cost ~7 us in fp32 (MKL) and ~35 us
-        # in bf16 (oneDNN's per-call overhead), measured at decode sizes. On CUDA they follow the model.
+        # On CPU the LoRA weights are bf16 for the C kernel (half the bytes to stream per step); on an
+        # int4 base int8 with a scale per row, still finer than the base they sit on (half the bytes
+        # again: 8 adapters at once stream 78 MB of bf16 LoRA weights a step next to a 97 MB int4 base);
+        # fp32 for the PyTorch path without the kernel: its small batched matmuls cost ~7 us in fp32
+        # (MKL) and ~35 us in bf16 (oneDNN's per-call overhead), measured at decode sizes. On CUDA they
+        # follow the model.
         if self.device == "cpu":
             kernel = self.dtype in KERNEL_ACTIVATIONS and lora_kernel.load() is not None
-            lora_dtype = torch.bfloat16 if kernel else torch.float32
+            lora_dtype = (torch.int8 if quantize == "int4" else torch.bfloat16) if kernel else torch.float32
         else:
             lora_dtype = self.dtype
         self.stacks = LoraStacks(

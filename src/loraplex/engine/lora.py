@@ -127,16 +127,34 @@ class AdapterWeights:
         return cls(A, B)
 
 
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., n] -> (q int8 [..., n], scale fp32 [...]) with w ~ q * scale: one scale per row, its
+    largest magnitude at 127 (a row of zeros: scale 0)."""
+    w = w.float()
+    scale = w.abs().amax(-1) / 127
+    q = torch.round(w / scale.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).clamp_(-127, 127)
+    return q.to(torch.int8), scale
+
+
 class LoraStacks:
     """Slots of adapter weights on the device. Per site: A [layers, slots, R, in] with each run's modules
     at `r_run`-wide segments, and per run B [layers, slots, k, r_run, out] (k modules in the run).
 
     `r_run` is the largest rank of the run's modules loaded so far; a bigger adapter regrows the stacks
     (rare) and smaller ones pad with zeros, which add nothing to the delta.
+
+    `dtype=torch.int8` (lora_cpu.c only): every row of A ([in] values) and of B ([out] values for one
+    rank) is int8 with one fp32 scale, in `A_scale` [layers, slots, R] and `B_scale` [layers, slots, k,
+    r_run]. Half the bytes of bf16 to stream per decode step, which is what the LoRA delta of many
+    adapters at once costs on a CPU; the scales fold into the rank-r intermediate, so the kernel's
+    arithmetic per weight is a conversion and a multiply-add, as for bf16.
     """
 
     def __init__(self, n_layers: int, slots: int, shapes: SiteShapes, dtype: torch.dtype, device: str):
         self.slots, self.dtype, self.device = slots, dtype, device
+        self.quantized = dtype == torch.int8
+        if self.quantized and device != "cpu":
+            raise ValueError("int8 LoRA stacks are for lora_cpu.c (CPU) only")
         self.n_layers = n_layers
         self.shapes = shapes
         self.runs = {s: runs(mods) for s, (_, mods) in shapes.items()}
@@ -152,6 +170,9 @@ class LoraStacks:
             ]
             for s in shapes
         }
+        # int8: one scale per row of A and of each B run (empty and unused otherwise)
+        self.A_scale = {s: torch.zeros(n_layers, slots, 0) for s in shapes} if self.quantized else {}
+        self.B_scale = {s: [torch.zeros(*B.shape[:4]) for B in self.B[s]] for s in shapes} if self.quantized else {}
         self.targets: dict[int, set[str]] = {}  # slot -> sites where its adapter is not zero
         self.version = 0  # bumped whenever slot contents change; LoraBatch caches on it
         self.regrows = 0  # bumped when the stacks are new tensors (a CUDA graph holds their addresses)
@@ -161,16 +182,25 @@ class LoraStacks:
         old_r, A = self.r[site], self.A[site]
         k = [len(run) for run in self.runs[site]]
         A_new = A.new_zeros(*A.shape[:2], sum(ki * ri for ki, ri in zip(k, r_new, strict=True)), A.shape[3])
+        As = self.A_scale.get(site)
+        As_new = None if As is None else As.new_zeros(A_new.shape[:3])
         off_old = off_new = 0
         for i, ki in enumerate(k):
             for j in range(ki):
-                src = A[:, :, off_old + j * old_r[i] : off_old + (j + 1) * old_r[i]]
-                A_new[:, :, off_new + j * r_new[i] : off_new + j * r_new[i] + old_r[i]] = src
+                old, new = off_old + j * old_r[i], off_new + j * r_new[i]
+                A_new[:, :, new : new + old_r[i]] = A[:, :, old : old + old_r[i]]
+                if As is not None and As_new is not None:
+                    As_new[:, :, new : new + old_r[i]] = As[:, :, old : old + old_r[i]]
             off_old += ki * old_r[i]
             off_new += ki * r_new[i]
             B = self.B[site][i]
             self.B[site][i] = torch.cat([B, B.new_zeros(*B.shape[:3], r_new[i] - old_r[i], B.shape[4])], dim=3)
+            if self.quantized:
+                Bs = self.B_scale[site][i]
+                self.B_scale[site][i] = torch.cat([Bs, Bs.new_zeros(*Bs.shape[:3], r_new[i] - old_r[i])], dim=3)
         self.A[site], self.r[site] = A_new, r_new
+        if As_new is not None:
+            self.A_scale[site] = As_new
         self._tables = None
         self.regrows += 1
 
@@ -181,23 +211,37 @@ class LoraStacks:
             if any(n > r for n, r in zip(need, self.r[s], strict=True)):
                 self._regrow(s, [max(n, r) for n, r in zip(need, self.r[s], strict=True)])
             self.A[s][:, slot].zero_()
+            if self.quantized:
+                self.A_scale[s][:, slot].zero_()
             off = 0
             for i, run in enumerate(self.runs[s]):
                 B, width = self.B[s][i], self.r[s][i]
                 B[:, slot].zero_()
+                if self.quantized:
+                    self.B_scale[s][i][:, slot].zero_()
                 for j, m in enumerate(run):
                     r = w.rank(m)
-                    if r:
-                        self.targets[slot].add(s)
-                        self.A[s][:, slot, off + j * width : off + j * width + r] = w.A[m].to(self.device, self.dtype)
-                        B[:, slot, j, :r] = w.B[m].transpose(1, 2).to(self.device, self.dtype)
+                    if not r:
+                        continue
+                    self.targets[slot].add(s)
+                    a, b = w.A[m], w.B[m].transpose(1, 2)  # [layers, r, in], [layers, r, out]
+                    if self.quantized:
+                        (a, a_scale), (b, b_scale) = int8_rows(a), int8_rows(b)
+                        self.A_scale[s][:, slot, off + j * width : off + j * width + r] = a_scale
+                        self.B_scale[s][i][:, slot, j, :r] = b_scale
+                    self.A[s][:, slot, off + j * width : off + j * width + r] = a.to(self.device, self.dtype)
+                    B[:, slot, j, :r] = b.to(self.device, self.dtype)
                 off += len(run) * width
         self.version += 1
 
     def kernel_tables(self) -> dict[str, KernelSite]:
         """lora_cpu.c reads the stacks in place: per site and layer one int64 descriptor with the
-        addresses of A's and each B run's layer slice, their shapes and slot strides (layout in the C
-        file). Addresses change only when a regrow replaces the tensors."""
+        addresses of A's and each B run's layer slice (and of their scales, int8), their shapes and slot
+        strides (layout in the C file). Addresses change only when a regrow replaces the tensors."""
+
+        def scale_ptr(t: torch.Tensor | None) -> int:
+            return 0 if t is None else t.data_ptr()  # 0: bf16 weights
+
         if self._tables is None:
             self._tables = {}
             for site in SITES:
@@ -206,11 +250,13 @@ class LoraStacks:
                 per_layer = []
                 for layer in range(layers):
                     runs, lo = [], 0
-                    for B in self.B[site]:
+                    for i, B in enumerate(self.B[site]):
                         _, _, k, r, out = B.shape
-                        runs += [B[layer].data_ptr(), k, r, out, lo, k * r * out]
+                        Bs = self.B_scale[site][i][layer] if self.quantized else None
+                        runs += [B[layer].data_ptr(), k, r, out, lo, k * r * out, scale_ptr(Bs), k * r]
                         lo += k * out
-                    per_layer.append([A[layer].data_ptr(), R, R * fan_in, len(self.B[site]), *runs])
+                    As = self.A_scale[site][layer] if self.quantized else None
+                    per_layer.append([A[layer].data_ptr(), R, R * fan_in, len(self.B[site]), scale_ptr(As), R, *runs])
                 desc = torch.tensor([[fan_in, lo, *d] for d in per_layer], dtype=torch.int64)
                 self._tables[site] = KernelSite(fan_in, lo, desc, [row.data_ptr() for row in desc])
         return self._tables
@@ -349,7 +395,9 @@ class LoraBatch:
         targeted = set().union(*(stacks.targets.get(d, set()) for d in distinct))
         self.A: dict[str, list[torch.Tensor]] = {}
         self.runs: dict[str, list[tuple[int, int, int, int, list[torch.Tensor]]]] = {}
-        self.kernel = lora_kernel.load() if dev == "cpu" and stacks.dtype == torch.bfloat16 else None
+        self.kernel = lora_kernel.load() if dev == "cpu" and stacks.dtype in (torch.bfloat16, torch.int8) else None
+        if stacks.quantized and self.kernel is None:
+            raise RuntimeError("int8 LoRA stacks need lora_cpu.c, which is not built here")
         if self.kernel is not None:
             self._kernel_args(stacks, slots, targeted)
             self.add_to = self._kernel_add_to  # type: ignore[method-assign]  # one Python call fewer per site
@@ -390,6 +438,8 @@ class LoraBatch:
         self.kargs = {site: tables[site] for site in SITES if site in targeted}
         # the batch holds the stacks' tensors, so a regrow (new tensors) never leaves it an address of freed memory
         self.held = [stacks.A[s] for s in targeted] + [B for s in targeted for B in stacks.B[s]]
+        if stacks.quantized:
+            self.held += [stacks.A_scale[s] for s in targeted] + [B for s in targeted for B in stacks.B_scale[s]]
 
     def matches(self, stacks: LoraStacks, slots: list[int], scales: list[float] | None = None) -> bool:
         scales = None if scales is None or all(s == 1.0 for s in scales) else scales
