@@ -8,7 +8,8 @@ sampling, so it also runs where the server's dependencies or the real weights ar
 machine): the model is built from a config with random weights (a plan_configs shape, or SmolLM2's
 own when its GGUF is installed), the adapters are random all-linear rank-16 LoRAs (and q,v-only
 ones, PEFT's default targets). Base and adapter steps alternate, medians are compared in the same
-run. On CPU the C kernel (bf16 weights) and the PyTorch path (fp32 weights) are timed side by side.
+run. On CPU the C kernel (bf16 weights, and int8 as served on an int4 base) and the PyTorch path (fp32
+weights) are timed side by side.
 Before timing, each batched delta is checked against the naive per-row loop in lora.py's docstring.
 Prints one row per target set and path, with the ratio to the base step, and the process's resident
 memory with the model built (`--quantize none` vs `int4` on a large shape: the RSS target where

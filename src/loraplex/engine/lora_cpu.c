@@ -5,7 +5,7 @@
  * Why hand-written: at decode sizes the delta is ~120 tiny batched GEMVs per step; PyTorch spends
  * ~4 us of fixed cost per op (~1,500 ops a step) and cannot read bf16 weights with fp32 accumulation
  * in one op on CPU (bf16 bmm goes through oneDNN at ~35 us a call). Here each site is one call that
- * streams the adapters' bf16 weights once, accumulating in fp32. Measured on the 2-core CI machine,
+ * streams the adapters' bf16 (or int8) weights once, accumulating in fp32. Measured on the 2-core CI machine,
  * SmolLM2 with 8 all-linear rank-16 adapters: the step overhead went from 1.26x to ~1.1x the base.
  *
  * Per row i with slot s = row_slot[i] (0: the base, nothing added), for each of its L tokens t:
