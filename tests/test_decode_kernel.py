@@ -177,3 +177,56 @@ def test_rms_norm_adds_the_residual_in_place() -> None:
     ops.rms_norm(3, 96, x.data_ptr(), None, w.data_ptr(), out.data_ptr(), 1e-6, 0)  # no residual: x stays
     torch.testing.assert_close(x, want_x, rtol=0, atol=0)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+def attention_both_ways(
+    ops: ctypes.CDLL, heads: int, kv: int, d: int, start: int, n: int, kind: str, threads: int
+) -> tuple[torch.Tensor, ...]:
+    """One row's n new tokens after `start` cached positions (slot 1 of 3), through `prefill_attention`
+    and through n one-token rows of `decode_attention` (its reference: the loop a decode step runs),
+    from the same cache -> (out, k, v) of each."""
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    cache_dtype = torch.float16 if kind == "fp16 cache" else dtype
+    gen = torch.Generator().manual_seed(start * 31 + n)
+    qkv = torch.randn(n, (heads + 2 * kv) * d, generator=gen).to(dtype)
+    angle = torch.rand(n, d, generator=gen) * 6.28
+    cos, sin = angle.cos().contiguous(), angle.sin().contiguous()
+    k0 = torch.randn(3, kv, start + n + 5, d, generator=gen).to(cache_dtype)  # [slots, kv, positions, d]
+    v0 = torch.randn(3, kv, start + n + 5, d, generator=gen).to(cache_dtype)
+    bf16, kv16 = int(kind == "bf16"), int(kind == "fp16 cache")
+    got_k, got_v, want_k, want_v = k0.clone(), v0.clone(), k0.clone(), v0.clone()
+    s_slot, s_head, s_pos = k0.stride()[:3]
+    got, want = torch.empty(n, heads * d, dtype=dtype), torch.empty(n, heads * d, dtype=dtype)
+    failed = ops.prefill_attention(
+        n, heads, kv, d, qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), got_k.data_ptr(),
+        got_v.data_ptr(), 1 * s_slot, s_head, s_pos, start, got.data_ptr(), bf16, kv16, threads,
+    )  # fmt: skip
+    assert failed == 0
+    slots, positions = torch.ones(n, dtype=torch.int64), torch.arange(start, start + n, dtype=torch.int64)
+    failed = ops.decode_attention(
+        n, heads, kv, d, qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), want_k.data_ptr(),
+        want_v.data_ptr(), s_slot, s_head, s_pos, slots.data_ptr(), positions.data_ptr(), want.data_ptr(), bf16,
+        kv16, 1,
+    )  # fmt: skip
+    assert failed == 0
+    return got, got_k, got_v, want, want_k, want_v
+
+
+@pytest.mark.parametrize("kind", ["fp32", "fp16 cache", "bf16"])
+@pytest.mark.parametrize("shape", [(9, 3, 64), (8, 2, 8), (4, 2, 40)], ids=["smollm2", "d8", "d40"])
+@pytest.mark.parametrize("start,n", [(0, 1), (0, 23), (110, 20), (5, 70)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefill_attention_equals_the_decode_loop(
+    kind: str, shape: tuple[int, int, int], start: int, n: int, threads: int
+) -> None:
+    """A prompt's tokens attending together (blocks of 16 keys, 4 queries at a time, split over
+    threads) give what n one-token decode rows give: the same cache, bit for bit, and the same
+    outputs up to the order of fp32 sums (bf16: one rounding step)."""
+    ops = lora_kernel.load_decode()
+    assert ops is not None
+    got, got_k, got_v, want, want_k, want_v = attention_both_ways(ops, *shape, start, n, kind, threads)
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)  # every slot: the others untouched
+    if kind == "bf16":
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=2**-7 * want.float().abs().max().item())
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

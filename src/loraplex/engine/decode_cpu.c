@@ -6,8 +6,8 @@
  * keys 42 us), ~3 ms of a ~18 ms int4 step in dispatch, not arithmetic. Here a layer's attention for
  * one row is a few microseconds.
  *
- * One row's prompt also comes here, as rows of one token that share its cache slot, attention on one
- * thread so that they go in order (model.py `_prefill_one`). The reference these must equal is
+ * One row's prompt also comes here: its tokens as rows for the norms and SiLU, and its attention in
+ * `prefill_attention`, the new tokens' queries together (model.py `_prefill_one`). The reference these must equal is
  * DecoderModel.forward's PyTorch path (engine/model.py), which serves prefills of several rows at
  * once, steps that want every position's logits, and every machine without a C compiler;
  * tests/test_decode_kernel.py compares the two.
@@ -291,6 +291,235 @@ static inline __attribute__((always_inline)) void attend(int64_t r, int64_t j, i
         for (int64_t i = 0; i < d; i++)
             st(out, r * heads * d + (j * g + h) * d + i, acc[h * d + i], bf16);
 }
+
+/* One row's prompt: n new tokens at positions start .. start + n - 1 of one cache slot, attending
+ * together. The decode loop above (`attend`) reads and converts every cached key once per new token
+ * and sums each score along d on its own; here each kv head's keys are converted once, KB positions
+ * side by side ([d][KB], `kt`), and QB queries (the new tokens' query heads, in order) take every
+ * block together, so KB scores are the lanes of one FMA chain and a value row meets QB queries at
+ * once: a small matrix product instead of n decode steps. Why: a question's 20 new tokens after a
+ * retrieved passage of ~110 cached positions took ~14 ms more to the first token than the same
+ * tokens without it on a Zen 3 core (docs/generalization.md), the decode loop's attention; 30
+ * layers of SmolLM2's attention there, one thread of a Xeon: 6.6 -> 3.7 ms, 40 tokens after 300
+ * 34 -> 13 ms. Same arithmetic as `attend` (fp32, the same rounding of q and of the stored keys,
+ * the same softmax), summed in another order. */
+/* KB: key positions a block, as many as one vector register holds (whatever the build targets: 16
+ * floats on AVX-512, 8 on AVX, 4 on SSE); QB: queries at a time, QB sums in flight fill the FMA
+ * units without spilling. Wider vectors than the target's (16 on AVX2) ran 3x slower than the
+ * decode loop: GCC keeps them on the stack. */
+#if defined(__AVX512F__)
+#define KB 16
+#elif defined(__AVX__)
+#define KB 8
+#else
+#define KB 4
+#endif
+#define QB 8
+/* KB floats as one value of GCC's (and clang's) vector extension; vkb_u reads and writes them unaligned */
+typedef float vkb __attribute__((vector_size(4 * KB)));
+typedef float vkb_u __attribute__((vector_size(4 * KB), aligned(4)));
+typedef int32_t vkbi __attribute__((vector_size(4 * KB)));
+
+/* max of p[0..n), n >= 1, KB lanes at a time (a scalar max is a chain of n dependent instructions:
+ * a quarter of this file's prompt attention before); NaN-free input (scores of finite keys) */
+static inline float max_of(const float *p, int64_t n) {
+    float mx = p[0];
+    int64_t t = 0;
+    if (n >= KB) {
+        vkb m = *(const vkb_u *)p;
+        for (t = KB; t + KB <= n; t += KB) {
+            const vkb x = *(const vkb_u *)(p + t);
+            const vkbi gt = x > m;
+            m = (vkb)((gt & (vkbi)x) | (~gt & (vkbi)m));
+        }
+        for (int64_t c = 0; c < KB; c++) mx = m[c] > mx ? m[c] : mx;
+    }
+    for (; t < n; t++) mx = p[t] > mx ? p[t] : mx;
+    return mx;
+}
+
+/* rotary, then this token's k and v into the cache: as `attend` writes them */
+static inline __attribute__((always_inline)) void store_kv(int64_t r, int64_t j, int64_t heads, int64_t kv, int64_t d,
+                                                           const void *qkv, int64_t qkv_stride, const float *c,
+                                                           const float *s, void *k_cache, void *v_cache, int64_t at,
+                                                           float *y, const int bf16, const int kvk) {
+    rotate(qkv, r * qkv_stride + (heads + j) * d, d, c, s, y, bf16);
+    for (int64_t i = 0; i < d; i++) {
+        stk(k_cache, at + i, y[i], kvk);
+        stk(v_cache, at + i, ld(qkv, r * qkv_stride + (heads + kv + j) * d + i, bf16), kvk);
+    }
+}
+
+/* keys 0..T-1 of one kv head as fp32 blocks kt [T/KB][d][KB] (zeros past T), values as vf [T][d] */
+static inline __attribute__((always_inline)) void load_head(const void *k_cache, const void *v_cache, int64_t base,
+                                                            int64_t s_pos, int64_t T, int64_t d, float *kt, float *vf,
+                                                            float *row, const int kvk) {
+    const int64_t nblk = (T + KB - 1) / KB;
+    for (int64_t b = 0; b < nblk; b++) {
+        float *blk = kt + b * d * KB;
+        for (int64_t c = 0; c < KB; c++) {
+            const int64_t t = b * KB + c;
+            if (t < T) {
+                const float *kr;
+                cache_rows(k_cache, base + t * s_pos, s_pos, 1, d, kvk, row, &kr);
+                for (int64_t i = 0; i < d; i++) blk[i * KB + c] = kr[i];
+            } else {
+                for (int64_t i = 0; i < d; i++) blk[i * KB + c] = 0.0f;
+            }
+        }
+    }
+    for (int64_t t = 0; t < T; t++) {
+        const float *vr;
+        cache_rows(v_cache, base + t * s_pos, s_pos, 1, d, kvk, row, &vr);
+        memcpy(vf + t * d, vr, sizeof(float) * (size_t)d);
+    }
+}
+
+/* Queries q0 .. q0 + QB - 1 of kv head j (query u: token u / g, head j * g + u % g; those past
+ * n * g are zeros and not stored) over the keys each may see. sc: QB * T floats, q: QB * d. */
+static inline __attribute__((always_inline)) void prefill_queries(int64_t q0, int64_t n, int64_t j, int64_t heads,
+                                                                  int64_t kv, int64_t d, const void *qkv,
+                                                                  int64_t qkv_stride, const float *cos,
+                                                                  const float *sin, int64_t start, const float *kt,
+                                                                  const float *vf, void *out, float *sc, float *q,
+                                                                  const int bf16) {
+    const int64_t g = heads / kv, T = start + n;
+    const float scale = 1.0f / sqrtf((float)d);
+    int64_t lim[QB], top = 0;
+    for (int64_t u = 0; u < QB; u++) {
+        const int64_t qi = q0 + u, r = qi / g, h = qi % g;
+        float *qu = q + u * d;
+        if (qi >= n * g) {
+            for (int64_t i = 0; i < d; i++) qu[i] = 0.0f;
+            lim[u] = 0;
+            continue;
+        }
+        rotate(qkv, r * qkv_stride + (j * g + h) * d, d, cos + r * d, sin + r * d, qu, bf16);
+        for (int64_t i = 0; i < d; i++) /* as `attend`: torch's path rotates in bf16 */
+            qu[i] = bf16 ? bf16_to_f32(f32_to_bf16(qu[i])) * scale : qu[i] * scale;
+        lim[u] = start + r + 1;
+        top = lim[u] > top ? lim[u] : top;
+    }
+    (void)T;
+    /* scores [QB, top]: per block of KB keys, QB x KB sums, each along d */
+    for (int64_t b = 0; b * KB < top; b++) {
+        const float *blk = kt + b * d * KB;
+        vkb sum[QB];
+        for (int64_t u = 0; u < QB; u++) sum[u] = (vkb){0};
+        for (int64_t i = 0; i < d; i++) {
+            const vkb k = *(const vkb_u *)(blk + i * KB);
+            for (int64_t u = 0; u < QB; u++) sum[u] += q[u * d + i] * k;
+        }
+        const int64_t nb = top - b * KB < KB ? top - b * KB : KB;
+        for (int64_t u = 0; u < QB; u++) {
+            if (nb == KB)
+                *(vkb_u *)(sc + u * top + b * KB) = sum[u];
+            else
+                for (int64_t c = 0; c < nb; c++) sc[u * top + b * KB + c] = sum[u][c];
+        }
+    }
+    for (int64_t u = 0; u < QB; u++) { /* softmax in fp32 over the keys query u sees; 0 past them */
+        float *p = sc + u * top, sum = 0.0f;
+        const float mx = lim[u] ? max_of(p, lim[u]) : 0.0f;
+        for (int64_t t = 0; t < lim[u]; t++) {
+            p[t] = exp_approx(p[t] - mx);
+            sum += p[t];
+        }
+        const float inv = lim[u] ? 1.0f / sum : 0.0f;
+        for (int64_t t = 0; t < lim[u]; t++) p[t] *= inv;
+        for (int64_t t = lim[u]; t < top; t++) p[t] = 0.0f;
+    }
+    /* outputs: KB of d at a time, QB queries side by side over every key */
+    for (int64_t i0 = 0; i0 < d; i0 += KB) {
+        const int64_t w = d - i0 < KB ? d - i0 : KB;
+        vkb acc[QB];
+        for (int64_t u = 0; u < QB; u++) acc[u] = (vkb){0};
+        if (w == KB) {
+            for (int64_t t = 0; t < top; t++) {
+                const vkb v = *(const vkb_u *)(vf + t * d + i0);
+                for (int64_t u = 0; u < QB; u++) acc[u] += sc[u * top + t] * v;
+            }
+        } else {
+            for (int64_t t = 0; t < top; t++)
+                for (int64_t u = 0; u < QB; u++)
+                    for (int64_t c = 0; c < w; c++) acc[u][c] += sc[u * top + t] * vf[t * d + i0 + c];
+        }
+        for (int64_t u = 0; u < QB; u++) {
+            const int64_t qi = q0 + u;
+            if (qi >= n * g) break;
+            const int64_t r = qi / g, h = qi % g;
+            for (int64_t c = 0; c < w; c++) st(out, r * heads * d + (j * g + h) * d + i0 + c, acc[u][c], bf16);
+        }
+    }
+}
+
+/* n new tokens of one row at positions start .. start + n - 1 in the cache slot at element `slot_off`
+ * (token r's qkv at row r, its cos/sin at row r): their keys and values into the cache, then each
+ * token's query heads attend over keys 0 .. start + r (causal), as n calls of `decode_attention`
+ * would, the work split over kv heads and blocks of queries on `threads` threads. Returns 0, or -1
+ * when out of memory. */
+int prefill_attention(int64_t n, int64_t heads, int64_t kv, int64_t d, const void *qkv, int64_t qkv_stride,
+                      const float *cos, const float *sin, void *k_cache, void *v_cache, int64_t slot_off,
+                      int64_t s_head, int64_t s_pos, int64_t start, void *out, int bf16, int kv16, int threads) {
+    const int64_t g = heads / kv, T = start + n, nblk = (T + KB - 1) / KB, nq = (n * g + QB - 1) / QB;
+    const int kvk = bf16 ? 1 : kv16 ? 2 : 0;
+    float *kt = malloc(sizeof(float) * (size_t)(kv * nblk * KB * d)), *vf = malloc(sizeof(float) * (size_t)(kv * T * d));
+    if (!kt || !vf) {
+        free(kt);
+        free(vf);
+        return -1;
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        float *row = malloc(sizeof(float) * (size_t)d);
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < kv; j++) {
+            if (!row) continue;
+            const int64_t base = slot_off + j * s_head;
+            for (int64_t r = 0; r < n; r++) { /* constant kinds: each its own loops */
+                const int64_t at = base + (start + r) * s_pos;
+                if (kvk == 1)
+                    store_kv(r, j, heads, kv, d, qkv, qkv_stride, cos + r * d, sin + r * d, k_cache, v_cache, at, row, 1, 1);
+                else if (kvk == 2)
+                    store_kv(r, j, heads, kv, d, qkv, qkv_stride, cos + r * d, sin + r * d, k_cache, v_cache, at, row, 0, 2);
+                else
+                    store_kv(r, j, heads, kv, d, qkv, qkv_stride, cos + r * d, sin + r * d, k_cache, v_cache, at, row, 0, 0);
+            }
+            float *ktj = kt + j * nblk * KB * d, *vfj = vf + j * T * d;
+            if (kvk == 1)
+                load_head(k_cache, v_cache, base, s_pos, T, d, ktj, vfj, row, 1);
+            else if (kvk == 2)
+                load_head(k_cache, v_cache, base, s_pos, T, d, ktj, vfj, row, 2);
+            else
+                load_head(k_cache, v_cache, base, s_pos, T, d, ktj, vfj, row, 0);
+        }
+        /* (the implicit barrier: every head's keys are in place before any query reads them) */
+        float *sc = malloc(sizeof(float) * (size_t)(QB * T + QB * d));
+        if (!row || !sc) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < kv * nq; task++) {
+            if (!row || !sc) continue;
+            const int64_t j = task / nq, q0 = (task % nq) * QB;
+            const float *ktj = kt + j * nblk * KB * d, *vfj = vf + j * T * d;
+            if (bf16)
+                prefill_queries(q0, n, j, heads, kv, d, qkv, qkv_stride, cos, sin, start, ktj, vfj, out, sc,
+                                sc + QB * T, 1);
+            else
+                prefill_queries(q0, n, j, heads, kv, d, qkv, qkv_stride, cos, sin, start, ktj, vfj, out, sc,
+                                sc + QB * T, 0);
+        }
+        free(sc);
+        free(row);
+    }
+    free(kt);
+    free(vf);
+    return failed ? -1 : 0;
+}
+
 
 /* For each row r (one new token at position pos[r], stored in cache slot slot[r]):
  *   qkv[r] = [q (heads*d) | k (kv*d) | v (kv*d)] at row stride qkv_stride (elements);

@@ -169,6 +169,11 @@ def decode_signatures(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.decode_attention.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr]
     lib.decode_attention.argtypes += [i32, i32, i32]  # bf16, kv16 (an fp16 cache), threads
     lib.decode_attention.restype = ctypes.c_int
+    # n, heads, kv heads, d, qkv, its row stride, cos, sin, k and v caches, the slot's offset, head and
+    # position strides, start, out, bf16, kv16, threads
+    lib.prefill_attention.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr]
+    lib.prefill_attention.argtypes += [i32, i32, i32]
+    lib.prefill_attention.restype = ctypes.c_int
     lib.silu_mul.argtypes = [i64, i64, ptr, ptr, i32]
     lib.silu_mul.restype = ctypes.c_int
     return lib

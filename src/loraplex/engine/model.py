@@ -159,9 +159,6 @@ class KVCache:
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
 
-PREFILL_KERNEL_WORK = 32_768  # new x attended positions a multi-threaded prefill takes on decode_cpu.c
-
-
 @dataclass
 class Step:
     """One forward: rows are cache slots `slot0 .. slot0+n-1`, each with `start` tokens cached."""
@@ -366,7 +363,7 @@ class DecoderModel:
         if L == 1 and not all_logits and self.decode_ops is not None:
             return self._decode(step, cache)
         one_prompt = n == 1 and (step.last is None or int(step.last[0]) == L - 1)  # no padding after it
-        if one_prompt and not all_logits and self.decode_ops is not None and self._kernel_prefill(L, int(starts[0])):
+        if one_prompt and not all_logits and self.decode_ops is not None:
             return self._prefill_one(step, cache)
         if L == 1 and not all_logits and self.graphs is not None:
             replayed = self.graphs.step(step, cache)
@@ -452,28 +449,24 @@ class DecoderModel:
 
     def _prefill_one(self, step: Step, cache: KVCache) -> torch.Tensor:
         """`forward` for one row's prompt (or a chunk of it; the last position's logits) on CPU, as
-        `_decode` does it: its L tokens go through decode_cpu.c as L rows of one token that share the
-        row's cache slot, token t at position start + t. Attention runs on one thread, so each
-        token's key and value are in the cache before the next token reads them (the kernel takes
-        its rows in order); the LoRA deltas see the L tokens as one row's, and only the last token
-        goes through the head. Why: a question's 15-25 new tokens took ~36 ms of the eager path's
-        small ops (norms, rotary, cache writes, attention, ~30 PyTorch ops a layer) on top of ~60 ms
-        of int4 products, on one core of a 2-core Zen 3. tests/test_decode_kernel.py: logits and
-        cache as `forward`'s PyTorch path."""
+        `_decode` does it: its L tokens go through decode_cpu.c's norms and SiLU as L rows, and its
+        attention is `prefill_attention` (the L tokens' keys and values into the row's cache slot,
+        then their queries together over the cached keys, causally); the LoRA deltas see the L tokens
+        as one row's, and only the last token goes through the head. Why: a question's 15-25 new
+        tokens took ~36 ms of the eager path's small ops (norms, rotary, cache writes, attention, ~30
+        PyTorch ops a layer) on top of ~60 ms of int4 products, on one core of a 2-core Zen 3; and
+        with the queries together it is faster than the eager path at every length measured (SmolLM2,
+        int4, 1 and 2 threads: 20 new tokens after 110 cached 28 / 18 ms against 39 / 28; 1,000 new
+        tokens 1.6 / 0.85 s against 3.7 / 2.0; docs/performance.md). tests/test_decode_kernel.py:
+        logits and cache as `forward`'s PyTorch path."""
         L, start = step.input_ids.shape[1], int(step.starts[0])
         cache.ensure(step.slot0 + 1, start + L)
         positions = torch.arange(start, start + L, dtype=torch.int64)
         slots = torch.full((L,), step.slot0, dtype=torch.int64)
-        return self._kernel_pass(step.input_ids.reshape(L), positions, slots, step.lora, 1, 1, cache, last_only=True)
-
-    @staticmethod
-    def _kernel_prefill(L: int, start: int) -> bool:
-        """Whether `_prefill_one` takes L new tokens after `start` cached ones: always on one thread
-        (measured faster there up to 512 new tokens and after 600 cached), else while its attention,
-        one thread reading every key once per new token, stays small beside the products that the
-        other threads share: L x (start + L) up to 32,768 (a question's 20-60 tokens after a
-        passage of a few hundred)."""
-        return torch.get_num_threads() == 1 or L * (start + L) <= PREFILL_KERNEL_WORK
+        threads = torch.get_num_threads()
+        return self._kernel_pass(
+            step.input_ids.reshape(L), positions, slots, step.lora, 1, threads, cache, prompt_start=start
+        )
 
     def _kernel_pass(
         self,
@@ -484,11 +477,13 @@ class DecoderModel:
         lora_rows: int,
         threads: int,
         cache: KVCache,
-        last_only: bool = False,
+        prompt_start: int | None = None,
     ) -> torch.Tensor:
         """Tokens `ids` [m], each at `positions` [m] of cache slot `slots` [m], through the layers on
-        decode_cpu.c -> logits [m, 1, vocab] (`last_only`: the last token's, [1, 1, vocab]). The LoRA
-        deltas see them as `lora_rows` rows of m / lora_rows tokens; attention on `threads` threads."""
+        decode_cpu.c -> logits [m, 1, vocab]. The LoRA deltas see them as `lora_rows` rows of m /
+        lora_rows tokens; attention on `threads` threads. `prompt_start`: the m tokens are one row's
+        prompt at positions prompt_start.. of one slot, attending together (`prefill_attention`),
+        and only the last token's logits come back, [1, 1, vocab]."""
         ops = self.decode_ops
         assert ops is not None
         n = ids.shape[0]
@@ -503,6 +498,7 @@ class DecoderModel:
         # the cache's layers by address: [layers, slots, kv heads, positions, d], no view per layer
         k_at, v_at, layer = cache.k.data_ptr(), cache.v.data_ptr(), cache.k.stride(0) * cache.k.element_size()
         s_slot, s_head, s_pos = cache.k.stride()[1:4]
+        slot_off = int(slots[0]) * s_slot  # a prompt's slot (prompt_start)
 
         def norm(res: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:  # x += res; h = rms_norm(x) * w
             res_ptr = None if res is None else res.contiguous().data_ptr()
@@ -513,11 +509,18 @@ class DecoderModel:
         for li, p in enumerate(self.layers):
             qkv = self._linear(norm(res, p["in_norm"]), p["qkv"], "qkv", li, lora, lora_rows, p["qkv_bias"])
             qkv = qkv.contiguous()
-            failed = ops.decode_attention(
-                n, self.n_heads, self.n_kv, self.head_dim, qkv.data_ptr(), qkv.stride(0), cos.data_ptr(),
-                sin.data_ptr(), k_at + li * layer, v_at + li * layer, s_slot, s_head, s_pos,
-                slots.data_ptr(), positions.data_ptr(), att.data_ptr(), bf16, kv16, threads,
-            )  # fmt: skip
+            if prompt_start is None:
+                failed = ops.decode_attention(
+                    n, self.n_heads, self.n_kv, self.head_dim, qkv.data_ptr(), qkv.stride(0), cos.data_ptr(),
+                    sin.data_ptr(), k_at + li * layer, v_at + li * layer, s_slot, s_head, s_pos,
+                    slots.data_ptr(), positions.data_ptr(), att.data_ptr(), bf16, kv16, threads,
+                )  # fmt: skip
+            else:
+                failed = ops.prefill_attention(
+                    n, self.n_heads, self.n_kv, self.head_dim, qkv.data_ptr(), qkv.stride(0), cos.data_ptr(),
+                    sin.data_ptr(), k_at + li * layer, v_at + li * layer, slot_off, s_head, s_pos,
+                    prompt_start, att.data_ptr(), bf16, kv16, threads,
+                )  # fmt: skip
             if failed:
                 raise MemoryError("decode_cpu.c: out of memory for attention scores")
             h = norm(self._linear(att, p["o"], "o", li, lora, lora_rows), p["post_norm"])
@@ -525,7 +528,7 @@ class DecoderModel:
             ops.silu_mul(n, self.inter, gu.data_ptr(), act.data_ptr(), bf16)
             res = self._linear(act, p["down"], "down", li, lora, lora_rows)
         out = norm(res, self.final_norm)  # type: ignore[arg-type]
-        out = out[-1:] if last_only else out
+        out = out[-1:] if prompt_start is not None else out
         return quant.linear(out.view(out.shape[0], 1, -1), self.lm_head).float()
 
     @torch.inference_mode()
