@@ -197,6 +197,18 @@ static inline void rotate(const void *src, int64_t off, int64_t d, const float *
     }
 }
 
+/* rotary, then token r's k and v for kv head j into the cache at element `at` (y: d floats of scratch) */
+static inline __attribute__((always_inline)) void store_kv(int64_t r, int64_t j, int64_t heads, int64_t kv, int64_t d,
+                                                           const void *qkv, int64_t qkv_stride, const float *c,
+                                                           const float *s, void *k_cache, void *v_cache, int64_t at,
+                                                           float *y, const int bf16, const int kvk) {
+    rotate(qkv, r * qkv_stride + (heads + j) * d, d, c, s, y, bf16);
+    for (int64_t i = 0; i < d; i++) {
+        stk(k_cache, at + i, y[i], kvk);
+        stk(v_cache, at + i, ld(qkv, r * qkv_stride + (heads + kv + j) * d + i, bf16), kvk);
+    }
+}
+
 /* One row r and kv head j: rotary, the token's k and v into the cache, then the g = heads / kv query
  * heads that share j attend together, so each key and value is read once for all g of them. `sc`:
  * scratch of g * (T + d) + d floats. */
@@ -208,11 +220,7 @@ static inline __attribute__((always_inline)) void attend(int64_t r, int64_t j, i
     const int64_t g = heads / kv, P = T - 1;
     const float scale = 1.0f / sqrtf((float)d);
     float *q = sc + g * T, *acc = q + g * d, *y = acc + g * d; /* q and acc: [g, d]; y: [d] */
-    rotate(qkv, r * qkv_stride + (heads + j) * d, d, c, s, y, bf16);
-    for (int64_t i = 0; i < d; i++) {
-        stk(k_cache, base + P * s_pos + i, y[i], kvk);
-        stk(v_cache, base + P * s_pos + i, ld(qkv, r * qkv_stride + (heads + kv + j) * d + i, bf16), kvk);
-    }
+    store_kv(r, j, heads, kv, d, qkv, qkv_stride, c, s, k_cache, v_cache, base + P * s_pos, y, bf16, kvk);
     for (int64_t h = 0; h < g; h++) {
         rotate(qkv, r * qkv_stride + (j * g + h) * d, d, c, s, q + h * d, bf16);
         for (int64_t i = 0; i < d; i++) /* torch's path rotates in bf16: the query it attends with is rounded */
@@ -338,18 +346,6 @@ static inline float max_of(const float *p, int64_t n) {
     return mx;
 }
 
-/* rotary, then this token's k and v into the cache: as `attend` writes them */
-static inline __attribute__((always_inline)) void store_kv(int64_t r, int64_t j, int64_t heads, int64_t kv, int64_t d,
-                                                           const void *qkv, int64_t qkv_stride, const float *c,
-                                                           const float *s, void *k_cache, void *v_cache, int64_t at,
-                                                           float *y, const int bf16, const int kvk) {
-    rotate(qkv, r * qkv_stride + (heads + j) * d, d, c, s, y, bf16);
-    for (int64_t i = 0; i < d; i++) {
-        stk(k_cache, at + i, y[i], kvk);
-        stk(v_cache, at + i, ld(qkv, r * qkv_stride + (heads + kv + j) * d + i, bf16), kvk);
-    }
-}
-
 /* keys 0..T-1 of one kv head as fp32 blocks kt [T/KB][d][KB] (zeros past T), values as vf [T][d] */
 static inline __attribute__((always_inline)) void load_head(const void *k_cache, const void *v_cache, int64_t base,
                                                             int64_t s_pos, int64_t T, int64_t d, float *kt, float *vf,
@@ -383,7 +379,7 @@ static inline __attribute__((always_inline)) void prefill_queries(int64_t q0, in
                                                                   const float *sin, int64_t start, const float *kt,
                                                                   const float *vf, void *out, float *sc, float *q,
                                                                   const int bf16) {
-    const int64_t g = heads / kv, T = start + n;
+    const int64_t g = heads / kv;
     const float scale = 1.0f / sqrtf((float)d);
     int64_t lim[QB], top = 0;
     for (int64_t u = 0; u < QB; u++) {
@@ -400,7 +396,6 @@ static inline __attribute__((always_inline)) void prefill_queries(int64_t q0, in
         lim[u] = start + r + 1;
         top = lim[u] > top ? lim[u] : top;
     }
-    (void)T;
     /* scores [QB, top]: per block of KB keys, QB x KB sums, each along d */
     for (int64_t b = 0; b * KB < top; b++) {
         const float *blk = kt + b * d * KB;
